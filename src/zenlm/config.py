@@ -1,0 +1,139 @@
+"""Typed, validated model configurations.
+
+A config is a plain dataclass: everything needed to rebuild a model, nothing else. It is saved into
+``RUN_DIR/config.yaml`` (as a dict under ``model:``) and rebuilt with :func:`config_from_dict`.
+Named presets live in :mod:`zenlm.presets`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from zenlm.errors import ConfigError
+
+PosKind = Literal["learned", "rope", "none"]
+NormKind = Literal["layernorm", "rmsnorm"]
+MLPKind = Literal["gelu", "swiglu", "relu2"]
+
+
+def _check_choice(name: str, value: Any, choices: tuple[Any, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{name}={value!r} is not supported; choose one of {', '.join(map(repr, choices))}.")
+
+
+def _check_positive(name: str, value: int | float) -> None:
+    if not value > 0:
+        raise ConfigError(f"{name} must be > 0, got {value!r}.")
+
+
+@dataclass
+class GPTConfig:
+    """A decoder-only Transformer (GPT-2 and Llama families are both points in this space).
+
+    vocab_size:     number of token ids the embedding accepts
+    block_size:     maximum context length T (positions 0..T-1)
+    n_layer:        number of Transformer blocks
+    n_head:         query heads H; head dim D = n_embd // n_head
+    n_kv_head:      key/value heads (grouped-query attention); None means n_head (plain multi-head)
+    n_embd:         model width C
+    mlp_hidden:     MLP inner width; None means 4*C for gelu/relu2, and 8/3*C rounded up to 64 for swiglu
+    pos:            "learned" absolute position embeddings (GPT-2) or "rope" rotary positions (Llama)
+    rope_theta:     rotary base frequency
+    norm:           "layernorm" (GPT-2) or "rmsnorm" (Llama)
+    norm_eps:       epsilon inside the norm
+    mlp:            "gelu" (GPT-2), "swiglu" (Llama) or "relu2" (squared ReLU)
+    bias:           biases in linear layers and LayerNorm
+    tie_embeddings: the output head shares the token embedding matrix
+    qk_norm:        normalise queries and keys per head (RMSNorm) before attention
+    logit_softcap:  if set, logits = cap * tanh(logits / cap)
+    zero_init_proj: initialise each block's output projections (attention out, MLP down) to zero
+    dropout:        dropout probability on embeddings, attention weights and residual branches
+    init_std:       standard deviation of the normal initialisation of weights
+    """
+
+    vocab_size: int = 50304
+    block_size: int = 1024
+    n_layer: int = 12
+    n_head: int = 12
+    n_kv_head: int | None = None
+    n_embd: int = 768
+    mlp_hidden: int | None = None
+    pos: PosKind = "learned"
+    rope_theta: float = 10000.0
+    norm: NormKind = "layernorm"
+    norm_eps: float = 1e-5
+    mlp: MLPKind = "gelu"
+    bias: bool = True
+    tie_embeddings: bool = True
+    qk_norm: bool = False
+    logit_softcap: float | None = None
+    zero_init_proj: bool = False
+    dropout: float = 0.0
+    init_std: float = 0.02
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
+            _check_positive(name, getattr(self, name))
+        if self.n_kv_head is None:
+            self.n_kv_head = self.n_head
+        _check_positive("n_kv_head", self.n_kv_head)
+        if self.n_embd % self.n_head:
+            raise ConfigError(f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}.")
+        if self.n_head % self.n_kv_head:
+            raise ConfigError(f"n_head={self.n_head} must be a multiple of n_kv_head={self.n_kv_head}.")
+        _check_choice("pos", self.pos, ("learned", "rope", "none"))
+        _check_choice("norm", self.norm, ("layernorm", "rmsnorm"))
+        _check_choice("mlp", self.mlp, ("gelu", "swiglu", "relu2"))
+        if self.pos == "rope" and self.head_dim % 2:
+            raise ConfigError(f"rotary positions need an even head dim, got {self.head_dim}.")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}.")
+        if self.logit_softcap is not None:
+            _check_positive("logit_softcap", self.logit_softcap)
+        if self.mlp_hidden is None:
+            if self.mlp == "swiglu":
+                self.mlp_hidden = -(-int(8 * self.n_embd / 3) // 64) * 64
+            else:
+                self.mlp_hidden = 4 * self.n_embd
+        _check_positive("mlp_hidden", self.mlp_hidden)
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"arch": "gpt", **dataclasses.asdict(self)}
+
+    def num_params(self, include_embedding: bool = True) -> int:
+        """Parameter count computed from the shapes (matches ``sum(p.numel())`` of the built model)."""
+        C, L, V, F = self.n_embd, self.n_layer, self.vocab_size, self.mlp_hidden
+        kv = self.n_kv_head * self.head_dim
+        b = 1 if self.bias else 0
+        norm_p = C * (2 if (self.norm == "layernorm" and self.bias) else 1)
+        attn = C * (C + 2 * kv) + b * (C + 2 * kv) + C * C + b * C
+        if self.qk_norm:
+            attn += 2 * self.head_dim
+        n_in = 2 if self.mlp == "swiglu" else 1
+        mlp = n_in * (C * F + b * F) + F * C + b * C
+        blocks = L * (attn + mlp + 2 * norm_p)
+        emb = V * C + (self.block_size * C if self.pos == "learned" else 0)
+        head = 0 if self.tie_embeddings else V * C
+        total = blocks + norm_p + emb + head
+        if not include_embedding:
+            total -= V * C + (self.block_size * C if self.pos == "learned" else 0)
+        return total
+
+
+def config_from_dict(d: dict[str, Any]) -> GPTConfig:
+    """Rebuild a model config from :meth:`to_dict` output (the ``model:`` section of config.yaml)."""
+    d = dict(d)
+    arch = d.pop("arch", "gpt")
+    if arch != "gpt":
+        raise ConfigError(f"unknown model architecture {arch!r} in config; this version knows 'gpt'.")
+    fields = {f.name for f in dataclasses.fields(GPTConfig)}
+    unknown = sorted(set(d) - fields)
+    if unknown:
+        raise ConfigError(f"unknown GPTConfig fields {unknown}; known fields: {sorted(fields)}.")
+    return GPTConfig(**d)
