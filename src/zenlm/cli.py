@@ -1,0 +1,379 @@
+"""The ``zenlm`` command. Each verb is a plain function below; flags come from its signature.
+
+    zenlm tokenizer train --corpus PATH --kind bpe|wordpiece|char --vocab-size N --out DIR
+    zenlm prepare  --corpus PATH [--val PATH | --val-fraction F] [--tokenizer DIR|char] --out DATA_DIR
+    zenlm pretrain --data DATA_DIR --out RUN_DIR [--model PRESET] [--max-steps N] [--max-seconds S] [--resume]
+    zenlm generate RUN_DIR "prompt" [--max-new-tokens N] [--temperature T] [--top-k K] [--top-p P] [--seed S]
+    zenlm demo [--lang en|zh] [--max-seconds S]
+    zenlm presets
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Literal
+
+from zenlm.clikit import add_verb, call_verb
+from zenlm.errors import TrainingError, ZenlmError
+from zenlm.progress import Progress
+
+
+class TerminalProgress:
+    """Renders :class:`Progress` records as tqdm bars on stderr (one bar per task)."""
+
+    def __init__(self) -> None:
+        from tqdm.auto import tqdm
+
+        self._tqdm = tqdm
+        self.bars: dict[str, object] = {}
+
+    def __call__(self, p: Progress) -> None:
+        tqdm = self._tqdm
+        if p.message:
+            tqdm.write(p.message, file=sys.stderr)
+        if p.total is None and not p.done:
+            return
+        bar = self.bars.get(p.task)
+        if bar is None:
+            scale = p.unit == "B"
+            fmt = "{desc}: {percentage:3.0f}%|{bar}| [{elapsed}<{remaining}{postfix}]" if p.unit == "%" else None
+            bar = tqdm(total=p.total, desc=p.task, unit=p.unit or "it", unit_scale=scale,
+                       unit_divisor=1024 if scale else 1000, dynamic_ncols=True, file=sys.stderr,
+                       initial=p.done, leave=True, bar_format=fmt,
+                       mininterval=0.2 if sys.stderr.isatty() else 10.0)
+            self.bars[p.task] = bar
+        if p.info:
+            bar.set_postfix({k: _fmt(v) for k, v in p.info.items()}, refresh=False)  # type: ignore[attr-defined]
+        bar.update(p.done - bar.n)  # type: ignore[attr-defined]  # redraws at most every mininterval
+        if p.total is not None and p.done >= p.total:
+            self.close(p.task)
+
+    def close(self, task: str | None = None) -> None:
+        for name in [task] if task else list(self.bars):
+            bar = self.bars.pop(name, None)
+            if bar is not None:
+                bar.close()  # type: ignore[attr-defined]
+
+
+def _fmt(v: object) -> str:
+    if isinstance(v, float):
+        if v >= 1000:
+            return f"{v:,.0f}"
+        return f"{v:.3g}" if abs(v) < 0.01 else f"{v:.3f}"
+    return str(v)
+
+
+# ---------------------------------------------------------------------------------------------- verbs
+
+
+def tokenizer_train(
+    corpus: str,
+    out: str,
+    kind: Literal["bpe", "wordpiece", "char"] = "bpe",
+    vocab_size: int = 8192,
+    min_frequency: int = 2,
+    val: str | None = None,
+    val_fraction: float | None = None,
+    text_field: str = "text",
+) -> None:
+    """Train a tokenizer on the training split of a corpus and save tokenizer.json.
+
+    Args:
+        corpus: built-in corpus name (shakespeare, peoples-daily, shakespeare-char) or a .txt/.jsonl file or folder
+        out: directory to write tokenizer.json and tokenizer_config.json into
+        kind: bpe (byte-level BPE), wordpiece, or char (one token per character)
+        vocab_size: size of the vocabulary, special tokens included (ignored for char)
+        min_frequency: minimum count of a pair to be merged
+        val: explicit validation file or folder (kept out of tokenizer training)
+        val_fraction: fraction of the text, taken from the end, held out for validation
+        text_field: field holding the text in .jsonl files
+    """
+    from zenlm.data.corpus import open_corpus
+    from zenlm.tokenizer import train_tokenizer
+
+    progress = TerminalProgress()
+    c = open_corpus(corpus, val=val, val_fraction=val_fraction, text_field=text_field, progress=progress)
+    t0 = time.perf_counter()
+    tok = train_tokenizer(c.texts("train"), kind=kind, vocab_size=vocab_size, min_frequency=min_frequency,
+                          progress=progress)
+    tok.save(out)
+    progress.close()
+    print(f"{kind} tokenizer with {tok.vocab_size} tokens trained in {time.perf_counter() - t0:.1f} s -> {out}")
+
+
+def prepare(
+    corpus: str,
+    out: str,
+    tokenizer: str | None = None,
+    val: str | None = None,
+    val_fraction: float | None = None,
+    vocab_size: int = 8192,
+    text_field: str = "text",
+) -> None:
+    """Turn a corpus into token shards (train and validation) plus index.json.
+
+    Args:
+        corpus: built-in corpus name (shakespeare, peoples-daily, shakespeare-char) or a .txt/.jsonl file or folder
+        out: data directory to write
+        tokenizer: a tokenizer directory, or "char" for a character vocabulary built from the training text;
+            when omitted a byte-level BPE with --vocab-size tokens is trained on the training split
+        val: explicit validation file or folder
+        val_fraction: fraction of the text, taken from the end, used for validation
+        vocab_size: vocabulary size when a BPE tokenizer is trained here
+        text_field: field holding the text in .jsonl files
+    """
+    from zenlm.data.corpus import open_corpus
+    from zenlm.data.shards import prepare as prepare_shards
+    from zenlm.tokenizer import Tokenizer, train_tokenizer
+
+    progress = TerminalProgress()
+    c = open_corpus(corpus, val=val, val_fraction=val_fraction, text_field=text_field, progress=progress)
+    if tokenizer is None:
+        tok = train_tokenizer(c.texts("train"), kind="bpe", vocab_size=vocab_size, progress=progress)
+    elif tokenizer == "char":
+        tok = train_tokenizer(c.texts("train"), kind="char", progress=progress)
+    else:
+        tok = Tokenizer.load(tokenizer)
+    t0 = time.perf_counter()
+    index = prepare_shards(c, tok, out, progress=progress)
+    progress.close()
+    tr, va = index["splits"]["train"], index["splits"]["val"]
+    print(f"wrote {tr['tokens']:,} train and {va['tokens']:,} validation tokens ({index['dtype']}, vocab "
+          f"{index['vocab_size']}) in {time.perf_counter() - t0:.1f} s -> {out}")
+
+
+def pretrain(
+    data: str,
+    out: str,
+    model: str = "demo",
+    max_steps: int = 2000,
+    max_seconds: float | None = None,
+    resume: bool = False,
+    batch_size: int = 16,
+    seq_len: int | None = None,
+    grad_accum: int = 1,
+    optimizer: Literal["adamw", "muon"] = "adamw",
+    lr: float = 1e-3,
+    min_lr: float = 1e-4,
+    warmup_steps: int = 100,
+    schedule: Literal["cosine", "linear", "constant", "wsd"] = "cosine",
+    weight_decay: float = 0.1,
+    grad_clip: float = 1.0,
+    muon_lr: float = 0.02,
+    eval_every: int = 250,
+    eval_tokens: int | None = 65536,
+    log_every: int = 10,
+    ckpt_every: int = 500,
+    seed: int = 1337,
+    device: str = "auto",
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto",
+    compile: bool = False,
+    n_layer: int | None = None,
+    n_head: int | None = None,
+    n_embd: int | None = None,
+    block_size: int | None = None,
+    dropout: float | None = None,
+) -> None:
+    """Pretrain a GPT with next-token prediction on prepared shards.
+
+    Args:
+        data: data directory made by `zenlm prepare`
+        out: run directory to create (config.yaml, checkpoints, metrics.jsonl, model.safetensors, plots)
+        model: model preset (see `zenlm presets`)
+        max_steps: optimiser steps in all
+        max_seconds: wall-time budget; the learning rate decays over whichever budget ends first
+        resume: continue the run in --out from its newest checkpoint
+        batch_size: sequences per micro-batch
+        seq_len: tokens per sequence (default: the model's context length)
+        grad_accum: micro-batches per optimiser step
+        optimizer: adamw, or muon (Muon for hidden matrices, AdamW for the rest)
+        lr: peak learning rate (AdamW parameters)
+        min_lr: final learning rate
+        warmup_steps: linear warm-up steps
+        schedule: learning-rate decay shape
+        weight_decay: decoupled weight decay on matrices
+        grad_clip: clip the gradient norm to this (0 disables)
+        muon_lr: peak learning rate of the Muon parameters
+        eval_every: validate every N steps
+        eval_tokens: validation tokens per evaluation (omit for the default; 0 for the whole split)
+        log_every: write metrics every N steps
+        ckpt_every: save a checkpoint every N steps
+        seed: random seed (weights, dropout, data order)
+        device: auto, cpu, cuda, cuda:N or mps
+        precision: auto (bf16 where the hardware has it), fp32, bf16 or fp16 (CUDA only)
+        compile: compile the model with torch.compile
+        n_layer: override the preset's number of layers
+        n_head: override the preset's number of heads
+        n_embd: override the preset's width
+        block_size: override the preset's context length
+        dropout: override the preset's dropout
+    """
+    from zenlm.recipes.pretrain import pretrain as run_pretrain
+    from zenlm.train.loop import TrainConfig
+    from zenlm.train.optim import OptimConfig
+
+    overrides = {k: v for k, v in dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size,
+                                       dropout=dropout).items() if v is not None}
+    progress = TerminalProgress()
+    result = run_pretrain(
+        data, out, model=model, model_overrides=overrides, resume=resume, batch_size=batch_size,
+        seq_len=seq_len, eval_tokens=eval_tokens or None,
+        train=TrainConfig(max_steps=max_steps, max_seconds=max_seconds, grad_accum=grad_accum,
+                          eval_every=eval_every, log_every=log_every, ckpt_every=ckpt_every, seed=seed,
+                          device=device, precision=precision, compile=compile),
+        optim=OptimConfig(name=optimizer, lr=lr, min_lr=min_lr, warmup_steps=warmup_steps, schedule=schedule,
+                          weight_decay=weight_decay, grad_clip=grad_clip, muon_lr=muon_lr),
+        progress=progress,
+    )
+    progress.close()
+    _print_result(result, Path(out))
+
+
+def _print_result(result, out: Path) -> None:
+    val = result.val
+    print(f"\nstopped by {result.stopped_by} at step {result.step} after {result.elapsed_s:.1f} s "
+          f"({result.tokens_per_s:,.0f} tokens/s at the end)")
+    if val:
+        print(f"validation loss {val['val_loss']:.4f} nats/token  |  perplexity {val['val_ppl']:.2f}  |  "
+              f"{val['val_bpb']:.4f} bits/byte")
+    print(f"run directory: {out}  (loss curve: {out / 'plots' / 'loss.png'})")
+
+
+def generate(
+    run: str,
+    prompt: str = "",
+    max_new_tokens: int = 200,
+    temperature: float = 0.8,
+    top_k: int | None = 50,
+    top_p: float | None = None,
+    repetition_penalty: float = 1.0,
+    stop: list[str] | None = None,
+    seed: int | None = None,
+    device: str = "auto",
+    cache: bool = True,
+) -> None:
+    """Continue a prompt with a trained model, streaming the text to the terminal.
+
+    Args:
+        run: run directory (made by `zenlm pretrain` or `zenlm demo`)
+        prompt: text to continue
+        max_new_tokens: most tokens to generate
+        temperature: 0 for greedy decoding; higher is more random
+        top_k: sample only among the K most likely tokens
+        top_p: sample only among the most likely tokens whose probabilities sum to P
+        repetition_penalty: > 1 discourages tokens already in the text
+        stop: stop when any of these strings is produced (not printed)
+        seed: random seed for reproducible sampling
+        device: auto, cpu, cuda or mps
+        cache: use the KV cache (--no-cache recomputes the whole context each step)
+    """
+    import zenlm
+
+    lm = zenlm.load(run, device=device)
+    sys.stdout.write(prompt)
+    sys.stdout.flush()
+    for piece in lm.stream(prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                           top_p=top_p, repetition_penalty=repetition_penalty, stop=list(stop or []),
+                           seed=seed, use_cache=cache):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+
+
+def demo(
+    lang: Literal["en", "zh"] = "en",
+    max_seconds: float = 300.0,
+    out: str | None = None,
+    device: str = "auto",
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto",
+) -> None:
+    """The whole pipeline in one command: tokenizer, shards, pretraining, evaluation, a sample.
+
+    Args:
+        lang: en (Shakespeare) or zh (People's Daily, January 1998)
+        max_seconds: total wall-time budget
+        out: folder for the demo (default runs/demo-LANG; a previous demo there is replaced)
+        device: auto, cpu, cuda or mps
+        precision: auto, fp32, bf16 or fp16
+    """
+    import zenlm
+    from zenlm.recipes.demo import demo as run_demo
+
+    progress = TerminalProgress()
+    res = run_demo(lang=lang, max_seconds=max_seconds, out=out, device=device, precision=precision,
+                   progress=progress)
+    progress.close()
+    _print_result(res.train, res.run_dir)
+    lm = zenlm.load(res.run_dir, device=device)
+    print(f"\n--- sample (temperature 0.8, top-k 50) ---\n{res.prompt}", end="")
+    for piece in lm.stream(res.prompt, max_new_tokens=160, temperature=0.8, top_k=50, seed=0):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    print(f"\n--- end of sample ---\ndemo finished in {res.wall_s:.0f} s of wall time. Try:\n"
+          f"  zenlm generate {res.run_dir} \"{res.prompt.strip()}\"")
+
+
+def presets() -> None:
+    """List the model presets with their shapes and parameter counts (at a 8192-token vocabulary)."""
+    from zenlm.presets import get_preset, list_presets
+
+    print(f"{'name':<14} {'layers':>6} {'heads':>5} {'width':>5} {'context':>7} {'params':>9}  design")
+    for name in list_presets():
+        c = get_preset(name, vocab_size=8192)
+        design = f"{c.pos} pos, {c.norm}, {c.mlp}" + (", qk-norm" if c.qk_norm else "") + \
+            (", tied" if c.tie_embeddings else ", untied")
+        print(f"{name:<14} {c.n_layer:>6} {c.n_head:>5} {c.n_embd:>5} {c.block_size:>7} "
+              f"{c.num_params() / 1e6:>8.2f}M  {design}")
+
+
+# ------------------------------------------------------------------------------------------------ main
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="zenlm", description="From raw text to a served language model.")
+    parser.add_argument("--version", action="store_true", help="print the version and exit")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debugging detail")
+    sub = parser.add_subparsers(dest="verb", metavar="VERB")
+    tok = sub.add_parser("tokenizer", help="tokenizer commands (train)")
+    tok_sub = tok.add_subparsers(dest="tokverb", metavar="ACTION")
+    add_verb(tok_sub, "train", tokenizer_train)
+    add_verb(sub, "prepare", prepare)
+    add_verb(sub, "pretrain", pretrain)
+    add_verb(sub, "generate", generate, positional=("run", "prompt"))
+    add_verb(sub, "demo", demo)
+    add_verb(sub, "presets", presets)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    ns = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if ns.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    if ns.version:
+        from zenlm import __version__
+
+        print(__version__)
+        return 0
+    if not hasattr(ns, "_fn"):
+        (parser if ns.verb != "tokenizer" else parser._subparsers._group_actions[0].choices["tokenizer"]
+         ).print_help()
+        return 2
+    try:
+        call_verb(ns, argv)
+    except (ZenlmError, TrainingError) as e:
+        print(f"zenlm: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\nzenlm: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

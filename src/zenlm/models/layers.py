@@ -1,0 +1,260 @@
+"""Building blocks of a decoder-only Transformer: norms, rotary positions, attention, MLPs.
+
+Shape letters used in tensor names:
+    B batch, T new positions in this call, S positions attended over (keys), C model width,
+    H query heads, K key/value heads, D head dim, F MLP hidden width.
+
+Each piece is a small ``nn.Module`` that does one thing; :mod:`zenlm.models.gpt` composes them into blocks.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from zenlm.config import GPTConfig
+
+# ``enable_gqa`` (keys/values shared by groups of query heads, without copying them) arrived in torch 2.5.
+_SDPA_HAS_GQA = tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 5)
+
+
+# ---------------------------------------------------------------------------------------------- norms
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm (Llama): ``y = x / sqrt(mean(x**2, last dim) + eps) * weight``.
+
+    No centring and no bias, only a learned per-channel gain ``weight`` (initialised to 1).
+    """
+
+    def __init__(self, dim: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x: [..., dim] -> [..., dim]"""
+        # F.rms_norm computes exactly the formula in the docstring, in one fused kernel (which needs the
+        # weight in x's dtype: under autocast, q and k reach the qk-norm in bf16).
+        return F.rms_norm(x, self.weight.shape, self.weight.to(x.dtype), self.eps)
+
+
+def make_norm(config: GPTConfig, dim: int | None = None) -> nn.Module:
+    """The norm the config asks for, over the last ``dim`` (default: the model width) channels.
+
+    "layernorm": ``(x - mean) / sqrt(var + eps) * weight + bias`` (bias only when ``config.bias``).
+    "rmsnorm":   :class:`RMSNorm`.
+    """
+    dim = config.n_embd if dim is None else dim
+    if config.norm == "rmsnorm":
+        return RMSNorm(dim, eps=config.norm_eps)
+    return nn.LayerNorm(dim, eps=config.norm_eps, bias=config.bias)
+
+
+# ------------------------------------------------------------------------------------ rotary positions
+
+
+class Rotary(nn.Module):
+    """Rotary position embedding (RoPE) tables, precomputed for positions ``0 .. max_len-1``.
+
+    Channel pair ``(i, i + D/2)`` of a head at position ``t`` is rotated by the angle
+    ``t * theta ** (-2i / D)``. This is the "rotate half" layout used by Llama and Hugging Face, so
+    weights imported from there need no permutation. The tables are non-persistent buffers: they follow
+    ``.to(device)`` but are not saved in the state dict.
+    """
+
+    def __init__(self, head_dim: int, max_len: int, theta: float = 10000.0) -> None:
+        super().__init__()
+        inv_freq_D2 = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+        t_T = torch.arange(max_len, dtype=torch.float64)
+        angles_TD2 = torch.outer(t_T, inv_freq_D2)
+        angles_TD = torch.cat([angles_TD2, angles_TD2], dim=-1)
+        self.register_buffer("cos", angles_TD.cos().float(), persistent=False)  # [max_len, D]
+        self.register_buffer("sin", angles_TD.sin().float(), persistent=False)  # [max_len, D]
+
+    def forward(self, start: int, length: int) -> tuple[Tensor, Tensor]:
+        """cos and sin for absolute positions ``start .. start+length-1``, each [length, D]."""
+        return self.cos[start : start + length], self.sin[start : start + length]
+
+
+def rotate_half(x: Tensor) -> Tensor:
+    """[..., D] -> [..., D]: (x1, x2) -> (-x2, x1) where x1, x2 are the two halves of the last dim."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([-x2, x1], dim=-1)
+
+
+def apply_rotary(x_BHTD: Tensor, cos_TD: Tensor, sin_TD: Tensor) -> Tensor:
+    """Rotate queries or keys by their positions: ``x * cos + rotate_half(x) * sin``."""
+    cos_TD, sin_TD = cos_TD.to(x_BHTD.dtype), sin_TD.to(x_BHTD.dtype)
+    return x_BHTD * cos_TD + rotate_half(x_BHTD) * sin_TD
+
+
+# ------------------------------------------------------------------------------------------ attention
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head causal self-attention with optional grouped-query heads, qk-norm and rotary positions.
+
+        q, k, v = split(x @ W_qkv)                 # H query heads, K key/value heads (K divides H)
+        q, k    = rmsnorm(q), rmsnorm(k)           # per head, if qk_norm
+        q, k    = rotary(q), rotary(k)             # if rope
+        y       = softmax(q k^T / sqrt(D) + causal mask) v
+        out     = y @ W_proj
+
+    With a KV cache the new keys/values are written into the cache at positions ``pos .. pos+T-1`` and
+    the queries attend over all cached positions ``0 .. pos+T-1``.
+    """
+
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        assert config.n_kv_head is not None  # filled in by GPTConfig.__post_init__
+        self.n_head = config.n_head
+        self.n_kv_head = config.n_kv_head
+        self.head_dim = config.head_dim
+        self.dropout = config.dropout
+        qkv_out = (self.n_head + 2 * self.n_kv_head) * self.head_dim
+        self.qkv = nn.Linear(config.n_embd, qkv_out, bias=config.bias)  # fused q, k, v projections
+        self.proj = nn.Linear(self.n_head * self.head_dim, config.n_embd, bias=config.bias)
+        if config.qk_norm:
+            self.q_norm: nn.Module | None = RMSNorm(self.head_dim, eps=config.norm_eps)
+            self.k_norm: nn.Module | None = RMSNorm(self.head_dim, eps=config.norm_eps)
+        else:
+            self.q_norm = self.k_norm = None
+
+    def forward(
+        self,
+        x_BTC: Tensor,
+        rope: tuple[Tensor, Tensor] | None = None,
+        kv_cache: tuple[Tensor, Tensor, int] | None = None,
+        mask_TS: Tensor | None = None,
+        is_causal: bool = True,
+    ) -> Tensor:
+        """x_BTC: [B, T, C] -> [B, T, C].
+
+        rope:      (cos_TD, sin_TD) for the T new positions, or None (no rotary positions)
+        kv_cache:  (k_cache_BKSD, v_cache_BKSD, pos) preallocated buffers of this layer and the number of
+                   positions already filled; None means attention over the T new positions only
+        mask_TS:   boolean mask [T, S] (True = may attend), S = pos + T keys; None = no mask
+        is_causal: causal mask over a square T x T score matrix (cannot be combined with mask_TS). With a
+                   cache and pos > 0 use mask_TS (T > 1) or nothing (T == 1) instead: SDPA's is_causal
+                   aligns the mask top-left when T < S, which would hide the cached keys.
+        """
+        B, T, _ = x_BTC.shape
+        H, K, D = self.n_head, self.n_kv_head, self.head_dim
+        qkv = self.qkv(x_BTC).view(B, T, H + 2 * K, D)
+        q_BTHD, k_BTKD, v_BTKD = qkv.split([H, K, K], dim=2)
+        if self.q_norm is not None and self.k_norm is not None:
+            q_BTHD, k_BTKD = self.q_norm(q_BTHD), self.k_norm(k_BTKD)
+        q_BHTD, k_BKTD, v_BKTD = q_BTHD.transpose(1, 2), k_BTKD.transpose(1, 2), v_BTKD.transpose(1, 2)
+        if rope is not None:
+            q_BHTD, k_BKTD = apply_rotary(q_BHTD, *rope), apply_rotary(k_BKTD, *rope)
+        # Norms may run in fp32 under autocast while v is bf16: attention wants one dtype.
+        q_BHTD, k_BKTD = q_BHTD.to(v_BKTD.dtype), k_BKTD.to(v_BKTD.dtype)
+
+        if kv_cache is None:
+            k_BKSD, v_BKSD = k_BKTD, v_BKTD
+        else:
+            k_cache, v_cache, pos = kv_cache
+            k_cache[:, :, pos : pos + T] = k_BKTD  # write in place: no reallocation per step
+            v_cache[:, :, pos : pos + T] = v_BKTD
+            k_BKSD, v_BKSD = k_cache[:, :, : pos + T], v_cache[:, :, : pos + T]
+            if k_BKSD.dtype != q_BHTD.dtype:  # a cache kept in another precision than the activations
+                k_BKSD, v_BKSD = k_BKSD.to(q_BHTD.dtype), v_BKSD.to(q_BHTD.dtype)
+
+        gqa = K != H
+        if gqa and not _SDPA_HAS_GQA:  # old torch: give every query head its own copy of its k/v head
+            k_BKSD, v_BKSD = k_BKSD.repeat_interleave(H // K, 1), v_BKSD.repeat_interleave(H // K, 1)
+        extra = {"enable_gqa": True} if gqa and _SDPA_HAS_GQA else {}
+        y_BHTD = F.scaled_dot_product_attention(
+            q_BHTD, k_BKSD, v_BKSD,
+            attn_mask=mask_TS,
+            dropout_p=self.dropout if self.training else 0.0,
+            is_causal=is_causal,
+            **extra,
+        )
+        y_BTC = y_BHTD.transpose(1, 2).reshape(B, T, H * D)
+        return self.proj(y_BTC)
+
+
+# ------------------------------------------------------------------------------------------------ MLPs
+
+
+def gelu_tanh(x: Tensor) -> Tensor:
+    """GELU with the tanh approximation (GPT-2's ``gelu_new``)."""
+    return F.gelu(x, approximate="tanh")
+
+
+def relu_squared(x: Tensor) -> Tensor:
+    """relu(x)**2 (squared ReLU, Primer)."""
+    return F.relu(x).square()
+
+
+class MLP(nn.Module):
+    """Two-layer feed-forward: ``proj(act(fc(x)))``, C -> F -> C."""
+
+    def __init__(self, n_embd: int, hidden: int, bias: bool, act: Callable[[Tensor], Tensor]) -> None:
+        super().__init__()
+        self.fc = nn.Linear(n_embd, hidden, bias=bias)
+        self.act = act
+        self.proj = nn.Linear(hidden, n_embd, bias=bias)
+
+    def forward(self, x_BTC: Tensor) -> Tensor:
+        """[B, T, C] -> [B, T, C]"""
+        return self.proj(self.act(self.fc(x_BTC)))
+
+
+class SwiGLU(nn.Module):
+    """Gated feed-forward (Llama): ``proj(silu(gate(x)) * up(x))``, C -> F -> C.
+
+    ``gate`` and ``up`` are two separate matrices (not one fused matrix) so that each is a plain
+    [F, C] weight: this maps one-to-one onto Llama's gate_proj / up_proj and lets matrix-wise
+    optimisers treat them as the two independent matrices they are.
+    """
+
+    def __init__(self, n_embd: int, hidden: int, bias: bool) -> None:
+        super().__init__()
+        self.gate = nn.Linear(n_embd, hidden, bias=bias)
+        self.up = nn.Linear(n_embd, hidden, bias=bias)
+        self.proj = nn.Linear(hidden, n_embd, bias=bias)
+
+    def forward(self, x_BTC: Tensor) -> Tensor:
+        """[B, T, C] -> [B, T, C]"""
+        return self.proj(F.silu(self.gate(x_BTC)) * self.up(x_BTC))
+
+
+def make_mlp(config: GPTConfig) -> nn.Module:
+    """The feed-forward the config asks for: "gelu" (GPT-2), "relu2" or "swiglu" (Llama).
+
+    Every variant names its output matrix ``proj`` (the GPT-2-style scaled initialisation finds it there).
+    """
+    assert config.mlp_hidden is not None  # filled in by GPTConfig.__post_init__
+    if config.mlp == "swiglu":
+        return SwiGLU(config.n_embd, config.mlp_hidden, config.bias)
+    act = gelu_tanh if config.mlp == "gelu" else relu_squared
+    return MLP(config.n_embd, config.mlp_hidden, config.bias, act)
+
+
+def scaled_init_std(config: GPTConfig) -> float:
+    """GPT-2's std for the output projections of each residual branch: init_std / sqrt(2 * n_layer)."""
+    return config.init_std / math.sqrt(2 * config.n_layer)
+
+
+__all__ = [
+    "RMSNorm",
+    "make_norm",
+    "Rotary",
+    "rotate_half",
+    "apply_rotary",
+    "CausalSelfAttention",
+    "MLP",
+    "SwiGLU",
+    "make_mlp",
+    "gelu_tanh",
+    "relu_squared",
+    "scaled_init_std",
+]

@@ -1,0 +1,44 @@
+"""The run directory: what a training run leaves on disk, and how to read it back.
+
+    RUN_DIR/config.yaml          model config + training settings (enough to rebuild and continue)
+    RUN_DIR/tokenizer.json       the tokenizer (+ tokenizer_config.json)
+    RUN_DIR/model.safetensors    final weights
+    RUN_DIR/checkpoints/step-NNNNNN/   resumable checkpoints (see zenlm.train.checkpoint)
+    RUN_DIR/metrics.jsonl        one JSON object per logged step
+    RUN_DIR/plots/loss.png       loss curve
+    RUN_DIR/tb/                  TensorBoard events
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from zenlm.config import GPTConfig, config_from_dict
+from zenlm.errors import CheckpointError
+from zenlm.models.gpt import GPT
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+
+
+def read_run_config(run_dir: str | Path) -> dict[str, Any]:
+    """The parsed ``config.yaml`` of a run directory (CheckpointError when absent or malformed)."""
+    path = Path(run_dir) / "config.yaml"
+    if not path.is_file():
+        raise CheckpointError(f"{run_dir} is not a zenlm run directory (no config.yaml). Check the path.")
+    try:
+        cfg = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        raise CheckpointError(f"{path} is not valid YAML ({e}).") from e
+    if not isinstance(cfg, dict) or "model" not in cfg:
+        raise CheckpointError(f"{path} has no 'model' section; it was not written by zenlm.")
+    return cfg
+
+
+def build_model_from_run(run_dir: str | Path) -> tuple[GPT, GPTConfig, dict[str, Any]]:
+    """The (untrained) model described by ``run_dir/config.yaml``, its config and the whole run config."""
+    saved = read_run_config(run_dir)
+    cfg = config_from_dict(saved["model"])
+    return GPT(cfg), cfg, saved

@@ -1,0 +1,146 @@
+"""Optimisers and learning-rate schedules.
+
+Two recipes are supported:
+
+* ``adamw``: one AdamW over every parameter; weight decay on matrices (ndim >= 2), none on gains and biases.
+* ``muon``:  Muon (momentum + Newton–Schulz orthogonalisation, ``torch.optim.Muon``) for the hidden
+  matrices inside the Transformer blocks, AdamW for everything else (embeddings, output head, norms,
+  biases). Muon's update for a matrix W is ``W -= lr * orth(momentum)`` where ``orth`` approximately maps
+  the momentum matrix ``U S V^T`` to ``U V^T``.
+
+The schedule is a pure function of training progress so a resumed run sees the same learning rates.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from zenlm.errors import ConfigError
+
+EMBEDDING_NAMES = ("tok_emb", "pos_emb", "lm_head")
+
+
+@dataclass
+class OptimConfig:
+    """Optimiser hyper-parameters.
+
+    name:          "adamw" or "muon" (Muon for hidden matrices + AdamW for the rest)
+    lr:            peak learning rate of AdamW parameters
+    min_lr:        learning rate at the end of the schedule (as an absolute value for AdamW params;
+                   Muon params follow the same relative curve)
+    warmup_steps:  linear warm-up from 0 to the peak
+    schedule:      "cosine" (warm-up then cosine decay to min_lr), "linear" (linear decay), "constant",
+                   or "wsd" (warm-up, stable, then linear decay over the last ``cooldown_frac``)
+    cooldown_frac: fraction of training spent decaying, for "wsd"
+    weight_decay:  decoupled weight decay on matrices (AdamW: also embeddings)
+    betas:         AdamW (beta1, beta2)
+    eps:           AdamW epsilon
+    muon_lr:       peak learning rate of the Muon parameters
+    muon_momentum: Muon momentum
+    grad_clip:     clip the global gradient norm to this value (0 disables)
+    fused:         use the fused AdamW kernel (``None`` = automatically where supported)
+    """
+
+    name: str = "adamw"
+    lr: float = 1e-3
+    min_lr: float = 1e-4
+    warmup_steps: int = 100
+    schedule: str = "cosine"
+    cooldown_frac: float = 0.4
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.99)
+    eps: float = 1e-8
+    muon_lr: float = 0.02
+    muon_momentum: float = 0.95
+    grad_clip: float = 1.0
+    fused: bool | None = None
+
+    def __post_init__(self) -> None:
+        if self.name not in ("adamw", "muon"):
+            raise ConfigError(f"optimizer {self.name!r} is not supported; choose 'adamw' or 'muon'.")
+        if self.schedule not in ("cosine", "linear", "constant", "wsd"):
+            raise ConfigError(
+                f"schedule {self.schedule!r} is not supported; choose cosine, linear, constant or wsd."
+            )
+        if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
+            raise ConfigError(f"need 0 <= min_lr <= lr and lr > 0, got lr={self.lr}, min_lr={self.min_lr}.")
+        if self.warmup_steps < 0:
+            raise ConfigError(f"warmup_steps must be >= 0, got {self.warmup_steps}.")
+        if not 0.0 < self.cooldown_frac <= 1.0:
+            raise ConfigError(f"cooldown_frac must be in (0, 1], got {self.cooldown_frac}.")
+        self.betas = (float(self.betas[0]), float(self.betas[1]))
+
+
+def lr_factor(cfg: OptimConfig, step: int, progress: float) -> float:
+    """Multiplier of the peak learning rate at ``step`` (0-based) and training ``progress`` in [0, 1].
+
+    Warm-up is counted in steps; decay is counted in progress, so a time-budgeted run (where progress is
+    elapsed / budget) still anneals to ``min_lr`` by the end of its budget.
+    """
+    if cfg.warmup_steps and step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    floor = cfg.min_lr / cfg.lr
+    p = min(max(progress, 0.0), 1.0)
+    if cfg.schedule == "constant":
+        return 1.0
+    if cfg.schedule == "linear":
+        return floor + (1.0 - floor) * (1.0 - p)
+    if cfg.schedule == "wsd":
+        start = 1.0 - cfg.cooldown_frac
+        if p <= start:
+            return 1.0
+        return floor + (1.0 - floor) * (1.0 - (p - start) / cfg.cooldown_frac)
+    return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * p))
+
+
+def _is_hidden_matrix(name: str, p: torch.Tensor) -> bool:
+    return p.ndim == 2 and name.startswith("blocks.") and not any(e in name for e in EMBEDDING_NAMES)
+
+
+def build_optimizers(model: nn.Module, cfg: OptimConfig, device_type: str) -> list[torch.optim.Optimizer]:
+    """Create the optimiser(s) for ``model``. Each param group remembers its peak lr in ``initial_lr``."""
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    fused = cfg.fused if cfg.fused is not None else device_type in ("cuda", "cpu")
+    if cfg.name == "adamw":
+        decay = [p for n, p in params if p.ndim >= 2]
+        no_decay = [p for n, p in params if p.ndim < 2]
+        groups = [
+            {"params": decay, "weight_decay": cfg.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ]
+        opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, fused=fused)
+        opts: list[torch.optim.Optimizer] = [opt]
+    else:
+        hidden = [p for n, p in params if _is_hidden_matrix(n, p)]
+        emb = [p for n, p in params if not _is_hidden_matrix(n, p) and p.ndim >= 2]
+        gains = [p for n, p in params if p.ndim < 2]
+        adam = torch.optim.AdamW(
+            [{"params": emb, "weight_decay": cfg.weight_decay}, {"params": gains, "weight_decay": 0.0}],
+            lr=cfg.lr,
+            betas=cfg.betas,
+            eps=cfg.eps,
+            fused=fused,
+        )
+        muon = torch.optim.Muon(
+            hidden,
+            lr=cfg.muon_lr,
+            weight_decay=cfg.weight_decay,
+            momentum=cfg.muon_momentum,
+        )
+        opts = [adam, muon]
+    for opt in opts:
+        for group in opt.param_groups:
+            group["initial_lr"] = group["lr"]
+    return opts
+
+
+def set_lr(optimizers: list[torch.optim.Optimizer], factor: float) -> float:
+    """Scale every group's learning rate to ``initial_lr * factor``; return the first group's lr."""
+    for opt in optimizers:
+        for group in opt.param_groups:
+            group["lr"] = group["initial_lr"] * factor
+    return optimizers[0].param_groups[0]["lr"]

@@ -1,0 +1,43 @@
+"""Shared data fixtures: a sample text, small trained tokenizers, and a small prepared data directory."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from zenlm.data.corpus import open_corpus, shakespeare_char_text
+from zenlm.data.shards import prepare
+from zenlm.tokenizer import Tokenizer, train_tokenizer
+
+EXTRA = "中文文本，人民日报。Ünïcödé façade — “quotes” 😀🚀\n"
+
+
+@pytest.fixture(scope="session")
+def sample_text() -> str:
+    """About 200k characters of Shakespeare with a little non-ASCII text mixed in."""
+    return shakespeare_char_text()[:200_000] + EXTRA * 20
+
+
+@pytest.fixture(scope="session")
+def bpe_tok(sample_text: str) -> Tokenizer:
+    return train_tokenizer([sample_text], kind="bpe", vocab_size=600)
+
+
+@pytest.fixture(scope="session")
+def wordpiece_tok(sample_text: str) -> Tokenizer:
+    return train_tokenizer([sample_text], kind="wordpiece", vocab_size=600)
+
+
+@pytest.fixture(scope="session")
+def char_tok(sample_text: str) -> Tokenizer:
+    return train_tokenizer([sample_text], kind="char")
+
+
+@pytest.fixture(scope="session")
+def char_data(tmp_path_factory: pytest.TempPathFactory, sample_text: str, char_tok: Tokenizer) -> Path:
+    """A data directory: the sample text (90/10 split) as char tokens in shards of 10,000 ids."""
+    root = tmp_path_factory.mktemp("char_data")
+    (root / "sample.txt").write_text(sample_text, encoding="utf-8")
+    prepare(open_corpus(str(root / "sample.txt")), char_tok, root / "data", shard_tokens=10_000)
+    return root / "data"

@@ -1,0 +1,92 @@
+"""The zenlm command: every verb, --help, --config YAML files, and clean errors for bad input."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import zenlm
+from zenlm.cli import main
+
+TEXT = "first citizen: we are accounted poor citizens, the patricians good.\n" * 150
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "zenlm", *args], capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("verb", [[], ["tokenizer", "train"], ["prepare"], ["pretrain"], ["generate"], ["demo"]])
+def test_help(verb: list[str], capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as e:
+        main([*verb, "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert "usage: zenlm" in out
+    if verb == ["pretrain"]:
+        for flag in ("--data", "--out", "--model", "--max-steps", "--max-seconds", "--resume", "--config"):
+            assert flag in out
+
+
+def test_full_pipeline_through_the_cli(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    corpus = tmp_path / "c.txt"
+    corpus.write_text(TEXT, encoding="utf-8")
+    tok = tmp_path / "tok"
+    assert main(["tokenizer", "train", "--corpus", str(corpus), "--kind", "bpe", "--vocab-size", "300",
+                 "--out", str(tok)]) == 0
+    assert (tok / "tokenizer.json").is_file()
+    data = tmp_path / "data"
+    assert main(["prepare", "--corpus", str(corpus), "--val-fraction", "0.1", "--tokenizer", str(tok),
+                 "--out", str(data)]) == 0
+    index = json.loads((data / "index.json").read_text())
+    assert index["splits"]["val"]["tokens"] > 0
+    # flags from a YAML file; the command line wins over the file
+    cfg = tmp_path / "train.yaml"
+    cfg.write_text("model: tiny\nmax-steps: 50\nbatch_size: 4\nseq_len: 32\neval_every: 3\n"
+                   "device: cpu\nprecision: fp32\n", encoding="utf-8")
+    run = tmp_path / "run"
+    assert main(["pretrain", "--config", str(cfg), "--data", str(data), "--out", str(run),
+                 "--max-steps", "6"]) == 0
+    recs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert max(r["step"] for r in recs) == 6
+    assert any("val_bpb" in r for r in recs)
+    out = capsys.readouterr().out
+    assert "validation loss" in out and "bits/byte" in out
+    assert main(["generate", str(run), "first", "--max-new-tokens", "5", "--seed", "1", "--device", "cpu"]) == 0
+    text = capsys.readouterr().out
+    assert text.startswith("first")
+    lm = zenlm.load(run, device="cpu")
+    expected = lm.generate("first", max_new_tokens=5, temperature=0.8, top_k=50, seed=1)
+    assert text == "first" + expected + "\n"
+
+
+def test_bad_input_gives_a_clear_error_not_a_traceback(tmp_path: Path) -> None:
+    r = run_cli("prepare", "--corpus", str(tmp_path / "missing.txt"), "--out", str(tmp_path / "d"))
+    assert r.returncode == 2
+    assert "zenlm: error:" in r.stderr and "missing.txt" in r.stderr
+    assert "Traceback" not in r.stderr
+    assert not (tmp_path / "d" / "index.json").exists()
+    empty = tmp_path / "empty.txt"
+    empty.write_text("", encoding="utf-8")
+    r = run_cli("tokenizer", "train", "--corpus", str(empty), "--out", str(tmp_path / "t"))
+    assert r.returncode == 2 and "Traceback" not in r.stderr and "empty" in r.stderr.lower()
+    r = run_cli("pretrain", "--out", str(tmp_path / "r"))
+    assert r.returncode == 2 and "--data" in r.stderr
+    r = run_cli("pretrain", "--data", str(tmp_path), "--out", str(tmp_path / "r"))
+    assert r.returncode == 2 and "zenlm prepare" in r.stderr and "Traceback" not in r.stderr
+    bad_yaml = tmp_path / "bad.yaml"
+    bad_yaml.write_text("max_stepz: 3\n", encoding="utf-8")
+    r = run_cli("pretrain", "--config", str(bad_yaml), "--data", "x", "--out", "y")
+    assert r.returncode == 2 and "max_stepz" in r.stderr
+    r = run_cli("generate", str(tmp_path / "nope"), "hi")
+    assert r.returncode == 2 and "config.yaml" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_presets_verb_lists_presets(capsys: pytest.CaptureFixture) -> None:
+    assert main(["presets"]) == 0
+    out = capsys.readouterr().out
+    for name in ("tiny", "demo", "classic-char", "gpt2-small"):
+        assert name in out

@@ -1,0 +1,31 @@
+"""`zenlm demo` end to end with a short budget: tokenizer, shards, training, evaluation, plot, sample."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+
+@pytest.mark.slow
+def test_demo_runs_end_to_end(tmp_path: Path) -> None:
+    out = tmp_path / "demo"
+    r = subprocess.run([sys.executable, "-m", "zenlm", "demo", "--max-seconds", "45", "--out", str(out),
+                        "--device", "cpu"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "validation loss" in r.stdout and "bits/byte" in r.stdout
+    assert "--- sample" in r.stdout
+    sample = r.stdout.split("--- sample")[1].split("--- end of sample")[0]
+    assert len(sample.strip()) > 40
+    assert (out / "run" / "plots" / "loss.png").stat().st_size > 1000
+    assert (out / "run" / "model.safetensors").is_file()
+    # the demo folder is replaced by a second demo, but a foreign folder is never touched
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "keep.txt").write_text("precious")
+    r = subprocess.run([sys.executable, "-m", "zenlm", "demo", "--max-seconds", "45", "--out", str(foreign)],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "not a zenlm demo folder" in r.stderr
+    assert (foreign / "keep.txt").read_text() == "precious"
