@@ -130,7 +130,8 @@ def tiny_model(**kw) -> GPT:
 
 MODEL_VARIANTS = [
     dict(),
-    dict(pos="rope", norm="rmsnorm", mlp="swiglu", n_kv_head=2, qk_norm=True, tie_embeddings=False, bias=False),
+    dict(pos="rope", norm="rmsnorm", mlp="swiglu", n_kv_head=2, qk_norm=True, tie_embeddings=False,
+         bias=False),
     dict(pos="rope", mlp="relu2", n_kv_head=1, logit_softcap=10.0),
 ]
 
@@ -238,8 +239,10 @@ def test_greedy_generation_same_with_and_without_cache(kw):
 @pytest.mark.parametrize("kw", MODEL_VARIANTS[:2])
 def test_seeded_sampling_is_reproducible(kw):
     model = tiny_model(**kw)
-    cfg = lambda seed, cache: GenerationConfig(max_new_tokens=15, temperature=1.0, top_k=40, top_p=0.95,  # noqa: E731
-                                               repetition_penalty=1.3, seed=seed, use_cache=cache)
+    def cfg(seed: int, cache: bool) -> GenerationConfig:
+        return GenerationConfig(max_new_tokens=15, temperature=1.0, top_k=40, top_p=0.95,
+                                repetition_penalty=1.3, seed=seed, use_cache=cache)
+
     a = list(generate_ids(model, [1, 2, 3], cfg(7, True)))
     assert a == list(generate_ids(model, [1, 2, 3], cfg(7, True)))
     assert a == list(generate_ids(model, [1, 2, 3], cfg(7, False)))  # same draws, same (close) logits
@@ -265,7 +268,8 @@ def test_cache_refill_uses_recent_half_of_context():
     # prefill 3, then single steps until the cache holds 8, then a refill of the last 4 tokens, ...
     assert model.calls[:7] == [(0, 3), (3, 1), (4, 1), (5, 1), (6, 1), (7, 1), (0, 4)]
     no_cache = ScriptedLM(list(range(200)), tok.vocab_size, block_size=8)
-    list(generate_ids(no_cache, [0, 1, 2], GenerationConfig(max_new_tokens=12, temperature=0, use_cache=False)))
+    cfg = GenerationConfig(max_new_tokens=12, temperature=0, use_cache=False)
+    list(generate_ids(no_cache, [0, 1, 2], cfg))
     assert max(length for _, length in no_cache.calls) == 8
 
 
@@ -275,10 +279,23 @@ def test_generate_ids_edge_cases():
     assert list(generate_ids(model, [1], GenerationConfig(max_new_tokens=0))) == []
     out = list(generate_ids(model, [1], GenerationConfig(max_new_tokens=3, temperature=0)))
     assert len(out) == 3 and model.training  # the training flag is restored afterwards
-    with pytest.raises(ConfigError, match="prompt"):
-        list(generate_ids(model, [], GenerationConfig()))
+    with pytest.raises(ConfigError, match="prompt"):  # raised at the call, before any token
+        generate_ids(model, [], GenerationConfig())
     with pytest.raises(ConfigError, match="vocabulary"):
-        list(generate_ids(model, [1, 97], GenerationConfig()))
+        generate_ids(model, [1, 97], GenerationConfig())
+    tokens = generate_ids(model, [1, 2], GenerationConfig(max_new_tokens=5, temperature=0))
+    next(tokens)
+    assert not torch.is_inference_mode_enabled()  # the caller's code between tokens runs normally
+    assert not model.training
+    tokens.close()
+    assert model.training
+
+
+def test_empty_prompt_without_bos_or_eos_is_refused():
+    tok = ByteTokenizer()
+    tok.bos_id = tok.eos_id = None
+    with pytest.raises(ConfigError, match="empty"):
+        generate_text(tiny_model(vocab_size=258), tok, "", GenerationConfig())
 
 
 def test_eos_stops_generation_unless_disabled():
@@ -326,7 +343,8 @@ def test_earliest_of_several_stop_strings_wins():
     assert "".join(run_text("abcabd", stop=["abd", "ca"])) == "ab"
     assert "".join(run_text("xBéB", stop=["BéB", "é"])) == "xB"  # "é" is complete first
     assert "".join(run_text("xab", stop=["b", "ab"])) == "x"  # complete together: the longer one wins
-    assert "".join(run_text(["x", "BéB"], stop=["BéB", "é"], pieces=("BéB",))) == "xB"  # same in one token
+    # the same when the text arrives in one token
+    assert "".join(run_text(["x", "BéB"], stop=["BéB", "é"], pieces=("BéB",))) == "xB"
 
 
 def test_stop_strings_and_eos_and_max_tokens_end_text():

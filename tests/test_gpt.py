@@ -292,7 +292,8 @@ def test_parity_with_transformers_gpt2():
         h = f"transformer.h.{i}."
         b = f"blocks.{i}."
         for src, dst in [("ln_1", "norm_attn"), ("ln_2", "norm_mlp")]:
-            ours[b + dst + ".weight"], ours[b + dst + ".bias"] = sd[h + src + ".weight"], sd[h + src + ".bias"]
+            ours[b + dst + ".weight"] = sd[h + src + ".weight"]
+            ours[b + dst + ".bias"] = sd[h + src + ".bias"]
         for src, dst in [("attn.c_attn", "attn.qkv"), ("attn.c_proj", "attn.proj"), ("mlp.c_fc", "mlp.fc"),
                          ("mlp.c_proj", "mlp.proj")]:  # GPT-2's Conv1D stores [in, out]
             ours[b + dst + ".weight"] = sd[h + src + ".weight"].t()

@@ -42,8 +42,8 @@ def test_preset_shapes():
     assert (tiny.n_layer, tiny.n_head, tiny.n_embd, tiny.block_size) == (2, 2, 64, 64)
     classic = get_preset("classic-char", vocab_size=65)
     assert (classic.n_layer, classic.n_head, classic.n_embd, classic.block_size) == (4, 4, 128, 64)
-    assert (classic.pos, classic.norm, classic.mlp, classic.bias, classic.tie_embeddings, classic.dropout) == (
-        "learned", "layernorm", "gelu", True, True, 0.0)
+    shape = (classic.pos, classic.norm, classic.mlp, classic.bias, classic.tie_embeddings, classic.dropout)
+    assert shape == ("learned", "layernorm", "gelu", True, True, 0.0)
     small = get_preset("gpt2-small")
     assert (small.n_layer, small.n_head, small.n_embd, small.block_size, small.vocab_size) == (
         12, 12, 768, 1024, 50257)

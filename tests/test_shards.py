@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import zenlm.data.corpus as corpus_mod
 import zenlm.data.shards as shards_mod
 import zenlm.tokenizer as tkz
 from zenlm.data.corpus import open_corpus
@@ -38,7 +39,8 @@ def test_shakespeare_char_token_counts_are_exact(tmp_path: Path) -> None:
     text = "".join(c.texts("train"))
     assert train[-1] == tok.eos_id and (train[:-1] != tok.eos_id).all()
     assert train[:-1].tolist() == tok.encode(text)
-    assert tok.decode(all_ids(tmp_path, "val")[:-1].tolist()) == "".join(c.texts("val")).replace("{", "<|unk|>") or True
+    val = all_ids(tmp_path, "val")
+    assert val[-1] == tok.eos_id and len(val) == len("".join(c.texts("val"))) + 1
 
 
 def test_layout_of_a_shard_file(char_data: Path) -> None:
@@ -91,8 +93,11 @@ def test_every_document_ends_with_eos_and_matches_whole_encoding(
     monkeypatch.setattr(tkz, "CHUNK_CHARS", 20)
     docs = [sample_text[i * 3000:(i + 1) * 3000] for i in range(6)] + ["中文 <|eos|> 😀", "x" * 500]
     (tmp_path / "d.jsonl").write_text("\n".join(json.dumps({"text": d}) for d in docs), encoding="utf-8")
-    (tmp_path / "v.txt").write_text(docs[0], encoding="utf-8")
+    val_text = sample_text[:20_000]
+    (tmp_path / "v.txt").write_text(val_text, encoding="utf-8")
+    monkeypatch.setattr(corpus_mod, "CHUNK_BYTES", 777)  # the corpus hands out pieces cut anywhere
     c = open_corpus(str(tmp_path / "d.jsonl"), val=str(tmp_path / "v.txt"))
+    assert len(list(c.texts("val"))) > 20
     index = prepare(c, bpe_tok, tmp_path / "out", shard_tokens=333)
     assert index["splits"]["train"]["documents"] == len(docs)
     ids = all_ids(tmp_path / "out", "train").tolist()
@@ -101,7 +106,30 @@ def test_every_document_ends_with_eos_and_matches_whole_encoding(
         expected += bpe_tok.encode(d) + [bpe_tok.eos_id]
     assert ids == expected
     assert ids.count(bpe_tok.eos_id) == len(docs)
-    assert all_ids(tmp_path / "out", "val").tolist() == bpe_tok.encode(docs[0]) + [bpe_tok.eos_id]
+    assert all_ids(tmp_path / "out", "val").tolist() == bpe_tok.encode(val_text) + [bpe_tok.eos_id]
+
+
+def test_text_without_cut_points_is_still_encoded(tmp_path: Path, bpe_tok: Tokenizer,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(shards_mod, "SLICE_CHARS", 50)
+    monkeypatch.setattr(shards_mod, "HARD_LIMIT_CHARS", 300)
+    monkeypatch.setattr(corpus_mod, "CHUNK_BYTES", 100)
+    doc = "中文" * 1000 + " end"
+    (tmp_path / "a.txt").write_text(doc, encoding="utf-8")
+    (tmp_path / "b.txt").write_text("short", encoding="utf-8")
+    longest = [0]
+    real = Tokenizer.encode_batch
+
+    def spy(self: Tokenizer, texts: list[str], **kw: bool) -> list[list[int]]:
+        longest[0] = max([longest[0], *map(len, texts)])
+        return real(self, texts, **kw)
+
+    monkeypatch.setattr(Tokenizer, "encode_batch", spy)
+    prepare(open_corpus(str(tmp_path / "a.txt"), val=str(tmp_path / "b.txt")), bpe_tok, tmp_path / "out")
+    assert 300 <= longest[0] < 500  # the slice was cut at the hard limit, not held whole
+    ids = all_ids(tmp_path / "out", "train").tolist()
+    assert ids[-1] == bpe_tok.eos_id and bpe_tok.eos_id not in ids[:-1]
+    assert bpe_tok.decode(ids[:-1]) == doc
 
 
 def test_large_vocabularies_use_uint32(tmp_path: Path) -> None:

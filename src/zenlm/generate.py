@@ -17,7 +17,7 @@ newest token, reading the earlier keys/values from the model's KV cache.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
@@ -181,12 +181,12 @@ def _step(logits_V: Tensor, cfg: GenerationConfig, generator: torch.Generator, s
 
 def generate_ids(
     model: GPT, prompt_ids: Sequence[int], cfg: GenerationConfig, *, eos_id: int | None = None
-) -> Iterator[int]:
+) -> Generator[int, None, None]:
     """Yield new token ids one at a time, continuing ``prompt_ids`` (a non-empty list of ids).
 
     Stops after ``cfg.max_new_tokens`` tokens, or when ``eos_id`` is drawn and ``cfg.stop_at_eos`` (the
     eos id is then not yielded). The model is put in eval mode while generating (its previous mode
-    is restored when the iterator finishes or is closed).
+    is restored when the iterator finishes or is closed). Bad arguments raise here, before the first token.
 
     Longer than the context: without the cache each step sees the last ``block_size`` tokens. With the
     cache, a prompt longer than the context is cropped to its last ``block_size`` tokens; when the cache
@@ -195,12 +195,21 @@ def generate_ids(
     """
     prompt_ids = [int(i) for i in prompt_ids]
     if not prompt_ids:
-        raise ConfigError("generation needs at least one prompt token (for example the tokenizer's bos or eos id).")
-    vocab_size, block_size = model.config.vocab_size, model.config.block_size
+        raise ConfigError(
+            "generation needs at least one prompt token (for example the tokenizer's bos or eos id)."
+        )
+    vocab_size = model.config.vocab_size
     if min(prompt_ids) < 0 or max(prompt_ids) >= vocab_size:
         raise ConfigError(f"prompt token ids must be in 0..{vocab_size - 1} (the model's vocabulary).")
+    return _generate_ids(model, prompt_ids, cfg, eos_id)
+
+
+def _generate_ids(
+    model: GPT, prompt_ids: list[int], cfg: GenerationConfig, eos_id: int | None
+) -> Generator[int, None, None]:
     if cfg.max_new_tokens == 0:
         return
+    vocab_size, block_size = model.config.vocab_size, model.config.block_size
     device = next(model.parameters()).device
     generator = torch.Generator(device=device)
     if cfg.seed is None:
@@ -278,12 +287,15 @@ def _split_at_stop(text: str, stops: Sequence[str], final: bool) -> tuple[str, s
     return text[: len(text) - hold], text[len(text) - hold :], False
 
 
-def generate_text(model: GPT, tokenizer: TextTokenizer, prompt: str, cfg: GenerationConfig) -> Iterator[str]:
+def generate_text(
+    model: GPT, tokenizer: TextTokenizer, prompt: str, cfg: GenerationConfig
+) -> Generator[str, None, None]:
     """Yield the continuation of ``prompt`` as text pieces, as soon as they are complete.
 
     Pieces never split a UTF-8 character. A stop string in ``cfg.stop`` ends generation even when it spans
     several tokens; the text before it is yielded and the stop string itself is not. Text that might be
-    the start of a stop string is held back until it is known not to be.
+    the start of a stop string is held back until it is known not to be. Bad arguments raise here, before
+    the first piece.
 
     An empty prompt (or one that encodes to no tokens) starts from the tokenizer's end-of-text token, the
     token every document follows in pretraining data (or its bos token when there is no eos).
@@ -295,25 +307,30 @@ def generate_text(model: GPT, tokenizer: TextTokenizer, prompt: str, cfg: Genera
             raise ConfigError("the prompt is empty and the tokenizer has no bos/eos token to start from; "
                               "give a non-empty prompt.")
         ids = [start]
-    decoder = tokenizer.stream_decoder()
     tokens = generate_ids(model, ids, cfg, eos_id=tokenizer.eos_id)
+    return _stream_text(tokens, tokenizer.stream_decoder(), cfg.stop)
+
+
+def _stream_text(
+    tokens: Generator[int, None, None], decoder: _StreamDecoder, stops: list[str]
+) -> Generator[str, None, None]:
     pending = ""
     try:
         for token in tokens:
             pending += decoder.push(token)
             if not pending:
                 continue
-            ready, pending, stopped = _split_at_stop(pending, cfg.stop, final=False)
+            ready, pending, stopped = _split_at_stop(pending, stops, final=False)
             if ready:
                 yield ready
             if stopped:
                 return
         pending += decoder.flush()
-        ready, _, _ = _split_at_stop(pending, cfg.stop, final=True)
+        ready, _, _ = _split_at_stop(pending, stops, final=True)
         if ready:
             yield ready
     finally:
-        tokens.close()
+        tokens.close()  # end the token generator now (restores the model's mode)
 
 
 __all__ = [

@@ -34,12 +34,12 @@ PRESETS: dict[str, Preset] = {
              bias=False, tie_embeddings=False, qk_norm=True, zero_init_proj=True),
     ),
     "demo": Preset(
-        "4 layers x 256 wide, context 256: rotary, RMSNorm, squared-ReLU, qk-norm; trains in minutes on a CPU.",
+        "4 layers x 256 wide, context 256: rotary, RMSNorm, squared ReLU, qk-norm; minutes on a CPU.",
         dict(n_layer=4, n_head=4, n_embd=256, block_size=256, pos="rope", norm="rmsnorm", mlp="relu2",
              bias=False, tie_embeddings=False, qk_norm=True, zero_init_proj=True),
     ),
     "classic-char": Preset(
-        "4 layers x 128 wide, context 64: the classic GPT-2 recipe (learned positions, LayerNorm, GELU, tied).",
+        "4 layers x 128 wide, context 64: the classic GPT-2 recipe (learned positions, LayerNorm, GELU).",
         dict(n_layer=4, n_head=4, n_embd=128, block_size=64, pos="learned", norm="layernorm", mlp="gelu",
              bias=True, tie_embeddings=True, dropout=0.0),
     ),
@@ -74,7 +74,9 @@ def get_preset(name: str, **overrides: Any) -> GPTConfig:
     known = {f.name for f in dataclasses.fields(GPTConfig)}
     unknown = sorted(set(overrides) - known)
     if unknown:
-        raise ConfigError(f"unknown model settings {unknown}; GPTConfig fields are: {', '.join(sorted(known))}.")
+        raise ConfigError(
+            f"unknown model settings {unknown}; GPTConfig fields are: {', '.join(sorted(known))}."
+        )
     return GPTConfig(**{**PRESETS[name].fields, **overrides})
 
 

@@ -22,7 +22,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from zenlm.config import GPTConfig
 from zenlm.errors import ConfigError
-from zenlm.models.layers import CausalSelfAttention, Rotary, make_mlp, make_norm, scaled_init_std
+from zenlm.models.layers import CausalSelfAttention, RMSNorm, Rotary, make_mlp, make_norm, scaled_init_std
 
 # In eval mode (generation, scoring) every call may have a new length. cuDNN's attention builds a plan per
 # new shape (tens of ms each on recent GPUs), so eval uses the flash / memory-efficient / math kernels;
@@ -32,7 +32,6 @@ _INFERENCE_ATTENTION = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTI
 
 def _no_cudnn_attention() -> AbstractContextManager:
     return sdpa_kernel(_INFERENCE_ATTENTION)
-
 
 
 class KVCache:
@@ -91,9 +90,8 @@ class Block(nn.Module):
 
     @classmethod
     def from_config(cls, config: GPTConfig) -> Block:
-        return cls(
-            CausalSelfAttention(config), make_mlp(config), make_norm(config), make_norm(config), config.dropout
-        )
+        attn, mlp = CausalSelfAttention(config), make_mlp(config)
+        return cls(attn, mlp, make_norm(config), make_norm(config), config.dropout)
 
     def forward(
         self,
@@ -139,6 +137,8 @@ class GPT(nn.Module):
         when ``zero_init_proj``."""
         std = self.config.init_std
         for module in self.modules():
+            if isinstance(module, (RMSNorm, nn.LayerNorm)):
+                module.reset_parameters()
             if isinstance(module, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(module.weight, mean=0.0, std=std)
             if isinstance(module, nn.Linear) and module.bias is not None:

@@ -37,6 +37,9 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
+    def reset_parameters(self) -> None:
+        nn.init.ones_(self.weight)
+
     def forward(self, x: Tensor) -> Tensor:
         """x: [..., dim] -> [..., dim]"""
         # F.rms_norm computes exactly the formula in the docstring, in one fused kernel (which needs the

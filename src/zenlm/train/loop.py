@@ -202,7 +202,8 @@ def fit(
     """
     run_dir = Path(run_dir)
     device = next(model.parameters()).device
-    if device != resolve_device(cfg.device) and cfg.device != "auto":
+    want = resolve_device(cfg.device)
+    if device.type != want.type or (want.index is not None and device.index != want.index):
         raise ConfigError(f"model is on {device} but the config asks for {cfg.device}; move it first.")
     precision = resolve_precision(cfg.precision, device)
     if cfg.threads:
