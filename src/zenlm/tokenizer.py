@@ -77,6 +77,15 @@ def split_text(text: str, size: int) -> list[str]:
     return pieces
 
 
+_CHAR_SPLIT = {"type": "Split", "pattern": {"Regex": r"[\s\S]"}, "behavior": "Isolated", "invert": False}
+
+
+def _is_char_split(hf: tokenizers.Tokenizer) -> bool:
+    """Whether ``hf`` pre-tokenizes into single characters exactly as :func:`train_tokenizer` sets it up (then
+    encoding is a plain per-character lookup)."""
+    return json.loads(hf.to_str()).get("pre_tokenizer") == _CHAR_SPLIT
+
+
 def _clean(text: str) -> str:
     """Replace lone surrogates (which have no UTF-8 encoding) by U+FFFD."""
     return _SURROGATES.sub("\ufffd", text)
@@ -110,8 +119,8 @@ class Tokenizer:
         self._special_re = re.compile("|".join(map(re.escape, ordered))) if ordered else None
         self._plain_cache: dict[str, list[int]] = {}
         self._char_vocab: dict[str, int] | None = None
-        if kind == "char":
-            self._char_vocab = {t: i for t, i in hf.get_vocab(with_added_tokens=False).items()}
+        if kind == "char" and hf.normalizer is None and _is_char_split(hf):
+            self._char_vocab = dict(hf.get_vocab(with_added_tokens=False))
 
     bos_id: int | None
     eos_id: int | None

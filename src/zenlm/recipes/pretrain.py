@@ -75,6 +75,8 @@ def pretrain(
     batch_size: int = 16,
     seq_len: int | None = None,
     eval_tokens: int | None = 65536,
+    eval_seq_len: int | None = None,
+    eval_batch_size: int | None = None,
     train: TrainConfig | None = None,
     optim: OptimConfig | None = None,
     progress: ProgressFn | None = None,
@@ -88,6 +90,8 @@ def pretrain(
     batch_size:      sequences per micro-batch; tokens per step = batch_size * seq_len * grad_accum
     seq_len:         training context (None = the model's block_size)
     eval_tokens:     validation tokens per evaluation (None = the whole split)
+    eval_seq_len:    window length for validation (None = seq_len); fix it to compare runs fairly
+    eval_batch_size: windows per validation batch (None = batch_size)
     """
     data, out = Path(data), Path(out)
     train = train or TrainConfig()
@@ -98,8 +102,10 @@ def pretrain(
     if resume:
         saved = read_run_config(out)
         cfg = config_from_dict(saved["model"])
-        batch_size = saved.get("batch", {}).get("batch_size", batch_size)
-        seq_len = saved.get("batch", {}).get("seq_len", seq_len)
+        sb = saved.get("batch", {})
+        batch_size, seq_len = sb.get("batch_size", batch_size), sb.get("seq_len", seq_len)
+        eval_seq_len, eval_batch_size = sb.get("eval_seq_len", eval_seq_len), sb.get("eval_batch_size",
+                                                                                     eval_batch_size)
     else:
         if (out / "config.yaml").exists() or list_checkpoints(out / "checkpoints"):
             raise ConfigError(
@@ -131,7 +137,8 @@ def pretrain(
         run_config = {
             "zenlm_version": __version__,
             "model": cfg.to_dict(),
-            "batch": {"batch_size": batch_size, "seq_len": seq_len, "eval_tokens": eval_tokens},
+            "batch": {"batch_size": batch_size, "seq_len": seq_len, "eval_tokens": eval_tokens,
+                      "eval_seq_len": eval_seq_len, "eval_batch_size": eval_batch_size},
             "train": config_to_dict(train),
             "optim": config_to_dict(optim),
             "data": {"dir": str(data.resolve()), "vocab_size": vocab_size, "corpus": index.get("corpus")},
@@ -146,7 +153,8 @@ def pretrain(
         return x_BT.to(device, non_blocking=True), y_BT.to(device, non_blocking=True)
 
     def evaluate(m: nn.Module) -> dict[str, float]:
-        return evaluate_causal_lm(m, val_shards, batch_size, seq_len, eval_tokens, bytes_per_token, device)
+        return evaluate_causal_lm(m, val_shards, eval_batch_size or batch_size, eval_seq_len or seq_len,
+                                  eval_tokens, bytes_per_token, device)
 
     report(progress, "train", message=(
         f"model: {cfg.n_layer} layers, {cfg.n_embd} wide, {cfg.num_params() / 1e6:.2f}M parameters; "

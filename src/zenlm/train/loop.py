@@ -25,6 +25,7 @@ evaluation and checkpoints, exact resume, and a clean stop on Ctrl-C / SIGTERM.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -226,7 +227,11 @@ def fit(
         resume_step = step
         report(progress, "train", message=f"resumed from {ckpts[-1].name} (step {step})")
 
-    forward = torch.compile(model) if cfg.compile else model
+    forward = torch.compile(model) if cfg.compile else model  # used for evaluation
+    # For training, compile the model *and* the objective as one graph: the compiler then fuses the
+    # output head, the float32 upcast and the cross-entropy instead of materialising fp32 logits.
+    train_loss_fn = torch.compile(functools.partial(loss_fn, model)) if cfg.compile else functools.partial(
+        loss_fn, model)
     params = [p for p in model.parameters() if p.requires_grad]
     metrics = _MetricsLog(run_dir, resume_step, cfg.tensorboard)
     decay_steps = cfg.decay_steps or cfg.max_steps
@@ -277,7 +282,7 @@ def fit(
                 for micro in range(cfg.grad_accum):
                     batch = get_batch(step, micro)
                     with autocast(device, precision):
-                        loss, n_tok = loss_fn(forward, batch)
+                        loss, n_tok = train_loss_fn(batch)
                     tokens += n_tok
                     loss = loss / cfg.grad_accum
                     if scaler is not None:

@@ -1,0 +1,83 @@
+"""Named training recipes: a model preset plus the batch, optimiser and precision that go with it.
+
+``zenlm pretrain --recipe NAME`` starts from a recipe; any flag given on the command line wins over it.
+
+* ``classic``  the well-known small-GPT recipe (learned positions, LayerNorm, GELU, tied embeddings, AdamW
+               1e-3 with betas 0.9/0.99, weight decay 0.1, 100 warm-up steps, cosine to 1e-4, fp32, no
+               compilation, batch 12 x 64). Kept so learners can compare.
+* ``fast``     zenlm's default: the recipe that reaches the classic recipe's validation loss on
+               shakespeare-char in a fraction of its wall time on a CPU (see docs/BENCHMARKS.md and the
+               ablation table in docs/training-speed.md).
+* ``five-min`` the fast recipe at a larger size, for the best loss in five minutes of CPU time.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Any
+
+from zenlm.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Recipe:
+    description: str
+    model: str
+    model_overrides: dict[str, Any] = field(default_factory=dict)
+    batch_size: int = 16
+    seq_len: int | None = None
+    grad_accum: int = 1
+    max_steps: int = 2000
+    precision: str = "auto"
+    compile: bool = False
+    optim: dict[str, Any] = field(default_factory=dict)
+    eval_every: int = 250
+    ablations: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+CLASSIC_OPTIM = dict(name="adamw", lr=1e-3, min_lr=1e-4, warmup_steps=100, schedule="cosine", weight_decay=0.1,
+                     betas=(0.9, 0.99), grad_clip=1.0)
+
+RECIPES: dict[str, Recipe] = {
+    "classic": Recipe(
+        "classic small-GPT recipe: 4x128, context 64, batch 12, AdamW 1e-3, cosine, fp32",
+        model="classic-char", batch_size=12, seq_len=64, max_steps=2000, precision="fp32", compile=False,
+        optim=CLASSIC_OPTIM,
+    ),
+    "fast": Recipe(
+        "zenlm's fast recipe: rotary, RMSNorm, relu^2, qk-norm, zero-init projections, Muon + AdamW, bf16",
+        model="tiny", model_overrides=dict(n_layer=4, n_head=4, n_embd=128, block_size=64),
+        batch_size=32, seq_len=64, max_steps=600, precision="auto", compile=False,
+        optim=dict(name="muon", lr=3e-3, min_lr=3e-4, muon_lr=0.02, warmup_steps=30, schedule="cosine",
+                   weight_decay=0.0, betas=(0.9, 0.95), grad_clip=1.0),
+        eval_every=50,
+    ),
+    "five-min": Recipe(
+        "the fast recipe at 6x256, context 128, for the best loss in five minutes of CPU time",
+        model="tiny", model_overrides=dict(n_layer=6, n_head=4, n_embd=256, block_size=128),
+        batch_size=32, seq_len=128, max_steps=100_000, precision="auto", compile=False,
+        optim=dict(name="muon", lr=3e-3, min_lr=3e-4, muon_lr=0.02, warmup_steps=50, schedule="cosine",
+                   weight_decay=0.0, betas=(0.9, 0.95), grad_clip=1.0),
+    ),
+}
+
+
+def recipe_settings(name: str, **overrides: Any) -> dict[str, Any]:
+    """The settings of recipe ``name`` as a plain dict, with ``overrides`` applied.
+
+    Override keys are Recipe fields; ``optim`` and ``model_overrides`` are merged key by key.
+    """
+    if name not in RECIPES:
+        raise ConfigError(f"unknown recipe {name!r}; choose one of: {', '.join(RECIPES)}.")
+    r = RECIPES[name]
+    s = {k: copy.deepcopy(getattr(r, k)) for k in ("model", "model_overrides", "batch_size", "seq_len",
+                                                   "grad_accum", "max_steps", "precision", "compile", "optim")}
+    for k, v in overrides.items():
+        if k in ("optim", "model_overrides"):
+            s[k].update(v)
+        elif k in s:
+            s[k] = v
+        else:
+            raise ConfigError(f"unknown recipe setting {k!r}; known: {', '.join(s)}.")
+    return s
