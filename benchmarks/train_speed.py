@@ -130,7 +130,7 @@ def main() -> None:
             base = run(data, root / "baseline", "classic", eval_every=0)
             T, L = base["train_s"], base["val_loss"]
             results["baseline"] = base
-            say(f"\n| run | steps | train time (s) | val loss | time to L (s) | speed-up |")
+            say("\n| run | steps | train time (s) | val loss | time to L (s) | speed-up |")
             say("|---|---:|---:|---:|---:|---:|")
             say(f"| classic recipe (baseline) | {base['steps']} | {T:.1f} | {L:.4f} | {T:.1f} | 1.00x |")
         if "fast" in parts:

@@ -149,29 +149,30 @@ def prepare(
 def pretrain(
     data: str,
     out: str,
-    model: str = "demo",
-    max_steps: int = 2000,
+    recipe: str = "default",
+    model: str | None = None,
+    max_steps: int | None = None,
     max_seconds: float | None = None,
     resume: bool = False,
-    batch_size: int = 16,
+    batch_size: int | None = None,
     seq_len: int | None = None,
-    grad_accum: int = 1,
-    optimizer: Literal["adamw", "muon"] = "adamw",
-    lr: float = 1e-3,
-    min_lr: float = 1e-4,
-    warmup_steps: int = 100,
-    schedule: Literal["cosine", "linear", "constant", "wsd"] = "cosine",
-    weight_decay: float = 0.1,
-    grad_clip: float = 1.0,
-    muon_lr: float = 0.02,
+    grad_accum: int | None = None,
+    optimizer: Literal["adamw", "muon"] | None = None,
+    lr: float | None = None,
+    min_lr: float | None = None,
+    warmup_steps: int | None = None,
+    schedule: Literal["cosine", "linear", "constant", "wsd"] | None = None,
+    weight_decay: float | None = None,
+    grad_clip: float | None = None,
+    muon_lr: float | None = None,
     eval_every: int = 250,
     eval_tokens: int | None = 65536,
     log_every: int = 10,
     ckpt_every: int = 500,
     seed: int = 1337,
     device: str = "auto",
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto",
-    compile: bool = False,
+    precision: Literal["auto", "fp32", "bf16", "fp16"] | None = None,
+    compile: bool | None = None,
     n_layer: int | None = None,
     n_head: int | None = None,
     n_embd: int | None = None,
@@ -180,10 +181,14 @@ def pretrain(
 ) -> None:
     """Pretrain a GPT with next-token prediction on prepared shards.
 
+    Settings not given on the command line come from the --recipe (see docs/training-speed.md).
+
     Args:
         data: data directory made by `zenlm prepare`
         out: run directory to create (config.yaml, checkpoints, metrics.jsonl, model.safetensors, plots)
-        model: model preset (see `zenlm presets`)
+        recipe: default (demo model, Muon + AdamW, bf16), fast, five-min, or classic (the classic small-GPT
+            recipe: AdamW, fp32)
+        model: model preset (see `zenlm presets`); default from the recipe
         max_steps: optimiser steps in all
         max_seconds: wall-time budget; the learning rate decays over whichever budget ends first
         resume: continue the run in --out from its newest checkpoint
@@ -199,7 +204,7 @@ def pretrain(
         grad_clip: clip the gradient norm to this (0 disables)
         muon_lr: peak learning rate of the Muon parameters
         eval_every: validate every N steps
-        eval_tokens: validation tokens per evaluation (omit for the default; 0 for the whole split)
+        eval_tokens: validation tokens per evaluation (0 for the whole split)
         log_every: write metrics every N steps
         ckpt_every: save a checkpoint every N steps
         seed: random seed (weights, dropout, data order)
@@ -213,20 +218,29 @@ def pretrain(
         dropout: override the preset's dropout
     """
     from zenlm.recipes.pretrain import pretrain as run_pretrain
+    from zenlm.recipes.registry import recipe_settings
     from zenlm.train.loop import TrainConfig
     from zenlm.train.optim import OptimConfig
 
-    overrides = {k: v for k, v in dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size,
-                                       dropout=dropout).items() if v is not None}
+    def given(**kw: object) -> dict:
+        return {k: v for k, v in kw.items() if v is not None}
+
+    s = recipe_settings(recipe, **given(model=model, batch_size=batch_size, seq_len=seq_len, grad_accum=grad_accum,
+                                        max_steps=max_steps, precision=precision, compile=compile))
+    s["optim"].update(given(name=optimizer, lr=lr, min_lr=min_lr, warmup_steps=warmup_steps, schedule=schedule,
+                            weight_decay=weight_decay, grad_clip=grad_clip, muon_lr=muon_lr))
+    if "min_lr" not in given(min_lr=min_lr) and lr is not None:
+        s["optim"]["min_lr"] = min(s["optim"]["min_lr"], lr / 10)
+    s["model_overrides"].update(given(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size,
+                                      dropout=dropout))
     progress = TerminalProgress()
     result = run_pretrain(
-        data, out, model=model, model_overrides=overrides, resume=resume, batch_size=batch_size,
-        seq_len=seq_len, eval_tokens=eval_tokens or None,
-        train=TrainConfig(max_steps=max_steps, max_seconds=max_seconds, grad_accum=grad_accum,
+        data, out, model=s["model"], model_overrides=s["model_overrides"], resume=resume,
+        batch_size=s["batch_size"], seq_len=s["seq_len"], eval_tokens=eval_tokens or None,
+        train=TrainConfig(max_steps=s["max_steps"], max_seconds=max_seconds, grad_accum=s["grad_accum"],
                           eval_every=eval_every, log_every=log_every, ckpt_every=ckpt_every, seed=seed,
-                          device=device, precision=precision, compile=compile),
-        optim=OptimConfig(name=optimizer, lr=lr, min_lr=min_lr, warmup_steps=warmup_steps, schedule=schedule,
-                          weight_decay=weight_decay, grad_clip=grad_clip, muon_lr=muon_lr),
+                          device=device, precision=s["precision"], compile=s["compile"]),
+        optim=OptimConfig(**s["optim"]),
         progress=progress,
     )
     progress.close()

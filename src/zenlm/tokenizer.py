@@ -58,6 +58,7 @@ _HF_KIND = {"BPE": "bpe", "WordPiece": "wordpiece", "WordLevel": "char"}
 # pre-tokenizer used here (GPT-2 byte-level regex, BERT whitespace/punctuation split, one-per-character)
 # starts a new pre-token there, so encoding the pieces separately gives exactly the ids of the whole.
 _CUT = re.compile(r"[ \n](?=\w)")
+CUT_POINTS = _CUT  # public name: zenlm.data.shards cuts long documents at the same places
 CHUNK_CHARS = 1 << 13
 
 

@@ -17,6 +17,7 @@ from zenlm.data.shards import prepare
 from zenlm.errors import ConfigError
 from zenlm.progress import ProgressFn, report
 from zenlm.recipes.pretrain import pretrain
+from zenlm.recipes.registry import recipe_settings
 from zenlm.tokenizer import train_tokenizer
 from zenlm.train.loop import TrainConfig, TrainResult
 from zenlm.train.optim import OptimConfig
@@ -76,11 +77,13 @@ def demo(
     spent = time.perf_counter() - t0
     budget = max(10.0, max_seconds - spent - max(10.0, 0.08 * max_seconds))
     report(progress, "demo", message=f"[3/4] pretraining for {budget:.0f} s")
+    s = recipe_settings("default", model=model)
     result = pretrain(
-        data_dir, run_dir, model=model, batch_size=16, eval_tokens=32768,
-        train=TrainConfig(max_steps=1_000_000, max_seconds=budget, eval_every=200, log_every=10,
+        data_dir, run_dir, model=s["model"], model_overrides=s["model_overrides"], batch_size=s["batch_size"],
+        seq_len=s["seq_len"], eval_tokens=32768,
+        train=TrainConfig(max_steps=1_000_000, max_seconds=budget, eval_every=100, log_every=10,
                           ckpt_every=0, device=device, precision=precision),
-        optim=OptimConfig(),
+        optim=OptimConfig(**s["optim"]),
         progress=progress,
     )
     report(progress, "demo", message="[4/4] done training; sampling")

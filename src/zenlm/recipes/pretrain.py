@@ -31,6 +31,7 @@ from zenlm.errors import ConfigError
 from zenlm.models.gpt import GPT
 from zenlm.presets import get_preset
 from zenlm.progress import ProgressFn, report
+from zenlm.recipes.registry import RECIPES
 from zenlm.rundir import TOKENIZER_FILES, read_run_config
 from zenlm.train.checkpoint import atomic_write_text, list_checkpoints
 from zenlm.train.loop import TrainConfig, TrainResult, config_to_dict, fit
@@ -95,7 +96,7 @@ def pretrain(
     """
     data, out = Path(data), Path(out)
     train = train or TrainConfig()
-    optim = optim or OptimConfig()
+    optim = optim or OptimConfig(**RECIPES["default"].optim)
     index = load_index(data)
     vocab_size = int(index["vocab_size"])
 

@@ -2,6 +2,7 @@
 
 ``zenlm pretrain --recipe NAME`` starts from a recipe; any flag given on the command line wins over it.
 
+* ``default``  what ``zenlm pretrain`` and ``zenlm demo`` use: the ``demo`` model with the fast optimiser.
 * ``classic``  the well-known small-GPT recipe (learned positions, LayerNorm, GELU, tied embeddings, AdamW
                1e-3 with betas 0.9/0.99, weight decay 0.1, 100 warm-up steps, cosine to 1e-4, fp32, no
                compilation, batch 12 x 64). Kept so learners can compare.
@@ -39,7 +40,15 @@ class Recipe:
 CLASSIC_OPTIM = dict(name="adamw", lr=1e-3, min_lr=1e-4, warmup_steps=100, schedule="cosine", weight_decay=0.1,
                      betas=(0.9, 0.99), grad_clip=1.0)
 
+FAST_OPTIM = dict(name="muon", lr=3e-3, min_lr=3e-4, muon_lr=0.02, warmup_steps=30, schedule="cosine",
+                  weight_decay=0.0, betas=(0.9, 0.95), grad_clip=1.0)
+
 RECIPES: dict[str, Recipe] = {
+    "default": Recipe(
+        "what `zenlm pretrain` does without --recipe: the demo model with the fast recipe's optimiser and bf16",
+        model="demo", batch_size=16, seq_len=None, max_steps=2000, precision="auto", compile=False,
+        optim=dict(FAST_OPTIM, warmup_steps=50),
+    ),
     "classic": Recipe(
         "classic small-GPT recipe: 4x128, context 64, batch 12, AdamW 1e-3, cosine, fp32",
         model="classic-char", batch_size=12, seq_len=64, max_steps=2000, precision="fp32", compile=False,
@@ -48,17 +57,26 @@ RECIPES: dict[str, Recipe] = {
     "fast": Recipe(
         "zenlm's fast recipe: rotary, RMSNorm, relu^2, qk-norm, zero-init projections, Muon + AdamW, bf16",
         model="tiny", model_overrides=dict(n_layer=4, n_head=4, n_embd=128, block_size=64),
-        batch_size=32, seq_len=64, max_steps=600, precision="auto", compile=False,
-        optim=dict(name="muon", lr=3e-3, min_lr=3e-4, muon_lr=0.02, warmup_steps=30, schedule="cosine",
-                   weight_decay=0.0, betas=(0.9, 0.95), grad_clip=1.0),
-        eval_every=50,
+        batch_size=32, seq_len=64, max_steps=200, precision="auto", compile=False,
+        optim=FAST_OPTIM,
+        eval_every=25,
+        ablations={
+            "AdamW instead of Muon": dict(optim=dict(name="adamw")),
+            "fp32 instead of bf16": dict(precision="fp32"),
+            "classic architecture (learned pos, LayerNorm, GELU, tied)": dict(model_overrides=dict(
+                pos="learned", norm="layernorm", mlp="gelu", qk_norm=False, zero_init_proj=False, bias=True,
+                tie_embeddings=True)),
+            "no qk-norm": dict(model_overrides=dict(qk_norm=False)),
+            "no zero-init projections": dict(model_overrides=dict(zero_init_proj=False)),
+            "batch 12 (classic) instead of 32": dict(batch_size=12),
+            "+ torch.compile": dict(compile=True),
+        },
     ),
     "five-min": Recipe(
         "the fast recipe at 6x256, context 128, for the best loss in five minutes of CPU time",
         model="tiny", model_overrides=dict(n_layer=6, n_head=4, n_embd=256, block_size=128),
         batch_size=32, seq_len=128, max_steps=100_000, precision="auto", compile=False,
-        optim=dict(name="muon", lr=3e-3, min_lr=3e-4, muon_lr=0.02, warmup_steps=50, schedule="cosine",
-                   weight_decay=0.0, betas=(0.9, 0.95), grad_clip=1.0),
+        optim=dict(FAST_OPTIM, warmup_steps=50),
     ),
 }
 

@@ -1,0 +1,1 @@
+"""The data layer: corpora (text), token shards (ids on disk) and batches (tensors for training)."""
