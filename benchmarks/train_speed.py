@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import sys
@@ -109,9 +110,13 @@ def main() -> None:
     ap.add_argument("--ablate", action="store_true", help="also run each lever of the fast recipe on its own")
     ap.add_argument("--five-min-seconds", type=float, default=300.0)
     ap.add_argument("--json", type=Path, default=None, help="append the results as JSON lines here")
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1,
+                    help="CPU threads (default: all cores; use 1 when other jobs share the machine)")
+    ap.add_argument("--target", type=float, default=None,
+                    help="skip the baseline and race to this validation loss (e.g. for --ablate runs)")
     args = ap.parse_args()
     parts = set(args.only.split(","))
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(args.threads)
     lines: list[str] = []
 
     def say(s: str = "") -> None:
@@ -126,7 +131,12 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         data = build_data(root)
-        if "baseline" in parts or "fast" in parts:
+        if args.target is not None:
+            T, L = float("nan"), args.target
+            say(f"\ntarget: validation loss {L} (given with --target; no baseline run)")
+            say("\n| run | steps | train time (s) | val loss | time to L (s) | speed-up |")
+            say("|---|---:|---:|---:|---:|---:|")
+        elif "baseline" in parts or "fast" in parts:
             base = run(data, root / "baseline", "classic", eval_every=0)
             T, L = base["train_s"], base["val_loss"]
             results["baseline"] = base
@@ -134,21 +144,20 @@ def main() -> None:
             say("|---|---:|---:|---:|---:|---:|")
             say(f"| classic recipe (baseline) | {base['steps']} | {T:.1f} | {L:.4f} | {T:.1f} | 1.00x |")
         if "fast" in parts:
-            fast = run(data, root / "fast", "fast", eval_every=RECIPES["fast"].eval_every)
-            t, step = time_to(fast["evals"], L)
-            results["fast"] = fast
-            tl = f"{t:.1f}" if t is not None else "not reached"
-            su = f"{T / t:.2f}x" if t else "-"
-            say(f"| fast recipe | {fast['steps']} | {fast['train_s']:.1f} | {fast['val_loss']:.4f} | {tl} "
-                f"(step {step}) | {su} |")
+
+            def row(label: str, r: dict) -> str:
+                t, step = time_to(r["evals"], L)
+                reached = f"{t:.1f} (step {step})" if t is not None else "not reached"
+                speedup = f"{T / t:.2f}x" if t and math.isfinite(T) else "-"
+                return f"| {label} | {r['steps']} | {r['train_s']:.1f} | {r['val_loss']:.4f} | {reached} | {speedup} |"
+
+            results["fast"] = run(data, root / "fast", "fast", eval_every=RECIPES["fast"].eval_every)
+            say(row("fast recipe", results["fast"]))
             if args.ablate:
                 for name, ov in RECIPES["fast"].ablations.items():
                     r = run(data, root / f"abl-{name}", "fast", eval_every=RECIPES["fast"].eval_every, overrides=ov)
-                    t2, st2 = time_to(r["evals"], L)
-                    tl2 = f"{t2:.1f} (step {st2})" if t2 is not None else "not reached"
-                    say(f"| fast, {name} | {r['steps']} | {r['train_s']:.1f} | {r['val_loss']:.4f} | {tl2} | "
-                        f"{(T / t2):.2f}x |" if t2 else f"| fast, {name} | {r['steps']} | {r['train_s']:.1f} | "
-                        f"{r['val_loss']:.4f} | {tl2} | - |")
+                    results[f"fast, {name}"] = r
+                    say(row(f"fast, {name}", r))
         if "five-min" in parts:
             five = run(data, root / "five", "five-min", max_seconds=args.five_min_seconds, eval_every=0)
             results["five-min"] = five

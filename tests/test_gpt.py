@@ -351,3 +351,28 @@ def test_parity_with_transformers_llama_and_qwen3(family):
         out = torch.cat([model(x[:, :20], cache=cache)] + [model(x[:, t : t + 1], cache=cache)
                                                             for t in range(20, 32)], dim=1)
     torch.testing.assert_close(out, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_cpu_bf16_training_attends_in_fp32(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under CPU bf16 autocast, training runs SDPA in fp32 (its bf16 backward is slow); inference stays bf16."""
+    import zenlm.models.layers as layers_mod
+
+    seen: list[tuple[torch.dtype, bool]] = []
+    real = layers_mod.F.scaled_dot_product_attention
+
+    def spy(q, k, v, **kw):
+        seen.append((q.dtype, torch.is_autocast_enabled("cpu")))
+        return real(q, k, v, **kw)
+
+    monkeypatch.setattr(layers_mod.F, "scaled_dot_product_attention", spy)
+    model = GPT(small_config(pos="rope", qk_norm=True))
+    x = ids(2, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model(x)
+    logits.float().sum().backward()
+    assert seen and all(s == (torch.float32, False) for s in seen)
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters() if p.requires_grad)
+    seen.clear()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        model(x)
+    assert seen and all(s == (torch.bfloat16, True) for s in seen)

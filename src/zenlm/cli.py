@@ -6,6 +6,7 @@
     zenlm generate RUN_DIR "prompt" [--max-new-tokens N] [--temperature T] [--top-k K] [--top-p P] [--seed S]
     zenlm demo [--lang en|zh] [--max-seconds S]
     zenlm presets
+    zenlm convert from-hf HF_DIR --out RUN_DIR  |  zenlm convert to-hf RUN_DIR --out HF_DIR
 """
 
 from __future__ import annotations
@@ -173,6 +174,7 @@ def pretrain(
     device: str = "auto",
     precision: Literal["auto", "fp32", "bf16", "fp16"] | None = None,
     compile: bool | None = None,
+    threads: int | None = None,
     n_layer: int | None = None,
     n_head: int | None = None,
     n_embd: int | None = None,
@@ -211,6 +213,7 @@ def pretrain(
         device: auto, cpu, cuda, cuda:N or mps
         precision: auto (bf16 where the hardware has it), fp32, bf16 or fp16 (CUDA only)
         compile: compile the model with torch.compile
+        threads: CPU threads (default: PyTorch's choice, all cores; use 1 when other jobs share the machine)
         n_layer: override the preset's number of layers
         n_head: override the preset's number of heads
         n_embd: override the preset's width
@@ -239,7 +242,7 @@ def pretrain(
         batch_size=s["batch_size"], seq_len=s["seq_len"], eval_tokens=eval_tokens or None,
         train=TrainConfig(max_steps=s["max_steps"], max_seconds=max_seconds, grad_accum=s["grad_accum"],
                           eval_every=eval_every, log_every=log_every, ckpt_every=ckpt_every, seed=seed,
-                          device=device, precision=s["precision"], compile=s["compile"]),
+                          device=device, precision=s["precision"], compile=s["compile"], threads=threads),
         optim=OptimConfig(**s["optim"]),
         progress=progress,
     )
@@ -331,6 +334,63 @@ def demo(
           f"  zenlm generate {res.run_dir} \"{res.prompt.strip()}\"")
 
 
+def convert_from_hf(
+    src: str | None = None,
+    *,
+    out: str,
+    from_hub: str | None = None,
+    revision: str | None = None,
+    dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto",
+    overwrite: bool = False,
+) -> None:
+    """Convert a Hugging Face checkpoint (GPT-2, Llama, Mistral, Qwen2, Qwen3; BERT) into a zenlm run.
+
+    Args:
+        src: local Hugging Face model directory (config.json, safetensors or pytorch_model.bin,
+            tokenizer.json)
+        out: run directory to write (open it with `zenlm generate OUT` or zenlm.load)
+        from_hub: download this Hugging Face Hub repository (needs network) instead of reading SRC
+        revision: branch, tag or commit of --from-hub
+        dtype: auto keeps the stored dtype; fp32, bf16 or fp16 converts the weights
+        overwrite: replace an existing run in --out
+    """
+    from zenlm.convert.hf import download_from_hub, import_hf
+    from zenlm.errors import ConfigError
+
+    if (src is None) == (from_hub is None):
+        raise ConfigError("give either a local directory SRC or --from-hub NAME (not both).")
+    if from_hub is not None:
+        src = str(download_from_hub(from_hub, revision))
+    assert src is not None
+    progress = TerminalProgress()
+    path = import_hf(src, out, dtype=dtype, overwrite=overwrite, progress=progress)
+    progress.close()
+    print(f"imported {src} -> {path}")
+
+
+def convert_to_hf(
+    run: str,
+    *,
+    out: str,
+    dtype: Literal["fp32", "bf16", "fp16"] = "fp32",
+    overwrite: bool = False,
+) -> None:
+    """Export a zenlm run directory as a Hugging Face model directory (GPT-2 or Llama-family).
+
+    Args:
+        run: run directory (made by `zenlm pretrain` or `zenlm convert from-hf`)
+        out: directory to write config.json, model.safetensors, generation_config.json and the tokenizer files
+        dtype: dtype of the written weights
+        overwrite: replace an existing export in --out
+    """
+    from zenlm.convert.hf import export_hf
+
+    progress = TerminalProgress()
+    path = export_hf(run, out, dtype=dtype, overwrite=overwrite, progress=progress)
+    progress.close()
+    print(f"exported {run} -> {path} (load it with transformers.AutoModelForCausalLM.from_pretrained)")
+
+
 def presets() -> None:
     """List the model presets with their shapes and parameter counts (at a 8192-token vocabulary)."""
     from zenlm.presets import get_preset, list_presets
@@ -342,6 +402,18 @@ def presets() -> None:
             (", tied" if c.tie_embeddings else ", untied")
         print(f"{name:<14} {c.n_layer:>6} {c.n_head:>5} {c.n_embd:>5} {c.block_size:>7} "
               f"{c.num_params() / 1e6:>8.2f}M  {design}")
+    import torch
+
+    from zenlm.models.encdec import ENCDEC_PRESETS, EncoderDecoder, get_encdec_preset
+
+    print("\nencoder-decoder presets (zenlm finetune seq2seq --model NAME); layers = encoder+decoder, "
+          "context = source/target")
+    for name in ENCDEC_PRESETS:
+        e = get_encdec_preset(name, vocab_size=8192)
+        with torch.device("meta"):  # count the parameters without allocating them
+            n = EncoderDecoder(e).num_params()
+        print(f"{name:<14} {f'{e.n_enc_layer}+{e.n_dec_layer}':>6} {e.n_head:>5} {e.n_embd:>5} "
+              f"{f'{e.max_source_len}/{e.max_target_len}':>9} {n / 1e6:>8.2f}M  {e.pos} pos, {e.norm}, {e.mlp}")
 
 
 # ------------------------------------------------------------------------------------------------ main
@@ -360,6 +432,16 @@ def build_parser() -> argparse.ArgumentParser:
     add_verb(sub, "generate", generate, positional=("run", "prompt"))
     add_verb(sub, "demo", demo)
     add_verb(sub, "presets", presets)
+    conv = sub.add_parser("convert", help="convert models to and from Hugging Face format (from-hf, to-hf)")
+    conv_sub = conv.add_subparsers(dest="convverb", metavar="ACTION")
+    add_verb(conv_sub, "from-hf", convert_from_hf, positional=("src",))
+    add_verb(conv_sub, "to-hf", convert_to_hf, positional=("run",))
+    from zenlm import cli_seq2seq  # source -> target verbs live in their own module
+
+    ft = sub.add_parser("finetune", help="fine-tuning commands (seq2seq)")
+    ft_sub = ft.add_subparsers(dest="ftverb", metavar="TASK")
+    add_verb(ft_sub, "seq2seq", cli_seq2seq.finetune_seq2seq)
+    add_verb(sub, "evaluate", cli_seq2seq.evaluate, positional=("run",))
     return parser
 
 
@@ -375,8 +457,8 @@ def main(argv: list[str] | None = None) -> int:
         print(__version__)
         return 0
     if not hasattr(ns, "_fn"):
-        (parser if ns.verb != "tokenizer" else parser._subparsers._group_actions[0].choices["tokenizer"]
-         ).print_help()
+        (parser if ns.verb not in ("tokenizer", "convert")
+         else parser._subparsers._group_actions[0].choices[ns.verb]).print_help()
         return 2
     try:
         call_verb(ns, argv)

@@ -28,6 +28,23 @@ def _check_positive(name: str, value: int | float) -> None:
         raise ConfigError(f"{name} must be > 0, got {value!r}.")
 
 
+ROPE_SCALING_KEYS = {
+    "linear": ("factor",),
+    "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+}
+
+
+def _check_rope_scaling(scaling: Any) -> None:
+    kind = scaling.get("rope_type") if isinstance(scaling, dict) else None
+    if kind not in ROPE_SCALING_KEYS:
+        raise ConfigError(f"rope_scaling={scaling!r} is not supported; give None or a dict with rope_type "
+                          f"{' or '.join(map(repr, ROPE_SCALING_KEYS))}.")
+    missing = [k for k in ROPE_SCALING_KEYS[kind] if not isinstance(scaling.get(k), (int, float))]
+    if missing:
+        raise ConfigError(f"rope_scaling of type {kind!r} needs numbers for {', '.join(missing)}.")
+    _check_positive("rope_scaling factor", scaling["factor"])
+
+
 @dataclass
 class GPTConfig:
     """A decoder-only Transformer (GPT-2 and Llama families are both points in this space).
@@ -41,10 +58,16 @@ class GPTConfig:
     mlp_hidden:     MLP inner width; None means 4*C for gelu/relu2, and 8/3*C rounded up to 64 for swiglu
     pos:            "learned" absolute position embeddings (GPT-2) or "rope" rotary positions (Llama)
     rope_theta:     rotary base frequency
+    rope_scaling:   None, or frequency scaling of the rotary positions: {"rope_type": "linear", "factor": f}
+                    or Llama 3.1's {"rope_type": "llama3", "factor", "low_freq_factor", "high_freq_factor",
+                    "original_max_position_embeddings"} (see zenlm.models.layers.rope_frequencies)
     norm:           "layernorm" (GPT-2) or "rmsnorm" (Llama)
     norm_eps:       epsilon inside the norm
     mlp:            "gelu" (GPT-2), "swiglu" (Llama) or "relu2" (squared ReLU)
     bias:           biases in linear layers and LayerNorm
+    qkv_bias:       bias on the q/k/v projections; None means ``bias`` (Qwen2: True with bias=False)
+    attn_proj_bias: bias on the attention output projection; None means ``bias``
+    mlp_bias:       biases in the MLP; None means ``bias``
     tie_embeddings: the output head shares the token embedding matrix
     qk_norm:        normalise queries and keys per head (RMSNorm) before attention
     logit_softcap:  if set, logits = cap * tanh(logits / cap)
@@ -72,6 +95,10 @@ class GPTConfig:
     zero_init_proj: bool = False
     dropout: float = 0.0
     init_std: float = 0.02
+    qkv_bias: bool | None = None
+    attn_proj_bias: bool | None = None
+    mlp_bias: bool | None = None
+    rope_scaling: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
@@ -92,12 +119,17 @@ class GPTConfig:
             raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}.")
         if self.logit_softcap is not None:
             _check_positive("logit_softcap", self.logit_softcap)
+        if self.rope_scaling is not None:
+            _check_rope_scaling(self.rope_scaling)
         if self.mlp_hidden is None:
             if self.mlp == "swiglu":
                 self.mlp_hidden = -(-int(8 * self.n_embd / 3) // 64) * 64
             else:
                 self.mlp_hidden = 4 * self.n_embd
         _check_positive("mlp_hidden", self.mlp_hidden)
+        for name in ("qkv_bias", "attn_proj_bias", "mlp_bias"):
+            if getattr(self, name) is None:
+                setattr(self, name, self.bias)
 
     @property
     def head_dim(self) -> int:
@@ -110,9 +142,9 @@ class GPTConfig:
         """Parameter count computed from the shapes (matches ``sum(p.numel())`` of the built model)."""
         C, L, V, F = self.n_embd, self.n_layer, self.vocab_size, self.mlp_hidden
         kv = self.n_kv_head * self.head_dim
-        b = 1 if self.bias else 0
+        b_qkv, b_proj, b = int(bool(self.qkv_bias)), int(bool(self.attn_proj_bias)), int(bool(self.mlp_bias))
         norm_p = C * (2 if (self.norm == "layernorm" and self.bias) else 1)
-        attn = C * (C + 2 * kv) + b * (C + 2 * kv) + C * C + b * C
+        attn = C * (C + 2 * kv) + b_qkv * (C + 2 * kv) + C * C + b_proj * C
         if self.qk_norm:
             attn += 2 * self.head_dim
         n_in = 2 if self.mlp == "swiglu" else 1
@@ -130,6 +162,10 @@ def config_from_dict(d: dict[str, Any]) -> GPTConfig:
     """Rebuild a model config from :meth:`to_dict` output (the ``model:`` section of config.yaml)."""
     d = dict(d)
     arch = d.pop("arch", "gpt")
+    if arch == "encdec":  # encoder-decoder; imported here because the model modules import this one
+        from zenlm.models.encdec import EncDecConfig
+
+        return EncDecConfig.from_dict(d)  # type: ignore[return-value]
     if arch != "gpt":
         raise ConfigError(f"unknown model architecture {arch!r} in config; this version knows 'gpt'.")
     fields = {f.name for f in dataclasses.fields(GPTConfig)}

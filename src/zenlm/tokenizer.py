@@ -98,11 +98,13 @@ class Tokenizer:
     Attributes: ``kind`` ("bpe" | "wordpiece" | "char"), ``vocab_size`` (special tokens included),
     ``bos_id`` / ``eos_id`` / ``pad_id`` / ``unk_id`` / ``mask_id`` (None when absent), ``special_tokens``,
     ``chat_template`` and ``model_max_length`` (written to tokenizer_config.json).
+    ``role_tokens`` maps a role to the token string that plays it (default :data:`ROLES`; a tokenizer
+    imported from elsewhere names its own, e.g. ``{"eos": "</s>"}``).
     """
 
     def __init__(
         self, hf: tokenizers.Tokenizer, kind: str, *, chat_template: str = CHAT_TEMPLATE,
-        model_max_length: int | None = None,
+        model_max_length: int | None = None, role_tokens: dict[str, str] | None = None,
     ) -> None:
         if kind not in KINDS:
             raise ConfigError(f"unknown tokenizer kind {kind!r}; choose one of {', '.join(KINDS)}.")
@@ -113,8 +115,10 @@ class Tokenizer:
         added = hf.get_added_tokens_decoder()
         self.special_tokens: list[str] = [t.content for _, t in sorted(added.items()) if t.special]
         self.special_ids: frozenset[int] = frozenset(i for i, t in added.items() if t.special)
-        for role, token in ROLES.items():
-            setattr(self, f"{role}_id", hf.token_to_id(token) if token in self.special_tokens else None)
+        self.role_tokens = {**ROLES, **(role_tokens or {})}
+        for role, token in self.role_tokens.items():
+            known = token in self.special_tokens or role in (role_tokens or {})
+            setattr(self, f"{role}_id", hf.token_to_id(token) if known else None)
         # longest first, so that a special token that is a prefix of another never wins
         ordered = sorted(self.special_tokens, key=len, reverse=True)
         self._special_re = re.compile("|".join(map(re.escape, ordered))) if ordered else None
@@ -122,6 +126,11 @@ class Tokenizer:
         self._char_vocab: dict[str, int] | None = None
         if kind == "char" and hf.normalizer is None and _is_char_split(hf):
             self._char_vocab = dict(hf.get_vocab(with_added_tokens=False))
+        # Long texts are encoded in pieces only when that cannot change the ids: there is a pre-tokenizer
+        # (which splits at the cut points) and no normalizer that prepends to every input (SentencePiece-
+        # style tokenizers imported from elsewhere prepend "▁", which would appear at every cut).
+        norm = hf.normalizer.__getstate__() if hf.normalizer is not None else b""
+        self._chunkable = hf.pre_tokenizer is not None and b'"Prepend"' not in norm
 
     bos_id: int | None
     eos_id: int | None
@@ -201,7 +210,7 @@ class Tokenizer:
                 if special:
                     plan.append(self._encode_plain(seg))
                     continue
-                for piece in split_text(seg, CHUNK_CHARS):
+                for piece in split_text(seg, CHUNK_CHARS) if self._chunkable else [seg]:
                     plan.append(len(jobs))
                     jobs.append(piece)
             plans.append(plan)
@@ -227,8 +236,8 @@ class Tokenizer:
     def config_dict(self) -> dict[str, Any]:
         """The contents of tokenizer_config.json."""
         cfg: dict[str, Any] = {"tokenizer_class": "PreTrainedTokenizerFast"}
-        for role, token in ROLES.items():
-            if token in self.special_tokens:
+        for role, token in self.role_tokens.items():
+            if getattr(self, f"{role}_id") is not None:
                 cfg[f"{role}_token"] = token
         cfg["model_max_length"] = self.model_max_length or UNLIMITED_LENGTH
         cfg["clean_up_tokenization_spaces"] = False
@@ -268,8 +277,34 @@ class Tokenizer:
             raise DataError(f"{file}: cannot tell the tokenizer kind (model type {model_type!r}); "
                             f"set zenlm_kind in tokenizer_config.json to one of {', '.join(KINDS)}.")
         mml = cfg.get("model_max_length")
-        return cls(hf, kind, chat_template=cfg.get("chat_template") or CHAT_TEMPLATE,
-                   model_max_length=mml if isinstance(mml, int) and mml < UNLIMITED_LENGTH else None)
+        return cls(hf, kind, chat_template=_chat_template(cfg, file.with_name("chat_template.jinja")),
+                   model_max_length=mml if isinstance(mml, int) and mml < UNLIMITED_LENGTH else None,
+                   role_tokens=_role_tokens(cfg, hf))
+
+
+def _chat_template(cfg: dict[str, Any], jinja_file: Path) -> str:
+    """The chat template of a tokenizer_config.json (a string, or a list of named templates), else the
+    ``chat_template.jinja`` file beside it (newer Hugging Face layout), else zenlm's default."""
+    tpl = cfg.get("chat_template")
+    if isinstance(tpl, list):  # [{"name": ..., "template": ...}, ...]: take "default", else the first
+        named = {t.get("name"): t.get("template") for t in tpl if isinstance(t, dict)}
+        tpl = named.get("default") or next(iter(named.values()), None)
+    if not tpl and jinja_file.is_file():
+        tpl = jinja_file.read_text(encoding="utf-8")
+    return tpl if isinstance(tpl, str) and tpl else CHAT_TEMPLATE
+
+
+def _role_tokens(cfg: dict[str, Any], hf: tokenizers.Tokenizer) -> dict[str, str]:
+    """Role -> token string from tokenizer_config.json (``eos_token`` etc., a string or an AddedToken-like
+    dict), for the tokens that exist in the vocabulary."""
+    roles: dict[str, str] = {}
+    for role in ROLES:
+        token = cfg.get(f"{role}_token")
+        if isinstance(token, dict):
+            token = token.get("content")
+        if isinstance(token, str) and hf.token_to_id(token) is not None:
+            roles[role] = token
+    return roles
 
 
 def _atomic_write(path: Path, text: str) -> None:

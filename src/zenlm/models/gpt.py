@@ -121,7 +121,8 @@ class GPT(nn.Module):
         self.tok_emb = nn.Embedding(config.vocab_size, C)
         self.pos_emb = nn.Embedding(config.block_size, C) if config.pos == "learned" else None
         self.rotary = (
-            Rotary(config.head_dim, config.block_size, config.rope_theta) if config.pos == "rope" else None
+            Rotary(config.head_dim, config.block_size, config.rope_theta, config.rope_scaling)
+            if config.pos == "rope" else None
         )
         self.drop = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
         self.blocks = nn.ModuleList([Block.from_config(config) for _ in range(config.n_layer)])
