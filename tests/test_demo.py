@@ -29,3 +29,18 @@ def test_demo_runs_end_to_end(tmp_path: Path) -> None:
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "not a zenlm demo folder" in r.stderr
     assert (foreign / "keep.txt").read_text() == "precious"
+
+
+@pytest.mark.slow
+def test_chinese_demo_trains_and_writes_chinese(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`zenlm demo --lang zh`: People's Daily -> BPE -> shards -> GPT -> a Chinese sample (smaller vocab here)."""
+    import zenlm
+    from zenlm.recipes import demo as demo_mod
+
+    monkeypatch.setitem(demo_mod.DEMOS, "zh", dict(demo_mod.DEMOS["zh"], vocab_size=1024))
+    res = demo_mod.demo(lang="zh", max_seconds=30, out=tmp_path / "zh", device="cpu")
+    assert res.train.step > 0 and res.train.val["val_loss"] < 6.0, res.train.val  # uniform: ln(1024) = 6.93
+    assert res.train.val["val_bpb"] > 0
+    lm = zenlm.load(res.run_dir, device="cpu")
+    text = lm.generate(res.prompt, max_new_tokens=30, temperature=0.0)
+    assert sum("\u4e00" <= ch <= "\u9fff" for ch in text) >= 5
