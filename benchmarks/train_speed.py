@@ -33,6 +33,9 @@ from zenlm.train.loop import TrainConfig
 from zenlm.train.optim import OptimConfig
 
 EVAL_SEQ = 64
+# The bf16 matrix-product rate quoted for this machine class (780-930 GFLOP/s); torch's own 1024-4096 bf16
+# products measure lower on it, so the table shows the share of both.
+NOMINAL_BF16 = 850.0
 
 
 def matmul_gflops(dtype: torch.dtype, n: int = 1024, reps: int = 30) -> float:
@@ -165,13 +168,13 @@ def main() -> None:
                 f"{five['val_loss']:.4f} after {five['steps']} steps ({five['tokens_per_s']:,.0f} tokens/s)")
     if "throughput" in parts:
         say("\n| compute-bound shape (6 layers, 384 wide, context 256, batch 16) | tokens/s | GFLOP/s | "
-            "share of bf16 ceiling |")
-        say("|---|---:|---:|---:|")
+            "share of bf16 matmul measured now | share of 850 GFLOP/s |")
+        say("|---|---:|---:|---:|---:|")
         for prec, comp in (("fp32", False), ("bf16", False), ("bf16", True)):
             r = throughput(prec, comp)
             results[f"throughput-{prec}-{comp}"] = r
             say(f"| {prec}{' + compile' if comp else ''} | {r['tokens_per_s']:,.0f} | {r['gflops']:.0f} | "
-                f"{r['gflops'] / bf16:.0%} |")
+                f"{r['gflops'] / bf16:.0%} | {r['gflops'] / NOMINAL_BF16:.0%} |")
     if args.json:
         with args.json.open("a") as f:
             f.write(json.dumps({"date": time.strftime("%Y-%m-%d %H:%M"), "results": results}, default=str) + "\n")
