@@ -1,0 +1,475 @@
+"""The HTTP server: OpenAI-compatible routes over the batching engine, plus a chat page at ``/``.
+
+    GET  /health                 public liveness probe
+    GET  /metrics                Prometheus text (requests, tokens, queue depth, latency histograms)
+    GET  /                       the chat page (static/index.html, no build step, works offline)
+    GET  /v1/models[/{id}]       the one model this server holds
+    POST /v1/completions         text in, text out (prompt, echo, logprobs 0..5)
+    POST /v1/chat/completions    messages in, rendered with the tokenizer's Jinja chat template
+    POST /v1/embeddings          mean of the last hidden states (after the final norm) over the input tokens
+
+Streaming answers are server-sent events in OpenAI's chunk format ending with ``data: [DONE]``. A client
+that disconnects cancels its sequences (the engine frees their slots at the next step). With an API key,
+every ``/v1`` route needs ``Authorization: Bearer KEY`` (compared in constant time).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hmac
+import html
+import json
+import logging
+import socket
+import struct
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator
+from importlib import resources
+from typing import Any
+
+import jinja2.sandbox
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.datastructures import Headers
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from zenlm.errors import ConfigError
+from zenlm.models.gpt import GPT
+from zenlm.serve.engine import Engine, ErrorEvent, FinishEvent, Overloaded, Sequence, TokenEvent
+from zenlm.serve.metrics import Metrics
+from zenlm.serve.schema import (
+    APIError,
+    GenerationRequest,
+    parse_chat,
+    parse_completion,
+    parse_embeddings,
+    parse_json,
+)
+from zenlm.tokenizer import Tokenizer
+
+log = logging.getLogger("zenlm.serve")
+
+
+def render_chat(tokenizer: Tokenizer, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+    """The prompt text for ``messages`` from the tokenizer's Jinja chat template (sandboxed)."""
+    env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+
+    def raise_exception(message: str) -> None:
+        raise APIError(400, f"the chat template refused the messages: {message}", param="messages")
+
+    env.globals["raise_exception"] = raise_exception
+    tpl = env.from_string(tokenizer.chat_template)
+    tokens = {f"{role}_token": tok for role, tok in tokenizer.role_tokens.items()
+              if getattr(tokenizer, f"{role}_id", None) is not None}
+    try:
+        return tpl.render(messages=messages, add_generation_prompt=add_generation_prompt, **tokens)
+    except jinja2.TemplateError as e:
+        raise APIError(400, f"the chat template failed on these messages ({e}).", param="messages") from None
+
+
+def _bearer_ok(header: str | None, key: str) -> bool:
+    given = header[7:] if header and header[:7].lower() == "bearer " else ""
+    return hmac.compare_digest(given.encode(), key.encode())
+
+
+def _sse(obj: Any) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+class _Job:
+    """The sequences of one request (``n`` choices) and the asyncio queue their events arrive on."""
+
+    def __init__(self, engine: Engine, prompt_ids: list[int], req: GenerationRequest) -> None:
+        loop = asyncio.get_running_loop()
+        self.queue: asyncio.Queue[tuple[int, Any]] = asyncio.Queue()
+        self.seqs = []
+        for i in range(req.n):
+            params = req.params
+            if req.n > 1 and params.seed is not None:  # distinct but reproducible choices
+                params = type(params)(**{**params.__dict__, "seed": params.seed + i})
+
+            def emit(ev: Any, i: int = i) -> None:
+                loop.call_soon_threadsafe(self.queue.put_nowait, (i, ev))
+
+            # chat replies never show special tokens (they could not be sent back in the next turn)
+            self.seqs.append(Sequence(prompt_ids, params, emit, skip_special=bool(req.messages)))
+        try:
+            engine.submit(self.seqs)
+        except Overloaded as e:
+            engine.metrics.inc("zenlm_rejected_requests_total")
+            raise APIError(429, str(e), code="rate_limit_exceeded") from None
+        except ConfigError as e:
+            code = "context_length_exceeded" if "context" in str(e) else "invalid_value"
+            raise APIError(400, str(e), param="prompt" if req.messages == [] else "messages", code=code) from None
+        self.open = req.n
+
+    async def events(self, request: Request | None = None) -> AsyncIterator[tuple[int, Any]]:
+        """Events of all choices until each has finished. With ``request`` (a non-streamed answer), a
+        client that disconnects while waiting cancels the work (streams are cancelled by the server)."""
+        checked = time.monotonic()
+        while self.open:
+            if request is not None and time.monotonic() - checked > 0.25:
+                checked = time.monotonic()
+                if await request.is_disconnected():
+                    self.cancel()
+                    return
+            if request is None:
+                i, ev = await self.queue.get()
+            else:
+                try:
+                    i, ev = await asyncio.wait_for(self.queue.get(), timeout=0.25)
+                except asyncio.TimeoutError:
+                    continue
+            if isinstance(ev, (FinishEvent, ErrorEvent)):
+                self.open -= 1
+            yield i, ev
+
+    def cancel(self) -> None:
+        for s in self.seqs:
+            s.cancel()
+
+
+class _Choice:
+    """Accumulates one choice's text, tokens and log-probs."""
+
+    def __init__(self) -> None:
+        self.text: list[str] = []
+        self.tokens: list[TokenEvent] = []
+        self.finish: FinishEvent | None = None
+
+
+def create_app(
+    model: GPT, tokenizer: Tokenizer, *, model_id: str = "zenlm", api_key: str | None = None,
+    max_concurrency: int = 8, max_queue: int | None = None,
+) -> FastAPI:
+    """The FastAPI application serving ``model`` under the name ``model_id``."""
+    metrics = Metrics()
+    engine = Engine(model, tokenizer, max_concurrency=max_concurrency, max_queue=max_queue, metrics=metrics)
+    created = int(time.time())
+    app = FastAPI(title="zenlm", docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.engine = engine
+    app.state.metrics = metrics
+    app.router.on_shutdown.append(engine.close)
+
+    # ------------------------------------------------------------------------------ errors and logging
+    def error_response(err: APIError) -> JSONResponse:
+        return JSONResponse(err.body(), status_code=err.status)
+
+    @app.exception_handler(APIError)
+    async def _api_error(_request: Request, err: APIError) -> JSONResponse:
+        return error_response(err)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_request: Request, err: StarletteHTTPException) -> JSONResponse:
+        msg = "no such route; see GET /v1/models" if err.status_code == 404 else str(err.detail)
+        return error_response(APIError(err.status_code, msg))
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(_request: Request, err: RequestValidationError) -> JSONResponse:
+        return error_response(APIError(400, f"invalid request: {err.errors()}"))
+
+    app.add_middleware(_AuthAndLog, api_key=api_key, metrics=metrics)
+
+    # ----------------------------------------------------------------------------------- plain routes
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        return {"status": "ok", "model": model_id, "running": engine.running, "waiting": len(engine.waiting)}
+
+    @app.get("/metrics")
+    async def metrics_route() -> PlainTextResponse:
+        return PlainTextResponse(metrics.render(), media_type="text/plain; version=0.0.4")
+
+    @app.get("/")
+    async def index() -> HTMLResponse:
+        page = resources.files("zenlm.serve").joinpath("static/index.html").read_text(encoding="utf-8")
+        return HTMLResponse(page.replace("{{MODEL_ID}}", html.escape(model_id)))
+
+    def model_card() -> dict[str, Any]:
+        return {"id": model_id, "object": "model", "created": created, "owned_by": "zenlm",
+                "context_length": engine.max_len}
+
+    @app.get("/v1/models")
+    async def list_models() -> dict[str, Any]:
+        return {"object": "list", "data": [model_card()]}
+
+    @app.get("/v1/models/{name:path}")
+    async def get_model(name: str) -> dict[str, Any]:
+        check_model(name)
+        return model_card()
+
+    def check_model(name: str) -> None:
+        if name != model_id:
+            raise APIError(404, f"the model '{name}' does not exist; this server serves '{model_id}'.",
+                           param="model", code="model_not_found")
+
+    # ------------------------------------------------------------------------------------- generation
+    def token_str(token_id: int) -> str:
+        return tokenizer.decode([token_id])
+
+    def completion_logprobs(tokens: list[TokenEvent], offset0: int) -> dict[str, Any]:
+        out: dict[str, list] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+        offset = offset0
+        for t in tokens:
+            s = token_str(t.token_id)
+            out["tokens"].append(s)
+            out["token_logprobs"].append(t.logprob)
+            out["top_logprobs"].append({token_str(i): lp for i, lp in (t.top_logprobs or [])})
+            out["text_offset"].append(offset)
+            offset += len(s)
+        return out
+
+    def chat_logprobs(tokens: list[TokenEvent]) -> dict[str, Any]:
+        def entry(i: int, lp: float) -> dict[str, Any]:
+            s = token_str(i)
+            return {"token": s, "logprob": lp, "bytes": list(s.encode("utf-8"))}
+
+        return {"content": [{**entry(t.token_id, t.logprob or 0.0),
+                             "top_logprobs": [entry(i, lp) for i, lp in (t.top_logprobs or [])]}
+                            for t in tokens]}
+
+    def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+        return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                "total_tokens": prompt_tokens + completion_tokens}
+
+    async def read_body(request: Request) -> dict[str, Any]:
+        return parse_json(await request.body())
+
+    async def run_job(request: Request, req: GenerationRequest, prompt_ids: list[int], chat: bool,
+                      echo_text: str) -> Response:
+        job = _Job(engine, prompt_ids, req)
+        rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
+        now = int(time.time())
+        kind = "chat.completion" if chat else "text_completion"
+        want_lp = req.params.logprobs is not None
+
+        if not req.stream:
+            choices = [_Choice() for _ in range(req.n)]
+            try:
+                async for i, ev in job.events(request):
+                    if isinstance(ev, ErrorEvent):
+                        raise APIError(500, ev.message, code="generation_failed")
+                    if isinstance(ev, TokenEvent):
+                        choices[i].text.append(ev.text)
+                        choices[i].tokens.append(ev)
+                    else:
+                        choices[i].text.append(ev.text)
+                        choices[i].finish = ev
+            finally:
+                job.cancel()  # no-op for finished sequences; frees the work if this handler was cancelled
+            if any(c.finish is None for c in choices):  # the client went away; nobody reads this
+                return Response(status_code=499)
+            out = []
+            for i, c in enumerate(choices):
+                assert c.finish is not None
+                text = "".join(c.text)
+                lp = None
+                if want_lp:
+                    lp = chat_logprobs(c.tokens) if chat else completion_logprobs(c.tokens, len(echo_text))
+                if chat:
+                    out.append({"index": i, "message": {"role": "assistant", "content": text},
+                                "logprobs": lp, "finish_reason": c.finish.finish_reason})
+                else:
+                    out.append({"index": i, "text": echo_text + text, "logprobs": lp,
+                                "finish_reason": c.finish.finish_reason})
+            n_out = sum(c.finish.completion_tokens for c in choices if c.finish)
+            return JSONResponse({"id": rid, "object": kind, "created": now, "model": model_id,
+                                 "choices": out, "usage": usage(len(prompt_ids), n_out),
+                                 "system_fingerprint": None})
+
+        chunk_kind = "chat.completion.chunk" if chat else "text_completion"
+
+        def chunk(i: int, text: str | None, finish: str | None, lp: Any = None,
+                  first: bool = False) -> dict[str, Any]:
+            if chat:
+                delta: dict[str, Any] = {}
+                if first:
+                    delta["role"] = "assistant"
+                if text is not None:
+                    delta["content"] = text
+                choice = {"index": i, "delta": delta, "logprobs": lp, "finish_reason": finish}
+            else:
+                choice = {"index": i, "text": text or "", "logprobs": lp, "finish_reason": finish}
+            body: dict[str, Any] = {"id": rid, "object": chunk_kind, "created": now, "model": model_id,
+                                    "choices": [choice]}
+            if req.include_usage:
+                body["usage"] = None
+            return body
+
+        async def stream() -> AsyncIterator[str]:
+            n_out = 0
+            try:
+                for i in range(req.n):
+                    if chat:
+                        yield _sse(chunk(i, "", None, first=True))
+                    elif echo_text:
+                        yield _sse(chunk(i, echo_text, None))
+                async for i, ev in job.events():
+                    if isinstance(ev, ErrorEvent):
+                        yield _sse(APIError(500, ev.message, code="generation_failed").body())
+                        break
+                    if isinstance(ev, TokenEvent):
+                        lp = None
+                        if want_lp:
+                            lp = chat_logprobs([ev]) if chat else completion_logprobs([ev], 0)
+                        if ev.text or lp is not None:
+                            yield _sse(chunk(i, ev.text, None, lp))
+                    else:
+                        n_out += ev.completion_tokens
+                        if ev.text:
+                            yield _sse(chunk(i, ev.text, None))
+                        yield _sse(chunk(i, None if chat else "", ev.finish_reason))
+                else:
+                    if req.include_usage:
+                        yield _sse({"id": rid, "object": chunk_kind, "created": now, "model": model_id,
+                                    "choices": [], "usage": usage(len(prompt_ids), n_out)})
+                yield "data: [DONE]\n\n"
+            finally:
+                job.cancel()
+
+        return StreamingResponse(stream(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    def encode_prompt(text: str) -> list[int]:
+        ids = tokenizer.encode(text)
+        if not ids:  # an empty prompt starts from end-of-text, as documents do in pretraining
+            start = tokenizer.eos_id if tokenizer.eos_id is not None else tokenizer.bos_id
+            ids = [start] if start is not None else []
+        return ids
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        req = parse_completion(await read_body(request))
+        check_model(req.model)
+        if isinstance(req.prompt, list):
+            prompt_ids, prompt_text = req.prompt, tokenizer.decode(req.prompt)
+        else:
+            prompt_ids, prompt_text = encode_prompt(req.prompt), req.prompt
+        return await run_job(request, req, prompt_ids, chat=False, echo_text=prompt_text if req.echo else "")
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        req = parse_chat(await read_body(request))
+        check_model(req.model)
+        for i, m in enumerate(req.messages):  # the template's special tokens come from the template only
+            bad = next((t for t in tokenizer.special_tokens if t in m["content"]), None)
+            if bad is not None:
+                raise APIError(400, f"messages[{i}] contains the special token {bad!r}; remove it.",
+                               param="messages", code="invalid_value")
+        prompt = render_chat(tokenizer, req.messages)
+        return await run_job(request, req, tokenizer.encode(prompt, allow_special=True), chat=True, echo_text="")
+
+    @app.post("/v1/embeddings")
+    async def embeddings(request: Request) -> Response:
+        req = parse_embeddings(await read_body(request))
+        check_model(req.model)
+        batch = [tokenizer.encode(x) if isinstance(x, str) else x for x in req.inputs]
+        V = model.config.vocab_size
+        for x in batch:
+            if not x or min(x) < 0 or max(x) >= V:
+                raise APIError(400, f"token ids must be in 0..{V - 1}.", param="input", code="invalid_value")
+            if len(x) > engine.max_len:
+                raise APIError(400, f"an input has {len(x)} tokens; the model's context is {engine.max_len}.",
+                               param="input", code="context_length_exceeded")
+        vectors = await run_in_threadpool(engine.embed, batch)
+        data = []
+        for i, vec in enumerate(vectors):
+            emb: Any = vec
+            if req.encoding_format == "base64":
+                emb = base64.b64encode(struct.pack(f"<{len(vec)}f", *vec)).decode("ascii")
+            data.append({"object": "embedding", "index": i, "embedding": emb})
+        n = sum(len(x) for x in batch)
+        return JSONResponse({"object": "list", "data": data, "model": model_id,
+                             "usage": {"prompt_tokens": n, "total_tokens": n}})
+
+    return app
+
+
+class _AuthAndLog:
+    """ASGI middleware: the API key check on ``/v1`` routes, one log line and the metrics of every request.
+
+    (A plain ASGI middleware rather than ``@app.middleware("http")``, which would hide client disconnects
+    from the handlers.)
+    """
+
+    def __init__(self, app: Any, api_key: str | None, metrics: Metrics) -> None:
+        self.app, self.api_key, self.metrics = app, api_key, metrics
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        t0 = time.perf_counter()
+        path, method = scope["path"], scope["method"]
+        status = {"code": 500, "started": False}
+
+        async def send_and_watch(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                status["code"], status["started"] = message["status"], True
+            await send(message)
+
+        if self.api_key is not None and path.startswith("/v1") and not _bearer_ok(
+            Headers(scope=scope).get("authorization"), self.api_key
+        ):
+            err = APIError(401, "invalid or missing API key; send 'Authorization: Bearer KEY'.",
+                           code="invalid_api_key")
+            await JSONResponse(err.body(), status_code=401)(scope, receive, send_and_watch)
+        else:
+            try:
+                await self.app(scope, receive, send_and_watch)
+            except Exception:  # a bug: answer 500 in the OpenAI shape, log the traceback
+                log.exception("error handling %s %s", method, path)
+                if not status["started"]:
+                    err = APIError(500, "internal server error", code="internal_error")
+                    await JSONResponse(err.body(), status_code=500)(scope, receive, send_and_watch)
+        dt = time.perf_counter() - t0
+        route = path if path in _ROUTES else "other"
+        self.metrics.inc("zenlm_requests_total", labels={"route": route, "code": str(status["code"])})
+        self.metrics.observe("zenlm_request_seconds", dt, labels={"route": route})
+        log.info("%s %s %d %.1f ms", method, path, status["code"], dt * 1000)
+
+
+_ROUTES = {"/", "/health", "/metrics", "/v1/models", "/v1/completions", "/v1/chat/completions", "/v1/embeddings"}
+
+
+class ServerThread:
+    """Run ``app`` with uvicorn on a background thread (tests, benchmarks, notebooks).
+
+    ``with ServerThread(app) as srv: srv.url`` — binds ``host`` on a free port (or ``port``), waits until
+    the server accepts connections, and shuts it down on exit.
+    """
+
+    def __init__(self, app: FastAPI, host: str = "127.0.0.1", port: int = 0) -> None:
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind((host, port))
+        self.host, self.port = host, self.sock.getsockname()[1]
+        config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on")
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def __enter__(self) -> ServerThread:
+        self.thread.start()
+        t0 = time.monotonic()
+        while not self.server.started:
+            if time.monotonic() - t0 > 30 or not self.thread.is_alive():
+                raise RuntimeError("the server did not start")
+            time.sleep(0.01)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+        self.sock.close()
+
+
+__all__ = ["create_app", "render_chat", "ServerThread"]

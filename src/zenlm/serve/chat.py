@@ -1,0 +1,61 @@
+"""Terminal chat (``zenlm chat RUN``): multi-turn history rendered with the tokenizer's chat template,
+replies streamed piece by piece, ``/reset`` forgets the history, ``/quit`` (or end of input) leaves.
+
+The loop takes ``read`` and ``write`` callables so the CLI decides what the terminal shows (and tests can
+drive it without one).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from zenlm.generate import GenerationConfig, generate_ids
+from zenlm.models.gpt import GPT
+from zenlm.serve.app import render_chat
+from zenlm.tokenizer import Tokenizer
+
+HELP = "Type a message. /reset starts a new conversation, /quit leaves."
+
+
+def reply_stream(model: GPT, tokenizer: Tokenizer, messages: list[dict[str, str]], cfg: GenerationConfig):
+    """Yield the assistant's reply to ``messages`` as text pieces (ends at the end-of-text token)."""
+    ids = tokenizer.encode(render_chat(tokenizer, messages), allow_special=True)
+    block = model.config.block_size
+    ids = ids[-(block - 1):]  # keep the most recent turns when the history outgrows the context
+    decoder = tokenizer.stream_decoder(skip_special=True)
+    for token in generate_ids(model, ids, cfg, eos_id=tokenizer.eos_id):
+        piece = decoder.push(token)
+        if piece:
+            yield piece
+    tail = decoder.flush()
+    if tail:
+        yield tail
+
+
+def chat_loop(
+    model: GPT, tokenizer: Tokenizer, read: Callable[[], str | None], write: Callable[[str], None],
+    cfg: GenerationConfig, system: str | None = None,
+) -> list[dict[str, str]]:
+    """Run the conversation until ``/quit`` or ``read()`` returns None; returns the final history."""
+    base = [{"role": "system", "content": system}] if system else []
+    history = list(base)
+    write(HELP + "\n")
+    while True:
+        line = read()
+        if line is None or line.strip() == "/quit":
+            return history
+        line = line.strip()
+        if not line:
+            continue
+        if line == "/reset":
+            history = list(base)
+            write("(history cleared)\n")
+            continue
+        history.append({"role": "user", "content": line})
+        reply = []
+        write("assistant: ")
+        for piece in reply_stream(model, tokenizer, history, cfg):
+            reply.append(piece)
+            write(piece)
+        write("\n")
+        history.append({"role": "assistant", "content": "".join(reply)})

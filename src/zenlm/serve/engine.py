@@ -1,0 +1,433 @@
+"""The batching engine: many requests decoded together by one GPT, one token per sequence per step.
+
+Continuous batching, in the simplest form that is still correct:
+
+    slots:   a pool of ``max_concurrency`` KV-cache rows, k/v [n_layer, slots, n_kv_head, max_len, head_dim]
+    admit:   a waiting request takes the lowest free slot; its prompt is run through ``GPT.forward`` with a
+             cache that is a view of that slot (prefill), and its first token is sampled
+    step:    every running sequence feeds its newest token at its own position in one batched forward
+             pass (:func:`decode_step`): each row writes its key/value at its own position and attends
+             only to its own positions ``0 .. pos_b`` (a per-row mask), so sequences of different lengths
+             share one matrix multiply per layer
+    retire:  a finished or cancelled sequence frees its slot at once; a waiting request takes it on the
+             next loop
+
+The engine runs on its own thread. Callers submit :class:`Sequence` objects and receive events through
+the sequence's ``emit`` callback (called on the engine thread): :class:`TokenEvent` per sampled token, then
+exactly one :class:`FinishEvent` or :class:`ErrorEvent`. Setting ``seq.cancel()`` (a client went away)
+frees the work at the next step.
+
+Sampling per sequence follows OpenAI's order: penalties on the raw logits
+(``logits -= frequency_penalty * count + presence_penalty * (count > 0)`` over generated tokens), log-probs
+from that distribution, then greedy (temperature 0) or temperature, top-k, top-p and a draw from the
+sequence's own seeded generator.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from zenlm.errors import ConfigError
+from zenlm.generate import _split_at_stop, top_k_filter, top_p_filter
+from zenlm.models.gpt import GPT, KVCache
+from zenlm.models.layers import apply_rotary
+from zenlm.serve.metrics import Metrics
+from zenlm.tokenizer import Tokenizer
+
+log = logging.getLogger("zenlm.serve.engine")
+
+
+class Overloaded(Exception):
+    """Every slot is busy and the waiting queue is full (HTTP 429)."""
+
+
+@dataclass
+class SamplingParams:
+    """How one sequence picks its tokens and when it ends (validated by zenlm.serve.schema)."""
+
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int | None = None
+    stop: list[str] = field(default_factory=list)
+    seed: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logprobs: int | None = None  # None: none; k >= 0: the chosen token's log-prob and the k best
+
+
+@dataclass
+class TokenEvent:
+    """One sampled token: the text it completed (may be "" while held back) and optional log-probs."""
+
+    token_id: int
+    text: str
+    logprob: float | None = None
+    top_logprobs: list[tuple[int, float]] | None = None
+
+
+@dataclass
+class FinishEvent:
+    finish_reason: str  # "stop" | "length"
+    text: str  # text released at the end (held-back text that turned out not to start a stop string)
+    prompt_tokens: int
+    completion_tokens: int
+
+
+@dataclass
+class ErrorEvent:
+    message: str
+
+
+Event = TokenEvent | FinishEvent | ErrorEvent
+
+
+class Sequence:
+    """One generation request (one choice): prompt ids, sampling parameters and where events go."""
+
+    def __init__(
+        self, prompt_ids: list[int], params: SamplingParams, emit: Callable[[Event], None], *,
+        skip_special: bool = False,
+    ) -> None:
+        self.prompt_ids = list(prompt_ids)
+        self.skip_special = skip_special  # leave special tokens (e.g. <|bos|>) out of the text
+        self.params = params
+        self.emit = emit
+        self.cancelled = threading.Event()
+        self.submitted = time.perf_counter()
+        # engine state
+        self.slot = -1
+        self.pos = 0  # positions filled in this sequence's cache row
+        self.n_generated = 0
+        self.last_token = 0
+        self.next_logits: Tensor | None = None
+        self.counts: Tensor | None = None
+        self.generator: torch.Generator | None = None
+        self.decoder = None
+        self.pending = ""
+        self.last_token_time = 0.0
+
+    def cancel(self) -> None:
+        """Stop generating (e.g. the client disconnected); the slot is freed at the next step."""
+        self.cancelled.set()
+
+
+def _slot_cache(k_pool: Tensor, v_pool: Tensor, slot: int) -> KVCache:
+    """A batch-1 KVCache whose buffers are views of one slot of the pool (GPT.forward writes into it)."""
+    cache = KVCache.__new__(KVCache)
+    cache.k, cache.v = k_pool[:, slot : slot + 1], v_pool[:, slot : slot + 1]
+    cache.pos = 0
+    return cache
+
+
+@torch.inference_mode()
+def decode_step(model: GPT, tokens_B: Tensor, pos_B: Tensor, k_pool: Tensor, v_pool: Tensor) -> Tensor:
+    """One new token for each of the first B slots, each at its own position -> logits [B, V] (float32).
+
+    tokens_B: [B] the newest token of each row; pos_B: [B] its absolute position (= tokens already cached);
+    k_pool, v_pool: [n_layer, >=B, n_kv_head, max_len, head_dim]. Row b writes its key/value at
+    ``pos_B[b]`` and attends over its own keys ``0 .. pos_B[b]`` only. This is ``GPT.forward`` with a cache,
+    written out for per-row positions (same modules, same formulas).
+    """
+    B = tokens_B.shape[0]
+    S = int(pos_B.max()) + 1  # keys any row can see
+    rows_B = torch.arange(B, device=tokens_B.device)
+    x_B1C = model.tok_emb(tokens_B[:, None])
+    if model.pos_emb is not None:
+        x_B1C = x_B1C + model.pos_emb(pos_B)[:, None]
+    rope = None
+    if model.rotary is not None:  # per-row angles, broadcast over heads: [B, 1, 1, D]
+        rope = (model.rotary.cos[pos_B][:, None, None], model.rotary.sin[pos_B][:, None, None])
+    mask_B11S = (torch.arange(S, device=tokens_B.device)[None, :] <= pos_B[:, None])[:, None, None]
+    for i, block in enumerate(model.blocks):
+        attn = block.attn
+        H, K, D = attn.n_head, attn.n_kv_head, attn.head_dim
+        qkv = attn.qkv(block.norm_attn(x_B1C)).view(B, 1, H + 2 * K, D)
+        q_B1HD, k_B1KD, v_B1KD = qkv.split([H, K, K], dim=2)
+        if attn.q_norm is not None and attn.k_norm is not None:
+            q_B1HD, k_B1KD = attn.q_norm(q_B1HD), attn.k_norm(k_B1KD)
+        q_BH1D, k_BK1D, v_BK1D = q_B1HD.transpose(1, 2), k_B1KD.transpose(1, 2), v_B1KD.transpose(1, 2)
+        if rope is not None:
+            q_BH1D, k_BK1D = apply_rotary(q_BH1D, *rope), apply_rotary(k_BK1D, *rope)
+        k_cache, v_cache = k_pool[i], v_pool[i]
+        k_cache[rows_B, :, pos_B] = k_BK1D[:, :, 0].to(k_cache.dtype)  # row b -> its own position
+        v_cache[rows_B, :, pos_B] = v_BK1D[:, :, 0].to(v_cache.dtype)
+        k_BKSD, v_BKSD = k_cache[:B, :, :S], v_cache[:B, :, :S]
+        q_BH1D = q_BH1D.to(v_BKSD.dtype)
+        extra = {"enable_gqa": True} if K != H else {}
+        y_BH1D = F.scaled_dot_product_attention(q_BH1D, k_BKSD, v_BKSD, attn_mask=mask_B11S, **extra)
+        x_B1C = x_B1C + attn.proj(y_BH1D.transpose(1, 2).reshape(B, 1, H * D))
+        x_B1C = x_B1C + block.mlp(block.norm_mlp(x_B1C))
+    x_B1C = model.norm_f(x_B1C)
+    head = model.tok_emb.weight if model.lm_head is None else model.lm_head.weight
+    logits_BV = F.linear(x_B1C[:, 0], head).float()
+    if model.config.logit_softcap is not None:
+        cap = model.config.logit_softcap
+        logits_BV = cap * torch.tanh(logits_BV / cap)
+    return logits_BV
+
+
+class Engine:
+    """Continuous-batching generation over one GPT on a background thread (see the module docstring).
+
+    max_concurrency: sequences decoded together (KV-cache slots); max_queue: sequences allowed to wait
+    for a slot (default: max_concurrency); beyond both, :meth:`submit` raises :class:`Overloaded`.
+    max_len: positions per slot (default: the model's block_size).
+    """
+
+    def __init__(
+        self, model: GPT, tokenizer: Tokenizer, *, max_concurrency: int = 8, max_queue: int | None = None,
+        max_len: int | None = None, metrics: Metrics | None = None,
+    ) -> None:
+        if max_concurrency < 1:
+            raise ConfigError(f"max_concurrency must be >= 1, got {max_concurrency}.")
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.max_concurrency = max_concurrency
+        self.max_queue = max_concurrency if max_queue is None else max_queue
+        if self.max_queue < 0:
+            raise ConfigError(f"max_queue must be >= 0, got {self.max_queue}.")
+        self.max_len = model.config.block_size if max_len is None else min(max_len, model.config.block_size)
+        self.metrics = metrics or Metrics()
+        cache = model.make_cache(max_concurrency, self.max_len)
+        self.k_pool, self.v_pool = cache.k, cache.v
+        self.device = self.k_pool.device
+        self.slots: list[Sequence | None] = [None] * max_concurrency
+        self.waiting: deque[Sequence] = deque()
+        self.lock = threading.Lock()  # guards waiting/slots bookkeeping
+        self.model_lock = threading.Lock()  # one user of the model at a time (decode loop, embeddings)
+        self.wake = threading.Condition(self.lock)
+        self.steps = 0  # batched decode steps taken (tests read it)
+        self.max_batch_seen = 0
+        self._stop = False
+        self._thread = threading.Thread(target=self._loop, name="zenlm-engine", daemon=True)
+        self._thread.start()
+
+    # ------------------------------------------------------------------------------------- public API
+    @property
+    def running(self) -> int:
+        return sum(s is not None for s in self.slots)
+
+    def submit(self, seqs: list[Sequence]) -> None:
+        """Queue sequences (all or none). Raises Overloaded when they do not fit, ConfigError when a
+        prompt leaves no room in the context."""
+        for s in seqs:
+            if not s.prompt_ids:
+                raise ConfigError("the prompt is empty; send at least one token.")
+            if len(s.prompt_ids) >= self.max_len:
+                raise ConfigError(
+                    f"the prompt has {len(s.prompt_ids)} tokens but the model's context is {self.max_len} "
+                    "tokens (prompt and completion together); shorten the prompt."
+                )
+            if max(s.prompt_ids) >= self.model.config.vocab_size or min(s.prompt_ids) < 0:
+                raise ConfigError(f"prompt token ids must be in 0..{self.model.config.vocab_size - 1}.")
+        with self.lock:
+            if len(self.waiting) + self.running + len(seqs) > self.max_concurrency + self.max_queue:
+                raise Overloaded("the server is busy: every slot and queue place is taken; retry shortly.")
+            self.waiting.extend(seqs)
+            self.metrics.set_gauge("zenlm_queue_depth", len(self.waiting))
+            self.wake.notify()
+
+    @torch.inference_mode()
+    def embed(self, batch: list[list[int]]) -> list[list[float]]:
+        """Mean of the final-norm hidden states over each input's tokens -> one vector of n_embd floats each."""
+        captured: list[Tensor] = []
+        hook = self.model.norm_f.register_forward_hook(lambda _m, _i, out: captured.append(out))
+        out: list[list[float]] = []
+        try:
+            with self.model_lock:
+                for ids in batch:
+                    captured.clear()
+                    self.model(torch.tensor([ids], device=self.device))
+                    out.append(captured[-1][0].float().mean(0).tolist())
+        finally:
+            hook.remove()
+        return out
+
+    def close(self) -> None:
+        """Stop the engine thread; running and waiting sequences get an ErrorEvent."""
+        with self.lock:
+            self._stop = True
+            self.wake.notify()
+        self._thread.join(timeout=10)
+
+    # -------------------------------------------------------------------------------------- the loop
+    def _loop(self) -> None:
+        while True:
+            with self.lock:
+                while not self._stop and not self.waiting and self.running == 0:
+                    self.wake.wait()
+                if self._stop:
+                    pending = list(self.waiting) + [s for s in self.slots if s is not None]
+                    self.waiting.clear()
+                    break
+                admit: list[Sequence] = []
+                for i in range(self.max_concurrency):
+                    if self.slots[i] is None and self.waiting:
+                        seq = self.waiting.popleft()
+                        seq.slot = i
+                        self.slots[i] = seq
+                        admit.append(seq)
+                self.metrics.set_gauge("zenlm_queue_depth", len(self.waiting))
+            try:
+                with self.model_lock:
+                    by_len: dict[int, list[Sequence]] = {}
+                    for seq in admit:
+                        if not seq.cancelled.is_set():
+                            by_len.setdefault(len(seq.prompt_ids), []).append(seq)
+                    for group in by_len.values():
+                        self._prefill(group)
+                    self._retire_cancelled()
+                    if self.running:
+                        self._decode()
+                    self._retire_cancelled()
+                self.metrics.set_gauge("zenlm_running_sequences", self.running)
+            except Exception as e:  # a bug or out-of-memory: fail the running sequences, keep serving
+                log.exception("engine step failed")
+                with self.lock:
+                    for i, seq in enumerate(self.slots):
+                        if seq is not None:
+                            seq.emit(ErrorEvent(f"generation failed: {type(e).__name__}: {e}"))
+                            self.slots[i] = None
+        for seq in pending:
+            seq.emit(ErrorEvent("the server is shutting down."))
+
+    def _retire_cancelled(self) -> None:
+        with self.lock:
+            for i, seq in enumerate(self.slots):
+                if seq is not None and seq.cancelled.is_set():
+                    self.slots[i] = None
+                    self.metrics.inc("zenlm_cancelled_sequences_total")
+
+    def _free(self, seq: Sequence) -> None:
+        with self.lock:
+            if 0 <= seq.slot < len(self.slots) and self.slots[seq.slot] is seq:
+                self.slots[seq.slot] = None
+
+    @torch.inference_mode()
+    def _prefill(self, group: list[Sequence]) -> None:
+        """Run the prompts of ``group`` (all of one length T) through the model in one batch, copy their
+        keys/values into their slots, and sample each one's first token."""
+        for seq in group:
+            p = seq.params
+            seq.generator = torch.Generator(device=self.device)
+            if p.seed is None:
+                seq.generator.seed()
+            else:
+                seq.generator.manual_seed(p.seed)
+            seq.counts = torch.zeros(self.model.config.vocab_size, device=self.device)
+            seq.decoder = self.tokenizer.stream_decoder(skip_special=seq.skip_special)
+            self.metrics.observe("zenlm_queue_seconds", time.perf_counter() - seq.submitted)
+            self.metrics.inc("zenlm_prompt_tokens_total", len(seq.prompt_ids))
+        todo = [s for s in group if s.params.max_tokens > 0]
+        for seq in group:
+            if seq.params.max_tokens == 0:
+                self._finish(seq, "length")
+        if not todo:
+            return
+        T = len(todo[0].prompt_ids)
+        if len(todo) == 1:  # write straight into the slot
+            cache = _slot_cache(self.k_pool, self.v_pool, todo[0].slot)
+        else:
+            cache = self.model.make_cache(len(todo), T, device=self.device, dtype=self.k_pool.dtype)
+        ids_BT = torch.tensor([s.prompt_ids for s in todo], device=self.device)
+        logits_BV = self.model(ids_BT, cache=cache, last_only=True)[:, -1]
+        for b, seq in enumerate(todo):
+            if len(todo) > 1:
+                self.k_pool[:, seq.slot, :, :T] = cache.k[:, b]
+                self.v_pool[:, seq.slot, :, :T] = cache.v[:, b]
+            seq.pos = T
+            self._advance(seq, logits_BV[b])
+
+    @torch.inference_mode()
+    def _decode(self) -> None:
+        hi = max(i for i, s in enumerate(self.slots) if s is not None) + 1  # rows 0..hi-1 (free rows idle)
+        active = [(i, s) for i, s in enumerate(self.slots[:hi]) if s is not None]
+        tokens = [0] * hi
+        positions = [0] * hi
+        for i, s in active:
+            tokens[i], positions[i] = s.last_token, s.pos
+        tokens_B = torch.tensor(tokens, device=self.device)
+        pos_B = torch.tensor(positions, device=self.device)
+        logits_BV = decode_step(self.model, tokens_B, pos_B, self.k_pool, self.v_pool)
+        self.steps += 1
+        self.max_batch_seen = max(self.max_batch_seen, len(active))
+        for i, s in active:
+            s.pos += 1
+            self._advance(s, logits_BV[i])
+
+    def _advance(self, seq: Sequence, logits_V: Tensor) -> None:
+        """Sample the next token of ``seq`` from logits_V [V], emit it, and finish the sequence if done."""
+        p = seq.params
+        assert seq.counts is not None and seq.decoder is not None
+        logits_V = logits_V.float()
+        if p.frequency_penalty or p.presence_penalty:
+            logits_V = logits_V - p.frequency_penalty * seq.counts - p.presence_penalty * (seq.counts > 0)
+        logprobs_V = torch.log_softmax(logits_V, dim=-1) if p.logprobs is not None else None
+        if p.temperature == 0:
+            token = int(torch.argmax(logits_V))
+        else:
+            scaled_V = logits_V / p.temperature
+            if p.top_k is not None:
+                scaled_V = top_k_filter(scaled_V, p.top_k)
+            if p.top_p < 1.0:
+                scaled_V = top_p_filter(scaled_V, p.top_p)
+            token = int(torch.multinomial(torch.softmax(scaled_V, -1), 1, generator=seq.generator))
+        seq.counts[token] += 1
+        seq.n_generated += 1
+        seq.last_token = token
+        now = time.perf_counter()
+        if seq.n_generated == 1:
+            self.metrics.observe("zenlm_time_to_first_token_seconds", now - seq.submitted)
+        else:
+            self.metrics.observe("zenlm_inter_token_seconds", now - seq.last_token_time)
+        seq.last_token_time = now
+        self.metrics.inc("zenlm_completion_tokens_total")
+
+        lp, top = None, None
+        if logprobs_V is not None:
+            lp = float(logprobs_V[token])
+            if p.logprobs:
+                vals, idx = torch.topk(logprobs_V, min(p.logprobs, logprobs_V.shape[0]))
+                top = [(int(i), float(v)) for i, v in zip(idx.tolist(), vals.tolist(), strict=True)]
+            else:
+                top = []
+        if lp is not None and math.isinf(lp):
+            lp = -9999.0  # JSON has no -inf
+
+        eos = self.tokenizer.eos_id
+        if eos is not None and token == eos:
+            seq.emit(TokenEvent(token, "", lp, top))
+            self._finish(seq, "stop")
+            return
+        seq.pending += seq.decoder.push(token)
+        ready, seq.pending, stopped = _split_at_stop(seq.pending, p.stop, final=False)
+        seq.emit(TokenEvent(token, ready, lp, top))
+        if stopped:
+            self._finish(seq, "stop", flush=False)
+        elif seq.n_generated >= p.max_tokens or seq.pos >= self.max_len:
+            self._finish(seq, "length")
+
+    def _finish(self, seq: Sequence, reason: str, flush: bool = True) -> None:
+        tail = ""
+        if flush and seq.decoder is not None:
+            tail, _, stopped = _split_at_stop(seq.pending + seq.decoder.flush(), seq.params.stop, final=True)
+            reason = "stop" if stopped else reason
+        seq.pending = ""
+        self._free(seq)
+        self.metrics.inc("zenlm_finished_sequences_total", labels={"finish_reason": reason})
+        seq.emit(FinishEvent(reason, tail, len(seq.prompt_ids), seq.n_generated))
+
+
+__all__ = ["Engine", "Sequence", "SamplingParams", "TokenEvent", "FinishEvent", "ErrorEvent", "Overloaded",
+           "decode_step"]

@@ -1,0 +1,225 @@
+"""Request validation for the OpenAI-compatible routes: JSON body -> typed request, or a 4xx APIError.
+
+Every client mistake becomes ``APIError(status, message, param, code)``, which the app turns into the
+OpenAI error body ``{"error": {"message", "type", "param", "code"}}``. Validation is written out by hand
+(no schema library) so each message names the field and says what is allowed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from zenlm.serve.engine import SamplingParams
+
+ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
+               405: "invalid_request_error", 413: "invalid_request_error", 422: "invalid_request_error",
+               429: "rate_limit_error", 500: "server_error", 503: "server_error"}
+
+
+class APIError(Exception):
+    """A request the server answers with ``status`` and the OpenAI error body."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": ERROR_TYPES.get(self.status, "invalid_request_error"),
+                          "param": self.param, "code": self.code}}
+
+
+def parse_json(raw: bytes) -> dict[str, Any]:
+    """The request body as a JSON object (400 when it is not one)."""
+    try:
+        body = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise APIError(400, f"the request body is not valid JSON ({e}).", code="invalid_json") from None
+    if not isinstance(body, dict):
+        raise APIError(400, "the request body must be a JSON object.", code="invalid_json")
+    return body
+
+
+def _type_error(name: str, want: str, got: Any) -> APIError:
+    return APIError(400, f"'{name}' must be {want}, got {json.dumps(got)[:80]}.", param=name, code="invalid_type")
+
+
+def _int(body: dict, name: str, default: int | None, lo: int | None = None, hi: int | None = None) -> int | None:
+    v = body.get(name)
+    if v is None:
+        return default
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise _type_error(name, "an integer", v)
+    if (lo is not None and v < lo) or (hi is not None and v > hi):
+        rng = f"{lo}..{hi}" if hi is not None else f">= {lo}"
+        raise APIError(400, f"'{name}' must be in {rng}, got {v}.", param=name, code="invalid_value")
+    return v
+
+
+def _float(body: dict, name: str, default: float, lo: float, hi: float) -> float:
+    v = body.get(name)
+    if v is None:
+        return default
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        raise _type_error(name, "a number", v)
+    if not lo <= v <= hi:
+        raise APIError(400, f"'{name}' must be between {lo:g} and {hi:g}, got {v}.", param=name,
+                       code="invalid_value")
+    return float(v)
+
+
+def _bool(body: dict, name: str, default: bool) -> bool:
+    v = body.get(name)
+    if v is None:
+        return default
+    if not isinstance(v, bool):
+        raise _type_error(name, "true or false", v)
+    return v
+
+
+def _stop(body: dict) -> list[str]:
+    v = body.get("stop")
+    if v is None:
+        return []
+    if isinstance(v, str):
+        v = [v]
+    if not isinstance(v, list) or not all(isinstance(s, str) for s in v) or len(v) > 4:
+        raise _type_error("stop", "a string or a list of up to 4 strings", v)
+    return [s for s in v if s]
+
+
+def _model(body: dict) -> str:
+    v = body.get("model")
+    if not isinstance(v, str) or not v:
+        raise APIError(400, "'model' is required: the id from GET /v1/models.", param="model",
+                       code="missing_required_parameter" if v is None else "invalid_type")
+    return v
+
+
+def _stream_options(body: dict) -> bool:
+    opts = body.get("stream_options")
+    if opts is None:
+        return False
+    if not isinstance(opts, dict):
+        raise _type_error("stream_options", "an object", opts)
+    if not _bool(body, "stream", False):
+        raise APIError(400, "'stream_options' is only allowed when 'stream' is true.", param="stream_options",
+                       code="invalid_value")
+    return _bool(opts, "include_usage", False)
+
+
+@dataclass
+class GenerationRequest:
+    """What /v1/completions and /v1/chat/completions share."""
+
+    model: str
+    params: SamplingParams
+    n: int = 1
+    stream: bool = False
+    include_usage: bool = False
+    echo: bool = False
+    prompt: str | list[int] = ""  # completions: text or token ids
+    messages: list[dict[str, str]] = field(default_factory=list)  # chat
+
+
+def _common(body: dict, *, chat: bool, default_max_tokens: int) -> GenerationRequest:
+    model = _model(body)
+    max_tokens = _int(body, "max_tokens", None, 0)
+    if chat:
+        mct = _int(body, "max_completion_tokens", None, 0)
+        max_tokens = mct if mct is not None else max_tokens
+    params = SamplingParams(
+        max_tokens=default_max_tokens if max_tokens is None else max_tokens,
+        temperature=_float(body, "temperature", 1.0, 0.0, 2.0),
+        top_p=_float(body, "top_p", 1.0, 0.0, 1.0) or 1e-9,
+        top_k=_int(body, "top_k", None, 1),
+        stop=_stop(body),
+        seed=_int(body, "seed", None),
+        presence_penalty=_float(body, "presence_penalty", 0.0, -2.0, 2.0),
+        frequency_penalty=_float(body, "frequency_penalty", 0.0, -2.0, 2.0),
+    )
+    n = _int(body, "n", 1, 1, 16)
+    assert n is not None
+    stream = _bool(body, "stream", False)
+    return GenerationRequest(model=model, params=params, n=n, stream=stream, include_usage=_stream_options(body))
+
+
+def parse_completion(body: dict, default_max_tokens: int = 16) -> GenerationRequest:
+    """POST /v1/completions: prompt (string, one-element list of strings, or token ids), echo, logprobs 0..5."""
+    req = _common(body, chat=False, default_max_tokens=default_max_tokens)
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
+        prompt = prompt[0]
+    if isinstance(prompt, list) and prompt and all(isinstance(i, int) and not isinstance(i, bool) for i in prompt):
+        req.prompt = [int(i) for i in prompt]
+    elif isinstance(prompt, str):
+        req.prompt = prompt
+    elif prompt is None:
+        raise APIError(400, "'prompt' is required.", param="prompt", code="missing_required_parameter")
+    else:
+        raise _type_error("prompt", "a string, a list of one string, or a list of token ids", prompt)
+    req.echo = _bool(body, "echo", False)
+    req.params.logprobs = _int(body, "logprobs", None, 0, 5)
+    return req
+
+
+def parse_chat(body: dict, default_max_tokens: int = 256) -> GenerationRequest:
+    """POST /v1/chat/completions: messages [{role, content}], logprobs (bool) + top_logprobs 0..20."""
+    req = _common(body, chat=True, default_max_tokens=default_max_tokens)
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise _type_error("messages", "a non-empty list of {role, content} objects", messages)
+    out = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+            raise _type_error(f"messages[{i}]", "an object with a string 'role'", m)
+        content = m.get("content")
+        if isinstance(content, list):  # content parts: keep the text ones
+            if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
+                       for p in content):
+                raise _type_error(f"messages[{i}].content", "a string or a list of text parts", content)
+            content = "".join(p["text"] for p in content)
+        if content is None:
+            content = ""
+        if not isinstance(content, str):
+            raise _type_error(f"messages[{i}].content", "a string", content)
+        out.append({"role": m["role"], "content": content})
+    req.messages = out
+    top = _int(body, "top_logprobs", None, 0, 20)
+    if _bool(body, "logprobs", False):
+        req.params.logprobs = top or 0
+    elif top is not None:
+        raise APIError(400, "'top_logprobs' needs 'logprobs': true.", param="top_logprobs", code="invalid_value")
+    return req
+
+
+@dataclass
+class EmbeddingRequest:
+    model: str
+    inputs: list[str | list[int]]
+    encoding_format: str = "float"
+
+
+def parse_embeddings(body: dict) -> EmbeddingRequest:
+    """POST /v1/embeddings: input (string, list of strings, token ids, list of token id lists)."""
+    model = _model(body)
+    inp = body.get("input")
+    if isinstance(inp, str):
+        inputs: list[str | list[int]] = [inp]
+    elif isinstance(inp, list) and inp and all(isinstance(i, int) and not isinstance(i, bool) for i in inp):
+        inputs = [list(inp)]
+    elif isinstance(inp, list) and inp and all(
+        isinstance(x, str) or (isinstance(x, list) and x and all(isinstance(i, int) for i in x)) for x in inp
+    ):
+        inputs = list(inp)
+    else:
+        raise _type_error("input", "a string, a list of strings, or token ids", inp)
+    if any(isinstance(x, str) and not x for x in inputs):
+        raise APIError(400, "'input' must not contain empty strings.", param="input", code="invalid_value")
+    fmt = body.get("encoding_format", "float")
+    if fmt not in ("float", "base64"):
+        raise APIError(400, f"'encoding_format' must be 'float' or 'base64', got {json.dumps(fmt)}.",
+                       param="encoding_format", code="invalid_value")
+    return EmbeddingRequest(model, inputs, fmt)
