@@ -1,0 +1,141 @@
+"""Decode speed: zenlm's GPT with its KV cache against `transformers` `generate()`, same weights, same CPU.
+
+    python benchmarks/decode_speed.py                 # GPT-2-small shape, 32-token prompt, 128 new tokens
+    python benchmarks/decode_speed.py --new-tokens 64 --threads 2
+
+Both sides decode greedily with a KV cache from the same random weights (copied with zenlm's GPT-2 weight
+map). Rows: fp32 and bf16 weights for both, and zenlm's int8 weight-only model (bf16 activations). Time to
+first token is the prefill of the prompt plus one token. The bandwidth floor is the copy bandwidth measured
+in this run divided by the bytes of weights one decode step reads; "share of floor" is tokens/s (per
+sequence at batch 1) over that floor.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import platform
+import time
+
+import torch
+
+from zenlm.convert.hf import gpt2_weight_map
+from zenlm.models.gpt import GPT
+from zenlm.models.int8 import quantize_int8
+from zenlm.presets import get_preset
+
+
+def copy_bandwidth(mb: int = 256, reps: int = 10) -> float:
+    """Bytes moved per second by a large tensor copy (read + write)."""
+    a = torch.empty(mb * 2**20, dtype=torch.uint8).fill_(1)
+    b = torch.empty_like(a)
+    b.copy_(a)
+    t = time.perf_counter()
+    for _ in range(reps):
+        b.copy_(a)
+    return 2 * a.numel() * reps / (time.perf_counter() - t)
+
+
+def step_bytes(model: torch.nn.Module) -> int:
+    """Bytes of weights one decode step reads: every parameter/buffer except position tables and caches."""
+    seen: set[int] = set()
+    total = 0
+    for k, t in model.state_dict().items():
+        if k.startswith(("pos_emb", "transformer.wpe")) or k.endswith(("attn.bias", "masked_bias")):
+            continue
+        if t.data_ptr() in seen:  # a tied output head reads the embedding matrix once
+            continue
+        seen.add(t.data_ptr())
+        total += t.numel() * t.element_size()
+    return total
+
+
+@torch.no_grad()
+def zenlm_decode(model: GPT, prompt_BT: torch.Tensor, new: int) -> tuple[float, float, torch.Tensor]:
+    """(time to first token, total time, ids [B, new]) for greedy decoding with a preallocated KV cache."""
+    B, T = prompt_BT.shape
+    cache = model.make_cache(B, T + new)
+    out = torch.empty(B, new, dtype=torch.long)
+    t0 = time.perf_counter()
+    logits = model(prompt_BT, cache=cache, last_only=True)
+    tok = logits[:, -1].argmax(-1)
+    out[:, 0] = tok
+    ttft = time.perf_counter() - t0
+    for i in range(1, new):
+        tok = model(tok[:, None], cache=cache)[:, -1].argmax(-1)
+        out[:, i] = tok
+    return ttft, time.perf_counter() - t0, out
+
+
+@torch.no_grad()
+def hf_decode(model, prompt_BT: torch.Tensor, new: int) -> tuple[float, float, torch.Tensor]:
+    kw = dict(do_sample=False, pad_token_id=0, use_cache=True)
+    t0 = time.perf_counter()
+    model.generate(prompt_BT, max_new_tokens=1, min_new_tokens=1, **kw)
+    ttft = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    ids = model.generate(prompt_BT, max_new_tokens=new, min_new_tokens=new, **kw)
+    return ttft, time.perf_counter() - t0, ids[:, prompt_BT.shape[1]:]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--prompt-tokens", type=int, default=32)
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--batches", default="1,8")
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    cfg = get_preset("gpt2-small")
+    torch.manual_seed(0)
+    ours = GPT(cfg).eval()
+    theirs = GPT2LMHeadModel(GPT2Config(vocab_size=cfg.vocab_size, n_positions=cfg.block_size, n_embd=cfg.n_embd,
+                                        n_layer=cfg.n_layer, n_head=cfg.n_head)).eval()
+    sd, their_sd = ours.state_dict(), {}
+    for rule in gpt2_weight_map(cfg):
+        for name, t in zip(rule.theirs, rule.to_theirs(sd[rule.ours]), strict=True):
+            their_sd[name] = t
+    missing = theirs.load_state_dict(their_sd, strict=False)
+    assert not [k for k in missing.missing_keys if not k.endswith(("attn.bias", "masked_bias", "lm_head.weight"))]
+    theirs.tie_weights()
+
+    bw = copy_bandwidth()
+    print(f"# decode_speed — {time.strftime('%Y-%m-%d %H:%M')} — {platform.machine()}, {os.cpu_count()} cores, "
+          f"{torch.get_num_threads()} threads, torch {torch.__version__}")
+    print(f"GPT-2-small shape ({cfg.num_params() / 1e6:.1f}M parameters, random weights), "
+          f"{args.prompt_tokens}-token prompt, {args.new_tokens} new tokens, greedy; copy bandwidth {bw / 1e9:.1f} GB/s")
+    print("\n| batch | weights | engine | tokens/s (all sequences) | time to first token (ms) | bytes/step (MB) | "
+          "share of floor | vs transformers (same weights; int8 vs its bf16) |")
+    print("|---:|---|---|---:|---:|---:|---:|---:|")
+    g = torch.Generator().manual_seed(1)
+    for B in [int(b) for b in args.batches.split(",")]:
+        prompt = torch.randint(0, cfg.vocab_size, (B, args.prompt_tokens), generator=g)
+        base: dict[str, float] = {}
+        for dtype_name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16), ("int8", None)):
+            rows = []
+            if dtype is not None:
+                m = theirs.to(dtype)
+                ttft, total, hf_ids = hf_decode(m, prompt, args.new_tokens)
+                base[dtype_name] = B * args.new_tokens / total
+                rows.append(("transformers generate()", ttft, total, step_bytes(m)))
+                z = ours.to(dtype)
+            else:
+                z = quantize_int8(copy.deepcopy(ours).float()).to(torch.bfloat16)
+            ttft_z, total_z, z_ids = zenlm_decode(z, prompt, args.new_tokens)
+            if dtype == torch.float32:
+                agree = (z_ids == hf_ids).float().mean().item()
+                print(f"<!-- fp32 batch {B}: {agree:.0%} of greedy tokens identical to transformers -->")
+            rows.append(("zenlm", ttft_z, total_z, step_bytes(z)))
+            for engine, ttft, total, nbytes in rows:
+                tps = B * args.new_tokens / total
+                floor = bw / nbytes
+                ref = base.get(dtype_name) or base["bf16"]
+                print(f"| {B} | {dtype_name} | {engine} | {tps:,.1f} | {ttft * 1000:,.0f} | {nbytes / 1e6:,.0f} | "
+                      f"{tps / B / floor:.0%} | {tps / ref:.2f}x |", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,96 @@
+"""Int8 weight-only quantisation of linear layers (per output channel).
+
+Decoding one token at a time reads every weight once per step, so its speed is set by the bytes of weights
+moved, not by arithmetic. Storing the weights of the linear layers as int8 moves a quarter of the fp32 bytes.
+For a weight matrix W [N, K] (N outputs), each row n gets its own scale::
+
+    s_n = max_k |W[n, k]| / 127                 # the row's largest weight maps to +-127
+    q[n, k] = round(W[n, k] / s_n)  in [-127, 127]   (int8)
+    y = x @ (q * s)^T + b  =  (x @ q^T) * s + b  # the scale is applied once per output, after the product
+
+Per-channel scales keep the error small: a row with small weights is not forced onto a scale set by another
+row's outliers. The rounding error of one weight is at most s_n / 2.
+
+How it runs: with bf16 activations on a CPU, PyTorch's ``_weight_int8pack_mm`` multiplies by the int8
+matrix directly (about 2.5x faster than a dense bf16 product at batch 1 for a 768x2304 matrix here); in
+every other case the int8 matrix is expanded to the activation dtype first (correct everywhere, no faster).
+Embeddings and a tied output head stay in full precision.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+METHOD = "int8-weight-only"
+_PACK_MM = getattr(torch, "_weight_int8pack_mm", None)
+
+
+class Int8Linear(nn.Module):
+    """A linear layer whose weight is int8 with one scale per output channel: ``y = (x @ q^T) * s + b``.
+
+    weight_int8: [out_features, in_features] int8;  scale: [out_features] (float);  bias: [out_features] or None.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("weight_int8", torch.zeros(out_features, in_features, dtype=torch.int8))
+        self.register_buffer("scale", torch.ones(out_features))
+        self.bias = nn.Parameter(torch.zeros(out_features), requires_grad=False) if bias else None
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> Int8Linear:
+        """Quantise an ``nn.Linear`` (its weight is read in fp32)."""
+        w_NK = linear.weight.detach().float()
+        q = cls(linear.in_features, linear.out_features, linear.bias is not None).to(w_NK.device)
+        scale_N = (w_NK.abs().amax(dim=1) / 127.0).clamp_min(1e-12)
+        q.weight_int8.copy_(torch.round(w_NK / scale_N[:, None]).clamp_(-127, 127).to(torch.int8))
+        q.scale.copy_(scale_N)
+        if linear.bias is not None:
+            q.bias.data.copy_(linear.bias.detach())  # type: ignore[union-attr]
+        return q
+
+    def dequantized(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        """The weight the layer computes with, ``q * s`` [out_features, in_features]."""
+        return self.weight_int8.to(dtype) * self.scale.to(dtype)[:, None]
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x: [..., in_features] -> [..., out_features] in x's dtype."""
+        x_MK = x.reshape(-1, self.in_features)
+        if x.dtype == torch.bfloat16 and x.device.type == "cpu" and _PACK_MM is not None:
+            y_MN = _PACK_MM(x_MK.contiguous(), self.weight_int8, self.scale.to(torch.bfloat16))
+        else:
+            y_MN = F.linear(x_MK, self.weight_int8.to(x.dtype)) * self.scale.to(x.dtype)
+        if self.bias is not None:
+            y_MN = y_MN + self.bias.to(y_MN.dtype)
+        return y_MN.reshape(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+def quantize_int8(model: nn.Module, *, empty: bool = False) -> nn.Module:
+    """Replace every ``nn.Linear`` inside ``model`` by an :class:`Int8Linear`, in place; returns ``model``.
+
+    empty: only change the structure (zero int8 weights), to load a quantised checkpoint into afterwards.
+    """
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, nn.Linear):
+                if empty:
+                    new = Int8Linear(child.in_features, child.out_features, child.bias is not None)
+                    new = new.to(child.weight.device)
+                else:
+                    new = Int8Linear.from_linear(child)
+                setattr(module, name, new)
+    return model
+
+
+def weight_bytes(model: nn.Module) -> int:
+    """Bytes of all parameters and persistent buffers (what a safetensors file of the model holds)."""
+    return sum(t.numel() * t.element_size() for t in model.state_dict().values())
+
+
+__all__ = ["Int8Linear", "quantize_int8", "weight_bytes", "METHOD"]

@@ -1,0 +1,97 @@
+"""Int8 weight-only quantisation: the formula, the run directory it writes, and the quality it keeps."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import zenlm
+from zenlm.cli import main
+from zenlm.data.corpus import open_corpus, shakespeare_char_text
+from zenlm.data.shards import prepare
+from zenlm.errors import ConfigError
+from zenlm.models.int8 import Int8Linear, quantize_int8
+from zenlm.recipes.pretrain import pretrain
+from zenlm.recipes.quantize import quantize_run
+from zenlm.tokenizer import train_tokenizer
+from zenlm.train.loop import TrainConfig
+
+
+def test_per_channel_scales_and_rounding_error() -> None:
+    torch.manual_seed(0)
+    lin = nn.Linear(64, 48)
+    with torch.no_grad():
+        lin.weight[3] *= 50  # one row with large weights must not coarsen the others
+    q = Int8Linear.from_linear(lin)
+    assert q.weight_int8.dtype == torch.int8 and q.weight_int8.abs().max() == 127
+    w = lin.weight.detach()
+    assert torch.allclose(q.scale, w.abs().amax(1) / 127)
+    err = (q.dequantized() - w).abs()
+    assert (err <= q.scale[:, None] / 2 + 1e-7).all()
+    assert err[0].max() < err[3].max() / 10  # row 0 keeps its own fine scale
+    x = torch.randn(5, 7, 64)
+    torch.testing.assert_close(q(x), F.linear(x, q.dequantized(), lin.bias), rtol=1e-5, atol=1e-5)
+    y16 = q(x.bfloat16())  # the int8 x bf16 kernel
+    assert y16.dtype == torch.bfloat16 and y16.shape == (5, 7, 48)
+    torch.testing.assert_close(y16.float(), q(x), rtol=0.05, atol=0.05)
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    root = tmp_path_factory.mktemp("int8")
+    text = shakespeare_char_text()[:120_000]
+    (root / "c.txt").write_text(text, encoding="utf-8")
+    corpus = open_corpus(str(root / "c.txt"), val_fraction=0.1)
+    tok = train_tokenizer(corpus.texts("train"), kind="bpe", vocab_size=512)
+    prepare(corpus, tok, root / "data")
+    pretrain(root / "data", root / "run", model="tiny", batch_size=16, seq_len=64,
+             model_overrides=dict(n_embd=128, n_head=4),
+             train=TrainConfig(max_steps=150, eval_every=0, device="cpu", precision="fp32", tensorboard=False))
+    return root / "run", "".join(corpus.texts("val"))
+
+
+def test_quantized_run_is_smaller_and_keeps_perplexity(trained_run: tuple[Path, str], tmp_path: Path) -> None:
+    run, held_out = trained_run
+    res = quantize_run(run, tmp_path / "q")
+    assert res.bytes_after < res.bytes_before * 0.6
+    assert sorted(p.name for p in (tmp_path / "q").iterdir()) == [
+        "config.yaml", "model.safetensors", "tokenizer.json", "tokenizer_config.json"]
+    full, q = zenlm.load(run, device="cpu"), zenlm.load(tmp_path / "q", device="cpu")
+    assert any(isinstance(m, Int8Linear) for m in q.model.modules())
+    assert not any(type(m) is nn.Linear for m in q.model.modules())
+    chunks = [held_out[i:i + 400] for i in range(0, 8000, 400)]
+    ppl_full, ppl_q = full.perplexity(chunks), q.perplexity(chunks)
+    assert ppl_full < 40  # the model learned something, so the comparison means something
+    assert abs(ppl_q / ppl_full - 1) <= 0.01, (ppl_full, ppl_q)
+    x = torch.tensor([full.tokenizer.encode(held_out[:1000])[:64]])
+    with torch.no_grad():
+        a, b = full.model(x), q.model(x)
+        c = zenlm.load(tmp_path / "q", device="cpu", dtype="bf16").model(x)
+    assert (a - b).abs().max() < 0.1 * a.abs().max()
+    assert (c - b).abs().max() < 0.15 * b.abs().max()  # bf16 activations through the int8 kernel
+    assert q.generate("ROMEO:", max_new_tokens=10, temperature=0.0)  # and it talks
+
+
+def test_quantize_refuses_to_overwrite_or_requantize(trained_run: tuple[Path, str], tmp_path: Path,
+                                                      capsys: pytest.CaptureFixture) -> None:
+    run, _ = trained_run
+    assert main(["quantize", str(run), "--out", str(tmp_path / "q")]) == 0
+    assert "model.safetensors is" in capsys.readouterr().out
+    with pytest.raises(ConfigError, match="already exists"):
+        quantize_run(run, tmp_path / "q")
+    with pytest.raises(ConfigError, match="already quantised"):
+        quantize_run(tmp_path / "q", tmp_path / "q2")
+    assert not (tmp_path / "q2").exists()
+
+
+def test_empty_structure_takes_a_quantized_state_dict() -> None:
+    torch.manual_seed(0)
+    a = quantize_int8(nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3, bias=False)))
+    b = quantize_int8(nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3, bias=False)), empty=True)
+    b.load_state_dict(a.state_dict())
+    x = torch.randn(4, 8)
+    assert torch.equal(a(x), b(x))
