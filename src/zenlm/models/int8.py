@@ -11,9 +11,10 @@ For a weight matrix W [N, K] (N outputs), each row n gets its own scale::
 Per-channel scales keep the error small: a row with small weights is not forced onto a scale set by another
 row's outliers. The rounding error of one weight is at most s_n / 2.
 
-How it runs: with bf16 activations on a CPU, PyTorch's ``_weight_int8pack_mm`` multiplies by the int8
-matrix directly (about 2.5x faster than a dense bf16 product at batch 1 for a 768x2304 matrix here); in
-every other case the int8 matrix is expanded to the activation dtype first (correct everywhere, no faster).
+How it runs: with bf16 activations on a CPU and at most ``PACK_MAX_ROWS`` rows (decoding a few sequences),
+PyTorch's ``_weight_int8pack_mm`` multiplies by the int8 matrix directly (about 2.5x faster than a dense bf16
+product at batch 1 for a 768x2304 matrix here); in every other case the int8 matrix is expanded to the
+activation dtype first (correct everywhere, no faster).
 Embeddings and a tied output head stay in full precision.
 """
 
@@ -25,6 +26,9 @@ from torch import Tensor, nn
 
 METHOD = "int8-weight-only"
 _PACK_MM = getattr(torch, "_weight_int8pack_mm", None)
+# The int8 kernel is built for matrix-vector work: past a few rows (prompt prefill, large batches) expanding
+# the weight to bf16 and using the dense product is faster.
+PACK_MAX_ROWS = 4
 
 
 class Int8Linear(nn.Module):
@@ -59,7 +63,8 @@ class Int8Linear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """x: [..., in_features] -> [..., out_features] in x's dtype."""
         x_MK = x.reshape(-1, self.in_features)
-        if x.dtype == torch.bfloat16 and x.device.type == "cpu" and _PACK_MM is not None:
+        if (x.dtype == torch.bfloat16 and x.device.type == "cpu" and _PACK_MM is not None
+                and x_MK.shape[0] <= PACK_MAX_ROWS):
             y_MN = _PACK_MM(x_MK.contiguous(), self.weight_int8, self.scale.to(torch.bfloat16))
         else:
             y_MN = F.linear(x_MK, self.weight_int8.to(x.dtype)) * self.scale.to(x.dtype)
