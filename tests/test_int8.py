@@ -96,3 +96,31 @@ def test_empty_structure_takes_a_quantized_state_dict() -> None:
     b.load_state_dict(a.state_dict())
     x = torch.randn(4, 8)
     assert torch.equal(a(x), b(x))
+
+
+def test_tied_head_becomes_one_int8_matrix_used_twice(tmp_path: Path) -> None:
+    from zenlm.models.gpt import GPT
+    from zenlm.models.int8 import Int8Embedding
+    from zenlm.presets import get_preset
+    from zenlm.train.checkpoint import load_model_weights, save_model
+
+    cfg = get_preset("classic-char", vocab_size=300)  # tied embeddings
+    torch.manual_seed(0)
+    model = GPT(cfg).eval()
+    x = torch.randint(0, 300, (2, 20))
+    with torch.no_grad():
+        ref = model(x)
+        q = quantize_int8(model)
+        out = q(x)
+    assert isinstance(q.tok_emb, Int8Embedding) and isinstance(q.lm_head, Int8Linear)
+    assert q.lm_head.weight_int8 is q.tok_emb.weight_int8
+    assert (out - ref).abs().max() < 0.05 * ref.abs().max()
+    save_model(q, tmp_path / "m.safetensors")
+    back = quantize_int8(GPT(cfg).eval(), empty=True)
+    load_model_weights(back, tmp_path / "m.safetensors")
+    with torch.no_grad():
+        assert torch.equal(back(x), out)
+    back = back.to(torch.bfloat16)  # the int8 matrix stays int8 and shared; scales follow the dtype
+    assert back.lm_head.weight_int8 is back.tok_emb.weight_int8 and back.tok_emb.scale.dtype == torch.bfloat16
+    with torch.no_grad():
+        assert torch.isfinite(back(x[:, :1])).all()

@@ -99,7 +99,19 @@ def load(run_dir: str | Path, *, device: str = "auto", dtype: str = "fp32") -> L
     run_dir = Path(run_dir)
     if dtype not in DTYPES:
         raise ConfigError(f"dtype {dtype!r} is not supported; choose fp32, bf16 or fp16.")
-    model, _, _ = build_model_from_run(run_dir)
+    model, _, saved = build_model_from_run(run_dir)
+    if saved["model"].get("arch") == "encdec":  # source -> target: see zenlm.seq2seq.Seq2SeqLM
+        from zenlm.seq2seq import load as load_seq2seq
+
+        return load_seq2seq(run_dir, device=device, dtype=dtype)  # type: ignore[return-value]
+    quant = saved.get("quantization") or {}
+    if quant:
+        from zenlm.models.int8 import METHOD, quantize_int8
+
+        if quant.get("method") != METHOD:
+            raise CheckpointError(f"{run_dir}/config.yaml names quantization {quant.get('method')!r}; this "
+                                  f"version reads {METHOD!r}.")
+        quantize_int8(model, empty=True)  # int8 layers, filled from model.safetensors below
     weights = run_dir / "model.safetensors"
     if not weights.is_file():
         ckpts = list_checkpoints(run_dir / "checkpoints")

@@ -391,6 +391,21 @@ def convert_to_hf(
     print(f"exported {run} -> {path} (load it with transformers.AutoModelForCausalLM.from_pretrained)")
 
 
+def quantize(run: str, out: str) -> None:
+    """Write an int8 weight-only copy of a run (linear layers int8, one scale per output channel).
+
+    Args:
+        run: run directory to quantise (made by `zenlm pretrain`, `zenlm demo` or `zenlm convert from-hf`)
+        out: new run directory to write (must not exist)
+    """
+    from zenlm.recipes.quantize import quantize_run
+
+    r = quantize_run(run, out)
+    ratio = f" ({r.bytes_after / r.bytes_before:.0%} of {r.bytes_before / 1e6:.1f} MB)" if r.bytes_before else ""
+    print(f"wrote {r.out}: model.safetensors is {r.bytes_after / 1e6:.1f} MB{ratio}. "
+          f"Load it like any run: zenlm generate {r.out} \"...\"")
+
+
 def presets() -> None:
     """List the model presets with their shapes and parameter counts (at a 8192-token vocabulary)."""
     from zenlm.presets import get_preset, list_presets
@@ -432,6 +447,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_verb(sub, "generate", generate, positional=("run", "prompt"))
     add_verb(sub, "demo", demo)
     add_verb(sub, "presets", presets)
+    add_verb(sub, "quantize", quantize, positional=("run",))
     conv = sub.add_parser("convert", help="convert models to and from Hugging Face format (from-hf, to-hf)")
     conv_sub = conv.add_subparsers(dest="convverb", metavar="ACTION")
     add_verb(conv_sub, "from-hf", convert_from_hf, positional=("src",))
@@ -442,6 +458,10 @@ def build_parser() -> argparse.ArgumentParser:
     ft_sub = ft.add_subparsers(dest="ftverb", metavar="TASK")
     add_verb(ft_sub, "seq2seq", cli_seq2seq.finetune_seq2seq)
     add_verb(sub, "evaluate", cli_seq2seq.evaluate, positional=("run",))
+    from zenlm import cli_serve  # HTTP server and terminal chat
+
+    add_verb(sub, "serve", cli_serve.serve, positional=("run",))
+    add_verb(sub, "chat", cli_serve.chat, positional=("run",))
     return parser
 
 

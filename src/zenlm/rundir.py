@@ -41,4 +41,8 @@ def build_model_from_run(run_dir: str | Path) -> tuple[GPT, GPTConfig, dict[str,
     """The (untrained) model described by ``run_dir/config.yaml``, its config and the whole run config."""
     saved = read_run_config(run_dir)
     cfg = config_from_dict(saved["model"])
+    if saved["model"].get("arch") == "encdec":
+        from zenlm.models.encdec import EncoderDecoder
+
+        return EncoderDecoder(cfg), cfg, saved  # type: ignore[return-value,arg-type]
     return GPT(cfg), cfg, saved

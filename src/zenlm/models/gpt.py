@@ -182,7 +182,7 @@ class GPT(nn.Module):
             )
         if batch_size < 1:
             raise ConfigError(f"cache batch_size must be >= 1, got {batch_size}.")
-        param = self.tok_emb.weight
+        param = self.norm_f.weight  # a float parameter in every variant (quantised models included)
         device = param.device if device is None else torch.device(device)
         if dtype is None:
             autocast_on = torch.is_autocast_enabled(device.type)

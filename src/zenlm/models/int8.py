@@ -15,7 +15,8 @@ How it runs: with bf16 activations on a CPU and at most ``PACK_MAX_ROWS`` rows (
 PyTorch's ``_weight_int8pack_mm`` multiplies by the int8 matrix directly (about 2.5x faster than a dense bf16
 product at batch 1 for a 768x2304 matrix here); in every other case the int8 matrix is expanded to the
 activation dtype first (correct everywhere, no faster).
-Embeddings and a tied output head stay in full precision.
+A tied embedding/output head becomes one int8 matrix with a scale per vocabulary row, used for both the
+lookup and the head; an untied embedding stays in full precision (a lookup reads only a few rows).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ METHOD = "int8-weight-only"
 _PACK_MM = getattr(torch, "_weight_int8pack_mm", None)
 # The int8 kernel is built for matrix-vector work: past a few rows (prompt prefill, large batches) expanding
 # the weight to bf16 and using the dense product is faster.
-PACK_MAX_ROWS = 4
+PACK_MAX_ROWS = 16
 
 
 class Int8Linear(nn.Module):
@@ -76,11 +77,49 @@ class Int8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
 
+class Int8Embedding(nn.Module):
+    """A token embedding stored as int8 rows with one scale per row: ``emb[i] = q[i] * s[i]``.
+
+    For a model whose output head is tied to its embedding, the same int8 matrix serves as the head (one scale
+    per output channel = per vocabulary row), see :func:`quantize_int8`.
+    """
+
+    def __init__(self, num_embeddings: int, embedding_dim: int) -> None:
+        super().__init__()
+        self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
+        self.register_buffer("weight_int8", torch.zeros(num_embeddings, embedding_dim, dtype=torch.int8))
+        self.register_buffer("scale", torch.ones(num_embeddings))
+
+    @classmethod
+    def from_embedding(cls, emb: nn.Embedding) -> Int8Embedding:
+        lin = Int8Linear.from_linear(_as_linear(emb.weight))
+        q = cls(emb.num_embeddings, emb.embedding_dim).to(emb.weight.device)
+        q.weight_int8.copy_(lin.weight_int8)
+        q.scale.copy_(lin.scale)
+        return q
+
+    def forward(self, idx: Tensor) -> Tensor:
+        """idx: [...] int64 -> [..., embedding_dim] in the scale's dtype."""
+        return self.weight_int8[idx].to(self.scale.dtype) * self.scale[idx].unsqueeze(-1)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}"
+
+
+def _as_linear(weight: Tensor) -> nn.Linear:
+    lin = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device=weight.device)
+    lin.weight.data = weight.detach()
+    return lin
+
+
 def quantize_int8(model: nn.Module, *, empty: bool = False) -> nn.Module:
     """Replace every ``nn.Linear`` inside ``model`` by an :class:`Int8Linear`, in place; returns ``model``.
 
+    A zenlm GPT with a tied output head (``lm_head is None``) also gets an :class:`Int8Embedding`, and an
+    ``lm_head`` that shares its int8 matrix (decoding reads the head every step; it is stored once).
     empty: only change the structure (zero int8 weights), to load a quantised checkpoint into afterwards.
     """
+    tied = getattr(model, "lm_head", 0) is None and isinstance(getattr(model, "tok_emb", None), nn.Embedding)
     for module in list(model.modules()):
         for name, child in list(module.named_children()):
             if isinstance(child, nn.Linear):
@@ -90,6 +129,15 @@ def quantize_int8(model: nn.Module, *, empty: bool = False) -> nn.Module:
                 else:
                     new = Int8Linear.from_linear(child)
                 setattr(module, name, new)
+    if tied:
+        emb: nn.Embedding = model.tok_emb  # type: ignore[assignment]
+        if empty:
+            q_emb = Int8Embedding(emb.num_embeddings, emb.embedding_dim).to(emb.weight.device)
+        else:
+            q_emb = Int8Embedding.from_embedding(emb)
+        head = Int8Linear(emb.embedding_dim, emb.num_embeddings, bias=False).to(emb.weight.device)
+        head.weight_int8, head.scale = q_emb.weight_int8, q_emb.scale  # one matrix, two uses
+        model.tok_emb, model.lm_head = q_emb, head
     return model
 
 
@@ -98,4 +146,4 @@ def weight_bytes(model: nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in model.state_dict().values())
 
 
-__all__ = ["Int8Linear", "quantize_int8", "weight_bytes", "METHOD"]
+__all__ = ["Int8Linear", "Int8Embedding", "quantize_int8", "weight_bytes", "METHOD"]

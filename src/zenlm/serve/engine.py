@@ -169,8 +169,8 @@ def decode_step(model: GPT, tokens_B: Tensor, pos_B: Tensor, k_pool: Tensor, v_p
         x_B1C = x_B1C + attn.proj(y_BH1D.transpose(1, 2).reshape(B, 1, H * D))
         x_B1C = x_B1C + block.mlp(block.norm_mlp(x_B1C))
     x_B1C = model.norm_f(x_B1C)
-    head = model.tok_emb.weight if model.lm_head is None else model.lm_head.weight
-    logits_BV = F.linear(x_B1C[:, 0], head).float()
+    x_BC = x_B1C[:, 0]
+    logits_BV = (F.linear(x_BC, model.tok_emb.weight) if model.lm_head is None else model.lm_head(x_BC)).float()
     if model.config.logit_softcap is not None:
         cap = model.config.logit_softcap
         logits_BV = cap * torch.tanh(logits_BV / cap)

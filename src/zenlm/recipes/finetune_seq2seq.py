@@ -1,0 +1,336 @@
+"""Sequence-to-sequence training: source -> target pairs (or plain text to denoise) -> run directory.
+
+Two designs learn the same task, so they can be compared on it:
+
+* ``arch="encdec"``: an :class:`~zenlm.models.encdec.EncoderDecoder` reads the source with its encoder and
+  writes the target with its decoder (teacher forcing: the decoder sees the true previous target tokens).
+* ``arch="gpt"``: a decoder-only :class:`~zenlm.models.gpt.GPT` reads ``source <|bos|> target <|eos|>`` as
+  one sequence; the loss is masked on the prompt, so it learns to write the target only.
+
+The objective is cross-entropy with label smoothing ``eps`` on the target tokens (the end token included)::
+
+    loss = mean_t [ (1 - eps) * -log p(y_t) + eps * mean_v -log p(v) ]
+
+``objective="denoise"`` pretrains an encoder-decoder without pairs: spans of plain text are hidden (BART text
+infilling, :func:`zenlm.data.seq2seq.infill_noise`) and the model restores the text. ``init=RUN_DIR`` starts
+from the weights (and tokenizer) of an earlier run, e.g. a denoising or causal-LM pretraining run.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import shutil
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+import yaml
+from torch import nn
+
+from zenlm import __version__
+from zenlm.data.seq2seq import (
+    IGNORE,
+    DenoisingBatches,
+    EncodedPairs,
+    Pair,
+    PromptCompletionBatches,
+    Seq2SeqBatches,
+    collate_seq2seq,
+    encode_pairs,
+    pad_right,
+    prompt_completion_example,
+    read_pairs,
+    read_texts,
+    seq2seq_example,
+)
+from zenlm.device import resolve_device
+from zenlm.errors import ConfigError
+from zenlm.progress import ProgressFn, report
+from zenlm.rundir import TOKENIZER_FILES, build_model_from_run, read_run_config
+from zenlm.tokenizer import Tokenizer, train_tokenizer
+from zenlm.train.checkpoint import atomic_write_text, list_checkpoints, load_model_weights
+from zenlm.train.loop import TrainConfig, TrainResult, config_to_dict, fit
+from zenlm.train.optim import OptimConfig
+
+Arch = Literal["encdec", "gpt"]
+OBJECTIVES = {"pairs", "denoise"}
+
+
+# ------------------------------------------------------------------------------------------ objectives
+
+
+def seq2seq_loss(model: nn.Module, batch: tuple[torch.Tensor, ...], label_smoothing: float = 0.0
+                 ) -> tuple[torch.Tensor, int]:
+    """Teacher-forced cross-entropy of an encoder-decoder. batch = (src_BS, src_mask_BS, tgt_in_BT, labels_BT)."""
+    src_BS, src_mask_BS, tgt_in_BT, labels_BT = batch
+    logits_BTV = model(src_BS, tgt_in_BT, src_mask_BS)
+    loss = F.cross_entropy(logits_BTV.float().flatten(0, 1), labels_BT.flatten(), ignore_index=IGNORE,
+                           label_smoothing=label_smoothing)
+    return loss, int(labels_BT.ne(IGNORE).sum())
+
+
+def prompt_completion_loss(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor], label_smoothing: float = 0.0
+                           ) -> tuple[torch.Tensor, int]:
+    """Next-token cross-entropy of a decoder-only model on the completion only. batch = (x_BT, labels_BT)."""
+    x_BT, labels_BT = batch
+    logits_BTV = model(x_BT)
+    loss = F.cross_entropy(logits_BTV.float().flatten(0, 1), labels_BT.flatten(), ignore_index=IGNORE,
+                           label_smoothing=label_smoothing)
+    return loss, int(labels_BT.ne(IGNORE).sum())
+
+
+def _val_batches(arch: Arch, data: EncodedPairs, batch_size: int, ids: dict[str, int]) -> list[tuple]:
+    out = []
+    for s in range(0, len(data), batch_size):
+        src, tgt = data.sources[s : s + batch_size], data.targets[s : s + batch_size]
+        if arch == "encdec":
+            out.append(collate_seq2seq([seq2seq_example(a, b, ids["bos"], ids["eos"]) for a, b in zip(src, tgt,
+                                                                                                     strict=True)],
+                                       ids["pad"]))
+        else:
+            ex = [prompt_completion_example(a, b, ids["sep"], ids["eos"]) for a, b in zip(src, tgt, strict=True)]
+            out.append((pad_right([e[0] for e in ex], ids["pad"]), pad_right([e[1] for e in ex], IGNORE)))
+    return out
+
+
+@torch.no_grad()
+def evaluate_pairs(model: nn.Module, arch: Arch, batches: list[tuple], device: torch.device) -> dict[str, float]:
+    """Validation loss (nats per target token, no label smoothing) and perplexity over fixed batches."""
+    loss_fn = seq2seq_loss if arch == "encdec" else prompt_completion_loss
+    total, n = 0.0, 0
+    for batch in batches:
+        batch = tuple(t.to(device) for t in batch)
+        loss, n_tok = loss_fn(model, batch)
+        total += float(loss) * n_tok
+        n += n_tok
+    loss = total / max(n, 1)
+    return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0))}
+
+
+# --------------------------------------------------------------------------------------------- recipe
+
+
+def _special_ids(tok: Tokenizer, arch: Arch, objective: str) -> dict[str, int]:
+    ids = {"bos": tok.bos_id, "eos": tok.eos_id, "pad": tok.pad_id, "sep": tok.bos_id}
+    if objective == "denoise":
+        ids["mask"] = tok.mask_id
+    missing = [k for k, v in ids.items() if v is None]
+    if missing:
+        raise ConfigError(f"the tokenizer has no {', '.join(missing)} token(s); seq2seq training needs "
+                          "<|bos|>, <|eos|>, <|pad|> (and <|mask|> to denoise). Train one with zenlm.")
+    return ids  # type: ignore[return-value]
+
+
+def _build_model(arch: Arch, model: str | None, overrides: dict[str, Any], vocab_size: int) -> tuple[nn.Module, Any]:
+    if arch == "encdec":
+        from zenlm.models.encdec import EncoderDecoder, get_encdec_preset
+
+        cfg = get_encdec_preset(model or "encdec-small", vocab_size=vocab_size, **overrides)
+        return EncoderDecoder(cfg), cfg
+    from zenlm.models.gpt import GPT
+    from zenlm.presets import get_preset
+
+    cfg = get_preset(model or "demo", vocab_size=vocab_size, **overrides)
+    return GPT(cfg), cfg
+
+
+def _length_limits(arch: Arch, cfg: Any, max_source_len: int | None, max_target_len: int | None) -> tuple[int, int]:
+    """Most source and target tokens that fit. The limits count one special token each: the source is followed
+    by eos (encdec) or the separator (gpt); the target is preceded by bos (encdec) or followed by eos (gpt)."""
+    if arch == "encdec":
+        src = min(max_source_len or cfg.max_source_len, cfg.max_source_len) - 1
+        tgt = min(max_target_len or cfg.max_target_len, cfg.max_target_len) - 1
+        return src, tgt
+    # decoder-only: the input is source + sep + target (the final eos is only a label)
+    tgt = (max_target_len or max(2, cfg.block_size // 4)) - 1
+    src = min((max_source_len or cfg.block_size) - 1, cfg.block_size - tgt - 1)
+    return src, tgt
+
+
+def finetune_seq2seq(
+    data: str | Path,
+    out: str | Path,
+    *,
+    arch: Arch = "encdec",
+    objective: Literal["pairs", "denoise"] = "pairs",
+    model: str | None = None,
+    model_overrides: dict[str, Any] | None = None,
+    tokenizer: str | Path | Tokenizer | None = None,
+    vocab_size: int = 8192,
+    init: str | Path | None = None,
+    val_data: str | Path | None = None,
+    val_fraction: float = 0.05,
+    source_field: str = "source",
+    target_field: str = "target",
+    text_field: str = "text",
+    max_source_len: int | None = None,
+    max_target_len: int | None = None,
+    batch_size: int = 16,
+    label_smoothing: float = 0.1,
+    noise_density: float = 0.3,
+    train: TrainConfig | None = None,
+    optim: OptimConfig | None = None,
+    progress: ProgressFn | None = None,
+) -> TrainResult:
+    """Train a model on source -> target pairs (or denoise plain text) and write a run directory ``out``.
+
+    data:            ``.jsonl`` pairs (objective "pairs") or a ``.txt`` / ``.jsonl`` text file ("denoise")
+    arch:            "encdec" (encoder-decoder) or "gpt" (decoder-only, loss masked on the prompt)
+    model:           preset name (encdec: zenlm.models.encdec.ENCDEC_PRESETS, default encdec-small; gpt:
+                     zenlm.presets, default demo); ignored with ``init``
+    tokenizer:       a tokenizer (directory); None trains a byte-level BPE of ``vocab_size`` on the training
+                     texts (with ``init``, the run's own tokenizer is used)
+    init:            start from this run directory's weights, config and tokenizer
+    val_data:        validation pairs; None holds out the last ``val_fraction`` of ``data``
+    max_source_len / max_target_len: token limits (default: the model's context); longer texts are truncated
+                     with a warning and a count
+    label_smoothing: eps of the smoothed cross-entropy (training only; validation reports the plain loss)
+    """
+    data, out = Path(data), Path(out)
+    train = train or TrainConfig(max_steps=500, eval_every=100, tensorboard=False)
+    optim = optim or OptimConfig(lr=1e-3, min_lr=1e-4, warmup_steps=50, weight_decay=0.01)
+    if objective not in OBJECTIVES:
+        raise ConfigError(f"objective {objective!r} is not supported; choose pairs or denoise.")
+    if arch not in ("encdec", "gpt"):
+        raise ConfigError(f"arch {arch!r} is not supported; choose encdec or gpt.")
+    if objective == "denoise" and arch != "encdec":
+        raise ConfigError("the denoising objective trains encoder-decoders; use --arch encdec.")
+    if not 0.0 <= label_smoothing < 1.0:
+        raise ConfigError(f"label_smoothing must be in [0, 1), got {label_smoothing}.")
+    if not 0.0 <= val_fraction < 1.0:
+        raise ConfigError(f"val_fraction must be in [0, 1), got {val_fraction}.")
+    if batch_size < 1:
+        raise ConfigError(f"batch_size must be >= 1, got {batch_size}.")
+    if (out / "config.yaml").exists() or list_checkpoints(out / "checkpoints"):
+        raise ConfigError(f"{out} already holds a run; choose another --out.")
+
+    # ---- examples -------------------------------------------------------------------------------------
+    if objective == "pairs":
+        pairs = read_pairs(data, source_field, target_field)
+        if val_data is not None:
+            val_pairs = read_pairs(val_data, source_field, target_field)
+        else:
+            n_val = int(len(pairs) * val_fraction)
+            pairs, val_pairs = pairs[: len(pairs) - n_val], pairs[len(pairs) - n_val :]
+        train_texts = [t for p in pairs for t in (p.source, p.target)]
+    else:
+        texts = read_texts(data, text_field)
+        n_val = int(len(texts) * val_fraction)
+        texts, val_texts = texts[: len(texts) - n_val], texts[len(texts) - n_val :]
+        train_texts = texts
+
+    # ---- tokenizer and model --------------------------------------------------------------------------
+    device = resolve_device(train.device)
+    torch.manual_seed(train.seed)
+    if init is not None:
+        init = Path(init)
+        net, cfg, saved = build_model_from_run(init)
+        init_arch = "encdec" if saved["model"].get("arch") == "encdec" else "gpt"
+        if init_arch != arch:
+            raise ConfigError(f"--init {init} holds a {init_arch} model but --arch is {arch}; make them agree.")
+        weights = init / "model.safetensors"
+        if not weights.is_file():
+            ckpts = list_checkpoints(init / "checkpoints")
+            if not ckpts:
+                raise ConfigError(f"--init {init} has no model.safetensors or checkpoint to start from.")
+            weights = ckpts[-1] / "model.safetensors"
+        load_model_weights(net, weights)
+        tok = Tokenizer.load(init)
+    else:
+        if isinstance(tokenizer, Tokenizer):
+            tok = tokenizer
+        elif tokenizer is not None:
+            tok = Tokenizer.load(tokenizer)
+        else:
+            report(progress, "tokenizer", message=f"training a byte-level BPE tokenizer ({vocab_size} tokens)")
+            tok = train_tokenizer(train_texts, kind="bpe", vocab_size=vocab_size, progress=progress)
+        net, cfg = _build_model(arch, model, dict(model_overrides or {}), tok.vocab_size)
+    if cfg.vocab_size < tok.vocab_size:
+        raise ConfigError(f"model vocab_size {cfg.vocab_size} is smaller than the tokenizer's {tok.vocab_size}.")
+    ids = _special_ids(tok, arch, objective)
+    net = net.to(device)
+    src_len, tgt_len = _length_limits(arch, cfg, max_source_len, max_target_len)
+
+    # ---- batches --------------------------------------------------------------------------------------
+    if objective == "pairs":
+        enc = encode_pairs(pairs, tok, src_len, tgt_len, progress=progress)
+        val_batches = _val_batches(arch, encode_pairs(val_pairs, tok, src_len, tgt_len), batch_size, ids) \
+            if val_pairs else []
+        if arch == "encdec":
+            batches: Any = Seq2SeqBatches(enc, batch_size, bos_id=ids["bos"], eos_id=ids["eos"], pad_id=ids["pad"],
+                                          grad_accum=train.grad_accum, seed=train.seed)
+        else:
+            batches = PromptCompletionBatches(enc, batch_size, sep_id=ids["sep"], eos_id=ids["eos"],
+                                              pad_id=ids["pad"], grad_accum=train.grad_accum, seed=train.seed)
+        n_train = len(enc)
+        truncated = {"sources": enc.truncated_sources, "targets": enc.truncated_targets}
+    else:
+        window = min(src_len, tgt_len)
+        noise = dict(bos_id=ids["bos"], eos_id=ids["eos"], pad_id=ids["pad"], mask_id=ids["mask"],
+                     noise_density=noise_density)
+        batches = DenoisingBatches(tok.encode_batch(train_texts), batch_size, window, seed=train.seed, **noise)
+        val_batches = []
+        if val_texts:  # a fixed sample of corrupted validation windows
+            vb = DenoisingBatches(tok.encode_batch(val_texts), batch_size, window, seed=train.seed + 1, **noise)
+            val_batches = [vb.get(i) for i in range(max(1, min(8, len(vb.windows) // batch_size)))]
+        n_train, truncated = len(batches.windows), {}
+
+    # ---- run directory --------------------------------------------------------------------------------
+    out.mkdir(parents=True, exist_ok=True)
+    tok.save(out)
+    if init is not None:
+        for name in TOKENIZER_FILES:  # keep the exact files of the run we started from
+            if (init / name).exists():
+                shutil.copyfile(init / name, out / name)
+    run_config = {
+        "zenlm_version": __version__,
+        "model": cfg.to_dict(),
+        "objective": "seq2seq" if arch == "encdec" and objective == "pairs" else
+        ("denoise" if objective == "denoise" else "prompt-completion"),
+        "seq2seq": {"arch": arch, "max_source_tokens": src_len, "max_target_tokens": tgt_len,
+                    "label_smoothing": label_smoothing, "source_field": source_field, "target_field": target_field,
+                    "bos_id": ids["bos"], "eos_id": ids["eos"], "pad_id": ids["pad"], "sep_id": ids["sep"],
+                    "truncated": truncated, "init": str(init) if init else None},
+        "batch": {"batch_size": batch_size},
+        "train": config_to_dict(train),
+        "optim": config_to_dict(optim),
+        "data": {"path": str(data.resolve()), "examples": n_train,
+                 "val_path": str(Path(val_data).resolve()) if val_data else None},
+    }
+    atomic_write_text(out / "config.yaml", yaml.safe_dump(run_config, sort_keys=False, allow_unicode=True))
+
+    def get_batch(step: int, micro: int) -> tuple[torch.Tensor, ...]:
+        return tuple(t.to(device, non_blocking=True) for t in batches.get(step, micro))
+
+    def evaluate(m: nn.Module) -> dict[str, float]:
+        return evaluate_pairs(m, arch, val_batches, device)
+
+    n_params = sum(p.numel() for p in net.parameters())
+    report(progress, "train", message=f"{arch} model, {n_params / 1e6:.2f}M parameters; {n_train:,} training "
+           f"examples; batch {batch_size}x{train.grad_accum}; device {device}")
+    loss_fn = functools.partial(seq2seq_loss if arch == "encdec" else prompt_completion_loss,
+                                label_smoothing=label_smoothing)
+    result = fit(net, get_batch, loss_fn, out, train, optim, evaluate=evaluate if val_batches else None,
+                 progress=progress)
+    try:
+        from zenlm.viz import plot_loss_curve
+
+        plot_loss_curve(out / "metrics.jsonl", out / "plots" / "loss.png")
+    except ImportError:  # pragma: no cover - matplotlib is a declared dependency
+        pass
+    return result
+
+
+def seq2seq_settings(run_dir: str | Path) -> dict[str, Any]:
+    """The ``seq2seq`` section of a run's config.yaml (ConfigError for runs not made by this recipe)."""
+    saved = read_run_config(run_dir)
+    if "seq2seq" not in saved:
+        raise ConfigError(f"{run_dir} was not trained on source/target pairs (no seq2seq section in config.yaml); "
+                          "train one with `zenlm finetune seq2seq`.")
+    return saved["seq2seq"]
+
+
+__all__ = ["finetune_seq2seq", "seq2seq_loss", "prompt_completion_loss", "evaluate_pairs", "seq2seq_settings",
+           "Pair"]
