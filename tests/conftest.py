@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+import torch
 
 from zenlm.data.corpus import open_corpus, shakespeare_char_text
 from zenlm.data.shards import prepare
 from zenlm.tokenizer import Tokenizer, train_tokenizer
+
+# Parallel workers share the cores: give each its share of threads (also for the CLI subprocesses it starts),
+# or PyTorch's thread pools oversubscribe the machine and a step can take 10x longer.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    _threads = max(1, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
+    os.environ["OMP_NUM_THREADS"] = str(_threads)
+    torch.set_num_threads(_threads)
 
 EXTRA = "中文文本，人民日报。Ünïcödé façade — “quotes” 😀🚀\n"
 

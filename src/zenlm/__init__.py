@@ -1,9 +1,9 @@
 """zenlm: from raw text to a served language model.
 
-    import zenlm
-    lm = zenlm.load("runs/demo-en/run")
-    print(lm.generate("ROMEO:", max_new_tokens=60))
-    print(lm.perplexity(["To be, or not to be"]))
+    >>> import zenlm
+    >>> lm = zenlm.load("runs/demo-en/run")
+    >>> text = lm.generate("ROMEO:", max_new_tokens=60)
+    >>> ppl = lm.perplexity(["To be, or not to be"])
 """
 
 from __future__ import annotations

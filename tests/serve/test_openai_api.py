@@ -217,7 +217,8 @@ def test_api_key_required_on_v1_but_not_health(lm):
         _error(httpx.get(srv.url + "/v1/models", headers={"Authorization": "s3cret-key"}), 401)
         good = client(srv, "s3cret-key")
         assert good.models.list().data[0].id == "tiny"
-        assert good.completions.create(model="tiny", prompt="x", max_tokens=2).usage.completion_tokens == 2
+        done = good.completions.create(model="tiny", prompt="x", max_tokens=2)  # sampled: may end early
+        assert done.usage.completion_tokens == 2 or done.choices[0].finish_reason == "stop"
 
 
 def test_concurrent_streams_are_batched_and_each_matches_its_reference(lm):

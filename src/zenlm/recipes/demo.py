@@ -42,6 +42,7 @@ def demo(
     lang: str = "en",
     max_seconds: float = 300.0,
     out: str | Path | None = None,
+    max_steps: int | None = None,
     model: str = "demo",
     device: str = "auto",
     precision: str = "auto",
@@ -50,11 +51,14 @@ def demo(
     """Run the whole pipeline within about ``max_seconds`` of wall time; returns where it all went.
 
     out: the demo folder (default runs/demo-LANG); a previous demo there is replaced, anything else is refused.
+    max_steps: stop training after this many optimiser steps even if time is left (None: time decides).
     """
     if lang not in DEMOS:
         raise ConfigError(f"--lang {lang!r} is not available; choose one of {sorted(DEMOS)}.")
     if max_seconds < 30:
         raise ConfigError("--max-seconds must be at least 30 for the demo to train anything.")
+    if max_steps is not None and max_steps < 1:
+        raise ConfigError(f"--max-steps must be at least 1, got {max_steps}.")
     spec = DEMOS[lang]
     t0 = time.perf_counter()
     root = Path(out or f"runs/demo-{lang}")
@@ -81,7 +85,7 @@ def demo(
     result = pretrain(
         data_dir, run_dir, model=s["model"], model_overrides=s["model_overrides"], batch_size=s["batch_size"],
         seq_len=s["seq_len"], eval_tokens=32768,
-        train=TrainConfig(max_steps=1_000_000, max_seconds=budget, eval_every=100, log_every=10,
+        train=TrainConfig(max_steps=max_steps or 1_000_000, max_seconds=budget, eval_every=100, log_every=10,
                           ckpt_every=0, device=device, precision=precision),
         optim=OptimConfig(**s["optim"]),
         progress=progress,

@@ -307,6 +307,7 @@ def demo(
     out: str | None = None,
     device: str = "auto",
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto",
+    max_steps: int | None = None,
 ) -> None:
     """The whole pipeline in one command: tokenizer, shards, pretraining, evaluation, a sample.
 
@@ -316,13 +317,14 @@ def demo(
         out: folder for the demo (default runs/demo-LANG; a previous demo there is replaced)
         device: auto, cpu, cuda or mps
         precision: auto, fp32, bf16 or fp16
+        max_steps: stop training after this many steps even if time is left (default: the time budget decides)
     """
     import zenlm
     from zenlm.recipes.demo import demo as run_demo
 
     progress = TerminalProgress()
     res = run_demo(lang=lang, max_seconds=max_seconds, out=out, device=device, precision=precision,
-                   progress=progress)
+                   max_steps=max_steps, progress=progress)
     progress.close()
     _print_result(res.train, res.run_dir)
     lm = zenlm.load(res.run_dir, device=device)
@@ -452,13 +454,13 @@ def build_parser() -> argparse.ArgumentParser:
     conv_sub = conv.add_subparsers(dest="convverb", metavar="ACTION")
     add_verb(conv_sub, "from-hf", convert_from_hf, positional=("src",))
     add_verb(conv_sub, "to-hf", convert_to_hf, positional=("run",))
-    from zenlm import cli_seq2seq  # source -> target verbs live in their own module
+    from zenlm.cli import seq2seq as cli_seq2seq  # source -> target verbs live in their own module
 
     ft = sub.add_parser("finetune", help="fine-tuning commands (seq2seq)")
     ft_sub = ft.add_subparsers(dest="ftverb", metavar="TASK")
     add_verb(ft_sub, "seq2seq", cli_seq2seq.finetune_seq2seq)
     add_verb(sub, "evaluate", cli_seq2seq.evaluate, positional=("run",))
-    from zenlm import cli_serve  # HTTP server and terminal chat
+    from zenlm.cli import serve as cli_serve  # HTTP server and terminal chat
 
     add_verb(sub, "serve", cli_serve.serve, positional=("run",))
     add_verb(sub, "chat", cli_serve.chat, positional=("run",))
