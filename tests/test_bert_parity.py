@@ -46,3 +46,64 @@ def test_zenlm_tokenizer_gives_identical_ids():
     ref = transformers.AutoTokenizer.from_pretrained(str(MODEL_DIR))(TEXTS)["input_ids"]
     assert tok.kind == "wordpiece"
     assert [tok.hf.encode(t).ids for t in TEXTS] == ref
+
+
+@pytest.fixture(scope="module")
+def minilm_run(tmp_path_factory):
+    from zenlm.convert import import_hf
+
+    return import_hf(MODEL_DIR, tmp_path_factory.mktemp("minilm") / "run")
+
+
+def test_imported_run_embeds_like_sentence_transformers(minilm_run):
+    """`zenlm convert from-hf` -> run directory -> zenlm.load(...).embed() == sentence-transformers."""
+    import yaml
+    from sentence_transformers import SentenceTransformer
+
+    import zenlm
+    from zenlm.data.classify import encode_for_model
+
+    cfg = yaml.safe_load((minilm_run / "config.yaml").read_text())
+    assert cfg["model"]["arch"] == "bert" and cfg["source"]["initialised_heads"] == ["mlm_bias", "mlm_dense",
+                                                                                     "mlm_ln"]
+    lm = zenlm.load(minilm_run, device="cpu")
+    ref_ids = transformers.AutoTokenizer.from_pretrained(str(MODEL_DIR))(TEXTS)["input_ids"]
+    assert encode_for_model(lm.tokenizer, TEXTS, 512, encoder=True) == ref_ids  # [CLS] ... [SEP] included
+    ref = torch.as_tensor(SentenceTransformer(str(MODEL_DIR), device="cpu").encode(TEXTS, normalize_embeddings=True))
+    assert (lm.embed(TEXTS, batch_size=3) - ref).abs().max().item() <= 1e-4
+    raw = lm.embed(TEXTS, normalize=False)
+    assert torch.allclose(torch.nn.functional.normalize(raw, dim=-1), lm.embed(TEXTS), atol=1e-6)
+
+
+def test_import_refuses_a_foreign_folder_and_keeps_it(tmp_path):
+    from zenlm.convert import import_hf
+    from zenlm.errors import CheckpointError
+
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep")
+    with pytest.raises(CheckpointError, match="not a zenlm run directory"):
+        import_hf(MODEL_DIR, tmp_path / "mine")
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep"
+
+
+def test_minilm_fine_tunes_to_a_classifier(minilm_run, tmp_path):
+    import random
+
+    import zenlm
+    from zenlm.recipes.finetune_classify import finetune_classify
+    from zenlm.train.loop import TrainConfig
+
+    rng = random.Random(0)
+    pos = ["a wonderful film", "great acting and a moving story", "I loved every minute", "brilliant and funny",
+           "这部电影太好看了", "非常精彩"]
+    neg = ["a boring film", "terrible acting and a dull story", "I hated every minute", "awful and slow",
+           "这部电影太难看了", "非常无聊"]
+    rows = [{"text": t, "label": "pos"} for t in pos * 4] + [{"text": t, "label": "neg"} for t in neg * 4]
+    rng.shuffle(rows)
+    data = tmp_path / "reviews.jsonl"
+    data.write_text("".join(__import__("json").dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    res = finetune_classify(minilm_run, data, tmp_path / "clf", val_fraction=0.25, max_len=32, batch_size=8,
+                            epochs=6, lr=3e-4, patience=0, train=TrainConfig(device="cpu", seed=0, tensorboard=False))
+    assert res.report.accuracy >= 0.8, res.report.format()  # 12 held-out reviews after 30 steps
+    got = zenlm.load(tmp_path / "clf", device="cpu").classify(["a great and moving film", "dull and boring"])
+    assert [g["label"] for g in got] == ["pos", "neg"]

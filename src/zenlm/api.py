@@ -1,5 +1,6 @@
 """The Python API: ``lm = zenlm.load(RUN_DIR)`` then ``lm.generate(...)``, ``lm.stream(...)``,
-``lm.perplexity(texts)``.
+``lm.perplexity(texts)``; for BERT and classifier runs ``lm.embed(texts)`` / ``lm.classify(texts)``
+(an :class:`zenlm.encoder.EncoderLM`), for encoder-decoders ``lm.generate(source)`` (zenlm.seq2seq).
 """
 
 from __future__ import annotations
@@ -104,6 +105,15 @@ def load(run_dir: str | Path, *, device: str = "auto", dtype: str = "fp32") -> L
         from zenlm.seq2seq import load as load_seq2seq
 
         return load_seq2seq(run_dir, device=device, dtype=dtype)  # type: ignore[return-value]
+    task = saved.get("task") or {}
+    if saved["model"].get("arch") == "bert" or task.get("kind") == "classify":  # texts -> vectors or labels
+        from zenlm.encoder import EncoderLM
+
+        _load_weights(model, run_dir)
+        tokenizer = _load_tokenizer(run_dir)
+        model = model.to(resolve_device(device), dtype=DTYPES[dtype])
+        return EncoderLM(model, tokenizer, run_dir, labels=task.get("labels"),  # type: ignore[return-value]
+                         max_len=task.get("max_len"))
     quant = saved.get("quantization") or {}
     if quant:
         from zenlm.models.int8 import METHOD, quantize_int8
@@ -112,6 +122,14 @@ def load(run_dir: str | Path, *, device: str = "auto", dtype: str = "fp32") -> L
             raise CheckpointError(f"{run_dir}/config.yaml names quantization {quant.get('method')!r}; this "
                                   f"version reads {METHOD!r}.")
         quantize_int8(model, empty=True)  # int8 layers, filled from model.safetensors below
+    _load_weights(model, run_dir)
+    tokenizer = _load_tokenizer(run_dir)
+    model = model.to(resolve_device(device), dtype=DTYPES[dtype])
+    return LM(model, tokenizer, run_dir)
+
+
+def _load_weights(model: torch.nn.Module, run_dir: Path) -> None:
+    """model.safetensors of ``run_dir``, else its newest checkpoint's weights, into ``model``."""
     weights = run_dir / "model.safetensors"
     if not weights.is_file():
         ckpts = list_checkpoints(run_dir / "checkpoints")
@@ -119,8 +137,9 @@ def load(run_dir: str | Path, *, device: str = "auto", dtype: str = "fp32") -> L
             raise CheckpointError(f"{run_dir} has neither model.safetensors nor a checkpoint; train it first.")
         weights = ckpts[-1] / "model.safetensors"
     load_model_weights(model, weights)
+
+
+def _load_tokenizer(run_dir: Path) -> Tokenizer:
     if not (run_dir / "tokenizer.json").is_file():
         raise CheckpointError(f"{run_dir} has no tokenizer.json; copy the tokenizer of its data directory there.")
-    tokenizer = Tokenizer.load(run_dir)
-    model = model.to(resolve_device(device), dtype=DTYPES[dtype])
-    return LM(model, tokenizer, run_dir)
+    return Tokenizer.load(run_dir)

@@ -92,8 +92,8 @@ def add_verb(sub: argparse._SubParsersAction, name: str, fn: Callable, positiona
         else:
             kw["type"] = str
         if pname in positional:
-            if has_default:
-                kw["nargs"] = "?"
+            if has_default:  # optional: a list may be empty, a single value may be left out
+                kw["nargs"] = "*" if kw.get("nargs") == "+" else "?"
             p.add_argument(pname, **kw, default=param.default if has_default else None)
             continue
         flag = "--" + pname.replace("_", "-")

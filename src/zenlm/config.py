@@ -166,8 +166,13 @@ def config_from_dict(d: dict[str, Any]) -> GPTConfig:
         from zenlm.models.encdec import EncDecConfig
 
         return EncDecConfig.from_dict(d)  # type: ignore[return-value]
+    if arch == "bert":
+        from zenlm.models.bert import BertConfig
+
+        return BertConfig.from_dict(d)  # type: ignore[return-value]
     if arch != "gpt":
-        raise ConfigError(f"unknown model architecture {arch!r} in config; this version knows 'gpt'.")
+        raise ConfigError(f"unknown model architecture {arch!r} in config; this version knows 'gpt', 'bert' "
+                          "and 'encdec'.")
     fields = {f.name for f in dataclasses.fields(GPTConfig)}
     unknown = sorted(set(d) - fields)
     if unknown:

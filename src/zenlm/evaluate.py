@@ -8,12 +8,19 @@ They are computed by the standard packages, so the numbers match published ones:
   CJK character is one token, since rouge-score's own tokeniser keeps only ASCII letters and digits)
 
 All scores are percentages (0-100).
+
+Classification metrics (accuracy, per-class and macro precision/recall/F1, the confusion matrix) are written
+out by hand below, so the formulas can be read next to the code. They are fractions (0-1), as in
+scikit-learn, and agree with ``sklearn.metrics`` used with ``zero_division=0``.
 """
 
 from __future__ import annotations
 
+import operator
 import re
+import unicodedata
 from collections.abc import Sequence
+from dataclasses import asdict, dataclass
 from typing import Literal
 
 from zenlm.errors import DataError
@@ -114,4 +121,226 @@ def generation_metrics(predictions: Sequence[str], references: Sequence[str], la
     return out
 
 
-__all__ = ["bleu", "chrf", "rouge", "generation_metrics", "detect_lang"]
+# ------------------------------------------------------------------------------------------------------------
+# Classification metrics, written out by hand.
+#
+# With C classes and N examples, the confusion matrix M (C x C) counts M[t][p] = how many examples of true
+# class t were predicted as class p. Every other score is read off it:
+#
+#   TP_c        = M[c][c]                            (true class c, predicted c)
+#   support_c   = sum_p M[c][p]        (row sum)     (examples whose true class is c)
+#   predicted_c = sum_t M[t][c]        (column sum)  (examples predicted as c)
+#   precision_c = TP_c / predicted_c                 (0 when c is never predicted)
+#   recall_c    = TP_c / support_c                   (0 when c has no examples)
+#   F1_c        = 2 P_c R_c / (P_c + R_c)            (0 when P_c + R_c = 0)
+#   accuracy    = sum_c TP_c / N                     (trace over total)
+#   macro X     = (1/C) sum_c X_c                    (every class counts the same, rare or not)
+#   weighted F1 = sum_c support_c F1_c / N           (classes count by their number of examples)
+#
+# The zero conventions are scikit-learn's ``zero_division=0``.
+# ------------------------------------------------------------------------------------------------------------
+
+
+def _safe_div(num: float, den: float) -> float:
+    return num / den if den else 0.0
+
+
+def _as_index(value: object, what: str, position: int, n_classes: int) -> int:
+    try:
+        i = operator.index(value)  # accepts int, numpy ints and one-element integer tensors; refuses floats
+    except TypeError:
+        raise DataError(f"{what} {value!r} (example {position}) is not an integer class index; pass class "
+                        "indices 0, 1, ... or use classification_report_from_names for label strings.") from None
+    if not 0 <= i < n_classes:
+        raise DataError(f"{what} index {i} (example {position}) is not one of the {n_classes} classes "
+                        f"(0..{n_classes - 1}); check that the label list matches the model's outputs.")
+    return i
+
+
+def _check_indices(y_true: Sequence[int], y_pred: Sequence[int], n_classes: int) -> tuple[list[int], list[int]]:
+    if n_classes < 1:
+        raise DataError("need at least one class; pass the labels the model was trained on.")
+    if len(y_true) != len(y_pred):
+        raise DataError(f"{len(y_true)} true labels but {len(y_pred)} predictions; "
+                        "give exactly one prediction per example.")
+    if len(y_true) == 0:
+        raise DataError("no examples to score; give at least one (true label, prediction) pair.")
+    true = [_as_index(v, "label", i, n_classes) for i, v in enumerate(y_true)]
+    pred = [_as_index(v, "prediction", i, n_classes) for i, v in enumerate(y_pred)]
+    return true, pred
+
+
+def _check_labels(labels: Sequence[str]) -> list[str]:
+    if isinstance(labels, str):
+        raise DataError("pass the class labels as a list of strings, not one string.")
+    names = list(labels)
+    if not names:
+        raise DataError("need at least one class label; pass the labels the model was trained on.")
+    if len(set(names)) != len(names):
+        dupes = sorted({str(x) for x in names if names.count(x) > 1})
+        raise DataError(f"class labels {dupes} appear more than once; give each class one unique label.")
+    return names
+
+
+def _shown(names: Sequence[object], limit: int = 20) -> str:
+    """The list of names for an error message, cut short when it is long."""
+    head = ", ".join(repr(x) for x in names[:limit])
+    return head + (f", ... ({len(names) - limit} more)" if len(names) > limit else "")
+
+
+def confusion_matrix(y_true: Sequence[int], y_pred: Sequence[int], n_classes: int) -> list[list[int]]:
+    """Count ``matrix[t][p]`` = number of examples of true class t that were predicted as class p.
+
+    Args:
+        y_true: (N,) true class indices in 0..n_classes-1.
+        y_pred: (N,) predicted class indices in 0..n_classes-1.
+        n_classes: C; a class absent from both lists still gets its (all-zero) row and column.
+
+    Returns:
+        (C, C) nested list of ints: rows are true classes, columns predicted classes. Row c sums to the support
+        of class c, column c to the number of predictions of class c, the diagonal holds the correct ones.
+
+    Raises:
+        DataError: empty or unequal-length inputs, n_classes < 1, or an index outside 0..n_classes-1.
+    """
+    true, pred = _check_indices(y_true, y_pred, n_classes)
+    matrix = [[0] * n_classes for _ in range(n_classes)]
+    for t, p in zip(true, pred, strict=True):
+        matrix[t][p] += 1
+    return matrix
+
+
+def _class_scores(matrix: list[list[int]], c: int, label: str) -> dict:
+    """Precision, recall, F1 and support of class c, read off the (C, C) confusion matrix."""
+    tp = matrix[c][c]
+    support = sum(matrix[c])  # row c: examples whose true class is c
+    predicted = sum(row[c] for row in matrix)  # column c: examples predicted as c
+    precision = _safe_div(tp, predicted)
+    recall = _safe_div(tp, support)
+    f1 = _safe_div(2 * precision * recall, precision + recall)
+    return {"label": label, "precision": precision, "recall": recall, "f1": f1, "support": support}
+
+
+def _display_width(text: str) -> int:
+    """Terminal columns taken by ``text``: wide (e.g. Chinese) characters take two."""
+    return sum(2 if unicodedata.east_asian_width(ch) in "WF" else 1 for ch in text)
+
+
+def _table_row(name: str, scores: Sequence[float | None], support: int, width: int, digits: int) -> str:
+    cells = "".join(" " * 11 if x is None else f"{x:>11.{digits}f}" for x in scores)
+    return " " * (width - _display_width(name)) + name + cells + f"{support:>11}"
+
+
+@dataclass
+class ClassificationReport:
+    """Scores of a classifier on N examples of C classes, as fractions in 0-1 (formulas above).
+
+    ``per_class[c]`` is ``{"label", "precision", "recall", "f1", "support"}`` for class c, ``confusion`` the
+    (C, C) confusion matrix (rows true, columns predicted) and ``labels[c]`` the name of class c. Macro scores
+    are unweighted means over all C classes; ``weighted_f1`` weights each class's F1 by its support.
+    """
+
+    accuracy: float
+    macro_precision: float
+    macro_recall: float
+    macro_f1: float
+    weighted_f1: float
+    per_class: list[dict]
+    confusion: list[list[int]]
+    labels: list[str]
+
+    def to_dict(self) -> dict:
+        """The report as plain floats, ints, strings and lists, ready for ``json.dumps``."""
+        return asdict(self)
+
+    def format(self, digits: int = 2) -> str:
+        """A text table like scikit-learn's ``classification_report``, with ``digits`` decimals.
+
+        One row per class (precision, recall, f1-score, support), then accuracy, the macro average and the
+        support-weighted average. Columns stay aligned for Chinese labels too (wide characters count twice).
+        """
+        n = sum(row["support"] for row in self.per_class)
+
+        def weighted(key: str) -> float:
+            return _safe_div(sum(row[key] * row["support"] for row in self.per_class), n)
+
+        rows = [(r["label"], (r["precision"], r["recall"], r["f1"]), r["support"]) for r in self.per_class]
+        summary = [("accuracy", (None, None, self.accuracy), n),
+                   ("macro avg", (self.macro_precision, self.macro_recall, self.macro_f1), n),
+                   ("weighted avg", (weighted("precision"), weighted("recall"), self.weighted_f1), n)]
+        width = max(_display_width(name) for name, _, _ in rows + summary)
+        header = " " * width + "".join(f"{h:>11}" for h in ("precision", "recall", "f1-score", "support"))
+        body = [_table_row(name, scores, support, width, digits) for name, scores, support in rows]
+        tail = [_table_row(name, scores, support, width, digits) for name, scores, support in summary]
+        return "\n".join([header, "", *body, "", *tail])
+
+
+def classification_report(y_true: Sequence[int], y_pred: Sequence[int],
+                          labels: Sequence[str]) -> ClassificationReport:
+    """Accuracy, per-class and macro precision/recall/F1, weighted F1 and the confusion matrix.
+
+    Args:
+        y_true: (N,) true class indices into ``labels``.
+        y_pred: (N,) predicted class indices into ``labels``.
+        labels: (C,) class names, class c is ``labels[c]``. Every class counts in the macro averages, also one
+            with no examples (its recall and F1 are 0), so macro scores are comparable across test sets.
+
+    Raises:
+        DataError: no examples, unequal lengths, no or duplicate labels, or an index outside 0..C-1.
+    """
+    names = _check_labels(labels)
+    matrix = confusion_matrix(y_true, y_pred, len(names))
+    per_class = [_class_scores(matrix, c, str(name)) for c, name in enumerate(names)]
+    n = sum(row["support"] for row in per_class)
+
+    def macro(key: str) -> float:
+        return sum(row[key] for row in per_class) / len(per_class)
+
+    return ClassificationReport(
+        accuracy=sum(matrix[c][c] for c in range(len(names))) / n,
+        macro_precision=macro("precision"),
+        macro_recall=macro("recall"),
+        macro_f1=macro("f1"),
+        weighted_f1=sum(row["f1"] * row["support"] for row in per_class) / n,
+        per_class=per_class,
+        confusion=matrix,
+        labels=[str(name) for name in names],
+    )
+
+
+def _names_to_indices(values: Sequence[str], index: dict, what: str, problem: str, advice: str) -> list[int]:
+    unknown = [(i, v) for i, v in enumerate(values) if v not in index]
+    if unknown:
+        found = sorted({str(v) for _, v in unknown})
+        known = _shown(list(index))
+        raise DataError(f"{what} {_shown(found)} (first at example {unknown[0][0]}) {problem}; "
+                        f"the {len(index)} known labels are: {known}. {advice}")
+    return [index[v] for v in values]
+
+
+def classification_report_from_names(true_names: Sequence[str], pred_names: Sequence[str],
+                                     labels: Sequence[str]) -> ClassificationReport:
+    """:func:`classification_report` on label strings instead of class indices.
+
+    Args:
+        true_names: (N,) the true label of each example; each must be one of ``labels``.
+        pred_names: (N,) the predicted label of each example; each must be one of ``labels``.
+        labels: (C,) the labels the model was trained on, in the order of its outputs.
+
+    Raises:
+        DataError: as :func:`classification_report`, and when a true label was not seen in training or a
+            prediction is not one of ``labels``.
+    """
+    if isinstance(true_names, str) or isinstance(pred_names, str):
+        raise DataError("pass lists of labels (one per example), not a single string.")
+    names = _check_labels(labels)
+    index = {name: c for c, name in enumerate(names)}
+    y_true = _names_to_indices(true_names, index, "true label(s)", "were not seen in training",
+                               "Drop or relabel those examples, or retrain with these labels.")
+    y_pred = _names_to_indices(pred_names, index, "predicted label(s)", "are not among the model's labels",
+                               "Predictions must come from the label list the model was trained with.")
+    return classification_report(y_true, y_pred, names)
+
+
+__all__ = ["bleu", "chrf", "rouge", "generation_metrics", "detect_lang", "confusion_matrix",
+           "ClassificationReport", "classification_report", "classification_report_from_names"]

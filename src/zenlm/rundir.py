@@ -38,11 +38,30 @@ def read_run_config(run_dir: str | Path) -> dict[str, Any]:
 
 
 def build_model_from_run(run_dir: str | Path) -> tuple[GPT, GPTConfig, dict[str, Any]]:
-    """The (untrained) model described by ``run_dir/config.yaml``, its config and the whole run config."""
+    """The (untrained) model described by ``run_dir/config.yaml``, its config and the whole run config.
+
+    A GPT, a BERT (arch "bert") or an encoder-decoder (arch "encdec"); a classifier run (``task.kind:
+    classify``) wraps its GPT or BERT backbone in a :class:`~zenlm.models.classifier.SequenceClassifier`.
+    """
     saved = read_run_config(run_dir)
     cfg = config_from_dict(saved["model"])
-    if saved["model"].get("arch") == "encdec":
+    arch = saved["model"].get("arch")
+    if arch == "encdec":
         from zenlm.models.encdec import EncoderDecoder
 
         return EncoderDecoder(cfg), cfg, saved  # type: ignore[return-value,arg-type]
-    return GPT(cfg), cfg, saved
+    if arch == "bert":
+        from zenlm.models.bert import Bert
+
+        model: Any = Bert(cfg)  # type: ignore[arg-type]
+    else:
+        model = GPT(cfg)
+    task = saved.get("task") or {}
+    if task.get("kind") == "classify":
+        from zenlm.models.classifier import SequenceClassifier
+
+        labels = task.get("labels")
+        if not isinstance(labels, list) or len(labels) < 2:
+            raise CheckpointError(f"{run_dir}/config.yaml: a classifier run needs task.labels (two or more).")
+        model = SequenceClassifier(model, len(labels), task.get("pooling", "mean"), task.get("dropout", 0.1))
+    return model, cfg, saved

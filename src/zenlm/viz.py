@@ -1,15 +1,20 @@
-"""Pictures of training: loss curves (matplotlib, PNG, no display needed)."""
+"""Pictures of training and evaluation: loss curves and confusion matrices (matplotlib, PNG, no display needed)."""
 
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib import font_manager  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+
+from zenlm.errors import DataError  # noqa: E402
 
 
 def read_metrics(path: str | Path) -> list[dict]:
@@ -49,3 +54,80 @@ def plot_loss_curve(metrics_path: str | Path, out_png: str | Path, title: str | 
     plt.close(fig)
     os.replace(tmp, out_png)
     return out_png
+
+
+# CJK fonts that may be installed; used first when a label has characters DejaVu Sans lacks (no downloads:
+# when none is installed matplotlib falls back and draws empty boxes, with a "missing glyph" warning).
+_CJK_FONTS = ("Noto Sans CJK SC", "Noto Sans SC", "Source Han Sans SC", "WenQuanYi Zen Hei", "WenQuanYi Micro Hei",
+              "SimHei", "Microsoft YaHei", "PingFang SC", "Heiti SC", "Arial Unicode MS")
+
+
+def _font_families(labels: Sequence[str]) -> list[str]:
+    """Sans-serif families to draw ``labels`` with: installed CJK fonts first when a label needs them."""
+    default = list(plt.rcParams["font.sans-serif"])
+    if all(ch.isascii() for label in labels for ch in label):
+        return default
+    installed = {f.name for f in font_manager.fontManager.ttflist}
+    return [f for f in _CJK_FONTS if f in installed] + default
+
+
+def _check_matrix(matrix: Sequence[Sequence[int]], labels: Sequence[str]) -> list[list[float]]:
+    rows = [[float(x) for x in row] for row in matrix]
+    if not rows or any(len(row) != len(rows) for row in rows):
+        raise DataError("the confusion matrix must be square (C rows of C counts) with at least one class.")
+    if len(labels) != len(rows):
+        raise DataError(f"{len(labels)} labels for a {len(rows)}x{len(rows)} confusion matrix; "
+                        "give one label per class, in the matrix's order.")
+    return rows
+
+
+def _save_atomic(fig: Figure, path: str | Path) -> Path:
+    """Save ``fig`` as a PNG at ``path`` via a temporary file and a rename; creates parent directories."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.png")
+    try:
+        fig.savefig(tmp, format="png")
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def plot_confusion_matrix(matrix: Sequence[Sequence[int]], labels: Sequence[str], path: str | Path, *,
+                          normalize: bool = False, title: str | None = None) -> Path:
+    """Draw a confusion matrix as a heatmap PNG at ``path`` and return the path.
+
+    Args:
+        matrix: (C, C) counts, ``matrix[t][p]`` = examples of true class t predicted as p (rows true, y axis;
+            columns predicted, x axis), as from :func:`zenlm.evaluate.confusion_matrix`.
+        labels: (C,) class names for both axes.
+        path: where to write the PNG (parent directories are created; written atomically).
+        normalize: divide each row by its sum, so a cell is the fraction of true class t predicted as p
+            (its diagonal is the recall of each class); a row with no examples stays 0.
+        title: the figure title (default "confusion matrix").
+    """
+    rows = _check_matrix(matrix, labels)
+    n = len(rows)
+    if normalize:
+        rows = [[x / total for x in row] if (total := sum(row)) else [0.0] * n for row in rows]
+    size = min(4.0 + 0.5 * n, 20.0)
+    with plt.rc_context({"font.sans-serif": _font_families(labels)}):
+        fig, ax = plt.subplots(figsize=(size, size * 0.9), dpi=110)
+        image = ax.imshow(rows, cmap="Blues", vmin=0.0, vmax=1.0 if normalize else None)
+        fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
+        if n <= 30:  # beyond that the numbers no longer fit in the cells
+            top = max(max(row) for row in rows)
+            for t, row in enumerate(rows):
+                for p, value in enumerate(row):
+                    text = f"{value:.2f}" if normalize else f"{int(value)}"
+                    ax.text(p, t, text, ha="center", va="center", fontsize=8,
+                            color="white" if top and value > top / 2 else "black")
+        ax.set_xticks(range(n), [str(x) for x in labels], rotation=45, ha="right", rotation_mode="anchor")
+        ax.set_yticks(range(n), [str(x) for x in labels])
+        ax.set_xlabel("predicted")
+        ax.set_ylabel("true")
+        ax.set_title(title or ("confusion matrix (row-normalised)" if normalize else "confusion matrix"))
+        fig.tight_layout()
+        return _save_atomic(fig, path)

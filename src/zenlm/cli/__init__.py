@@ -7,6 +7,7 @@
     zenlm demo [--lang en|zh] [--max-seconds S]
     zenlm presets
     zenlm convert from-hf HF_DIR --out RUN_DIR  |  zenlm convert to-hf RUN_DIR --out HF_DIR
+    zenlm finetune seq2seq | classify ...   zenlm predict / embed / evaluate RUN ...   zenlm serve / chat RUN
 """
 
 from __future__ import annotations
@@ -150,7 +151,8 @@ def prepare(
 def pretrain(
     data: str,
     out: str,
-    recipe: str = "default",
+    recipe: str | None = None,
+    objective: Literal["causal-lm", "mlm"] | None = None,
     model: str | None = None,
     max_steps: int | None = None,
     max_seconds: float | None = None,
@@ -181,16 +183,29 @@ def pretrain(
     block_size: int | None = None,
     dropout: float | None = None,
 ) -> None:
-    """Pretrain a GPT with next-token prediction on prepared shards.
+    """Pretrain a GPT with next-token prediction, or a BERT encoder with masked-LM (--objective mlm).
 
-    Settings not given on the command line come from the --recipe (see docs/training-speed.md).
+    Settings not given on the command line come from the --recipe (see docs/training-speed.md); without
+    --recipe, causal-lm uses the "default" recipe and mlm the "mlm" recipe (bert-mini, rows of 128 tokens,
+    AdamW 5e-4 with 100 warm-up steps, linear decay, weight decay 0.01).
+
+    Masked-LM pretraining hides 15% of the tokens of each row ([CLS] text [SEP]) and learns to predict them;
+    it needs a tokenizer with the <|mask|>, <|bos|> ([CLS]) and <|eos|> ([SEP]) tokens, which every tokenizer
+    zenlm trains has. A WordPiece tokenizer is the usual choice for BERT:
+
+        zenlm tokenizer train --kind wordpiece --corpus TEXT --out TOK
+        zenlm prepare --corpus TEXT --tokenizer TOK --out DATA
+        zenlm pretrain --objective mlm --data DATA --out RUN
 
     Args:
         data: data directory made by `zenlm prepare`
         out: run directory to create (config.yaml, checkpoints, metrics.jsonl, model.safetensors, plots)
-        recipe: default (demo model, Muon + AdamW, bf16), fast, five-min, or classic (the classic small-GPT
-            recipe: AdamW, fp32)
-        model: model preset (see `zenlm presets`); default from the recipe
+        recipe: default (demo model, Muon + AdamW, bf16), fast, five-min, classic (the classic small-GPT
+            recipe with AdamW and fp32), or mlm (masked LM); default: the objective's recipe
+        objective: causal-lm (GPT, next-token prediction) or mlm (BERT, masked tokens); default: the
+            recipe's, and on --resume the run's own
+        model: model preset (see `zenlm presets`; BERT presets bert-tiny, bert-mini, ... for mlm); default
+            from the recipe
         max_steps: optimiser steps in all
         max_seconds: wall-time budget; the learning rate decays over whichever budget ends first
         resume: continue the run in --out from its newest checkpoint
@@ -216,29 +231,37 @@ def pretrain(
         threads: CPU threads (default: PyTorch's choice, all cores; use 1 when other jobs share the machine)
         n_layer: override the preset's number of layers
         n_head: override the preset's number of heads
-        n_embd: override the preset's width
-        block_size: override the preset's context length
+        n_embd: override the preset's width (d_model of a BERT)
+        block_size: override the preset's context length (max_len of a BERT)
         dropout: override the preset's dropout
     """
+    import dataclasses
+
     from zenlm.recipes.pretrain import pretrain as run_pretrain
-    from zenlm.recipes.registry import recipe_settings
+    from zenlm.recipes.registry import DEFAULT_RECIPE, recipe_settings
+    from zenlm.rundir import read_run_config
     from zenlm.train.loop import TrainConfig
     from zenlm.train.optim import OptimConfig
 
     def given(**kw: object) -> dict:
         return {k: v for k, v in kw.items() if v is not None}
 
+    if objective is None and resume and (Path(out) / "config.yaml").is_file():
+        objective = read_run_config(out).get("objective", "causal-lm")  # continue with the run's own defaults
+    recipe = recipe or DEFAULT_RECIPE[objective or "causal-lm"]
     s = recipe_settings(recipe, **given(model=model, batch_size=batch_size, seq_len=seq_len, grad_accum=grad_accum,
                                         max_steps=max_steps, precision=precision, compile=compile))
+    objective = objective or s["objective"]
     s["optim"].update(given(name=optimizer, lr=lr, min_lr=min_lr, warmup_steps=warmup_steps, schedule=schedule,
                             weight_decay=weight_decay, grad_clip=grad_clip, muon_lr=muon_lr))
     if "min_lr" not in given(min_lr=min_lr) and lr is not None:
         s["optim"]["min_lr"] = min(s["optim"]["min_lr"], lr / 10)
-    s["model_overrides"].update(given(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size,
+    width, context = ("d_model", "max_len") if objective == "mlm" else ("n_embd", "block_size")
+    s["model_overrides"].update(given(n_layer=n_layer, n_head=n_head, **{width: n_embd, context: block_size},
                                       dropout=dropout))
     progress = TerminalProgress()
     result = run_pretrain(
-        data, out, model=s["model"], model_overrides=s["model_overrides"], resume=resume,
+        data, out, objective=objective, model=s["model"], model_overrides=s["model_overrides"], resume=resume,
         batch_size=s["batch_size"], seq_len=s["seq_len"], eval_tokens=eval_tokens or None,
         train=TrainConfig(max_steps=s["max_steps"], max_seconds=max_seconds, grad_accum=s["grad_accum"],
                           eval_every=eval_every, log_every=log_every, ckpt_every=ckpt_every, seed=seed,
@@ -247,7 +270,14 @@ def pretrain(
         progress=progress,
     )
     progress.close()
-    _print_result(result, Path(out))
+    if objective != "mlm":
+        _print_result(result, Path(out))
+        return
+    _print_result(dataclasses.replace(result, val={}), Path(out))
+    if result.val:
+        v = result.val
+        print(f"masked-LM validation loss {v['val_loss']:.4f} nats/masked token  |  perplexity "
+              f"{v['val_mlm_ppl']:.2f}  |  masked-token accuracy {v['val_masked_acc']:.1%}")
 
 
 def _print_result(result, out: Path) -> None:
@@ -454,11 +484,15 @@ def build_parser() -> argparse.ArgumentParser:
     conv_sub = conv.add_subparsers(dest="convverb", metavar="ACTION")
     add_verb(conv_sub, "from-hf", convert_from_hf, positional=("src",))
     add_verb(conv_sub, "to-hf", convert_to_hf, positional=("run",))
+    from zenlm.cli import encoder as cli_encoder  # texts -> labels or vectors
     from zenlm.cli import seq2seq as cli_seq2seq  # source -> target verbs live in their own module
 
-    ft = sub.add_parser("finetune", help="fine-tuning commands (seq2seq)")
+    ft = sub.add_parser("finetune", help="fine-tuning commands (seq2seq, classify)")
     ft_sub = ft.add_subparsers(dest="ftverb", metavar="TASK")
     add_verb(ft_sub, "seq2seq", cli_seq2seq.finetune_seq2seq)
+    add_verb(ft_sub, "classify", cli_encoder.finetune_classify)
+    add_verb(sub, "predict", cli_encoder.predict, positional=("run", "texts"))
+    add_verb(sub, "embed", cli_encoder.embed, positional=("run", "texts"))
     add_verb(sub, "evaluate", cli_seq2seq.evaluate, positional=("run",))
     from zenlm.cli import serve as cli_serve  # HTTP server and terminal chat
 

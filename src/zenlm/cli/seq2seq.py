@@ -129,13 +129,15 @@ def evaluate(
     target_field: str = "target",
     device: str = "auto",
 ) -> None:
-    """Generate a target for every source in a pairs file and score it (BLEU, chrF, ROUGE-1/2/L).
+    """Generate a target for every source in a pairs file and score it (BLEU, chrF, ROUGE-1/2/L); for a
+    classifier run (`zenlm finetune classify`) score its labels instead (accuracy, macro P/R/F1, confusion PNG).
 
     Writes a JSON report (scores, settings, examples, every prediction) and prints a table.
 
     Args:
-        run: run directory made by `zenlm finetune seq2seq`
-        data: .jsonl with {"source": ..., "target": ...} per line; the targets are the references
+        run: run directory made by `zenlm finetune seq2seq` (or `zenlm finetune classify`)
+        data: .jsonl with {"source": ..., "target": ...} per line; the targets are the references (for a
+            classifier: .jsonl/.csv with the text and label fields it was trained with)
         out: JSON report to write (default RUN/eval-DATA.json)
         metrics: any of bleu, chrf, rouge (default: all three)
         lang: language of the targets: auto, en, or zh (Chinese: sacrebleu's zh tokeniser, character ROUGE)
@@ -150,6 +152,12 @@ def evaluate(
         target_field: JSON field holding the reference text
         device: auto, cpu, cuda or mps
     """
+    from zenlm.rundir import read_run_config
+
+    if (read_run_config(run).get("task") or {}).get("kind") == "classify":  # a classifier: labels, not text
+        from zenlm.cli.encoder import evaluate_classify
+
+        return evaluate_classify(run, data, out, batch_size=batch_size, device=device)
     import zenlm.seq2seq as s2s
     from zenlm.cli import TerminalProgress
     from zenlm.data.seq2seq import read_pairs

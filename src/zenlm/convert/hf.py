@@ -478,7 +478,7 @@ def import_hf(
         except ImportError as e:
             raise ConfigError(f"{config_file}: model_type 'bert' needs the BERT converter, which is not "
                               f"available in this installation ({e}).") from None
-        return Path(import_bert(src, out))
+        return Path(import_bert(src, out, overwrite=overwrite, progress=progress))
     if dtype != "auto" and dtype not in DTYPES:
         raise ConfigError(f"dtype {dtype!r} is not supported; choose auto, fp32, bf16 or fp16.")
     arch = architecture_for_hf(c, config_file)

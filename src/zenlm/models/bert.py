@@ -1,12 +1,28 @@
-"""BERT encoder (post-LN, as in the original paper) so that real BERT/MiniLM checkpoints load unchanged.
+"""BERT: a bidirectional Transformer encoder, post-LN as in the original paper, so real BERT/MiniLM
+checkpoints load unchanged.
 
-Forward: embeddings (token + position + token type) -> LayerNorm -> N x [x = LN(x + Attn(x)); x = LN(x + MLP(x))].
+    x = LN(tok_emb(ids) + pos_emb(0..T-1) + typ_emb(types))           # [B, T, C]
+    for each block:                                                    # post-LN: the norm comes *after*
+        x = LN(x + Attn(x, padding mask))                              #   each residual sum
+        x = LN(x + W_out gelu(W_in x))
+    hidden = x                                                         # [B, T, C]
+
+Heads on top of the hidden states:
+
+    mlm_logits = LN(gelu(W_t hidden)) @ tok_emb.weight^T + b           # masked-LM head, decoder tied [B, T, V]
+    pooled     = tanh(W_p hidden[:, 0])                                # pooler: the first ([CLS]) position [B, C]
+    embedding  = mean of hidden over real (unpadded) tokens            # sentence embedding [B, C]
+
+Unlike a GPT, every position attends to every other one (no causal mask); padding is hidden from the
+attention by an additive -inf bias on the padded keys.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -17,7 +33,20 @@ from zenlm.errors import ConfigError
 
 @dataclass
 class BertConfig:
-    """Shape of a BERT encoder."""
+    """Shape of a BERT encoder.
+
+    vocab_size:      token ids the embedding accepts
+    d_model:         width C; head dim = d_model // n_head
+    n_layer:         encoder blocks
+    n_head:          attention heads
+    d_ff:            inner width of the feed-forward layer (4*C in BERT)
+    max_len:         positions 0..max_len-1 (learned position embeddings)
+    type_vocab_size: token-type (segment) ids; 2 in BERT (sentence A / B)
+    layer_norm_eps:  epsilon of every LayerNorm (1e-12 in BERT)
+    dropout:         on embeddings, attention weights and residual branches while training
+    init_std:        normal initialisation of weights (0.02 in BERT)
+    pad_id:          the padding token id
+    """
 
     vocab_size: int = 30522
     d_model: int = 384
@@ -27,63 +56,177 @@ class BertConfig:
     max_len: int = 512
     type_vocab_size: int = 2
     layer_norm_eps: float = 1e-12
+    dropout: float = 0.1
+    init_std: float = 0.02
     pad_id: int = 0
 
     def __post_init__(self) -> None:
+        for name in ("vocab_size", "d_model", "n_layer", "n_head", "d_ff", "max_len", "type_vocab_size"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"{name} must be > 0, got {getattr(self, name)!r}.")
         if self.d_model % self.n_head:
-            raise ConfigError(f"d_model ({self.d_model}) must be divisible by n_head ({self.n_head})")
+            raise ConfigError(f"d_model ({self.d_model}) must be divisible by n_head ({self.n_head}).")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}.")
+
+    # GPTConfig-style names, so code that reports a model's shape works for both families
+    @property
+    def n_embd(self) -> int:
+        return self.d_model
+
+    @property
+    def block_size(self) -> int:
+        return self.max_len
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"arch": "bert", **dataclasses.asdict(self)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> BertConfig:
+        d = {k: v for k, v in d.items() if k != "arch"}
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ConfigError(f"unknown BertConfig fields {unknown}; known fields: {sorted(known)}.")
+        return cls(**d)
+
+    def num_params(self, include_embedding: bool = True) -> int:
+        """Parameter count from the shapes (encoder, pooler and MLM head; the MLM decoder is tied)."""
+        C, F_, V = self.d_model, self.d_ff, self.vocab_size
+        block = (3 * C * C + 3 * C) + (C * C + C) + (C * F_ + F_) + (F_ * C + C) + 4 * C
+        emb = (V + self.max_len + self.type_vocab_size) * C + 2 * C
+        heads = (C * C + C) + (C * C + C + 2 * C + V)  # pooler; MLM transform + LN + output bias
+        total = self.n_layer * block + emb + heads
+        return total if include_embedding else total - (V + self.max_len + self.type_vocab_size) * C
 
 
-class BertLayer(nn.Module):
-    """One post-LN encoder layer."""
+# name -> (one-line description, BertConfig fields). The small shapes follow the BERT miniatures
+# (Turc et al., 2019); minilm-l6 is the shape of all-MiniLM-L6-v2.
+BERT_PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
+    "bert-tiny": ("2 layers x 128 wide, 2 heads: seconds per epoch on a CPU, for tests and smoke runs.",
+                  dict(n_layer=2, d_model=128, n_head=2, d_ff=512, max_len=512)),
+    "bert-mini": ("4 layers x 256 wide, 4 heads.", dict(n_layer=4, d_model=256, n_head=4, d_ff=1024, max_len=512)),
+    "bert-small": ("4 layers x 512 wide, 8 heads.", dict(n_layer=4, d_model=512, n_head=8, d_ff=2048, max_len=512)),
+    "bert-medium": ("8 layers x 512 wide, 8 heads.",
+                    dict(n_layer=8, d_model=512, n_head=8, d_ff=2048, max_len=512)),
+    "minilm-l6": ("6 layers x 384 wide, 12 heads (the all-MiniLM-L6-v2 shape).",
+                  dict(n_layer=6, d_model=384, n_head=12, d_ff=1536, max_len=512)),
+    "bert-base": ("BERT-base: 12 layers x 768 wide, 12 heads (110M with its 30522 vocabulary).",
+                  dict(n_layer=12, d_model=768, n_head=12, d_ff=3072, max_len=512)),
+}
+
+
+class BertBlock(nn.Module):
+    """One post-LN encoder block: ``x = LN(x + attn(x)); x = LN(x + mlp(x))``."""
 
     def __init__(self, cfg: BertConfig) -> None:
         super().__init__()
         self.n_head = cfg.n_head
-        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model)
+        self.dropout = cfg.dropout
+        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model)  # q, k, v stacked along the output dim
         self.proj = nn.Linear(cfg.d_model, cfg.d_model)
         self.ln1 = nn.LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps)
         self.fc = nn.Linear(cfg.d_model, cfg.d_ff)
         self.out = nn.Linear(cfg.d_ff, cfg.d_model)
         self.ln2 = nn.LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps)
+        self.drop = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
 
     def forward(self, x_BTC: torch.Tensor, bias_B11T: torch.Tensor) -> torch.Tensor:
         B, T, C = x_BTC.shape
         q, k, v = self.qkv(x_BTC).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)
-        att_BHTD = F.scaled_dot_product_attention(q, k, v, attn_mask=bias_B11T)
-        x_BTC = self.ln1(x_BTC + self.proj(att_BHTD.transpose(1, 2).reshape(B, T, C)))
-        return self.ln2(x_BTC + self.out(F.gelu(self.fc(x_BTC))))
+        # softmax(q k^T / sqrt(D) + bias) v; bias is 0 for real keys and -inf for padding
+        att_BHTD = F.scaled_dot_product_attention(q, k, v, attn_mask=bias_B11T.to(q.dtype),
+                                                  dropout_p=self.dropout if self.training else 0.0)
+        x_BTC = self.ln1(x_BTC + self.drop(self.proj(att_BHTD.transpose(1, 2).reshape(B, T, C))))
+        return self.ln2(x_BTC + self.drop(self.out(F.gelu(self.fc(x_BTC)))))
 
 
 class Bert(nn.Module):
-    """Token ids (B, T) -> last hidden states (B, T, d_model)."""
+    """BERT encoder with its pooler and masked-LM head.
+
+    Module names (the optimiser relies on ``blocks.``): ``tok_emb``, ``pos_emb``, ``typ_emb``, ``ln_emb``,
+    ``blocks.{i}.*``, ``pooler``, ``mlm_dense``, ``mlm_ln``, ``mlm_bias`` (the MLM decoder is ``tok_emb``).
+    """
 
     def __init__(self, cfg: BertConfig) -> None:
         super().__init__()
-        self.cfg = cfg
-        self.tok = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.pos = nn.Embedding(cfg.max_len, cfg.d_model)
-        self.typ = nn.Embedding(cfg.type_vocab_size, cfg.d_model)
-        self.ln = nn.LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps)
-        self.layers = nn.ModuleList(BertLayer(cfg) for _ in range(cfg.n_layer))
+        self.config = cfg
+        C = cfg.d_model
+        self.tok_emb = nn.Embedding(cfg.vocab_size, C)
+        self.pos_emb = nn.Embedding(cfg.max_len, C)
+        self.typ_emb = nn.Embedding(cfg.type_vocab_size, C)
+        self.ln_emb = nn.LayerNorm(C, eps=cfg.layer_norm_eps)
+        self.drop = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
+        self.blocks = nn.ModuleList(BertBlock(cfg) for _ in range(cfg.n_layer))
+        self.pooler = nn.Linear(C, C)
+        self.mlm_dense = nn.Linear(C, C)
+        self.mlm_ln = nn.LayerNorm(C, eps=cfg.layer_norm_eps)
+        self.mlm_bias = nn.Parameter(torch.zeros(cfg.vocab_size))
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """BERT's initialisation: weights ~ N(0, init_std), biases 0, LayerNorm gains 1."""
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(m.weight, std=self.config.init_std)
+            if isinstance(m, nn.Linear):
+                nn.init.zeros_(m.bias)
+            if isinstance(m, nn.LayerNorm):
+                m.reset_parameters()
+        nn.init.zeros_(self.mlm_bias)
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
 
     def forward(self, ids_BT: torch.Tensor, mask_BT: torch.Tensor | None = None,
                 types_BT: torch.Tensor | None = None) -> torch.Tensor:
+        """Last hidden states: ids_BT [B, T] int64, mask_BT [B, T] (1 = real token, 0 = padding; None = all
+        real), types_BT [B, T] segment ids (None = all 0) -> [B, T, C]."""
+        if ids_BT.dim() != 2:
+            raise ConfigError(f"Bert expects token ids of shape [batch, time], got {tuple(ids_BT.shape)}.")
         B, T = ids_BT.shape
+        if T > self.config.max_len:
+            raise ConfigError(f"sequence length {T} exceeds the model's max_len {self.config.max_len}; "
+                              "truncate the input.")
         if types_BT is None:
             types_BT = torch.zeros_like(ids_BT)
-        if mask_BT is None:
-            mask_BT = torch.ones_like(ids_BT)
-        x = self.ln(self.tok(ids_BT) + self.pos(torch.arange(T, device=ids_BT.device)) + self.typ(types_BT))
+        x = self.tok_emb(ids_BT) + self.pos_emb.weight[:T] + self.typ_emb(types_BT)
+        x = self.drop(self.ln_emb(x))
         bias_B11T = torch.zeros(B, 1, 1, T, dtype=x.dtype, device=x.device)
-        bias_B11T = bias_B11T.masked_fill(mask_BT[:, None, None, :] == 0, -math.inf)
-        for layer in self.layers:
-            x = layer(x, bias_B11T)
+        if mask_BT is not None:
+            bias_B11T = bias_B11T.masked_fill(mask_BT[:, None, None, :] == 0, -math.inf)
+        for block in self.blocks:
+            x = block(x, bias_B11T)
         return x
 
+    def mlm_logits(self, h_NC: torch.Tensor) -> torch.Tensor:
+        """Masked-LM logits for hidden states [..., C] -> [..., V] (float32); the decoder is ``tok_emb``."""
+        h = self.mlm_ln(F.gelu(self.mlm_dense(h_NC)))
+        return (F.linear(h, self.tok_emb.weight) + self.mlm_bias).float()
+
+    def pool(self, h_BTC: torch.Tensor) -> torch.Tensor:
+        """BERT's pooled output: tanh(W_p h[:, 0] + b_p), [B, T, C] -> [B, C]."""
+        return torch.tanh(self.pooler(h_BTC[:, 0]))
+
     def embed(self, ids_BT: torch.Tensor, mask_BT: torch.Tensor, normalize: bool = True) -> torch.Tensor:
-        """Mean of the last hidden states over real tokens: (B, T) -> (B, d_model)."""
+        """Sentence embeddings: the mean of the last hidden states over real tokens, [B, T] -> [B, C];
+        L2-normalised when ``normalize`` (cosine similarity is then a dot product)."""
         h = self.forward(ids_BT, mask_BT)
         m = mask_BT[..., None].to(h.dtype)
         e = (h * m).sum(1) / m.sum(1).clamp(min=1e-9)
         return F.normalize(e, dim=-1) if normalize else e
+
+
+def get_bert_preset(name: str, **overrides: Any) -> BertConfig:
+    """The BertConfig of preset ``name`` with any BertConfig fields in ``overrides`` changed."""
+    if name not in BERT_PRESETS:
+        raise ConfigError(f"unknown BERT preset {name!r}; choose one of: {', '.join(BERT_PRESETS)}.")
+    known = {f.name for f in dataclasses.fields(BertConfig)}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise ConfigError(f"unknown model settings {unknown}; BertConfig fields are: {', '.join(sorted(known))}.")
+    return BertConfig(**{**BERT_PRESETS[name][1], **overrides})
+
+
+__all__ = ["BERT_PRESETS", "Bert", "BertBlock", "BertConfig", "get_bert_preset"]

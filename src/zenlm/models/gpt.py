@@ -244,7 +244,27 @@ class GPT(nn.Module):
 
         if last_only:
             x_BTC = x_BTC[:, -1:]
-        x_BTC = self.norm_f(x_BTC)
+        return self.head(self.norm_f(x_BTC))
+
+    def features(self, idx_BT: Tensor) -> Tensor:
+        """Final hidden states (after ``norm_f``) without the head: idx_BT [B, T] -> [B, T, C].
+
+        Position t has seen tokens 0..t only (causal), so a right-padded batch gives each sequence the same
+        features as alone up to its last real token: read sequence b at position ``len_b - 1``."""
+        B, T = idx_BT.shape
+        if T > self.config.block_size:
+            raise ConfigError(f"sequence length {T} exceeds the model's block_size {self.config.block_size}.")
+        x_BTC = self.tok_emb(idx_BT)
+        if self.pos_emb is not None:
+            x_BTC = x_BTC + self.pos_emb.weight[:T]
+        x_BTC = self.drop(x_BTC)
+        rope = self.rotary(0, T) if self.rotary is not None else None
+        for block in self.blocks:
+            x_BTC = block(x_BTC, rope)
+        return self.norm_f(x_BTC)
+
+    def head(self, x_BTC: Tensor) -> Tensor:
+        """Normalised hidden states [B, T, C] -> logits [B, T, V] (float32), soft-capped when configured."""
         if self.lm_head is None:
             logits_BTV = F.linear(x_BTC, self.tok_emb.weight).float()  # tied: W_head = tok_emb.weight
         else:

@@ -1,19 +1,31 @@
-"""Causal-LM pretraining: token shards -> GPT -> run directory.
+"""Pretraining: token shards -> GPT (causal LM) or BERT (masked LM) -> run directory.
 
-The objective is next-token prediction. For a window of tokens ``t_0 .. t_T`` the model sees
-``x = t_0 .. t_{T-1}`` and is scored on ``y = t_1 .. t_T``::
+``objective="causal-lm"`` (the default) is next-token prediction. For a window of tokens ``t_0 .. t_T`` the
+model sees ``x = t_0 .. t_{T-1}`` and is scored on ``y = t_1 .. t_T``::
 
     loss = -1/(B*T) * sum_{b,t} log softmax(logits[b, t])[y[b, t]]          (nats per token)
 
 Validation also reports perplexity ``exp(loss)`` and bits per byte
 ``loss / ln 2 * tokens / bytes`` (tokens and UTF-8 bytes of the validation text), which compares runs
 that use different tokenizers.
+
+``objective="mlm"`` is BERT's masked-LM pretraining. A row is ``[CLS] t_1 .. t_{T-2} [SEP]`` in which about
+15% of the ordinary tokens were chosen and (mostly) replaced by [MASK] (see
+:class:`zenlm.data.batches.MLMMasking`); M is the set of chosen positions and the model predicts the
+original token at each of them, seeing the whole row in both directions::
+
+    loss = -1/|M| * sum_{(b,t) in M} log softmax(mlm_logits(h[b, t]))[t_orig[b, t]]   (nats per masked token)
+
+Only the |M| (about 0.15*B*T) rows of hidden states are sent through the vocabulary-sized output head.
+Validation reports that loss, its perplexity ``exp(loss)`` (val_mlm_ppl) and the masked-token accuracy
+(val_masked_acc: how often the arg-max prediction is the original token).
 """
 
 from __future__ import annotations
 
 import math
 import shutil
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -23,16 +35,18 @@ import yaml
 from torch import nn
 
 from zenlm import __version__
-from zenlm.config import config_from_dict
-from zenlm.data.batches import CausalBatches, eval_batches
+from zenlm.config import GPTConfig, config_from_dict
+from zenlm.data.batches import IGNORE_INDEX, CausalBatches, MLMBatches, eval_batches, mlm_eval_batches
 from zenlm.data.shards import TokenShards, load_index
 from zenlm.device import resolve_device
-from zenlm.errors import ConfigError
+from zenlm.errors import ConfigError, DataError
+from zenlm.models.bert import BERT_PRESETS, Bert, BertConfig, get_bert_preset
 from zenlm.models.gpt import GPT
-from zenlm.presets import get_preset
+from zenlm.presets import PRESETS, get_preset
 from zenlm.progress import ProgressFn, report
-from zenlm.recipes.registry import RECIPES
+from zenlm.recipes.registry import DEFAULT_RECIPE, recipe_settings
 from zenlm.rundir import TOKENIZER_FILES, read_run_config
+from zenlm.tokenizer import Tokenizer
 from zenlm.train.checkpoint import atomic_write_text, list_checkpoints
 from zenlm.train.loop import TrainConfig, TrainResult, config_to_dict, fit
 from zenlm.train.optim import OptimConfig
@@ -66,11 +80,167 @@ def evaluate_causal_lm(
     }
 
 
+OBJECTIVES = ("causal-lm", "mlm")
+MASK_PROB = 0.15  # fraction of ordinary tokens a masked-LM row asks the model to predict
+
+
+# ---------------------------------------------------------------------------------------------- masked LM
+def mlm_targets(labels_BT: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The scored positions of a masked-LM batch: labels_BT [B, T] (-100 = not scored) ->
+    (pos_N, target_N), the flat indices into B*T of the N masked positions and their original ids."""
+    flat = labels_BT.flatten()
+    pos_N = (flat != IGNORE_INDEX).nonzero().squeeze(1)
+    return pos_N, flat[pos_N]
+
+
+def masked_lm_logits(model: nn.Module, ids_BT: torch.Tensor, pos_N: torch.Tensor) -> torch.Tensor:
+    """Encode ids_BT [B, T], keep the hidden states of the flat positions pos_N [N] and only then apply the
+    vocabulary-sized MLM head: -> float32 logits [N, V] (never [B, T, V])."""
+    h_BTC = model(ids_BT)
+    h_NC = h_BTC.flatten(0, 1).index_select(0, pos_N)
+    return model.mlm_logits(h_NC)
+
+
+def masked_lm_loss(
+    model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+) -> tuple[torch.Tensor, int]:
+    """Mean cross-entropy over the masked positions. batch = (ids_BT, pos_N, target_N) int64 (see
+    :func:`mlm_targets`); returns (loss, number of input tokens B*T)."""
+    ids_BT, pos_N, target_N = batch
+    logits_NV = masked_lm_logits(model, ids_BT, pos_N)
+    # sum / max(N, 1) rather than the mean: a batch with no masked position gives 0, not NaN
+    loss = F.cross_entropy(logits_NV, target_N, reduction="sum") / max(target_N.numel(), 1)
+    return loss, ids_BT.numel()
+
+
+def masked_lm_scores(logits_NV: torch.Tensor, target_N: torch.Tensor) -> tuple[float, int]:
+    """(summed cross-entropy in nats, number of arg-max predictions equal to the target) over N positions."""
+    loss_sum = F.cross_entropy(logits_NV.float(), target_N, reduction="sum").item()
+    return loss_sum, int((logits_NV.argmax(-1) == target_N).sum().item())
+
+
+def masked_lm_metrics(loss_sum: float, n_correct: int, n: int) -> dict[str, float]:
+    """val_loss (mean nats per masked token), val_mlm_ppl = exp(val_loss), val_masked_acc in [0, 1]."""
+    loss = loss_sum / max(n, 1)
+    return {"val_loss": loss, "val_mlm_ppl": math.exp(min(loss, 50.0)), "val_masked_acc": n_correct / max(n, 1)}
+
+
+@torch.no_grad()
+def evaluate_mlm(
+    model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], device: torch.device,
+) -> dict[str, float]:
+    """Masked-LM validation over (ids_BT, labels_BT) batches (e.g. :func:`mlm_eval_batches`); see
+    :func:`masked_lm_metrics` for what it returns."""
+    loss_sum, n_correct, n = 0.0, 0, 0
+    for ids_BT, labels_BT in batches:
+        pos_N, target_N = mlm_targets(labels_BT)
+        ids_BT, pos_N, target_N = (t.to(device, non_blocking=True) for t in (ids_BT, pos_N, target_N))
+        s, c = masked_lm_scores(masked_lm_logits(model, ids_BT, pos_N), target_N)
+        loss_sum, n_correct, n = loss_sum + s, n_correct + c, n + target_N.numel()
+    return masked_lm_metrics(loss_sum, n_correct, n)
+
+
+def mlm_token_ids(tok: Tokenizer, where: Path) -> dict[str, Any]:
+    """The ids masked-LM batches need (mask, [CLS] = bos, [SEP] = eos, all special ids) from ``tok``;
+    DataError naming what is missing when the tokenizer (found in ``where``) lacks one."""
+    roles = {"mask": "the mask token", "bos": "[CLS], the first token of a row",
+             "eos": "[SEP], the last token of a row"}
+    missing = [f"{tok.role_tokens[r]} ({what})" for r, what in roles.items() if getattr(tok, f"{r}_id") is None]
+    if missing:
+        raise DataError(
+            f"masked-LM pretraining needs special tokens that the tokenizer in {where} lacks: {'; '.join(missing)}. "
+            "Train a tokenizer with zenlm's special tokens, e.g. `zenlm tokenizer train --kind wordpiece --corpus "
+            "TEXT --out TOK`, then run `zenlm prepare --tokenizer TOK ...` again.")
+    return {"mask_id": tok.mask_id, "cls_id": tok.bos_id, "sep_id": tok.eos_id,
+            "special_ids": sorted(tok.special_ids)}
+
+
+# ---------------------------------------------------------------------------------------------- the recipe
+Task = tuple[Callable[[int, int], Any], Callable[[nn.Module, Any], "tuple[torch.Tensor, int]"],
+             Callable[[nn.Module], dict[str, float]]]
+
+
+def _model_config(objective: str, model: str | None, vocab_size: int, overrides: dict[str, Any],
+                  pad_id: int | None) -> GPTConfig | BertConfig:
+    """A new run's model config: the preset ``model`` (None = the objective's default recipe's model)."""
+    name = model or recipe_settings(DEFAULT_RECIPE[objective])["model"]
+    if objective == "mlm":
+        if name in PRESETS:
+            raise ConfigError(f"model {name!r} is a GPT (decoder) preset, but masked-LM pretraining trains a BERT "
+                              f"encoder; choose one of: {', '.join(BERT_PRESETS)} (or leave --model out for "
+                              f"{recipe_settings(DEFAULT_RECIPE['mlm'])['model']}).")
+        extra = {"pad_id": pad_id} if pad_id is not None else {}
+        return get_bert_preset(name, **{"vocab_size": vocab_size, **extra, **overrides})
+    if name in BERT_PRESETS:
+        raise ConfigError(f"model {name!r} is a BERT encoder preset, pretrained with --objective mlm; for "
+                          f"causal-LM pretraining choose a GPT preset: {', '.join(PRESETS)}.")
+    return get_preset(name, vocab_size=vocab_size, **overrides)
+
+
+def _start_run_dir(out: Path, data: Path, index: dict[str, Any], objective: str, model_cfg: dict[str, Any],
+                   batch: dict[str, Any], train: TrainConfig, optim: OptimConfig) -> None:
+    """Copy the tokenizer into a new run directory and write its config.yaml."""
+    for name in TOKENIZER_FILES:
+        if (data / name).exists():
+            shutil.copyfile(data / name, out / name)
+    run_config = {
+        "zenlm_version": __version__,
+        "model": model_cfg,
+        "batch": batch,
+        "train": config_to_dict(train),
+        "optim": config_to_dict(optim),
+        "data": {"dir": str(data.resolve()), "vocab_size": int(index["vocab_size"]), "corpus": index.get("corpus")},
+        "objective": objective,
+    }
+    atomic_write_text(out / "config.yaml", yaml.safe_dump(run_config, sort_keys=False, allow_unicode=True))
+
+
+def _causal_lm_task(data: Path, index: dict[str, Any], batch_size: int, seq_len: int, eval_batch_size: int,
+                    eval_seq_len: int, eval_tokens: int | None, seed: int, device: torch.device) -> Task:
+    train_shards = TokenShards.open(data, "train")
+    val_shards = TokenShards.open(data, "val")
+    val_info = index["splits"]["val"]
+    bytes_per_token = max(val_info["bytes"], 1) / max(val_info["tokens"], 1)
+    batches = CausalBatches(train_shards, batch_size, seq_len, seed=seed)
+
+    def get_batch(step: int, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
+        x_BT, y_BT = batches.get(step, micro)
+        return x_BT.to(device, non_blocking=True), y_BT.to(device, non_blocking=True)
+
+    def evaluate(m: nn.Module) -> dict[str, float]:
+        return evaluate_causal_lm(m, val_shards, eval_batch_size, eval_seq_len, eval_tokens, bytes_per_token,
+                                  device)
+
+    return get_batch, causal_lm_loss, evaluate
+
+
+def _mlm_task(data: Path, index: dict[str, Any], batch_size: int, seq_len: int, eval_batch_size: int,
+              eval_seq_len: int, eval_tokens: int | None, seed: int, device: torch.device,
+              token_ids: dict[str, Any]) -> Task:
+    masking = dict(token_ids, vocab_size=int(index["vocab_size"]), mask_prob=MASK_PROB)
+    batches = MLMBatches(TokenShards.open(data, "train"), batch_size, seq_len, seed=seed, **masking)
+    val_shards = TokenShards.open(data, "val")
+    # raises now, not at the first evaluation, when the validation split is too small
+    mlm_eval_batches(val_shards, eval_batch_size, eval_seq_len, eval_tokens, **masking)
+
+    def get_batch(step: int, micro: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        ids_BT, labels_BT = batches.get(step, micro)
+        pos_N, target_N = mlm_targets(labels_BT)  # on the CPU, so the device never waits on a nonzero()
+        return tuple(t.to(device, non_blocking=True) for t in (ids_BT, pos_N, target_N))  # type: ignore[return-value]
+
+    def evaluate(m: nn.Module) -> dict[str, float]:
+        return evaluate_mlm(m, mlm_eval_batches(val_shards, eval_batch_size, eval_seq_len, eval_tokens, **masking),
+                            device)
+
+    return get_batch, masked_lm_loss, evaluate
+
+
 def pretrain(
     data: str | Path,
     out: str | Path,
     *,
-    model: str = "demo",
+    objective: str | None = None,
+    model: str | None = None,
     model_overrides: dict[str, Any] | None = None,
     resume: bool = False,
     batch_size: int = 16,
@@ -82,86 +252,88 @@ def pretrain(
     optim: OptimConfig | None = None,
     progress: ProgressFn | None = None,
 ) -> TrainResult:
-    """Pretrain a GPT on the token shards in ``data`` and write a run directory ``out``.
+    """Pretrain a GPT (causal LM) or a BERT (masked LM) on the token shards in ``data``; write run directory ``out``.
 
     data:            a directory made by ``zenlm prepare`` (shards, index.json, tokenizer files)
     out:             the run directory to create (or to continue with ``resume=True``)
-    model:           a preset name from :mod:`zenlm.presets` (ignored on resume: the saved config is used)
-    model_overrides: GPTConfig fields to change on top of the preset (e.g. {"n_layer": 6})
+    objective:       "causal-lm" (GPT, next-token prediction) or "mlm" (BERT, masked tokens; needs a tokenizer
+                     with mask, bos and eos tokens). None = "causal-lm" for a new run, and the saved objective
+                     on resume (read from config.yaml; giving another one is an error).
+    model:           a preset name, a GPT preset from :mod:`zenlm.presets` for causal-lm or a BERT preset from
+                     :data:`zenlm.models.bert.BERT_PRESETS` for mlm; None = the objective's default recipe's
+                     ("demo" / "bert-mini"). Ignored on resume: the saved config is used.
+    model_overrides: config fields to change on top of the preset (GPTConfig or BertConfig, e.g. {"n_layer": 6})
     batch_size:      sequences per micro-batch; tokens per step = batch_size * seq_len * grad_accum
-    seq_len:         training context (None = the model's block_size)
+    seq_len:         training context (None = the model's block_size / max_len); an MLM row of seq_len tokens
+                     holds [CLS], seq_len - 2 tokens of text and [SEP]
     eval_tokens:     validation tokens per evaluation (None = the whole split)
     eval_seq_len:    window length for validation (None = seq_len); fix it to compare runs fairly
     eval_batch_size: windows per validation batch (None = batch_size)
+    optim:           None = the objective's default recipe's optimiser (Muon + AdamW for causal-lm; AdamW
+                     5e-4, linear decay, weight decay 0.01 for mlm; see :mod:`zenlm.recipes.registry`)
     """
     data, out = Path(data), Path(out)
     train = train or TrainConfig()
-    optim = optim or OptimConfig(**RECIPES["default"].optim)
+    if objective is not None and objective not in OBJECTIVES:
+        raise ConfigError(f"unknown objective {objective!r}; choose one of: {', '.join(OBJECTIVES)}.")
     index = load_index(data)
     vocab_size = int(index["vocab_size"])
 
     if resume:
         saved = read_run_config(out)
+        saved_objective = saved.get("objective", "causal-lm")
+        if objective is not None and objective != saved_objective:
+            raise ConfigError(f"{out} is a {saved_objective} run; resume it with --objective {saved_objective} "
+                              "(or without --objective), or start a new run in another --out.")
+        objective = saved_objective
         cfg = config_from_dict(saved["model"])
         sb = saved.get("batch", {})
         batch_size, seq_len = sb.get("batch_size", batch_size), sb.get("seq_len", seq_len)
         eval_seq_len, eval_batch_size = sb.get("eval_seq_len", eval_seq_len), sb.get("eval_batch_size",
                                                                                      eval_batch_size)
     else:
+        objective = objective or "causal-lm"
         if (out / "config.yaml").exists() or list_checkpoints(out / "checkpoints"):
             raise ConfigError(
                 f"{out} already holds a run; pass --resume to continue it, or choose another --out."
             )
-        cfg = get_preset(model, vocab_size=vocab_size, **(model_overrides or {}))
+    mlm = objective == "mlm"
+    # masked LM: the tokenizer must have the tokens the masking uses (checked before anything is written)
+    tok = Tokenizer.load(data) if mlm else None
+    token_ids = mlm_token_ids(tok, data) if tok is not None else {}
+    if not resume:
+        cfg = _model_config(objective, model, vocab_size, model_overrides or {}, tok.pad_id if tok else None)
+    optim = optim or OptimConfig(**recipe_settings(DEFAULT_RECIPE[objective])["optim"])
     if cfg.vocab_size < vocab_size:
         raise ConfigError(f"model vocab_size {cfg.vocab_size} is smaller than the data's {vocab_size}.")
+    context = "max_len" if mlm else "block_size"
     seq_len = seq_len or cfg.block_size
     if seq_len > cfg.block_size:
-        raise ConfigError(f"seq_len {seq_len} exceeds the model's block_size {cfg.block_size}.")
+        raise ConfigError(f"seq_len {seq_len} exceeds the model's {context} {cfg.block_size}.")
+    if eval_seq_len is not None and eval_seq_len > cfg.block_size:
+        raise ConfigError(f"eval_seq_len {eval_seq_len} exceeds the model's {context} {cfg.block_size}.")
     if batch_size < 1:
         raise ConfigError(f"batch_size must be >= 1, got {batch_size}.")
 
-    train_shards = TokenShards.open(data, "train")
-    val_shards = TokenShards.open(data, "val")
-    val_info = index["splits"]["val"]
-    bytes_per_token = max(val_info["bytes"], 1) / max(val_info["tokens"], 1)
-
     device = resolve_device(train.device)
+    task_args = (data, index, batch_size, seq_len, eval_batch_size or batch_size, eval_seq_len or seq_len,
+                 eval_tokens, train.seed, device)
+    get_batch, loss_fn, evaluate = _mlm_task(*task_args, token_ids) if mlm else _causal_lm_task(*task_args)
     torch.manual_seed(train.seed)
-    net = GPT(cfg).to(device)
+    net = (Bert if mlm else GPT)(cfg).to(device)
 
     out.mkdir(parents=True, exist_ok=True)
     if not resume:
-        for name in TOKENIZER_FILES:
-            if (data / name).exists():
-                shutil.copyfile(data / name, out / name)
-        run_config = {
-            "zenlm_version": __version__,
-            "model": cfg.to_dict(),
-            "batch": {"batch_size": batch_size, "seq_len": seq_len, "eval_tokens": eval_tokens,
-                      "eval_seq_len": eval_seq_len, "eval_batch_size": eval_batch_size},
-            "train": config_to_dict(train),
-            "optim": config_to_dict(optim),
-            "data": {"dir": str(data.resolve()), "vocab_size": vocab_size, "corpus": index.get("corpus")},
-            "objective": "causal-lm",
-        }
-        atomic_write_text(out / "config.yaml", yaml.safe_dump(run_config, sort_keys=False, allow_unicode=True))
+        batch = {"batch_size": batch_size, "seq_len": seq_len, "eval_tokens": eval_tokens,
+                 "eval_seq_len": eval_seq_len, "eval_batch_size": eval_batch_size}
+        _start_run_dir(out, data, index, objective, cfg.to_dict(), batch, train, optim)
 
-    batches = CausalBatches(train_shards, batch_size, seq_len, seed=train.seed)
-
-    def get_batch(step: int, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
-        x_BT, y_BT = batches.get(step, micro)
-        return x_BT.to(device, non_blocking=True), y_BT.to(device, non_blocking=True)
-
-    def evaluate(m: nn.Module) -> dict[str, float]:
-        return evaluate_causal_lm(m, val_shards, eval_batch_size or batch_size, eval_seq_len or seq_len,
-                                  eval_tokens, bytes_per_token, device)
-
+    n_train = index["splits"]["train"]["tokens"]
     report(progress, "train", message=(
-        f"model: {cfg.n_layer} layers, {cfg.n_embd} wide, {cfg.num_params() / 1e6:.2f}M parameters; "
-        f"{len(train_shards):,} training tokens; {batch_size}x{seq_len}x{train.grad_accum} tokens/step; "
-        f"device {device}"))
-    result = fit(net, get_batch, causal_lm_loss, out, train, optim, evaluate=evaluate, resume=resume,
+        f"{'BERT encoder (masked LM)' if mlm else 'model'}: {cfg.n_layer} layers, {cfg.n_embd} wide, "
+        f"{cfg.num_params() / 1e6:.2f}M parameters; {n_train:,} training tokens; "
+        f"{batch_size}x{seq_len}x{train.grad_accum} tokens/step; device {device}"))
+    result = fit(net, get_batch, loss_fn, out, train, optim, evaluate=evaluate, resume=resume,
                  progress=progress)
     try:
         from zenlm.viz import plot_loss_curve
@@ -172,4 +344,5 @@ def pretrain(
     return result
 
 
-__all__ = ["pretrain", "causal_lm_loss", "evaluate_causal_lm"]
+__all__ = ["pretrain", "causal_lm_loss", "evaluate_causal_lm", "masked_lm_loss", "evaluate_mlm", "mlm_targets",
+           "masked_lm_logits", "masked_lm_scores", "masked_lm_metrics", "OBJECTIVES"]

@@ -110,11 +110,12 @@ class TrainResult:
     step: int
     elapsed_s: float
     tokens: int
-    stopped_by: str  # "max_steps" | "max_seconds" | "signal"
+    stopped_by: str  # "max_steps" | "max_seconds" | "signal" | "early_stop"
     train_loss: float | None
     val: dict[str, float] = field(default_factory=dict)
     tokens_per_s: float = 0.0
     train_s: float = 0.0  # elapsed_s minus the time spent in evaluation
+    best_step: int | None = None  # with ``best_metric``: the step whose weights were kept
 
 
 class _StopFlag:
@@ -193,6 +194,8 @@ def fit(
     evaluate: Callable[[nn.Module], dict[str, float]] | None = None,
     resume: bool = False,
     trainer_extra: dict[str, Any] | None = None,
+    best_metric: str | None = None,
+    patience: int | None = None,
     progress: ProgressFn | None = None,
 ) -> TrainResult:
     """Train ``model`` in place and write weights, checkpoints and metrics into ``run_dir``.
@@ -200,6 +203,11 @@ def fit(
     The model must already be on the device given by ``cfg.device`` (use :func:`zenlm.device.resolve_device`).
     With ``resume=True`` the newest checkpoint in ``run_dir/checkpoints`` is restored first (weights,
     optimiser, RNG, step, elapsed time), so the run continues exactly where it stopped.
+
+    best_metric: a key of ``evaluate``'s result where higher is better (e.g. "val_f1"): the weights of the
+                 best evaluation are kept in ``run_dir/best.safetensors`` and become ``model.safetensors``
+                 at the end (``result.val`` is then that evaluation's).
+    patience:    with ``best_metric``, stop early after this many evaluations in a row without improvement.
     """
     run_dir = Path(run_dir)
     device = next(model.parameters()).device
@@ -243,6 +251,20 @@ def fit(
                         {"elapsed_s": elapsed, "train_s": train_s, **extra}, keep=cfg.keep_checkpoints or None)
 
     eval_s = [0.0]  # time spent evaluating in this invocation (excluded from train_s)
+    best: dict[str, Any] = {"value": None, "step": None, "val": {}, "bad": 0}
+
+    def track_best(at_step: int, result: dict[str, float]) -> bool:
+        """Remember the best evaluation (saving its weights); True when patience has run out."""
+        if best_metric is None:
+            return False
+        if best_metric not in result:
+            raise ConfigError(f"best_metric {best_metric!r} is not among the evaluation's results {sorted(result)}.")
+        if best["value"] is None or result[best_metric] > best["value"]:
+            best.update(value=result[best_metric], step=at_step, val=dict(result), bad=0)
+            save_model(model, run_dir / "best.safetensors")
+            return False
+        best["bad"] += 1
+        return bool(patience) and best["bad"] >= patience
 
     def run_eval() -> dict[str, float]:
         if evaluate is None:
@@ -327,9 +349,11 @@ def fit(
                         "train_loss": train_loss, "tokens_per_s": round(tokens_per_s, 1), "tokens": tokens,
                     }
                     record["train_s"] = round(train_before + now - t0 - eval_s[0], 3)
+                    early = False
                     if do_eval:
                         val = run_eval()
                         record.update(val)
+                        early = track_best(step, val)
                     metrics.write(record)
                     info = {"step": step, "loss": train_loss, "tok/s": tokens_per_s, "lr": lr, **val}
                     frac = step / cfg.max_steps
@@ -339,6 +363,12 @@ def fit(
                     report(progress, "train", done=round(100 * min(frac, 1.0), 2), total=100, unit="%",
                            info=info)
                     last_log_t, last_log_tokens = time.perf_counter(), tokens
+                    if early:
+                        stopped_by = "early_stop"
+                        report(progress, "train", message=f"early stop at step {step}: {best_metric} has not "
+                               f"improved for {patience} evaluations (best {best['value']:.4f} at step "
+                               f"{best['step']})")
+                        break
                 if cfg.ckpt_every and step % cfg.ckpt_every == 0 and not is_last:
                     checkpoint(step, elapsed_before + time.perf_counter() - t0)
         except BaseException:
@@ -346,20 +376,27 @@ def fit(
             raise
 
         # ---- the end: final evaluation, checkpoint and weights ------------------------------------------
-        if evaluate is not None and (stopped_by != "max_steps" or not val) and step > (resume_step or 0):
+        if evaluate is not None and (stopped_by not in ("max_steps", "early_stop") or not val) and \
+                step > (resume_step or 0):
             val = run_eval()
             metrics.write({"step": step, "elapsed_s": round(elapsed_before + time.perf_counter() - t0, 3),
                            **val})
+            track_best(step, val)
         elapsed = elapsed_before + time.perf_counter() - t0
         checkpoint(step, elapsed)
-        save_model(model, run_dir / "model.safetensors")
+        if best["step"] is not None:  # the best evaluation's weights are the result
+            os.replace(run_dir / "best.safetensors", run_dir / "model.safetensors")
+            val = best["val"]
+            metrics.write({"step": step, "best_step": best["step"], **{f"best_{k}": v for k, v in val.items()}})
+        else:
+            save_model(model, run_dir / "model.safetensors")
         metrics.close()
     if stopped_by == "signal":
         report(progress, "train", message=f"stopped by signal at step {step}; checkpoint saved, "
                "continue with --resume")
     return TrainResult(step=step, elapsed_s=elapsed, tokens=tokens, stopped_by=stopped_by,
                        train_loss=train_loss, val=val, tokens_per_s=tokens_per_s,
-                       train_s=train_before + elapsed - elapsed_before - eval_s[0])
+                       train_s=train_before + elapsed - elapsed_before - eval_s[0], best_step=best["step"])
 
 
 def config_to_dict(obj: Any) -> dict[str, Any]:
