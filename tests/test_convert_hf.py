@@ -339,7 +339,7 @@ def test_bert_checkpoints_go_to_the_bert_converter(tmp_path: Path, monkeypatch: 
     (src / "config.json").write_text(json.dumps({"model_type": "bert", "architectures": ["BertForMaskedLM"]}))
     calls = []
     fake = types.ModuleType("zenlm.convert.hf_bert")
-    fake.import_bert = lambda s, o: calls.append((Path(s), Path(o))) or Path(o)  # type: ignore[attr-defined]
+    fake.import_bert = lambda s, o, **kw: calls.append((Path(s), Path(o))) or Path(o)  # type: ignore[attr-defined]
     monkeypatch.setitem(sys.modules, "zenlm.convert.hf_bert", fake)
     assert import_hf(src, tmp_path / "out") == tmp_path / "out"
     assert calls == [(src, tmp_path / "out")]

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from zenlm.config import GPTConfig
 from zenlm.device import resolve_device
 from zenlm.errors import CheckpointError, ConfigError
-from zenlm.generate import GenerationConfig, generate_text
+from zenlm.generate import GenerationConfig, generate_text, generate_text_batch
 from zenlm.models.gpt import GPT
 from zenlm.rundir import build_model_from_run
 from zenlm.tokenizer import Tokenizer
@@ -48,6 +48,15 @@ class LM:
     def generate(self, prompt: str, **kwargs) -> str:
         """The continuation of ``prompt`` as one string (same keyword arguments as :meth:`stream`)."""
         return "".join(self.stream(prompt, **kwargs))
+
+    def generate_batch(self, prompts: Sequence[str], **kwargs) -> list[str]:
+        """The continuations of several prompts (any lengths), decoded together in one batch -> one
+        string per prompt, in order. Same keyword arguments as :meth:`stream` (use_cache must stay True).
+
+        Greedy (temperature=0) gives each prompt what :meth:`generate` gives it alone; with sampling,
+        prompt i draws with seed ``seed + i``. See :func:`zenlm.generate.generate_batch`.
+        """
+        return generate_text_batch(self.model, self.tokenizer, prompts, GenerationConfig(**kwargs))
 
     @torch.inference_mode()
     def nll(self, texts: str | Sequence[str]) -> tuple[float, int, int]:

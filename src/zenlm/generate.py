@@ -13,21 +13,25 @@ The pipeline for one new token, in order (each step is a pure function below, te
 
 With ``use_cache`` the prompt is run through the model once (prefill) and every later step feeds only the
 newest token, reading the earlier keys/values from the model's KV cache.
+
+Many prompts of different lengths at once (:func:`generate_batch`): each prompt is prefilled into its own
+row of one preallocated cache; then every step feeds each row's newest token at that row's own position in
+one batched forward pass (:func:`decode_step`, also the decode step of the serving engine), and each row
+picks its token with the pipeline above and its own random generator.
 """
 
 from __future__ import annotations
 
-from collections.abc import Generator, Sequence
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from zenlm.errors import ConfigError
-
-if TYPE_CHECKING:
-    from zenlm.models.gpt import GPT, KVCache
+from zenlm.models.gpt import GPT, KVCache
 
 
 @dataclass
@@ -246,6 +250,222 @@ def _generate_ids(
         model.train(was_training)
 
 
+# ------------------------------------------------------------------------ many prompts -> ids, batched
+
+
+def _slot_cache(k_pool: Tensor, v_pool: Tensor, slot: int) -> KVCache:
+    """A batch-1 KVCache whose buffers are views of one row (slot) of a pool (GPT.forward writes into it).
+
+    k_pool, v_pool: [n_layer, slots, n_kv_head, max_len, head_dim]; the cache starts empty (pos 0).
+    """
+    cache = KVCache.__new__(KVCache)
+    cache.k, cache.v = k_pool[:, slot : slot + 1], v_pool[:, slot : slot + 1]
+    cache.pos = 0
+    return cache
+
+
+@torch.inference_mode()
+def decode_step(
+    model: GPT, tokens_B: Tensor, pos_B: Tensor, k_pool: Tensor, v_pool: Tensor, *, row_attention: bool = False
+) -> Tensor:
+    """One new token for each of the first B slots, each at its own position -> logits [B, V] (float32).
+
+    tokens_B: [B] the newest token of each row; pos_B: [B] its absolute position (= tokens already cached);
+    k_pool, v_pool: [n_layer, >=B, n_kv_head, max_len, head_dim]. Row b writes its key/value at
+    ``pos_B[b]`` and attends over its own keys ``0 .. pos_B[b]`` only. This is ``GPT.forward`` with a cache,
+    written out for per-row positions (same modules, same formulas).
+
+    row_attention: False: one attention call for all rows over the longest row's keys, the others' extra
+    keys masked out. True: one attention call per row over exactly its own keys. Same formula, but the
+    attention kernels sum in an order that depends on the number of keys, so with False a row's last bits
+    (visible in bf16) depend on the other rows' lengths; with True they do not, and a row gets the logits
+    ``GPT.forward`` gives that sequence alone (bit for bit wherever the batched matrix products compute each
+    row as they would alone, as on CPU). The projections and MLPs run batched either way; the per-row calls
+    cost little at the batch sizes of generation (about what the one masked call costs at batch 8 on CPU).
+    """
+    B = tokens_B.shape[0]
+    S = int(pos_B.max()) + 1  # keys any row can see
+    rows_B = torch.arange(B, device=tokens_B.device)
+    x_B1C = model.tok_emb(tokens_B[:, None])
+    if model.pos_emb is not None:
+        x_B1C = x_B1C + model.pos_emb(pos_B)[:, None]
+    rope = None
+    if model.rotary is not None:  # per-row angles, broadcast over heads: [B, 1, 1, D]
+        rope = (model.rotary.cos[pos_B][:, None, None], model.rotary.sin[pos_B][:, None, None])
+    if row_attention:
+        keys_B = (pos_B + 1).tolist()  # row b attends over its first keys_B[b] keys
+    else:
+        mask_B11S = (torch.arange(S, device=tokens_B.device)[None, :] <= pos_B[:, None])[:, None, None]
+    for i, block in enumerate(model.blocks):
+        attn = block.attn
+        H, K, D = attn.n_head, attn.n_kv_head, attn.head_dim
+        q_BH1D, k_BK1D, v_BK1D = attn.heads(block.norm_attn(x_B1C), rope)
+        k_cache, v_cache = k_pool[i], v_pool[i]
+        k_cache[rows_B, :, pos_B] = k_BK1D[:, :, 0].to(k_cache.dtype)  # row b -> its own position
+        v_cache[rows_B, :, pos_B] = v_BK1D[:, :, 0].to(v_cache.dtype)
+        k_BKSD, v_BKSD = k_cache[:B, :, :S], v_cache[:B, :, :S]
+        q_BH1D = q_BH1D.to(v_BKSD.dtype)
+        extra = {"enable_gqa": True} if K != H else {}
+        if row_attention:  # row b: its own keys 0 .. pos_B[b], no mask (as GPT.forward for one new token)
+            y_BH1D = torch.cat([
+                F.scaled_dot_product_attention(q_BH1D[b : b + 1], k_BKSD[b : b + 1, :, :n],
+                                               v_BKSD[b : b + 1, :, :n], **extra)
+                for b, n in enumerate(keys_B)
+            ])
+        else:
+            y_BH1D = F.scaled_dot_product_attention(q_BH1D, k_BKSD, v_BKSD, attn_mask=mask_B11S, **extra)
+        x_B1C = x_B1C + attn.proj(y_BH1D.transpose(1, 2).reshape(B, 1, H * D))
+        x_B1C = x_B1C + block.mlp(block.norm_mlp(x_B1C))
+    x_B1C = model.norm_f(x_B1C)
+    x_BC = x_B1C[:, 0]
+    logits_BV = (F.linear(x_BC, model.tok_emb.weight) if model.lm_head is None else model.lm_head(x_BC)).float()
+    if model.config.logit_softcap is not None:
+        cap = model.config.logit_softcap
+        logits_BV = cap * torch.tanh(logits_BV / cap)
+    return logits_BV
+
+
+def generate_batch(
+    model: GPT,
+    prompts: Sequence[Sequence[int]],
+    cfg: GenerationConfig,
+    *,
+    eos_id: int | None = None,
+    on_token: Callable[[int, int], bool] | None = None,
+) -> list[list[int]]:
+    """Continue several prompts of different lengths together -> the new ids of each, in prompt order.
+
+    prompts: N non-empty lists of ids (any lengths). Each row stops on its own, exactly as
+    :func:`generate_ids` would stop on that prompt alone: after ``cfg.max_new_tokens`` tokens, or when
+    ``eos_id`` is drawn and ``cfg.stop_at_eos`` (not returned). ``on_token(i, token)``, if given, is called
+    for every token kept for prompt i; returning True ends that row after this token (stop strings).
+
+    How: a cache pool k/v [n_layer, N, n_kv_head, max_len, head_dim] with ``max_len = min(block_size,
+    longest prompt + max_new_tokens)``, in the dtype :meth:`GPT.make_cache` picks (the autocast dtype when
+    autocast is on, else the weights'). Prompt i is prefilled alone into row i (``GPT.forward`` on a view of
+    that row), then each step runs :func:`decode_step` over the unfinished rows, each at its own position.
+    A finished row leaves the batch at once: the rows still running are moved up (their cache rows copied),
+    so the batch shrinks and finished rows cost nothing more.
+
+    Sampling: the same pipeline as :func:`generate_ids` (repetition penalty over that row's prompt and
+    output, temperature, top-k, top-p), row by row. Row i draws from its own generator seeded with
+    ``cfg.seed + i`` (``cfg.seed is None``: a fresh random seed per row), so row 0 draws what
+    ``generate_ids`` draws with ``cfg.seed``, and a row's draws do not depend on the other rows.
+
+    Same tokens as alone: each row attends over exactly its own keys (``decode_step(...,
+    row_attention=True)``), so a row's logits do not depend on the other prompts, and greedy rows
+    (temperature 0) give the ids of :func:`generate_ids` on that prompt alone — in fp32, bf16 and int8
+    alike (tested on CPU). On a GPU the batched matrix products may sum in another order than at batch 1,
+    so a near-tie between the two best logits could go the other way there.
+
+    Longer than the context: as :func:`generate_ids` with the cache — a prompt is cropped to its last
+    ``block_size`` tokens, and a row whose cache is full is refilled from its last ``block_size // 2``
+    tokens. The model is in eval mode while generating; its mode is restored afterwards.
+    ``cfg.use_cache=False`` is refused (batched decoding always uses the cache).
+    """
+    if isinstance(prompts, (str, bytes)) or (len(prompts) > 0 and isinstance(prompts[0], int)):
+        raise ConfigError("generate_batch takes a list of prompts, each a list of token ids; for one prompt "
+                          "pass [prompt_ids] or use generate_ids.")
+    rows = [[int(i) for i in p] for p in prompts]
+    vocab_size = model.config.vocab_size
+    for i, ids in enumerate(rows):
+        if not ids:
+            raise ConfigError(f"prompt {i} is empty; generation needs at least one prompt token (for example "
+                              "the tokenizer's bos or eos id).")
+        if min(ids) < 0 or max(ids) >= vocab_size:
+            raise ConfigError(f"prompt {i}: token ids must be in 0..{vocab_size - 1} "
+                              "(the model's vocabulary).")
+    if not cfg.use_cache:
+        raise ConfigError("generate_batch always decodes with the KV cache; leave use_cache=True (the tokens "
+                          "are the same) or call generate_ids for a full recompute per step.")
+    if not rows or cfg.max_new_tokens == 0:
+        return [[] for _ in rows]
+    was_training = model.training
+    model.eval()
+    try:
+        return _generate_batch(model, rows, cfg, eos_id, on_token)
+    finally:
+        model.train(was_training)
+
+
+@torch.inference_mode()
+def _generate_batch(
+    model: GPT, prompts: list[list[int]], cfg: GenerationConfig, eos_id: int | None,
+    on_token: Callable[[int, int], bool] | None,
+) -> list[list[int]]:
+    N = len(prompts)
+    vocab_size, block_size = model.config.vocab_size, model.config.block_size
+    device = next(model.parameters()).device
+    generators = []
+    for i in range(N):
+        g = torch.Generator(device=device)
+        if cfg.seed is None:
+            g.seed()
+        else:
+            g.manual_seed(cfg.seed + i)
+        generators.append(g)
+    seen_NV = None
+    if cfg.repetition_penalty != 1.0:
+        seen_NV = torch.zeros(N, vocab_size, dtype=torch.bool, device=device)
+        for i, ids in enumerate(prompts):
+            seen_NV[i, torch.tensor(ids, device=device)] = True
+    greedy_fast = cfg.temperature == 0 and seen_NV is None  # one argmax over the whole batch
+
+    max_len = min(block_size, max(len(p) for p in prompts) + cfg.max_new_tokens)
+    pool = model.make_cache(N, max_len)
+    k_pool, v_pool = pool.k, pool.v
+    history = [list(p) for p in prompts]  # prompt + new ids of each prompt (for cache refills)
+    out: list[list[int]] = [[] for _ in prompts]
+
+    # Prefill: prompt i alone into cache row i. Row r of the batch holds prompt live[r], pos[r] positions.
+    live = list(range(N))
+    pos: list[int] = []
+    logits: list[Tensor] = []
+    for i, ids in enumerate(prompts):
+        ctx = ids[-block_size:]
+        logits.append(model(torch.tensor([ctx], device=device), cache=_slot_cache(k_pool, v_pool, i),
+                            last_only=True)[0, -1])
+        pos.append(len(ctx))
+    logits_RV = torch.stack(logits)
+
+    for n in range(cfg.max_new_tokens):
+        if greedy_fast:
+            tokens = logits_RV.argmax(dim=-1).tolist()
+        else:
+            tokens = [_step(logits_RV[r], cfg, generators[i], None if seen_NV is None else seen_NV[i])
+                      for r, i in enumerate(live)]
+        keep: list[int] = []  # batch rows that go on
+        for r, (i, token) in enumerate(zip(live, tokens, strict=True)):
+            if cfg.stop_at_eos and eos_id is not None and token == eos_id:
+                continue
+            out[i].append(token)
+            history[i].append(token)
+            ended = on_token is not None and on_token(i, token)  # called for every kept token
+            if ended or n + 1 == cfg.max_new_tokens:
+                continue
+            keep.append(r)
+        if not keep:
+            break
+        if len(keep) < len(live):  # drop finished rows: move the running ones up to rows 0..R-1
+            S = max(pos[r] for r in keep)
+            idx = torch.tensor(keep, device=device)
+            k_pool[:, : len(keep), :, :S] = k_pool[:, idx, :, :S]  # the right side is a copy: no overlap
+            v_pool[:, : len(keep), :, :S] = v_pool[:, idx, :, :S]
+            live, pos = [live[r] for r in keep], [pos[r] for r in keep]
+        for r, i in enumerate(live):
+            if pos[r] >= max_len:  # full (only when max_len == block_size): refill from the recent half
+                ctx = history[i][-max(1, block_size // 2) :]
+                row = _slot_cache(k_pool, v_pool, r)
+                if len(ctx) > 1:  # all but the newest token; the batched step below feeds that one
+                    model(torch.tensor([ctx[:-1]], device=device), cache=row)
+                pos[r] = len(ctx) - 1
+        tokens_R = torch.tensor([history[i][-1] for i in live], device=device)
+        logits_RV = decode_step(model, tokens_R, torch.tensor(pos, device=device), k_pool, v_pool,
+                                row_attention=True)
+        pos = [p + 1 for p in pos]
+    return out
+
+
 # ---------------------------------------------------------------------------------- ids -> text
 
 
@@ -333,6 +553,49 @@ def _stream_text(
         tokens.close()  # end the token generator now (restores the model's mode)
 
 
+def generate_text_batch(
+    model: GPT, tokenizer: TextTokenizer, prompts: Sequence[str], cfg: GenerationConfig
+) -> list[str]:
+    """The continuation of each of ``prompts`` (a list of strings), generated together by
+    :func:`generate_batch` -> one string per prompt, in order.
+
+    Each string is what ``"".join(generate_text(model, tokenizer, prompt, cfg))`` gives for greedy decoding
+    (for sampling, prompt i draws with seed ``cfg.seed + i``): stop strings end a row as soon as they are
+    complete (the text before the stop string is kept), an empty prompt starts from the eos (or bos) token.
+    """
+    if isinstance(prompts, str):
+        raise ConfigError("generate_text_batch takes a list of prompts; for one prompt pass [prompt] or use "
+                          "generate_text.")
+    start = tokenizer.eos_id if tokenizer.eos_id is not None else tokenizer.bos_id
+    ids_list = []
+    for prompt in prompts:
+        ids = tokenizer.encode(prompt)
+        if not ids:
+            if start is None:
+                raise ConfigError("a prompt is empty and the tokenizer has no bos/eos token to start from; "
+                                  "give non-empty prompts.")
+            ids = [start]
+        ids_list.append(ids)
+    decoders = [tokenizer.stream_decoder() for _ in prompts]
+    texts = ["" for _ in prompts]
+    pending = ["" for _ in prompts]
+    stopped = [False for _ in prompts]
+
+    def on_token(i: int, token: int) -> bool:  # the text side of _stream_text, one row at a time
+        pending[i] += decoders[i].push(token)
+        if not pending[i]:
+            return False
+        ready, pending[i], stopped[i] = _split_at_stop(pending[i], cfg.stop, final=False)
+        texts[i] += ready
+        return stopped[i]
+
+    generate_batch(model, ids_list, cfg, eos_id=tokenizer.eos_id, on_token=on_token)
+    for i in range(len(prompts)):
+        if not stopped[i]:
+            texts[i] += _split_at_stop(pending[i] + decoders[i].flush(), cfg.stop, final=True)[0]
+    return texts
+
+
 __all__ = [
     "GenerationConfig",
     "apply_repetition_penalty",
@@ -341,5 +604,8 @@ __all__ = [
     "sample_next",
     "generate_ids",
     "generate_text",
+    "decode_step",
+    "generate_batch",
+    "generate_text_batch",
     "TextTokenizer",
 ]

@@ -246,12 +246,20 @@ def pretrain(
     def given(**kw: object) -> dict:
         return {k: v for k, v in kw.items() if v is not None}
 
-    if objective is None and resume and (Path(out) / "config.yaml").is_file():
-        objective = read_run_config(out).get("objective", "causal-lm")  # continue with the run's own defaults
+    saved: dict = {}
+    if resume and (Path(out) / "config.yaml").is_file():
+        saved = read_run_config(out)
+        objective = objective or saved.get("objective", "causal-lm")  # continue with the run's own defaults
+    recipe_given = recipe is not None
     recipe = recipe or DEFAULT_RECIPE[objective or "causal-lm"]
     s = recipe_settings(recipe, **given(model=model, batch_size=batch_size, seq_len=seq_len, grad_accum=grad_accum,
                                         max_steps=max_steps, precision=precision, compile=compile))
     objective = objective or s["objective"]
+    if saved and not recipe_given:  # --resume: the run's own optimiser and loop settings, not a recipe's
+        s["optim"] = {**s["optim"], **(saved.get("optim") or {})}
+        st = saved.get("train") or {}
+        s.update({k: st[k] for k in ("max_steps", "precision", "compile") if k in st and
+                  given(max_steps=max_steps, precision=precision, compile=compile).get(k) is None})
     s["optim"].update(given(name=optimizer, lr=lr, min_lr=min_lr, warmup_steps=warmup_steps, schedule=schedule,
                             weight_decay=weight_decay, grad_clip=grad_clip, muon_lr=muon_lr))
     if "min_lr" not in given(min_lr=min_lr) and lr is not None:
@@ -301,6 +309,7 @@ def generate(
     stop: list[str] | None = None,
     seed: int | None = None,
     device: str = "auto",
+    dtype: Literal["fp32", "bf16", "fp16"] = "fp32",
     cache: bool = True,
 ) -> None:
     """Continue a prompt with a trained model, streaming the text to the terminal.
@@ -316,11 +325,12 @@ def generate(
         stop: stop when any of these strings is produced (not printed)
         seed: random seed for reproducible sampling
         device: auto, cpu, cuda or mps
+        dtype: weights for inference: fp32, bf16 (half the memory, faster on recent CPUs and GPUs) or fp16
         cache: use the KV cache (--no-cache recomputes the whole context each step)
     """
     import zenlm
 
-    lm = zenlm.load(run, device=device)
+    lm = zenlm.load(run, device=device, dtype=dtype)
     sys.stdout.write(prompt)
     sys.stdout.flush()
     for piece in lm.stream(prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
@@ -461,6 +471,13 @@ def presets() -> None:
             n = EncoderDecoder(e).num_params()
         print(f"{name:<14} {f'{e.n_enc_layer}+{e.n_dec_layer}':>6} {e.n_head:>5} {e.n_embd:>5} "
               f"{f'{e.max_source_len}/{e.max_target_len}':>9} {n / 1e6:>8.2f}M  {e.pos} pos, {e.norm}, {e.mlp}")
+    from zenlm.models.bert import BERT_PRESETS, get_bert_preset
+
+    print("\nBERT encoder presets (zenlm pretrain --objective mlm --model NAME)")
+    for name, (description, _) in BERT_PRESETS.items():
+        b = get_bert_preset(name, vocab_size=8192)
+        print(f"{name:<14} {b.n_layer:>6} {b.n_head:>5} {b.d_model:>5} {b.max_len:>7} "
+              f"{b.num_params() / 1e6:>8.2f}M  {description}")
 
 
 # ------------------------------------------------------------------------------------------------ main

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from contextlib import nullcontext
 
 import torch
 import torch.nn as nn
@@ -176,13 +175,7 @@ class CausalSelfAttention(nn.Module):
         """
         B, T, _ = x_BTC.shape
         H, K, D = self.n_head, self.n_kv_head, self.head_dim
-        qkv = self.qkv(x_BTC).view(B, T, H + 2 * K, D)
-        q_BTHD, k_BTKD, v_BTKD = qkv.split([H, K, K], dim=2)
-        if self.q_norm is not None and self.k_norm is not None:
-            q_BTHD, k_BTKD = self.q_norm(q_BTHD), self.k_norm(k_BTKD)
-        q_BHTD, k_BKTD, v_BKTD = q_BTHD.transpose(1, 2), k_BTKD.transpose(1, 2), v_BTKD.transpose(1, 2)
-        if rope is not None:
-            q_BHTD, k_BKTD = apply_rotary(q_BHTD, *rope), apply_rotary(k_BKTD, *rope)
+        q_BHTD, k_BKTD, v_BKTD = self.heads(x_BTC, rope)
         # Norms may run in fp32 under autocast while v is bf16: attention wants one dtype.
         q_BHTD, k_BKTD = q_BHTD.to(v_BKTD.dtype), k_BKTD.to(v_BKTD.dtype)
 
@@ -196,27 +189,43 @@ class CausalSelfAttention(nn.Module):
             if k_BKSD.dtype != q_BHTD.dtype:  # a cache kept in another precision than the activations
                 k_BKSD, v_BKSD = k_BKSD.to(q_BHTD.dtype), v_BKSD.to(q_BHTD.dtype)
 
-        # PyTorch's CPU flash-attention *backward* is about 3.5x slower in bf16 than in fp32 (18 ms vs 5 ms
-        # per call at B=32, T=64, 4 heads of 32), so CPU training attends in fp32 (autocast off for this
-        # one call); the projections around it stay in bf16.
-        fp32_attention = (q_BHTD.dtype == torch.bfloat16 and q_BHTD.device.type == "cpu"
-                          and torch.is_grad_enabled() and torch.is_autocast_enabled("cpu"))
-        if fp32_attention:
-            q_BHTD, k_BKSD, v_BKSD = q_BHTD.float(), k_BKSD.float(), v_BKSD.float()
         gqa = K != H
         if gqa and not _SDPA_HAS_GQA:  # old torch: give every query head its own copy of its k/v head
             k_BKSD, v_BKSD = k_BKSD.repeat_interleave(H // K, 1), v_BKSD.repeat_interleave(H // K, 1)
         extra = {"enable_gqa": True} if gqa and _SDPA_HAS_GQA else {}
-        with torch.autocast("cpu", enabled=False) if fp32_attention else nullcontext():
-            y_BHTD = F.scaled_dot_product_attention(
-                q_BHTD, k_BKSD, v_BKSD,
-                attn_mask=mask_TS,
-                dropout_p=self.dropout if self.training else 0.0,
-                is_causal=is_causal,
-                **extra,
-            )
+        y_BHTD = attention(q_BHTD, k_BKSD, v_BKSD, attn_mask=mask_TS,
+                           dropout_p=self.dropout if self.training else 0.0, is_causal=is_causal, **extra)
         y_BTC = y_BHTD.transpose(1, 2).reshape(B, T, H * D)
         return self.proj(y_BTC)
+
+    def heads(self, x_BTC: Tensor, rope: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """The fused projection split into heads: [B, T, C] -> q [B, H, T, D], k and v [B, K, T, D], with the
+        optional q/k norm and rotary positions applied (rope: cos/sin broadcastable to [B, H, T, D])."""
+        B, T, _ = x_BTC.shape
+        H, K, D = self.n_head, self.n_kv_head, self.head_dim
+        qkv = self.qkv(x_BTC).view(B, T, H + 2 * K, D)
+        q_BTHD, k_BTKD, v_BTKD = qkv.split([H, K, K], dim=2)
+        if self.q_norm is not None and self.k_norm is not None:
+            q_BTHD, k_BTKD = self.q_norm(q_BTHD), self.k_norm(k_BTKD)
+        q_BHTD, k_BKTD, v_BKTD = q_BTHD.transpose(1, 2), k_BTKD.transpose(1, 2), v_BTKD.transpose(1, 2)
+        if rope is not None:
+            q_BHTD, k_BKTD = apply_rotary(q_BHTD, *rope), apply_rotary(k_BKTD, *rope)
+        return q_BHTD, k_BKTD, v_BKTD
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, **sdpa_kwargs: object) -> Tensor:
+    """``F.scaled_dot_product_attention`` (softmax(q k^T / sqrt(D) + mask) v), attending in fp32 when training
+    under CPU bf16 autocast: PyTorch's CPU flash-attention *backward* is about 3.5x slower in bf16 than in fp32
+    (18 ms vs 5 ms per call at B=32, T=64, 4 heads of 32). The projections around it stay in bf16."""
+    fp32 = (q.dtype == torch.bfloat16 and q.device.type == "cpu" and torch.is_grad_enabled()
+            and torch.is_autocast_enabled("cpu"))
+    if not fp32:
+        return F.scaled_dot_product_attention(q, k, v, **sdpa_kwargs)  # type: ignore[arg-type]
+    mask = sdpa_kwargs.get("attn_mask")
+    if isinstance(mask, Tensor) and mask.is_floating_point():
+        sdpa_kwargs = {**sdpa_kwargs, "attn_mask": mask.float()}
+    with torch.autocast("cpu", enabled=False):
+        return F.scaled_dot_product_attention(q.float(), k.float(), v.float(), **sdpa_kwargs)  # type: ignore[arg-type]
 
 
 # ------------------------------------------------------------------------------------------------ MLPs

@@ -6,9 +6,9 @@ Continuous batching, in the simplest form that is still correct:
     admit:   a waiting request takes the lowest free slot; its prompt is run through ``GPT.forward`` with a
              cache that is a view of that slot (prefill), and its first token is sampled
     step:    every running sequence feeds its newest token at its own position in one batched forward
-             pass (:func:`decode_step`): each row writes its key/value at its own position and attends
-             only to its own positions ``0 .. pos_b`` (a per-row mask), so sequences of different lengths
-             share one matrix multiply per layer
+             pass (:func:`zenlm.generate.decode_step`): each row writes its key/value at its own position
+             and attends only to its own positions ``0 .. pos_b`` (a per-row mask), so sequences of
+             different lengths share one matrix multiply per layer
     retire:  a finished or cancelled sequence frees its slot at once; a waiting request takes it on the
              next loop
 
@@ -34,13 +34,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from zenlm.errors import ConfigError
-from zenlm.generate import _split_at_stop, top_k_filter, top_p_filter
-from zenlm.models.gpt import GPT, KVCache
-from zenlm.models.layers import apply_rotary
+from zenlm.generate import _slot_cache, _split_at_stop, decode_step, top_k_filter, top_p_filter
+from zenlm.models.gpt import GPT
 from zenlm.serve.metrics import Metrics
 from zenlm.tokenizer import Tokenizer
 
@@ -120,61 +118,6 @@ class Sequence:
     def cancel(self) -> None:
         """Stop generating (e.g. the client disconnected); the slot is freed at the next step."""
         self.cancelled.set()
-
-
-def _slot_cache(k_pool: Tensor, v_pool: Tensor, slot: int) -> KVCache:
-    """A batch-1 KVCache whose buffers are views of one slot of the pool (GPT.forward writes into it)."""
-    cache = KVCache.__new__(KVCache)
-    cache.k, cache.v = k_pool[:, slot : slot + 1], v_pool[:, slot : slot + 1]
-    cache.pos = 0
-    return cache
-
-
-@torch.inference_mode()
-def decode_step(model: GPT, tokens_B: Tensor, pos_B: Tensor, k_pool: Tensor, v_pool: Tensor) -> Tensor:
-    """One new token for each of the first B slots, each at its own position -> logits [B, V] (float32).
-
-    tokens_B: [B] the newest token of each row; pos_B: [B] its absolute position (= tokens already cached);
-    k_pool, v_pool: [n_layer, >=B, n_kv_head, max_len, head_dim]. Row b writes its key/value at
-    ``pos_B[b]`` and attends over its own keys ``0 .. pos_B[b]`` only. This is ``GPT.forward`` with a cache,
-    written out for per-row positions (same modules, same formulas).
-    """
-    B = tokens_B.shape[0]
-    S = int(pos_B.max()) + 1  # keys any row can see
-    rows_B = torch.arange(B, device=tokens_B.device)
-    x_B1C = model.tok_emb(tokens_B[:, None])
-    if model.pos_emb is not None:
-        x_B1C = x_B1C + model.pos_emb(pos_B)[:, None]
-    rope = None
-    if model.rotary is not None:  # per-row angles, broadcast over heads: [B, 1, 1, D]
-        rope = (model.rotary.cos[pos_B][:, None, None], model.rotary.sin[pos_B][:, None, None])
-    mask_B11S = (torch.arange(S, device=tokens_B.device)[None, :] <= pos_B[:, None])[:, None, None]
-    for i, block in enumerate(model.blocks):
-        attn = block.attn
-        H, K, D = attn.n_head, attn.n_kv_head, attn.head_dim
-        qkv = attn.qkv(block.norm_attn(x_B1C)).view(B, 1, H + 2 * K, D)
-        q_B1HD, k_B1KD, v_B1KD = qkv.split([H, K, K], dim=2)
-        if attn.q_norm is not None and attn.k_norm is not None:
-            q_B1HD, k_B1KD = attn.q_norm(q_B1HD), attn.k_norm(k_B1KD)
-        q_BH1D, k_BK1D, v_BK1D = q_B1HD.transpose(1, 2), k_B1KD.transpose(1, 2), v_B1KD.transpose(1, 2)
-        if rope is not None:
-            q_BH1D, k_BK1D = apply_rotary(q_BH1D, *rope), apply_rotary(k_BK1D, *rope)
-        k_cache, v_cache = k_pool[i], v_pool[i]
-        k_cache[rows_B, :, pos_B] = k_BK1D[:, :, 0].to(k_cache.dtype)  # row b -> its own position
-        v_cache[rows_B, :, pos_B] = v_BK1D[:, :, 0].to(v_cache.dtype)
-        k_BKSD, v_BKSD = k_cache[:B, :, :S], v_cache[:B, :, :S]
-        q_BH1D = q_BH1D.to(v_BKSD.dtype)
-        extra = {"enable_gqa": True} if K != H else {}
-        y_BH1D = F.scaled_dot_product_attention(q_BH1D, k_BKSD, v_BKSD, attn_mask=mask_B11S, **extra)
-        x_B1C = x_B1C + attn.proj(y_BH1D.transpose(1, 2).reshape(B, 1, H * D))
-        x_B1C = x_B1C + block.mlp(block.norm_mlp(x_B1C))
-    x_B1C = model.norm_f(x_B1C)
-    x_BC = x_B1C[:, 0]
-    logits_BV = (F.linear(x_BC, model.tok_emb.weight) if model.lm_head is None else model.lm_head(x_BC)).float()
-    if model.config.logit_softcap is not None:
-        cap = model.config.logit_softcap
-        logits_BV = cap * torch.tanh(logits_BV / cap)
-    return logits_BV
 
 
 class Engine:
