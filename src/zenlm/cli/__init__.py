@@ -2,8 +2,10 @@
 
     zenlm tokenizer train --corpus PATH --kind bpe|wordpiece|char --vocab-size N --out DIR
     zenlm prepare  --corpus PATH [--val PATH | --val-fraction F] [--tokenizer DIR|char] --out DATA_DIR
-    zenlm pretrain --data DATA_DIR --out RUN_DIR [--model PRESET] [--max-steps N] [--max-seconds S] [--resume]
+    zenlm pretrain --data DATA_DIR --out RUN_DIR [--objective causal-lm|mlm] [--model PRESET] [--max-steps N]
+                   [--max-seconds S] [--resume]
     zenlm generate RUN_DIR "prompt" [--max-new-tokens N] [--temperature T] [--top-k K] [--top-p P] [--seed S]
+                   [--dtype fp32|bf16]
     zenlm demo [--lang en|zh] [--max-seconds S]
     zenlm presets
     zenlm convert from-hf HF_DIR --out RUN_DIR  |  zenlm convert to-hf RUN_DIR --out HF_DIR
