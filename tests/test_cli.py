@@ -106,3 +106,20 @@ def test_resume_keeps_the_runs_own_optimiser(tmp_path: Path, char_data: Path) ->
     assert max(r["step"] for r in recs) == 5
     lrs = {r["step"]: r["lr"] for r in recs if "lr" in r}
     assert first["optim"]["name"] == "adamw" and lrs[5] <= first["optim"]["lr"]  # AdamW's lr, not Muon's
+
+
+def test_mlm_pipeline_trains_wordpiece_by_default(tmp_path: Path) -> None:
+    """`prepare --objective mlm` (no tokenizer given) -> WordPiece; `pretrain --objective mlm` -> a BERT run."""
+    from zenlm.tokenizer import Tokenizer
+
+    corpus = tmp_path / "c.txt"
+    corpus.write_text(TEXT, encoding="utf-8")
+    data = tmp_path / "data"
+    assert main(["prepare", "--corpus", str(corpus), "--objective", "mlm", "--vocab-size", "300",
+                 "--out", str(data)]) == 0
+    assert Tokenizer.load(data).kind == "wordpiece"
+    run = tmp_path / "bert"
+    assert main(["pretrain", "--objective", "mlm", "--data", str(data), "--out", str(run), "--model", "bert-tiny",
+                 "--max-steps", "4", "--batch-size", "4", "--seq-len", "32", "--device", "cpu"]) == 0
+    enc = zenlm.load(run, device="cpu")
+    assert enc.embed(["a b c"]).shape == (1, enc.config.d_model)

@@ -1,7 +1,7 @@
 """The ``zenlm`` command. Each verb is a plain function below; flags come from its signature.
 
     zenlm tokenizer train --corpus PATH --kind bpe|wordpiece|char --vocab-size N --out DIR
-    zenlm prepare  --corpus PATH [--val PATH | --val-fraction F] [--tokenizer DIR|char] --out DATA_DIR
+    zenlm prepare  --corpus PATH [--val PATH | --val-fraction F] [--tokenizer DIR|char] [--objective mlm] --out DATA_DIR
     zenlm pretrain --data DATA_DIR --out RUN_DIR [--objective causal-lm|mlm] [--model PRESET] [--max-steps N]
                    [--max-seconds S] [--resume]
     zenlm generate RUN_DIR "prompt" [--max-new-tokens N] [--temperature T] [--top-k K] [--top-p P] [--seed S]
@@ -117,6 +117,7 @@ def prepare(
     val_fraction: float | None = None,
     vocab_size: int = 8192,
     text_field: str = "text",
+    objective: Literal["causal-lm", "mlm"] = "causal-lm",
 ) -> None:
     """Turn a corpus into token shards (train and validation) plus index.json.
 
@@ -124,11 +125,13 @@ def prepare(
         corpus: built-in corpus name (shakespeare, peoples-daily, shakespeare-char) or a .txt/.jsonl file or folder
         out: data directory to write
         tokenizer: a tokenizer directory, or "char" for a character vocabulary built from the training text;
-            when omitted a byte-level BPE with --vocab-size tokens is trained on the training split
+            when omitted one with --vocab-size tokens is trained on the training split (see --objective)
         val: explicit validation file or folder
         val_fraction: fraction of the text, taken from the end, used for validation
         vocab_size: vocabulary size when a BPE tokenizer is trained here
         text_field: field holding the text in .jsonl files
+        objective: what the shards are for when no --tokenizer is given: causal-lm trains a byte-level BPE
+            (GPT), mlm a WordPiece tokenizer (BERT, for `zenlm pretrain --objective mlm`)
     """
     from zenlm.data.corpus import open_corpus
     from zenlm.data.shards import prepare as prepare_shards
@@ -137,7 +140,8 @@ def prepare(
     progress = TerminalProgress()
     c = open_corpus(corpus, val=val, val_fraction=val_fraction, text_field=text_field, progress=progress)
     if tokenizer is None:
-        tok = train_tokenizer(c.texts("train"), kind="bpe", vocab_size=vocab_size, progress=progress)
+        kind = "wordpiece" if objective == "mlm" else "bpe"
+        tok = train_tokenizer(c.texts("train"), kind=kind, vocab_size=vocab_size, progress=progress)
     elif tokenizer == "char":
         tok = train_tokenizer(c.texts("train"), kind="char", progress=progress)
     else:
@@ -193,10 +197,10 @@ def pretrain(
 
     Masked-LM pretraining hides 15% of the tokens of each row ([CLS] text [SEP]) and learns to predict them;
     it needs a tokenizer with the <|mask|>, <|bos|> ([CLS]) and <|eos|> ([SEP]) tokens, which every tokenizer
-    zenlm trains has. A WordPiece tokenizer is the usual choice for BERT:
+    zenlm trains has. A WordPiece tokenizer is the usual choice for BERT, and what `zenlm prepare --objective mlm`
+    trains when it is given no tokenizer:
 
-        zenlm tokenizer train --kind wordpiece --corpus TEXT --out TOK
-        zenlm prepare --corpus TEXT --tokenizer TOK --out DATA
+        zenlm prepare --corpus TEXT --objective mlm --out DATA        # WordPiece trained on TEXT
         zenlm pretrain --objective mlm --data DATA --out RUN
 
     Args:
