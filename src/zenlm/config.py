@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from zenlm.errors import ConfigError
 
 PosKind = Literal["learned", "rope", "none"]
 NormKind = Literal["layernorm", "rmsnorm"]
+_T = TypeVar("_T")
 MLPKind = Literal["gelu", "swiglu", "relu2"]
 
 
@@ -158,6 +159,17 @@ class GPTConfig:
         return total
 
 
+def dataclass_from_dict(cls: type[_T], d: dict[str, Any]) -> _T:
+    """Build the config dataclass ``cls`` from a dict (the ``model:`` section of config.yaml; an ``arch`` key is
+    ignored), refusing fields it does not know (a config written by another version or edited by hand)."""
+    d = {k: v for k, v in d.items() if k != "arch"}
+    known = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(d) - known)
+    if unknown:
+        raise ConfigError(f"unknown {cls.__name__} fields {unknown}; known fields: {sorted(known)}.")
+    return cls(**d)
+
+
 def config_from_dict(d: dict[str, Any]) -> GPTConfig:
     """Rebuild a model config from :meth:`to_dict` output (the ``model:`` section of config.yaml)."""
     d = dict(d)
@@ -173,8 +185,4 @@ def config_from_dict(d: dict[str, Any]) -> GPTConfig:
     if arch != "gpt":
         raise ConfigError(f"unknown model architecture {arch!r} in config; this version knows 'gpt', 'bert' "
                           "and 'encdec'.")
-    fields = {f.name for f in dataclasses.fields(GPTConfig)}
-    unknown = sorted(set(d) - fields)
-    if unknown:
-        raise ConfigError(f"unknown GPTConfig fields {unknown}; known fields: {sorted(fields)}.")
-    return GPTConfig(**d)
+    return dataclass_from_dict(GPTConfig, d)

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from zenlm.config import dataclass_from_dict
 from zenlm.errors import ConfigError
 from zenlm.models.layers import attention
 
@@ -89,12 +90,8 @@ class BertConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> BertConfig:
-        d = {k: v for k, v in d.items() if k != "arch"}
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ConfigError(f"unknown BertConfig fields {unknown}; known fields: {sorted(known)}.")
-        return cls(**d)
+        """Rebuild from :meth:`to_dict` output (``arch`` may be present)."""
+        return dataclass_from_dict(cls, d)
 
     def num_params(self, include_embedding: bool = True) -> int:
         """Parameter count from the shapes (encoder, pooler and MLM head; the MLM decoder is tied)."""

@@ -31,7 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from zenlm.config import GPTConfig, MLPKind, NormKind, _check_choice, _check_positive
+from zenlm.config import GPTConfig, MLPKind, NormKind, _check_choice, _check_positive, dataclass_from_dict
 from zenlm.errors import ConfigError
 from zenlm.models.gpt import Block, KVCache
 from zenlm.models.layers import CausalSelfAttention, RMSNorm, Rotary, make_mlp, make_norm
@@ -114,12 +114,7 @@ class EncDecConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> EncDecConfig:
         """Rebuild from :meth:`to_dict` output (``arch`` may be present)."""
-        d = {k: v for k, v in d.items() if k != "arch"}
-        fields = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - fields)
-        if unknown:
-            raise ConfigError(f"unknown EncDecConfig fields {unknown}; known fields: {sorted(fields)}.")
-        return cls(**d)
+        return dataclass_from_dict(cls, d)
 
 
 # --------------------------------------------------------------------------------------------- presets
