@@ -170,6 +170,16 @@ def dataclass_from_dict(cls: type[_T], d: dict[str, Any]) -> _T:
     return cls(**d)
 
 
+def preset_config(cls: type[_T], fields: dict[str, Any], overrides: dict[str, Any]) -> _T:
+    """A preset's fields with ``overrides`` on top, as config dataclass ``cls``; unknown override names are
+    refused with the list of the fields there are."""
+    known = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise ConfigError(f"unknown model settings {unknown}; {cls.__name__} fields are: {', '.join(sorted(known))}.")
+    return cls(**{**fields, **overrides})
+
+
 def config_from_dict(d: dict[str, Any]) -> GPTConfig:
     """Rebuild a model config from :meth:`to_dict` output (the ``model:`` section of config.yaml)."""
     d = dict(d)

@@ -6,11 +6,10 @@ field can be overridden by keyword. The vocabulary size normally comes from the 
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from zenlm.config import GPTConfig
+from zenlm.config import GPTConfig, preset_config
 from zenlm.errors import ConfigError
 
 # Fields shared by the two GPT-2 presets: learned positions, LayerNorm with biases, tanh-GELU MLP,
@@ -71,13 +70,7 @@ def get_preset(name: str, **overrides: Any) -> GPTConfig:
     """
     if name not in PRESETS:
         raise ConfigError(f"unknown model preset {name!r}; choose one of: {', '.join(PRESETS)}.")
-    known = {f.name for f in dataclasses.fields(GPTConfig)}
-    unknown = sorted(set(overrides) - known)
-    if unknown:
-        raise ConfigError(
-            f"unknown model settings {unknown}; GPTConfig fields are: {', '.join(sorted(known))}."
-        )
-    return GPTConfig(**{**PRESETS[name].fields, **overrides})
+    return preset_config(GPTConfig, PRESETS[name].fields, overrides)
 
 
 __all__ = ["PRESETS", "Preset", "get_preset", "list_presets"]

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from zenlm.config import dataclass_from_dict
+from zenlm.config import dataclass_from_dict, preset_config
 from zenlm.errors import ConfigError
 from zenlm.models.layers import attention
 
@@ -224,11 +224,7 @@ def get_bert_preset(name: str, **overrides: Any) -> BertConfig:
     """The BertConfig of preset ``name`` with any BertConfig fields in ``overrides`` changed."""
     if name not in BERT_PRESETS:
         raise ConfigError(f"unknown BERT preset {name!r}; choose one of: {', '.join(BERT_PRESETS)}.")
-    known = {f.name for f in dataclasses.fields(BertConfig)}
-    unknown = sorted(set(overrides) - known)
-    if unknown:
-        raise ConfigError(f"unknown model settings {unknown}; BertConfig fields are: {', '.join(sorted(known))}.")
-    return BertConfig(**{**BERT_PRESETS[name][1], **overrides})
+    return preset_config(BertConfig, BERT_PRESETS[name][1], overrides)
 
 
 __all__ = ["BERT_PRESETS", "Bert", "BertBlock", "BertConfig", "get_bert_preset"]

@@ -31,7 +31,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from zenlm.config import GPTConfig, MLPKind, NormKind, _check_choice, _check_positive, dataclass_from_dict
+from zenlm.config import (
+    GPTConfig,
+    MLPKind,
+    NormKind,
+    _check_choice,
+    _check_positive,
+    dataclass_from_dict,
+    preset_config,
+)
 from zenlm.errors import ConfigError
 from zenlm.models.gpt import Block, KVCache
 from zenlm.models.layers import CausalSelfAttention, RMSNorm, Rotary, make_mlp, make_norm
@@ -147,11 +155,7 @@ def get_encdec_preset(name: str, **overrides: Any) -> EncDecConfig:
     """The EncDecConfig of preset ``name`` with any fields in ``overrides`` changed."""
     if name not in ENCDEC_PRESETS:
         raise ConfigError(f"unknown encoder-decoder preset {name!r}; choose one of: {', '.join(ENCDEC_PRESETS)}.")
-    known = {f.name for f in dataclasses.fields(EncDecConfig)}
-    unknown = sorted(set(overrides) - known)
-    if unknown:
-        raise ConfigError(f"unknown model settings {unknown}; EncDecConfig fields are: {', '.join(sorted(known))}.")
-    return EncDecConfig(**{**ENCDEC_PRESETS[name][1], **overrides})
+    return preset_config(EncDecConfig, ENCDEC_PRESETS[name][1], overrides)
 
 
 # ------------------------------------------------------------------------------------- cross-attention
