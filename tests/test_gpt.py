@@ -69,13 +69,13 @@ def test_cache_reset_reuses_buffers_and_gives_same_result():
     model = GPT(small_config(pos="rope")).eval()
     x = ids(1, 6)
     cache = model.make_cache(1)
-    k_ptr = cache.k.data_ptr()
+    k_ptrs = [t.data_ptr() for t in cache.k]
     with torch.no_grad():
         first = model(x, cache=cache)
         cache.reset()
         assert cache.pos == 0
         second = model(x, cache=cache)
-    assert cache.k.data_ptr() == k_ptr
+    assert [t.data_ptr() for t in cache.k] == k_ptrs
     torch.testing.assert_close(first, second)
 
 
@@ -84,13 +84,14 @@ def test_make_cache_shapes_and_dtype():
     model = GPT(cfg)
     cache = model.make_cache(3, 10)
     assert isinstance(cache, KVCache)
-    assert cache.k.shape == (cfg.n_layer, 3, 2, 10, cfg.head_dim) == cache.v.shape
-    assert cache.k[0].shape == (3, 2, 10, cfg.head_dim)
+    assert len(cache.k) == len(cache.v) == cfg.n_layer
+    assert all(t.shape == (3, 2, 10, cfg.head_dim) for t in cache.k + cache.v)
+    assert len({t.data_ptr() for t in cache.k + cache.v}) == 2 * cfg.n_layer  # separate buffers
     assert (cache.batch_size, cache.max_len, cache.pos) == (3, 10, 0)
-    assert cache.k.dtype == torch.float32
-    assert model.make_cache(1, dtype=torch.bfloat16).k.dtype == torch.bfloat16
+    assert cache.dtype == torch.float32
+    assert model.make_cache(1, dtype=torch.bfloat16).dtype == torch.bfloat16
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert model.make_cache(1).k.dtype == torch.bfloat16
+        assert model.make_cache(1).dtype == torch.bfloat16
     with pytest.raises(ConfigError, match="max_len"):
         model.make_cache(1, max_len=cfg.block_size + 1)
     with pytest.raises(ConfigError, match="batch_size"):
@@ -151,7 +152,7 @@ def test_bf16_weights_run():
     model = GPT(small_config(pos="rope", n_kv_head=2)).to(torch.bfloat16).eval()
     x = ids(1, 6)
     cache = model.make_cache(1)
-    assert cache.k.dtype == torch.bfloat16
+    assert cache.dtype == torch.bfloat16
     assert model(x, cache=cache).dtype == torch.float32
 
 
@@ -353,8 +354,9 @@ def test_parity_with_transformers_llama_and_qwen3(family):
     torch.testing.assert_close(out, expected, atol=1e-4, rtol=1e-4)
 
 
-def test_cpu_bf16_training_attends_in_fp32(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Under CPU bf16 autocast, training runs SDPA in fp32 (its bf16 backward is slow); inference stays bf16."""
+def test_cpu_bf16_attends_in_fp32(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a CPU, bf16 attention runs SDPA in fp32 (PyTorch's bf16 kernels are slower there): training under
+    autocast, inference under autocast, and bf16 weights without autocast (the result is bf16 again)."""
     import zenlm.models.layers as layers_mod
 
     seen: list[tuple[torch.dtype, bool]] = []
@@ -375,4 +377,13 @@ def test_cpu_bf16_training_attends_in_fp32(monkeypatch: pytest.MonkeyPatch) -> N
     seen.clear()
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         model(x)
-    assert seen and all(s == (torch.bfloat16, True) for s in seen)
+    assert seen and all(s == (torch.float32, False) for s in seen)
+    seen.clear()
+    bf16 = model.to(torch.bfloat16).eval()
+    with torch.no_grad():
+        cache = bf16.make_cache(2)
+        bf16(x, cache=cache)
+        y = bf16(x[:, :1], cache=cache)
+    assert seen and all(s == (torch.float32, False) for s in seen)
+    assert y.dtype == torch.float32 and torch.isfinite(y).all()  # logits are fp32; the blocks stayed bf16
+    assert bf16.blocks[0].attn.qkv.weight.dtype == torch.bfloat16

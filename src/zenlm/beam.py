@@ -276,8 +276,7 @@ class GPTStepper:
 
     def reorder(self, index_N: Tensor) -> None:
         if self.cache is not None:
-            self.cache.k = self.cache.k.index_select(1, index_N)
-            self.cache.v = self.cache.v.index_select(1, index_N)
+            self.cache.select_rows(index_N)
         else:
             self.ids_NT = self.ids_NT.index_select(0, index_N)
 

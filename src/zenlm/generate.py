@@ -32,6 +32,7 @@ from torch import Tensor
 
 from zenlm.errors import ConfigError
 from zenlm.models.gpt import GPT, KVCache
+from zenlm.models.layers import attention
 
 
 @dataclass
@@ -48,6 +49,9 @@ class GenerationConfig:
     seed:               random seed for sampling (None: different every call)
     use_cache:          reuse past keys/values (fast); False recomputes the whole context each step
     stop_at_eos:        end when the model emits the end-of-text token (which is not returned)
+    compile:            decode with the step compiled by ``torch.compile`` (:mod:`zenlm.compiled`): near the
+                        memory-bandwidth limit once compiled, but the first call compiles for 30-60 s on a
+                        CPU. One sequence at a time with the cache (not generate_batch, not use_cache=False)
     """
 
     max_new_tokens: int = 128
@@ -59,6 +63,7 @@ class GenerationConfig:
     seed: int | None = None
     use_cache: bool = True
     stop_at_eos: bool = True
+    compile: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int):
@@ -76,6 +81,8 @@ class GenerationConfig:
             raise ConfigError(
                 f"repetition_penalty must be > 0 (1.0 means none), got {self.repetition_penalty}."
             )
+        if self.compile and not self.use_cache:
+            raise ConfigError("compile decodes with the KV cache; drop use_cache=False (or compile).")
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         self.stop = list(self.stop)
@@ -230,6 +237,11 @@ def _generate_ids(
             seen_V = torch.zeros(vocab_size, dtype=torch.bool, device=device)
             seen_V[torch.tensor(ids, device=device)] = True
         cache = model.make_cache(1) if cfg.use_cache else None
+        decoder = None
+        if cfg.compile:
+            from zenlm.compiled import compiled_decoder
+
+            decoder = compiled_decoder(model)
         logits_V = _last_logits(model, ids[-block_size:], cache, device)  # prefill
         for n in range(cfg.max_new_tokens):
             token = _step(logits_V, cfg, generator, seen_V)
@@ -244,6 +256,8 @@ def _generate_ids(
             elif cache.pos >= cache.max_len:  # full: refill from the recent half of the context
                 cache.reset()
                 logits_V = _last_logits(model, ids[-max(1, block_size // 2) :], cache, device)
+            elif decoder is not None:
+                logits_V = decoder.next_logits(token, cache)
             else:
                 logits_V = _last_logits(model, [token], cache, device)
     finally:
@@ -253,25 +267,16 @@ def _generate_ids(
 # ------------------------------------------------------------------------ many prompts -> ids, batched
 
 
-def _slot_cache(k_pool: Tensor, v_pool: Tensor, slot: int) -> KVCache:
-    """A batch-1 KVCache whose buffers are views of one row (slot) of a pool (GPT.forward writes into it).
-
-    k_pool, v_pool: [n_layer, slots, n_kv_head, max_len, head_dim]; the cache starts empty (pos 0).
-    """
-    cache = KVCache.__new__(KVCache)
-    cache.k, cache.v = k_pool[:, slot : slot + 1], v_pool[:, slot : slot + 1]
-    cache.pos = 0
-    return cache
-
-
 @torch.inference_mode()
 def decode_step(
-    model: GPT, tokens_B: Tensor, pos_B: Tensor, k_pool: Tensor, v_pool: Tensor, *, row_attention: bool = False
+    model: GPT, tokens_B: Tensor, pos_B: Tensor, k_layers: Sequence[Tensor], v_layers: Sequence[Tensor], *,
+    row_attention: bool = False,
 ) -> Tensor:
     """One new token for each of the first B slots, each at its own position -> logits [B, V] (float32).
 
     tokens_B: [B] the newest token of each row; pos_B: [B] its absolute position (= tokens already cached);
-    k_pool, v_pool: [n_layer, >=B, n_kv_head, max_len, head_dim]. Row b writes its key/value at
+    k_layers, v_layers: per layer [>=B, n_kv_head, max_len, head_dim] (a :class:`KVCache`'s ``k`` and ``v``;
+    rows past B are left alone). Row b writes its key/value at
     ``pos_B[b]`` and attends over its own keys ``0 .. pos_B[b]`` only. This is ``GPT.forward`` with a cache,
     written out for per-row positions (same modules, same formulas).
 
@@ -283,8 +288,19 @@ def decode_step(
     row as they would alone, as on CPU). The projections and MLPs run batched either way; the per-row calls
     cost little at the batch sizes of generation (about what the one masked call costs at batch 8 on CPU).
     """
-    B = tokens_B.shape[0]
     S = int(pos_B.max()) + 1  # keys any row can see
+    return _decode(model, tokens_B, pos_B, torch.arange(S, device=tokens_B.device), k_layers, v_layers,
+                   row_attention=row_attention)
+
+
+def _decode(
+    model: GPT, tokens_B: Tensor, pos_B: Tensor, keys_S: Tensor, k_layers: Sequence[Tensor],
+    v_layers: Sequence[Tensor], *, row_attention: bool = False,
+) -> Tensor:
+    """The body of :func:`decode_step` (also what :mod:`zenlm.compiled` compiles). keys_S = arange(S), S =
+    the keys the longest row sees: a tensor rather than an int, so a compiled step can treat S as a dynamic
+    size (one program for every position) instead of recompiling at each new length."""
+    B, S = tokens_B.shape[0], keys_S.shape[0]
     rows_B = torch.arange(B, device=tokens_B.device)
     x_B1C = model.tok_emb(tokens_B[:, None])
     if model.pos_emb is not None:
@@ -292,28 +308,28 @@ def decode_step(
     rope = None
     if model.rotary is not None:  # per-row angles, broadcast over heads: [B, 1, 1, D]
         rope = (model.rotary.cos[pos_B][:, None, None], model.rotary.sin[pos_B][:, None, None])
-    if row_attention:
+    mask_B11S = None  # one row sees all S keys: no mask (as GPT.forward for one new token)
+    if row_attention and B > 1:
         keys_B = (pos_B + 1).tolist()  # row b attends over its first keys_B[b] keys
-    else:
-        mask_B11S = (torch.arange(S, device=tokens_B.device)[None, :] <= pos_B[:, None])[:, None, None]
+    elif B > 1:
+        mask_B11S = (keys_S[None, :] <= pos_B[:, None])[:, None, None]
     for i, block in enumerate(model.blocks):
         attn = block.attn
         H, K, D = attn.n_head, attn.n_kv_head, attn.head_dim
         q_BH1D, k_BK1D, v_BK1D = attn.heads(block.norm_attn(x_B1C), rope)
-        k_cache, v_cache = k_pool[i], v_pool[i]
+        k_cache, v_cache = k_layers[i], v_layers[i]
         k_cache[rows_B, :, pos_B] = k_BK1D[:, :, 0].to(k_cache.dtype)  # row b -> its own position
         v_cache[rows_B, :, pos_B] = v_BK1D[:, :, 0].to(v_cache.dtype)
         k_BKSD, v_BKSD = k_cache[:B, :, :S], v_cache[:B, :, :S]
         q_BH1D = q_BH1D.to(v_BKSD.dtype)
         extra = {"enable_gqa": True} if K != H else {}
-        if row_attention:  # row b: its own keys 0 .. pos_B[b], no mask (as GPT.forward for one new token)
+        if row_attention and B > 1:  # row b: its own keys 0 .. pos_B[b], no mask
             y_BH1D = torch.cat([
-                F.scaled_dot_product_attention(q_BH1D[b : b + 1], k_BKSD[b : b + 1, :, :n],
-                                               v_BKSD[b : b + 1, :, :n], **extra)
+                attention(q_BH1D[b : b + 1], k_BKSD[b : b + 1, :, :n], v_BKSD[b : b + 1, :, :n], **extra)
                 for b, n in enumerate(keys_B)
             ])
         else:
-            y_BH1D = F.scaled_dot_product_attention(q_BH1D, k_BKSD, v_BKSD, attn_mask=mask_B11S, **extra)
+            y_BH1D = attention(q_BH1D, k_BKSD, v_BKSD, attn_mask=mask_B11S, **extra)
         x_B1C = x_B1C + attn.proj(y_BH1D.transpose(1, 2).reshape(B, 1, H * D))
         x_B1C = x_B1C + block.mlp(block.norm_mlp(x_B1C))
     x_B1C = model.norm_f(x_B1C)
@@ -340,7 +356,7 @@ def generate_batch(
     ``eos_id`` is drawn and ``cfg.stop_at_eos`` (not returned). ``on_token(i, token)``, if given, is called
     for every token kept for prompt i; returning True ends that row after this token (stop strings).
 
-    How: a cache pool k/v [n_layer, N, n_kv_head, max_len, head_dim] with ``max_len = min(block_size,
+    How: a cache pool (a :class:`KVCache` of N rows) with ``max_len = min(block_size,
     longest prompt + max_new_tokens)``, in the dtype :meth:`GPT.make_cache` picks (the autocast dtype when
     autocast is on, else the weights'). Prompt i is prefilled alone into row i (``GPT.forward`` on a view of
     that row), then each step runs :func:`decode_step` over the unfinished rows, each at its own position.
@@ -378,6 +394,9 @@ def generate_batch(
     if not cfg.use_cache:
         raise ConfigError("generate_batch always decodes with the KV cache; leave use_cache=True (the tokens "
                           "are the same) or call generate_ids for a full recompute per step.")
+    if cfg.compile:
+        raise ConfigError("compile applies to one sequence at a time (generate_ids / generate_text); "
+                          "generate_batch runs eagerly: drop compile=True.")
     if not rows or cfg.max_new_tokens == 0:
         return [[] for _ in rows]
     was_training = model.training
@@ -413,7 +432,6 @@ def _generate_batch(
 
     max_len = min(block_size, max(len(p) for p in prompts) + cfg.max_new_tokens)
     pool = model.make_cache(N, max_len)
-    k_pool, v_pool = pool.k, pool.v
     history = [list(p) for p in prompts]  # prompt + new ids of each prompt (for cache refills)
     out: list[list[int]] = [[] for _ in prompts]
 
@@ -423,7 +441,7 @@ def _generate_batch(
     logits: list[Tensor] = []
     for i, ids in enumerate(prompts):
         ctx = ids[-block_size:]
-        logits.append(model(torch.tensor([ctx], device=device), cache=_slot_cache(k_pool, v_pool, i),
+        logits.append(model(torch.tensor([ctx], device=device), cache=pool.row(i),
                             last_only=True)[0, -1])
         pos.append(len(ctx))
     logits_RV = torch.stack(logits)
@@ -447,20 +465,17 @@ def _generate_batch(
         if not keep:
             break
         if len(keep) < len(live):  # drop finished rows: move the running ones up to rows 0..R-1
-            S = max(pos[r] for r in keep)
-            idx = torch.tensor(keep, device=device)
-            k_pool[:, : len(keep), :, :S] = k_pool[:, idx, :, :S]  # the right side is a copy: no overlap
-            v_pool[:, : len(keep), :, :S] = v_pool[:, idx, :, :S]
+            pool.move_rows(keep, max(pos[r] for r in keep))
             live, pos = [live[r] for r in keep], [pos[r] for r in keep]
         for r, i in enumerate(live):
             if pos[r] >= max_len:  # full (only when max_len == block_size): refill from the recent half
                 ctx = history[i][-max(1, block_size // 2) :]
-                row = _slot_cache(k_pool, v_pool, r)
+                row = pool.row(r)
                 if len(ctx) > 1:  # all but the newest token; the batched step below feeds that one
                     model(torch.tensor([ctx[:-1]], device=device), cache=row)
                 pos[r] = len(ctx) - 1
         tokens_R = torch.tensor([history[i][-1] for i in live], device=device)
-        logits_RV = decode_step(model, tokens_R, torch.tensor(pos, device=device), k_pool, v_pool,
+        logits_RV = decode_step(model, tokens_R, torch.tensor(pos, device=device), pool.k, pool.v,
                                 row_attention=True)
         pos = [p + 1 for p in pos]
     return out

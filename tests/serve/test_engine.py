@@ -70,9 +70,7 @@ def test_decode_step_matches_forward_with_per_row_positions():
     cache = model.make_cache(3)
     for b, s in enumerate(seqs):  # prefill each row on its own, up to its last token
         if len(s) > 1:
-            row = type(cache).__new__(type(cache))
-            row.k, row.v, row.pos = cache.k[:, b : b + 1], cache.v[:, b : b + 1], 0
-            model(s[None, :-1], cache=row)
+            model(s[None, :-1], cache=cache.row(b))
     tokens = torch.stack([s[-1] for s in seqs])
     pos = torch.tensor([len(s) - 1 for s in seqs])
     logits = decode_step(model, tokens, pos, cache.k, cache.v)

@@ -260,9 +260,16 @@ def test_full_server_answers_429_quickly(lm):
         assert "zenlm_rejected_requests_total 1" in httpx.get(srv.url + "/metrics").text
 
 
-def test_disconnect_mid_stream_stops_generation(lm):
+def test_disconnect_mid_stream_stops_generation(lm, monkeypatch):
     app = create_app(lm.model, lm.tokenizer, model_id="tiny", max_concurrency=2)
     engine, metrics = app.state.engine, app.state.metrics
+    real_decode = engine._decode
+
+    def slow_decode() -> None:  # >= 5 ms a step: 500 tokens cannot all be made before the disconnect is seen
+        time.sleep(0.005)
+        real_decode()
+
+    monkeypatch.setattr(engine, "_decode", slow_decode)
     with ServerThread(app) as srv:
         c = client(srv)
         stream = c.completions.create(model="tiny", prompt="To be", max_tokens=500, temperature=0, stream=True)

@@ -5,7 +5,7 @@
     zenlm pretrain --data DATA_DIR --out RUN_DIR [--objective causal-lm|mlm] [--model PRESET] [--max-steps N]
                    [--max-seconds S] [--resume]
     zenlm generate RUN_DIR "prompt" [--max-new-tokens N] [--temperature T] [--top-k K] [--top-p P] [--seed S]
-                   [--dtype fp32|bf16]
+                   [--dtype fp32|bf16] [--compile]
     zenlm demo [--lang en|zh] [--max-seconds S]
     zenlm presets
     zenlm convert from-hf HF_DIR --out RUN_DIR  |  zenlm convert to-hf RUN_DIR --out HF_DIR
@@ -317,6 +317,7 @@ def generate(
     device: str = "auto",
     dtype: Literal["fp32", "bf16", "fp16"] = "fp32",
     cache: bool = True,
+    compile: bool = False,
 ) -> None:
     """Continue a prompt with a trained model, streaming the text to the terminal.
 
@@ -333,6 +334,8 @@ def generate(
         device: auto, cpu, cuda or mps
         dtype: weights for inference: fp32, bf16 (half the memory, faster on recent CPUs and GPUs) or fp16
         cache: use the KV cache (--no-cache recomputes the whole context each step)
+        compile: compile the decode step with torch.compile: 2-3x faster per token on a CPU, after 30-60 s of
+            compiling (worth it for long outputs; needs a C++ compiler)
     """
     import zenlm
 
@@ -341,7 +344,7 @@ def generate(
     sys.stdout.flush()
     for piece in lm.stream(prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                            top_p=top_p, repetition_penalty=repetition_penalty, stop=list(stop or []),
-                           seed=seed, use_cache=cache):
+                           seed=seed, use_cache=cache, compile=compile):
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")

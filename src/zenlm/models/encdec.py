@@ -233,7 +233,7 @@ class Seq2SeqCache:
     """Everything generation keeps per source: the decoder's own keys/values (a :class:`KVCache` over
     ``n_dec_layer`` layers) and each decoder layer's cross-attention keys/values of the memory.
 
-    self_kv:   KVCache, k/v [n_dec_layer, B, H, max_len, D]; ``pos`` = target positions filled
+    self_kv:   KVCache, k/v per decoder layer [B, H, max_len, D]; ``pos`` = target positions filled
     cross_kv:  per decoder layer (k [B, H, S, D], v [B, H, S, D])
     src_mask:  [B, 1, 1, S] boolean (True = real source token) or None (no padding)
     """
@@ -254,8 +254,7 @@ class Seq2SeqCache:
 
         Every row of the cross-attention cache is rebuilt too, so any permutation is allowed.
         """
-        self.self_kv.k = self.self_kv.k.index_select(1, index_N)
-        self.self_kv.v = self.self_kv.v.index_select(1, index_N)
+        self.self_kv.select_rows(index_N)
         self.cross_kv = [(k.index_select(0, index_N), v.index_select(0, index_N)) for k, v in self.cross_kv]
         if self.src_mask is not None:
             self.src_mask = self.src_mask.index_select(0, index_N)

@@ -12,6 +12,7 @@ position of work instead of the whole context.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from contextlib import AbstractContextManager, nullcontext
 
 import torch
@@ -37,7 +38,10 @@ def _no_cudnn_attention() -> AbstractContextManager:
 class KVCache:
     """Preallocated keys and values of every layer, for incremental decoding.
 
-    k, v: [n_layer, B, n_kv_head, max_len, head_dim]; ``k[i]`` is layer i's buffer.
+    k, v: lists of n_layer tensors; ``k[i]`` is layer i's buffer [B, n_kv_head, max_len, head_dim].
+          One separate tensor per layer (not one [n_layer, ...] tensor): a compiled decode step writes the
+          new key of layer i into ``k[i]`` in place, which the compiler does only for a whole input tensor,
+          not for a slice of one (it would copy the layer's cache every step).
     pos:  how many positions are filled; the next forward pass writes positions ``pos .. pos+T-1``
           (and uses them as the absolute positions of its tokens), then advances ``pos`` by T.
     """
@@ -53,22 +57,51 @@ class KVCache:
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
-        shape = (n_layer, batch_size, n_kv_head, max_len, head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        shape = (batch_size, n_kv_head, max_len, head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)]
         self.pos = 0
 
     @property
     def batch_size(self) -> int:
-        return self.k.shape[1]
+        return self.k[0].shape[0]
 
     @property
     def max_len(self) -> int:
-        return self.k.shape[3]
+        return self.k[0].shape[2]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.k[0].dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.k[0].device
 
     def reset(self) -> None:
         """Forget everything (the buffers are reused, not reallocated)."""
         self.pos = 0
+
+    def row(self, b: int) -> KVCache:
+        """An empty batch-1 cache whose buffers are views of row b of this one (a forward pass through it
+        writes into row b): prefill one sequence of a batch on its own."""
+        view = KVCache.__new__(KVCache)
+        view.k = [t[b : b + 1] for t in self.k]
+        view.v = [t[b : b + 1] for t in self.v]
+        view.pos = 0
+        return view
+
+    def select_rows(self, index_B: Tensor) -> None:
+        """Keep rows ``index_B`` (in that order, repeats allowed) as the new batch, e.g. reordering beams."""
+        self.k = [t.index_select(0, index_B) for t in self.k]
+        self.v = [t.index_select(0, index_B) for t in self.v]
+
+    def move_rows(self, src: Sequence[int], length: int) -> None:
+        """Row r takes the first ``length`` positions of row ``src[r]``, for r = 0 .. len(src)-1, in place
+        (batch compaction when sequences finish; the batch buffers keep their size)."""
+        idx = torch.tensor(list(src), device=self.device)
+        for t in self.k + self.v:
+            t[: len(idx), :, :length] = t[idx, :, :length]  # the right side is a copy: no overlap
 
 
 class Block(nn.Module):

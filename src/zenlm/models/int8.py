@@ -14,7 +14,9 @@ row's outliers. The rounding error of one weight is at most s_n / 2.
 How it runs: with bf16 activations on a CPU and at most ``PACK_MAX_ROWS`` rows (decoding a few sequences),
 PyTorch's ``_weight_int8pack_mm`` multiplies by the int8 matrix directly (about 2.5x faster than a dense bf16
 product at batch 1 for a 768x2304 matrix here); in every other case the int8 matrix is expanded to the
-activation dtype first (correct everywhere, no faster).
+activation dtype first (correct everywhere, no faster). Under ``torch.compile`` with one row (:mod:`zenlm.compiled`)
+the product is written as a multiply-and-sum over the int8 matrix (:func:`~zenlm.models.layers.matvec`): the
+compiler widens q to float inside its loop, so the int8 bytes are all that is read.
 A tied embedding/output head becomes one int8 matrix with a scale per vocabulary row, used for both the
 lookup and the head; an untied embedding stays in full precision (a lookup reads only a few rows).
 """
@@ -24,6 +26,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from zenlm.models.layers import matvec
 
 METHOD = "int8-weight-only"
 _PACK_MM = getattr(torch, "_weight_int8pack_mm", None)
@@ -64,7 +68,9 @@ class Int8Linear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """x: [..., in_features] -> [..., out_features] in x's dtype."""
         x_MK = x.reshape(-1, self.in_features)
-        if (x.dtype == torch.bfloat16 and x.device.type == "cpu" and _PACK_MM is not None
+        if torch.compiler.is_compiling() and x_MK.shape[0] == 1:  # see zenlm.compiled: fused, reads int8
+            y_MN = matvec(x_MK, self.weight_int8) * self.scale.to(x.dtype)
+        elif (x.dtype == torch.bfloat16 and x.device.type == "cpu" and _PACK_MM is not None
                 and x_MK.shape[0] <= PACK_MAX_ROWS):
             y_MN = _PACK_MM(x_MK.contiguous(), self.weight_int8, self.scale.to(torch.bfloat16))
         else:

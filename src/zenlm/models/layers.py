@@ -214,21 +214,36 @@ class CausalSelfAttention(nn.Module):
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, **sdpa_kwargs: object) -> Tensor:
-    """``F.scaled_dot_product_attention`` (softmax(q k^T / sqrt(D) + mask) v), attending in fp32 when training
-    under CPU bf16 autocast: PyTorch's CPU flash-attention *backward* is about 3.5x slower in bf16 than in fp32
-    (18 ms vs 5 ms per call at B=32, T=64, 4 heads of 32). The projections around it stay in bf16."""
-    fp32 = (q.dtype == torch.bfloat16 and q.device.type == "cpu" and torch.is_grad_enabled()
-            and torch.is_autocast_enabled("cpu"))
-    if not fp32:
+    """``F.scaled_dot_product_attention`` (softmax(q k^T / sqrt(D) + mask) v), computed in fp32 when q is
+    bf16/fp16 on a CPU (the result comes back in q's dtype; the projections around it stay in bf16).
+
+    PyTorch's CPU attention kernels are slower in bf16 than in fp32: the *backward* about 3.5x (18 ms vs 5 ms
+    per call at B=32, T=64, 4 heads of 32), and a decode step's one query over 100 keys (12 heads of 64)
+    about 4x (~110-180 us vs ~30-40 us; 12 such calls are ~20% of an int8 GPT-2 step). Every attention of
+    the models goes through here, so training, prefill and decoding all attend the same way."""
+    low = q.dtype in (torch.bfloat16, torch.float16) and q.device.type == "cpu"
+    if not low:
         return F.scaled_dot_product_attention(q, k, v, **sdpa_kwargs)  # type: ignore[arg-type]
     mask = sdpa_kwargs.get("attn_mask")
     if isinstance(mask, Tensor) and mask.is_floating_point():
         sdpa_kwargs = {**sdpa_kwargs, "attn_mask": mask.float()}
     with torch.autocast("cpu", enabled=False):
-        return F.scaled_dot_product_attention(q.float(), k.float(), v.float(), **sdpa_kwargs)  # type: ignore[arg-type]
+        y = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), **sdpa_kwargs)  # type: ignore[arg-type]
+    return y if torch.is_autocast_enabled("cpu") else y.to(q.dtype)
 
 
 # ------------------------------------------------------------------------------------------------ MLPs
+
+
+def matvec(x: Tensor, w: Tensor) -> Tensor:
+    """``x @ w^T`` for one row, written as a multiply-and-sum: x [..., K] (one row in all), w [N, K] of any
+    dtype (int8 too) -> [..., N] in x's dtype, summed in fp32.
+
+    Eagerly this is slower than ``F.linear`` (it builds the whole [N, K] product); it exists for
+    ``torch.compile``, which fuses it into one loop that streams each row of w once and widens it to fp32 in
+    registers: a matrix-vector product at memory speed (see :mod:`zenlm.compiled`).
+    """
+    return (x.float().unsqueeze(-2) * w.float()).sum(-1).to(x.dtype)
 
 
 def gelu_tanh(x: Tensor) -> Tensor:

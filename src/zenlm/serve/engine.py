@@ -37,7 +37,7 @@ import torch
 from torch import Tensor
 
 from zenlm.errors import ConfigError
-from zenlm.generate import _slot_cache, _split_at_stop, decode_step, top_k_filter, top_p_filter
+from zenlm.generate import _split_at_stop, decode_step, top_k_filter, top_p_filter
 from zenlm.models.gpt import GPT
 from zenlm.serve.metrics import Metrics
 from zenlm.tokenizer import Tokenizer
@@ -142,9 +142,8 @@ class Engine:
             raise ConfigError(f"max_queue must be >= 0, got {self.max_queue}.")
         self.max_len = model.config.block_size if max_len is None else min(max_len, model.config.block_size)
         self.metrics = metrics or Metrics()
-        cache = model.make_cache(max_concurrency, self.max_len)
-        self.k_pool, self.v_pool = cache.k, cache.v
-        self.device = self.k_pool.device
+        self.pool = model.make_cache(max_concurrency, self.max_len)  # row i = slot i
+        self.device = self.pool.device
         self.slots: list[Sequence | None] = [None] * max_concurrency
         self.waiting: deque[Sequence] = deque()
         self.lock = threading.Lock()  # guards waiting/slots bookkeeping
@@ -280,15 +279,15 @@ class Engine:
             return
         T = len(todo[0].prompt_ids)
         if len(todo) == 1:  # write straight into the slot
-            cache = _slot_cache(self.k_pool, self.v_pool, todo[0].slot)
+            cache = self.pool.row(todo[0].slot)
         else:
-            cache = self.model.make_cache(len(todo), T, device=self.device, dtype=self.k_pool.dtype)
+            cache = self.model.make_cache(len(todo), T, device=self.device, dtype=self.pool.dtype)
         ids_BT = torch.tensor([s.prompt_ids for s in todo], device=self.device)
         logits_BV = self.model(ids_BT, cache=cache, last_only=True)[:, -1]
         for b, seq in enumerate(todo):
             if len(todo) > 1:
-                self.k_pool[:, seq.slot, :, :T] = cache.k[:, b]
-                self.v_pool[:, seq.slot, :, :T] = cache.v[:, b]
+                for pool_layer, layer in zip(self.pool.k + self.pool.v, cache.k + cache.v, strict=True):
+                    pool_layer[seq.slot, :, :T] = layer[b]
             seq.pos = T
             self._advance(seq, logits_BV[b])
 
@@ -302,7 +301,7 @@ class Engine:
             tokens[i], positions[i] = s.last_token, s.pos
         tokens_B = torch.tensor(tokens, device=self.device)
         pos_B = torch.tensor(positions, device=self.device)
-        logits_BV = decode_step(self.model, tokens_B, pos_B, self.k_pool, self.v_pool)
+        logits_BV = decode_step(self.model, tokens_B, pos_B, self.pool.k, self.pool.v)
         self.steps += 1
         self.max_batch_seen = max(self.max_batch_seen, len(active))
         for i, s in active:
