@@ -210,3 +210,21 @@ def test_plot_confusion_matrix_errors(tmp_path) -> None:
     with pytest.raises(DataError, match="3 labels for a 2x2"):
         plot_confusion_matrix([[1, 2], [3, 4]], ["a", "b", "c"], tmp_path / "x.png")
     assert not (tmp_path / "x.png").exists()
+
+
+def test_loss_curve_labels_what_the_loss_is_averaged_over(tmp_path, monkeypatch) -> None:
+    import matplotlib.axes
+
+    from zenlm.viz import plot_loss_curve
+
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text("\n".join(json.dumps(r) for r in [
+        {"step": 1, "train_loss": 3.0}, {"step": 2, "train_loss": 2.5, "val_loss": 2.7}]) + "\n")
+    labels: list[str] = []
+    real = matplotlib.axes.Axes.set_ylabel
+    monkeypatch.setattr(matplotlib.axes.Axes, "set_ylabel",
+                        lambda self, label, *a, **k: (labels.append(label), real(self, label, *a, **k))[1])
+    for per in ("token", "masked token"):
+        png = plot_loss_curve(metrics, tmp_path / f"{per}.png", per=per)
+        assert png.read_bytes()[:4] == b"\x89PNG"
+    assert labels == ["loss (nats / token)", "loss (nats / masked token)"]

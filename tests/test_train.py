@@ -223,3 +223,33 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(data_dir: Path, tmp_path: 
     assert (run / "model.safetensors").is_file()
     res = pretrain(data_dir, run, resume=True, train=tiny_train(max_steps=step + 2, eval_every=0))
     assert res.step == step + 2
+
+
+def test_resumed_run_keeps_its_best_evaluation(tmp_path: Path) -> None:
+    """With best_metric, the best evaluation before a resume still counts after it (value, step, weights)."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=20, block_size=8, n_layer=1, n_head=2, n_embd=16))
+    gen = torch.Generator().manual_seed(0)
+
+    def get_batch(step: int, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
+        x = torch.randint(0, 20, (2, 9), generator=gen)
+        return x[:, :-1], x[:, 1:]
+
+    def scripted(scores: list[float]):
+        it = iter(scores)
+        return lambda m: {"val_score": next(it)}
+
+    run = tmp_path / "run"
+    run.mkdir()
+    opt = OptimConfig(name="adamw", lr=1e-2, warmup_steps=0)
+    first = fit(model, get_batch, causal_lm_loss, run, tiny_train(max_steps=6, eval_every=3), opt,
+                evaluate=scripted([1.0, 0.2]), best_metric="val_score")
+    assert first.best_step == 3
+    kept = load_file(run / "model.safetensors")  # the step-3 weights (moved there at the end)
+    assert not (run / "best.safetensors").exists()
+    second = fit(model, get_batch, causal_lm_loss, run, tiny_train(max_steps=12, eval_every=3), opt,
+                 evaluate=scripted([0.5, 0.4]), resume=True, best_metric="val_score")
+    assert second.best_step == 3  # not step 9 (0.5), the best *after* the resume
+    assert second.val["val_score"] == 1.0
+    final = load_file(run / "model.safetensors")
+    assert all(torch.equal(final[k], kept[k]) for k in kept)

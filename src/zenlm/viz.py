@@ -28,8 +28,11 @@ def read_metrics(path: str | Path) -> list[dict]:
     return out
 
 
-def plot_loss_curve(metrics_path: str | Path, out_png: str | Path, title: str | None = None) -> Path:
-    """Plot train and validation loss (nats/token) against step; returns the PNG path."""
+def plot_loss_curve(metrics_path: str | Path, out_png: str | Path, title: str | None = None, *,
+                    per: str = "token") -> Path:
+    """Plot train and validation loss against step; returns the PNG path. ``per``: what one loss value is
+    averaged over, for the y label "loss (nats / per)": token (causal LM), masked token (MLM), target token
+    (seq2seq), example (classification)."""
     records = read_metrics(metrics_path)
     train = [(r["step"], r["train_loss"]) for r in records if r.get("train_loss") is not None]
     val = [(r["step"], r["val_loss"]) for r in records if r.get("val_loss") is not None]
@@ -42,7 +45,7 @@ def plot_loss_curve(metrics_path: str | Path, out_png: str | Path, title: str | 
         ax.axhline(best, color="grey", lw=0.6, ls="--")
         ax.annotate(f"best val {best:.3f}", (val[-1][0], best), textcoords="offset points", xytext=(-90, 6))
     ax.set_xlabel("step")
-    ax.set_ylabel("loss (nats / token)")
+    ax.set_ylabel(f"loss (nats / {per})")
     ax.set_title(title or Path(metrics_path).parent.name)
     ax.grid(alpha=0.3)
     ax.legend()

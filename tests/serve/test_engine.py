@@ -40,14 +40,15 @@ def _collect(engine: Engine, prompts: list[list[int]], params: SamplingParams) -
     return outs
 
 
-@pytest.mark.parametrize("family", ["gpt2", "llama"])
-def test_batched_greedy_equals_single_sequence_decoding(char_tok, family):
+@pytest.mark.parametrize(("family", "dtype"), [("gpt2", torch.float32), ("llama", torch.float32),
+                                               ("gpt2", torch.bfloat16), ("llama", torch.bfloat16)])
+def test_batched_greedy_equals_single_sequence_decoding(char_tok, family, dtype):
     extra = {} if family == "gpt2" else dict(pos="rope", norm="rmsnorm", mlp="swiglu", n_kv_head=1,
                                              qk_norm=True, bias=False)
     cfg = GPTConfig(vocab_size=char_tok.vocab_size, block_size=96, n_layer=2, n_head=2, n_embd=32,
                     init_std=0.5, **extra)
     torch.manual_seed(0)
-    model = GPT(cfg).eval()
+    model = GPT(cfg).eval().to(dtype)  # bf16: rows must not change each other's last bits either
     texts = ["Hamlet", "Romeo!", "To be", "or not to be, that", "Q", "whether 'tis nobler in the"]
     prompts = [char_tok.encode(t) for t in texts]  # the first two have one length: prefilled in one batch
     engine = Engine(model, char_tok, max_concurrency=4, max_queue=2)  # 6 prompts: two wait for a slot

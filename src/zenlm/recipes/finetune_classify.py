@@ -197,7 +197,7 @@ def finetune_classify(
                  extra={"best_step": result.best_step, "stopped_by": result.stopped_by})
     from zenlm.viz import plot_loss_curve
 
-    plot_loss_curve(out / "metrics.jsonl", out / "plots" / "loss.png")
+    plot_loss_curve(out / "metrics.jsonl", out / "plots" / "loss.png", per="example")
     return ClassifyResult(run_dir=out, train=result, report=rep, labels=labels)
 
 

@@ -317,7 +317,7 @@ def finetune_seq2seq(
     try:
         from zenlm.viz import plot_loss_curve
 
-        plot_loss_curve(out / "metrics.jsonl", out / "plots" / "loss.png")
+        plot_loss_curve(out / "metrics.jsonl", out / "plots" / "loss.png", per="target token")
     except ImportError:  # pragma: no cover - matplotlib is a declared dependency
         pass
     return result

@@ -338,7 +338,8 @@ def pretrain(
     try:
         from zenlm.viz import plot_loss_curve
 
-        plot_loss_curve(out / "metrics.jsonl", out / "plots" / "loss.png")
+        per = "masked token" if mlm else "token"
+        plot_loss_curve(out / "metrics.jsonl", out / "plots" / "loss.png", per=per)
     except ImportError:  # pragma: no cover - matplotlib is a declared dependency
         pass
     return result

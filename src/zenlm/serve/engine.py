@@ -301,7 +301,9 @@ class Engine:
             tokens[i], positions[i] = s.last_token, s.pos
         tokens_B = torch.tensor(tokens, device=self.device)
         pos_B = torch.tensor(positions, device=self.device)
-        logits_BV = decode_step(self.model, tokens_B, pos_B, self.pool.k, self.pool.v)
+        # row_attention: each row attends over exactly its own keys, so what a request gets does not depend on
+        # which other requests share the step (in bf16 it would, in the last bits, with one masked call)
+        logits_BV = decode_step(self.model, tokens_B, pos_B, self.pool.k, self.pool.v, row_attention=True)
         self.steps += 1
         self.max_batch_seen = max(self.max_batch_seen, len(active))
         for i, s in active:

@@ -30,6 +30,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import signal
 import threading
 import time
@@ -39,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from zenlm.device import autocast, resolve_device, resolve_precision, synchronize
@@ -183,6 +185,18 @@ class _MetricsLog:
             self.tb.close()
 
 
+def _best_step_of(path: Path) -> int | None:
+    """The step recorded in a best-weights file's metadata (None: no such file or no such record)."""
+    if not path.is_file():
+        return None
+    try:
+        with safe_open(str(path), "pt") as f:
+            step = (f.metadata() or {}).get("best_step")
+    except (SafetensorError, OSError):
+        return None
+    return int(step) if step is not None and step.isdigit() else None
+
+
 def fit(
     model: nn.Module,
     get_batch: Callable[[int, int], Batch],
@@ -225,6 +239,7 @@ def fit(
     scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
     step, elapsed_before, train_before = 0, 0.0, 0.0
     resume_step: int | None = None
+    resumed_best: dict[str, Any] | None = None
     if resume:
         ckpts = list_checkpoints(run_dir / "checkpoints")
         if not ckpts:
@@ -233,6 +248,7 @@ def fit(
         step, elapsed_before = int(state["step"]), float(state.get("elapsed_s", 0.0))
         train_before = float(state.get("train_s", elapsed_before))
         resume_step = step
+        resumed_best = state.get("best")
         report(progress, "train", message=f"resumed from {ckpts[-1].name} (step {step})")
 
     forward = torch.compile(model) if cfg.compile else model  # used for evaluation
@@ -247,11 +263,24 @@ def fit(
 
     def checkpoint(at_step: int, elapsed: float) -> None:
         train_s = train_before + elapsed - elapsed_before - eval_s[0]
-        save_checkpoint(run_dir / "checkpoints", at_step, model, optimizers,
-                        {"elapsed_s": elapsed, "train_s": train_s, **extra}, keep=cfg.keep_checkpoints or None)
+        # with best_metric, the best evaluation so far (its weights are run_dir/best.safetensors) goes along
+        state = {"elapsed_s": elapsed, "train_s": train_s, **extra}
+        if best_metric is not None and best["step"] is not None:
+            state["best"] = {**best, "metric": best_metric}
+        save_checkpoint(run_dir / "checkpoints", at_step, model, optimizers, state,
+                        keep=cfg.keep_checkpoints or None)
 
     eval_s = [0.0]  # time spent evaluating in this invocation (excluded from train_s)
     best: dict[str, Any] = {"value": None, "step": None, "val": {}, "bad": 0}
+    if resumed_best and best_metric is not None and resumed_best.get("metric") == best_metric:
+        # a resumed run keeps its best-so-far: its weights are best.safetensors, or model.safetensors when the
+        # previous invocation ended normally (it moved them there); the file's metadata names their step
+        for name in ("best.safetensors", "model.safetensors"):
+            if _best_step_of(run_dir / name) == resumed_best["step"]:
+                if name != "best.safetensors":
+                    shutil.copyfile(run_dir / name, run_dir / "best.safetensors")
+                best.update({k: resumed_best[k] for k in ("value", "step", "val", "bad")})
+                break
 
     def track_best(at_step: int, result: dict[str, float]) -> bool:
         """Remember the best evaluation (saving its weights); True when patience has run out."""
@@ -261,7 +290,7 @@ def fit(
             raise ConfigError(f"best_metric {best_metric!r} is not among the evaluation's results {sorted(result)}.")
         if best["value"] is None or result[best_metric] > best["value"]:
             best.update(value=result[best_metric], step=at_step, val=dict(result), bad=0)
-            save_model(model, run_dir / "best.safetensors")
+            save_model(model, run_dir / "best.safetensors", metadata={"format": "pt", "best_step": str(at_step)})
             return False
         best["bad"] += 1
         return bool(patience) and best["bad"] >= patience
