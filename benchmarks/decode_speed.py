@@ -12,7 +12,8 @@ per token), as ``generate()`` does on the transformers side. Time to first token
 prompt(s) plus one token. The bandwidth floor is the memory bandwidth measured
 in this run divided by the bytes of weights one decode step reads; "share of floor" is tokens/s (per
 sequence) over that floor, for the copy bandwidth (read + write bytes of a large copy) and for the read
-bandwidth (a large sum), each the best of 3 trials. A step only reads, so it can pass the copy floor.
+bandwidth (a large sum), each the best of 3 trials measured just before the row (this shared machine's
+bandwidth drifts by 30% and more within minutes). A step only reads, so it can pass the copy floor.
 """
 
 from __future__ import annotations
@@ -95,8 +96,10 @@ def zenlm_decode(model: GPT, prompt_BT: torch.Tensor, new: int) -> tuple[float, 
 
 
 @torch.inference_mode()
-def zenlm_compiled_decode(model: GPT, prompt_BT: torch.Tensor, new: int) -> tuple[float, float, torch.Tensor, float]:
-    """As :func:`zenlm_decode` with every decode step through ``zenlm.compiled`` -> (..., compile seconds).
+def zenlm_compiled_decode(model: GPT, prompt_BT: torch.Tensor, new: int
+                          ) -> tuple[float, float, torch.Tensor, float, tuple[float, float]]:
+    """As :func:`zenlm_decode` with every decode step through ``zenlm.compiled`` -> (..., compile seconds,
+    (copy, read) bandwidth measured after compiling, just before the timed run).
 
     The compile happens first, on a throwaway cache (a few steps, so the program for a dynamic number of keys
     exists too); its time is reported on its own, not as time to first token."""
@@ -109,6 +112,7 @@ def zenlm_compiled_decode(model: GPT, prompt_BT: torch.Tensor, new: int) -> tupl
         tok = decoder(tok, torch.full((B,), cache.pos), cache.k, cache.v).argmax(-1)
         cache.pos += 1
     compile_s = time.perf_counter() - t0
+    bws = copy_bandwidth(), read_bandwidth()
 
     cache = model.make_cache(B, T + new)
     out = torch.empty(B, new, dtype=torch.long)
@@ -120,7 +124,7 @@ def zenlm_compiled_decode(model: GPT, prompt_BT: torch.Tensor, new: int) -> tupl
         tok = decoder(tok, torch.full((B,), cache.pos), cache.k, cache.v).argmax(-1)
         cache.pos += 1
         out[:, i] = tok
-    return ttft, time.perf_counter() - t0, out, compile_s
+    return ttft, time.perf_counter() - t0, out, compile_s, bws
 
 
 def zenlm_batch_decode(model: GPT, prompt_BT: torch.Tensor, new: int) -> tuple[float, float, torch.Tensor]:
@@ -169,15 +173,15 @@ def main() -> None:
     assert not [k for k in missing.missing_keys if not k.endswith(("attn.bias", "masked_bias", "lm_head.weight"))]
     theirs.tie_weights()
 
-    bw, rbw = copy_bandwidth(), read_bandwidth()
     print(f"# decode_speed — {time.strftime('%Y-%m-%d %H:%M')} — {platform.machine()}, {os.cpu_count()} cores, "
           f"{torch.get_num_threads()} threads, torch {torch.__version__}")
     print(f"GPT-2-small shape ({cfg.num_params() / 1e6:.1f}M parameters, random weights), "
-          f"{args.prompt_tokens}-token prompt, {args.new_tokens} new tokens, greedy; copy bandwidth {bw / 1e9:.1f} GB/s, "
-          f"read bandwidth {rbw / 1e9:.1f} GB/s (best of 3 trials, measured before the rows)")
+          f"{args.prompt_tokens}-token prompt, {args.new_tokens} new tokens, greedy. The machine's bandwidth drifts "
+          "while it runs, so each row's floors use the copy / read bandwidth measured just before that row.")
     print("\n| batch | weights | engine | tokens/s (all sequences) | time to first token (ms) | bytes/step (MB) | "
-          "share of copy floor | share of read floor | vs transformers (same weights; int8 vs its bf16) |")
-    print("|---:|---|---|---:|---:|---:|---:|---:|---:|")
+          "copy / read GB/s | share of copy floor | share of read floor | "
+          "vs transformers (same weights; int8 vs its bf16) |")
+    print("|---:|---|---|---:|---:|---:|---:|---:|---:|---:|")
     g = torch.Generator().manual_seed(1)
     for B in [int(b) for b in args.batches.split(",")]:
         prompt = torch.randint(0, cfg.vocab_size, (B, args.prompt_tokens), generator=g)
@@ -186,32 +190,32 @@ def main() -> None:
             rows = []
             if dtype is not None:
                 m = theirs.to(dtype)
+                bws = copy_bandwidth(), read_bandwidth()
                 ttft, total, hf_ids = hf_decode(m, prompt, args.new_tokens)
                 base[dtype_name] = B * args.new_tokens / total
-                rows.append(("transformers generate()", ttft, total, step_bytes(m)))
+                rows.append(("transformers generate()", ttft, total, step_bytes(m), bws))
                 z = ours.to(dtype)
             else:
                 z = quantize_int8(copy.deepcopy(ours).float()).to(torch.bfloat16)
             decode = zenlm_decode if B == 1 else zenlm_batch_decode
+            bws = copy_bandwidth(), read_bandwidth()
             ttft_z, total_z, z_ids = decode(z, prompt, args.new_tokens)
             if dtype == torch.float32:
                 agree = (z_ids == hf_ids).float().mean().item()
                 print(f"<!-- fp32 batch {B}: {agree:.0%} of greedy tokens identical to transformers -->")
-            rows.append(("zenlm" if B == 1 else "zenlm generate_batch()", ttft_z, total_z, step_bytes(z)))
+            rows.append(("zenlm" if B == 1 else "zenlm generate_batch()", ttft_z, total_z, step_bytes(z), bws))
             if B == 1 and not args.no_compile:
-                ttft_c, total_c, c_ids, compile_s = zenlm_compiled_decode(z, prompt, args.new_tokens)
+                ttft_c, total_c, c_ids, compile_s, bws = zenlm_compiled_decode(z, prompt, args.new_tokens)
                 same = (c_ids == z_ids).float().mean().item()
                 print(f"<!-- {dtype_name} batch {B}: compiled in {compile_s:.0f} s; {same:.0%} of greedy tokens "
                       "identical to zenlm eager -->")
-                rows.append(("zenlm compiled (zenlm.compiled)", ttft_c, total_c, step_bytes(z)))
-            for engine, ttft, total, nbytes in rows:
+                rows.append(("zenlm compiled (zenlm.compiled)", ttft_c, total_c, step_bytes(z), bws))
+            for engine, ttft, total, nbytes, (bw, rbw) in rows:
                 tps = B * args.new_tokens / total
                 ref = base.get(dtype_name) or base["bf16"]
                 print(f"| {B} | {dtype_name} | {engine} | {tps:,.1f} | {ttft * 1000:,.0f} | {nbytes / 1e6:,.0f} | "
-                      f"{tps / B / (bw / nbytes):.0%} | {tps / B / (rbw / nbytes):.0%} | {tps / ref:.2f}x |",
-                      flush=True)
-    bw2, rbw2 = copy_bandwidth(), read_bandwidth()
-    print(f"\ncopy / read bandwidth measured again after the rows: {bw2 / 1e9:.1f} / {rbw2 / 1e9:.1f} GB/s")
+                      f"{bw / 1e9:.1f} / {rbw / 1e9:.1f} | {tps / B / (bw / nbytes):.0%} | "
+                      f"{tps / B / (rbw / nbytes):.0%} | {tps / ref:.2f}x |", flush=True)
 
 
 if __name__ == "__main__":

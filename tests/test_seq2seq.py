@@ -262,3 +262,14 @@ def test_losses_match_the_formula():
     torch.testing.assert_close(loss, expected)
     plain, _ = seq2seq_loss(model, (src, mask, tgt_in, labels))
     torch.testing.assert_close(plain, nll.mean())
+
+
+def test_jsonl_readers_refuse_files_that_are_not_utf8(tmp_path):
+    from zenlm.data.classify import read_labelled
+    from zenlm.data.seq2seq import read_texts
+
+    bad = tmp_path / "latin1.jsonl"
+    bad.write_bytes('{"source": "café", "target": "x", "text": "café", "label": "a"}\n'.encode("latin-1"))
+    for read in (read_pairs, read_texts, read_labelled):
+        with pytest.raises(DataError, match="not valid UTF-8.*save it as UTF-8"):
+            read(bad)

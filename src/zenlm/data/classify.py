@@ -9,7 +9,6 @@
 from __future__ import annotations
 
 import csv
-import json
 import random
 from collections import Counter, defaultdict
 from collections.abc import Sequence
@@ -17,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from zenlm.data.jsonl import read_jsonl, read_text_utf8
 from zenlm.errors import DataError
 from zenlm.tokenizer import Tokenizer
 
@@ -25,25 +25,10 @@ Example = tuple[str, str]  # (text, label)
 
 def _rows(path: Path) -> list[tuple[int, dict]]:
     """(line number, record) of a .jsonl or .csv file."""
-    try:
-        raw = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise DataError(f"{path} is not valid UTF-8 ({e}); save it as UTF-8.") from None
     if path.suffix.lower() == ".csv":
-        reader = csv.DictReader(raw.splitlines())
+        reader = csv.DictReader(read_text_utf8(path).splitlines())
         return [(i + 2, row) for i, row in enumerate(reader)]
-    rows = []
-    for i, line in enumerate(raw.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{i} is not valid JSON ({e.msg}); each line must be one object.") from None
-        if not isinstance(rec, dict):
-            raise DataError(f"{path}:{i} must be a JSON object with a text and a label field.")
-        rows.append((i, rec))
-    return rows
+    return read_jsonl(path, "a text and a label field")
 
 
 def read_labelled(path: str | Path, text_field: str = "text", label_field: str = "label") -> list[Example]:

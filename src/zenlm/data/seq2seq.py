@@ -12,7 +12,6 @@ same data. Label positions that must not be scored hold ``IGNORE`` (-100, PyTorc
 
 from __future__ import annotations
 
-import json
 import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -23,6 +22,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from zenlm.data.jsonl import read_jsonl, read_text_utf8
 from zenlm.errors import DataError
 from zenlm.progress import ProgressFn, report
 
@@ -52,29 +52,19 @@ def read_pairs(path: str | Path, source_field: str = "source", target_field: str
         raise DataError(f"pairs file {path} does not exist; give a .jsonl file with one "
                         f'{{"{source_field}": ..., "{target_field}": ...}} object per line.')
     pairs: list[Pair] = []
-    with path.open(encoding="utf-8", errors="replace") as fh:
-        for n, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{n} is not valid JSON ({e.msg}); each line must be one JSON object.") from e
-            if not isinstance(obj, dict):
-                raise DataError(f"{path}:{n} is a JSON {type(obj).__name__}, not an object with "
-                                f"{source_field!r} and {target_field!r} fields.")
-            texts = []
-            for name in (source_field, target_field):
-                if name not in obj:
-                    raise DataError(f"{path}:{n} has no {name!r} field (it has {sorted(obj)}); name the fields "
-                                    "with --source-field / --target-field.")
-                value = obj[name]
-                if not isinstance(value, str):
-                    raise DataError(f"{path}:{n}: {name!r} must be a string, got {type(value).__name__}.")
-                if not value.strip():
-                    raise DataError(f"{path}:{n}: {name!r} is empty; remove the line or fill it in.")
-                texts.append(value)
-            pairs.append(Pair(texts[0], texts[1]))
+    for n, obj in read_jsonl(path, f"{source_field!r} and {target_field!r} fields"):
+        texts = []
+        for name in (source_field, target_field):
+            if name not in obj:
+                raise DataError(f"{path}:{n} has no {name!r} field (it has {sorted(obj)}); name the fields "
+                                "with --source-field / --target-field.")
+            value = obj[name]
+            if not isinstance(value, str):
+                raise DataError(f"{path}:{n}: {name!r} must be a string, got {type(value).__name__}.")
+            if not value.strip():
+                raise DataError(f"{path}:{n}: {name!r} is empty; remove the line or fill it in.")
+            texts.append(value)
+        pairs.append(Pair(texts[0], texts[1]))
     if not pairs:
         raise DataError(f"{path} holds no pairs; it needs at least one line with {source_field!r} and "
                         f"{target_field!r}.")
@@ -102,19 +92,12 @@ def read_texts(path: str | Path, text_field: str = "text") -> list[str]:
         raise DataError(f"text file {path} does not exist.")
     if path.suffix == ".jsonl":
         texts = []
-        with path.open(encoding="utf-8", errors="replace") as fh:
-            for n, line in enumerate(fh, 1):
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{path}:{n} is not valid JSON ({e.msg}).") from e
-                if not isinstance(obj, dict) or not isinstance(obj.get(text_field), str):
-                    raise DataError(f"{path}:{n} has no string field {text_field!r}; name it with --text-field.")
-                texts.append(obj[text_field])
+        for n, obj in read_jsonl(path, f"a {text_field!r} field"):
+            if not isinstance(obj.get(text_field), str):
+                raise DataError(f"{path}:{n} has no string field {text_field!r}; name it with --text-field.")
+            texts.append(obj[text_field])
     else:
-        raw = path.read_text(encoding="utf-8", errors="replace")
+        raw = read_text_utf8(path)
         texts = [p.strip() for p in raw.replace("\r\n", "\n").split("\n\n")]
     texts = [t for t in texts if t.strip()]
     if not texts:
