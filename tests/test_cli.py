@@ -61,6 +61,10 @@ def test_full_pipeline_through_the_cli(tmp_path: Path, capsys: pytest.CaptureFix
     lm = zenlm.load(run, device="cpu")
     expected = lm.generate("first", max_new_tokens=5, temperature=0.8, top_k=50, seed=1)
     assert text == "first" + expected + "\n"
+    # --compile decodes through zenlm.compiled: the same greedy text
+    assert main(["generate", str(run), "first", "--max-new-tokens", "12", "--temperature", "0", "--compile",
+                 "--device", "cpu"]) == 0
+    assert capsys.readouterr().out == "first" + lm.generate("first", max_new_tokens=12, temperature=0) + "\n"
 
 
 def test_bad_input_gives_a_clear_error_not_a_traceback(tmp_path: Path) -> None:

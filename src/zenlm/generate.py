@@ -50,7 +50,7 @@ class GenerationConfig:
     use_cache:          reuse past keys/values (fast); False recomputes the whole context each step
     stop_at_eos:        end when the model emits the end-of-text token (which is not returned)
     compile:            decode with the step compiled by ``torch.compile`` (:mod:`zenlm.compiled`): near the
-                        memory-bandwidth limit once compiled, but the first call compiles for 30-60 s on a
+                        memory-bandwidth limit once compiled, but the first call compiles for 20-30 s on a
                         CPU. One sequence at a time with the cache (not generate_batch, not use_cache=False)
     """
 
