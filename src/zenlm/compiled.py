@@ -2,17 +2,18 @@
 
 Decoding one sequence does about 2 flops per weight and reads every weight once per token, so a step can
 be no faster than (bytes of weights) / (memory bandwidth): the *bandwidth floor*. Eager PyTorch on a CPU
-stays well above it. A matrix-vector product ``F.linear`` with one input row reads its weights at 10–13 GB/s
-on our 2-core test machine, whose memory copies run at 25–30 GB/s, and a step of a 12-layer model is about
-250 separate operator calls. :class:`CompiledDecoder` compiles the step of :func:`zenlm.generate.decode_step`
-(same modules, same formulas) into one program, with four choices that decide its speed:
+stays well above it. A matrix-vector product ``F.linear`` with one input row reads its weights at 10–13
+GB/s on our 2-core test machine, whose memory copies run at 25–40 GB/s, and a step of a 12-layer model is
+about 250 separate operator calls. :class:`CompiledDecoder` compiles the step of
+:func:`zenlm.generate.decode_step` (same modules, same formulas) into one program, with four choices that
+decide its speed:
 
 1. **Matrix-vector products as multiply-and-sum.** While tracing, every ``F.linear`` whose input has one row
-   is rewritten ``y = (x[None, :] * W).sum(-1)`` (in fp32, cast back to x's dtype;
-   :func:`~zenlm.models.layers.matvec`). Inductor, the compiler, emits that as one loop per output row that streams
-   the row of W once with vector instructions, the rows split across threads: 22–25 GB/s here for fp32,
-   bf16 and int8 weights alike. :class:`~zenlm.models.int8.Int8Linear` does the same with its int8
-   matrix, so the widening to float happens in registers, and its per-channel scale multiplies the sums.
+   is rewritten ``y = (x[None, :] * W).sum(-1)``, in fp32 and cast back to x's dtype
+   (:func:`~zenlm.models.layers.matvec`). Inductor, the compiler, emits that as one loop per output row
+   that streams the row of W once with vector instructions, the rows split across threads: 22–25 GB/s here
+   for fp32, bf16 and int8 weights alike. :class:`~zenlm.models.int8.Int8Linear` does the same with its
+   int8 matrix, so the widening to float happens in registers, and its per-channel scale multiplies the sums.
 2. **No recomputation inside those loops.** Left to itself, Inductor folds cheap producers into their
    consumers. For a product that means recomputing, e.g., the layer norm of x once per output row (3,072
    times for GPT-2's MLP). ``realize_opcount_threshold = 0`` makes it compute every such vector once.
@@ -30,9 +31,9 @@ compiles again.
 
 Costs: the first call compiles, which takes about 20–30 s for a GPT-2-small model on 2 CPU cores (measured
 with an empty cache). Inductor keeps its results on disk, so a later process with the same model shape
-starts in 5–15 s. Compiling pays off for long generations; a short answer is faster eager. Compiling needs a C++
-compiler on CPU (gcc or clang) and Triton on a GPU. Outputs: fp32 logits agree with eager decoding to about
-1e-5 (the sums run in another order), so greedy tokens are the same except at near-ties.
+starts in 5–15 s. Compiling pays off for long generations; a short answer is faster eager. Compiling needs
+a C++ compiler on CPU (gcc or clang) and Triton on a GPU. Outputs: fp32 logits agree with eager decoding to
+about 1e-5 (the sums run in another order), so greedy tokens are the same except at near-ties.
 """
 
 from __future__ import annotations
