@@ -94,3 +94,21 @@ def test_compile_is_refused_where_it_does_not_apply():
     full.pos = 2
     with pytest.raises(ConfigError, match="overflow"):
         compiled_decoder(model).next_logits(1, full)
+
+
+def test_models_of_one_shape_share_a_program_but_each_uses_its_own_weights():
+    prompt = torch.tensor([[1, 2, 3]])
+    graphs = []
+    for seed in (5, 6):
+        torch.manual_seed(seed)
+        model = GPT(gpt2_like()).eval()
+        eager, fast = model.make_cache(1), model.make_cache(1)
+        with torch.inference_mode():
+            model(prompt, cache=eager)
+            model(prompt, cache=fast)
+            for token in (4, 5, 6):
+                want = model(torch.tensor([[token]]), cache=eager)[0, -1]
+                torch.testing.assert_close(compiled_decoder(model).next_logits(token, fast), want,
+                                           atol=1e-4, rtol=1e-4)
+        graphs.append(counters["stats"]["unique_graphs"])
+    assert graphs[1] == graphs[0]  # the second model reused the first one's program (weights are inputs)

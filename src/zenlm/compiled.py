@@ -27,7 +27,8 @@ decide its speed:
 Rows: the multiply-and-sum form reads W once per input row, so it is used only when there is one row
 (generating one sequence). With several rows the products stay matrix products (each weight is read once
 for all rows), which is what a batch needs. The program is specialised to the batch size; a new batch size
-compiles again.
+compiles again. The weights are inputs of the program, so models of one architecture and dtype share it (a
+second such model compiles nothing); another architecture or dtype compiles its own.
 
 Costs: the first call compiles, which takes about 20–30 s for a GPT-2-small model on 2 CPU cores (measured
 with an empty cache). Inductor keeps its results on disk, so a later process with the same model shape
