@@ -5,15 +5,16 @@
 
 Both sides decode greedily with a KV cache from the same random weights (copied with zenlm's GPT-2 weight
 map). Rows: fp32 and bf16 weights for both, and zenlm's int8 weight-only model (bf16 activations). Batch 1 is
-zenlm's GPT with its cache in a plain loop, eager and with the compiled decode step
-(``zenlm.compiled``; its compile time is printed apart, not counted); a batch of several prompts goes through the library's batched
+zenlm's GPT with its cache in a plain loop, eager and with the compiled decode step (``zenlm.compiled``,
+both backends: ``torch.compile`` and AOTInductor; the compile time is printed apart, not counted); a batch of several prompts goes through the library's batched
 generation, ``zenlm.generate.generate_batch`` (each prompt prefilled on its own, then one batched decode step
 per token), as ``generate()`` does on the transformers side. Time to first token is the prefill of the
 prompt(s) plus one token. The bandwidth floor is the memory bandwidth measured
 in this run divided by the bytes of weights one decode step reads; "share of floor" is tokens/s (per
 sequence) over that floor, for the copy bandwidth (read + write bytes of a large copy) and for the read
 bandwidth (a large sum), each the best of 3 trials measured just before the row (this shared machine's
-bandwidth drifts by 30% and more within minutes). A step only reads, so it can pass the copy floor. Every
+bandwidth drifts by 30% and more within minutes). A step only reads, so it can pass the copy floor.
+The time to first token is also given as a share of the copy floor of one pass over the weights. Every
 row is the fastest of ``--repeats`` (default 3) timed runs, for transformers and zenlm alike.
 """
 
@@ -97,7 +98,7 @@ def zenlm_decode(model: GPT, prompt_BT: torch.Tensor, new: int) -> tuple[float, 
 
 
 @torch.inference_mode()
-def zenlm_compiled_decode(model: GPT, prompt_BT: torch.Tensor, new: int
+def zenlm_compiled_decode(model: GPT, prompt_BT: torch.Tensor, new: int, backend: str
                           ) -> tuple[float, float, torch.Tensor, float, tuple[float, float]]:
     """As :func:`zenlm_decode` with every decode step through ``zenlm.compiled`` -> (..., compile seconds,
     (copy, read) bandwidth measured after compiling, just before the timed run).
@@ -105,8 +106,8 @@ def zenlm_compiled_decode(model: GPT, prompt_BT: torch.Tensor, new: int
     The compile happens first, on a throwaway cache (a few steps, so the program for a dynamic number of keys
     exists too); its time is reported on its own, not as time to first token."""
     B, T = prompt_BT.shape
-    decoder = compiled_decoder(model)
     t0 = time.perf_counter()
+    decoder = compiled_decoder(model, backend)
     cache = model.make_cache(B, T + new)
     tok = model(prompt_BT, cache=cache, last_only=True)[:, -1].argmax(-1)
     for _ in range(3):
@@ -187,9 +188,9 @@ def main() -> None:
           f"{args.prompt_tokens}-token prompt, {args.new_tokens} new tokens, greedy. The machine's bandwidth drifts "
           "while it runs, so each row's floors use the copy / read bandwidth measured just before that row.")
     print("\n| batch | weights | engine | tokens/s (all sequences) | time to first token (ms) | bytes/step (MB) | "
-          "copy / read GB/s | share of copy floor | share of read floor | "
+          "copy / read GB/s | share of copy floor | share of read floor | time to first token: share of copy floor | "
           "vs transformers (same weights; int8 vs its bf16) |")
-    print("|---:|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     g = torch.Generator().manual_seed(1)
     for B in [int(b) for b in args.batches.split(",")]:
         prompt = torch.randint(0, cfg.vocab_size, (B, args.prompt_tokens), generator=g)
@@ -212,20 +213,23 @@ def main() -> None:
                 agree = (z_ids == hf_ids).float().mean().item()
                 print(f"<!-- fp32 batch {B}: {agree:.0%} of greedy tokens identical to transformers -->")
             rows.append(("zenlm" if B == 1 else "zenlm generate_batch()", ttft_z, total_z, step_bytes(z), bws))
-            if B == 1 and not args.no_compile:
-                runs = [zenlm_compiled_decode(z, prompt, args.new_tokens) for _ in range(args.repeats)]
-                compile_s = runs[0][3]  # the first run compiles; later ones find the program made
+            for backend in () if B > 1 or args.no_compile else ("dynamo", "aot"):
+                runs = [zenlm_compiled_decode(z, prompt, args.new_tokens, backend) for _ in range(args.repeats)]
+                compile_s = runs[0][3]  # the first run compiles (or loads); later ones find the program made
+                built = compiled_decoder(z, backend).programs_built if backend == "aot" else 1
                 ttft_c, total_c, c_ids, _, bws = min(runs, key=lambda r: r[1])
                 same = (c_ids == z_ids).float().mean().item()
-                print(f"<!-- {dtype_name} batch {B}: compiled in {compile_s:.0f} s; {same:.0%} of greedy tokens "
-                      "identical to zenlm eager -->")
-                rows.append(("zenlm compiled (zenlm.compiled)", ttft_c, total_c, step_bytes(z), bws))
+                how = "compiled" if built else "loaded from the disk cache"
+                print(f"<!-- {dtype_name} batch {B}, {backend}: {how} in {compile_s:.0f} s; {same:.0%} of greedy "
+                      "tokens identical to zenlm eager -->")
+                label = "AOTInductor" if backend == "aot" else "torch.compile"
+                rows.append((f"zenlm compiled ({label})", ttft_c, total_c, step_bytes(z), bws))
             for engine, ttft, total, nbytes, (bw, rbw) in rows:
                 tps = B * args.new_tokens / total
                 ref = base.get(dtype_name) or base["bf16"]
                 print(f"| {B} | {dtype_name} | {engine} | {tps:,.1f} | {ttft * 1000:,.0f} | {nbytes / 1e6:,.0f} | "
                       f"{bw / 1e9:.1f} / {rbw / 1e9:.1f} | {tps / B / (bw / nbytes):.0%} | "
-                      f"{tps / B / (rbw / nbytes):.0%} | {tps / ref:.2f}x |", flush=True)
+                      f"{tps / B / (rbw / nbytes):.0%} | {nbytes / bw / ttft:.0%} | {tps / ref:.2f}x |", flush=True)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,10 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     _threads = max(1, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
     os.environ["OMP_NUM_THREADS"] = str(_threads)
     torch.set_num_threads(_threads)
+
+# Built decode programs (zenlm.compiled) go to a fresh directory, so tests build them rather than load what an
+# earlier run left in ~/.cache (CLI subprocesses inherit it).
+os.environ["ZENLM_CACHE_DIR"] = tempfile.mkdtemp(prefix="zenlm-test-cache-")
 
 EXTRA = "中文文本，人民日报。Ünïcödé façade — “quotes” 😀🚀\n"
 

@@ -1,13 +1,16 @@
 """The compiled decode step (zenlm.compiled): same logits and tokens as eager decoding, one program for all
-positions, int8 weights, and clear refusals. Each test compiles a tiny model (a few seconds to ~30 s here)."""
+positions, int8 weights, the model's own tensors, and clear refusals. Both backends: "aot" (AOTInductor, the
+CPU default) and "dynamo" (torch.compile). Each test compiles a tiny model (a few seconds to ~30 s here);
+built programs go to a fresh directory per test session (conftest)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
 from torch._dynamo.utils import counters
 
-from zenlm.compiled import compiled_decoder
+from zenlm.compiled import CompiledDecoder, cache_dir, compiled_decoder
 from zenlm.config import GPTConfig
 from zenlm.errors import ConfigError
 from zenlm.generate import GenerationConfig, generate_batch, generate_ids
@@ -28,12 +31,13 @@ def gpt2_like(**kw) -> GPTConfig:
     return GPTConfig(**{**base, **kw})
 
 
-def test_compiled_step_matches_eager_at_every_position_with_one_program():
+@pytest.mark.parametrize("backend", ["aot", "dynamo"])
+def test_compiled_step_matches_eager_at_every_position_with_one_program(backend):
     torch.manual_seed(0)
-    model = GPT(llama_like()).eval()
+    model = GPT(llama_like()).eval()  # rope, GQA, qk-norm, RMSNorm, SwiGLU
     prompt = torch.randint(0, V, (1, 5), generator=torch.Generator().manual_seed(1))
     eager, fast = model.make_cache(1), model.make_cache(1)
-    decoder = compiled_decoder(model)
+    decoder = compiled_decoder(model, backend)
     assert compiled_decoder(model) is decoder  # one per model
     graphs_before = counters["stats"]["unique_graphs"]
     with torch.inference_mode():
@@ -48,8 +52,13 @@ def test_compiled_step_matches_eager_at_every_position_with_one_program():
     assert fast.pos == eager.pos == 5 + 12
     for a, b in zip(fast.k + fast.v, eager.k + eager.v, strict=True):  # the compiled step wrote the cache
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
-    # 12 different key counts, at most two programs (a first static one, then one with a dynamic length)
-    assert counters["stats"]["unique_graphs"] - graphs_before <= 2
+    assert decoder.backend == backend  # no fallback happened
+    if backend == "aot":  # 12 different key counts, one program, kept on disk
+        assert decoder.programs_built == 1
+        assert len(list(cache_dir().glob("step-*.pt2"))) >= 1
+        assert not list(cache_dir().glob("*.tmp.pt2"))
+    else:  # at most two programs (a first static one, then one with a dynamic length)
+        assert counters["stats"]["unique_graphs"] - graphs_before <= 2
 
 
 def test_generate_ids_compiled_gives_the_eager_greedy_tokens_through_cache_refills():
@@ -61,6 +70,7 @@ def test_generate_ids_compiled_gives_the_eager_greedy_tokens_through_cache_refil
     got = list(generate_ids(model, prompt, GenerationConfig(**cfg, compile=True)))
     assert len(want) == 30
     assert got == want
+    assert compiled_decoder(model).backend == "aot"  # the refills' first and last slots ran eagerly, no fallback
 
 
 def test_compiled_int8_model_reads_its_int8_weights_and_matches_eager():
@@ -94,11 +104,14 @@ def test_compile_is_refused_where_it_does_not_apply():
     full.pos = 2
     with pytest.raises(ConfigError, match="overflow"):
         compiled_decoder(model).next_logits(1, full)
+    with pytest.raises(ConfigError, match="unknown compile backend"):
+        CompiledDecoder(model, backend="jit")
 
 
-def test_models_of_one_shape_share_a_program_but_each_uses_its_own_weights():
+def test_models_of_one_shape_share_a_program_but_each_uses_its_own_weights(tmp_path, monkeypatch):
+    monkeypatch.setenv("ZENLM_CACHE_DIR", str(tmp_path))
     prompt = torch.tensor([[1, 2, 3]])
-    graphs = []
+    built = []
     for seed in (5, 6):
         torch.manual_seed(seed)
         model = GPT(gpt2_like()).eval()
@@ -110,5 +123,50 @@ def test_models_of_one_shape_share_a_program_but_each_uses_its_own_weights():
                 want = model(torch.tensor([[token]]), cache=eager)[0, -1]
                 torch.testing.assert_close(compiled_decoder(model).next_logits(token, fast), want,
                                            atol=1e-4, rtol=1e-4)
-        graphs.append(counters["stats"]["unique_graphs"])
-    assert graphs[1] == graphs[0]  # the second model reused the first one's program (weights are inputs)
+        built.append(compiled_decoder(model).programs_built)
+    assert built == [1, 0]  # the second model loaded the first one's program from disk (it holds no weights)
+
+
+def test_the_program_reads_the_models_current_tensors():
+    torch.manual_seed(7)
+    model = GPT(gpt2_like()).eval()
+    prompt = torch.tensor([[1, 2, 3]])
+
+    def check(tokens):
+        eager, fast = model.make_cache(1), model.make_cache(1)
+        decoder = compiled_decoder(model)  # as generate() does for each generation: re-reads the tensors
+        with torch.inference_mode():
+            model(prompt, cache=eager)
+            model(prompt, cache=fast)
+            for token in tokens:
+                want = model(torch.tensor([[token]]), cache=eager)[0, -1]
+                torch.testing.assert_close(decoder.next_logits(token, fast), want, atol=1e-4, rtol=1e-4)
+        return decoder
+
+    decoder = check((4, 5))
+    with torch.no_grad():  # changed in place: the program reads the same memory
+        model.blocks[0].mlp.fc.weight.mul_(3)
+    check((6, 7))
+    fc = model.blocks[1].mlp.fc  # replaced by a new tensor: compiled_decoder() re-reads the model
+    fc.weight = nn.Parameter(torch.randn_like(fc.weight))
+    assert check((8, 9)) is decoder
+    assert decoder.programs_built == 1  # one shape all along: never rebuilt
+
+
+def test_a_model_that_cannot_be_exported_falls_back_to_dynamo(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise RuntimeError("this model cannot be exported")
+
+    monkeypatch.setattr(torch.export, "export", refuse)
+    torch.manual_seed(8)
+    model = GPT(gpt2_like(n_layer=1)).eval()
+    decoder = CompiledDecoder(model, backend="aot")
+    eager, fast = model.make_cache(1, 20), model.make_cache(1, 20)  # a shape no other test has built
+    with torch.inference_mode():
+        model(torch.tensor([[1, 2]]), cache=eager)
+        model(torch.tensor([[1, 2]]), cache=fast)
+        want = model(torch.tensor([[3]]), cache=eager)[0, -1]
+        with pytest.warns(RuntimeWarning, match="could not be compiled ahead of time"):
+            got = decoder.next_logits(3, fast)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    assert decoder.backend == "dynamo"

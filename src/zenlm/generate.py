@@ -49,9 +49,11 @@ class GenerationConfig:
     seed:               random seed for sampling (None: different every call)
     use_cache:          reuse past keys/values (fast); False recomputes the whole context each step
     stop_at_eos:        end when the model emits the end-of-text token (which is not returned)
-    compile:            decode with the step compiled by ``torch.compile`` (:mod:`zenlm.compiled`): near the
-                        memory-bandwidth limit once compiled, but the first call compiles for 20-30 s on a
-                        CPU. One sequence at a time with the cache (not generate_batch, not use_cache=False)
+    compile:            decode with the compiled step (:mod:`zenlm.compiled`; ahead of time with AOTInductor
+                        on CPU): near the memory-bandwidth limit. The first use for a model shape builds the
+                        program (25-45 s for GPT-2-small on 2 CPU cores), which is kept on disk and loads in
+                        about a second afterwards. One sequence at a time with the cache (not generate_batch,
+                        not use_cache=False)
     """
 
     max_new_tokens: int = 128

@@ -334,8 +334,9 @@ def generate(
         device: auto, cpu, cuda or mps
         dtype: weights for inference: fp32, bf16 (half the memory, faster on recent CPUs and GPUs) or fp16
         cache: use the KV cache (--no-cache recomputes the whole context each step)
-        compile: compile the decode step with torch.compile: 2-3x faster per token on a CPU, after 20-30 s of
-            compiling (worth it for long outputs; needs a C++ compiler)
+        compile: decode with the compiled step: 2-3x faster per token on a CPU. The first use for a model
+            shape compiles for 25-45 s (needs a C++ compiler); the program is kept in ~/.cache/zenlm and
+            loads in about a second afterwards
     """
     import zenlm
 

@@ -73,8 +73,9 @@ def chat(
         system: an optional system message that starts every conversation
         device: auto, cpu, cuda or mps
         dtype: weights for inference: fp32, bf16 or fp16
-        compile: decode with the step compiled by torch.compile (2-3x faster per token on a CPU; the first
-            reply waits 20-30 s for the compile; needs a C++ compiler)
+        compile: decode with the compiled step (2-3x faster per token on a CPU; the first reply for a new
+            model shape waits 25-45 s for the compile, later ones load it from ~/.cache/zenlm in about a
+            second; needs a C++ compiler)
     """
     import zenlm
     from zenlm.generate import GenerationConfig
