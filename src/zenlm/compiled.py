@@ -252,7 +252,7 @@ class CompiledDecoder:
         digest = hashlib.sha256(repr((
             key, sorted((n, str(t.dtype), tuple(t.shape)) for n, t in self._weights.items()),
             dataclasses.asdict(model.config), sorted(_options().items()), torch.__version__, sys.version_info[:2],
-            platform.machine(), torch.backends.cpu.get_cpu_capability(), _source_digest(),
+            platform.machine(), torch.backends.cpu.get_cpu_capability(), torch.get_num_threads(), _source_digest(),
         )).encode()).hexdigest()[:32]
         path = cache_dir() / f"step-{digest}.pt2"
         built = False

@@ -68,7 +68,8 @@ class Int8Linear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """x: [..., in_features] -> [..., out_features] in x's dtype."""
         x_MK = x.reshape(-1, self.in_features)
-        if (torch.compiler.is_compiling() or torch.compiler.is_exporting()) and x_MK.shape[0] == 1:  # see zenlm.compiled: fused, reads int8
+        tracing = torch.compiler.is_compiling() or torch.compiler.is_exporting()
+        if tracing and x_MK.shape[0] == 1:  # see zenlm.compiled: fused, reads int8
             y_MN = matvec(x_MK, self.weight_int8) * self.scale.to(x.dtype)
         elif (x.dtype == torch.bfloat16 and x.device.type == "cpu" and _PACK_MM is not None
                 and x_MK.shape[0] <= PACK_MAX_ROWS):
