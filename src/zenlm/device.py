@@ -1,19 +1,33 @@
 """Device and precision are settings, not code paths.
 
-``resolve_device("auto")`` picks CUDA, then Apple's MPS, then the CPU. ``autocast(device, precision)``
-returns the context manager that runs the forward pass in that precision (weights stay fp32 for training).
+``resolve_device("auto")`` picks CUDA, then Apple's MPS, then the CPU. ``resolve_precision("auto", device)``
+picks the compute precision that the hardware runs fastest, and :func:`hardware_choices` records why, as one
+line for the terminal and a dict for ``config.yaml``. ``autocast(device, precision)`` returns the context
+manager that runs the forward pass in that precision (weights stay fp32 for training).
+
+Why "auto" asks for *native* bf16 on a CPU. A bf16 matrix product is only fast where the CPU multiplies bf16
+numbers in hardware: the AVX-512 BF16 instructions (``vdpbf16ps``; Cooper Lake, Sapphire Rapids, AMD Zen 4 and
+later) or Intel's AMX tiles. Any other AVX-512 CPU (Skylake to Ice Lake servers, for example) still *accepts*
+bf16, because oneDNN emulates it by widening to fp32, so ``torch.ops.mkldnn._is_mkldnn_bf16_supported()`` is
+True there; but training then runs at about half its fp32 speed (measured: 1,698 vs 3,643 tokens/s for the
+demo). So "auto" chooses bf16 only where :func:`cpu_features` reports native bf16, and fp32 everywhere else.
+``benchmarks/auto_choices.py`` times the chosen path against the one passed over.
 """
 
 from __future__ import annotations
 
 import contextlib
-from typing import Literal
+import functools
+import platform
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import torch
 
 from zenlm.errors import ConfigError
 
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -37,17 +51,118 @@ def resolve_device(name: str = "auto") -> torch.device:
     return dev
 
 
-def cpu_has_bf16() -> bool:
-    """True when this CPU runs bf16 matrix multiplies natively (AVX-512 BF16 or AMX)."""
+# ------------------------------------------------------------------------------------ what the CPU can do
+
+
+def _torch_check(name: str) -> bool:
+    """One of PyTorch's CPU feature checks (``torch.cpu._is_avx512_bf16_supported`` ...); False if absent."""
+    fn = getattr(torch.cpu, name, None)
     try:
-        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
+        return bool(fn()) if fn is not None else False
+    except (RuntimeError, AttributeError):
         return False
 
 
+def _cpuinfo_flags() -> set[str]:
+    """The feature flags of the first CPU in /proc/cpuinfo ("flags" on x86, "Features" on ARM); empty elsewhere."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as fh:
+            for line in fh:
+                key, _, value = line.partition(":")
+                if key.strip() in ("flags", "Features"):
+                    return set(value.split())
+    except OSError:
+        pass
+    return set()
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as fh:
+            for line in fh:
+                key, _, value = line.partition(":")
+                if key.strip() in ("model name", "Model", "Hardware"):
+                    return value.strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+@dataclass(frozen=True)
+class CPUFeatures:
+    """What this CPU computes natively, as far as the choice of precision is concerned.
+
+    capability:  the SIMD level PyTorch's kernels were dispatched to ("AVX512", "AVX2", "DEFAULT", ...)
+    avx512:      AVX-512 foundation instructions
+    avx512_bf16: AVX-512 BF16 (bf16 dot products in hardware)
+    amx_tile:    Intel AMX tiles (bf16 / int8 matrix units)
+    arm_bf16:    an ARM CPU with the BF16 extension (``bf16`` in /proc/cpuinfo's Features)
+    """
+
+    name: str
+    machine: str
+    capability: str
+    avx512: bool
+    avx512_bf16: bool
+    amx_tile: bool
+    arm_bf16: bool
+
+    @property
+    def native_bf16(self) -> bool:
+        """True when bf16 matrix products run in hardware (not emulated by widening to fp32)."""
+        return self.avx512_bf16 or self.amx_tile or self.arm_bf16
+
+    def describe(self) -> str:
+        """A short phrase for the terminal, e.g. "AVX-512, no native bf16" or "AVX-512 + AMX, native bf16"."""
+        simd = {"AVX512": "AVX-512", "AVX2": "AVX2", "DEFAULT": "no AVX2"}.get(self.capability, self.capability)
+        if self.amx_tile:
+            simd += " + AMX"
+        return f"{simd}, {'native' if self.native_bf16 else 'no native'} bf16"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "machine": self.machine, "capability": self.capability, "avx512": self.avx512,
+                "avx512_bf16": self.avx512_bf16, "amx_tile": self.amx_tile, "arm_bf16": self.arm_bf16,
+                "native_bf16": self.native_bf16}
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_features() -> CPUFeatures:
+    """This CPU's features, read once per process from PyTorch's checks (and /proc/cpuinfo on ARM)."""
+    try:
+        capability = str(torch.backends.cpu.get_cpu_capability())
+    except (AttributeError, RuntimeError):
+        capability = "unknown"
+    machine = platform.machine().lower()
+    arm = machine in ("aarch64", "arm64")
+    return CPUFeatures(
+        name=_cpu_name(),
+        machine=machine,
+        capability=capability,
+        avx512=_torch_check("_is_avx512_supported"),
+        avx512_bf16=_torch_check("_is_avx512_bf16_supported"),
+        amx_tile=_torch_check("_is_amx_tile_supported"),
+        arm_bf16=arm and "bf16" in _cpuinfo_flags(),
+    )
+
+
+def cpu_has_bf16() -> bool:
+    """True when this CPU runs bf16 matrix multiplies natively (AVX-512 BF16, AMX tiles, or ARM's BF16).
+
+    Not ``torch.ops.mkldnn._is_mkldnn_bf16_supported()``: that is True on every AVX-512 CPU because oneDNN
+    emulates bf16 there, at about half the fp32 speed (see the module docstring)."""
+    return cpu_features().native_bf16
+
+
+# ------------------------------------------------------------------------------- choosing the precision
+
+
 def resolve_precision(precision: str, device: torch.device) -> str:
-    """Turn "auto" into a concrete precision for ``device`` and refuse combinations that cannot work."""
-    if precision not in ("auto", "fp32", "bf16", "fp16"):
+    """Turn "auto" into a concrete precision for ``device`` and refuse combinations that cannot work.
+
+    auto: bf16 on a CUDA GPU that supports it (else fp16), bf16 on a CPU with native bf16 (else fp32), fp32 on
+    MPS. This is the one place zenlm picks a compute precision from the hardware; everything calls it.
+    """
+    if precision not in PRECISIONS:
         raise ConfigError(f"precision {precision!r} is not supported; choose auto, fp32, bf16 or fp16.")
     if precision == "auto":
         if device.type == "cuda":
@@ -58,6 +173,54 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     if precision == "fp16" and device.type == "cpu":
         raise ConfigError("fp16 is not supported on the CPU; use --precision bf16 or fp32.")
     return precision
+
+
+@dataclass(frozen=True)
+class HardwareChoices:
+    """What a run resolved from the hardware: shown once at its start and saved under ``resolved:`` in
+    config.yaml, so the run can be reproduced and a slow one explained."""
+
+    device: str
+    requested_precision: str
+    precision: str
+    threads: int | None
+    hardware: str  # e.g. "AVX-512, no native bf16" or "NVIDIA H100 80GB HBM3"
+    note: str = ""  # e.g. a warning that bf16 was asked for on a CPU that only emulates it
+
+    def line(self) -> str:
+        """One line, e.g. ``cpu: AVX-512, no native bf16 -> fp32, 2 threads``."""
+        how = "chosen by --precision auto" if self.requested_precision == "auto" else "as asked"
+        compute = "fp32" if self.precision == "fp32" else f"{self.precision} autocast"
+        text = f"{self.device}: {self.hardware} -> {compute} ({how})"
+        if self.threads is not None:
+            text += f", {self.threads} thread{'s' if self.threads != 1 else ''}"
+        return text + (f"; {self.note}" if self.note else "")
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"device": self.device, "precision": self.precision,
+                             "requested_precision": self.requested_precision, "hardware": self.hardware}
+        if self.threads is not None:
+            d["threads"] = self.threads
+        if self.device == "cpu":
+            d["cpu"] = cpu_features().to_dict()
+        return d
+
+
+def hardware_choices(device: torch.device, precision: str) -> HardwareChoices:
+    """Resolve ``precision`` for ``device`` (see :func:`resolve_precision`) and describe the choice."""
+    resolved = resolve_precision(precision, device)
+    note = ""
+    if device.type == "cpu":
+        feats = cpu_features()
+        hardware, threads = feats.describe(), torch.get_num_threads()
+        if resolved == "bf16" and not feats.native_bf16:
+            note = "this CPU only emulates bf16: expect about half the fp32 speed (--precision auto picks fp32)"
+    elif device.type == "cuda":
+        hardware, threads = torch.cuda.get_device_name(device), None
+    else:
+        hardware, threads = device.type, None
+    return HardwareChoices(device=str(device), requested_precision=precision, precision=resolved,
+                           threads=threads, hardware=hardware, note=note)
 
 
 def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:

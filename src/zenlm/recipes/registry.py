@@ -57,7 +57,7 @@ FAST_OPTIM = dict(MUON_OPTIM, lr=5e-3, min_lr=5e-4, muon_lr=0.03, warmup_steps=1
 
 RECIPES: dict[str, Recipe] = {
     "default": Recipe(
-        "what `zenlm pretrain` does without --recipe: the demo model with the fast recipe's optimiser and bf16",
+        "what `zenlm pretrain` does without --recipe: the demo model with the fast recipe's optimiser, bf16 where native",
         model="demo", batch_size=16, seq_len=None, max_steps=2000, precision="auto", compile=False,
         optim=MUON_OPTIM,
     ),
@@ -67,7 +67,7 @@ RECIPES: dict[str, Recipe] = {
         optim=CLASSIC_OPTIM,
     ),
     "fast": Recipe(
-        "zenlm's fast recipe: 2x128, rotary, RMSNorm, relu^2, qk-norm, zero-init projections, Muon + AdamW, bf16",
+        "zenlm's fast recipe: 2x128, rotary, RMSNorm, relu^2, qk-norm, zero-init projections, Muon + AdamW, bf16 where native",
         model="tiny", model_overrides=dict(n_layer=2, n_head=4, n_embd=128, block_size=64),
         batch_size=32, seq_len=64, max_steps=200, precision="auto", compile=False,
         optim=FAST_OPTIM,

@@ -40,13 +40,20 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
-from zenlm.device import autocast, resolve_device, resolve_precision, synchronize
+from zenlm.device import HardwareChoices, autocast, hardware_choices, resolve_device, synchronize
 from zenlm.errors import CheckpointError, ConfigError, TrainingError
 from zenlm.progress import ProgressFn, report
-from zenlm.train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint, save_model
+from zenlm.train.checkpoint import (
+    atomic_write_text,
+    list_checkpoints,
+    load_checkpoint,
+    save_checkpoint,
+    save_model,
+)
 from zenlm.train.optim import OptimConfig, build_optimizers, lr_factor, set_lr
 
 log = logging.getLogger(__name__)
@@ -197,6 +204,22 @@ def _best_step_of(path: Path) -> int | None:
     return int(step) if step is not None and step.isdigit() else None
 
 
+def _record_resolved(run_dir: Path, choices: HardwareChoices) -> None:
+    """Save what this invocation resolved from the hardware under ``resolved:`` in the run's config.yaml (when
+    the recipe wrote one), so the run can be reproduced and a slow one explained."""
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        return
+    try:
+        saved = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError:
+        return  # not ours to repair here; loading the run reports it
+    if not isinstance(saved, dict):
+        return
+    saved["resolved"] = choices.to_dict()
+    atomic_write_text(path, yaml.safe_dump(saved, sort_keys=False, allow_unicode=True))
+
+
 def fit(
     model: nn.Module,
     get_batch: Callable[[int, int], Batch],
@@ -228,9 +251,12 @@ def fit(
     want = resolve_device(cfg.device)
     if device.type != want.type or (want.index is not None and device.index != want.index):
         raise ConfigError(f"model is on {device} but the config asks for {cfg.device}; move it first.")
-    precision = resolve_precision(cfg.precision, device)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    choices = hardware_choices(device, cfg.precision)  # "auto" -> what this hardware runs fastest
+    precision = choices.precision
+    report(progress, "train", message=choices.line())
+    _record_resolved(run_dir, choices)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True

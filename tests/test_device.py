@@ -1,0 +1,127 @@
+"""How "auto" picks a compute precision: bf16 only where the hardware computes it natively."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+import zenlm.device as device_mod
+from zenlm.device import cpu_features, hardware_choices, resolve_precision
+from zenlm.errors import ConfigError
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture
+def fake_cpu(monkeypatch: pytest.MonkeyPatch):
+    """Pretend to be another CPU: set PyTorch's feature checks (and /proc/cpuinfo's flags) to given values."""
+
+    def set_cpu(*, avx512: bool = False, avx512_bf16: bool = False, amx: bool = False, machine: str = "x86_64",
+                cpuinfo: set[str] | None = None, mkldnn_bf16: bool = True, capability: str = "AVX512") -> None:
+        checks = {"_is_avx512_supported": avx512, "_is_avx512_bf16_supported": avx512_bf16,
+                  "_is_amx_tile_supported": amx}
+        for name, value in checks.items():
+            monkeypatch.setattr(torch.cpu, name, lambda v=value: v, raising=False)
+        # oneDNN says "bf16 supported" on any AVX-512 CPU (it emulates it): auto must not listen to it
+        monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: mkldnn_bf16, raising=False)
+        monkeypatch.setattr(device_mod.platform, "machine", lambda: machine)
+        monkeypatch.setattr(device_mod, "_cpuinfo_flags", lambda: set(cpuinfo or ()))
+        monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+        cpu_features.cache_clear()
+
+    yield set_cpu
+    cpu_features.cache_clear()
+
+
+@pytest.mark.parametrize(
+    ("features", "expected"),
+    [
+        # the CPU of the report: AVX-512 without BF16 or AMX, oneDNN emulating bf16 -> fp32
+        (dict(avx512=True, avx512_bf16=False, amx=False, mkldnn_bf16=True), "fp32"),
+        (dict(avx512=True, avx512_bf16=True, amx=False), "bf16"),  # Cooper Lake, Zen 4 and later
+        (dict(avx512=True, avx512_bf16=True, amx=True), "bf16"),  # Sapphire Rapids
+        (dict(avx512=True, avx512_bf16=False, amx=True), "bf16"),  # AMX tiles alone suffice
+        (dict(avx512=False, capability="AVX2", mkldnn_bf16=False), "fp32"),  # AVX2 only
+        (dict(machine="aarch64", cpuinfo={"fp", "asimd", "bf16"}, capability="DEFAULT"), "bf16"),  # ARM + BF16
+        (dict(machine="aarch64", cpuinfo={"fp", "asimd"}, capability="DEFAULT"), "fp32"),  # ARM without it
+        (dict(machine="x86_64", cpuinfo={"bf16"}), "fp32"),  # an x86 cpuinfo flag is not ARM's extension
+    ],
+)
+def test_auto_precision_follows_native_bf16(fake_cpu, features: dict, expected: str) -> None:
+    fake_cpu(**features)
+    assert resolve_precision("auto", CPU) == expected
+    assert device_mod.cpu_has_bf16() == (expected == "bf16")
+    choice = hardware_choices(CPU, "auto")
+    assert choice.precision == expected
+    assert (", native bf16" in choice.line()) == (expected == "bf16")
+    assert choice.to_dict()["cpu"]["native_bf16"] == (expected == "bf16")
+
+
+def test_explicit_precision_wins_and_emulated_bf16_is_flagged(fake_cpu) -> None:
+    fake_cpu(avx512=True, avx512_bf16=False, amx=False)
+    choice = hardware_choices(CPU, "bf16")
+    assert choice.precision == "bf16" and choice.requested_precision == "bf16"
+    assert "emulates bf16" in choice.line() and "as asked" in choice.line()
+    assert hardware_choices(CPU, "fp32").note == ""
+    fake_cpu(avx512=True, avx512_bf16=True)
+    assert hardware_choices(CPU, "bf16").note == ""  # native: nothing to warn about
+
+
+def test_line_names_hardware_precision_and_threads(fake_cpu) -> None:
+    fake_cpu(avx512=True)
+    line = hardware_choices(CPU, "auto").line()
+    n = torch.get_num_threads()
+    assert line == f"cpu: AVX-512, no native bf16 -> fp32 (chosen by --precision auto), {n} thread" + (
+        "s" if n != 1 else "")
+
+
+def test_cuda_and_bad_values(monkeypatch: pytest.MonkeyPatch) -> None:
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert resolve_precision("auto", cuda) == "bf16"
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    assert resolve_precision("auto", cuda) == "fp16"
+    assert resolve_precision("auto", torch.device("mps")) == "fp32"
+    with pytest.raises(ConfigError, match="fp16 is not supported on the CPU"):
+        resolve_precision("fp16", CPU)
+    with pytest.raises(ConfigError, match="choose auto, fp32, bf16 or fp16"):
+        resolve_precision("int8", CPU)
+
+
+def test_fit_shows_the_choice_and_saves_it_in_config_yaml(fake_cpu, tmp_path: Path) -> None:
+    """A run on a CPU without native bf16 trains in fp32 under "auto", says so once, and records it."""
+    from zenlm.models.gpt import GPT
+    from zenlm.presets import get_preset
+    from zenlm.recipes.pretrain import causal_lm_loss
+    from zenlm.train.loop import TrainConfig, fit
+    from zenlm.train.optim import OptimConfig
+
+    fake_cpu(avx512=True, avx512_bf16=False, amx=False)
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump({"model": {"arch": "gpt"}, "train": {"precision": "auto"}}))
+    torch.manual_seed(0)
+    model = GPT(get_preset("tiny", vocab_size=32, block_size=16))
+    data = torch.randint(0, 32, (4, 17))
+    seen: list[str] = []
+    autocast_dtypes: list[torch.dtype | None] = []
+
+    def loss_fn(m, batch):
+        autocast_dtypes.append(torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None)
+        return causal_lm_loss(m, batch)
+
+    fit(model, lambda s, m: (data[:, :-1], data[:, 1:]), loss_fn, tmp_path,
+        TrainConfig(max_steps=2, eval_every=0, ckpt_every=0, device="cpu", precision="auto", tensorboard=False),
+        OptimConfig(warmup_steps=0), progress=lambda p: seen.append(p.message or ""))
+    assert autocast_dtypes == [None, None]  # fp32: no autocast
+    lines = [m for m in seen if m.startswith("cpu: ")]
+    assert lines == [f"cpu: AVX-512, no native bf16 -> fp32 (chosen by --precision auto), "
+                     f"{torch.get_num_threads()} thread{'s' if torch.get_num_threads() != 1 else ''}"]
+    saved = yaml.safe_load((tmp_path / "config.yaml").read_text())
+    assert saved["resolved"]["precision"] == "fp32"
+    assert saved["resolved"]["requested_precision"] == "auto"
+    assert saved["resolved"]["cpu"]["avx512"] is True and saved["resolved"]["cpu"]["native_bf16"] is False
+    assert saved["train"] == {"precision": "auto"}  # what was asked stays as it was
+    assert json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 2
