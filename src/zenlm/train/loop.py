@@ -45,12 +45,11 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from zenlm.device import HardwareChoices, autocast, hardware_choices, resolve_device, synchronize
-from zenlm.errors import CheckpointError, ConfigError, TrainingError
+from zenlm.errors import ConfigError, TrainingError
 from zenlm.progress import ProgressFn, report
 from zenlm.train.checkpoint import (
     atomic_write_text,
-    list_checkpoints,
-    load_checkpoint,
+    load_latest_checkpoint,
     save_checkpoint,
     save_model,
 )
@@ -267,15 +266,13 @@ def fit(
     resume_step: int | None = None
     resumed_best: dict[str, Any] | None = None
     if resume:
-        ckpts = list_checkpoints(run_dir / "checkpoints")
-        if not ckpts:
-            raise CheckpointError(f"--resume: {run_dir / 'checkpoints'} holds no checkpoint to resume from.")
-        state = load_checkpoint(ckpts[-1], model, optimizers)
+        ckpt, state = load_latest_checkpoint(run_dir / "checkpoints", model, optimizers,
+                                             warn=lambda m: report(progress, "train", message=m))
         step, elapsed_before = int(state["step"]), float(state.get("elapsed_s", 0.0))
         train_before = float(state.get("train_s", elapsed_before))
         resume_step = step
         resumed_best = state.get("best")
-        report(progress, "train", message=f"resumed from {ckpts[-1].name} (step {step})")
+        report(progress, "train", message=f"resumed from {ckpt.name} (step {step})")
 
     forward = torch.compile(model) if cfg.compile else model  # used for evaluation
     # For training, compile the model *and* the objective as one graph: the compiler then fuses the
