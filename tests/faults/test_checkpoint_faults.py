@@ -201,3 +201,31 @@ def test_weights_get_the_permissions_of_the_runs_other_files(tmp_path: Path) -> 
     opts = build_optimizers(model, OptimConfig(), "cpu")
     step = save_checkpoint(tmp_path / "checkpoints", 1, model, opts, {})
     assert {f.stat().st_mode & 0o777 for f in step.iterdir()} == {(tmp_path / "config.yaml").stat().st_mode & 0o777}
+
+
+def test_sigterm_saves_at_once_without_a_validation_pass(tmp_path: Path) -> None:
+    """A signal used to run a full validation pass before saving (247 s seen): managers kill long before."""
+    import signal
+
+    from zenlm.train.loop import TrainConfig, fit
+
+    model, _ = _fresh()
+    x = torch.randint(0, 20, (2, 9))
+    evaluations: list[int] = []
+
+    def get_batch(step: int, micro: int):
+        if step == 3:
+            os.kill(os.getpid(), signal.SIGTERM)  # as a service manager would
+        return x[:, :-1], x[:, 1:]
+
+    def evaluate(m) -> dict[str, float]:
+        evaluations.append(1)
+        return {"val_loss": 1.0}
+
+    res = fit(model, get_batch, causal_lm_loss, tmp_path,
+              TrainConfig(max_steps=100, eval_every=0, ckpt_every=0, device="cpu", tensorboard=False),
+              OptimConfig(warmup_steps=0), evaluate=evaluate)
+    assert res.stopped_by == "signal" and res.step == 4
+    assert evaluations == []
+    assert [p.name for p in list_checkpoints(tmp_path / "checkpoints")] == ["step-000004"]
+    assert (tmp_path / "model.safetensors").is_file()

@@ -428,8 +428,10 @@ def fit(
             raise
 
         # ---- the end: final evaluation, checkpoint and weights ------------------------------------------
-        if evaluate is not None and (stopped_by not in ("max_steps", "early_stop") or not val) and \
-                step > (resume_step or 0):
+        # On a signal the checkpoint comes first and nothing else: a service manager's grace period (10-30 s)
+        # is shorter than a validation pass can be.
+        if evaluate is not None and stopped_by not in ("signal", "early_stop") and \
+                (stopped_by != "max_steps" or not val) and step > (resume_step or 0):
             val = run_eval()
             metrics.write({"step": step, "elapsed_s": round(elapsed_before + time.perf_counter() - t0, 3),
                            **val})
