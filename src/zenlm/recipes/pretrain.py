@@ -202,6 +202,8 @@ def _causal_lm_task(data: Path, index: dict[str, Any], batch_size: int, seq_len:
     val_info = index["splits"]["val"]
     bytes_per_token = max(val_info["bytes"], 1) / max(val_info["tokens"], 1)
     batches = CausalBatches(train_shards, batch_size, seq_len, seed=seed)
+    # raises now, before anything is written, not at the first evaluation, when the validation split is too small
+    eval_batches(val_shards, eval_batch_size, eval_seq_len, eval_tokens)
 
     def get_batch(step: int, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
         x_BT, y_BT = batches.get(step, micro)
