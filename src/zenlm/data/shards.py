@@ -27,6 +27,7 @@ current shard.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -40,7 +41,7 @@ from typing import Any
 import numpy as np
 
 from zenlm.data.corpus import Corpus
-from zenlm.errors import DataError
+from zenlm.errors import DataError, write_error
 from zenlm.progress import ProgressFn, report
 from zenlm.tokenizer import CUT_POINTS, Tokenizer
 
@@ -111,9 +112,16 @@ class _ShardWriter:
             self._close()
 
     def abort(self) -> None:
+        """Close the open shard without finishing it (its .tmp file is removed by the caller)."""
         if self._f is not None:
-            self._f.close()
+            with contextlib.suppress(OSError):  # closing flushes, which fails again on a full disk
+                self._f.close()
             self._f = None
+
+    @property
+    def current(self) -> Path:
+        """The file being written now (for error messages)."""
+        return self._path.with_name(self._path.name + ".tmp") if self._f is not None else self.out
 
 
 def _slices(doc: Iterator[str]) -> Iterator[str]:
@@ -249,13 +257,15 @@ def prepare(
             "splits": splits,
         }
         _atomic_json(out / "index.json", index)
-    except BaseException:
+    except BaseException as e:
+        where = writer.current if writer is not None else out
         if writer is not None:
             writer.abort()
-        for p in out.glob("*.tmp"):
-            p.unlink()
-        for p in out.glob("*.bin"):
-            p.unlink()
+        for p in [*out.glob("*.tmp"), *out.glob("*.bin")]:  # never a half-written data directory
+            with contextlib.suppress(OSError):
+                p.unlink()
+        if isinstance(e, OSError):
+            raise write_error(where, e, DataError, "then run zenlm prepare again") from None
         raise
     elapsed = max(time.perf_counter() - t0, 1e-9)
     report(progress, "prepare", done=done_bytes, total=total_bytes, unit="B",

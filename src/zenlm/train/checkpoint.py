@@ -19,7 +19,6 @@ newest one is damaged.
 
 from __future__ import annotations
 
-import errno
 import json
 import logging
 import math
@@ -35,7 +34,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from zenlm.errors import CheckpointError
+from zenlm.errors import CheckpointError, write_error
 
 log = logging.getLogger(__name__)
 
@@ -43,14 +42,8 @@ STEP_DIR = re.compile(r"^step-(\d{6,})$")
 TMP_DIR = re.compile(r"^step-(\d{6,})\.tmp-(\d+)$")
 
 
-def write_error(path: Path, e: OSError) -> CheckpointError:
-    """A CheckpointError for a failed write of ``path``: a full disk and a read-only place are named as such."""
-    if e.errno == errno.ENOSPC:
-        return CheckpointError(f"no space left on device while writing {path}; free some space (old runs, "
-                               "checkpoints/) and resume with --resume.")
-    if e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
-        return CheckpointError(f"cannot write {path}: {e.strerror}; choose a writable --out.")
-    return CheckpointError(f"writing {path} failed: {e.strerror or e}.")
+def _write_error(path: Path, e: OSError) -> CheckpointError:
+    return write_error(path, e, CheckpointError, "then resume with --resume")  # type: ignore[return-value]
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -83,7 +76,7 @@ def save_model(model: nn.Module, path: Path, metadata: dict[str, str] | None = N
         os.replace(tmp, path)
     except OSError as e:
         tmp.unlink(missing_ok=True)
-        raise write_error(path, e) from None
+        raise _write_error(path, e) from None
 
 
 def write_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
@@ -330,7 +323,7 @@ def save_checkpoint(
         os.replace(tmp, final)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise write_error(writing, e) from None
+        raise _write_error(writing, e) from None
     if keep:
         for old in list_checkpoints(ckpt_root)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
