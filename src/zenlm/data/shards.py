@@ -290,7 +290,42 @@ def load_index(data_dir: str | os.PathLike[str]) -> dict[str, Any]:
         raise DataError(f"{path} is not valid JSON ({e}); re-run zenlm prepare.") from None
     if not isinstance(index, dict) or index.get("format") != INDEX_FORMAT:
         raise DataError(f"{path} is not a zenlm shard index; point to a directory made by zenlm prepare.")
+    _check_index(index, path)
     return index
+
+
+def _check_index(index: dict[str, Any], path: Path) -> None:
+    """Refuse an index.json whose entries have the wrong types (a hand edit or a damaged file), naming the
+    entry, instead of failing later with a traceback."""
+
+    def bad(what: str, value: Any) -> DataError:
+        return DataError(f"{path}: {what}, got {value!r}; the file is damaged: re-run zenlm prepare.")
+
+    def whole(v: Any, low: int = 0) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and v >= low
+
+    if not whole(index.get("vocab_size"), 1):
+        raise bad("'vocab_size' must be a whole number >= 1", index.get("vocab_size"))
+    if index.get("dtype") not in ("uint16", "uint32"):
+        raise bad("'dtype' must be 'uint16' or 'uint32'", index.get("dtype"))
+    eos = index.get("eos_id")
+    if eos is not None and (not whole(eos) or eos >= index["vocab_size"]):
+        raise bad(f"'eos_id' must be a token id below vocab_size {index['vocab_size']}", eos)
+    splits = index.get("splits")
+    if not isinstance(splits, dict) or not splits:
+        raise bad("'splits' must map split names to their shards", splits)
+    for name, info in splits.items():
+        if not isinstance(info, dict):
+            raise bad(f"split {name!r} must be an object", info)
+        shards, sizes = info.get("shards"), info.get("shard_sizes")
+        if not isinstance(shards, list) or not all(isinstance(n, str) and _OURS.match(n) for n in shards):
+            raise bad(f"split {name!r}: 'shards' must be a list of shard file names", shards)
+        if sizes is not None and (not isinstance(sizes, list) or len(sizes) != len(shards)
+                                  or not all(whole(n) for n in sizes)):
+            raise bad(f"split {name!r}: 'shard_sizes' must list one whole number per shard", sizes)
+        for key in ("tokens", "bytes"):
+            if key in info and not whole(info[key]):
+                raise bad(f"split {name!r}: {key!r} must be a whole number >= 0", info[key])
 
 
 def _open_shard(path: Path, expected: int | None) -> np.memmap | np.ndarray:
@@ -350,6 +385,14 @@ class TokenShards:
         info = splits[split]
         sizes = info.get("shard_sizes") or [None] * len(info["shards"])
         arrays = [_open_shard(d / name, n) for name, n in zip(info["shards"], sizes, strict=True)]
+        vocab = int(index["vocab_size"])
+        for name, a in zip(info["shards"], arrays, strict=True):
+            # one pass at memory speed (~GB/s): an id outside the vocabulary would crash the model's embedding
+            if len(a) and int(a.max()) >= vocab:
+                bad = int(np.argmax(a >= vocab))
+                raise DataError(f"{d / name} holds token id {int(a[bad])} at position {bad:,}, but the vocabulary "
+                                f"has {vocab} ids; the shard is damaged or was written with another tokenizer: "
+                                "re-run zenlm prepare.")
         total = sum(len(a) for a in arrays)
         if total != info["tokens"]:
             raise DataError(f"{d / 'index.json'} says {info['tokens']} tokens for split {split!r} but its shards "
@@ -372,15 +415,17 @@ class TokenShards:
         off = start - int(self._starts[i])
         first = self._arrays[i]
         if off + length <= len(first):  # the common case: one shard
-            return first[off:off + length].astype(np.int64)
-        parts, need = [], length
-        while need:
-            a = self._arrays[i]
-            take = min(need, len(a) - off)
-            parts.append(a[off:off + take])
-            need -= take
-            i, off = i + 1, 0
-        return np.concatenate(parts).astype(np.int64)
+            ids = first[off:off + length].astype(np.int64)
+        else:
+            parts, need = [], length
+            while need:
+                a = self._arrays[i]
+                take = min(need, len(a) - off)
+                parts.append(a[off:off + take])
+                need -= take
+                i, off = i + 1, 0
+            ids = np.concatenate(parts).astype(np.int64)
+        return ids
 
 
 __all__ = ["prepare", "load_index", "TokenShards", "HEADER_BYTES", "MAGIC", "VERSION"]
