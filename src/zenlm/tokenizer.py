@@ -271,6 +271,12 @@ class Tokenizer:
                 cfg = json.loads(cfg_file.read_text(encoding="utf-8"))
             except (json.JSONDecodeError, UnicodeDecodeError) as e:
                 raise DataError(f"{cfg_file} is not valid JSON ({e}).") from None
+            if not isinstance(cfg, dict):
+                raise DataError(f"{cfg_file} must hold a JSON object (special tokens, chat template), not a "
+                                f"{type(cfg).__name__}; fix it or delete it to use the defaults.")
+            tpl = cfg.get("chat_template")
+            if tpl is not None and not isinstance(tpl, (str, list)):
+                raise DataError(f"{cfg_file}: 'chat_template' must be a string or a list of named templates.")
         model_type = type(hf.model).__name__
         kind = cfg.get("zenlm_kind") or _HF_KIND.get(model_type)
         if kind not in KINDS:

@@ -55,3 +55,14 @@ def test_a_shard_id_outside_the_vocabulary_is_refused_at_open(data_copy: Path) -
     with pytest.raises(DataError, match=rf"{shard.name} holds token id {index['vocab_size'] + 5} at position 123"):
         TokenShards.open(data_copy, "train")
     TokenShards.open(data_copy, "val")  # the other split is fine
+
+
+@pytest.mark.parametrize(("text", "match"), [("[1, 2]", "must hold a JSON object"),
+                                             ('{"chat_template": 5}', "'chat_template' must be")])
+def test_a_malformed_tokenizer_config_is_named(tmp_path: Path, char_tok, text: str, match: str) -> None:
+    from zenlm.tokenizer import Tokenizer
+
+    char_tok.save(tmp_path)
+    (tmp_path / "tokenizer_config.json").write_text(text)
+    with pytest.raises(DataError, match=match):
+        Tokenizer.load(tmp_path)
