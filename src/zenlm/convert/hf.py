@@ -683,11 +683,25 @@ def download_from_hub(name: str, revision: str | None = None) -> Path:
         raise ConfigError("--from-hub needs the huggingface_hub package: "
                           "pip install huggingface_hub") from None
     patterns = ["*.json", "*.jinja", "model*.safetensors"]
-    path = Path(snapshot_download(name, revision=revision, allow_patterns=patterns))
+    path = _snapshot(snapshot_download, name, revision, patterns)
     if not any((path / f).is_file() for f in WEIGHT_FILES[:2]):
         patterns.append("pytorch_model*.bin")
-        path = Path(snapshot_download(name, revision=revision, allow_patterns=patterns))
+        path = _snapshot(snapshot_download, name, revision, patterns)
     return path
+
+
+def _snapshot(snapshot_download: Any, name: str, revision: str | None, patterns: list[str]) -> Path:
+    """One ``snapshot_download``; any failure (no network, offline mode, an unknown or gated repository)
+    becomes one line that says what failed and what to do offline, not the library's traceback."""
+    try:
+        return Path(snapshot_download(name, revision=revision, allow_patterns=patterns))
+    except Exception as e:  # huggingface_hub raises many types (HTTP, offline, connection, OS errors)
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(
+            f"could not download {name!r} from the Hugging Face Hub ({type(e).__name__}: {reason[:200]}). "
+            "--from-hub needs network access; offline, download the repository on a machine that has it "
+            f"(`hf download {name} --local-dir DIR`), copy DIR here and run `zenlm convert from-hf DIR --out RUN`."
+        ) from None
 
 
 __all__ = [
