@@ -4,8 +4,8 @@
     python benchmarks/train_speed.py --only baseline,fast
     python benchmarks/train_speed.py --ablate         # one lever at a time from the fast recipe
 
-Data: the exact 1,115,394-character text (zenlm corpus "shakespeare-char"), character vocabulary, first 90%
-train, last 10% validation. Evaluation: mean next-character loss (nats) over *every* non-overlapping
+Data: zenlm's corpus "shakespeare-char" (1,115,394 characters of the shakespeare package's plays: the length of
+the classic tinyshakespeare file, not that file), character vocabulary, first 90% train, last 10% validation. Evaluation: mean next-character loss (nats) over *every* non-overlapping
 64-character window of the validation split, identical for all rows. Time-to-L counts training time only
 (evaluation excluded), and is read at evaluation points, so it is an upper bound.
 """
