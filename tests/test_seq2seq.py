@@ -257,11 +257,11 @@ def test_losses_match_the_formula():
     nll = -logp[keep].gather(1, labels[keep][:, None]).squeeze(1)
     eps = 0.1
     expected = ((1 - eps) * nll + eps * -logp[keep].mean(-1)).mean()  # smoothing mass spread over all V tokens
-    loss, n = seq2seq_loss(model, (src, mask, tgt_in, labels), label_smoothing=eps)
-    assert n == 6
-    torch.testing.assert_close(loss, expected)
-    plain, _ = seq2seq_loss(model, (src, mask, tgt_in, labels))
-    torch.testing.assert_close(plain, nll.mean())
+    out = seq2seq_loss(model, (src, mask, tgt_in, labels), label_smoothing=eps)
+    assert out.n_targets == 6 and out.n_tokens == 2 * 5 + 2 * 4
+    torch.testing.assert_close(out.loss_sum / out.n_targets, expected)
+    plain = seq2seq_loss(model, (src, mask, tgt_in, labels)).loss_sum
+    torch.testing.assert_close(plain, nll.sum())
 
 
 def test_jsonl_readers_refuse_files_that_are_not_utf8(tmp_path):

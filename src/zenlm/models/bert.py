@@ -22,7 +22,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -146,9 +146,13 @@ class BertBlock(nn.Module):
 class Bert(nn.Module):
     """BERT encoder with its pooler and masked-LM head.
 
-    Module names (the optimiser relies on ``blocks.``): ``tok_emb``, ``pos_emb``, ``typ_emb``, ``ln_emb``,
-    ``blocks.{i}.*``, ``pooler``, ``mlm_dense``, ``mlm_ln``, ``mlm_bias`` (the MLM decoder is ``tok_emb``).
+    Module names: ``tok_emb``, ``pos_emb``, ``typ_emb``, ``ln_emb``, ``blocks.{i}.*``, ``pooler``, ``mlm_dense``,
+    ``mlm_ln``, ``mlm_bias`` (the MLM decoder is ``tok_emb``).
     """
+
+    # For optimisers that treat matrices by role (zenlm.train.optim.roles_of): the pooler and the MLM head
+    # read out of the encoder; every matrix of the blocks is a hidden matrix.
+    param_roles: ClassVar[dict[str, str]] = {"pooler": "head", "mlm_dense": "head"}
 
     def __init__(self, cfg: BertConfig) -> None:
         super().__init__()

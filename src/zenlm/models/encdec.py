@@ -24,7 +24,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn as nn
@@ -277,6 +277,10 @@ class EncoderDecoder(nn.Module):
     ``enc_pos`` / ``dec_pos`` (learned positions), ``enc_blocks.{i}``, ``enc_norm``, ``dec_blocks.{i}``,
     ``dec_norm``, ``lm_head`` (absent when tied).
     """
+
+    # For optimisers that treat matrices by role (zenlm.train.optim.roles_of): the output head is no hidden
+    # matrix; the matrices of both stacks' blocks are. Embedding tables are recognised by their type.
+    param_roles: ClassVar[dict[str, str]] = {"lm_head": "head"}
 
     def __init__(self, config: EncDecConfig) -> None:
         super().__init__()

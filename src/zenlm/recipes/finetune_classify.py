@@ -34,8 +34,9 @@ from zenlm.progress import ProgressFn, report
 from zenlm.rundir import TOKENIZER_FILES, build_model_from_run
 from zenlm.tokenizer import Tokenizer
 from zenlm.train.checkpoint import atomic_write_text, load_model_weights
-from zenlm.train.loop import TrainConfig, TrainResult, config_to_dict, fit
+from zenlm.train.loop import TrainConfig, TrainResult, apply_process_settings, config_to_dict, fit
 from zenlm.train.optim import OptimConfig
+from zenlm.train.step import LossOutput
 
 
 @dataclass
@@ -121,6 +122,7 @@ def finetune_classify(
     patience:         stop after this many evaluations without a better validation macro-F1 (0 = never)
     """
     train = train or TrainConfig()
+    apply_process_settings(train)
     base, out = Path(base), Path(out)
     if (out / "config.yaml").exists():
         raise ConfigError(f"{out} already holds a run; choose another --out.")
@@ -178,9 +180,10 @@ def finetune_classify(
     def get_batch(step: int, micro: int) -> tuple[torch.Tensor, ...]:
         return tuple(t.to(device) for t in batches.get(step * train.grad_accum + micro))
 
-    def loss_fn(m: nn.Module, batch: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, int]:
+    def loss_fn(m: nn.Module, batch: tuple[torch.Tensor, ...]) -> LossOutput:
+        """Cross-entropy summed over the examples (the targets); input tokens: the real (unpadded) ones."""
         ids, mask, y = batch
-        return F.cross_entropy(m(ids, mask), y), int(mask.sum())
+        return LossOutput(F.cross_entropy(m(ids, mask), y, reduction="sum"), y.numel(), int(mask.sum()))
 
     def evaluate(m: nn.Module) -> dict[str, float]:
         return evaluate_classifier(model, x_val, y_val, labels, pad_id, 2 * batch_size, device)[0]

@@ -11,6 +11,9 @@ The objective is cross-entropy with label smoothing ``eps`` on the target tokens
 
     loss = mean_t [ (1 - eps) * -log p(y_t) + eps * mean_v -log p(v) ]
 
+(the loss functions return the sum over the target tokens; the training step divides by the number of target
+tokens of the whole step, so every target token weighs the same however the rows fall into micro-batches).
+
 ``objective="denoise"`` pretrains an encoder-decoder without pairs: spans of plain text are hidden (BART text
 infilling, :func:`zenlm.data.seq2seq.infill_noise`) and the model restores the text. ``init=RUN_DIR`` starts
 from the weights (and tokenizer) of an earlier run, e.g. a denoising or causal-LM pretraining run.
@@ -51,8 +54,9 @@ from zenlm.progress import ProgressFn, report
 from zenlm.rundir import TOKENIZER_FILES, build_model_from_run, read_run_config
 from zenlm.tokenizer import Tokenizer, train_tokenizer
 from zenlm.train.checkpoint import atomic_write_text, list_checkpoints, load_model_weights
-from zenlm.train.loop import TrainConfig, TrainResult, config_to_dict, fit
+from zenlm.train.loop import TrainConfig, TrainResult, apply_process_settings, config_to_dict, fit
 from zenlm.train.optim import OptimConfig
+from zenlm.train.step import LossOutput
 
 Arch = Literal["encdec", "gpt"]
 OBJECTIVES = {"pairs", "denoise"}
@@ -61,24 +65,28 @@ OBJECTIVES = {"pairs", "denoise"}
 # ------------------------------------------------------------------------------------------ objectives
 
 
-def seq2seq_loss(model: nn.Module, batch: tuple[torch.Tensor, ...], label_smoothing: float = 0.0
-                 ) -> tuple[torch.Tensor, int]:
-    """Teacher-forced cross-entropy of an encoder-decoder. batch = (src_BS, src_mask_BS, tgt_in_BT, labels_BT)."""
+def _token_loss(logits_BTV: torch.Tensor, labels_BT: torch.Tensor, label_smoothing: float, n_tokens: int
+                ) -> LossOutput:
+    """Label-smoothed cross-entropy summed over the labelled positions (labels_BT != IGNORE)."""
+    loss_sum = F.cross_entropy(logits_BTV.float().flatten(0, 1), labels_BT.flatten(), ignore_index=IGNORE,
+                               label_smoothing=label_smoothing, reduction="sum")
+    return LossOutput(loss_sum, int(labels_BT.ne(IGNORE).sum()), n_tokens)
+
+
+def seq2seq_loss(model: nn.Module, batch: tuple[torch.Tensor, ...], label_smoothing: float = 0.0) -> LossOutput:
+    """Teacher-forced cross-entropy of an encoder-decoder, summed over the target tokens.
+    batch = (src_BS, src_mask_BS, tgt_in_BT, labels_BT); input tokens: the real source and target tokens."""
     src_BS, src_mask_BS, tgt_in_BT, labels_BT = batch
     logits_BTV = model(src_BS, tgt_in_BT, src_mask_BS)
-    loss = F.cross_entropy(logits_BTV.float().flatten(0, 1), labels_BT.flatten(), ignore_index=IGNORE,
-                           label_smoothing=label_smoothing)
-    return loss, int(labels_BT.ne(IGNORE).sum())
+    return _token_loss(logits_BTV, labels_BT, label_smoothing, src_BS.numel() + tgt_in_BT.numel())
 
 
 def prompt_completion_loss(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor], label_smoothing: float = 0.0
-                           ) -> tuple[torch.Tensor, int]:
-    """Next-token cross-entropy of a decoder-only model on the completion only. batch = (x_BT, labels_BT)."""
+                           ) -> LossOutput:
+    """Next-token cross-entropy of a decoder-only model on the completion only, summed over its tokens.
+    batch = (x_BT, labels_BT)."""
     x_BT, labels_BT = batch
-    logits_BTV = model(x_BT)
-    loss = F.cross_entropy(logits_BTV.float().flatten(0, 1), labels_BT.flatten(), ignore_index=IGNORE,
-                           label_smoothing=label_smoothing)
-    return loss, int(labels_BT.ne(IGNORE).sum())
+    return _token_loss(model(x_BT), labels_BT, label_smoothing, x_BT.numel())
 
 
 def _val_batches(arch: Arch, data: EncodedPairs, batch_size: int, ids: dict[str, int]) -> list[tuple]:
@@ -101,10 +109,9 @@ def evaluate_pairs(model: nn.Module, arch: Arch, batches: list[tuple], device: t
     loss_fn = seq2seq_loss if arch == "encdec" else prompt_completion_loss
     total, n = 0.0, 0
     for batch in batches:
-        batch = tuple(t.to(device) for t in batch)
-        loss, n_tok = loss_fn(model, batch)
-        total += float(loss) * n_tok
-        n += n_tok
+        out = loss_fn(model, tuple(t.to(device) for t in batch))
+        total += float(out.loss_sum)
+        n += out.n_targets
     loss = total / max(n, 1)
     return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0))}
 
@@ -191,6 +198,7 @@ def finetune_seq2seq(
     data, out = Path(data), Path(out)
     train = train or TrainConfig(max_steps=500, eval_every=100, tensorboard=False)
     optim = optim or OptimConfig(lr=1e-3, min_lr=1e-4, warmup_steps=50, weight_decay=0.01)
+    apply_process_settings(train)
     if objective not in OBJECTIVES:
         raise ConfigError(f"objective {objective!r} is not supported; choose pairs or denoise.")
     if arch not in ("encdec", "gpt"):

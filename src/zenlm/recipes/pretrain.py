@@ -5,6 +5,9 @@ model sees ``x = t_0 .. t_{T-1}`` and is scored on ``y = t_1 .. t_T``::
 
     loss = -1/(B*T) * sum_{b,t} log softmax(logits[b, t])[y[b, t]]          (nats per token)
 
+(the loss function returns the sum; the training step divides it by the number of targets of the whole
+step, so gradient accumulation over micro-batches gives the gradient of the whole batch: zenlm.train.step).
+
 Validation also reports perplexity ``exp(loss)`` and bits per byte
 ``loss / ln 2 * tokens / bytes`` (tokens and UTF-8 bytes of the validation text), which compares runs
 that use different tokenizers.
@@ -48,16 +51,22 @@ from zenlm.recipes.registry import DEFAULT_RECIPE, recipe_settings
 from zenlm.rundir import TOKENIZER_FILES, read_run_config
 from zenlm.tokenizer import Tokenizer
 from zenlm.train.checkpoint import atomic_write_text, list_checkpoints
-from zenlm.train.loop import TrainConfig, TrainResult, config_to_dict, fit
+from zenlm.train.loop import TrainConfig, TrainResult, apply_process_settings, config_to_dict, fit
 from zenlm.train.optim import OptimConfig
+from zenlm.train.step import LossOutput
 
 
-def causal_lm_loss(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, int]:
-    """Mean next-token cross-entropy. batch = (x_BT, y_BT) int64; returns (loss, number of tokens)."""
+def causal_lm_loss(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> LossOutput:
+    """Summed next-token cross-entropy. batch = (x_BT, y_BT) int64: every position of y_BT is a target."""
     x_BT, y_BT = batch
     logits_BTV = model(x_BT)
-    loss = F.cross_entropy(logits_BTV.float().flatten(0, 1), y_BT.flatten())
-    return loss, y_BT.numel()
+    loss_sum = F.cross_entropy(logits_BTV.float().flatten(0, 1), y_BT.flatten(), reduction="sum")
+    return LossOutput(loss_sum, y_BT.numel(), x_BT.numel())
+
+
+def causal_lm_targets(batch: tuple[torch.Tensor, torch.Tensor]) -> int:
+    """The targets of a causal-LM batch, B*T (read from the shape: no wait for the device)."""
+    return batch[1].numel()
 
 
 @torch.no_grad()
@@ -103,14 +112,17 @@ def masked_lm_logits(model: nn.Module, ids_BT: torch.Tensor, pos_N: torch.Tensor
 
 def masked_lm_loss(
     model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
-) -> tuple[torch.Tensor, int]:
-    """Mean cross-entropy over the masked positions. batch = (ids_BT, pos_N, target_N) int64 (see
-    :func:`mlm_targets`); returns (loss, number of input tokens B*T)."""
+) -> LossOutput:
+    """Summed cross-entropy over the N masked positions. batch = (ids_BT, pos_N, target_N) int64 (see
+    :func:`mlm_targets`); N targets, B*T input tokens."""
     ids_BT, pos_N, target_N = batch
     logits_NV = masked_lm_logits(model, ids_BT, pos_N)
-    # sum / max(N, 1) rather than the mean: a batch with no masked position gives 0, not NaN
-    loss = F.cross_entropy(logits_NV, target_N, reduction="sum") / max(target_N.numel(), 1)
-    return loss, ids_BT.numel()
+    return LossOutput(F.cross_entropy(logits_NV, target_N, reduction="sum"), target_N.numel(), ids_BT.numel())
+
+
+def masked_lm_targets(batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> int:
+    """The targets of a masked-LM batch: its N masked positions."""
+    return batch[2].numel()
 
 
 def masked_lm_scores(logits_NV: torch.Tensor, target_N: torch.Tensor) -> tuple[float, int]:
@@ -156,7 +168,8 @@ def mlm_token_ids(tok: Tokenizer, where: Path) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------------- the recipe
-Task = tuple[Callable[[int, int], Any], Callable[[nn.Module, Any], "tuple[torch.Tensor, int]"],
+# (get_batch, loss function, count_targets, evaluate): what fit needs from an objective
+Task = tuple[Callable[[int, int], Any], Callable[[nn.Module, Any], LossOutput], Callable[[Any], int],
              Callable[[nn.Module], dict[str, float]]]
 
 
@@ -213,7 +226,7 @@ def _causal_lm_task(data: Path, index: dict[str, Any], batch_size: int, seq_len:
         return evaluate_causal_lm(m, val_shards, eval_batch_size, eval_seq_len, eval_tokens, bytes_per_token,
                                   device)
 
-    return get_batch, causal_lm_loss, evaluate
+    return get_batch, causal_lm_loss, causal_lm_targets, evaluate
 
 
 def _mlm_task(data: Path, index: dict[str, Any], batch_size: int, seq_len: int, eval_batch_size: int,
@@ -234,7 +247,7 @@ def _mlm_task(data: Path, index: dict[str, Any], batch_size: int, seq_len: int, 
         return evaluate_mlm(m, mlm_eval_batches(val_shards, eval_batch_size, eval_seq_len, eval_tokens, **masking),
                             device)
 
-    return get_batch, masked_lm_loss, evaluate
+    return get_batch, masked_lm_loss, masked_lm_targets, evaluate
 
 
 def pretrain(
@@ -276,6 +289,7 @@ def pretrain(
     """
     data, out = Path(data), Path(out)
     train = train or TrainConfig()
+    apply_process_settings(train)
     if objective is not None and objective not in OBJECTIVES:
         raise ConfigError(f"unknown objective {objective!r}; choose one of: {', '.join(OBJECTIVES)}.")
     index = load_index(data)
@@ -320,7 +334,8 @@ def pretrain(
     device = resolve_device(train.device)
     task_args = (data, index, batch_size, seq_len, eval_batch_size or batch_size, eval_seq_len or seq_len,
                  eval_tokens, train.seed, device)
-    get_batch, loss_fn, evaluate = _mlm_task(*task_args, token_ids) if mlm else _causal_lm_task(*task_args)
+    get_batch, loss_fn, count_targets, evaluate = _mlm_task(*task_args, token_ids) if mlm else \
+        _causal_lm_task(*task_args)
     torch.manual_seed(train.seed)
     net = (Bert if mlm else GPT)(cfg).to(device)
 
@@ -336,7 +351,7 @@ def pretrain(
         f"{cfg.num_params() / 1e6:.2f}M parameters; {n_train:,} training tokens; "
         f"{batch_size}x{seq_len}x{train.grad_accum} tokens/step; device {device}"))
     result = fit(net, get_batch, loss_fn, out, train, optim, evaluate=evaluate, resume=resume,
-                 progress=progress)
+                 progress=progress, count_targets=count_targets)
     try:
         from zenlm.viz import plot_loss_curve
 
@@ -347,5 +362,6 @@ def pretrain(
     return result
 
 
-__all__ = ["pretrain", "causal_lm_loss", "evaluate_causal_lm", "masked_lm_loss", "evaluate_mlm", "mlm_targets",
-           "masked_lm_logits", "masked_lm_scores", "masked_lm_metrics", "OBJECTIVES"]
+__all__ = ["pretrain", "causal_lm_loss", "causal_lm_targets", "evaluate_causal_lm", "masked_lm_loss",
+           "masked_lm_targets", "evaluate_mlm", "mlm_targets", "masked_lm_logits", "masked_lm_scores",
+           "masked_lm_metrics", "OBJECTIVES"]
