@@ -14,6 +14,8 @@ import torch
 from zenlm.errors import ConfigError
 
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
+# Weight dtypes for inference (``zenlm.load(RUN, dtype=...)``, ``--dtype``), by name.
+DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -35,6 +37,13 @@ def resolve_device(name: str = "auto") -> torch.device:
     if dev.type not in ("cpu", "cuda", "mps"):
         raise ConfigError(f"device type {dev.type!r} is not supported; use auto, cpu, cuda or mps.")
     return dev
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    """"fp32" | "bf16" | "fp16" -> the torch dtype (ConfigError naming the choices otherwise)."""
+    if name not in DTYPES:
+        raise ConfigError(f"dtype {name!r} is not supported; choose fp32, bf16 or fp16.")
+    return DTYPES[name]
 
 
 def cpu_has_bf16() -> bool:

@@ -34,6 +34,7 @@ import tokenizers
 from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers, trainers
 
 from zenlm.errors import ConfigError, DataError
+from zenlm.fileio import atomic_write_text
 from zenlm.progress import ProgressFn, report
 
 log = logging.getLogger(__name__)
@@ -249,8 +250,8 @@ class Tokenizer:
         """Write ``out_dir/tokenizer.json`` and ``out_dir/tokenizer_config.json`` (each via temp file + rename)."""
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        _atomic_write(out / "tokenizer.json", self.hf.to_str(pretty=True))
-        _atomic_write(out / "tokenizer_config.json", json.dumps(self.config_dict(), indent=2, ensure_ascii=False))
+        atomic_write_text(out / "tokenizer.json", self.hf.to_str(pretty=True))
+        atomic_write_text(out / "tokenizer_config.json", json.dumps(self.config_dict(), indent=2, ensure_ascii=False))
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> Tokenizer:
@@ -305,12 +306,6 @@ def _role_tokens(cfg: dict[str, Any], hf: tokenizers.Tokenizer) -> dict[str, str
         if isinstance(token, str) and hf.token_to_id(token) is not None:
             roles[role] = token
     return roles
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 class StreamDecoder:

@@ -35,10 +35,11 @@ from zenlm.config import (
     GPTConfig,
     MLPKind,
     NormKind,
+    Preset,
     _check_choice,
     _check_positive,
+    config_from_preset,
     dataclass_from_dict,
-    preset_config,
 )
 from zenlm.errors import ConfigError
 from zenlm.models.gpt import Block, KVCache
@@ -127,23 +128,23 @@ class EncDecConfig:
 
 # --------------------------------------------------------------------------------------------- presets
 
-ENCDEC_PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
-    "encdec-tiny": (
+ENCDEC_PRESETS: dict[str, Preset] = {
+    "encdec-tiny": Preset(
         "2+2 layers x 64 wide, source 128 / target 64: for tests and smoke runs.",
         dict(n_enc_layer=2, n_dec_layer=2, n_head=2, n_embd=64, max_source_len=128, max_target_len=64),
     ),
-    "encdec-small": (
+    "encdec-small": Preset(
         "3+3 layers x 256 wide, rotary, RMSNorm, source 512 / target 64: minutes of CPU fine-tuning.",
         dict(n_enc_layer=3, n_dec_layer=3, n_head=4, n_embd=256, max_source_len=512, max_target_len=64,
              pos="rope", norm="rmsnorm", mlp="gelu", bias=False, dropout=0.1),
     ),
-    "t5-small": (
+    "t5-small": Preset(
         "T5-small's shape (6+6 layers x 512, 8 heads, MLP 2048, RMSNorm, no biases), rotary positions.",
         dict(n_enc_layer=6, n_dec_layer=6, n_head=8, n_embd=512, mlp_hidden=2048, mlp="relu2", pos="rope",
              norm="rmsnorm", bias=False, max_source_len=512, max_target_len=128, dropout=0.1,
              norm_eps=1e-6),
     ),
-    "bart-base": (
+    "bart-base": Preset(
         "BART-base's shape (6+6 layers x 768, 12 heads, MLP 3072, GELU, LayerNorm, learned positions 1024).",
         dict(n_enc_layer=6, n_dec_layer=6, n_head=12, n_embd=768, mlp_hidden=3072, mlp="gelu", pos="learned",
              norm="layernorm", bias=True, max_source_len=1024, max_target_len=1024, dropout=0.1),
@@ -153,9 +154,7 @@ ENCDEC_PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
 
 def get_encdec_preset(name: str, **overrides: Any) -> EncDecConfig:
     """The EncDecConfig of preset ``name`` with any fields in ``overrides`` changed."""
-    if name not in ENCDEC_PRESETS:
-        raise ConfigError(f"unknown encoder-decoder preset {name!r}; choose one of: {', '.join(ENCDEC_PRESETS)}.")
-    return preset_config(EncDecConfig, ENCDEC_PRESETS[name][1], overrides)
+    return config_from_preset(EncDecConfig, ENCDEC_PRESETS, name, overrides, "encoder-decoder")
 
 
 # ------------------------------------------------------------------------------------- cross-attention

@@ -7,7 +7,7 @@ Layout of ``RUN_DIR/checkpoints/step-NNNNNN/``::
     rng.safetensors         RNG states (CPU, and CUDA when used) as uint8 tensors
     trainer.json            step, elapsed time, optimiser scalars and param-group settings, extra state
 
-A checkpoint is written into ``step-NNNNNN.tmp-<pid>`` and renamed into place when complete, so a
+A checkpoint is written into ``.step-NNNNNN.tmp-<pid>`` and renamed into place when complete, so a
 crash mid-write never leaves a directory that looks finished. Loading validates names and shapes
 and says which key and which file disagree.
 """
@@ -15,7 +15,6 @@ and says which key and which file disagree.
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 from pathlib import Path
@@ -27,16 +26,9 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from zenlm.errors import CheckpointError
+from zenlm.fileio import atomic_path
 
 STEP_DIR = re.compile(r"^step-(\d{6,})$")
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file and a rename."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def _state_dict_for_saving(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -54,10 +46,8 @@ def _state_dict_for_saving(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def save_model(model: nn.Module, path: Path, metadata: dict[str, str] | None = None) -> None:
     """Save model weights to ``path`` (safetensors) atomically."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    save_file(_state_dict_for_saving(model), str(tmp), metadata=metadata or {"format": "pt"})
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        save_file(_state_dict_for_saving(model), str(tmp), metadata=metadata or {"format": "pt"})
 
 
 def load_model_weights(model: nn.Module, path: Path) -> None:
@@ -161,19 +151,14 @@ def save_checkpoint(
     ckpt_root = Path(ckpt_root)
     ckpt_root.mkdir(parents=True, exist_ok=True)
     final = ckpt_root / f"step-{step:06d}"
-    tmp = ckpt_root / f"{final.name}.tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    save_file(_state_dict_for_saving(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
-    opt_tensors, opt_meta = _flatten_optimizer(optimizers)
-    save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
-    save_file(_rng_state(), str(tmp / "rng.safetensors"))
-    state = {"step": step, **trainer_state, "optimizers": opt_meta}
-    (tmp / "trainer.json").write_text(json.dumps(state, indent=1), encoding="utf-8")
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+    with atomic_path(final) as tmp:
+        tmp.mkdir()
+        save_file(_state_dict_for_saving(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        opt_tensors, opt_meta = _flatten_optimizer(optimizers)
+        save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
+        save_file(_rng_state(), str(tmp / "rng.safetensors"))
+        state = {"step": step, **trainer_state, "optimizers": opt_meta}
+        (tmp / "trainer.json").write_text(json.dumps(state, indent=1), encoding="utf-8")
     if keep:
         for old in list_checkpoints(ckpt_root)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
