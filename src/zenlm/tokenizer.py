@@ -308,6 +308,27 @@ def _role_tokens(cfg: dict[str, Any], hf: tokenizers.Tokenizer) -> dict[str, str
     return roles
 
 
+def render_chat(tokenizer: Tokenizer, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+    """The prompt text for ``messages`` (``[{"role": ..., "content": ...}]``) from the tokenizer's Jinja chat
+    template, rendered in a sandbox (a template cannot reach Python objects); the template sees the special
+    tokens as ``bos_token``, ``eos_token``, ... DataError when the template refuses or fails on the messages."""
+    import jinja2.sandbox
+
+    env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+
+    def raise_exception(message: str) -> None:
+        raise DataError(f"the chat template refused the messages: {message}")
+
+    env.globals["raise_exception"] = raise_exception
+    tokens = {f"{role}_token": tok for role, tok in tokenizer.role_tokens.items()
+              if getattr(tokenizer, f"{role}_id", None) is not None}
+    try:
+        tpl = env.from_string(tokenizer.chat_template)
+        return tpl.render(messages=messages, add_generation_prompt=add_generation_prompt, **tokens)
+    except jinja2.TemplateError as e:
+        raise DataError(f"the chat template failed on these messages ({e}).") from None
+
+
 class StreamDecoder:
     """Incremental detokenizer for generation.
 
