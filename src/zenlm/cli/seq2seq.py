@@ -102,7 +102,7 @@ def evaluate(
     run: str,
     data: str,
     out: str | None = None,
-    metrics: list[str] | None = None,
+    metrics: tuple[str, ...] = ("bleu", "chrf", "rouge"),
     lang: Literal["auto", "en", "zh"] = "auto",
     num_beams: int = 4,
     max_new_tokens: int | None = None,
@@ -125,7 +125,7 @@ def evaluate(
         data: .jsonl with {"source": ..., "target": ...} per line; the targets are the references (for a
             classifier: .jsonl/.csv with the text and label fields it was trained with)
         out: JSON report to write (default RUN/eval-DATA.json)
-        metrics: any of bleu, chrf, rouge (default: all three)
+        metrics: any of bleu, chrf, rouge
         lang: language of the targets: auto, en, or zh (Chinese: sacrebleu's zh tokeniser, character ROUGE)
         num_beams: beam width (1 = greedy)
         max_new_tokens: longest output (default: the longest target seen in training)
@@ -153,7 +153,7 @@ def evaluate(
     progress = TerminalProgress()
     t0 = time.perf_counter()
     report = s2s.evaluate_generation(
-        lm, pairs, metrics=tuple(metrics or ("bleu", "chrf", "rouge")), lang=lang, progress=progress,
+        lm, pairs, metrics=tuple(metrics), lang=lang, progress=progress,
         num_beams=num_beams, max_new_tokens=max_new_tokens, length_penalty=length_penalty,
         no_repeat_ngram_size=no_repeat_ngram_size, early_stopping=early_stopping, batch_size=batch_size)
     progress.close()
