@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from zenlm.config import GPTConfig
+from zenlm.device import model_device
 from zenlm.encoder import EncoderLM
 from zenlm.errors import ConfigError
 from zenlm.evaluate import bits_per_byte, perplexity
@@ -39,7 +40,7 @@ class LM:
 
     @property
     def device(self) -> torch.device:
-        return next(self.model.parameters()).device
+        return model_device(self.model)
 
     def stream(self, prompt: str, **kwargs) -> Iterator[str]:
         """Yield the continuation of ``prompt`` piece by piece. Keyword arguments: see GenerationConfig

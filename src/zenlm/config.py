@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal, TypeVar
+from typing import Any, ClassVar, Literal, TypeVar
 
 from zenlm.errors import ConfigError
 
@@ -49,8 +49,24 @@ def _check_rope_scaling(scaling: Any) -> None:
     _check_positive("rope_scaling factor", scaling["factor"])
 
 
+class ModelConfig:
+    """What every architecture's config dataclass shares: :meth:`to_dict` gives the ``model:`` section of
+    config.yaml, ``{"arch": ARCH, **fields}``, and :meth:`from_dict` rebuilds the config from it. A subclass
+    sets ``ARCH`` to the name it is registered under (zenlm.models.registry)."""
+
+    ARCH: ClassVar[str]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"arch": self.ARCH, **dataclasses.asdict(self)}  # type: ignore[call-overload]
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Any:
+        """Rebuild from :meth:`to_dict` output (``arch`` may be present; unknown fields are refused)."""
+        return dataclass_from_dict(cls, d)
+
+
 @dataclass
-class GPTConfig:
+class GPTConfig(ModelConfig):
     """A decoder-only Transformer (GPT-2 and Llama families are both points in this space).
 
     vocab_size:     number of token ids the embedding accepts
@@ -103,6 +119,7 @@ class GPTConfig:
     attn_proj_bias: bool | None = None
     mlp_bias: bool | None = None
     rope_scaling: dict[str, Any] | None = None
+    ARCH: ClassVar[str] = "gpt"
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
@@ -138,14 +155,6 @@ class GPTConfig:
     @property
     def head_dim(self) -> int:
         return self.n_embd // self.n_head
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"arch": "gpt", **dataclasses.asdict(self)}
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> GPTConfig:
-        """Rebuild from :meth:`to_dict` output (``arch`` may be present)."""
-        return dataclass_from_dict(cls, d)
 
     def num_params(self, include_embedding: bool = True) -> int:
         """Parameter count computed from the shapes (matches ``sum(p.numel())`` of the built model)."""

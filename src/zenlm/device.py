@@ -46,6 +46,13 @@ def resolve_dtype(name: str) -> torch.dtype:
     return DTYPES[name]
 
 
+def model_device(model: torch.nn.Module) -> torch.device:
+    """The device a model's tensors live on (its first parameter's, or buffer's for a model of counts)."""
+    for t in (*model.parameters(), *model.buffers()):
+        return t.device
+    return torch.device("cpu")
+
+
 def cpu_has_bf16() -> bool:
     """True when this CPU runs bf16 matrix multiplies natively (AVX-512 BF16 or AMX)."""
     try:

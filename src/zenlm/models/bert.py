@@ -19,22 +19,21 @@ attention by an additive -inf bias on the padded keys.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from zenlm.config import Preset, config_from_preset, dataclass_from_dict
+from zenlm.config import ModelConfig, Preset, config_from_preset
 from zenlm.errors import ConfigError
 from zenlm.models.layers import attention
 
 
 @dataclass
-class BertConfig:
+class BertConfig(ModelConfig):
     """Shape of a BERT encoder.
 
     vocab_size:      token ids the embedding accepts
@@ -65,6 +64,7 @@ class BertConfig:
     attn_dropout: float = 0.0
     init_std: float = 0.02
     pad_id: int = 0
+    ARCH: ClassVar[str] = "bert"
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "d_model", "n_layer", "n_head", "d_ff", "max_len", "type_vocab_size"):
@@ -84,14 +84,6 @@ class BertConfig:
     @property
     def block_size(self) -> int:
         return self.max_len
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"arch": "bert", **dataclasses.asdict(self)}
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> BertConfig:
-        """Rebuild from :meth:`to_dict` output (``arch`` may be present)."""
-        return dataclass_from_dict(cls, d)
 
     def num_params(self, include_embedding: bool = True) -> int:
         """Parameter count from the shapes (encoder, pooler and MLM head; the MLM decoder is tied)."""

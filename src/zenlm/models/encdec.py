@@ -21,10 +21,9 @@ cross-attention keys/values of the memory are computed once per source (:class:`
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn as nn
@@ -34,12 +33,12 @@ from torch import Tensor
 from zenlm.config import (
     GPTConfig,
     MLPKind,
+    ModelConfig,
     NormKind,
     Preset,
     _check_choice,
     _check_positive,
     config_from_preset,
-    dataclass_from_dict,
 )
 from zenlm.errors import ConfigError
 from zenlm.models.gpt import Block, KVCache
@@ -49,7 +48,7 @@ from zenlm.models.layers import CausalSelfAttention, RMSNorm, Rotary, make_mlp, 
 
 
 @dataclass
-class EncDecConfig:
+class EncDecConfig(ModelConfig):
     """An encoder-decoder Transformer.
 
     vocab_size:       token ids the embeddings accept (one vocabulary for source and target)
@@ -91,6 +90,7 @@ class EncDecConfig:
     tie_embeddings: bool = True
     dropout: float = 0.0
     init_std: float = 0.02
+    ARCH: ClassVar[str] = "encdec"
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "max_source_len", "max_target_len", "n_enc_layer", "n_dec_layer", "n_head",
@@ -99,10 +99,6 @@ class EncDecConfig:
         _check_choice("pos", self.pos, ("learned", "rope"))
         # the per-layer settings are validated (and mlp_hidden filled in) by the GPTConfig they map onto
         self.mlp_hidden = self.layer_config().mlp_hidden
-
-    @property
-    def arch(self) -> str:
-        return "encdec"
 
     @property
     def head_dim(self) -> int:
@@ -116,14 +112,6 @@ class EncDecConfig:
             mlp_hidden=self.mlp_hidden, pos=self.pos, rope_theta=self.rope_theta, norm=self.norm,
             norm_eps=self.norm_eps, mlp=self.mlp, bias=self.bias, dropout=self.dropout, init_std=self.init_std,
         )
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"arch": "encdec", **dataclasses.asdict(self)}
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> EncDecConfig:
-        """Rebuild from :meth:`to_dict` output (``arch`` may be present)."""
-        return dataclass_from_dict(cls, d)
 
 
 # --------------------------------------------------------------------------------------------- presets
