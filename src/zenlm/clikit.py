@@ -77,12 +77,6 @@ def _documented(doc: str, names: Iterable[str]) -> dict[str, str]:
     return {k: v.replace("``", "") for k, v in helps.items()}
 
 
-def _arg_help(fn: Callable) -> tuple[str, dict[str, str]]:
-    doc = inspect.getdoc(fn) or ""
-    summary = doc.split("\n\n")[0].strip()
-    return summary, _documented(doc, inspect.signature(fn).parameters)
-
-
 def params_of(
     source: Callable | type,
     *,
