@@ -13,8 +13,8 @@ import torch
 import zenlm
 import zenlm.seq2seq as s2s
 from zenlm.cli import main
+from zenlm.data.batches import IGNORE_INDEX as IGNORE
 from zenlm.data.seq2seq import (
-    IGNORE,
     Pair,
     PromptCompletionBatches,
     Seq2SeqBatches,
@@ -172,7 +172,7 @@ def _losses(run):
 def test_short_finetune_loss_falls_and_generates(tmp_path, reverse_pairs, letters_tok, arch, model):
     run = tmp_path / arch
     res = finetune_seq2seq(reverse_pairs / "train.jsonl", run, arch=arch, model=model, tokenizer=letters_tok,
-                           val_data=reverse_pairs / "val.jsonl", batch_size=32, label_smoothing=0.1,
+                           val=reverse_pairs / "val.jsonl", batch_size=32, label_smoothing=0.1,
                            train=_train(), optim=OptimConfig(lr=3e-3, min_lr=3e-4, warmup_steps=10,
                                                              weight_decay=0.0))
     losses = _losses(run)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import functools
 import json
 import logging
-import os
 import re
 import warnings
 from collections.abc import Sequence
@@ -19,6 +18,7 @@ from matplotlib import font_manager  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
 from zenlm.errors import DataError  # noqa: E402
+from zenlm.fileio import atomic_path
 
 
 def read_metrics(path: str | Path) -> list[dict]:
@@ -54,13 +54,7 @@ def plot_loss_curve(metrics_path: str | Path, out_png: str | Path, title: str | 
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    out_png = Path(out_png)
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_png.with_name(f".{out_png.stem}.tmp-{os.getpid()}.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, out_png)
-    return out_png
+    return _save_atomic(fig, out_png)
 
 
 # CJK fonts that may be installed (`make install` adds Debian's fonts-wqy-microhei where apt is available); used
@@ -119,13 +113,11 @@ def _save_atomic(fig: Figure, path: str | Path) -> Path:
     """Save ``fig`` as a PNG at ``path`` via a temporary file and a rename; creates parent directories."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.png")
     try:
-        fig.savefig(tmp, format="png")
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format="png")
     finally:
         plt.close(fig)
-        tmp.unlink(missing_ok=True)
     return path
 
 

@@ -15,7 +15,6 @@ from zenlm.config import GPTConfig
 from zenlm.errors import CheckpointError
 from zenlm.models.gpt import GPT
 from zenlm.recipes.pretrain import causal_lm_loss
-from zenlm.train import checkpoint as ckpt_mod
 from zenlm.train.checkpoint import (
     list_checkpoints,
     load_checkpoint,
@@ -157,7 +156,9 @@ def test_resume_falls_back_past_a_damaged_newest_checkpoint(tmp_path: Path) -> N
 def test_a_full_disk_cleans_up_and_names_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     model, opts = _trained()
     save_checkpoint(tmp_path, 1, model, opts, {})
-    real_save = ckpt_mod.save_file
+    import safetensors.torch
+
+    real_save = safetensors.torch.save_file
 
     def full_disk(tensors, filename, metadata=None):
         if filename.endswith("optimizer.safetensors"):
@@ -165,7 +166,7 @@ def test_a_full_disk_cleans_up_and_names_the_file(tmp_path: Path, monkeypatch: p
             raise OSError(errno.ENOSPC, "No space left on device")
         return real_save(tensors, filename, metadata=metadata)
 
-    monkeypatch.setattr(ckpt_mod, "save_file", full_disk)
+    monkeypatch.setattr(safetensors.torch, "save_file", full_disk)
     with pytest.raises(CheckpointError, match=r"no space left on device while writing .*optimizer\.safetensors"):
         save_checkpoint(tmp_path, 2, model, opts, {})
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step-000001"]  # no partial copy left behind
@@ -173,20 +174,20 @@ def test_a_full_disk_cleans_up_and_names_the_file(tmp_path: Path, monkeypatch: p
         Path(filename).write_bytes(b"partial")
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(ckpt_mod, "save_file", always_full)
+    monkeypatch.setattr(safetensors.torch, "save_file", always_full)
     with pytest.raises(CheckpointError, match=r"no space left on device while writing .*w\.safetensors"):
         save_model(model, tmp_path / "w.safetensors")
     assert not list(tmp_path.glob("*w.safetensors*"))
-    monkeypatch.setattr(ckpt_mod, "save_file", real_save)
+    monkeypatch.setattr(safetensors.torch, "save_file", real_save)
     assert save_checkpoint(tmp_path, 2, model, opts, {}).name == "step-000002"  # space again: saving works
 
 
 def test_partial_checkpoints_of_dead_processes_are_removed(tmp_path: Path) -> None:
     model, opts = _trained()
-    dead = tmp_path / "step-000003.tmp-999999999"  # no such process
+    dead = tmp_path / ".step-000003.tmp-999999999"  # no such process
     dead.mkdir()
     (dead / "model.safetensors").write_bytes(b"x" * 100)
-    alive = tmp_path / f"step-000003.tmp-{os.getppid()}"  # a live process (our parent) is writing this one
+    alive = tmp_path / f".step-000003.tmp-{os.getppid()}"  # a live process (our parent) is writing this one
     alive.mkdir()
     save_checkpoint(tmp_path, 4, model, opts, {})
     assert not dead.exists() and alive.exists()

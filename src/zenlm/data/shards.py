@@ -42,6 +42,7 @@ import numpy as np
 
 from zenlm.data.corpus import Corpus
 from zenlm.errors import DataError, write_error
+from zenlm.fileio import atomic_write_text
 from zenlm.progress import ProgressFn, report
 from zenlm.tokenizer import CUT_POINTS, Tokenizer
 
@@ -54,18 +55,14 @@ DEFAULT_SHARD_TOKENS = 1 << 26  # 64M ids: 128 MB of uint16 per shard
 SLICE_CHARS = 1 << 13  # a document is cut into slices of about this many characters...
 HARD_LIMIT_CHARS = 1 << 20  # ...and, where it has no safe cut point, hard at this many
 BATCH_CHARS = 1 << 20  # slices encoded together (the tokenizer encodes a batch in parallel)
-_OURS = re.compile(r"^(index\.json|tokenizer\.json|tokenizer_config\.json|(train|val)-\d{5}\.bin)(\.tmp)?$")
+# the files a data directory holds, and the temporary names they are written under (a crash may leave one)
+_OURS = re.compile(r"^(index\.json|tokenizer\.json|tokenizer_config\.json|(train|val)-\d{5}\.bin)(\.tmp)?$"
+                   r"|^\.(index|tokenizer|tokenizer_config)\.tmp-\d+\.json$")
 _REPORT_SECONDS = 0.5
 
 
 def _shard_name(split: str, i: int) -> str:
     return f"{split}-{i:05d}.bin"
-
-
-def _atomic_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False), encoding="utf-8")
-    os.replace(tmp, path)
 
 
 # ---------------------------------------------------------------------------------------------- writing
@@ -256,7 +253,7 @@ def prepare(
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "splits": splits,
         }
-        _atomic_json(out / "index.json", index)
+        atomic_write_text(out / "index.json", json.dumps(index, indent=2, ensure_ascii=False))
     except BaseException as e:
         where = writer.current if writer is not None else out
         if writer is not None:

@@ -26,31 +26,26 @@ Validation reports that loss, its perplexity ``exp(loss)`` (val_mlm_ppl) and the
 
 from __future__ import annotations
 
-import math
-import shutil
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
-import yaml
 from torch import nn
 
 from zenlm import __version__
-from zenlm.config import GPTConfig, config_from_dict
 from zenlm.data.batches import IGNORE_INDEX, CausalBatches, MLMBatches, eval_batches, mlm_eval_batches
 from zenlm.data.shards import TokenShards, load_index
 from zenlm.device import resolve_device
 from zenlm.errors import ConfigError, DataError
-from zenlm.models.bert import BERT_PRESETS, Bert, BertConfig, get_bert_preset
-from zenlm.models.gpt import GPT
-from zenlm.presets import PRESETS, get_preset
+from zenlm.evaluate import bits_per_byte, perplexity
+from zenlm.models.registry import build_model, config_from_dict, find_preset, list_presets
 from zenlm.progress import ProgressFn, report
 from zenlm.recipes.registry import DEFAULT_RECIPE, recipe_settings
-from zenlm.rundir import TOKENIZER_FILES, read_run_config
+from zenlm.rundir import copy_tokenizer_files, read_run_config, write_run_config
 from zenlm.tokenizer import Tokenizer
-from zenlm.train.checkpoint import atomic_write_text, list_checkpoints
+from zenlm.train.checkpoint import list_checkpoints
 from zenlm.train.loop import TrainConfig, TrainResult, apply_process_settings, config_to_dict, fit
 from zenlm.train.optim import OptimConfig
 from zenlm.train.step import LossOutput
@@ -84,12 +79,14 @@ def evaluate_causal_lm(
     loss = total / max(n, 1)
     return {
         "val_loss": loss,
-        "val_ppl": math.exp(min(loss, 50.0)),
-        "val_bpb": loss / math.log(2) / bytes_per_token,
+        "val_ppl": perplexity(loss),
+        "val_bpb": bits_per_byte(loss, bytes_per_token),
     }
 
 
 OBJECTIVES = ("causal-lm", "mlm")
+# what each objective needs the model to do (zenlm.models.registry capabilities)
+OBJECTIVE_CAPABILITY = {"causal-lm": "causal-lm", "mlm": "masked-lm"}
 MASK_PROB = 0.15  # fraction of ordinary tokens a masked-LM row asks the model to predict
 
 
@@ -134,7 +131,7 @@ def masked_lm_scores(logits_NV: torch.Tensor, target_N: torch.Tensor) -> tuple[f
 def masked_lm_metrics(loss_sum: float, n_correct: int, n: int) -> dict[str, float]:
     """val_loss (mean nats per masked token), val_mlm_ppl = exp(val_loss), val_masked_acc in [0, 1]."""
     loss = loss_sum / max(n, 1)
-    return {"val_loss": loss, "val_mlm_ppl": math.exp(min(loss, 50.0)), "val_masked_acc": n_correct / max(n, 1)}
+    return {"val_loss": loss, "val_mlm_ppl": perplexity(loss), "val_masked_acc": n_correct / max(n, 1)}
 
 
 @torch.no_grad()
@@ -174,28 +171,26 @@ Task = tuple[Callable[[int, int], Any], Callable[[nn.Module, Any], LossOutput], 
 
 
 def _model_config(objective: str, model: str | None, vocab_size: int, overrides: dict[str, Any],
-                  pad_id: int | None) -> GPTConfig | BertConfig:
-    """A new run's model config: the preset ``model`` (None = the objective's default recipe's model)."""
+                  pad_id: int | None) -> Any:
+    """A new run's model config: the preset ``model`` (None = the objective's default recipe's model), which
+    must belong to an architecture that can learn ``objective`` (GPT for causal-lm, BERT for mlm)."""
     name = model or recipe_settings(DEFAULT_RECIPE[objective])["model"]
-    if objective == "mlm":
-        if name in PRESETS:
-            raise ConfigError(f"model {name!r} is a GPT (decoder) preset, but masked-LM pretraining trains a BERT "
-                              f"encoder; choose one of: {', '.join(BERT_PRESETS)} (or leave --model out for "
-                              f"{recipe_settings(DEFAULT_RECIPE['mlm'])['model']}).")
-        extra = {"pad_id": pad_id} if pad_id is not None else {}
-        return get_bert_preset(name, **{"vocab_size": vocab_size, **extra, **overrides})
-    if name in BERT_PRESETS:
-        raise ConfigError(f"model {name!r} is a BERT encoder preset, pretrained with --objective mlm; for "
-                          f"causal-LM pretraining choose a GPT preset: {', '.join(PRESETS)}.")
-    return get_preset(name, vocab_size=vocab_size, **overrides)
+    arch, _ = find_preset(name)
+    needs = OBJECTIVE_CAPABILITY[objective]
+    if not arch.can(needs):
+        fits = [o for o, c in OBJECTIVE_CAPABILITY.items() if arch.can(c)]
+        hint = f" (pretrain {name!r} with --objective {fits[0]})" if fits else ""
+        raise ConfigError(f"model {name!r} is a {arch.title} preset, but {objective} pretraining needs a {needs} "
+                          f"model; choose one of: {', '.join(list_presets(needs))}{hint}, or leave --model out "
+                          f"for {recipe_settings(DEFAULT_RECIPE[objective])['model']}.")
+    extra = {"pad_id": pad_id} if pad_id is not None else {}  # the masked LM's padding id (BertConfig.pad_id)
+    return arch.config(name, **{"vocab_size": vocab_size, **extra, **overrides})
 
 
 def _start_run_dir(out: Path, data: Path, index: dict[str, Any], objective: str, model_cfg: dict[str, Any],
                    batch: dict[str, Any], train: TrainConfig, optim: OptimConfig) -> None:
     """Copy the tokenizer into a new run directory and write its config.yaml."""
-    for name in TOKENIZER_FILES:
-        if (data / name).exists():
-            shutil.copyfile(data / name, out / name)
+    copy_tokenizer_files(data, out)
     run_config = {
         "zenlm_version": __version__,
         "model": model_cfg,
@@ -205,7 +200,7 @@ def _start_run_dir(out: Path, data: Path, index: dict[str, Any], objective: str,
         "data": {"dir": str(data.resolve()), "vocab_size": int(index["vocab_size"]), "corpus": index.get("corpus")},
         "objective": objective,
     }
-    atomic_write_text(out / "config.yaml", yaml.safe_dump(run_config, sort_keys=False, allow_unicode=True))
+    write_run_config(out, run_config)
 
 
 def _causal_lm_task(data: Path, index: dict[str, Any], batch_size: int, seq_len: int, eval_batch_size: int,
@@ -254,7 +249,7 @@ def pretrain(
     data: str | Path,
     out: str | Path,
     *,
-    objective: str | None = None,
+    objective: Literal["causal-lm", "mlm"] | None = None,
     model: str | None = None,
     model_overrides: dict[str, Any] | None = None,
     resume: bool = False,
@@ -274,8 +269,8 @@ def pretrain(
     objective:       "causal-lm" (GPT, next-token prediction) or "mlm" (BERT, masked tokens; needs a tokenizer
                      with mask, bos and eos tokens). None = "causal-lm" for a new run, and the saved objective
                      on resume (read from config.yaml; giving another one is an error).
-    model:           a preset name, a GPT preset from :mod:`zenlm.presets` for causal-lm or a BERT preset from
-                     :data:`zenlm.models.bert.BERT_PRESETS` for mlm; None = the objective's default recipe's
+    model:           a preset name (``zenlm presets``) of an architecture that can learn the objective: a GPT
+                     preset for causal-lm, a BERT preset for mlm; None = the objective's default recipe's
                      ("demo" / "bert-mini"). Ignored on resume: the saved config is used.
     model_overrides: config fields to change on top of the preset (GPTConfig or BertConfig, e.g. {"n_layer": 6})
     batch_size:      sequences per micro-batch; tokens per step = batch_size * seq_len * grad_accum
@@ -337,7 +332,7 @@ def pretrain(
     get_batch, loss_fn, count_targets, evaluate = _mlm_task(*task_args, token_ids) if mlm else \
         _causal_lm_task(*task_args)
     torch.manual_seed(train.seed)
-    net = (Bert if mlm else GPT)(cfg).to(device)
+    net = build_model(cfg).to(device)
 
     out.mkdir(parents=True, exist_ok=True)
     if not resume:
@@ -348,7 +343,7 @@ def pretrain(
     n_train = index["splits"]["train"]["tokens"]
     report(progress, "train", message=(
         f"{'BERT encoder (masked LM)' if mlm else 'model'}: {cfg.n_layer} layers, {cfg.n_embd} wide, "
-        f"{cfg.num_params() / 1e6:.2f}M parameters; {n_train:,} training tokens; "
+        f"{sum(p.numel() for p in net.parameters()) / 1e6:.2f}M parameters; {n_train:,} training tokens; "
         f"{batch_size}x{seq_len}x{train.grad_accum} tokens/step; device {device}"))
     result = fit(net, get_batch, loss_fn, out, train, optim, evaluate=evaluate, resume=resume,
                  progress=progress, count_targets=count_targets)

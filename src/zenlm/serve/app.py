@@ -30,7 +30,6 @@ from collections.abc import AsyncIterator
 from importlib import resources
 from typing import Any
 
-import jinja2.sandbox
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
@@ -39,7 +38,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Res
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from zenlm.errors import ConfigError
+from zenlm.errors import ConfigError, DataError
 from zenlm.models.gpt import GPT
 from zenlm.serve.engine import Engine, ErrorEvent, FinishEvent, Overloaded, Sequence, TokenEvent
 from zenlm.serve.metrics import Metrics
@@ -51,26 +50,9 @@ from zenlm.serve.schema import (
     parse_embeddings,
     parse_json,
 )
-from zenlm.tokenizer import Tokenizer
+from zenlm.tokenizer import Tokenizer, render_chat
 
 log = logging.getLogger("zenlm.serve")
-
-
-def render_chat(tokenizer: Tokenizer, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
-    """The prompt text for ``messages`` from the tokenizer's Jinja chat template (sandboxed)."""
-    env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-
-    def raise_exception(message: str) -> None:
-        raise APIError(400, f"the chat template refused the messages: {message}", param="messages")
-
-    env.globals["raise_exception"] = raise_exception
-    tpl = env.from_string(tokenizer.chat_template)
-    tokens = {f"{role}_token": tok for role, tok in tokenizer.role_tokens.items()
-              if getattr(tokenizer, f"{role}_id", None) is not None}
-    try:
-        return tpl.render(messages=messages, add_generation_prompt=add_generation_prompt, **tokens)
-    except jinja2.TemplateError as e:
-        raise APIError(400, f"the chat template failed on these messages ({e}).", param="messages") from None
 
 
 def _bearer_ok(header: str | None, key: str) -> bool:
@@ -361,7 +343,10 @@ def create_app(
             if bad is not None:
                 raise APIError(400, f"messages[{i}] contains the special token {bad!r}; remove it.",
                                param="messages", code="invalid_value")
-        prompt = render_chat(tokenizer, req.messages)
+        try:
+            prompt = render_chat(tokenizer, req.messages)
+        except DataError as e:  # the template refused or failed on these messages
+            raise APIError(400, str(e), param="messages") from None
         return await run_job(request, req, tokenizer.encode(prompt, allow_special=True), chat=True, echo_text="")
 
     @app.post("/v1/embeddings")

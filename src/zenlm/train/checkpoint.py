@@ -7,7 +7,7 @@ Layout of ``RUN_DIR/checkpoints/step-NNNNNN/``::
     rng.safetensors         RNG states (CPU, and CUDA when used) as uint8 tensors
     trainer.json            step, elapsed time, optimiser scalars and param-group settings, extra state
 
-A checkpoint is written into ``step-NNNNNN.tmp-<pid>`` and renamed into place when complete, so a
+A checkpoint is written into ``.step-NNNNNN.tmp-<pid>`` and renamed into place when complete, so a
 crash mid-write never leaves a directory that looks finished; a write that fails (a full disk, a read-only
 directory) removes its partial copy and says which file it was writing, and the partial copies that crashed
 processes left behind are removed at the next save. Loading reads and checks everything before it changes
@@ -31,27 +31,20 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from zenlm.errors import CheckpointError, write_error
+from zenlm.fileio import atomic_path, write_safetensors
 
 log = logging.getLogger(__name__)
 
 STEP_DIR = re.compile(r"^step-(\d{6,})$")
-TMP_DIR = re.compile(r"^step-(\d{6,})\.tmp-(\d+)$")
+TMP_DIR = re.compile(r"^\.step-(\d{6,})\.tmp-(\d+)$")  # fileio.atomic_path's temporary name
 
 
 def _write_error(path: Path, e: OSError) -> CheckpointError:
     return write_error(path, e, CheckpointError, "then resume with --resume")  # type: ignore[return-value]
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file and a rename."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def _state_dict_for_saving(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -70,22 +63,11 @@ def _state_dict_for_saving(model: nn.Module) -> dict[str, torch.Tensor]:
 def save_model(model: nn.Module, path: Path, metadata: dict[str, str] | None = None) -> None:
     """Save model weights to ``path`` (safetensors) atomically."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        write_tensors(_state_dict_for_saving(model), tmp, metadata=metadata or {"format": "pt"})
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            write_safetensors(_state_dict_for_saving(model), tmp, metadata=metadata or {"format": "pt"})
     except OSError as e:
-        tmp.unlink(missing_ok=True)
         raise _write_error(path, e) from None
-
-
-def write_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
-    """``safetensors`` ``save_file`` with the permissions of the run's other files: safetensors creates its
-    files 0600, which would make weights the only unreadable files of a shared run directory."""
-    save_file(tensors, str(path), metadata=metadata)
-    mask = os.umask(0)
-    os.umask(mask)
-    os.chmod(path, 0o666 & ~mask)
 
 
 def read_weights(path: Path) -> dict[str, torch.Tensor]:
@@ -258,7 +240,7 @@ def _set_rng_state(tensors: dict[str, torch.Tensor]) -> None:
 
 
 def remove_stale_partials(ckpt_root: Path) -> list[Path]:
-    """Remove ``step-N.tmp-PID`` directories left by processes that are gone (a crash or kill -9 during a
+    """Remove ``.step-N.tmp-PID`` directories left by processes that are gone (a crash or kill -9 during a
     save; each is a whole model + optimiser copy). Returns what was removed."""
     ckpt_root = Path(ckpt_root)
     removed: list[Path] = []
@@ -300,29 +282,25 @@ def save_checkpoint(
     CheckpointError naming the file; older checkpoints are left as they were."""
     ckpt_root = Path(ckpt_root)
     final = ckpt_root / f"step-{step:06d}"
-    tmp = ckpt_root / f"{final.name}.tmp-{os.getpid()}"
     writing = ckpt_root
     try:
         ckpt_root.mkdir(parents=True, exist_ok=True)
         for gone in remove_stale_partials(ckpt_root):
             log.warning("removed %s, a partial checkpoint left by a process that stopped while saving", gone)
-        tmp.mkdir()
-        writing = tmp / "model.safetensors"
-        write_tensors(_state_dict_for_saving(model), writing, metadata={"format": "pt"})
-        opt_tensors, opt_meta = _flatten_optimizer(optimizers)
-        writing = tmp / "optimizer.safetensors"
-        write_tensors(opt_tensors, writing)
-        writing = tmp / "rng.safetensors"
-        write_tensors(_rng_state(), writing)
-        state = {"step": step, **trainer_state, "optimizers": opt_meta}
-        writing = tmp / "trainer.json"
-        writing.write_text(json.dumps(state, indent=1), encoding="utf-8")
-        if final.exists():
-            shutil.rmtree(final)
-        writing = final
-        os.replace(tmp, final)
+        with atomic_path(final) as tmp:
+            tmp.mkdir()
+            writing = tmp / "model.safetensors"
+            write_safetensors(_state_dict_for_saving(model), writing, metadata={"format": "pt"})
+            opt_tensors, opt_meta = _flatten_optimizer(optimizers)
+            writing = tmp / "optimizer.safetensors"
+            write_safetensors(opt_tensors, writing)
+            writing = tmp / "rng.safetensors"
+            write_safetensors(_rng_state(), writing)
+            state = {"step": step, **trainer_state, "optimizers": opt_meta}
+            writing = tmp / "trainer.json"
+            writing.write_text(json.dumps(state, indent=1), encoding="utf-8")
+            writing = final
     except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
         raise _write_error(writing, e) from None
     if keep:
         for old in list_checkpoints(ckpt_root)[:-keep]:

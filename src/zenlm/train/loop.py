@@ -45,9 +45,10 @@ from torch import nn
 
 from zenlm.device import HardwareChoices, autocast, hardware_choices, resolve_device, synchronize
 from zenlm.errors import ConfigError
+from zenlm.fileio import atomic_write_text
 from zenlm.progress import ProgressFn, report
 from zenlm.train.best import BestWeights
-from zenlm.train.checkpoint import atomic_write_text, load_latest_checkpoint, save_checkpoint, save_model
+from zenlm.train.checkpoint import load_latest_checkpoint, save_checkpoint, save_model
 from zenlm.train.clock import RunClock
 from zenlm.train.metrics import MetricsLog
 from zenlm.train.optim import OptimConfig, build_optimizers, lr_factor, set_lr
