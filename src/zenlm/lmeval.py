@@ -56,7 +56,7 @@ try:  # the base class comes from lm-eval; without it the module still imports a
 except ImportError:  # pragma: no cover - exercised only where lm-eval is missing
     TemplateLM = object  # type: ignore[assignment,misc]
 
-INSTALL_HINT = 'lm-eval is not installed; install it with `pip install -e ".[eval]"` (or `pip install lm-eval`).'
+INSTALL_HINT = 'lm-eval is not installed: `pip install -e ".[eval]"` (or `pip install "lm-eval[api]"`).'
 
 
 def _require_lm_eval() -> None:
@@ -117,8 +117,8 @@ class ZenlmLM(TemplateLM):
         return self.zen_tokenizer.decode(ids)
 
     # ------------------------------------------------------------------------------------ scoring
-    def _loglikelihood_tokens(self, requests: list[tuple[Any, list[int], list[int]]], disable_tqdm: bool = False,
-                              **kwargs: Any) -> list[tuple[float, bool]]:
+    def _loglikelihood_tokens(self, requests: list[tuple[Any, list[int], list[int]]],
+                              disable_tqdm: bool = False, **kwargs: Any) -> list[tuple[float, bool]]:
         """(cache key, context ids, continuation ids) -> (summed log-prob of the continuation, greedy?)."""
         rows = []
         for _, ctx, cont in requests:
@@ -154,7 +154,8 @@ class ZenlmLM(TemplateLM):
             at = 0
             for i in batch:
                 n = len(rows[i][1])
-                out[i] = (float(scores.logprob_T[at : at + n].sum()), bool(scores.greedy_T[at : at + n].all()))
+                part = slice(at, at + n)
+                out[i] = (float(scores.logprob_T[part].sum()), bool(scores.greedy_T[part].all()))
                 at += n
             report(self.progress, task, start + len(batch), len(rows), unit="req")
         return out  # type: ignore[return-value]
@@ -222,13 +223,15 @@ class ZenlmLM(TemplateLM):
 # ---------------------------------------------------------------------------------------- running tasks
 def task_manager(tasks: Sequence[str], include_path: str | Path | None = None) -> Any:
     """An lm-eval ``TaskManager`` that knows ``tasks``: the tasks under ``include_path`` alone when they are
-    all there (indexing lm-eval's thousands of built-in tasks takes seconds), else those plus the built-in ones.
+    all there (indexing lm-eval's thousands of built-in tasks takes seconds), else those plus the built-in
+    ones.
     Raises ConfigError naming any task it cannot find, with close names."""
     _require_lm_eval()
     from lm_eval.tasks import TaskManager
 
     def knows(tm: Any, name: str) -> bool:
-        return name in tm.all_tasks or any(fnmatch.fnmatch(t, name) for t in tm.all_tasks) or Path(name).is_file()
+        known = tm.all_tasks
+        return name in known or any(fnmatch.fnmatch(t, name) for t in known) or Path(name).is_file()
 
     if include_path is not None:
         if not Path(include_path).is_dir():
@@ -241,8 +244,8 @@ def task_manager(tasks: Sequence[str], include_path: str | Path | None = None) -
         if not knows(tm, name):
             near = difflib.get_close_matches(name, tm.all_tasks, n=5)
             hint = f" Close names: {', '.join(near)}." if near else ""
-            raise ConfigError(f"lm-eval has no task {name!r}.{hint} List them with `lm-eval ls tasks`; your own "
-                              "task YAML files go in a directory given with --include-path.")
+            raise ConfigError(f"lm-eval has no task {name!r}.{hint} List them with `lm-eval ls tasks`; your "
+                              "own task YAML files go in a directory given with --include-path.")
     return tm
 
 

@@ -1,6 +1,6 @@
 """``zenlm evaluate RUN --tasks NAMES``: lm-evaluation-harness tasks on a causal LM run, in this process.
 
-    zenlm evaluate RUN --tasks hellaswag arc_easy [--limit N] [--num-fewshot K] [--batch-size N] [--dtype bf16]
+    zenlm evaluate RUN --tasks hellaswag arc_easy [--limit N] [--num-fewshot K] [--batch-size N]
     zenlm evaluate RUN --tasks my_task --include-path my_tasks/      (your own task YAML files)
 
 Writes RUN/eval/lm-eval-TIMESTAMP.json (lm-eval's results; per-item samples with --log-samples) and prints
@@ -29,8 +29,8 @@ def evaluate_lm_eval(
 
     lm = zenlm.load(run, device=device, dtype=dtype)
     if not isinstance(lm, LM):
-        raise ConfigError(f"{run} holds a {type(lm).__name__}; lm-eval tasks (--tasks) need a causal language "
-                          "model (a GPT-family run). Score this run with --data FILE instead.")
+        raise ConfigError(f"{run} holds a {type(lm).__name__}; lm-eval tasks (--tasks) need a causal "
+                          "language model (a GPT-family run). Score this run with --data FILE instead.")
     if limit is not None and limit >= 1:
         limit = int(limit)
     progress = TerminalProgress()

@@ -2,7 +2,7 @@
 
     zenlm finetune seq2seq --data pairs.jsonl --out RUN [--arch encdec|gpt] [--model PRESET] [--max-steps N]
     zenlm evaluate RUN --data pairs.jsonl [--num-beams 4] [--metrics bleu chrf rouge] [--out report.json]
-    zenlm evaluate RUN --tasks NAMES [--include-path DIR] [--limit N] [--num-fewshot K]   (lm-eval, causal LMs)
+    zenlm evaluate RUN --tasks NAMES [--include-path DIR] [--limit N] [--num-fewshot K]  (lm-eval, GPT runs)
 """
 
 from __future__ import annotations
@@ -137,8 +137,8 @@ def evaluate(
     bootstrap_iters: int = 1000,
 ) -> None:
     """Generate a target for every source in a pairs file and score it (BLEU, chrF, ROUGE-1/2/L); for a
-    classifier run (`zenlm finetune classify`) score its labels instead (accuracy, macro P/R/F1, confusion PNG);
-    for a language model run lm-evaluation-harness tasks with --tasks (hellaswag, arc_easy, your own YAML).
+    classifier run (`zenlm finetune classify`) score its labels instead (accuracy, macro P/R/F1, confusion
+    PNG); on a language model run, lm-evaluation-harness tasks with --tasks (hellaswag, arc_easy, your own).
 
     Writes a JSON report (scores, settings, examples, every prediction) and prints a table.
 
@@ -172,8 +172,8 @@ def evaluate(
 
     if tasks:
         if data is not None:
-            raise ConfigError("give either --data FILE (seq2seq and classifier runs) or --tasks NAMES (lm-eval on "
-                              "a language model), not both.")
+            raise ConfigError("give either --data FILE (seq2seq and classifier runs) or --tasks NAMES "
+                              "(lm-eval on a language model), not both.")
         from zenlm.cli.lmeval import evaluate_lm_eval
 
         evaluate_lm_eval(run, tasks, include_path=include_path, limit=limit, num_fewshot=num_fewshot,
@@ -181,8 +181,8 @@ def evaluate(
                          bootstrap_iters=bootstrap_iters)
         return None
     if data is None:
-        raise ConfigError("nothing to evaluate: give --data FILE (seq2seq and classifier runs) or --tasks NAMES "
-                          "(lm-eval tasks on a language model run).")
+        raise ConfigError("nothing to evaluate: give --data FILE (seq2seq and classifier runs) or --tasks "
+                          "NAMES (lm-eval tasks on a language model run).")
 
     if (read_run_config(run).get("task") or {}).get("kind") == "classify":  # a classifier: labels, not text
         from zenlm.cli.encoder import evaluate_classify
