@@ -358,3 +358,16 @@ def test_disconnect_while_waiting_for_a_non_streamed_answer_stops_generation(lm,
             time.sleep(0.02)
         assert metrics.value("zenlm_cancelled_sequences_total") == 1 and engine.running == 0
         assert metrics.value("zenlm_completion_tokens_total") < 400
+
+
+def test_server_thread_answers_kept_alive_connections_without_nagle_delay(server):
+    """Connections accepted by ServerThread have TCP_NODELAY (else each kept-alive answer waits ~40 ms)."""
+    import socket
+
+    with httpx.Client() as c:
+        assert c.get(server.url + "/health").status_code == 200
+        conns = list(server.server.server_state.connections)
+        assert conns
+        for proto in conns:
+            sock = proto.transport.get_extra_info("socket")
+            assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
