@@ -74,7 +74,7 @@ def _enc(tok, text: str) -> list[int]:
 def _split(tok, context: str, continuation: str) -> tuple[list[int], list[int]]:
     """The ids lm-eval scores for a (context, continuation) request of a causal model."""
     if context == "":
-        return [tok.bos_token_id], _enc(tok, continuation)
+        return [tok.eos_token_id], _enc(tok, continuation)
     n = len(context) - len(context.rstrip())  # trailing spaces belong to the continuation
     if n:
         context, continuation = context[:-n], context[-n:] + continuation
@@ -94,7 +94,7 @@ def _score(model, ctx: list[int], cont: list[int]) -> tuple[float, bool]:
 def _rolling(model, tok, text: str, max_seq_len: int) -> float:
     from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
-    windows = get_rolling_token_windows(_enc(tok, text), tok.bos_token_id, max_seq_len, 1)
+    windows = get_rolling_token_windows(_enc(tok, text), tok.eos_token_id, max_seq_len, 1)
     return sum(_score(model, *make_disjoint_window(w))[0] for w in windows)
 
 

@@ -15,16 +15,18 @@ lm-eval turns every benchmark into three kinds of request, and a model answers e
                     the head is applied only at the positions that predict continuation tokens, and the
                     log-softmax is taken in float32 (:func:`zenlm.scoring.score_tokens`)
     rolling:        each text is cut into windows of at most ``max_length`` predicted tokens (lm-eval's
-                    own windowing, the first conditioned on ``prefix_token_id``); windows of all texts are
+                    own windowing, the first conditioned on the prefix token); windows of all texts are
                     scored together as loglikelihood requests, then summed per text
     generate_until: requests with the same generation settings decode together
                     (:func:`zenlm.generate.generate_text_batch`; greedy rows equal decoding each alone)
 
 Tokenization follows lm-eval's rules for causal models (``TemplateLM``): the context and the continuation are
-encoded together and split where the context's own ids end, and an empty context is replaced by
-``prefix_token_id``: the tokenizer's bos token if it has one, else its eos token. This is the rule lm-eval
-applies to a Hugging Face model and to a server's remote tokenizer, so ``zenlm evaluate`` and
-``lm_eval --model local-completions`` against ``zenlm serve`` score the same token ids.
+encoded together and split where the context's own ids end. What comes before an empty context (and before
+a text scored for perplexity) is the prefix token: the tokenizer's end-of-text token (else its bos), the
+token that separates documents in zenlm's pretraining shards and that :meth:`zenlm.api.LM.perplexity` puts
+in front of a text. lm-eval's remote tokenizer (``local-completions`` against ``zenlm serve``) picks the same
+token for zenlm's own tokenizers and for GPT-2-style ones (bos = eos); for a tokenizer with a bos token
+of its own (Llama-style imports) give it ``custom_prefix_token_id`` (GET /tokenizer_info lists the ids).
 
 ``lm-eval`` is an optional dependency: ``pip install -e ".[eval]"``.
 """
@@ -104,9 +106,8 @@ class ZenlmLM(TemplateLM):
 
     @property
     def prefix_token_id(self) -> int:
-        """What an empty context (and the first rolling window) is conditioned on: bos, else eos."""
-        tok = self.zen_tokenizer
-        return tok.bos_id if tok.bos_id is not None else tok.eos_id  # type: ignore[return-value]
+        """What an empty context (and the first rolling window) is conditioned on: eos, else bos."""
+        return self.eot_token_id
 
     def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs: Any) -> list[int]:
         """Ids of ``string``; special-token strings in it become their ids (as with Hugging Face

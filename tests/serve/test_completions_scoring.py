@@ -142,6 +142,7 @@ def test_tokenize_detokenize_and_tokenizer_info(server, lm):
     assert httpx.post(url + "/detokenize", json={"tokens": r["tokens"]}).json() == {"prompt": "To be<|eos|>"}
     info = httpx.get(url + "/tokenizer_info").json()
     assert info["eos_token"] == "<|eos|>" and info["tokenizer_class"] == "PreTrainedTokenizerFast"
+    assert info["eos_token_id"] == tok.eos_id and info["bos_token_id"] == tok.bos_id
     assert info["chat_template"] == tok.chat_template
     for path, body in (("/tokenize", {"prompt": 5}), ("/detokenize", {"tokens": [10**6]}),
                        ("/detokenize", {"tokens": "1 2"}), ("/tokenize", {"prompt": "x", "model": "other"})):

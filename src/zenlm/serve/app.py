@@ -455,8 +455,11 @@ def create_app(
 
     @app.get("/tokenizer_info")
     async def tokenizer_info() -> dict[str, Any]:
-        """tokenizer_config.json (special tokens, chat template), with the context this server allows."""
-        return {**tokenizer.config_dict(), "model_max_length": engine.max_len}
+        """tokenizer_config.json (special tokens, chat template), with the context this server allows and
+        the ids of the special tokens (``eos_token_id``, ...)."""
+        ids = {f"{role}_token_id": getattr(tokenizer, f"{role}_id") for role in tokenizer.role_tokens
+               if getattr(tokenizer, f"{role}_id", None) is not None}
+        return {**tokenizer.config_dict(), "model_max_length": engine.max_len, **ids}
 
     return app
 
@@ -519,9 +522,9 @@ class ServerThread:
     """
 
     def __init__(self, app: FastAPI, host: str = "127.0.0.1", port: int = 0) -> None:
-        # IPPROTO_TCP named explicitly: asyncio turns Nagle's algorithm off (TCP_NODELAY) only on connections of a
-        # socket whose protocol says TCP; with proto 0 every answer on a kept-alive connection waited ~40 ms for
-        # the client's delayed ACK between its header and body writes
+        # IPPROTO_TCP named explicitly: asyncio turns Nagle's algorithm off (TCP_NODELAY) only on connections of
+        # a socket whose protocol says TCP; with proto 0 every answer on a kept-alive connection waited ~40 ms
+        # for the client's delayed ACK between its header and body writes
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.sock.bind((host, port))
