@@ -237,23 +237,21 @@ def create_app(
         """The ``logprobs`` object of a completion choice: the prompt's tokens first when it was scored
         (echo), whose first entry is null (nothing comes before it), then the generated tokens."""
         out: dict[str, list] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+
+        def add(token_id: int, lp: float | None, top: dict[str, float] | None, offset: int) -> int:
+            s = token_str(token_id)
+            for key, value in (("tokens", s), ("token_logprobs", lp), ("top_logprobs", top),
+                               ("text_offset", offset)):
+                out[key].append(value)
+            return offset + len(s)
+
         offset = 0
         if prompt is not None:
             for i, lp, top in zip(prompt.token_ids, prompt.logprobs, prompt.top_logprobs, strict=True):
-                s = token_str(i)
-                out["tokens"].append(s)
-                out["token_logprobs"].append(lp)
-                out["top_logprobs"].append(None if top is None else top_dict(top))
-                out["text_offset"].append(offset)
-                offset += len(s)
+                offset = add(i, lp, None if top is None else top_dict(top), offset)
         offset = offset0
         for t in tokens:
-            s = token_str(t.token_id)
-            out["tokens"].append(s)
-            out["token_logprobs"].append(t.logprob)
-            out["top_logprobs"].append(top_dict(t.top_logprobs or []))
-            out["text_offset"].append(offset)
-            offset += len(s)
+            offset = add(t.token_id, t.logprob, top_dict(t.top_logprobs or []), offset)
         return out
 
     def chat_logprobs(tokens: list[TokenEvent]) -> dict[str, Any]:

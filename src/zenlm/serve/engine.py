@@ -21,8 +21,7 @@ Continuous batching, in the simplest form that is still correct:
 The engine runs on its own thread. Callers submit :class:`Sequence` objects and receive events through
 the sequence's ``emit`` callback (called on the engine thread): :class:`TokenEvent` per sampled token, then
 exactly one :class:`FinishEvent` or :class:`ErrorEvent` (a scored prompt's :class:`PromptEvent` comes
-first). Setting ``seq.cancel()`` (a client went away)
-frees the work at the next step.
+first). Setting ``seq.cancel()`` (a client went away) frees the work at the next step.
 
 Sampling per sequence follows OpenAI's order: penalties on the raw logits
 (``logits -= frequency_penalty * count + presence_penalty * (count > 0)`` over generated tokens), log-probs
