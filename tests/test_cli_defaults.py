@@ -21,6 +21,7 @@ from zenlm.cli import build_parser
 def _sources() -> dict[str, list[Any]]:
     """verb -> where its defaults come from: functions (their signature) and settings objects (their fields)."""
     from zenlm.api import load
+    from zenlm.cli.lmeval import evaluate_lm_eval
     from zenlm.convert.hf import download_from_hub, export_hf, import_hf
     from zenlm.data.corpus import open_corpus
     from zenlm.data.seq2seq import read_pairs
@@ -50,7 +51,7 @@ def _sources() -> dict[str, list[Any]]:
         "finetune classify": [finetune_classify, TrainConfig()],
         "predict": [load, EncoderLM.classify],
         "embed": [load, EncoderLM.embed],
-        "evaluate": [load, Seq2SeqLM.generate, evaluate_generation, read_pairs],
+        "evaluate": [load, Seq2SeqLM.generate, evaluate_generation, read_pairs, evaluate_lm_eval],
         "serve": [load, create_app],
         "chat": [load, GenerationConfig()],
     }
@@ -71,7 +72,7 @@ CLI_ONLY = {
     "finetune seq2seq": {"n_layer", "n_embd", "dropout"},
     "predict": {"texts", "file", "top_k"},
     "embed": {"texts", "file", "out"},
-    "evaluate": {"out", "limit"},
+    "evaluate": {"data", "tasks"},  # --data or --tasks says what to evaluate
     "generate": {"prompt"},
     "serve": {"host", "port"},
     "chat": {"system"},

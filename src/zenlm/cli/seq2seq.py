@@ -2,6 +2,7 @@
 
     zenlm finetune seq2seq --data pairs.jsonl --out RUN [--arch encdec|gpt] [--model PRESET] [--max-steps N]
     zenlm evaluate RUN --data pairs.jsonl [--num-beams 4] [--metrics bleu chrf rouge] [--out report.json]
+    zenlm evaluate RUN --tasks NAMES [--include-path DIR] [--limit N] [--num-fewshot K]  (lm-eval, GPT runs)
 """
 
 from __future__ import annotations
@@ -100,7 +101,10 @@ def finetune_seq2seq(**flags: Any) -> None:
 
 def evaluate(
     run: str,
-    data: str,
+    data: str | None = None,
+    tasks: list[str] | None = None,
+    include_path: str | None = None,
+    num_fewshot: int | None = None,
     out: str | None = None,
     metrics: tuple[str, ...] = ("bleu", "chrf", "rouge"),
     lang: Literal["auto", "en", "zh"] = "auto",
@@ -114,31 +118,57 @@ def evaluate(
     source_field: str = "source",
     target_field: str = "target",
     device: str = "auto",
+    dtype: Literal["fp32", "bf16", "fp16"] = "fp32",
+    log_samples: bool = False,
+    bootstrap_iters: int = 1000,
 ) -> None:
     """Generate a target for every source in a pairs file and score it (BLEU, chrF, ROUGE-1/2/L); for a
-    classifier run (`zenlm finetune classify`) score its labels instead (accuracy, macro P/R/F1, confusion PNG).
+    classifier run (`zenlm finetune classify`) score its labels instead (accuracy, macro P/R/F1, confusion
+    PNG); on a language model run, lm-evaluation-harness tasks with --tasks (hellaswag, arc_easy, your own).
 
     Writes a JSON report (scores, settings, examples, every prediction) and prints a table.
 
     Args:
-        run: run directory made by `zenlm finetune seq2seq` (or `zenlm finetune classify`)
+        run: run directory made by `zenlm finetune seq2seq` (or `zenlm finetune classify`, or any GPT-family
+            run with --tasks)
         data: .jsonl with {"source": ..., "target": ...} per line; the targets are the references (for a
             classifier: .jsonl/.csv with the text and label fields it was trained with)
-        out: JSON report to write (default RUN/eval-DATA.json)
-        metrics: any of bleu, chrf, rouge
+        tasks: lm-eval task names (needs `pip install -e ".[eval]"`); writes RUN/eval/lm-eval-TIME.json
+        include_path: directory of your own lm-eval task YAML files (with --tasks)
+        num_fewshot: examples in front of each question (with --tasks; default: the task's own)
+        out: JSON report to write (default RUN/eval-DATA.json, or RUN/eval/lm-eval-TIME.json with --tasks)
+        metrics: any of bleu, chrf, rouge (default: all three)
         lang: language of the targets: auto, en, or zh (Chinese: sacrebleu's zh tokeniser, character ROUGE)
         num_beams: beam width (1 = greedy)
         max_new_tokens: longest output (default: the longest target seen in training)
         length_penalty: beam ranking by log-prob / length ** length_penalty
         no_repeat_ngram_size: forbid repeating n-grams of this size (0 = off)
         early_stopping: stop a beam search as soon as num_beams outputs are finished
-        batch_size: sources decoded together
-        limit: score only the first N pairs
+        batch_size: sources decoded together (with --tasks: requests per forward pass)
+        limit: score only the first N pairs (with --tasks: the first N items of each task)
         source_field: JSON field holding the source text
         target_field: JSON field holding the reference text
         device: auto, cpu, cuda or mps
+        dtype: weights for inference with --tasks: fp32, bf16 or fp16 (an int8 run stays int8)
+        log_samples: with --tasks, keep every item's requests and answers in the report
+        bootstrap_iters: with --tasks, resamples for the standard errors lm-eval bootstraps (0: none)
     """
+    from zenlm.errors import ConfigError
     from zenlm.rundir import read_run_config, run_task
+
+    if tasks:
+        if data is not None:
+            raise ConfigError("give either --data FILE (seq2seq and classifier runs) or --tasks NAMES "
+                              "(lm-eval on a language model), not both.")
+        from zenlm.cli.lmeval import evaluate_lm_eval
+
+        evaluate_lm_eval(run, tasks, include_path=include_path, limit=limit, num_fewshot=num_fewshot,
+                         batch_size=batch_size, dtype=dtype, device=device, out=out, log_samples=log_samples,
+                         bootstrap_iters=bootstrap_iters)
+        return None
+    if data is None:
+        raise ConfigError("nothing to evaluate: give --data FILE (seq2seq and classifier runs) or --tasks "
+                          "NAMES (lm-eval tasks on a language model run).")
 
     if run_task(read_run_config(run)) == "classify":  # a classifier: labels, not text
         from zenlm.cli.encoder import evaluate_classify
