@@ -8,10 +8,14 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
+from zenlm.config import GPTConfig
 from zenlm.data.corpus import open_corpus, shakespeare_char_text
 from zenlm.data.shards import prepare
+from zenlm.models.gpt import GPT
 from zenlm.tokenizer import Tokenizer, train_tokenizer
+from zenlm.train.checkpoint import save_model
 
 # Parallel workers share the cores: give each its share of threads (also for the CLI subprocesses it starts),
 # or PyTorch's thread pools oversubscribe the machine and a step can take 10x longer.
@@ -61,3 +65,35 @@ def char_data(tmp_path_factory: pytest.TempPathFactory, sample_text: str, char_t
     (root / "sample.txt").write_text(sample_text, encoding="utf-8")
     prepare(open_corpus(str(root / "sample.txt")), char_tok, root / "data", shard_tokens=10_000)
     return root / "data"
+
+
+TINY_RUN_TEXT = ("To be, or not to be, that is the question: whether 'tis nobler in the mind to suffer "
+                 "the slings and arrows of outrageous fortune. ") * 20 + "中文文本 é ü 😀\n"
+
+
+def make_tiny_gpt_run(root: Path, suppress_eos: bool = True, **overrides) -> Path:
+    """A run directory (config.yaml, tokenizer, model.safetensors) holding a random-init tiny GPT.
+
+    Weights are drawn with a large init_std so that greedy text varies; with ``suppress_eos`` the
+    end-of-text embedding (tied to the head) is zeroed, so its logit is 0 and replies rarely end early.
+    """
+    tok = train_tokenizer([TINY_RUN_TEXT], kind="char")
+    cfg = GPTConfig(**{"vocab_size": tok.vocab_size, "block_size": 512, "n_layer": 2, "n_head": 2,
+                       "n_embd": 32, "init_std": 0.5, **overrides})
+    torch.manual_seed(0)
+    model = GPT(cfg)
+    if suppress_eos:
+        with torch.no_grad():
+            model.tok_emb.weight[tok.eos_id] = 0
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "config.yaml").write_text(yaml.safe_dump({"model": cfg.to_dict()}, sort_keys=False))
+    tok.save(root)
+    save_model(model, root / "model.safetensors")
+    return root
+
+
+@pytest.fixture(scope="session")
+def run_factory():
+    """``make_tiny_gpt_run(root, suppress_eos=True, **GPTConfig overrides)`` for tests that need a run
+    directory of their own (serve tests, fault tests)."""
+    return make_tiny_gpt_run

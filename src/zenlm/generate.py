@@ -22,6 +22,8 @@ picks its token with the pipeline above and its own random generator.
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -34,19 +36,39 @@ from zenlm.errors import ConfigError
 from zenlm.models.gpt import GPT, KVCache
 from zenlm.models.layers import attention
 
+# Temperatures in (0, MIN_TEMPERATURE) are taken as 0 (greedy). Dividing float32 logits by a smaller one can
+# overflow to inf (1e-40, 5e-324), and the softmax of inf is NaN; and at 1e-5 a token whose logit trails the
+# best by 1e-3 is already e^-100 times less likely, so what such a temperature asks for is the best token.
+MIN_TEMPERATURE = 1e-5
+SEED_LIMIT = 1 << 64  # seeds are 0 <= seed < 2**64: what a torch.Generator takes
+
+
+def check_seed(seed: object, name: str = "seed") -> None:
+    """Raise ConfigError unless ``seed`` is None or an integer 0 <= seed < 2**64."""
+    if seed is None:
+        return
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < SEED_LIMIT:
+        raise ConfigError(f"{name} must be an integer from 0 to 2**64 - 1, got {seed!r}.")
+
+
+def effective_temperature(temperature: float) -> float:
+    """``temperature`` with values below :data:`MIN_TEMPERATURE` taken as 0 (greedy)."""
+    return 0.0 if temperature < MIN_TEMPERATURE else float(temperature)
+
 
 @dataclass
 class GenerationConfig:
     """How to pick each new token and when to stop.
 
     max_new_tokens:     generate at most this many tokens
-    temperature:        divide the logits by this before sampling; 0 means greedy (always the best token)
+    temperature:        divide the logits by this before sampling; 0 means greedy (always the best token),
+                        and so does anything below MIN_TEMPERATURE (1e-5), which would overflow the logits
     top_k:              sample only among the k most likely tokens (None: no limit)
     top_p:              nucleus sampling: sample only among the most likely tokens whose probabilities add
                         up to at least p (None or 1.0: no limit)
     repetition_penalty: > 1 discourages tokens that already occur in the prompt or the output (CTRL)
     stop:               stop strings; generation ends when one appears and the stop string is not returned
-    seed:               random seed for sampling (None: different every call)
+    seed:               random seed for sampling, 0 <= seed < 2**64 (None: different every call)
     use_cache:          reuse past keys/values (fast); False recomputes the whole context each step
     stop_at_eos:        end when the model emits the end-of-text token (which is not returned)
     compile:            decode with the compiled step (:mod:`zenlm.compiled`; ahead of time with AOTInductor
@@ -72,8 +94,11 @@ class GenerationConfig:
             raise ConfigError(f"max_new_tokens must be an integer, got {self.max_new_tokens!r}.")
         if self.max_new_tokens < 0:
             raise ConfigError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}.")
-        if not self.temperature >= 0:
-            raise ConfigError(f"temperature must be >= 0 (0 means greedy), got {self.temperature}.")
+        if isinstance(self.temperature, bool) or not isinstance(self.temperature, numbers.Real) \
+                or not 0 <= self.temperature < math.inf:
+            raise ConfigError(f"temperature must be a number >= 0 (0 means greedy), got {self.temperature}.")
+        self.temperature = effective_temperature(self.temperature)
+        check_seed(self.seed)
         if self.top_k is not None and (isinstance(self.top_k, bool) or not isinstance(self.top_k, int)
                                        or self.top_k < 1):
             raise ConfigError(f"top_k must be an integer >= 1 (or None for no limit), got {self.top_k!r}.")

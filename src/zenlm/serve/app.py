@@ -42,6 +42,7 @@ from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from zenlm.errors import ConfigError, DataError
+from zenlm.generate import SEED_LIMIT
 from zenlm.models.gpt import GPT
 from zenlm.serve.engine import Engine, ErrorEvent, FinishEvent, Overloaded, PromptEvent, Sequence, TokenEvent
 from zenlm.serve.metrics import Metrics
@@ -87,7 +88,7 @@ class _Job:
             for i in range(req.n):
                 params = req.params
                 if req.n > 1 and params.seed is not None:  # distinct but reproducible choices
-                    params = type(params)(**{**params.__dict__, "seed": params.seed + i})
+                    params = type(params)(**{**params.__dict__, "seed": (params.seed + i) % SEED_LIMIT})
 
                 def emit(ev: Any, index: int = p * req.n + i) -> None:
                     loop.call_soon_threadsafe(self.queue.put_nowait, (index, ev))

@@ -44,7 +44,7 @@ from torch import Tensor
 
 from zenlm.errors import ConfigError
 from zenlm.generate import _split_at_stop, decode_step, top_k_filter, top_p_filter
-from zenlm.models.gpt import GPT
+from zenlm.models.gpt import GPT, KVCache
 from zenlm.scoring import score_tokens
 from zenlm.serve.metrics import Metrics
 from zenlm.tokenizer import Tokenizer
@@ -138,6 +138,7 @@ class Sequence:
         self.decoder = None
         self.pending = ""
         self.last_token_time = 0.0
+        self.done = False  # its FinishEvent or ErrorEvent was sent
 
     def cancel(self) -> None:
         """Stop generating (e.g. the client disconnected); the slot is freed at the next step."""
@@ -266,13 +267,10 @@ class Engine:
                         self._decode()
                     self._retire_cancelled()
                 self.metrics.set_gauge("zenlm_running_sequences", self.running)
-            except Exception as e:  # a bug or out-of-memory: fail the running sequences, keep serving
-                log.exception("engine step failed")
-                with self.lock:
-                    for i, seq in enumerate(self.slots):
-                        if seq is not None:
-                            seq.emit(ErrorEvent(f"generation failed: {type(e).__name__}: {e}"))
-                            self.slots[i] = None
+            except Exception as e:  # the batched decode step itself failed (a bug, out of memory): no one
+                log.exception("engine step failed")  # sequence is to blame, so every running one fails
+                for seq in [s for s in self.slots if s is not None]:
+                    self._fail(seq, e)
         for seq in pending:
             seq.emit(ErrorEvent("the server is shutting down."))
 
@@ -282,6 +280,27 @@ class Engine:
                 if seq is not None and seq.cancelled.is_set():
                     self.slots[i] = None
                     self.metrics.inc("zenlm_cancelled_sequences_total")
+
+    # ---------------------------------------------------------------------- one sequence's failure
+    # What one sequence asks for (its seed, its sampling settings, its prompt) can make only its own work
+    # raise: its set-up, its prefill and its token choice run inside _isolated, so the exception ends that
+    # sequence with an ErrorEvent and the others go on.
+    def _fail(self, seq: Sequence, e: BaseException) -> None:
+        """End ``seq`` with an ErrorEvent (once) and free its slot."""
+        self._free(seq)
+        if not seq.done:
+            seq.done = True
+            seq.emit(ErrorEvent(f"generation failed: {type(e).__name__}: {e}"))
+
+    def _isolated(self, seq: Sequence, fn: Callable[..., None], *args: object) -> bool:
+        """``fn(*args)``, the work of ``seq`` alone; when it raises, only ``seq`` fails. True when it ran."""
+        try:
+            fn(*args)
+            return True
+        except Exception as e:
+            log.exception("sequence failed; the others go on")
+            self._fail(seq, e)
+            return False
 
     def _free(self, seq: Sequence) -> None:
         with self.lock:
@@ -293,17 +312,7 @@ class Engine:
         """Run the prompts of ``group`` (all of one length T, all scored or none) through the model in one
         batch, copy their keys/values into their slots, and sample each one's first token; scored prompts
         go in batches that keep their logits under SCORING_LOGITS_BUDGET floats."""
-        for seq in group:
-            p = seq.params
-            seq.generator = torch.Generator(device=self.device)
-            if p.seed is None:
-                seq.generator.seed()
-            else:
-                seq.generator.manual_seed(p.seed)
-            seq.counts = torch.zeros(self.model.config.vocab_size, device=self.device)
-            seq.decoder = self.tokenizer.stream_decoder(skip_special=seq.skip_special)
-            self.metrics.observe("zenlm_queue_seconds", time.perf_counter() - seq.submitted)
-            self.metrics.inc("zenlm_prompt_tokens_total", len(seq.prompt_ids))
+        group = [seq for seq in group if self._isolated(seq, self._start, seq)]
         todo = [s for s in group if s.params.max_tokens > 0 or s.params.prompt_logprobs is not None]
         for seq in group:
             if seq not in todo:
@@ -316,26 +325,56 @@ class Engine:
         for i in range(0, len(todo), rows):
             self._prefill_rows(todo[i : i + rows], scored)
 
-    def _prefill_rows(self, todo: list[Sequence], scored: bool) -> None:
-        """One forward pass over the prompts ``todo`` (one length T); see :meth:`_prefill`."""
-        T = len(todo[0].prompt_ids)
-        if len(todo) == 1:  # write straight into the slot
-            cache = self.pool.row(todo[0].slot)
+    def _start(self, seq: Sequence) -> None:
+        """Set up the sampling state of ``seq`` as it leaves the queue: its generator, counts, decoder."""
+        p = seq.params
+        seq.generator = torch.Generator(device=self.device)
+        if p.seed is None:
+            seq.generator.seed()
         else:
-            cache = self.model.make_cache(len(todo), T, device=self.device, dtype=self.pool.dtype)
-        ids_BT = torch.tensor([s.prompt_ids for s in todo], device=self.device)
-        logits_BTV = self.model(ids_BT, cache=cache, last_only=not scored)  # [B, T or 1, V]
+            seq.generator.manual_seed(p.seed)
+        seq.counts = torch.zeros(self.model.config.vocab_size, device=self.device)
+        seq.decoder = self.tokenizer.stream_decoder(skip_special=seq.skip_special)
+        self.metrics.observe("zenlm_queue_seconds", time.perf_counter() - seq.submitted)
+        self.metrics.inc("zenlm_prompt_tokens_total", len(seq.prompt_ids))
+
+    def _prefill_rows(self, todo: list[Sequence], scored: bool) -> None:
+        """One forward pass over the prompts ``todo`` (one length T); see :meth:`_prefill`. When the batched
+        pass raises, the prompts are run one at a time, so only a prompt that fails alone fails."""
+        T = len(todo[0].prompt_ids)
+        try:
+            if len(todo) == 1:  # write straight into the slot
+                cache = self.pool.row(todo[0].slot)
+            else:
+                cache = self.model.make_cache(len(todo), T, device=self.device, dtype=self.pool.dtype)
+            ids_BT = torch.tensor([s.prompt_ids for s in todo], device=self.device)
+            logits_BTV = self.model(ids_BT, cache=cache, last_only=not scored)  # [B, T or 1, V]
+        except Exception as e:
+            if len(todo) == 1:
+                log.exception("prefill failed")
+                self._fail(todo[0], e)
+            else:
+                for seq in todo:
+                    self._prefill_rows([seq], scored)
+            return
         for b, seq in enumerate(todo):
-            if scored:
-                seq.emit(self._score_prompt(seq, ids_BT[b], logits_BTV[b]))
-                if seq.params.max_tokens == 0:
-                    self._finish(seq, "length")
-                    continue
-            if len(todo) > 1:
-                for pool_layer, layer in zip(self.pool.k + self.pool.v, cache.k + cache.v, strict=True):
-                    pool_layer[seq.slot, :, :T] = layer[b]
-            seq.pos = T
-            self._advance(seq, logits_BTV[b, -1])
+            self._isolated(seq, self._first_token, seq, b, cache, ids_BT[b], logits_BTV[b], len(todo) > 1)
+
+    def _first_token(self, seq: Sequence, b: int, cache: KVCache, ids_T: Tensor, logits_TV: Tensor,
+                     copy: bool) -> None:
+        """After the prefill: score the prompt (when asked), copy row ``b`` of a batch ``cache`` into the
+        slot of ``seq`` (when ``copy``) and sample its first token."""
+        T = ids_T.shape[0]
+        if seq.params.prompt_logprobs is not None:
+            seq.emit(self._score_prompt(seq, ids_T, logits_TV))
+            if seq.params.max_tokens == 0:
+                self._finish(seq, "length")
+                return
+        if copy:
+            for pool_layer, layer in zip(self.pool.k + self.pool.v, cache.k + cache.v, strict=True):
+                pool_layer[seq.slot, :, :T] = layer[b]
+        seq.pos = T
+        self._advance(seq, logits_TV[-1])
 
     @staticmethod
     def _score_prompt(seq: Sequence, ids_T: Tensor, logits_TV: Tensor) -> PromptEvent:
@@ -366,7 +405,7 @@ class Engine:
         self.max_batch_seen = max(self.max_batch_seen, len(active))
         for i, s in active:
             s.pos += 1
-            self._advance(s, logits_BV[i])
+            self._isolated(s, self._advance, s, logits_BV[i])
 
     def _advance(self, seq: Sequence, logits_V: Tensor) -> None:
         """Sample the next token of ``seq`` from logits_V [V], emit it, and finish the sequence if done."""
@@ -428,6 +467,7 @@ class Engine:
         seq.pending = ""
         self._free(seq)
         self.metrics.inc("zenlm_finished_sequences_total", labels={"finish_reason": reason})
+        seq.done = True
         seq.emit(FinishEvent(reason, tail, len(seq.prompt_ids), seq.n_generated))
 
 
