@@ -18,6 +18,7 @@ def serve(
     model_id: str | None = None,
     device: str = "auto",
     dtype: str = "fp32",
+    public_metrics: bool = False,
 ) -> None:
     """Serve a model over an OpenAI-compatible HTTP API, with a chat page at http://HOST:PORT/.
 
@@ -25,13 +26,14 @@ def serve(
         run: run directory (made by `zenlm pretrain`, `zenlm demo` or `zenlm convert from-hf`)
         host: address to bind (default: this machine only; use 0.0.0.0 to accept other machines)
         port: TCP port
-        api_key: require `Authorization: Bearer KEY` on every /v1 route and on /tokenize, /detokenize and
-            /tokenizer_info (default: env ZENLM_API_KEY if set)
+        api_key: require `Authorization: Bearer KEY` on every /v1 route, on /tokenize, /detokenize,
+            /tokenizer_info and on /metrics (default: env ZENLM_API_KEY if set)
         max_concurrency: sequences decoded together in one batch
         max_queue: requests allowed to wait for a free slot before the server answers 429 (default: max-concurrency)
         model_id: the model name clients send (default: the run directory's name)
         device: auto, cpu, cuda or mps
         dtype: fp32, bf16 or fp16 weights
+        public_metrics: leave GET /metrics open without the API key (for a Prometheus scraper)
     """
     import os
 
@@ -44,7 +46,7 @@ def serve(
     lm = zenlm.load(run, device=device, dtype=dtype)
     name = model_id or Path(run).resolve().name
     app = create_app(lm.model, lm.tokenizer, model_id=name, api_key=api_key, max_concurrency=max_concurrency,
-                     max_queue=max_queue)
+                     max_queue=max_queue, public_metrics=public_metrics)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
     logging.getLogger("zenlm.serve").setLevel(logging.INFO)
     print(f"serving {name} on http://{host}:{port}/  (OpenAI base_url http://{host}:{port}/v1"

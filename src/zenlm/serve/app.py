@@ -1,7 +1,8 @@
 """The HTTP server: OpenAI-compatible routes over the batching engine, plus a chat page at ``/``.
 
     GET  /health                 public liveness probe
-    GET  /metrics                Prometheus text (requests, tokens, queue depth, latency histograms)
+    GET  /metrics                Prometheus text (requests, tokens, queue depth, latency histograms); needs
+                                 the API key when there is one, unless public_metrics
     GET  /                       the chat page (static/index.html, no build step, works offline)
     GET  /v1/models[/{id}]       the one model this server holds
     POST /v1/completions         text in, text out (prompt or a batch of prompts, echo, logprobs 0..5;
@@ -13,7 +14,8 @@
 
 Streaming answers are server-sent events in OpenAI's chunk format ending with ``data: [DONE]``. A client
 that disconnects cancels its sequences (the engine frees their slots at the next step). With an API key,
-every ``/v1`` route and the tokenizer routes need ``Authorization: Bearer KEY`` (compared in constant time).
+every ``/v1`` route, the tokenizer routes and ``/metrics`` need ``Authorization: Bearer KEY`` (compared in
+constant time; ``public_metrics`` leaves ``/metrics`` open to a scraper without the key).
 """
 
 from __future__ import annotations
@@ -143,9 +145,12 @@ class _Choice:
 
 def create_app(
     model: GPT, tokenizer: Tokenizer, *, model_id: str = "zenlm", api_key: str | None = None,
-    max_concurrency: int = 8, max_queue: int | None = None,
+    max_concurrency: int = 8, max_queue: int | None = None, public_metrics: bool = False,
 ) -> FastAPI:
-    """The FastAPI application serving ``model`` under the name ``model_id``."""
+    """The FastAPI application serving ``model`` under the name ``model_id``.
+
+    With ``api_key``, every ``/v1`` route, the tokenizer routes and ``/metrics`` (unless ``public_metrics``)
+    need ``Authorization: Bearer KEY``; ``/health`` and the chat page stay public."""
     metrics = Metrics()
     engine = Engine(model, tokenizer, max_concurrency=max_concurrency, max_queue=max_queue, metrics=metrics)
     created = int(time.time())
@@ -178,7 +183,7 @@ def create_app(
     async def _validation_error(_request: Request, err: RequestValidationError) -> JSONResponse:
         return error_response(APIError(400, f"invalid request: {err.errors()}"))
 
-    app.add_middleware(_AuthAndLog, api_key=api_key, metrics=metrics)
+    app.add_middleware(_AuthAndLog, api_key=api_key, metrics=metrics, public_metrics=public_metrics)
 
     # ----------------------------------------------------------------------------------- plain routes
     @app.get("/health")
@@ -206,6 +211,12 @@ def create_app(
     async def get_model(name: str) -> dict[str, Any]:
         check_model(name)
         return model_card()
+
+    def check_ids(ids: list[int], param: str) -> None:
+        """400 unless ``ids`` is a non-empty list of ids of this model's vocabulary."""
+        V = model.config.vocab_size
+        if not ids or min(ids) < 0 or max(ids) >= V:
+            raise APIError(400, f"token ids must be in 0..{V - 1}.", param=param, code="invalid_value")
 
     def check_model(name: str) -> None:
         if name != model_id:
@@ -376,6 +387,9 @@ def create_app(
         req = parse_completion(await read_body(request))
         check_model(req.model)
         prompts, echo_texts = [], []
+        for p in req.prompts:
+            if isinstance(p, list):
+                check_ids(p, "prompt")
         for p in req.prompts:  # token ids are taken as they are, special ids included
             prompts.append(p if isinstance(p, list) else encode_prompt(p))
             echo_texts.append("" if not req.echo else p if isinstance(p, str) else tokenizer.decode(p))
@@ -386,10 +400,11 @@ def create_app(
         req = parse_chat(await read_body(request))
         check_model(req.model)
         for i, m in enumerate(req.messages):  # the template's special tokens come from the template only
-            bad = next((t for t in tokenizer.special_tokens if t in m["content"]), None)
-            if bad is not None:
-                raise APIError(400, f"messages[{i}] contains the special token {bad!r}; remove it.",
-                               param="messages", code="invalid_value")
+            for part in ("role", "content"):
+                bad = next((t for t in tokenizer.special_tokens if t in m[part]), None)
+                if bad is not None:
+                    raise APIError(400, f"messages[{i}].{part} contains the special token {bad!r}; remove it.",
+                                   param="messages", code="invalid_value")
         prompt = chat_prompt(req.messages)
         return await run_job(request, req, [tokenizer.encode(prompt, allow_special=True)], chat=True,
                              echo_texts=[""])
@@ -399,10 +414,8 @@ def create_app(
         req = parse_embeddings(await read_body(request))
         check_model(req.model)
         batch = [tokenizer.encode(x) if isinstance(x, str) else x for x in req.inputs]
-        V = model.config.vocab_size
         for x in batch:
-            if not x or min(x) < 0 or max(x) >= V:
-                raise APIError(400, f"token ids must be in 0..{V - 1}.", param="input", code="invalid_value")
+            check_ids(x, "input")
             if len(x) > engine.max_len:
                 raise APIError(400, f"an input has {len(x)} tokens; the model's context is {engine.max_len}.",
                                param="input", code="context_length_exceeded")
@@ -458,8 +471,9 @@ class _AuthAndLog:
     from the handlers.)
     """
 
-    def __init__(self, app: Any, api_key: str | None, metrics: Metrics) -> None:
+    def __init__(self, app: Any, api_key: str | None, metrics: Metrics, public_metrics: bool = False) -> None:
         self.app, self.api_key, self.metrics = app, api_key, metrics
+        self.protected_routes = _TOKENIZER_ROUTES | (set() if public_metrics else {"/metrics"})
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -474,7 +488,7 @@ class _AuthAndLog:
                 status["code"], status["started"] = message["status"], True
             await send(message)
 
-        protected = path.startswith("/v1") or path in _TOKENIZER_ROUTES
+        protected = path.startswith("/v1") or path in self.protected_routes
         if self.api_key is not None and protected and not _bearer_ok(
             Headers(scope=scope).get("authorization"), self.api_key
         ):
