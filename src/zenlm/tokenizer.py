@@ -132,6 +132,7 @@ class Tokenizer:
         # style tokenizers imported from elsewhere prepend "▁", which would appear at every cut).
         norm = hf.normalizer.__getstate__() if hf.normalizer is not None else b""
         self._chunkable = hf.pre_tokenizer is not None and b'"Prepend"' not in norm
+        self._bytes_per_token: int | None = None  # see min_tokens; found on first use
 
     bos_id: int | None
     eos_id: int | None
@@ -224,6 +225,25 @@ class Tokenizer:
             out.append(ids)
         return out
 
+    def min_tokens(self, text: str) -> int:
+        """A lower bound on ``len(self.encode(text, allow_special=...))``, found without tokenising, so a text
+        certainly too long for a context can be refused before the work of encoding it (0: no bound known).
+
+        One id per character (zenlm's char tokenizer): exactly ``len(text)``. Byte-level BPE with all 256
+        byte symbols in its vocabulary: every byte of the normalised text lands in some token and no token
+        holds more than L bytes (L: the longest vocabulary entry, special tokens included), so at least
+        ``bytes / L`` tokens; a normalizer that only recomposes, folds or lowercases characters (NFC, NFKC,
+        ...) can shrink the bytes at most 4 times (a 4-byte character folded to one ASCII letter), so then
+        ``bytes / (4 L)``. Other tokenizers may drop text (whitespace, accents, whole unknown words): 0.
+        """
+        if self._char_vocab is not None:
+            return len(text)
+        if self._bytes_per_token is None:
+            self._bytes_per_token = _bytes_per_token(self.hf)
+        if not self._bytes_per_token:
+            return 0
+        return len(text.encode("utf-8", errors="replace")) // self._bytes_per_token
+
     # ------------------------------------------------------------------------------------------ decode
     def decode(self, ids: Iterable[int], *, skip_special: bool = False) -> str:
         """Text of a sequence of ids. skip_special drops special tokens (BOS, EOS, PAD, ...)."""
@@ -287,6 +307,32 @@ class Tokenizer:
         return cls(hf, kind, chat_template=_chat_template(cfg, file.with_name("chat_template.jinja")),
                    model_max_length=mml if isinstance(mml, int) and mml < UNLIMITED_LENGTH else None,
                    role_tokens=_role_tokens(cfg, hf))
+
+
+# Normalizers that never delete text: they recompose, fold or lowercase characters, or prepend one
+_KEEPING_NORMALIZERS = {"NFC", "NFD", "NFKC", "NFKD", "Lowercase", "Prepend", "Sequence"}
+
+
+def _types(state: bytes) -> set[str]:
+    """Every ``"type"`` named in a serialised normalizer or pre-tokenizer (nested ones too)."""
+    return set(re.findall(r'"type":\s*"(\w+)"', state.decode("utf-8", errors="replace")))
+
+
+def _bytes_per_token(hf: tokenizers.Tokenizer) -> int:
+    """The most UTF-8 bytes of input one token of a byte-level BPE can stand for (times 4 when a normalizer
+    may shrink the text), or 0 when ``hf`` is not a byte-level BPE that keeps every byte (see min_tokens)."""
+    pre = hf.pre_tokenizer.__getstate__() if hf.pre_tokenizer is not None else b""
+    if type(hf.model).__name__ != "BPE" or "ByteLevel" not in _types(pre) or b'"Removed"' in pre:
+        return 0
+    shrink = 1
+    if hf.normalizer is not None:
+        if not _types(hf.normalizer.__getstate__()) <= _KEEPING_NORMALIZERS:
+            return 0
+        shrink = 4
+    vocab = hf.get_vocab(with_added_tokens=True)
+    if not set(pre_tokenizers.ByteLevel.alphabet()) <= vocab.keys():  # a missing byte could be dropped
+        return 0
+    return shrink * max(len(t) for t in vocab)
 
 
 def _chat_template(cfg: dict[str, Any], jinja_file: Path) -> str:

@@ -7,10 +7,17 @@ signals) start ``zenlm serve`` in a subprocess.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
+import re
+import resource
+import signal
+import socket
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import httpx
@@ -20,6 +27,7 @@ import zenlm
 from zenlm.generate import GenerationConfig, generate_ids
 from zenlm.serve.app import ServerThread, create_app
 from zenlm.serve.engine import Engine, ErrorEvent, FinishEvent, SamplingParams, Sequence, TokenEvent
+from zenlm.serve.server import Limits
 
 FIXTURE_GPT = Path(__file__).resolve().parents[1] / "fixtures" / "runs" / "gpt"
 
@@ -39,7 +47,7 @@ def srv(fault_lm):
 
 
 def _post(srv, path: str, body: object, **kw) -> httpx.Response:
-    return httpx.post(srv.url + path, json=body, timeout=30, **kw)
+    return httpx.post(srv.url + path, json=body, **{"timeout": 30, **kw})
 
 
 def _greedy(lm, prompt: str, n: int) -> str:
@@ -222,3 +230,190 @@ def test_metrics_need_the_api_key_unless_public(fault_lm, public):
     assert anonymous.status_code == (200 if public else 401)
     assert keyed.status_code == 200 and "zenlm_requests_total" in keyed.text
     assert health.status_code == 200
+
+
+# ------------------------------------------------- 3. request size: 413 before reading, tokenising off the loop
+
+
+@pytest.fixture(scope="module")
+def small_srv(fault_lm):
+    """A server that takes bodies of at most 64 KiB and gives a client 2 s to send one."""
+    app = create_app(fault_lm.model, fault_lm.tokenizer, model_id="tiny",
+                     limits=Limits(max_request_bytes=64 << 10, request_timeout=2))
+    with ServerThread(app) as s:
+        yield s
+
+
+def _send_raw(srv, data: bytes, read: bool = True, timeout: float = 10) -> bytes:
+    with socket.create_connection((srv.host, srv.port), timeout=timeout) as sock:
+        sock.sendall(data)
+        if not read:
+            return b""
+        out = b""
+        while chunk := sock.recv(65536):
+            out += chunk
+        return out
+
+
+def test_a_body_declared_too_large_is_a_413_before_it_is_read(small_srv):
+    t0 = time.monotonic()
+    head = (b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 100000000\r\n\r\n")  # 100 MB announced, none sent
+    answer = _send_raw(small_srv, head + b'{"model": "tiny", "prompt": "')
+    assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
+    assert b"--max-request-bytes" in answer
+    assert time.monotonic() - t0 < 1.5  # answered at once, not after the 2 s body timeout
+
+
+def test_a_chunked_body_is_cut_off_at_the_limit(small_srv):
+    def chunks():
+        yield b'{"model": "tiny", "prompt": "'
+        for _ in range(100):
+            yield b"a" * 4096
+        yield b'"}'
+
+    r = httpx.post(small_srv.url + "/v1/completions", content=chunks(), timeout=30)
+    assert r.status_code == 413, r.text
+    assert r.json()["error"]["code"] == "request_too_large"
+
+
+def test_a_body_that_does_not_arrive_in_time_is_a_408(small_srv):
+    t0 = time.monotonic()
+    answer = _send_raw(small_srv, b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{")
+    assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
+    assert 1.5 < time.monotonic() - t0 < 8
+
+
+def test_a_prompt_certainly_longer_than_the_context_is_refused_before_tokenising(srv, fault_lm, monkeypatch):
+    calls = []
+    monkeypatch.setattr(fault_lm.tokenizer, "encode", lambda *a, **k: calls.append(a) or [])
+    for route, body in (("/v1/completions", {"prompt": "x" * 200_000}),
+                        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x" * 200_000}]})):
+        r = _post(srv, route, {"model": "tiny", "max_tokens": 1, **body})
+        assert r.status_code == 400, r.text
+        assert r.json()["error"]["code"] == "context_length_exceeded"
+    assert calls == []
+
+
+def test_min_tokens_is_a_lower_bound(bpe_tok, char_tok, wordpiece_tok):
+    texts = ["", "hello world", "x" * 5000, "中文文本，人民日报。" * 50, "😀" * 100, "e\u0301" * 200, " " * 300]
+    for tok in (bpe_tok, char_tok):
+        for t in texts:
+            assert tok.min_tokens(t) <= len(tok.encode(t)), (tok, t[:20])
+            assert tok.min_tokens(t) <= len(tok.encode(t, allow_special=True))
+        assert tok.min_tokens("ab" * 10_000) > 1000  # a real bound, not 0
+    assert wordpiece_tok.min_tokens(" " * 10_000) == 0  # drops whitespace: no bound
+
+
+def test_tokenising_runs_off_the_event_loop(srv, fault_lm, monkeypatch):
+    """While a request's prompt is being tokenised, /health answers at once."""
+    real = fault_lm.tokenizer.encode
+
+    def slow(*a, **k):
+        time.sleep(2)
+        return real(*a, **k)
+
+    monkeypatch.setattr(fault_lm.tokenizer, "encode", slow)
+    for route, body in (("/v1/completions", {"prompt": "To be"}),
+                        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "To be"}]}),
+                        ("/tokenize", {"prompt": "To be"})):
+        t = threading.Thread(target=_post, args=(srv, route, {"model": "tiny", "max_tokens": 1, **body}))
+        t.start()
+        time.sleep(0.3)
+        t0 = time.monotonic()
+        assert httpx.get(srv.url + "/health", timeout=10).status_code == 200
+        assert time.monotonic() - t0 < 1.0, route
+        t.join()
+
+
+# ---------------------------------------- 4 and 14. idle connections, file descriptors, SIGTERM, disconnects
+
+
+class _Served:
+    """``zenlm serve`` in a subprocess (on a free port), its stderr collected in a file."""
+
+    def __init__(self, run: Path, log: Path, *flags: str, nofile: int | None = None) -> None:
+        def limit() -> None:
+            if nofile is not None:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
+
+        self.log = log
+        self.out = open(log, "wb")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen([sys.executable, "-m", "zenlm", "serve", str(run), "--port", "0", *flags],
+                                     stdout=self.out, stderr=self.out, preexec_fn=limit,
+                                     env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+        deadline = time.monotonic() + 60
+        while not (m := re.search(r"serving \S+ on http://([\d.]+):(\d+)/", log.read_text(errors="replace"))):
+            assert self.proc.poll() is None and time.monotonic() < deadline, log.read_text(errors="replace")
+            time.sleep(0.1)
+        self.host, self.port = m.group(1), int(m.group(2))
+        self.url = f"http://{self.host}:{self.port}"
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(10)
+        self.out.close()
+        return self.proc.returncode
+
+
+def _half_sent(srv, data: bytes) -> socket.socket:
+    sock = socket.create_connection((srv.host, srv.port), timeout=10)
+    sock.sendall(data)
+    return sock
+
+
+def test_idle_half_sent_connections_cannot_exhaust_file_descriptors(tmp_path):
+    """1,100 clients each send half a request line and wait, against a process allowed 256 descriptors:
+    the server answers 503 past its connection limit, closes the idle ones after --request-timeout, serves
+    again, and logs a few lines rather than a traceback per failed accept."""
+    srv = _Served(FIXTURE_GPT, tmp_path / "serve.log", "--request-timeout", "2", nofile=256)
+    socks = []
+    try:
+        for _ in range(1100):
+            try:
+                socks.append(_half_sent(srv, b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n"))
+            except OSError:  # the server closed this one before it was written to
+                pass
+        time.sleep(4)  # > --request-timeout: the server has closed the half-sent ones
+        r = httpx.get(srv.url + "/health", timeout=10)
+        assert r.status_code == 200, r.text
+        assert srv.proc.poll() is None
+    finally:
+        for s in socks:
+            s.close()
+        srv.stop()
+    log = srv.log.read_text(errors="replace")
+    assert "Traceback" not in log
+    assert len(log) < 5000, log[-2000:]
+
+
+def test_sigterm_stops_the_server_while_clients_hold_half_sent_requests(tmp_path):
+    srv = _Served(FIXTURE_GPT, tmp_path / "serve.log")
+    held = [_half_sent(srv, b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n{\"m"),
+            _half_sent(srv, b"POST /v1/completions HTTP/1.1\r\nHo"),
+            _half_sent(srv, b"")]
+    try:
+        time.sleep(0.5)
+        t0 = time.monotonic()
+        srv.proc.send_signal(signal.SIGTERM)
+        srv.proc.wait(timeout=8)
+        assert time.monotonic() - t0 < 5
+    finally:
+        for s in held:
+            s.close()
+        srv.stop()
+    assert "Traceback" not in srv.log.read_text(errors="replace")
+
+
+def test_a_client_that_disconnects_is_not_a_500_nor_a_traceback(srv, caplog):
+    # the body stops half-way; a stream is dropped after its first chunk; a plain request is dropped waiting
+    _send_raw(srv, b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n{\"model\"", read=False)
+    with httpx.stream("POST", srv.url + "/v1/completions", timeout=30,
+                      json={"model": "tiny", "prompt": "To be", "max_tokens": 100, "stream": True}) as r:
+        next(r.iter_lines())
+    with contextlib.suppress(httpx.ReadTimeout):
+        _post(srv, "/v1/completions", {"model": "tiny", "prompt": "To be", "max_tokens": 120, "n": 2}, timeout=0.05)
+    time.sleep(1.5)
+    assert 'code="500"' not in httpx.get(srv.url + "/metrics", timeout=10).text
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]

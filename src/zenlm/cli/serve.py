@@ -19,6 +19,10 @@ def serve(
     device: str = "auto",
     dtype: str = "fp32",
     public_metrics: bool = False,
+    max_request_bytes: int = 4 << 20,
+    request_timeout: float = 30.0,
+    max_connections: int = 512,
+    max_embedding_inputs: int = 2048,
 ) -> None:
     """Serve a model over an OpenAI-compatible HTTP API, with a chat page at http://HOST:PORT/.
 
@@ -34,24 +38,35 @@ def serve(
         device: auto, cpu, cuda or mps
         dtype: fp32, bf16 or fp16 weights
         public_metrics: leave GET /metrics open without the API key (for a Prometheus scraper)
+        max_request_bytes: largest request body; a larger one is answered 413 without being read
+        request_timeout: seconds a client has to send a request's headers, and again its body (then 408)
+        max_connections: open connections at once; more are answered 503 at once (kept below the
+            process's file-descriptor limit, `ulimit -n`)
+        max_embedding_inputs: inputs per /v1/embeddings request
     """
     import os
 
-    import uvicorn
-
     import zenlm
     from zenlm.serve.app import create_app
+    from zenlm.serve.server import Limits, bind, make_server
 
     api_key = api_key or os.environ.get("ZENLM_API_KEY") or None
-    lm = zenlm.load(run, device=device, dtype=dtype)
-    name = model_id or Path(run).resolve().name
-    app = create_app(lm.model, lm.tokenizer, model_id=name, api_key=api_key, max_concurrency=max_concurrency,
-                     max_queue=max_queue, public_metrics=public_metrics)
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
-    logging.getLogger("zenlm.serve").setLevel(logging.INFO)
-    print(f"serving {name} on http://{host}:{port}/  (OpenAI base_url http://{host}:{port}/v1"
-          f"{', API key required' if api_key else ''}); Ctrl+C stops", file=sys.stderr)
-    uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)
+    limits = Limits(max_request_bytes=max_request_bytes, request_timeout=request_timeout,
+                    max_connections=max_connections, max_embedding_inputs=max_embedding_inputs)
+    sock = bind(host, port)  # a port in use is refused before anything else happens
+    try:
+        lm = zenlm.load(run, device=device, dtype=dtype)
+        name = model_id or Path(run).resolve().name
+        app = create_app(lm.model, lm.tokenizer, model_id=name, api_key=api_key, max_concurrency=max_concurrency,
+                         max_queue=max_queue, public_metrics=public_metrics, limits=limits)
+        logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
+        logging.getLogger("zenlm.serve").setLevel(logging.INFO)
+        port = sock.getsockname()[1]
+        print(f"serving {name} on http://{host}:{port}/  (OpenAI base_url http://{host}:{port}/v1"
+              f"{', API key required' if api_key else ''}); Ctrl+C stops", file=sys.stderr)
+        make_server(app, limits).run(sockets=[sock])
+    finally:
+        sock.close()
 
 
 def chat(

@@ -26,22 +26,20 @@ import hmac
 import html
 import json
 import logging
-import socket
 import struct
-import threading
 import time
 import uuid
 from collections.abc import AsyncIterator
 from importlib import resources
 from typing import Any
 
-import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from zenlm.errors import ConfigError, DataError
 from zenlm.generate import SEED_LIMIT
@@ -58,6 +56,7 @@ from zenlm.serve.schema import (
     parse_json,
     parse_tokenize,
 )
+from zenlm.serve.server import Limits, ServerThread
 from zenlm.tokenizer import Tokenizer, render_chat
 
 log = logging.getLogger("zenlm.serve")
@@ -146,22 +145,29 @@ class _Choice:
 def create_app(
     model: GPT, tokenizer: Tokenizer, *, model_id: str = "zenlm", api_key: str | None = None,
     max_concurrency: int = 8, max_queue: int | None = None, public_metrics: bool = False,
+    limits: Limits | None = None,
 ) -> FastAPI:
     """The FastAPI application serving ``model`` under the name ``model_id``.
 
     With ``api_key``, every ``/v1`` route, the tokenizer routes and ``/metrics`` (unless ``public_metrics``)
-    need ``Authorization: Bearer KEY``; ``/health`` and the chat page stay public."""
+    need ``Authorization: Bearer KEY``; ``/health`` and the chat page stay public. ``limits``: request size,
+    time and connection limits (:class:`zenlm.serve.server.Limits`; the app keeps the size and body-time ones,
+    the server the others)."""
+    limits = limits or Limits()
     metrics = Metrics()
     engine = Engine(model, tokenizer, max_concurrency=max_concurrency, max_queue=max_queue, metrics=metrics)
     created = int(time.time())
     app = FastAPI(title="zenlm", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.engine = engine
     app.state.metrics = metrics
+    app.state.limits = limits
     app.router.on_shutdown.append(engine.close)
 
     # ------------------------------------------------------------------------------ errors and logging
     def error_response(err: APIError) -> JSONResponse:
-        return JSONResponse(err.body(), status_code=err.status)
+        # a body too large or too slow is not read to its end: the connection closes after the answer
+        headers = {"connection": "close"} if err.status in (408, 413) else None
+        return JSONResponse(err.body(), status_code=err.status, headers=headers)
 
     def chat_prompt(messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
         """The prompt text of ``messages`` from the tokenizer's chat template; a 400 when it refuses them."""
@@ -269,7 +275,29 @@ def create_app(
                 "total_tokens": prompt_tokens + completion_tokens}
 
     async def read_body(request: Request) -> dict[str, Any]:
-        return parse_json(await request.body())
+        """The JSON body: 413 past limits.max_request_bytes (refused from Content-Length before reading), 408
+        when it takes longer than limits.request_timeout to arrive; parsed on a worker thread."""
+        cap = limits.max_request_bytes
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > cap:
+            raise _too_large(int(declared), cap)
+        chunks: list[bytes] = []
+        size = 0
+
+        async def read() -> None:
+            nonlocal size
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > cap:
+                    raise _too_large(size, cap)
+                chunks.append(chunk)
+
+        try:
+            await asyncio.wait_for(read(), timeout=limits.request_timeout)
+        except asyncio.TimeoutError:
+            raise APIError(408, f"the request body did not arrive within {limits.request_timeout:g} s "
+                           "(--request-timeout).", code="request_timeout") from None
+        return await run_in_threadpool(parse_json, b"".join(chunks))
 
     async def run_job(request: Request, req: GenerationRequest, prompts: list[list[int]], chat: bool,
                       echo_texts: list[str]) -> Response:
@@ -299,7 +327,7 @@ def create_app(
             finally:
                 job.cancel()  # no-op for finished sequences; frees the work if this handler was cancelled
             if any(c.finish is None for c in choices):  # the client went away; nobody reads this
-                return Response(status_code=499)
+                return Response(status_code=CLIENT_GONE)
             out = []
             for i, c in enumerate(choices):
                 assert c.finish is not None
@@ -375,17 +403,24 @@ def create_app(
         return StreamingResponse(stream(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
+    def encode_bounded(text: str, param: str, allow_special: bool = False) -> list[int]:
+        """Token ids of ``text``; a 400 before any tokenising when it is certainly longer than the context
+        (Tokenizer.min_tokens), so the work done for one text stays bounded by the context."""
+        least = tokenizer.min_tokens(text)
+        if least > engine.max_len:
+            raise APIError(400, f"'{param}' has at least {least} tokens but the model's context is "
+                           f"{engine.max_len} tokens; shorten it.", param=param, code="context_length_exceeded")
+        return tokenizer.encode(text, allow_special=allow_special)
+
     def encode_prompt(text: str) -> list[int]:
-        ids = tokenizer.encode(text)
+        ids = encode_bounded(text, "prompt")
         if not ids:  # an empty prompt starts from end-of-text, as documents do in pretraining
             start = tokenizer.eos_id if tokenizer.eos_id is not None else tokenizer.bos_id
             ids = [start] if start is not None else []
         return ids
 
-    @app.post("/v1/completions")
-    async def completions(request: Request) -> Response:
-        req = parse_completion(await read_body(request))
-        check_model(req.model)
+    def completion_prompts(req: GenerationRequest) -> tuple[list[list[int]], list[str]]:
+        """Prompt ids and echoed texts of a completion request (runs on a worker thread)."""
         prompts, echo_texts = [], []
         for p in req.prompts:
             if isinstance(p, list):
@@ -393,21 +428,31 @@ def create_app(
         for p in req.prompts:  # token ids are taken as they are, special ids included
             prompts.append(p if isinstance(p, list) else encode_prompt(p))
             echo_texts.append("" if not req.echo else p if isinstance(p, str) else tokenizer.decode(p))
+        return prompts, echo_texts
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        req = parse_completion(await read_body(request))
+        check_model(req.model)
+        prompts, echo_texts = await run_in_threadpool(completion_prompts, req)
         return await run_job(request, req, prompts, chat=False, echo_texts=echo_texts)
 
-    @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request) -> Response:
-        req = parse_chat(await read_body(request))
-        check_model(req.model)
-        for i, m in enumerate(req.messages):  # the template's special tokens come from the template only
+    def chat_prompt_ids(messages: list[dict[str, str]]) -> list[int]:
+        """The prompt ids of a chat request (runs on a worker thread)."""
+        for i, m in enumerate(messages):  # the template's special tokens come from the template only
             for part in ("role", "content"):
                 bad = next((t for t in tokenizer.special_tokens if t in m[part]), None)
                 if bad is not None:
                     raise APIError(400, f"messages[{i}].{part} contains the special token {bad!r}; remove it.",
                                    param="messages", code="invalid_value")
-        prompt = chat_prompt(req.messages)
-        return await run_job(request, req, [tokenizer.encode(prompt, allow_special=True)], chat=True,
-                             echo_texts=[""])
+        return encode_bounded(chat_prompt(messages), "messages", allow_special=True)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        req = parse_chat(await read_body(request))
+        check_model(req.model)
+        ids = await run_in_threadpool(chat_prompt_ids, req.messages)
+        return await run_job(request, req, [ids], chat=True, echo_texts=[""])
 
     @app.post("/v1/embeddings")
     async def embeddings(request: Request) -> Response:
@@ -439,8 +484,12 @@ def create_app(
         req = parse_tokenize(await read_body(request))
         if req.model is not None:
             check_model(req.model)
-        text = req.prompt if req.messages is None else chat_prompt(req.messages, req.add_generation_prompt)
-        ids = tokenizer.encode(text, allow_special=True)
+
+        def encode() -> list[int]:
+            text = req.prompt if req.messages is None else chat_prompt(req.messages, req.add_generation_prompt)
+            return tokenizer.encode(text, allow_special=True)
+
+        ids = await run_in_threadpool(encode)
         body: dict[str, Any] = {"count": len(ids), "max_model_len": engine.max_len, "tokens": ids}
         if req.return_token_strs:
             body["token_strs"] = [tokenizer.id_to_token(i) for i in ids]
@@ -451,7 +500,7 @@ def create_app(
         req = parse_detokenize(await read_body(request), model.config.vocab_size)
         if req.model is not None:
             check_model(req.model)
-        return JSONResponse({"prompt": tokenizer.decode(req.tokens)})
+        return JSONResponse({"prompt": await run_in_threadpool(tokenizer.decode, req.tokens)})
 
     @app.get("/tokenizer_info")
     async def tokenizer_info() -> dict[str, Any]:
@@ -498,6 +547,10 @@ class _AuthAndLog:
         else:
             try:
                 await self.app(scope, receive, send_and_watch)
+            except (ClientDisconnect, OSError) as e:  # the client went away (mid-body, or while answered):
+                if not isinstance(e, ClientDisconnect):  # not an error of the server, nobody to answer
+                    log.info("%s %s: the connection failed (%s)", method, path, e)
+                status["code"] = CLIENT_GONE
             except Exception:  # a bug: answer 500 in the OpenAI shape, log the traceback
                 log.exception("error handling %s %s", method, path)
                 if not status["started"]:
@@ -511,46 +564,14 @@ class _AuthAndLog:
 
 
 _TOKENIZER_ROUTES = {"/tokenize", "/detokenize", "/tokenizer_info"}
+CLIENT_GONE = 499  # the status logged and counted for a request whose client disconnected (nginx's convention)
+
+
+def _too_large(size: int, cap: int) -> APIError:
+    return APIError(413, f"the request body has {size} bytes or more; this server takes at most {cap} "
+                    "(--max-request-bytes).", code="request_too_large")
 _ROUTES = {"/", "/health", "/metrics", "/v1/models", "/v1/completions", "/v1/chat/completions",
            "/v1/embeddings", *_TOKENIZER_ROUTES}
-
-
-class ServerThread:
-    """Run ``app`` with uvicorn on a background thread (tests, benchmarks, notebooks).
-
-    ``with ServerThread(app) as srv: srv.url`` — binds ``host`` on a free port (or ``port``), waits until
-    the server accepts connections, and shuts it down on exit.
-    """
-
-    def __init__(self, app: FastAPI, host: str = "127.0.0.1", port: int = 0) -> None:
-        # IPPROTO_TCP named explicitly: asyncio turns Nagle's algorithm off (TCP_NODELAY) only on connections of
-        # a socket whose protocol says TCP; with proto 0 every answer on a kept-alive connection waited ~40 ms
-        # for the client's delayed ACK between its header and body writes
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind((host, port))
-        self.host, self.port = host, self.sock.getsockname()[1]
-        config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on")
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
-
-    @property
-    def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
-
-    def __enter__(self) -> ServerThread:
-        self.thread.start()
-        t0 = time.monotonic()
-        while not self.server.started:
-            if time.monotonic() - t0 > 30 or not self.thread.is_alive():
-                raise RuntimeError("the server did not start")
-            time.sleep(0.01)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=10)
-        self.sock.close()
 
 
 __all__ = ["create_app", "render_chat", "ServerThread"]

@@ -17,7 +17,7 @@ from zenlm.generate import SEED_LIMIT, effective_temperature
 from zenlm.serve.engine import SamplingParams
 
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-               405: "invalid_request_error", 413: "invalid_request_error", 422: "invalid_request_error",
+               405: "invalid_request_error", 408: "invalid_request_error", 413: "invalid_request_error", 422: "invalid_request_error",
                429: "rate_limit_error", 500: "server_error", 503: "server_error"}
 # The roles a chat message may have (OpenAI's; "developer" is its newer name for "system"). The role is
 # rendered into the prompt by the chat template, so an unknown one is refused rather than passed through.
