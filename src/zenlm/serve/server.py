@@ -42,6 +42,7 @@ KEEP_ALIVE_S = 5  # an idle kept-alive connection is closed after this many seco
 MAX_HEADER_BYTES = 64 << 10  # request line + headers
 FD_HEADROOM = 64  # file descriptors kept free of connections (model files, pipes, the template worker)
 LOG_EVERY_S = 10.0
+BACKLOG = 2048  # connections the kernel queues before they are accepted (uvicorn's default)
 
 
 @dataclass(frozen=True)
@@ -168,13 +169,14 @@ def make_server(app: Any, limits: Limits, *, log_level: str = "warning") -> uvic
     config = uvicorn.Config(
         app, http=protocol, log_level=log_level, access_log=False, lifespan="on",
         timeout_keep_alive=KEEP_ALIVE_S, timeout_graceful_shutdown=SHUTDOWN_GRACE_S,
-        h11_max_incomplete_event_size=MAX_HEADER_BYTES,
+        h11_max_incomplete_event_size=MAX_HEADER_BYTES, backlog=BACKLOG,
     )
     return _Server(config)
 
 
 def bind(host: str, port: int) -> socket.socket:
-    """A TCP socket bound to ``host:port`` (port 0: a free one); ConfigError when the address is taken."""
+    """A TCP socket bound to ``host:port`` (port 0: a free one) and listening, so clients that connect before
+    the server runs wait in the backlog instead of being refused; ConfigError when the address is taken."""
     # IPPROTO_TCP named explicitly: asyncio turns Nagle's algorithm off (TCP_NODELAY) only on connections of
     # a socket whose protocol says TCP; with proto 0 every answer on a kept-alive connection waited ~40 ms
     # for the client's delayed ACK between its header and body writes
@@ -189,6 +191,7 @@ def bind(host: str, port: int) -> socket.socket:
             raise ConfigError(f"port {port} on {host} is already in use; stop what runs there or pick another "
                               "with --port.") from None
         raise ConfigError(f"cannot listen on {host}:{port} ({e.strerror or e}).") from None
+    sock.listen(BACKLOG)
     return sock
 
 
