@@ -310,20 +310,60 @@ def test_tokenising_runs_off_the_event_loop(srv, fault_lm, monkeypatch):
     real = fault_lm.tokenizer.encode
 
     def slow(*a, **k):
-        time.sleep(2)
+        time.sleep(1.5)
         return real(*a, **k)
 
     monkeypatch.setattr(fault_lm.tokenizer, "encode", slow)
     for route, body in (("/v1/completions", {"prompt": "To be"}),
                         ("/v1/chat/completions", {"messages": [{"role": "user", "content": "To be"}]}),
-                        ("/tokenize", {"prompt": "To be"})):
+                        ("/v1/embeddings", {"input": "To be"}), ("/tokenize", {"prompt": "To be"})):
         t = threading.Thread(target=_post, args=(srv, route, {"model": "tiny", "max_tokens": 1, **body}))
         t.start()
         time.sleep(0.3)
         t0 = time.monotonic()
         assert httpx.get(srv.url + "/health", timeout=10).status_code == 200
-        assert time.monotonic() - t0 < 1.0, route
+        assert time.monotonic() - t0 < 0.8, route  # well before the tokenizer is done
         t.join()
+
+
+# ------------------------------------------------------- 11. embeddings: capped, and interleaved with decoding
+
+
+def test_embedding_inputs_are_capped_at_2048(srv):
+    r = _post(srv, "/v1/embeddings", {"model": "tiny", "input": ["a"] * 2049})
+    assert r.status_code == 400 and "--max-embedding-inputs" in r.json()["error"]["message"], r.text
+    r = _post(srv, "/v1/embeddings", {"model": "tiny", "input": ["a"] * 2048, "encoding_format": "base64"})
+    assert r.status_code == 200 and len(r.json()["data"]) == 2048
+    r = _post(srv, "/v1/embeddings", {"model": "tiny", "input": ["a" * 129]})  # the context is 128
+    assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
+
+
+def test_embeddings_are_interleaved_with_decoding(srv, fault_lm):
+    """A stream keeps receiving tokens while a large embedding request is being computed."""
+    arrivals: list[float] = []
+    span: list[float] = []
+    first = threading.Event()
+
+    def stream() -> None:
+        with httpx.stream("POST", srv.url + "/v1/completions", timeout=60,
+                          json={"model": "tiny", "prompt": "T", "max_tokens": 120, "temperature": 0,
+                                "stream": True}) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: {"):
+                    arrivals.append(time.monotonic())
+                    first.set()
+
+    t = threading.Thread(target=stream)
+    t.start()
+    assert first.wait(30)
+    span.append(time.monotonic())
+    r = _post(srv, "/v1/embeddings", {"model": "tiny", "input": ["To be, or not to be. " * 6] * 400},
+              timeout=120)
+    span.append(time.monotonic())
+    t.join()
+    assert r.status_code == 200, r.text
+    during = [a for a in arrivals if span[0] < a < span[1]]
+    assert len(during) >= 20, (len(during), len(arrivals), span[1] - span[0])
 
 
 # ---------------------------------------- 4 and 14. idle connections, file descriptors, SIGTERM, disconnects
@@ -375,9 +415,13 @@ def test_idle_half_sent_connections_cannot_exhaust_file_descriptors(tmp_path):
                 socks.append(_half_sent(srv, b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n"))
             except OSError:  # the server closed this one before it was written to
                 pass
-        time.sleep(4)  # > --request-timeout: the server has closed the half-sent ones
-        r = httpx.get(srv.url + "/health", timeout=10)
-        assert r.status_code == 200, r.text
+        time.sleep(3)  # > --request-timeout: the server closes the half-sent ones
+        deadline, status = time.monotonic() + 20, None
+        while status != 200 and time.monotonic() < deadline:  # (a loaded machine accepts them late)
+            with contextlib.suppress(httpx.HTTPError):
+                status = httpx.get(srv.url + "/health", timeout=5).status_code
+            time.sleep(0.2)
+        assert status == 200, srv.log.read_text(errors="replace")[-2000:]
         assert srv.proc.poll() is None
     finally:
         for s in socks:

@@ -44,7 +44,16 @@ from starlette.requests import ClientDisconnect
 from zenlm.errors import ConfigError, DataError
 from zenlm.generate import SEED_LIMIT
 from zenlm.models.gpt import GPT
-from zenlm.serve.engine import Engine, ErrorEvent, FinishEvent, Overloaded, PromptEvent, Sequence, TokenEvent
+from zenlm.serve.engine import (
+    EmbedJob,
+    Engine,
+    ErrorEvent,
+    FinishEvent,
+    Overloaded,
+    PromptEvent,
+    Sequence,
+    TokenEvent,
+)
 from zenlm.serve.metrics import Metrics
 from zenlm.serve.schema import (
     APIError,
@@ -69,6 +78,12 @@ def _bearer_ok(header: str | None, key: str) -> bool:
 
 def _sse(obj: Any) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+def _busy(engine: Engine, e: Overloaded) -> APIError:
+    """The 429 for a request the engine has no room for (counted in zenlm_rejected_requests_total)."""
+    engine.metrics.inc("zenlm_rejected_requests_total")
+    return APIError(429, str(e), code="rate_limit_exceeded")
 
 
 class _Job:
@@ -99,8 +114,7 @@ class _Job:
         try:
             engine.submit(self.seqs)
         except Overloaded as e:
-            engine.metrics.inc("zenlm_rejected_requests_total")
-            raise APIError(429, str(e), code="rate_limit_exceeded") from None
+            raise _busy(engine, e) from None
         except ConfigError as e:
             code = "context_length_exceeded" if "context" in str(e) else "invalid_value"
             raise APIError(400, str(e), param="prompt" if req.messages == [] else "messages", code=code) from None
@@ -454,17 +468,52 @@ def create_app(
         ids = await run_in_threadpool(chat_prompt_ids, req.messages)
         return await run_job(request, req, [ids], chat=True, echo_texts=[""])
 
-    @app.post("/v1/embeddings")
-    async def embeddings(request: Request) -> Response:
-        req = parse_embeddings(await read_body(request))
-        check_model(req.model)
-        batch = [tokenizer.encode(x) if isinstance(x, str) else x for x in req.inputs]
+    def embedding_inputs(inputs: list[str | list[int]]) -> list[list[int]]:
+        """The ids of each input, each within the context (runs on a worker thread)."""
+        batch = [encode_bounded(x, "input") if isinstance(x, str) else x for x in inputs]
         for x in batch:
             check_ids(x, "input")
             if len(x) > engine.max_len:
                 raise APIError(400, f"an input has {len(x)} tokens; the model's context is {engine.max_len}.",
                                param="input", code="context_length_exceeded")
-        vectors = await run_in_threadpool(engine.embed, batch)
+        return batch
+
+    async def embed(request: Request, batch: list[list[int]]) -> list[list[float]]:
+        """The vectors of ``batch``, embedded by the engine between its decode steps; the work is dropped
+        when the client disconnects."""
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future = loop.create_future()
+
+        def done(result: Any) -> None:
+            loop.call_soon_threadsafe(lambda: fut.done() or fut.set_result(result))
+
+        job = EmbedJob(batch, done)
+        try:
+            engine.submit_embeddings(job)
+        except Overloaded as e:
+            raise _busy(engine, e) from None
+        try:
+            while not fut.done():
+                await asyncio.wait([fut], timeout=0.25)
+                if not fut.done() and await request.is_disconnected():
+                    raise ClientDisconnect()
+        finally:
+            job.cancel()  # no-op once finished
+        result = fut.result()
+        if isinstance(result, Exception):
+            raise APIError(500, f"embedding failed: {type(result).__name__}: {result}", code="embedding_failed")
+        return result
+
+    @app.post("/v1/embeddings")
+    async def embeddings(request: Request) -> Response:
+        req = parse_embeddings(await read_body(request))
+        check_model(req.model)
+        if len(req.inputs) > limits.max_embedding_inputs:
+            raise APIError(400, f"'input' has {len(req.inputs)} items; this server embeds at most "
+                           f"{limits.max_embedding_inputs} per request (--max-embedding-inputs).", param="input",
+                           code="invalid_value")
+        batch = await run_in_threadpool(embedding_inputs, req.inputs)
+        vectors = await embed(request, batch)
         data = []
         for i, vec in enumerate(vectors):
             emb: Any = vec

@@ -17,6 +17,10 @@ Continuous batching, in the simplest form that is still correct:
              different lengths share one matrix multiply per layer
     retire:  a finished or cancelled sequence frees its slot at once; a waiting request takes it on the
              next loop
+    embed:   embedding requests (:class:`EmbedJob`) wait in their own queue; each loop embeds inputs worth
+             at most ``max_prefill_tokens`` (at least one input) between the prefill and the decode step, so
+             a request with thousands of inputs slows the running streams by one such forward pass per
+             token instead of stopping them until it is done
 
 The engine runs on its own thread. Callers submit :class:`Sequence` objects and receive events through
 the sequence's ``emit`` callback (called on the engine thread): :class:`TokenEvent` per sampled token, then
@@ -114,6 +118,23 @@ class ErrorEvent:
 Event = PromptEvent | TokenEvent | FinishEvent | ErrorEvent
 
 
+class EmbedJob:
+    """The inputs of one embedding request and where its vectors go.
+
+    ``done(result)`` is called once, on the engine thread: with one vector per input (n_embd floats, the
+    mean of the final-norm hidden states over the input's tokens), or with the exception that failed it.
+    ``cancel()`` (the client went away) drops the inputs not embedded yet."""
+
+    def __init__(self, inputs: list[list[int]], done: Callable[[list[list[float]] | Exception], None]) -> None:
+        self.inputs = inputs
+        self.done = done
+        self.vectors: list[list[float]] = []  # of inputs[: len(vectors)]
+        self.cancelled = threading.Event()
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+
+
 class Sequence:
     """One generation request (one choice): prompt ids, sampling parameters and where events go."""
 
@@ -173,6 +194,7 @@ class Engine:
         self.device = self.pool.device
         self.slots: list[Sequence | None] = [None] * max_concurrency
         self.waiting: deque[Sequence] = deque()
+        self.embed_jobs: deque[EmbedJob] = deque()
         self.lock = threading.Lock()  # guards waiting/slots bookkeeping
         self.model_lock = threading.Lock()  # one user of the model at a time (decode loop, embeddings)
         self.wake = threading.Condition(self.lock)
@@ -208,21 +230,24 @@ class Engine:
             self.metrics.set_gauge("zenlm_queue_depth", len(self.waiting))
             self.wake.notify()
 
-    @torch.inference_mode()
+    def submit_embeddings(self, job: EmbedJob) -> None:
+        """Queue an embedding request (its inputs: non-empty id lists of at most max_len ids, checked by
+        the caller). Raises Overloaded when max_concurrency + max_queue requests already wait."""
+        with self.lock:
+            if len(self.embed_jobs) >= self.max_concurrency + self.max_queue:
+                raise Overloaded("the server is busy: too many embedding requests wait; retry shortly.")
+            self.embed_jobs.append(job)
+            self.wake.notify()
+
     def embed(self, batch: list[list[int]]) -> list[list[float]]:
-        """Mean of the final-norm hidden states over each input's tokens -> one vector of n_embd floats each."""
-        captured: list[Tensor] = []
-        hook = self.model.norm_f.register_forward_hook(lambda _m, _i, out: captured.append(out))
-        out: list[list[float]] = []
-        try:
-            with self.model_lock:
-                for ids in batch:
-                    captured.clear()
-                    self.model(torch.tensor([ids], device=self.device))
-                    out.append(captured[-1][0].float().mean(0).tolist())
-        finally:
-            hook.remove()
-        return out
+        """Embed ``batch`` through the queue and wait: one vector of n_embd floats per id list."""
+        result: list = []
+        finished = threading.Event()
+        self.submit_embeddings(EmbedJob(batch, lambda r: (result.append(r), finished.set())))
+        finished.wait()
+        if isinstance(result[0], Exception):
+            raise result[0]
+        return result[0]
 
     def close(self) -> None:
         """Stop the engine thread; running and waiting sequences get an ErrorEvent."""
@@ -235,11 +260,13 @@ class Engine:
     def _loop(self) -> None:
         while True:
             with self.lock:
-                while not self._stop and not self.waiting and self.running == 0:
+                while not self._stop and not self.waiting and self.running == 0 and not self.embed_jobs:
                     self.wake.wait()
                 if self._stop:
                     pending = list(self.waiting) + [s for s in self.slots if s is not None]
                     self.waiting.clear()
+                    jobs = list(self.embed_jobs)
+                    self.embed_jobs.clear()
                     break
                 admit: list[Sequence] = []
                 budget = self.max_prefill_tokens  # prompt tokens this loop may prefill (at least one prompt)
@@ -262,6 +289,7 @@ class Engine:
                             by_len.setdefault(key, []).append(seq)
                     for group in by_len.values():
                         self._prefill(group)
+                    self._embed_some()
                     self._retire_cancelled()
                     if self.running:
                         self._decode()
@@ -273,6 +301,59 @@ class Engine:
                     self._fail(seq, e)
         for seq in pending:
             seq.emit(ErrorEvent("the server is shutting down."))
+        for job in jobs:
+            job.done(RuntimeError("the server is shutting down."))
+
+    # ------------------------------------------------------------------------------------ embeddings
+    def _embed_some(self) -> None:
+        """Embed the next inputs of the first embedding request, worth at most max_prefill_tokens tokens
+        (at least one input); inputs of one length share a forward pass. A request whose work raises gets
+        the exception; the others go on."""
+        with self.lock:
+            while self.embed_jobs and self.embed_jobs[0].cancelled.is_set():
+                self.embed_jobs.popleft()
+            if not self.embed_jobs:
+                return
+            job = self.embed_jobs[0]
+        start = len(job.vectors)
+        end, budget = start, self.max_prefill_tokens
+        while end < len(job.inputs) and (end == start or len(job.inputs[end]) <= budget):
+            budget -= len(job.inputs[end])
+            end += 1
+        try:
+            job.vectors.extend(self._embed_rows(job.inputs[start:end]))
+        except Exception as e:
+            log.exception("embedding failed")
+            self._end_embed_job(job, e)
+            return
+        if len(job.vectors) == len(job.inputs):
+            self._end_embed_job(job, job.vectors)
+
+    def _end_embed_job(self, job: EmbedJob, result: list[list[float]] | Exception) -> None:
+        with self.lock:
+            if self.embed_jobs and self.embed_jobs[0] is job:
+                self.embed_jobs.popleft()
+        job.done(result)
+
+    @torch.inference_mode()
+    def _embed_rows(self, inputs: list[list[int]]) -> list[list[float]]:
+        """Mean of the final-norm hidden states over each input's tokens -> one vector of n_embd floats each
+        (inputs of one length in one forward pass)."""
+        captured: list[Tensor] = []
+        hook = self.model.norm_f.register_forward_hook(lambda _m, _i, out: captured.append(out))
+        out: dict[int, list[float]] = {}
+        by_len: dict[int, list[int]] = {}
+        for i, ids in enumerate(inputs):
+            by_len.setdefault(len(ids), []).append(i)
+        try:
+            for rows in by_len.values():
+                captured.clear()
+                self.model(torch.tensor([inputs[i] for i in rows], device=self.device))
+                for b, vec in zip(rows, captured[-1].float().mean(1).tolist(), strict=True):
+                    out[b] = vec
+        finally:
+            hook.remove()
+        return [out[i] for i in range(len(inputs))]
 
     def _retire_cancelled(self) -> None:
         with self.lock:
@@ -471,5 +552,5 @@ class Engine:
         seq.emit(FinishEvent(reason, tail, len(seq.prompt_ids), seq.n_generated))
 
 
-__all__ = ["Engine", "Sequence", "SamplingParams", "PromptEvent", "TokenEvent", "FinishEvent", "ErrorEvent",
+__all__ = ["EmbedJob", "Engine", "Sequence", "SamplingParams", "PromptEvent", "TokenEvent", "FinishEvent", "ErrorEvent",
            "Overloaded", "decode_step"]
