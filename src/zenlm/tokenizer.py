@@ -33,6 +33,7 @@ from typing import Any
 import tokenizers
 from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers, trainers
 
+from zenlm.chat_template import TemplateError, compile_template, render
 from zenlm.errors import ConfigError, DataError
 from zenlm.fileio import atomic_write_text
 from zenlm.progress import ProgressFn, report
@@ -61,6 +62,7 @@ _HF_KIND = {"BPE": "bpe", "WordPiece": "wordpiece", "WordLevel": "char"}
 _CUT = re.compile(r"[ \n](?=\w)")
 CUT_POINTS = _CUT  # public name: zenlm.data.shards cuts long documents at the same places
 CHUNK_CHARS = 1 << 13
+RENDER_MAX_CHARS = 1 << 24  # longest chat prompt render_chat produces (characters)
 
 
 def split_text(text: str, size: int) -> list[str]:
@@ -360,25 +362,24 @@ def _role_tokens(cfg: dict[str, Any], hf: tokenizers.Tokenizer) -> dict[str, str
     return roles
 
 
-def render_chat(tokenizer: Tokenizer, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+def render_chat(tokenizer: Tokenizer, messages: list[dict[str, str]], add_generation_prompt: bool = True,
+                max_chars: int = RENDER_MAX_CHARS) -> str:
     """The prompt text for ``messages`` (``[{"role": ..., "content": ...}]``) from the tokenizer's Jinja chat
-    template, rendered in a sandbox (a template cannot reach Python objects); the template sees the special
-    tokens as ``bos_token``, ``eos_token``, ... DataError when the template refuses or fails on the messages."""
-    import jinja2.sandbox
-
-    env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-
-    def raise_exception(message: str) -> None:
-        raise DataError(f"the chat template refused the messages: {message}")
-
-    env.globals["raise_exception"] = raise_exception
-    tokens = {f"{role}_token": tok for role, tok in tokenizer.role_tokens.items()
-              if getattr(tokenizer, f"{role}_id", None) is not None}
+    template, rendered in a sandbox (a template cannot reach Python objects) with bounded sizes (its output
+    stops past ``max_chars`` characters; see :mod:`zenlm.chat_template`, which also renders with a deadline in
+    a worker process, as the server does); the template sees the special tokens as ``bos_token``,
+    ``eos_token``, ... DataError when the template refuses or fails on the messages or passes a bound."""
     try:
-        tpl = env.from_string(tokenizer.chat_template)
-        return tpl.render(messages=messages, add_generation_prompt=add_generation_prompt, **tokens)
-    except jinja2.TemplateError as e:
-        raise DataError(f"the chat template failed on these messages ({e}).") from None
+        tpl = compile_template(tokenizer.chat_template, max_chars)
+        return render(tpl, messages, add_generation_prompt, template_tokens(tokenizer), max_chars)
+    except TemplateError as e:
+        raise DataError(f"{e}.".replace("..", ".")) from None
+
+
+def template_tokens(tokenizer: Tokenizer) -> dict[str, str]:
+    """The special tokens a chat template sees: ``{"bos_token": "<|bos|>", "eos_token": ...}``."""
+    return {f"{role}_token": tok for role, tok in tokenizer.role_tokens.items()
+            if getattr(tokenizer, f"{role}_id", None) is not None}
 
 
 class StreamDecoder:

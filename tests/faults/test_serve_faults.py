@@ -8,6 +8,7 @@ signals) start ``zenlm serve`` in a subprocess.
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import os
 import re
@@ -24,10 +25,12 @@ import httpx
 import pytest
 
 import zenlm
+from zenlm.errors import DataError
 from zenlm.generate import GenerationConfig, generate_ids
 from zenlm.serve.app import ServerThread, create_app
 from zenlm.serve.engine import Engine, ErrorEvent, FinishEvent, SamplingParams, Sequence, TokenEvent
 from zenlm.serve.server import Limits
+from zenlm.tokenizer import render_chat
 
 FIXTURE_GPT = Path(__file__).resolve().parents[1] / "fixtures" / "runs" / "gpt"
 
@@ -461,3 +464,58 @@ def test_a_client_that_disconnects_is_not_a_500_nor_a_traceback(srv, caplog):
     time.sleep(1.5)
     assert 'code="500"' not in httpx.get(srv.url + "/metrics", timeout=10).text
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
+
+
+# ------------------------------------------------------------- 22. a hostile chat template is bounded
+
+
+HOSTILE_TEMPLATES = {
+    "nested loops": "{% for a in range(100000) %}{% for b in range(100000) %}{% endfor %}{% endfor %}",
+    "repeat": "{{ 'x' * 10**10 }}",
+    "power": "{{ 10 ** (10 ** 10) }}",
+    "format width": "{{ '%10000000000s' % 'x' }}",
+    "filter width": "{{ 'x' | center(10**10) }}",
+    "growing output": "{% for a in range(100000) %}{{ 'y' * 100000 }}{% endfor %}",
+}
+
+
+def test_a_hostile_chat_template_cannot_freeze_or_exhaust_the_server(fault_lm):
+    tok = copy.copy(fault_lm.tokenizer)
+    tok.chat_template = "{{ messages[0].content }}"
+    app = create_app(fault_lm.model, tok, model_id="tiny", limits=Limits(template_timeout=1.0))
+    with ServerThread(app) as s:
+        worker = app.state.templates
+        for name, template in HOSTILE_TEMPLATES.items():
+            worker.init["template"] = template  # the next worker process renders this one
+            worker.close()
+            done = threading.Event()
+            answer: list[httpx.Response] = []
+
+            def chat(answer: list[httpx.Response], done: threading.Event) -> None:
+                answer.append(_post(s, "/v1/chat/completions", {"model": "tiny", "max_tokens": 2, "messages": [
+                    {"role": "user", "content": "hi"}]}))
+                done.set()
+
+            t0 = time.monotonic()
+            threading.Thread(target=chat, args=(answer, done)).start()
+            assert httpx.get(s.url + "/health", timeout=5).status_code == 200
+            assert _post(s, "/v1/completions", {"model": "tiny", "prompt": "To be", "max_tokens": 2}).status_code == 200
+            assert done.wait(30), name
+            assert time.monotonic() - t0 < 10, name
+            assert answer[0].status_code == 500, (name, answer[0].text)
+            assert answer[0].json()["error"]["code"] == "chat_template_failed"
+        worker.init["template"] = "{{ messages[0].content }}"  # a sound template serves again
+        worker.close()
+        r = _post(s, "/v1/chat/completions", {"model": "tiny", "max_tokens": 2,
+                                               "messages": [{"role": "user", "content": "hi"}]})
+        assert r.status_code == 200, r.text
+
+
+@pytest.mark.parametrize("name", ["repeat", "power", "format width", "growing output"])
+def test_render_chat_refuses_oversized_work_at_once(fault_lm, name):
+    tok = copy.copy(fault_lm.tokenizer)
+    tok.chat_template = HOSTILE_TEMPLATES[name]
+    t0 = time.monotonic()
+    with pytest.raises(DataError, match="chat template"):
+        render_chat(tok, [{"role": "user", "content": "hi"}], max_chars=1 << 20)
+    assert time.monotonic() - t0 < 5

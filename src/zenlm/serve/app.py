@@ -41,7 +41,8 @@ from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
-from zenlm.errors import ConfigError, DataError
+from zenlm.chat_template import TemplateError, TemplateWorker
+from zenlm.errors import ConfigError
 from zenlm.generate import SEED_LIMIT
 from zenlm.models.gpt import GPT
 from zenlm.serve.engine import (
@@ -66,7 +67,7 @@ from zenlm.serve.schema import (
     parse_tokenize,
 )
 from zenlm.serve.server import Limits, ServerThread
-from zenlm.tokenizer import Tokenizer, render_chat
+from zenlm.tokenizer import Tokenizer, render_chat, template_tokens
 
 log = logging.getLogger("zenlm.serve")
 
@@ -183,12 +184,24 @@ def create_app(
         headers = {"connection": "close"} if err.status in (408, 413) else None
         return JSONResponse(err.body(), status_code=err.status, headers=headers)
 
+    # the model's chat template runs in a worker process with a deadline (zenlm.chat_template): a hostile
+    # template cannot stop the server or take its memory
+    templates = TemplateWorker(tokenizer.chat_template, template_tokens(tokenizer), timeout=limits.template_timeout,
+                               max_chars=4 * limits.max_request_bytes)
+    app.router.on_shutdown.append(templates.close)
+    app.state.templates = templates
+
     def chat_prompt(messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
-        """The prompt text of ``messages`` from the tokenizer's chat template; a 400 when it refuses them."""
+        """The prompt text of ``messages`` from the tokenizer's chat template: a 400 when the template refuses
+        or fails on them, a 500 when it runs past its bounds (the model's template is at fault)."""
         try:
-            return render_chat(tokenizer, messages, add_generation_prompt)
-        except DataError as e:  # the template refused or failed on these messages
-            raise APIError(400, str(e), param="messages") from None
+            return templates.render(messages, add_generation_prompt)
+        except TemplateError as e:
+            if e.kind != "limit":
+                raise APIError(400, f"{e}.", param="messages") from None
+            log.warning("the chat template was stopped: %s", e)
+            raise APIError(500, f"{e}; the model's chat template is at fault, not this request.",
+                           code="chat_template_failed") from None
 
     @app.exception_handler(APIError)
     async def _api_error(_request: Request, err: APIError) -> JSONResponse:

@@ -12,6 +12,8 @@ What one client may hold of the server, and for how long (each limit has a ``zen
                         is also kept below the descriptor limit, RLIMIT_NOFILE). uvicorn's own
                         limit_concurrency could not do this: it answers 503 only once a whole request arrived
     max_embedding_inputs  inputs of one /v1/embeddings request (OpenAI's limit is 2,048)
+    template_timeout    seconds the model's chat template may take to render one conversation (it runs in a
+                        worker process, zenlm.chat_template, under a memory limit; past this it is killed)
 
 On SIGTERM or Ctrl+C the server stops accepting, closes idle and half-sent connections (headers or body
 still arriving), and gives running requests ``SHUTDOWN_GRACE_S`` seconds to finish. The event loop's "socket.accept() out of system resource"
@@ -53,6 +55,7 @@ class Limits:
     request_timeout: float = 30.0
     max_connections: int = 512
     max_embedding_inputs: int = 2048
+    template_timeout: float = 2.0
 
     def __post_init__(self) -> None:
         for name in ("max_request_bytes", "max_connections", "max_embedding_inputs"):
