@@ -231,7 +231,8 @@ class Tokenizer:
         """A lower bound on ``len(self.encode(text, allow_special=...))``, found without tokenising, so a text
         certainly too long for a context can be refused before the work of encoding it (0: no bound known).
 
-        One id per character (zenlm's char tokenizer): exactly ``len(text)``. Byte-level BPE with all 256
+        One id per character (zenlm's char tokenizer): ``len(text)``, less what special-token strings save
+        when they become one id each (``allow_special``). Byte-level BPE with all 256
         byte symbols in its vocabulary: every byte of the normalised text lands in some token and no token
         holds more than L bytes (L: the longest vocabulary entry, special tokens included), so at least
         ``bytes / L`` tokens; a normalizer that only recomposes, folds or lowercases characters (NFC, NFKC,
@@ -239,7 +240,8 @@ class Tokenizer:
         ``bytes / (4 L)``. Other tokenizers may drop text (whitespace, accents, whole unknown words): 0.
         """
         if self._char_vocab is not None:
-            return len(text)
+            specials = self._special_re.finditer(text) if self._special_re is not None else ()
+            return len(text) - sum(len(m.group()) - 1 for m in specials)
         if self._bytes_per_token is None:
             self._bytes_per_token = _bytes_per_token(self.hf)
         if not self._bytes_per_token:

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import io
 import logging
 import os
 import re
 import resource
+import shutil
 import signal
 import socket
 import subprocess
@@ -23,11 +25,15 @@ from pathlib import Path
 
 import httpx
 import pytest
+import torch
 
 import zenlm
+from zenlm.cli import main
+from zenlm.cli.serve import served_run
 from zenlm.errors import DataError
 from zenlm.generate import GenerationConfig, generate_ids
 from zenlm.serve.app import ServerThread, create_app
+from zenlm.serve.chat import KIND_LABELS, model_kind
 from zenlm.serve.engine import Engine, ErrorEvent, FinishEvent, SamplingParams, Sequence, TokenEvent
 from zenlm.serve.server import Limits
 from zenlm.tokenizer import render_chat
@@ -299,7 +305,8 @@ def test_a_prompt_certainly_longer_than_the_context_is_refused_before_tokenising
 
 
 def test_min_tokens_is_a_lower_bound(bpe_tok, char_tok, wordpiece_tok):
-    texts = ["", "hello world", "x" * 5000, "中文文本，人民日报。" * 50, "😀" * 100, "e\u0301" * 200, " " * 300]
+    texts = ["", "hello world", "x" * 5000, "中文文本，人民日报。" * 50, "😀" * 100, "e\u0301" * 200, " " * 300,
+             "<|bos|>user: hi<|eos|>\n" * 30]
     for tok in (bpe_tok, char_tok):
         for t in texts:
             assert tok.min_tokens(t) <= len(tok.encode(t)), (tok, t[:20])
@@ -519,3 +526,114 @@ def test_render_chat_refuses_oversized_work_at_once(fault_lm, name):
     with pytest.raises(DataError, match="chat template"):
         render_chat(tok, [{"role": "user", "content": "hi"}], max_chars=1 << 20)
     assert time.monotonic() - t0 < 5
+
+
+# ================================================ issue 14: the README's serve and chat commands as written
+
+
+@pytest.fixture(scope="module")
+def demo_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """What `zenlm demo` leaves: runs/demo-en/.zenlm-demo and the run in runs/demo-en/run."""
+    root = tmp_path_factory.mktemp("runs") / "demo-en"
+    shutil.copytree(FIXTURE_GPT, root / "run")
+    (root / ".zenlm-demo").write_text("made by zenlm demo\n")
+    return root
+
+
+def test_the_demo_folder_is_served_as_demo_en(demo_folder):
+    assert served_run(str(demo_folder), "serve")[:2] == (demo_folder / "run", "demo-en")
+    assert served_run(str(demo_folder / "run"), "serve")[:2] == (demo_folder / "run", "demo-en")
+    assert served_run(str(FIXTURE_GPT), "serve")[:2] == (FIXTURE_GPT, "gpt")
+
+
+def test_readme_client_snippet_against_the_served_demo(demo_folder, tmp_path):
+    import openai
+
+    srv = _Served(demo_folder, tmp_path / "serve.log")
+    try:
+        client = openai.OpenAI(base_url=srv.url + "/v1", api_key="KEY", max_retries=0, timeout=30)
+        r = client.chat.completions.create(model="demo-en", messages=[{"role": "user", "content": "Hello"}],
+                                           max_tokens=4)
+        assert r.model == "demo-en" and r.choices[0].finish_reason in ("stop", "length")
+        text = "".join(chunk.choices[0].text for chunk in client.completions.create(
+            model="demo-en", prompt="the cat", max_tokens=8, stream=True))
+        assert isinstance(text, str)
+        assert [m.id for m in client.models.list().data] == ["demo-en"]
+    finally:
+        srv.stop()
+    assert "serving demo-en on http://" in srv.log.read_text()
+
+
+def test_chat_on_the_demo_folder_says_what_model_talks(demo_folder, monkeypatch, capsys):
+    monkeypatch.setattr("sys.stdin", io.StringIO("the cat\n/quit\n"))
+    assert main(["chat", str(demo_folder), "--max-new-tokens", "4", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("demo-en: base model (pretrained only)\n")
+    assert "will not" in out or "not trained to answer" in out
+    assert "assistant: " in out
+
+
+@pytest.mark.parametrize(("run", "fits"), [("gpt-classify", "zenlm predict"), ("bert-classify", "zenlm predict"),
+                                           ("encdec", "zenlm generate")])
+@pytest.mark.parametrize("verb", ["serve", "chat"])
+def test_serve_and_chat_refuse_a_run_that_cannot_write_text(run, fits, verb, capsys):
+    path = str(FIXTURE_GPT.parent / run)
+    assert main([verb, path, "--port", "0"] if verb == "serve" else [verb, path]) == 2
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("zenlm: error: "), err
+    assert f"`zenlm {verb}` needs a language model" in err and fits in err
+
+
+def test_serve_says_the_port_is_taken_before_saying_it_serves(capsys):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert main(["serve", str(FIXTURE_GPT), "--port", str(port)]) == 2
+    captured = capsys.readouterr()
+    assert "serving" not in captured.out + captured.err
+    assert captured.err.strip() == (f"zenlm: error: port {port} on 127.0.0.1 is already in use; stop what runs "
+                                    "there or pick another with --port.")
+
+
+def test_chat_compile_says_it_compiles_before_the_first_reply(monkeypatch, capsys):
+    import zenlm.compiled
+
+    calls = []
+
+    class Eager:  # stands in for the compiled step (building the real one takes 25-45 s)
+        def next_logits(self, token, cache):
+            calls.append(token)
+            return cache_model[0](torch.tensor([[token]]), cache=cache, last_only=True)[0, -1]
+
+    cache_model: list = []
+
+    def fake(model, backend=None):
+        cache_model[:] = [model]
+        return Eager()
+
+    monkeypatch.setattr(zenlm.compiled, "compiled_decoder", fake)
+    monkeypatch.setattr("sys.stdin", io.StringIO("the cat\n/quit\n"))
+    assert main(["chat", str(FIXTURE_GPT), "--compile", "--max-new-tokens", "3", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    notice = out.index("compiling the decode step for this model shape")
+    assert notice < out.index("ready in") < out.index("assistant: ")
+    assert calls  # the step was built (here: stood in for) before the conversation began
+
+
+@pytest.mark.parametrize(("saved", "kind"), [({"task": {"kind": "chat"}}, "chat"),
+                                            ({"source": {"format": "huggingface"}}, "imported"),
+                                            ({"train": {}}, "base"), ({"task": None}, "base")])
+def test_model_kind(saved, kind):
+    assert model_kind({"model": {}, **saved}) == kind
+
+
+@pytest.mark.parametrize("kind", ["base", "chat"])
+def test_the_chat_page_shows_the_model_kind_a_hint_and_a_welcome(fault_lm, kind):
+    app = create_app(fault_lm.model, fault_lm.tokenizer, model_id="tiny", model_kind=kind)
+    with ServerThread(app) as s:
+        page = httpx.get(s.url + "/", timeout=10).text
+    assert f'<span id="kind">{KIND_LABELS[kind]}</span>' in page
+    assert ("not trained to answer" in page) == (kind == "base")
+    assert 'id="welcome">Start a conversation with tiny' in page

@@ -24,8 +24,8 @@ def lm(run_dir: Path):
 
 @pytest.fixture(scope="module")
 def server(lm):
-    """A server for the model id 'tiny' (4 slots, 4 queue places, no API key)."""
-    app = create_app(lm.model, lm.tokenizer, model_id="tiny", max_concurrency=4, max_queue=4)
+    """A server for the model id 'tiny', a base model (4 slots, 4 queue places, no API key)."""
+    app = create_app(lm.model, lm.tokenizer, model_id="tiny", max_concurrency=4, max_queue=4, model_kind="base")
     with ServerThread(app) as srv:
         srv.app = app
         yield srv

@@ -45,6 +45,7 @@ from zenlm.chat_template import TemplateError, TemplateWorker
 from zenlm.errors import ConfigError
 from zenlm.generate import SEED_LIMIT
 from zenlm.models.gpt import GPT
+from zenlm.serve.chat import KIND_HINTS, KIND_LABELS
 from zenlm.serve.engine import (
     EmbedJob,
     Engine,
@@ -160,14 +161,15 @@ class _Choice:
 def create_app(
     model: GPT, tokenizer: Tokenizer, *, model_id: str = "zenlm", api_key: str | None = None,
     max_concurrency: int = 8, max_queue: int | None = None, public_metrics: bool = False,
-    limits: Limits | None = None,
+    limits: Limits | None = None, model_kind: str | None = None,
 ) -> FastAPI:
     """The FastAPI application serving ``model`` under the name ``model_id``.
 
     With ``api_key``, every ``/v1`` route, the tokenizer routes and ``/metrics`` (unless ``public_metrics``)
     need ``Authorization: Bearer KEY``; ``/health`` and the chat page stay public. ``limits``: request size,
     time and connection limits (:class:`zenlm.serve.server.Limits`; the app keeps the size and body-time ones,
-    the server the others)."""
+    the server the others). ``model_kind`` ("chat", "base" or "imported", see
+    :func:`zenlm.serve.chat.model_kind`) is shown on the chat page, with a hint for a base model."""
     limits = limits or Limits()
     metrics = Metrics()
     engine = Engine(model, tokenizer, max_concurrency=max_concurrency, max_queue=max_queue, metrics=metrics)
@@ -227,10 +229,14 @@ def create_app(
     async def metrics_route() -> PlainTextResponse:
         return PlainTextResponse(metrics.render(), media_type="text/plain; version=0.0.4")
 
+    page = resources.files("zenlm.serve").joinpath("static/index.html").read_text(encoding="utf-8")
+    for key, value in (("MODEL_KIND", KIND_LABELS.get(model_kind or "", "")),
+                       ("KIND_HINT", KIND_HINTS.get(model_kind or "", "")), ("MODEL_ID", model_id)):
+        page = page.replace("{{" + key + "}}", html.escape(value))
+
     @app.get("/")
     async def index() -> HTMLResponse:
-        page = resources.files("zenlm.serve").joinpath("static/index.html").read_text(encoding="utf-8")
-        return HTMLResponse(page.replace("{{MODEL_ID}}", html.escape(model_id)))
+        return HTMLResponse(page)
 
     def model_card() -> dict[str, Any]:
         return {"id": model_id, "object": "model", "created": created, "owned_by": "zenlm",
