@@ -1,6 +1,6 @@
 """Running the app: the server's limits, uvicorn set up to keep them, and a server on a background thread.
 
-What one client may hold of the server, and for how long (each limit has a ``zenlm serve`` flag):
+What one client may hold of the server, and for how long (all but template_timeout are ``zenlm serve`` flags):
 
     max_request_bytes   a request body larger than this is answered 413 before it is read (Content-Length),
                         or as soon as the bytes read pass it (chunked bodies)
@@ -16,9 +16,11 @@ What one client may hold of the server, and for how long (each limit has a ``zen
                         worker process, zenlm.chat_template, under a memory limit; past this it is killed)
 
 On SIGTERM or Ctrl+C the server stops accepting, closes idle and half-sent connections (headers or body
-still arriving), and gives running requests ``SHUTDOWN_GRACE_S`` seconds to finish. The event loop's "socket.accept() out of system resource"
-error (file descriptors ran out anyway, for example to other threads) is logged at most once per
-``LOG_EVERY_S`` seconds with a count, instead of a traceback per failed accept.
+still arriving), and gives running requests ``SHUTDOWN_GRACE_S`` seconds to finish.
+
+The event loop's "socket.accept() out of system resource" error (file descriptors ran out anyway, for example
+to other threads) is logged at most once per ``LOG_EVERY_S`` seconds with a count, instead of a traceback per
+failed accept, and each of uvicorn's warnings (such as "Invalid HTTP request received.") is too.
 """
 
 from __future__ import annotations
@@ -148,6 +150,21 @@ def _warn_rate_limited(key: str, msg: str, *args: object) -> None:
         last[0], last[1] = now, 0
 
 
+class _OncePerInterval(logging.Filter):
+    """Lets each distinct message through at most once per LOG_EVERY_S (uvicorn's "Invalid HTTP request
+    received." would otherwise give a hostile client a log line per request)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.ERROR:
+            return True
+        now, key = time.monotonic(), "uvicorn:" + str(record.msg)
+        last = _last_warned.setdefault(key, [-LOG_EVERY_S, 0])
+        if now - last[0] < LOG_EVERY_S:
+            return False
+        last[0] = now
+        return True
+
+
 def _loop_exception_handler(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
     """Out-of-descriptor accept errors are rate-limited; everything else goes to asyncio's default handler."""
     exc = context.get("exception")
@@ -167,6 +184,9 @@ class _Server(uvicorn.Server):
 
 def make_server(app: Any, limits: Limits, *, log_level: str = "warning") -> uvicorn.Server:
     """A uvicorn server for ``app`` that keeps ``limits`` (see the module docstring)."""
+    uvicorn_log = logging.getLogger("uvicorn.error")
+    if not any(isinstance(f, _OncePerInterval) for f in uvicorn_log.filters):
+        uvicorn_log.addFilter(_OncePerInterval())
     protocol = type("GuardedH11", (_GuardedH11,), {"max_open": connection_limit(limits),
                                                    "header_timeout": limits.request_timeout})
     config = uvicorn.Config(
