@@ -12,7 +12,8 @@ import torch.nn.functional as F
 
 from zenlm.config import GPTConfig
 from zenlm.errors import ConfigError
-from zenlm.models.gpt import GPT, KVCache
+from zenlm.models.cache import KVCache
+from zenlm.models.gpt import GPT
 from zenlm.models.layers import RMSNorm, Rotary, apply_rotary, rotate_half
 
 V = 61

@@ -17,7 +17,6 @@ from zenlm.serve.engine import (
     SamplingParams,
     Sequence,
     TokenEvent,
-    decode_step,
 )
 
 
@@ -74,7 +73,8 @@ def test_decode_step_matches_forward_with_per_row_positions():
             model(s[None, :-1], cache=cache.row(b))
     tokens = torch.stack([s[-1] for s in seqs])
     pos = torch.tensor([len(s) - 1 for s in seqs])
-    logits = decode_step(model, tokens, pos, cache.k, cache.v)
+    with torch.inference_mode():
+        logits = model.decode_step(tokens, pos, cache.k, cache.v)
     with torch.no_grad():
         for b, s in enumerate(seqs):
             torch.testing.assert_close(logits[b], model(s[None])[0, -1], atol=1e-4, rtol=1e-4)
