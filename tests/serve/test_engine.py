@@ -90,3 +90,22 @@ def test_submit_refuses_overflow_and_long_prompts(char_tok):
             engine.submit([Sequence([1], SamplingParams(), lambda ev: None)] * 2)
     finally:
         engine.close()
+
+
+def test_sampling_limits_are_handled_per_sequence(char_tok):
+    """A seed the generator cannot take is refused at submit (before it can fail the step of the others); a
+    temperature too small to divide by decodes greedily."""
+    cfg = GPTConfig(vocab_size=char_tok.vocab_size, block_size=48, n_layer=1, n_head=2, n_embd=16, init_std=0.5)
+    torch.manual_seed(0)
+    model = GPT(cfg).eval()
+    engine = Engine(model, char_tok, max_concurrency=2)
+    try:
+        for seed in (2**64, -1):
+            with pytest.raises(ValueError, match="seed"):
+                engine.submit([Sequence([1, 2], SamplingParams(seed=seed), lambda ev: None)])
+        prompts = [char_tok.encode("to be"), char_tok.encode("or")]
+        greedy = _collect(engine, prompts, SamplingParams(max_tokens=12, temperature=0))
+        tiny = _collect(engine, prompts, SamplingParams(max_tokens=12, temperature=1e-40, seed=2**64 - 1))
+        assert tiny == greedy
+    finally:
+        engine.close()
