@@ -80,9 +80,10 @@ def step_bytes(model: torch.nn.Module) -> int:
     return total
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def zenlm_decode(model: GPT, prompt_BT: torch.Tensor, new: int) -> tuple[float, float, torch.Tensor]:
-    """(time to first token, total time, ids [B, new]) for greedy decoding with a preallocated KV cache."""
+    """(time to first token, total time, ids [B, new]) for greedy decoding with a preallocated KV cache: the
+    prompt through ``model(...)``, then one ``model.decode_step`` per token, as ``generate`` does."""
     B, T = prompt_BT.shape
     cache = model.make_cache(B, T + new)
     out = torch.empty(B, new, dtype=torch.long)
@@ -92,7 +93,8 @@ def zenlm_decode(model: GPT, prompt_BT: torch.Tensor, new: int) -> tuple[float, 
     out[:, 0] = tok
     ttft = time.perf_counter() - t0
     for i in range(1, new):
-        tok = model(tok[:, None], cache=cache)[:, -1].argmax(-1)
+        tok = model.decode_step(tok, torch.full((B,), cache.pos), cache.k, cache.v).argmax(-1)
+        cache.pos += 1
         out[:, i] = tok
     return ttft, time.perf_counter() - t0, out
 
