@@ -98,9 +98,9 @@ class ScriptedLM(nn.Module):
         logits = self._scores(B, start, T)
         return logits[:, -1:] if last_only else logits
 
-    def decode_step(self, tokens_B, pos_B, k_layers, v_layers, **_):
-        """One token per row, here all at one position -> logits [B, V] (the caller advances the cache)."""
-        return self._scores(tokens_B.shape[0], int(pos_B[0]), 1)[:, 0]
+    def decode_step(self, tokens_B, pos, k_layers, v_layers, **_):
+        """One token per row, all at position ``pos`` (an int) -> logits [B, V] (the caller advances the cache)."""
+        return self._scores(tokens_B.shape[0], pos, 1)[:, 0]
 
     def _scores(self, B: int, start: int, T: int) -> torch.Tensor:
         self.calls.append((start, T))

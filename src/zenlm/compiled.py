@@ -206,8 +206,10 @@ class CompiledDecoder:
             self._weights, self._weights_key, self._programs = weights, key, {}
 
     @torch.inference_mode()
-    def __call__(self, tokens_B: Tensor, pos_B: Tensor, k_layers: Sequence[Tensor],
+    def __call__(self, tokens_B: Tensor, pos_B: Tensor | int, k_layers: Sequence[Tensor],
                  v_layers: Sequence[Tensor]) -> Tensor:
+        if isinstance(pos_B, int):  # one position for all rows: the program takes one per row
+            pos_B = torch.full((tokens_B.shape[0],), pos_B, device=tokens_B.device)
         S = int(pos_B.max()) + 1
         keys_S = torch.arange(S, device=tokens_B.device)
         k_layers, v_layers = list(k_layers), list(v_layers)
@@ -310,9 +312,7 @@ class CompiledDecoder:
         if cache.pos >= cache.max_len:
             raise ConfigError(f"KV cache overflow: {cache.pos} positions filled of max_len {cache.max_len}; "
                               "reset() the cache and prefill a shorter context.")
-        device = cache.device
-        logits_1V = self(torch.tensor([token], device=device), torch.tensor([cache.pos], device=device),
-                         cache.k, cache.v)
+        logits_1V = self(torch.tensor([token], device=cache.device), cache.pos, cache.k, cache.v)
         cache.pos += 1
         return logits_1V[0]
 

@@ -5,7 +5,7 @@ The loop for one sequence:
     logits_V = model(prompt, cache=cache)[0, -1]        # prefill: scores of every possible next token
     repeat:
         token    = sampler.choose(logits_V).token       # zenlm.sampling: penalties, temperature, top-k/p, draw
-        logits_V = model.decode_step([token], [pos], cache.k, cache.v)[0]   # one new position, via the cache
+        logits_V = model.decode_step([token], pos, cache.k, cache.v)[0]   # one new position, via the cache
 
 With ``use_cache`` the prompt is run through the model once (prefill) and every later step feeds only the
 newest token to :meth:`GPT.decode_step <zenlm.models.gpt.GPT.decode_step>`, reading the earlier keys/values
@@ -118,9 +118,7 @@ def _last_logits(model: GPT, ids: list[int], cache: KVCache | None, device: torc
 def _next_logits(step: Callable[..., Tensor], token: int, cache: KVCache) -> Tensor:
     """Feed ``token`` at position ``cache.pos`` of a batch-1 cache through ``step`` (``GPT.decode_step`` or its
     compiled twin) -> logits [V]; ``cache.pos`` advances by one."""
-    device = cache.device
-    logits_1V = step(torch.tensor([token], device=device), torch.tensor([cache.pos], device=device),
-                     cache.k, cache.v)
+    logits_1V = step(torch.tensor([token], device=cache.device), cache.pos, cache.k, cache.v)
     cache.pos += 1
     return logits_1V[0]
 

@@ -23,29 +23,34 @@ class LayerCache(NamedTuple):
     """One layer's cache buffers as one attention call uses them.
 
     k, v:  the layer's buffers [B_max, K, L, D] (written in place)
-    pos:   an int: the T new tokens of every row take positions ``pos .. pos+T-1`` (the buffers' batch size is
-           the call's); or a tensor pos_B [B]: row b's one new token takes position ``pos_B[b]`` (rows at
-           different positions; rows of the buffers past B are left alone)
+    pos:   an int: the T new tokens of every row take positions ``pos .. pos+T-1`` (slices of the buffers, whose
+           rows past B are left alone); or a tensor pos_B [B]: row b's one new token takes position ``pos_B[b]``
+           (rows at different positions)
     keys:  S, how many key positions the call reads back: ``pos + T``, or ``max(pos_B) + 1``
+    rows:  with pos_B: ``arange(B)``, the rows written (made once per step, shared by the layers)
     """
 
     k: Tensor
     v: Tensor
     pos: int | Tensor
     keys: int
+    rows: Tensor | None = None
 
     def update(self, k_BKTD: Tensor, v_BKTD: Tensor) -> tuple[Tensor, Tensor]:
         """Write the new keys/values [B, K, T, D] at their positions -> every key/value to attend over,
         ([B, K, S, D], [B, K, S, D]) (views of the buffers, in the buffers' dtype)."""
+        B = k_BKTD.shape[0]
         if isinstance(self.pos, int):
             T = k_BKTD.shape[2]
-            self.k[:, :, self.pos : self.pos + T] = k_BKTD  # in place: no reallocation per step
-            self.v[:, :, self.pos : self.pos + T] = v_BKTD
-            return self.k[:, :, : self.keys], self.v[:, :, : self.keys]
-        B = k_BKTD.shape[0]
-        rows_B = torch.arange(B, device=k_BKTD.device)
-        self.k[rows_B, :, self.pos] = k_BKTD[:, :, 0].to(self.k.dtype)  # row b -> its own position
-        self.v[rows_B, :, self.pos] = v_BKTD[:, :, 0].to(self.v.dtype)
+            self.k[:B, :, self.pos : self.pos + T] = k_BKTD  # in place: no reallocation per step
+            self.v[:B, :, self.pos : self.pos + T] = v_BKTD
+        else:  # row b -> its own position (index_put needs the buffers' dtype)
+            rows_B = torch.arange(B, device=k_BKTD.device) if self.rows is None else self.rows
+            k_BKD, v_BKD = k_BKTD[:, :, 0], v_BKTD[:, :, 0]
+            if k_BKD.dtype != self.k.dtype:
+                k_BKD, v_BKD = k_BKD.to(self.k.dtype), v_BKD.to(self.v.dtype)
+            self.k[rows_B, :, self.pos] = k_BKD
+            self.v[rows_B, :, self.pos] = v_BKD
         return self.k[:B, :, : self.keys], self.v[:B, :, : self.keys]
 
 

@@ -200,16 +200,17 @@ class GPT(nn.Module):
         return self.norm_f(self._hidden(idx_BT, None))
 
     def decode_step(
-        self, tokens_B: Tensor, pos_B: Tensor, k_layers: Sequence[Tensor], v_layers: Sequence[Tensor], *,
+        self, tokens_B: Tensor, pos_B: Tensor | int, k_layers: Sequence[Tensor], v_layers: Sequence[Tensor], *,
         keys_S: Tensor | None = None, row_attention: bool = False,
     ) -> Tensor:
         """One new token for each of the first B rows of a cache, each at its own position -> logits [B, V]
         (float32). Inference only (no dropout, no checks); call it under ``torch.inference_mode()``.
 
         tokens_B: [B] the newest token of each row; pos_B: [B] its absolute position (= tokens already cached
-        in that row); k_layers, v_layers: per layer [>=B, n_kv_head, max_len, head_dim] (a :class:`KVCache`'s
-        ``k`` and ``v``; rows past B are left alone). Row b writes its key/value at ``pos_B[b]`` and attends
-        over its own keys ``0 .. pos_B[b]`` only. The caller advances its positions.
+        in that row), or one int when every row is at the same position (one sequence: eagerly, slices of the
+        cache are cheaper than per-row writes); k_layers, v_layers: per layer [>=B, n_kv_head, max_len,
+        head_dim] (a :class:`KVCache`'s ``k`` and ``v``; rows past B are left alone). Row b writes its key/value
+        at ``pos_B[b]`` and attends over its own keys ``0 .. pos_B[b]`` only. The caller advances its positions.
 
         keys_S: ``arange(S)`` with S = ``max(pos_B) + 1``, the keys the longest row sees (made here when None).
         A tensor rather than an int so that a compiled step (:mod:`zenlm.compiled`) can treat S as a dynamic
@@ -225,16 +226,19 @@ class GPT(nn.Module):
         on CPU).
         """
         B = tokens_B.shape[0]
-        if keys_S is None:
-            keys_S = torch.arange(int(pos_B.max()) + 1, device=tokens_B.device)
-        S = keys_S.shape[0]
         x_B1C, rope = self._embed(tokens_B[:, None], pos_B)
-        mask_B11S, row_keys = None, None  # one row sees all S keys: no mask (as forward for one new token)
-        if row_attention and B > 1:
-            row_keys = (pos_B + 1).tolist()  # row b attends over its first row_keys[b] keys
-        elif B > 1:
-            mask_B11S = (keys_S[None, :] <= pos_B[:, None])[:, None, None]
-        layers = [LayerCache(k, v, pos_B, S) for k, v in zip(k_layers, v_layers, strict=True)]
+        mask_B11S, row_keys, rows_B = None, None, None  # rows that see all S keys need no mask
+        if isinstance(pos_B, int):
+            S = pos_B + 1
+        else:
+            if keys_S is None:
+                keys_S = torch.arange(int(pos_B.max()) + 1, device=tokens_B.device)
+            S, rows_B = keys_S.shape[0], torch.arange(B, device=tokens_B.device)
+            if row_attention and B > 1:
+                row_keys = (pos_B + 1).tolist()  # row b attends over its first row_keys[b] keys
+            elif B > 1:
+                mask_B11S = (keys_S[None, :] <= pos_B[:, None])[:, None, None]
+        layers = [LayerCache(k, v, pos_B, S, rows_B) for k, v in zip(k_layers, v_layers, strict=True)]
         x_B1C = self._run_blocks(x_B1C, rope, layers, mask=mask_B11S, row_keys=row_keys)
         return self.head(self.norm_f(x_B1C)[:, 0])
 
