@@ -19,7 +19,6 @@ from zenlm.sampling import (
     make_generator,
     pick_token,
     presence_frequency_penalty,
-    top_logprobs,
 )
 
 
@@ -108,7 +107,8 @@ def test_logprobs_are_after_the_penalties_and_before_the_temperature():
     assert choice.logprob == pytest.approx(float(want_V[choice.token]))
     assert [i for i, _ in choice.top_logprobs] in ([0, 1], [1, 0])
     assert choice.top_logprobs[0][1] == pytest.approx(float(want_V[0]))
-    assert top_logprobs(want_V, 0) == [] and len(top_logprobs(want_V, 9)) == 4
+    assert Sampler(SamplingConfig(logprobs=0), 4).choose(logits).top_logprobs == []
+    assert len(Sampler(SamplingConfig(logprobs=9), 4).choose(logits).top_logprobs) == 4
     assert Sampler(SamplingConfig(), 4).choose(logits).logprob is None  # not asked for: not computed
 
 

@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 
 from zenlm.errors import ConfigError
+from zenlm.scoring import score_tokens
 
 SEED_LIMIT = 2**64  # torch.Generator.manual_seed takes 0 .. 2**64 - 1 (negative values too, remapped: refused here)
 
@@ -187,14 +188,6 @@ def pick_token(logits_V: Tensor, cfg: SamplingConfig, generator: torch.Generator
     return int(torch.multinomial(probs_V, 1, generator=generator).item())
 
 
-def top_logprobs(logprobs_V: Tensor, k: int) -> list[tuple[int, float]]:
-    """The ``k`` most likely tokens of logprobs_V [V] as (token id, log-probability), best first."""
-    if k <= 0:
-        return []
-    values, ids = torch.topk(logprobs_V, min(k, logprobs_V.shape[-1]))
-    return [(int(i), float(v)) for i, v in zip(ids.tolist(), values.tolist(), strict=True)]
-
-
 # -------------------------------------------------------------------------------------- one sequence
 
 
@@ -244,10 +237,12 @@ class Sampler:
         """Pick the next token from the model's logits_V [V] and count it as generated."""
         logits_V = self.penalise(logits_V)
         choice = Choice(pick_token(logits_V, self.cfg, self.generator))
-        if self.cfg.logprobs is not None:
-            logprobs_V = torch.log_softmax(logits_V, dim=-1)
-            choice.logprob = float(logprobs_V[choice.token])
-            choice.top_logprobs = top_logprobs(logprobs_V, self.cfg.logprobs)
+        if self.cfg.logprobs is not None:  # the same helper scores prompt tokens (zenlm.scoring)
+            token_1 = torch.tensor([choice.token], device=logits_V.device)
+            scores = score_tokens(logits_V[None], token_1, self.cfg.logprobs)
+            choice.logprob = float(scores.logprob_T[0])
+            choice.top_logprobs = list(zip(scores.top_id_TK[0].tolist(), scores.top_logprob_TK[0].tolist(),
+                                           strict=True))
         self.observe(choice.token)
         return choice
 
@@ -271,5 +266,4 @@ __all__ = [
     "top_k_filter",
     "top_p_filter",
     "pick_token",
-    "top_logprobs",
 ]
