@@ -30,6 +30,7 @@ from torch import nn
 from zenlm.config import ModelConfig, Preset, config_from_preset
 from zenlm.errors import ConfigError
 from zenlm.models.attention import Attention
+from zenlm.models.layers import init_normal_
 
 
 @dataclass
@@ -165,13 +166,7 @@ class Bert(nn.Module):
     @torch.no_grad()
     def reset_parameters(self) -> None:
         """BERT's initialisation: weights ~ N(0, init_std), biases 0, LayerNorm gains 1."""
-        for m in self.modules():
-            if isinstance(m, (nn.Linear, nn.Embedding)):
-                nn.init.normal_(m.weight, std=self.config.init_std)
-            if isinstance(m, nn.Linear):
-                nn.init.zeros_(m.bias)
-            if isinstance(m, nn.LayerNorm):
-                m.reset_parameters()
+        init_normal_(self, self.config.init_std)
         nn.init.zeros_(self.mlm_bias)
 
     def num_params(self) -> int:

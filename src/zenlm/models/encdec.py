@@ -46,7 +46,7 @@ from zenlm.errors import ConfigError
 from zenlm.models.attention import Attention, cached_causal_mask
 from zenlm.models.cache import KVCache, LayerCache, Seq2SeqCache
 from zenlm.models.gpt import Block
-from zenlm.models.layers import RMSNorm, Rotary, make_mlp, make_norm
+from zenlm.models.layers import Rotary, init_normal_, make_mlp, make_norm
 
 # ---------------------------------------------------------------------------------------------- config
 
@@ -242,13 +242,7 @@ class EncoderDecoder(nn.Module):
         """Weights ~ N(0, init_std), biases 0, norm gains 1; every residual branch's output projection
         ~ N(0, init_std / sqrt(2 * layers)) as in GPT-2 (layers = encoder + decoder blocks)."""
         std = self.config.init_std
-        for module in self.modules():
-            if isinstance(module, (RMSNorm, nn.LayerNorm)):
-                module.reset_parameters()
-            if isinstance(module, (nn.Linear, nn.Embedding)):
-                nn.init.normal_(module.weight, mean=0.0, std=std)
-            if isinstance(module, nn.Linear) and module.bias is not None:
-                nn.init.zeros_(module.bias)
+        init_normal_(self, std)
         small = std / math.sqrt(2 * (self.config.n_enc_layer + self.config.n_dec_layer))
         for block in self.enc_blocks:
             for proj in (block.attn.proj, block.mlp.proj):

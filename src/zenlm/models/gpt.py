@@ -30,7 +30,7 @@ from zenlm.config import GPTConfig
 from zenlm.errors import ConfigError
 from zenlm.models.attention import Attention, cached_causal_mask
 from zenlm.models.cache import KVCache, LayerCache
-from zenlm.models.layers import RMSNorm, Rotary, make_mlp, make_norm
+from zenlm.models.layers import Rotary, init_normal_, make_mlp, make_norm
 
 # In eval mode (generation, scoring) every call may have a new length. cuDNN's attention builds a plan per
 # new shape (tens of ms each on recent GPUs), so eval uses the flash / memory-efficient / math kernels;
@@ -128,13 +128,7 @@ class GPT(nn.Module):
         projection (``attn.proj``, ``mlp.proj``) ~ N(0, init_std / sqrt(2 * n_layer)) as in GPT-2, or 0
         when ``zero_init_proj``."""
         std = self.config.init_std
-        for module in self.modules():
-            if isinstance(module, (RMSNorm, nn.LayerNorm)):
-                module.reset_parameters()
-            if isinstance(module, (nn.Linear, nn.Embedding)):
-                nn.init.normal_(module.weight, mean=0.0, std=std)
-            if isinstance(module, nn.Linear) and module.bias is not None:
-                nn.init.zeros_(module.bias)
+        init_normal_(self, std)
         for block in self.blocks:
             for proj in (block.attn.proj, block.mlp.proj):
                 if self.config.zero_init_proj:

@@ -42,6 +42,20 @@ class RMSNorm(nn.Module):
         return F.rms_norm(x, self.weight.shape, self.weight.to(x.dtype), self.eps)
 
 
+@torch.no_grad()
+def init_normal_(model: nn.Module, std: float) -> None:
+    """The initialisation every model here starts from (GPT-2's and BERT's): each linear and embedding weight
+    ~ N(0, std), linear biases 0, norm gains 1 (LayerNorm biases 0), module by module in ``model.modules()``
+    order (so the random draws, and the weights, are the same for the same seed)."""
+    for module in model.modules():
+        if isinstance(module, (RMSNorm, nn.LayerNorm)):
+            module.reset_parameters()
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+
 def make_norm(kind: str, dim: int, *, eps: float, bias: bool) -> nn.Module:
     """The norm ``kind`` over the last ``dim`` channels.
 
