@@ -592,39 +592,19 @@ def export_hf(
     Files: config.json, model.safetensors, generation_config.json, tokenizer.json, tokenizer_config.json
     (special tokens, EOS, chat template). The architecture is chosen from the model config: GPT-2 for
     learned positions + LayerNorm + GELU, Llama for rotary + RMSNorm + SwiGLU (Qwen2 when only q/k/v have
-    biases, Qwen3 with qk-norm). Weights come from model.safetensors, else the newest checkpoint.
-    dtype: fp32, bf16 or fp16 for the written weights.
+    biases, Qwen3 with qk-norm). BERT runs and BERT classifiers go to :mod:`zenlm.convert.hf_bert`,
+    encoder-decoder runs to :mod:`zenlm.convert.hf_encdec`. Weights come from model.safetensors, else the
+    newest checkpoint. dtype: fp32, bf16 or fp16 for the written weights.
     """
-    from zenlm.models.gpt import GPT
-    from zenlm.rundir import read_run_config
-    from zenlm.train.checkpoint import list_checkpoints, load_model_weights
-
     run, out = Path(run_dir), Path(out_dir)
     if dtype not in DTYPES:
         raise ConfigError(f"dtype {dtype!r} is not supported; choose fp32, bf16 or fp16.")
-    model_dict = read_run_config(run)["model"]
-    if model_dict.get("arch", "gpt") != "gpt":
-        raise ConfigError(f"{run} holds a {model_dict.get('arch')!r} model; export to Hugging Face format "
-                          "supports decoder-only GPT runs (GPT-2 and Llama-family layouts).")
-    cfg = config_from_dict(model_dict)
+    cfg = gpt_run_config(run, "export to Hugging Face format")
     arch = architecture_for_config(cfg)
     assert arch.to_hf_config is not None
-    weights = run / "model.safetensors"
-    if not weights.is_file():
-        ckpts = list_checkpoints(run / "checkpoints")
-        if not ckpts:
-            raise CheckpointError(f"{run} has neither model.safetensors nor a checkpoint; train it first.")
-        weights = ckpts[-1] / "model.safetensors"
-    if not (run / "tokenizer.json").is_file():
-        raise CheckpointError(f"{run} has no tokenizer.json; copy the tokenizer of its data directory there.")
-    tok = Tokenizer.load(run)
-    if tok.vocab_size > cfg.vocab_size:
-        raise CheckpointError(f"{run}: the tokenizer has {tok.vocab_size} tokens, the model only "
-                              f"{cfg.vocab_size}.")
+    model, tok = load_gpt_run(run, cfg)
     rules = arch.weight_map(cfg)
     _check_rules(cfg, rules)
-    model = GPT(cfg)
-    load_model_weights(model, weights)  # checks names and shapes, naming the file
     _prepare_out(out, "config.json", overwrite)
 
     state = model.state_dict()
@@ -645,14 +625,72 @@ def export_hf(
     gen.update({k: v for k, v in ids.items() if k not in gen})
     _write_json(out / "generation_config.json", gen)
     shutil.copyfile(run / "tokenizer.json", out / "tokenizer.json")
+    _write_json(out / "tokenizer_config.json", export_tokenizer_config(run, tok, cfg.block_size))
+    return out
+
+
+def export_tokenizer_config(run: Path, tok: Tokenizer, max_length: int) -> dict[str, Any]:
+    """tokenizer_config.json for an export: the run's own (imported runs keep theirs), completed with the
+    special tokens and chat template zenlm uses, and ``model_max_length`` set to the model's limit."""
     tok_cfg: dict[str, Any] = {}
     if (run / "tokenizer_config.json").is_file():
         tok_cfg = _read_json(run / "tokenizer_config.json", "")
     tok_cfg.update({k: v for k, v in tok.config_dict().items() if k not in tok_cfg or k == "chat_template"})
     tok_cfg.setdefault("tokenizer_class", "PreTrainedTokenizerFast")
-    tok_cfg["model_max_length"] = cfg.block_size
-    _write_json(out / "tokenizer_config.json", tok_cfg)
-    return out
+    tok_cfg["model_max_length"] = max_length
+    return tok_cfg
+
+
+def load_run_weights(run: Path, model: torch.nn.Module) -> None:
+    """model.safetensors of ``run`` (else its newest checkpoint's weights) into ``model``, names and shapes
+    checked (CheckpointError naming the file)."""
+    from zenlm.train.checkpoint import list_checkpoints, load_model_weights
+
+    weights = run / "model.safetensors"
+    if not weights.is_file():
+        ckpts = list_checkpoints(run / "checkpoints")
+        if not ckpts:
+            raise CheckpointError(f"{run} has neither model.safetensors nor a checkpoint; train it first.")
+        weights = ckpts[-1] / "model.safetensors"
+    load_model_weights(model, weights)
+
+
+def load_run_tokenizer(run: Path, vocab_size: int) -> Tokenizer:
+    """The run's tokenizer, refused when absent or larger than the model's embedding table."""
+    if not (run / "tokenizer.json").is_file():
+        raise CheckpointError(f"{run} has no tokenizer.json; copy the tokenizer of its data directory there.")
+    tok = Tokenizer.load(run)
+    if tok.vocab_size > vocab_size:
+        raise CheckpointError(f"{run}: the tokenizer has {tok.vocab_size} tokens, the model only {vocab_size}.")
+    return tok
+
+
+def gpt_run_config(run: Path, what: str) -> GPTConfig:
+    """The model config of a decoder-only language-model run, for an export. Runs that are something else (an
+    encoder, a classifier, an int8 copy) are refused, naming ``what`` was attempted and what to do instead."""
+    from zenlm.rundir import read_run_config
+
+    saved = read_run_config(run)
+    arch_name = saved["model"].get("arch", "gpt")
+    if arch_name != "gpt":
+        raise ConfigError(f"{run} holds a {arch_name!r} model; {what} supports decoder-only GPT runs "
+                          "(GPT-2 and Llama-family layouts).")
+    if (saved.get("task") or {}).get("kind"):
+        raise ConfigError(f"{run} is a {saved['task']['kind']!r} run (task.kind in config.yaml); {what} "
+                          "supports language-model runs.")
+    if saved.get("quantization"):
+        raise ConfigError(f"{run} holds int8 weights (quantization in config.yaml); {what} needs the run it "
+                          "was quantised from.")
+    return config_from_dict(saved["model"])
+
+
+def load_gpt_run(run: Path, cfg: GPTConfig) -> tuple[torch.nn.Module, Tokenizer]:
+    """The GPT of ``cfg`` with the run's weights (eval mode) and the run's tokenizer."""
+    from zenlm.models.gpt import GPT
+
+    model = GPT(cfg)
+    load_run_weights(run, model)
+    return model.eval(), load_run_tokenizer(run, cfg.vocab_size)
 
 
 def _special_ids(run: Path, tok: Tokenizer) -> dict[str, Any]:
@@ -693,5 +731,6 @@ def download_from_hub(name: str, revision: str | None = None) -> Path:
 __all__ = [
     "WeightRule", "Architecture", "SUPPORTED_ARCHITECTURES", "gpt2_weight_map", "llama_weight_map",
     "gpt2_config", "llama_config", "architecture_for_hf", "architecture_for_config", "HFWeights",
-    "import_hf", "export_hf", "download_from_hub",
+    "import_hf", "export_hf", "download_from_hub", "gpt_run_config", "load_gpt_run", "load_run_weights", "load_run_tokenizer",
+    "export_tokenizer_config",
 ]
