@@ -596,9 +596,21 @@ def export_hf(
     encoder-decoder runs to :mod:`zenlm.convert.hf_encdec`. Weights come from model.safetensors, else the
     newest checkpoint. dtype: fp32, bf16 or fp16 for the written weights.
     """
+    from zenlm.rundir import read_run_config
+
     run, out = Path(run_dir), Path(out_dir)
     if dtype not in DTYPES:
         raise ConfigError(f"dtype {dtype!r} is not supported; choose fp32, bf16 or fp16.")
+    saved = read_run_config(run)
+    arch_name = saved["model"].get("arch", "gpt")
+    if arch_name == "bert" or (arch_name == "gpt" and (saved.get("task") or {}).get("kind") == "classify"):
+        from zenlm.convert.hf_bert import export_bert
+
+        return export_bert(run, out, dtype=dtype, overwrite=overwrite, progress=progress)
+    if arch_name == "encdec":
+        from zenlm.convert.hf_encdec import export_encdec
+
+        return export_encdec(run, out, dtype=dtype, overwrite=overwrite, progress=progress)
     cfg = gpt_run_config(run, "export to Hugging Face format")
     arch = architecture_for_config(cfg)
     assert arch.to_hf_config is not None
