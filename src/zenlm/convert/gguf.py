@@ -80,7 +80,11 @@ def gguf_architecture(cfg: GPTConfig) -> str:
     naming the config field when llama.cpp has no graph that computes what ``cfg`` computes."""
     from zenlm.convert.hf import architecture_for_config
 
-    hf_arch = architecture_for_config(cfg).name  # refuses layouts without a transformers counterpart
+    try:
+        hf_arch = architecture_for_config(cfg).name  # refuses layouts without a transformers counterpart
+    except ConfigError as e:
+        raise ConfigError(f"{e} GGUF export covers the same layouts (llama.cpp's llama, qwen2, qwen3 and gpt2 "
+                          "graphs).") from None
     arch = GGUF_ARCH[hf_arch]
     kind = (cfg.rope_scaling or {}).get("rope_type")
     if kind == "llama3" and arch != "llama":
