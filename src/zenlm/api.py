@@ -17,9 +17,8 @@ from zenlm.device import resolve_device
 from zenlm.errors import CheckpointError, ConfigError
 from zenlm.generate import GenerationConfig, generate_text, generate_text_batch
 from zenlm.models.gpt import GPT
-from zenlm.rundir import build_model_from_run
+from zenlm.rundir import build_model_from_run, load_run_weights
 from zenlm.tokenizer import Tokenizer
-from zenlm.train.checkpoint import list_checkpoints, load_model_weights
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -139,13 +138,7 @@ def load(run_dir: str | Path, *, device: str = "auto", dtype: str = "fp32") -> L
 
 def _load_weights(model: torch.nn.Module, run_dir: Path) -> None:
     """model.safetensors of ``run_dir``, else its newest checkpoint's weights, into ``model``."""
-    weights = run_dir / "model.safetensors"
-    if not weights.is_file():
-        ckpts = list_checkpoints(run_dir / "checkpoints")
-        if not ckpts:
-            raise CheckpointError(f"{run_dir} has neither model.safetensors nor a checkpoint; train it first.")
-        weights = ckpts[-1] / "model.safetensors"
-    load_model_weights(model, weights)
+    load_run_weights(run_dir, model)
 
 
 def _load_tokenizer(run_dir: Path) -> Tokenizer:

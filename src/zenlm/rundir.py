@@ -14,6 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 
 from zenlm.config import GPTConfig, config_from_dict
@@ -35,6 +36,21 @@ def read_run_config(run_dir: str | Path) -> dict[str, Any]:
     if not isinstance(cfg, dict) or "model" not in cfg:
         raise CheckpointError(f"{path} has no 'model' section; it was not written by zenlm.")
     return cfg
+
+
+def load_run_weights(run_dir: str | Path, model: torch.nn.Module) -> None:
+    """The weights of ``run_dir`` into ``model``: model.safetensors, else the newest checkpoint's (a run that was
+    stopped hard); names and shapes are checked (CheckpointError naming the file)."""
+    from zenlm.train.checkpoint import list_checkpoints, load_model_weights
+
+    run_dir = Path(run_dir)
+    weights = run_dir / "model.safetensors"
+    if not weights.is_file():
+        ckpts = list_checkpoints(run_dir / "checkpoints")
+        if not ckpts:
+            raise CheckpointError(f"{run_dir} has neither model.safetensors nor a checkpoint; train it first.")
+        weights = ckpts[-1] / "model.safetensors"
+    load_model_weights(model, weights)
 
 
 def build_model_from_run(run_dir: str | Path) -> tuple[GPT, GPTConfig, dict[str, Any]]:

@@ -18,10 +18,9 @@ import torch
 
 from zenlm.beam import BeamConfig, beam_search_encdec, beam_search_gpt
 from zenlm.device import resolve_device
-from zenlm.errors import CheckpointError, ConfigError
-from zenlm.rundir import build_model_from_run
+from zenlm.errors import ConfigError
+from zenlm.rundir import build_model_from_run, load_run_weights
 from zenlm.tokenizer import Tokenizer
-from zenlm.train.checkpoint import list_checkpoints, load_model_weights
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -94,13 +93,7 @@ def load(run_dir: str | Path, *, device: str = "auto", dtype: str = "fp32") -> S
     if settings is None:
         raise ConfigError(f"{run_dir} was not trained on source/target pairs (config.yaml has no seq2seq "
                           "section); train one with `zenlm finetune seq2seq`.")
-    weights = run_dir / "model.safetensors"
-    if not weights.is_file():
-        ckpts = list_checkpoints(run_dir / "checkpoints")
-        if not ckpts:
-            raise CheckpointError(f"{run_dir} has neither model.safetensors nor a checkpoint; train it first.")
-        weights = ckpts[-1] / "model.safetensors"
-    load_model_weights(model, weights)
+    load_run_weights(run_dir, model)
     tokenizer = Tokenizer.load(run_dir)
     model = model.to(resolve_device(device), dtype=DTYPES[dtype])
     return Seq2SeqLM(model, tokenizer, settings, run_dir)

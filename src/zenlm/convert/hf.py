@@ -619,13 +619,8 @@ def export_hf(
     _check_rules(cfg, rules)
     _prepare_out(out, "config.json", overwrite)
 
-    state = model.state_dict()
-    theirs: dict[str, Tensor] = {}
-    for n, rule in enumerate(rules):
-        for name, t in zip(rule.theirs, rule.to_theirs(state[rule.ours].detach()), strict=True):
-            theirs[name] = t.to(DTYPES[dtype]).contiguous()
-        report(progress, "convert", done=n + 1, total=len(rules), unit="tensor")
-    save_file(theirs, str(out / "model.safetensors"), metadata={"format": "pt"})
+    save_file(theirs_state(model, rules, dtype, progress), str(out / "model.safetensors"),
+              metadata={"format": "pt"})
 
     ids = _special_ids(run, tok)
     hf_cfg = {**arch.to_hf_config(cfg), **ids, "torch_dtype": _HF_DTYPE_NAME[DTYPES[dtype]],
@@ -641,6 +636,18 @@ def export_hf(
     return out
 
 
+def theirs_state(model: torch.nn.Module, rules: list[WeightRule], dtype: str,
+                 progress: ProgressFn | None = None) -> dict[str, Tensor]:
+    """Their name -> tensor (in ``dtype``) for every rule, from ``model``'s state dict: what an export saves."""
+    state = model.state_dict()
+    theirs: dict[str, Tensor] = {}
+    for n, rule in enumerate(rules):
+        for name, t in zip(rule.theirs, rule.to_theirs(state[rule.ours].detach()), strict=True):
+            theirs[name] = t.to(DTYPES[dtype]).contiguous()
+        report(progress, "convert", done=n + 1, total=len(rules), unit="tensor")
+    return theirs
+
+
 def export_tokenizer_config(run: Path, tok: Tokenizer, max_length: int) -> dict[str, Any]:
     """tokenizer_config.json for an export: the run's own (imported runs keep theirs), completed with the
     special tokens and chat template zenlm uses, and ``model_max_length`` set to the model's limit."""
@@ -651,20 +658,6 @@ def export_tokenizer_config(run: Path, tok: Tokenizer, max_length: int) -> dict[
     tok_cfg.setdefault("tokenizer_class", "PreTrainedTokenizerFast")
     tok_cfg["model_max_length"] = max_length
     return tok_cfg
-
-
-def load_run_weights(run: Path, model: torch.nn.Module) -> None:
-    """model.safetensors of ``run`` (else its newest checkpoint's weights) into ``model``, names and shapes
-    checked (CheckpointError naming the file)."""
-    from zenlm.train.checkpoint import list_checkpoints, load_model_weights
-
-    weights = run / "model.safetensors"
-    if not weights.is_file():
-        ckpts = list_checkpoints(run / "checkpoints")
-        if not ckpts:
-            raise CheckpointError(f"{run} has neither model.safetensors nor a checkpoint; train it first.")
-        weights = ckpts[-1] / "model.safetensors"
-    load_model_weights(model, weights)
 
 
 def load_run_tokenizer(run: Path, vocab_size: int) -> Tokenizer:
@@ -699,6 +692,7 @@ def gpt_run_config(run: Path, what: str) -> GPTConfig:
 def load_gpt_run(run: Path, cfg: GPTConfig) -> tuple[torch.nn.Module, Tokenizer]:
     """The GPT of ``cfg`` with the run's weights (eval mode) and the run's tokenizer."""
     from zenlm.models.gpt import GPT
+    from zenlm.rundir import load_run_weights
 
     model = GPT(cfg)
     load_run_weights(run, model)
@@ -743,6 +737,6 @@ def download_from_hub(name: str, revision: str | None = None) -> Path:
 __all__ = [
     "WeightRule", "Architecture", "SUPPORTED_ARCHITECTURES", "gpt2_weight_map", "llama_weight_map",
     "gpt2_config", "llama_config", "architecture_for_hf", "architecture_for_config", "HFWeights",
-    "import_hf", "export_hf", "download_from_hub", "gpt_run_config", "load_gpt_run", "load_run_weights", "load_run_tokenizer",
-    "export_tokenizer_config",
+    "import_hf", "export_hf", "download_from_hub", "gpt_run_config", "load_gpt_run", "load_run_tokenizer",
+    "export_tokenizer_config", "theirs_state",
 ]

@@ -51,7 +51,7 @@ from zenlm.convert.hf import (
     _write_json,
     export_tokenizer_config,
     load_run_tokenizer,
-    load_run_weights,
+    theirs_state,
 )
 from zenlm.errors import CheckpointError, ConfigError, DataError
 from zenlm.models.bert import Bert, BertConfig
@@ -313,7 +313,7 @@ def export_bert(run_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str]
     tokenizer_config.json. ``AutoModel`` / ``AutoModelForMaskedLM`` / ``AutoModelForSequenceClassification``
     and ``AutoTokenizer`` load it.
     """
-    from zenlm.rundir import build_model_from_run
+    from zenlm.rundir import build_model_from_run, load_run_weights
 
     run, out = Path(run_dir), Path(out_dir)
     if dtype not in DTYPES:
@@ -325,13 +325,8 @@ def export_bert(run_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str]
     tokenizer_json = encoder_tokenizer_json(tok)
     _prepare_out(out, "config.json", overwrite)
 
-    state = model.state_dict()
-    theirs: dict[str, Tensor] = {}
-    for n, rule in enumerate(rules):
-        for name, t in zip(rule.theirs, rule.to_theirs(state[rule.ours].detach()), strict=True):
-            theirs[name] = t.to(DTYPES[dtype]).contiguous()
-        report(progress, "convert", done=n + 1, total=len(rules), unit="tensor")
-    save_file(theirs, str(out / "model.safetensors"), metadata={"format": "pt"})
+    save_file(theirs_state(model, rules, dtype, progress), str(out / "model.safetensors"),
+              metadata={"format": "pt"})
 
     hf_cfg: dict[str, Any] = {"architectures": [arch], **bert_config_to_hf(cfg),  # type: ignore[arg-type]
                               "torch_dtype": _HF_DTYPE_NAME[DTYPES[dtype]], "dtype": _HF_DTYPE_NAME[DTYPES[dtype]]}

@@ -57,11 +57,11 @@ from zenlm.convert.hf import (
     _write_json,
     export_tokenizer_config,
     load_run_tokenizer,
-    load_run_weights,
+    theirs_state,
 )
 from zenlm.errors import ConfigError
 from zenlm.models.encdec import EncDecConfig
-from zenlm.progress import ProgressFn, report
+from zenlm.progress import ProgressFn
 
 ARCHITECTURE = "BlenderbotForConditionalGeneration"
 _ACTIVATION = {"gelu": "gelu_pytorch_tanh", "relu2": "relu2"}  # our MLP -> transformers' ACT2FN name
@@ -157,7 +157,7 @@ def export_encdec(run_dir: str | os.PathLike[str], out_dir: str | os.PathLike[st
     """Write an encoder-decoder run as a transformers BlenderbotForConditionalGeneration directory (config.json,
     model.safetensors, generation_config.json, tokenizer.json adding the end token to every source as zenlm
     does, tokenizer_config.json); ConfigError naming the settings when the run's layout has no counterpart."""
-    from zenlm.rundir import build_model_from_run
+    from zenlm.rundir import build_model_from_run, load_run_weights
 
     run, out = Path(run_dir), Path(out_dir)
     if dtype not in DTYPES:
@@ -175,16 +175,10 @@ def export_encdec(run_dir: str | os.PathLike[str], out_dir: str | os.PathLike[st
     ids = {role: int(settings.get(f"{role}_id", getattr(tok, f"{role}_id"))) for role in ("bos", "eos", "pad")}
     _prepare_out(out, "config.json", overwrite)
 
-    rules = blenderbot_weight_map(cfg)
-    state = model.state_dict()
-    n_pos = _n_positions(cfg)
-    theirs: dict[str, Tensor] = {}
-    for n, rule in enumerate(rules):
-        for name, t in zip(rule.theirs, rule.to_theirs(state[rule.ours].detach()), strict=True):
-            if name.endswith("embed_positions.weight"):
-                t = _pad_rows(t, n_pos)
-            theirs[name] = t.to(DTYPES[dtype]).contiguous()
-        report(progress, "convert", done=n + 1, total=len(rules), unit="tensor")
+    theirs = theirs_state(model, blenderbot_weight_map(cfg), dtype, progress)
+    for stack in ("encoder", "decoder"):  # one position count for both stacks: pad the shorter table
+        name = f"model.{stack}.embed_positions.weight"
+        theirs[name] = _pad_rows(theirs[name], _n_positions(cfg))
     if not cfg.tie_embeddings:  # transformers unties encoder and decoder tables from `shared` as well then
         for stack in ("encoder", "decoder"):
             theirs[f"model.{stack}.embed_tokens.weight"] = theirs["model.shared.weight"].clone()
