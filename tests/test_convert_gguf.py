@@ -390,3 +390,12 @@ def test_cli_to_gguf(runs, tmp_path: Path, capsys: pytest.CaptureFixture) -> Non
     with pytest.raises(SystemExit):
         main(["convert", "to-gguf", "--help"])
     assert "q8_0" in capsys.readouterr().out
+
+
+def test_missing_gguf_package_is_a_clear_error(runs, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    monkeypatch.setitem(sys.modules, "gguf", None)  # import gguf now fails, as when it is not installed
+    with pytest.raises(ConfigError, match=r"needs the gguf package: pip install gguf"):
+        export_gguf(runs["qwen3"], tmp_path / "m.gguf")
+    assert not (tmp_path / "m.gguf").exists()
