@@ -95,7 +95,7 @@ def train_runs(root: Path, archs: list[str], steps: int, threads: int) -> dict[s
     for arch in archs:
         t = time.perf_counter()
         runs[arch] = root / arch
-        res = pretrain(root / "data", runs[arch], model="llama-tiny", batch_size=16, seq_len=128, eval_tokens=4096,
+        res = pretrain(root / "data", runs[arch], model="llama-tiny", batch_size=8, seq_len=64, eval_tokens=4096,
                        model_overrides={**SHAPE, **ARCHS[arch]},
                        train=TrainConfig(max_steps=steps, eval_every=0, log_every=max(1, steps), ckpt_every=0,
                                          device="cpu", precision="fp32", tensorboard=False, threads=threads),
@@ -128,7 +128,7 @@ def main() -> int:
     ap.add_argument("--archs", nargs="+", default=list(ARCHS), choices=list(ARCHS))
     ap.add_argument("--outtypes", nargs="+", default=["f32", "f16", "bf16", "q8_0"],
                     choices=["f32", "f16", "bf16", "q8_0"])
-    ap.add_argument("--steps", type=int, default=300, help="pretraining steps per model")
+    ap.add_argument("--steps", type=int, default=150, help="pretraining steps per model (8 x 64 tokens each)")
     ap.add_argument("--tokens", type=int, default=32, help="greedy tokens per prompt")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--keep", default=None, help="keep the runs and .gguf files in this folder")
