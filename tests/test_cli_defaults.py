@@ -22,6 +22,7 @@ def _sources() -> dict[str, list[Any]]:
     """verb -> where its defaults come from: functions (their signature) and settings objects (their fields)."""
     from zenlm.api import load
     from zenlm.cli.lmeval import evaluate_lm_eval
+    from zenlm.convert.gguf import export_gguf
     from zenlm.convert.hf import download_from_hub, export_hf, import_hf
     from zenlm.data.corpus import open_corpus
     from zenlm.data.seq2seq import read_pairs
@@ -47,6 +48,7 @@ def _sources() -> dict[str, list[Any]]:
         "quantize": [],
         "convert from-hf": [import_hf, download_from_hub],
         "convert to-hf": [export_hf],
+        "convert to-gguf": [export_gguf],
         "finetune seq2seq": [s2s.finetune_seq2seq, TrainConfig(**s2s.DEFAULT_TRAIN), OptimConfig(**s2s.DEFAULT_OPTIM)],
         "finetune classify": [finetune_classify, TrainConfig()],
         "predict": [load, EncoderLM.classify],
