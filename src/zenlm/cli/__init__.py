@@ -77,7 +77,7 @@ def _fmt(v: object) -> str:
 def tokenizer_train(
     corpus: str,
     out: str,
-    kind: Literal["bpe", "wordpiece", "char"] = "bpe",
+    kind: Literal["bpe", "wordpiece", "char", "word"] = "bpe",
     vocab_size: int = 8192,
     min_frequency: int = 2,
     val: str | None = None,
@@ -89,7 +89,7 @@ def tokenizer_train(
     Args:
         corpus: built-in corpus name (shakespeare, peoples-daily, shakespeare-char) or a .txt/.jsonl file or folder
         out: directory to write tokenizer.json and tokenizer_config.json into
-        kind: bpe (byte-level BPE), wordpiece, or char (one token per character)
+        kind: bpe (byte-level BPE), wordpiece, char (one token per character) or word (one per word)
         vocab_size: size of the vocabulary, special tokens included (ignored for char)
         min_frequency: minimum count of a pair to be merged
         val: explicit validation file or folder (kept out of tokenizer training)
@@ -525,6 +525,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_verb(sub, "serve", cli_serve.serve, positional=("run",))
     add_verb(sub, "chat", cli_serve.chat, positional=("run",))
+    from zenlm.cli.wordvec import register as register_wordvec  # zenlm wordvec train | eval | coverage
+
+    register_wordvec(sub)
     return parser
 
 
