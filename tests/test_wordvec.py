@@ -153,7 +153,7 @@ def test_coverage_and_embedding_initialisation(kv, tmp_path: Path) -> None:
     assert cov.words == words == 9
     assert cov.exact == 4 and cov.lowercased == 2  # the, and, queen, a; The and King in lowercase
     assert set(cov.missing_examples) == {"met", "zebra", "."} and cov.fraction == pytest.approx(6 / 9)
-    assert "6 of 9" in cov.line()
+    assert "6 of 9" in cov.line() and "'zebra'" in cov.line()
     weight = torch.randn(tok.vocab_size + 3, 8) * 0.1
     before = weight.clone()
     init_embeddings(weight, tok, kv, scale="none")

@@ -330,7 +330,7 @@ class Coverage:
 
     def line(self) -> str:
         """One line for a person: how many were found and a few that were not."""
-        miss = f"; missing e.g. {', '.join(self.missing_examples[:8])}" if self.missing_examples else ""
+        miss = f"; missing e.g. {' '.join(map(repr, self.missing_examples[:8]))}" if self.missing_examples else ""
         return (f"vectors cover {self.found:,} of {self.words:,} vocabulary entries ({self.fraction:.1%}; "
                 f"{self.lowercased:,} only in lowercase){miss}")
 

@@ -23,8 +23,11 @@ def _num(v: float | None, fmt: str) -> str:
 def _print_report(r: dict[str, Any]) -> None:
     a, ws, sl = r["analogy"], r["wordsim353"], r["simlex999"]
     print(f"{r['vocab_size']:,} words x {r['dim']} dimensions")
-    print(f"Google analogies: accuracy {_num(a['accuracy'], '.1%')} on {a['questions']:,} of {a['total']:,} "
-          "questions (the rest have a word outside the vocabulary)")
+    if a["questions"]:
+        print(f"Google analogies: accuracy {a['accuracy']:.1%} on {a['questions']:,} of {a['total']:,} questions "
+              "(the rest have a word outside the vocabulary)")
+    else:
+        print("Google analogies: no question has all its words in the vocabulary (the test sets are English)")
     for name, s in (("WordSim-353", ws), ("SimLex-999", sl)):
         print(f"{name}: Spearman rho {_num(s['spearman'], '.3f')}  ({s['oov']:.0%} of the pairs outside the "
               "vocabulary)")
