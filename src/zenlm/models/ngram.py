@@ -45,8 +45,9 @@ How it is stored (all numpy/torch arrays, saved with safetensors; no Python loop
 Counting is one ``np.unique`` per order over all positions of the id array (sort based, O(N log N)), so the
 million ids of shakespeare-char count in about a second.
 
-The model is an ``nn.Module`` with buffers only, so it moves between devices like the others, and it speaks the
-same stateful protocol as the recurrent rungs (:mod:`zenlm.models.rnn`)::
+The model is an ``nn.Module`` with buffers only (its state dict is the tables, saved like any model's weights by
+:func:`zenlm.recipes.ladder.save_ngram`), so it moves between devices like the others, and it speaks the same
+stateful protocol as the recurrent rungs (:mod:`zenlm.models.rnn`)::
 
     logits_BTV, state = model(idx_BT, state)     # logits are log-probabilities; state = the last n−1 ids
 """
@@ -54,17 +55,11 @@ same stateful protocol as the recurrent rungs (:mod:`zenlm.models.rnn`)::
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import yaml
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from zenlm.config import dataclass_from_dict, preset_config
@@ -202,7 +197,8 @@ def count_ngrams(ids: np.ndarray, config: NGramConfig) -> dict[str, np.ndarray]:
 class NGramLM(nn.Module):
     """Interpolated Kneser–Ney n-gram LM over the tables made by :func:`count_ngrams` (see the module docstring).
 
-    Build one with :meth:`from_ids` / :meth:`from_shards`, or :meth:`load` a saved one.
+    Build one with :meth:`from_ids` / :meth:`from_shards`, or from saved tables (``NGramLM(config, tables)``; see
+    :func:`zenlm.recipes.ladder.load_ngram`).
     """
 
     def __init__(self, config: NGramConfig, tables: dict[str, np.ndarray | Tensor]) -> None:
@@ -216,9 +212,12 @@ class NGramLM(nn.Module):
             missing, extra = sorted(expected - set(tables)), sorted(set(tables) - expected)
             raise CheckpointError(f"n-gram tables do not match an order-{n} model: missing {missing[:4]}, "
                                   f"unexpected {extra[:4]}.")
-        for name, t in tables.items():
+        for name, t in tables.items():  # "order2.alpha" -> buffer "alpha" of submodule "order2"
+            group, field = name.split(".")
+            if not hasattr(self, group):
+                self.add_module(group, nn.Module())
             t = torch.as_tensor(t)
-            self.register_buffer(name.replace(".", "_"), t.double() if t.is_floating_point() else t.long())
+            getattr(self, group).register_buffer(field, t.double() if t.is_floating_point() else t.long())
         sizes = [1] + [len(self._t(f"context{j}.keys")) for j in range(1, n)]
         for k in range(1, n + 1):
             off = self._t(f"order{k}.offsets")
@@ -227,11 +226,11 @@ class NGramLM(nn.Module):
                 raise CheckpointError(f"n-gram order {k}: the offsets, entries and histories disagree in size.")
             # key of each entry (history id, next token), sorted: finds P(w | h) for one w by binary search
             hist = torch.repeat_interleave(torch.arange(sizes[k - 1]), torch.diff(off))
-            self.register_buffer(f"order{k}_entry_keys", hist * config.vocab_size + self._t(f"order{k}.next"),
-                                 persistent=False)
+            getattr(self, f"order{k}").register_buffer(
+                "entry_keys", hist * config.vocab_size + self._t(f"order{k}.next"), persistent=False)
 
     def _t(self, name: str) -> Tensor:
-        return getattr(self, name.replace(".", "_"))
+        return self.get_buffer(name)
 
     # ------------------------------------------------------------------------------------------ building
     @classmethod
@@ -245,8 +244,8 @@ class NGramLM(nn.Module):
         return cls.from_ids(shards.window(0, len(shards)), config)
 
     def tables(self) -> dict[str, Tensor]:
-        """The saved tensors, by their file names (``order{k}.alpha`` etc.)."""
-        return {name.replace("_", ".", 1): t for name, t in self.state_dict().items()}
+        """The tables by name (``order{k}.alpha`` etc.): the model's state dict, what is saved."""
+        return dict(self.state_dict())
 
     def num_entries(self) -> int:
         """Stored probabilities: one per distinct n-gram of every order plus one weight per history."""
@@ -345,44 +344,6 @@ class NGramLM(nn.Module):
         """Natural log P(ids[i] | the up to n−1 ids before it) for i = 1 .. N−1 -> [N−1] float64."""
         ctx, _ = self.contexts(ids_N[None, :-1])
         return self.prob_of(ctx[0], ids_N[1:].long()).log()
-
-    # ------------------------------------------------------------------------------------------ files
-    def save(self, out_dir: str | os.PathLike[str]) -> Path:
-        """Write ``out_dir/model.safetensors`` (the tables) and ``out_dir/config.yaml`` (``model:`` = the config),
-        each through a temporary file and a rename; returns out_dir."""
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        tmp = out / f".model.safetensors.tmp-{os.getpid()}"
-        meta = {"format": "pt", "zenlm_arch": "ngram", "config": json.dumps(self.config.to_dict())}
-        save_file({k: v.contiguous().cpu() for k, v in self.tables().items()}, str(tmp), metadata=meta)
-        os.replace(tmp, out / "model.safetensors")
-        cfg_tmp = out / f".config.yaml.tmp-{os.getpid()}"
-        cfg_tmp.write_text(yaml.safe_dump({"model": self.config.to_dict(), "discounts": self.discounts()},
-                                          sort_keys=False), encoding="utf-8")
-        os.replace(cfg_tmp, out / "config.yaml")
-        return out
-
-    @classmethod
-    def load(cls, path: str | os.PathLike[str]) -> NGramLM:
-        """Load a directory written by :meth:`save` (config.yaml + model.safetensors)."""
-        d = Path(path)
-        cfg_file, weights = d / "config.yaml", d / "model.safetensors"
-        for f in (cfg_file, weights):
-            if not f.is_file():
-                raise CheckpointError(f"{d} is not a saved n-gram model: {f.name} is missing.")
-        try:
-            saved = yaml.safe_load(cfg_file.read_text(encoding="utf-8"))
-        except yaml.YAMLError as e:
-            raise CheckpointError(f"{cfg_file} is not valid YAML ({e}).") from None
-        model = saved.get("model") if isinstance(saved, dict) else None
-        if not isinstance(model, dict) or model.get("arch") != "ngram":
-            raise CheckpointError(f"{cfg_file} does not describe an n-gram model (no model: with arch: ngram).")
-        config = NGramConfig.from_dict(model)
-        try:
-            tables = load_file(str(weights))
-        except (SafetensorError, OSError) as e:
-            raise CheckpointError(f"{weights} is not a readable safetensors file ({e}).") from None
-        return cls(config, tables)
 
 
 __all__ = ["NGramConfig", "NGramLM", "NGRAM_PRESETS", "get_ngram_preset", "count_ngrams", "estimate_discounts",

@@ -39,21 +39,26 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+import yaml
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 from torch import Tensor, nn
 
-from zenlm.data.batches import IGNORE_INDEX
+from zenlm.data.batches import IGNORE_INDEX, eval_window_count
 from zenlm.data.shards import TokenShards
 from zenlm.data.streams import StreamBatches
-from zenlm.errors import ConfigError, DataError
+from zenlm.errors import CheckpointError, ConfigError
 from zenlm.generate import GenerationConfig, sample_next
-from zenlm.models.ngram import NGramLM
-from zenlm.train.checkpoint import save_model
+from zenlm.models.ngram import NGramConfig, NGramLM
+from zenlm.rundir import read_run_config
+from zenlm.train.checkpoint import atomic_write_text, save_model
 
 StatefulBatch = tuple[Tensor, Tensor, bool]
 
@@ -123,6 +128,31 @@ def unwrap_lm(model: nn.Module) -> nn.Module:
     return model.lm if isinstance(model, StateCarrier) else model
 
 
+# ---------------------------------------------------------------------------------------------- n-gram files
+def save_ngram(model: NGramLM, out_dir: str | os.PathLike[str]) -> Path:
+    """Write an n-gram model as a run-style directory: ``model.safetensors`` (its tables, the module's state
+    dict) and ``config.yaml`` (``model:`` = the config, and the discounts), each written atomically."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_model(model, out / "model.safetensors")
+    atomic_write_text(out / "config.yaml", yaml.safe_dump(
+        {"model": model.config.to_dict(), "discounts": model.discounts()}, sort_keys=False))
+    return out
+
+
+def load_ngram(run_dir: str | os.PathLike[str]) -> NGramLM:
+    """Load a directory written by :func:`save_ngram`; CheckpointError when it is not one or is damaged."""
+    saved = read_run_config(run_dir)
+    if not isinstance(saved["model"], dict) or saved["model"].get("arch") != "ngram":
+        raise CheckpointError(f"{run_dir} does not hold an n-gram model (its config.yaml has no arch: ngram).")
+    weights = Path(run_dir) / "model.safetensors"
+    try:
+        tables = load_file(str(weights))
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{weights} is not a readable safetensors file ({e}).") from None
+    return NGramLM(NGramConfig.from_dict(saved["model"]), tables)
+
+
 # ---------------------------------------------------------------------------------------------- evaluation
 def lm_metrics(loss_sum: float, n: int, bytes_per_token: float) -> dict[str, float]:
     """val_loss (nats per token), val_ppl and val_bpb from a summed loss over n tokens, as evaluate_causal_lm
@@ -134,13 +164,7 @@ def lm_metrics(loss_sum: float, n: int, bytes_per_token: float) -> dict[str, flo
 def eval_targets(shards: TokenShards, seq_len: int, max_tokens: int | None) -> int:
     """How many ids evaluate_causal_lm predicts: whole windows of ``seq_len``, all of the split or the first
     ``max_tokens`` (at least one window). The targets are ids 1 .. that number of the split."""
-    n_windows = (len(shards) - 1) // seq_len if seq_len > 0 else 0
-    if n_windows == 0:
-        raise DataError(f"the validation split ({len(shards)} tokens) is too small for seq_len {seq_len}; "
-                        "give more validation text or a shorter sequence length.")
-    if max_tokens is not None:
-        n_windows = min(n_windows, max(1, max_tokens // seq_len))
-    return n_windows * seq_len
+    return eval_window_count(shards, seq_len, max_tokens) * seq_len
 
 
 @torch.no_grad()
@@ -230,5 +254,6 @@ def generate_stateful(model: nn.Module, prompt_ids: Sequence[int], cfg: Generati
     return out
 
 
-__all__ = ["StateCarrier", "tbptt_loss", "stream_task", "save_lm_weights", "unwrap_lm", "lm_metrics",
+__all__ = ["StateCarrier", "tbptt_loss", "stream_task", "save_lm_weights", "unwrap_lm", "save_ngram", "load_ngram",
+           "lm_metrics",
            "eval_targets", "evaluate_stateful_lm", "evaluate_ngram", "generate_stateful"]
