@@ -135,6 +135,7 @@ def test_feeding_in_pieces_with_the_state_equals_feeding_whole() -> None:
     b, state = m(idx[:, 7:8], state)
     c, _ = m(idx[:, 8:], state)
     torch.testing.assert_close(torch.cat([a, b, c], 1), whole)
+    torch.testing.assert_close(m(idx, m.init_state(2))[0], whole)  # the start state is "no history"
     # log_prob_targets scores each id of one sequence from the ids before it
     lp = m.log_prob_targets(idx[0])
     torch.testing.assert_close(lp.float(), whole[0, :-1].gather(1, idx[0, 1:, None])[:, 0])

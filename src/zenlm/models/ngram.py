@@ -49,7 +49,7 @@ The model is an ``nn.Module`` with buffers only (its state dict is the tables, s
 :func:`zenlm.recipes.ladder.save_ngram`), so it moves between devices like the others, and it speaks the same
 stateful protocol as the recurrent rungs (:mod:`zenlm.models.rnn`)::
 
-    logits_BTV, state = model(idx_BT, state)     # logits are log-probabilities; state = the last n−1 ids
+    logits_BTV, state = model(idx_BT, state)     # logits are log-probabilities; state = (the last n−1 ids,)
 """
 
 from __future__ import annotations
@@ -331,14 +331,18 @@ class NGramLM(nn.Module):
         ctx = seq.unfold(1, J, 1)[:, 1:] if J else seq.new_zeros(B, T, 0)  # window ending at each position
         return ctx, seq[:, seq.shape[1] - J:]
 
-    def forward(self, idx_BT: Tensor, state: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """Log-probabilities of the next token after every position: idx_BT [B, T] int64, state [B, n−1] or None
-        -> (logits_BTV float32 log P, new state [B, n−1]). Feeding a text in pieces with the returned state gives
-        the same result as feeding it whole."""
-        ctx, new_state = self.contexts(idx_BT, state)
+    def init_state(self, batch_size: int, device: torch.device | str | None = None) -> tuple[Tensor]:
+        """The start state: no history, ([B, n−1] of NO_TOKEN,)."""
+        return (torch.full((batch_size, self.config.order - 1), NO_TOKEN, dtype=torch.long, device=device),)
+
+    def forward(self, idx_BT: Tensor, state: tuple[Tensor, ...] | None = None) -> tuple[Tensor, tuple[Tensor]]:
+        """Log-probabilities of the next token after every position: idx_BT [B, T] int64, state = (the last n−1
+        ids [B, n−1],) or None -> (logits_BTV float32 log P, new state). Feeding a text in pieces with the returned
+        state gives the same result as feeding it whole."""
+        ctx, new_state = self.contexts(idx_BT, state[0] if state is not None else None)
         B, T, J = ctx.shape
         p = self.probs(ctx.reshape(B * T, J))
-        return p.log().float().view(B, T, -1), new_state
+        return p.log().float().view(B, T, -1), (new_state,)
 
     def log_prob_targets(self, ids_N: Tensor) -> Tensor:
         """Natural log P(ids[i] | the up to n−1 ids before it) for i = 1 .. N−1 -> [N−1] float64."""
