@@ -192,6 +192,7 @@ def test_cli(corpus_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[st
     tok.save(tmp_path / "tok")
     assert main(["wordvec", "coverage", str(out), "--tokenizer", str(tmp_path / "tok")]) == 0
     assert "vectors cover" in capsys.readouterr().out
+    assert main(["wordvec"]) == 2 and "coverage" in capsys.readouterr().out  # the group's own help
     (tmp_path / "bad.vec").write_text("not vectors at all\n")
     assert main(["wordvec", "eval", str(tmp_path / "bad.vec")]) == 2
     assert "zenlm: error:" in capsys.readouterr().err

@@ -543,7 +543,7 @@ def main(argv: list[str] | None = None) -> int:
         print(__version__)
         return 0
     if not hasattr(ns, "_fn"):
-        (parser if ns.verb not in ("tokenizer", "convert")
+        (parser if ns.verb not in ("tokenizer", "convert", "wordvec")
          else parser._subparsers._group_actions[0].choices[ns.verb]).print_help()
         return 2
     try:
