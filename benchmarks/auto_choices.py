@@ -34,10 +34,10 @@ from zenlm.train.loop import TrainConfig, fit
 from zenlm.train.optim import OptimConfig
 
 # The training shapes that "auto" decides for: the demo (default recipe, the demo's 4096-token BPE) and the
-# fast recipe on shakespeare-char (65 characters).
+# fast recipe on shakespeare-char (82 ids: its 77 characters and the special tokens).
 SHAPES = {
     "demo (default recipe)": ("default", 4096),
-    "fast recipe": ("fast", 65),
+    "fast recipe": ("fast", 82),
 }
 
 

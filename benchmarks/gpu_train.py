@@ -22,7 +22,8 @@ import torch
 
 from zenlm.models.gpt import GPT
 from zenlm.presets import get_preset
-from zenlm.train.loop import TrainConfig, fit
+from zenlm.recipes.pretrain import causal_lm_loss, causal_lm_targets
+from zenlm.train.loop import TrainConfig, apply_process_settings, fit
 from zenlm.train.optim import OptimConfig
 
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
@@ -70,16 +71,13 @@ def main() -> None:
         w = data[step % 64]
         return w[:, :-1], w[:, 1:]
 
-    def loss_fn(m, batch):
-        x, y = batch
-        logits = m(x)
-        return torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), y.flatten()), y.numel()
-
+    train = TrainConfig(max_steps=args.steps, eval_every=0, log_every=10, ckpt_every=0, device="cuda",
+                        precision="bf16", compile=args.compile, tensorboard=False)
+    apply_process_settings(train)  # TF32 matmuls
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
-        res = fit(model, get_batch, loss_fn, Path(tmp), TrainConfig(
-            max_steps=args.steps, eval_every=0, log_every=10, ckpt_every=0, device="cuda", precision="bf16",
-            compile=args.compile, tensorboard=False), OptimConfig(name=args.optimizer, warmup_steps=10))
+        res = fit(model, get_batch, causal_lm_loss, Path(tmp), train, OptimConfig(name=args.optimizer, warmup_steps=10),
+                  count_targets=causal_lm_targets)
         wall = time.perf_counter() - t0
         recs = [json.loads(x) for x in (Path(tmp) / "metrics.jsonl").read_text().splitlines()]
     steady = [r["tokens_per_s"] for r in recs if "tokens_per_s" in r][2:]  # skip compile / warm-up

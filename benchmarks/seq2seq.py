@@ -111,7 +111,7 @@ def train_and_decode(root: Path, name: str, arch: str, model: str, overrides: di
     run = root / name
     t0 = time.perf_counter()
     res = finetune_seq2seq(
-        train_file, run, arch=arch, model=model, model_overrides=overrides, tokenizer=tok, val_data=val_file,
+        train_file, run, arch=arch, model=model, model_overrides=overrides, tokenizer=tok, val=val_file,
         max_source_len=max_src, max_target_len=max_tgt, batch_size=batch_size, label_smoothing=0.1,
         train=TrainConfig(max_steps=100_000, max_seconds=budget_s, eval_every=0, log_every=50, ckpt_every=0,
                           device="cpu", precision=precision, tensorboard=False, seed=0),

@@ -24,6 +24,12 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 # earlier run left in ~/.cache (CLI subprocesses inherit it).
 os.environ["ZENLM_CACHE_DIR"] = tempfile.mkdtemp(prefix="zenlm-test-cache-")
 
+# Nothing reaches the Hugging Face Hub, and the `datasets` cache (lm-eval's local task files) is a fresh
+# directory. The `datasets` package reads these when it is imported, so they are set before any test runs.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ["HF_DATASETS_CACHE"] = tempfile.mkdtemp(prefix="zenlm-test-datasets-")
+
 EXTRA = "中文文本，人民日报。Ünïcödé façade — “quotes” 😀🚀\n"
 
 

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from zenlm.config import config_from_dict
 from zenlm.errors import ConfigError
 from zenlm.models.bert import BERT_PRESETS, Bert, BertConfig, get_bert_preset
+from zenlm.models.registry import config_from_dict
 
 
 @pytest.mark.parametrize("name", list(BERT_PRESETS))

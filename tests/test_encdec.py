@@ -6,9 +6,9 @@ import pytest
 import torch
 import yaml
 
-from zenlm.config import config_from_dict
 from zenlm.errors import ConfigError
 from zenlm.models.encdec import ENCDEC_PRESETS, EncDecConfig, EncoderDecoder, get_encdec_preset
+from zenlm.models.registry import config_from_dict
 from zenlm.rundir import build_model_from_run
 
 

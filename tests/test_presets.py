@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from zenlm.config import GPTConfig, config_from_dict
+from zenlm.config import GPTConfig
 from zenlm.errors import ConfigError
 from zenlm.models.gpt import GPT
+from zenlm.models.registry import config_from_dict
 from zenlm.presets import PRESETS, get_preset, list_presets
 
 EXPECTED = {"tiny", "demo", "classic-char", "gpt2-small", "gpt2-medium", "llama-tiny"}

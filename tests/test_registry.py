@@ -40,8 +40,13 @@ def test_overrides_merge_and_do_not_leak() -> None:
 
 
 def test_cli_flags_win_over_the_recipe(tmp_path, monkeypatch) -> None:
+    import functools
+
+    from zenlm.recipes.pretrain import pretrain
+
     seen = {}
 
+    @functools.wraps(pretrain)  # the CLI reads its flags from the recipe's signature
     def fake_pretrain(data, out, **kw):
         seen.update(kw)
         raise ConfigError("stop here")

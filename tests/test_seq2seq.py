@@ -13,8 +13,8 @@ import torch
 import zenlm
 import zenlm.seq2seq as s2s
 from zenlm.cli import main
+from zenlm.data.batches import IGNORE_INDEX as IGNORE
 from zenlm.data.seq2seq import (
-    IGNORE,
     Pair,
     PromptCompletionBatches,
     Seq2SeqBatches,
@@ -172,7 +172,7 @@ def _losses(run):
 def test_short_finetune_loss_falls_and_generates(tmp_path, reverse_pairs, letters_tok, arch, model):
     run = tmp_path / arch
     res = finetune_seq2seq(reverse_pairs / "train.jsonl", run, arch=arch, model=model, tokenizer=letters_tok,
-                           val_data=reverse_pairs / "val.jsonl", batch_size=32, label_smoothing=0.1,
+                           val=reverse_pairs / "val.jsonl", batch_size=32, label_smoothing=0.1,
                            train=_train(), optim=OptimConfig(lr=3e-3, min_lr=3e-4, warmup_steps=10,
                                                              weight_decay=0.0))
     losses = _losses(run)
@@ -257,11 +257,11 @@ def test_losses_match_the_formula():
     nll = -logp[keep].gather(1, labels[keep][:, None]).squeeze(1)
     eps = 0.1
     expected = ((1 - eps) * nll + eps * -logp[keep].mean(-1)).mean()  # smoothing mass spread over all V tokens
-    loss, n = seq2seq_loss(model, (src, mask, tgt_in, labels), label_smoothing=eps)
-    assert n == 6
-    torch.testing.assert_close(loss, expected)
-    plain, _ = seq2seq_loss(model, (src, mask, tgt_in, labels))
-    torch.testing.assert_close(plain, nll.mean())
+    out = seq2seq_loss(model, (src, mask, tgt_in, labels), label_smoothing=eps)
+    assert out.n_targets == 6 and out.n_tokens == 2 * 5 + 2 * 4
+    torch.testing.assert_close(out.loss_sum / out.n_targets, expected)
+    plain = seq2seq_loss(model, (src, mask, tgt_in, labels)).loss_sum
+    torch.testing.assert_close(plain, nll.sum())
 
 
 def test_jsonl_readers_refuse_files_that_are_not_utf8(tmp_path):

@@ -151,11 +151,11 @@ def test_non_finite_loss_is_caught_before_the_update(tmp_path: Path) -> None:
 
     def loss_fn(m, batch):
         calls["n"] += 1
-        loss, n = causal_lm_loss(m, batch)
+        out = causal_lm_loss(m, batch)
         if calls["n"] == 3:
             snapshot.update({k: v.detach().clone() for k, v in model.state_dict().items()})
-            loss = loss * float("nan")
-        return loss, n
+            out = out._replace(loss_sum=out.loss_sum * float("nan"))
+        return out
 
     x = torch.randint(0, 20, (2, 9))
     with pytest.raises(TrainingError, match="at step 3"):
@@ -171,8 +171,7 @@ def test_checkpoint_round_trip_and_corruption(tmp_path: Path) -> None:
     model = GPT(cfg)
     opts = build_optimizers(model, OptimConfig(name="muon"), "cpu")
     x = torch.randint(0, 20, (2, 9))
-    loss, _ = causal_lm_loss(model, (x[:, :-1], x[:, 1:]))
-    loss.backward()
+    causal_lm_loss(model, (x[:, :-1], x[:, 1:])).loss_sum.backward()
     for o in opts:
         o.step()
     path = save_checkpoint(tmp_path, 7, model, opts, {"elapsed_s": 1.5})

@@ -1,27 +1,29 @@
 """The Python API: ``lm = zenlm.load(RUN_DIR)`` then ``lm.generate(...)``, ``lm.stream(...)``,
 ``lm.perplexity(texts)``; for BERT and classifier runs ``lm.embed(texts)`` / ``lm.classify(texts)``
 (an :class:`zenlm.encoder.EncoderLM`), for encoder-decoders ``lm.generate(source)`` (zenlm.seq2seq).
+Which of these a run loads as follows from what its architecture can do (:func:`user_object`).
 """
 
 from __future__ import annotations
 
-import math
+import importlib
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from zenlm.config import GPTConfig
-from zenlm.device import resolve_device
-from zenlm.errors import CheckpointError, ConfigError
+from zenlm.device import model_device
+from zenlm.encoder import EncoderLM
+from zenlm.errors import ConfigError
+from zenlm.evaluate import bits_per_byte, perplexity
 from zenlm.generate import GenerationConfig, generate_text, generate_text_batch
 from zenlm.models.gpt import GPT
-from zenlm.rundir import build_model_from_run
+from zenlm.rundir import LoadedRun, load_run
+from zenlm.seq2seq import Seq2SeqLM
 from zenlm.tokenizer import Tokenizer
-from zenlm.train.checkpoint import list_checkpoints, load_model_weights
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class LM:
@@ -38,7 +40,7 @@ class LM:
 
     @property
     def device(self) -> torch.device:
-        return next(self.model.parameters()).device
+        return model_device(self.model)
 
     def stream(self, prompt: str, **kwargs) -> Iterator[str]:
         """Yield the continuation of ``prompt`` piece by piece. Keyword arguments: see GenerationConfig
@@ -92,63 +94,46 @@ class LM:
     def perplexity(self, texts: str | Sequence[str]) -> float:
         """exp(mean negative log-likelihood per token) of ``texts``."""
         total, n_tok, _ = self.nll(texts)
-        return math.exp(total / n_tok)
+        return perplexity(total / n_tok)
 
     def bits_per_byte(self, texts: str | Sequence[str]) -> float:
         """Summed NLL in bits divided by the UTF-8 bytes of ``texts`` (tokenizer-independent)."""
-        total, _, n_bytes = self.nll(texts)
-        return total / math.log(2) / max(n_bytes, 1)
+        total, n_tok, n_bytes = self.nll(texts)
+        return bits_per_byte(total / n_tok, max(n_bytes, 1) / n_tok)
 
 
-def load(run_dir: str | Path, *, device: str = "auto", dtype: str = "fp32") -> LM:
-    """Load a run directory (config.yaml, tokenizer.json, model.safetensors) as an :class:`LM`.
+def load(run_dir: str | Path, *, device: str = "auto", dtype: str = "fp32") -> LM | EncoderLM | Seq2SeqLM:
+    """Load a run directory (config.yaml, tokenizer.json, model.safetensors) as the object its model is used
+    through: an :class:`LM` (text generators), an :class:`~zenlm.encoder.EncoderLM` (encoders, classifiers) or a
+    :class:`~zenlm.seq2seq.Seq2SeqLM` (encoder-decoders); see :func:`user_object`.
 
     When ``model.safetensors`` is absent (a run that was stopped hard) the newest checkpoint is used.
     dtype: fp32 | bf16 | fp16 — the dtype of the weights for inference.
     """
-    run_dir = Path(run_dir)
-    if dtype not in DTYPES:
-        raise ConfigError(f"dtype {dtype!r} is not supported; choose fp32, bf16 or fp16.")
-    model, _, saved = build_model_from_run(run_dir)
-    if saved["model"].get("arch") == "encdec":  # source -> target: see zenlm.seq2seq.Seq2SeqLM
-        from zenlm.seq2seq import load as load_seq2seq
-
-        return load_seq2seq(run_dir, device=device, dtype=dtype)  # type: ignore[return-value]
-    task = saved.get("task") or {}
-    if saved["model"].get("arch") == "bert" or task.get("kind") == "classify":  # texts -> vectors or labels
-        from zenlm.encoder import EncoderLM
-
-        _load_weights(model, run_dir)
-        tokenizer = _load_tokenizer(run_dir)
-        model = model.to(resolve_device(device), dtype=DTYPES[dtype])
-        return EncoderLM(model, tokenizer, run_dir, labels=task.get("labels"),  # type: ignore[return-value]
-                         max_len=task.get("max_len"))
-    quant = saved.get("quantization") or {}
-    if quant:
-        from zenlm.models.int8 import METHOD, quantize_int8
-
-        if quant.get("method") != METHOD:
-            raise CheckpointError(f"{run_dir}/config.yaml names quantization {quant.get('method')!r}; this "
-                                  f"version reads {METHOD!r}.")
-        quantize_int8(model, empty=True)  # int8 layers, filled from model.safetensors below
-    _load_weights(model, run_dir)
-    tokenizer = _load_tokenizer(run_dir)
-    model = model.to(resolve_device(device), dtype=DTYPES[dtype])
-    return LM(model, tokenizer, run_dir)
+    return user_object(load_run(run_dir, device=device, dtype=dtype))
 
 
-def _load_weights(model: torch.nn.Module, run_dir: Path) -> None:
-    """model.safetensors of ``run_dir``, else its newest checkpoint's weights, into ``model``."""
-    weights = run_dir / "model.safetensors"
-    if not weights.is_file():
-        ckpts = list_checkpoints(run_dir / "checkpoints")
-        if not ckpts:
-            raise CheckpointError(f"{run_dir} has neither model.safetensors nor a checkpoint; train it first.")
-        weights = ckpts[-1] / "model.safetensors"
-    load_model_weights(model, weights)
+def user_object(run: LoadedRun) -> Any:
+    """What ``zenlm.load`` returns for a loaded run, decided by what its model can do (the first rule that
+    applies; capabilities come from the architecture registry, zenlm.models.registry):
 
-
-def _load_tokenizer(run_dir: Path) -> Tokenizer:
-    if not (run_dir / "tokenizer.json").is_file():
-        raise CheckpointError(f"{run_dir} has no tokenizer.json; copy the tokenizer of its data directory there.")
-    return Tokenizer.load(run_dir)
+        a classifier run (task.kind classify)   EncoderLM with the run's labels   (classify, embed)
+        the architecture names its own ``api``  whatever that function returns
+        "seq2seq"                               Seq2SeqLM                         (source -> target)
+        "causal-lm"                             LM                                (generate, perplexity)
+        "embed"                                 EncoderLM                         (embed, fill_mask)
+    """
+    task = run.saved.get("task") or {}
+    if run.task == "classify":
+        return EncoderLM(run.model, run.tokenizer, run.run_dir, labels=task.get("labels"), max_len=task.get("max_len"))
+    if run.arch.api:
+        module, _, name = run.arch.api.partition(":")
+        return getattr(importlib.import_module(module), name)(run)
+    if run.arch.can("seq2seq"):
+        return Seq2SeqLM.from_run(run)
+    if run.arch.can("causal-lm"):
+        return LM(run.model, run.tokenizer, run.run_dir)
+    if run.arch.can("embed"):
+        return EncoderLM(run.model, run.tokenizer, run.run_dir)
+    raise ConfigError(f"{run.run_dir} holds a {run.arch.title} model, which zenlm.load cannot open: it can "
+                      f"{', '.join(sorted(run.arch.capabilities))} but none of seq2seq, causal-lm or embed.")

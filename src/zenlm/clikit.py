@@ -6,16 +6,24 @@ hints choose the parsing (bool -> ``--flag/--no-flag``, ``Literal`` -> choices, 
 docstring is the help. Parameters named in ``positional`` are positional arguments. Every verb also
 accepts ``--config FILE``: a YAML mapping of flag names (dashes or underscores) to values; flags given
 on the command line win over the file.
+
+A verb that runs a library function (a recipe) takes its flags from that function instead of repeating its
+signature: :func:`params_of` reads the parameters of a function, or the fields of a settings dataclass
+(``TrainConfig``), with their types, defaults and documented meaning, and ``add_verb(..., params=...)``
+turns them into flags. The flags of such a verb are only built when the verb is used (or its ``--help`` is
+asked for), so ``zenlm --help`` imports no recipe.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import inspect
 import re
 import types
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -31,21 +39,80 @@ def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
     return tp, False
 
 
-def _arg_help(fn: Callable) -> tuple[str, dict[str, str]]:
-    doc = inspect.getdoc(fn) or ""
-    summary = doc.split("\n\n")[0].strip()
-    helps: dict[str, str] = {}
-    m = re.search(r"^Args:\s*$(.*?)(?=^\S|\Z)", doc, flags=re.M | re.S)
-    if m:
-        current = None
-        for line in m.group(1).splitlines():
-            hit = re.match(r"^\s{2,}(\w+):\s*(.*)$", line)
-            if hit:
-                current = hit.group(1)
-                helps[current] = hit.group(2).strip()
-            elif current and line.strip():
-                helps[current] += " " + line.strip()
-    return summary, helps
+REQUIRED = inspect.Parameter.empty  # the default of a parameter that has none
+
+
+@dataclass(frozen=True)
+class Param:
+    """One flag (or positional argument) of a verb: its name (``max_steps`` -> ``--max-steps``), its type hint,
+    its default (REQUIRED: none) and its help text."""
+
+    name: str
+    type: Any = str
+    default: Any = REQUIRED
+    help: str = ""
+
+
+_ENTRY = re.compile(r"^(\s*)(\w+(?:\s*/\s*\w+)*):\s+(.*)$")
+
+
+def _documented(doc: str, names: Iterable[str]) -> dict[str, str]:
+    """Help text per name from a docstring: the lines ``name: text`` (``a / b: text`` for two names), in an
+    ``Args:`` section or in a block of their own, each followed by more-indented continuation lines."""
+    wanted, helps = set(names), {}
+    current: list[str] = []
+    indent = 0
+    for line in doc.splitlines():
+        hit = _ENTRY.match(line)
+        keys = [k.strip() for k in hit.group(2).split("/")] if hit else []
+        if hit and keys and set(keys) <= wanted:
+            current, indent = keys, len(hit.group(1))
+            for k in keys:
+                helps[k] = hit.group(3).strip()
+        elif current and line.strip() and len(line) - len(line.lstrip()) > indent:
+            for k in current:
+                helps[k] += " " + line.strip()
+        else:
+            current = []
+    return {k: v.replace("``", "") for k, v in helps.items()}
+
+
+def params_of(
+    source: Callable | type,
+    *,
+    only: Sequence[str] | None = None,
+    skip: Iterable[str] = (),
+    defaults: Mapping[str, Any] | Any = None,
+    types: Mapping[str, Any] | None = None,
+    rename: Mapping[str, str] | None = None,
+    helps: Mapping[str, str] | None = None,
+) -> list[Param]:
+    """The parameters of function ``source``, or the fields of settings dataclass ``source``, as verb params.
+
+    only:     these names, in this order (default: all, in declaration order)
+    skip:     names to leave out (objects no flag can give: a ``train`` config, a progress callback)
+    defaults: a mapping, or an instance of the dataclass, whose values replace the declared defaults (what a
+              recipe passes when it builds the settings itself, e.g. ``TrainConfig(max_steps=1000)``)
+    types:    type hints to use instead of the declared ones (e.g. a Literal of the accepted values)
+    rename:   source name -> flag name (``{"name": "optimizer"}``)
+    helps:    help texts to use instead of the documented ones
+    """
+    if dataclasses.is_dataclass(source):
+        declared = {f.name: (f.default if f.default is not dataclasses.MISSING else
+                             f.default_factory() if f.default_factory is not dataclasses.MISSING else REQUIRED)
+                    for f in dataclasses.fields(source)}
+    else:
+        declared = {n: p.default for n, p in inspect.signature(source).parameters.items()}
+    if defaults is not None and not isinstance(defaults, Mapping):
+        defaults = {f.name: getattr(defaults, f.name) for f in dataclasses.fields(defaults)}
+    defaults, types, rename, helps = defaults or {}, types or {}, rename or {}, helps or {}
+    hints = typing.get_type_hints(source)
+    documented = _documented(inspect.getdoc(source) or "", declared)
+    names = list(only) if only is not None else [n for n in declared if n not in set(skip)]
+    unknown = [n for n in names if n not in declared]
+    assert not unknown, f"{getattr(source, '__name__', source)} has no parameters {unknown}"
+    return [Param(rename.get(n, n), types.get(n, hints.get(n, str)), defaults.get(n, declared[n]),
+                  helps.get(n, documented.get(n, ""))) for n in names]
 
 
 def _parse_bool(s: str) -> bool:
@@ -57,23 +124,62 @@ def _parse_bool(s: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {s!r}")
 
 
-def add_verb(sub: argparse._SubParsersAction, name: str, fn: Callable, positional: tuple[str, ...] = ()) -> None:
-    """Add ``fn`` as the sub-command ``name``."""
-    summary, helps = _arg_help(fn)
-    p = sub.add_parser(name, help=summary, description=inspect.getdoc(fn).split("Args:")[0].strip()
-                       if fn.__doc__ else None, formatter_class=argparse.RawDescriptionHelpFormatter)
+class VerbParser(argparse.ArgumentParser):
+    """An ArgumentParser that adds its arguments on first use: parsing, ``--help`` or usage text."""
+
+    populate: Callable[[], None] | None = None
+
+    def _populated(self) -> None:
+        if self.populate is not None:
+            populate, self.populate = self.populate, None
+            populate()
+
+    def parse_known_args(self, args: Any = None, namespace: Any = None) -> Any:  # type: ignore[override]
+        self._populated()
+        return super().parse_known_args(args, namespace)
+
+    def format_help(self) -> str:
+        self._populated()
+        return super().format_help()
+
+    def format_usage(self) -> str:
+        self._populated()
+        return super().format_usage()
+
+
+def add_verb(sub: argparse._SubParsersAction, name: str, fn: Callable, positional: tuple[str, ...] = (),
+             params: Sequence[Param] | Callable[[], Sequence[Param]] | None = None) -> None:
+    """Add ``fn`` as the sub-command ``name``. Its flags are ``params`` (a list, or a function returning one,
+    called when the verb is first used), by default :func:`params_of` ``(fn)``; ``fn`` is called with one
+    keyword argument per param. The verb's summary and description come from ``fn``'s docstring."""
+    doc = inspect.getdoc(fn) or ""
+    p = sub.add_parser(name, help=doc.split("\n\n")[0].strip(), description=doc.split("Args:")[0].strip() or None,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.set_defaults(_fn=fn, _parser=p, _positional=positional)
+
+    def populate() -> None:
+        found = list(params() if callable(params) else params if params is not None else params_of(fn))
+        own = _documented(doc, [q.name for q in found])  # the verb's own wording of a flag wins
+        _add_params(p, [dataclasses.replace(q, help=own.get(q.name) or q.help) for q in found], positional)
+
+    if isinstance(p, VerbParser):
+        p.populate = populate
+    else:
+        populate()
+
+
+def _add_params(p: argparse.ArgumentParser, params: list[Param], positional: tuple[str, ...]) -> None:
     p.add_argument("--config", type=Path, metavar="FILE", help="YAML file with flag values (flags on the "
                    "command line win)")
-    hints = typing.get_type_hints(fn)
     required: list[str] = []
-    for pname, param in inspect.signature(fn).parameters.items():
-        if pname.startswith("_"):
+    for param in params:
+        if param.name.startswith("_"):
             continue
-        tp, _ = _unwrap_optional(hints.get(pname, str))
-        has_default = param.default is not inspect.Parameter.empty
-        kw: dict[str, Any] = {"help": helps.get(pname, "")}
+        tp, _ = _unwrap_optional(param.type)
+        has_default = param.default is not REQUIRED
+        kw: dict[str, Any] = {"help": param.help.replace("%", "%%")}  # argparse %-formats help strings
         if has_default and param.default is not None and tp is not bool:
-            kw["help"] += f" (default: {param.default})"
+            kw["help"] += f" (default: {param.default})".replace("%", "%%")
         origin = typing.get_origin(tp)
         if origin is Literal:
             choices = typing.get_args(tp)
@@ -91,19 +197,19 @@ def add_verb(sub: argparse._SubParsersAction, name: str, fn: Callable, positiona
             kw["type"] = Path
         else:
             kw["type"] = str
-        if pname in positional:
+        if param.name in positional:
             if has_default:  # optional: a list may be empty, a single value may be left out
                 kw["nargs"] = "*" if kw.get("nargs") == "+" else "?"
-            p.add_argument(pname, **kw, default=param.default if has_default else None)
+            p.add_argument(param.name, **kw, default=param.default if has_default else None)
             continue
-        flag = "--" + pname.replace("_", "-")
-        kw["dest"] = pname
+        flag = "--" + param.name.replace("_", "-")
+        kw["dest"] = param.name
         kw["default"] = param.default if has_default else None
         if not has_default:
-            required.append(pname)
+            required.append(param.name)
             kw["help"] += " (required)"
         p.add_argument(flag, **kw)
-    p.set_defaults(_fn=fn, _required=required, _parser=p, _positional=positional)
+    p.set_defaults(_required=required, _params=[q.name for q in params])
 
 
 def _apply_config_file(ns: argparse.Namespace, argv: list[str]) -> None:
@@ -147,6 +253,4 @@ def call_verb(ns: argparse.Namespace, argv: list[str]) -> Any:
     if missing:
         ns._parser.error("the following arguments are required: "
                          + ", ".join(n if n in ns._positional else "--" + n.replace("_", "-") for n in missing))
-    fn = ns._fn
-    kwargs = {n: getattr(ns, n) for n in inspect.signature(fn).parameters if hasattr(ns, n)}
-    return fn(**kwargs)
+    return ns._fn(**{n: getattr(ns, n) for n in ns._params if hasattr(ns, n)})

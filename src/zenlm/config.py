@@ -1,15 +1,18 @@
 """Typed, validated model configurations.
 
 A config is a plain dataclass: everything needed to rebuild a model, nothing else. It is saved into
-``RUN_DIR/config.yaml`` (as a dict under ``model:``) and rebuilt with :func:`config_from_dict`.
-Named presets live in :mod:`zenlm.presets`.
+``RUN_DIR/config.yaml`` (as a dict under ``model:``) and rebuilt with
+:func:`zenlm.models.registry.config_from_dict`. This module holds the decoder's :class:`GPTConfig` and what every
+family's config shares: validation helpers, :func:`dataclass_from_dict`, and the one :class:`Preset` format
+(named shapes; the GPT ones are in :mod:`zenlm.presets`, each other family's next to its model).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
-from typing import Any, Literal, TypeVar
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal, TypeVar
 
 from zenlm.errors import ConfigError
 
@@ -46,8 +49,24 @@ def _check_rope_scaling(scaling: Any) -> None:
     _check_positive("rope_scaling factor", scaling["factor"])
 
 
+class ModelConfig:
+    """What every architecture's config dataclass shares: :meth:`to_dict` gives the ``model:`` section of
+    config.yaml, ``{"arch": ARCH, **fields}``, and :meth:`from_dict` rebuilds the config from it. A subclass
+    sets ``ARCH`` to the name it is registered under (zenlm.models.registry)."""
+
+    ARCH: ClassVar[str]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"arch": self.ARCH, **dataclasses.asdict(self)}  # type: ignore[call-overload]
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Any:
+        """Rebuild from :meth:`to_dict` output (``arch`` may be present; unknown fields are refused)."""
+        return dataclass_from_dict(cls, d)
+
+
 @dataclass
-class GPTConfig:
+class GPTConfig(ModelConfig):
     """A decoder-only Transformer (GPT-2 and Llama families are both points in this space).
 
     vocab_size:     number of token ids the embedding accepts
@@ -100,6 +119,7 @@ class GPTConfig:
     attn_proj_bias: bool | None = None
     mlp_bias: bool | None = None
     rope_scaling: dict[str, Any] | None = None
+    ARCH: ClassVar[str] = "gpt"
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
@@ -136,9 +156,6 @@ class GPTConfig:
     def head_dim(self) -> int:
         return self.n_embd // self.n_head
 
-    def to_dict(self) -> dict[str, Any]:
-        return {"arch": "gpt", **dataclasses.asdict(self)}
-
     def num_params(self, include_embedding: bool = True) -> int:
         """Parameter count computed from the shapes (matches ``sum(p.numel())`` of the built model)."""
         C, L, V, F = self.n_embd, self.n_layer, self.vocab_size, self.mlp_hidden
@@ -170,8 +187,17 @@ def dataclass_from_dict(cls: type[_T], d: dict[str, Any]) -> _T:
     return cls(**d)
 
 
-def preset_config(cls: type[_T], fields: dict[str, Any], overrides: dict[str, Any]) -> _T:
-    """A preset's fields with ``overrides`` on top, as config dataclass ``cls``; unknown override names are
+@dataclass(frozen=True)
+class Preset:
+    """A named model shape: a one-line description and the config fields it sets (anything it does not name
+    keeps the config class's default). Every architecture's presets use this one format."""
+
+    description: str
+    fields: dict[str, Any] = field(default_factory=dict)
+
+
+def make_config(cls: type[_T], fields: dict[str, Any], overrides: dict[str, Any]) -> _T:
+    """Config dataclass ``cls`` from a preset's ``fields`` with ``overrides`` on top; unknown override names are
     refused with the list of the fields there are."""
     known = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     unknown = sorted(set(overrides) - known)
@@ -180,19 +206,10 @@ def preset_config(cls: type[_T], fields: dict[str, Any], overrides: dict[str, An
     return cls(**{**fields, **overrides})
 
 
-def config_from_dict(d: dict[str, Any]) -> GPTConfig:
-    """Rebuild a model config from :meth:`to_dict` output (the ``model:`` section of config.yaml)."""
-    d = dict(d)
-    arch = d.pop("arch", "gpt")
-    if arch == "encdec":  # encoder-decoder; imported here because the model modules import this one
-        from zenlm.models.encdec import EncDecConfig
-
-        return EncDecConfig.from_dict(d)  # type: ignore[return-value]
-    if arch == "bert":
-        from zenlm.models.bert import BertConfig
-
-        return BertConfig.from_dict(d)  # type: ignore[return-value]
-    if arch != "gpt":
-        raise ConfigError(f"unknown model architecture {arch!r} in config; this version knows 'gpt', 'bert' "
-                          "and 'encdec'.")
-    return dataclass_from_dict(GPTConfig, d)
+def config_from_preset(cls: type[_T], presets: Mapping[str, Preset], name: str, overrides: dict[str, Any],
+                       title: str = "model") -> _T:
+    """Config dataclass ``cls`` of preset ``name`` (one of ``presets``) with ``overrides`` on top; an unknown
+    name is refused with the list of presets (``title`` names the family in the message)."""
+    if name not in presets:
+        raise ConfigError(f"unknown {title} preset {name!r}; choose one of: {', '.join(presets)}.")
+    return make_config(cls, presets[name].fields, overrides)

@@ -28,6 +28,8 @@ from zenlm.errors import ConfigError
 
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+# Weight dtypes for inference (``zenlm.load(RUN, dtype=...)``, ``--dtype``), by name.
+DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -49,6 +51,20 @@ def resolve_device(name: str = "auto") -> torch.device:
     if dev.type not in ("cpu", "cuda", "mps"):
         raise ConfigError(f"device type {dev.type!r} is not supported; use auto, cpu, cuda or mps.")
     return dev
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    """"fp32" | "bf16" | "fp16" -> the torch dtype (ConfigError naming the choices otherwise)."""
+    if name not in DTYPES:
+        raise ConfigError(f"dtype {name!r} is not supported; choose fp32, bf16 or fp16.")
+    return DTYPES[name]
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    """The device a model's tensors live on (its first parameter's, or buffer's for a model of counts)."""
+    for t in (*model.parameters(), *model.buffers()):
+        return t.device
+    return torch.device("cpu")
 
 
 # ------------------------------------------------------------------------------------ what the CPU can do

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from zenlm.data.classify import encode_for_model, pad_batch
+from zenlm.device import model_device
 from zenlm.errors import ConfigError
 from zenlm.tokenizer import Tokenizer
 
@@ -53,7 +54,7 @@ class EncoderLM:
 
     @property
     def device(self) -> torch.device:
-        return next(self.model.parameters()).device
+        return model_device(self.model)
 
     def _batches(self, texts: str | Sequence[str], batch_size: int) -> Any:
         texts = [texts] if isinstance(texts, str) else list(texts)

@@ -1,5 +1,10 @@
 """Evaluation metrics.
 
+Language-model scores come from the mean cross-entropy ``loss`` in nats per token:
+
+    perplexity    = exp(loss)                                   the effective number of equally likely choices
+    bits per byte = loss / ln 2 / (UTF-8 bytes per token)       comparable across tokenizers
+
 Generation metrics compare system outputs ("predictions") with human references, one reference per output.
 They are computed by the standard packages, so the numbers match published ones:
 
@@ -16,6 +21,7 @@ scikit-learn, and agree with ``sklearn.metrics`` used with ``zero_division=0``.
 
 from __future__ import annotations
 
+import math
 import operator
 import re
 import unicodedata
@@ -30,6 +36,16 @@ Lang = Literal["auto", "en", "zh"]
 _CJK = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0002ffff]")
 # a CJK character, or a run of ASCII letters/digits (rouge-score's idea of an English word)
 _ZH_TOKEN = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0002ffff]|[a-z0-9]+")
+
+
+def perplexity(loss: float) -> float:
+    """exp(loss) for a mean cross-entropy in nats per token (capped at exp(50) so a diverged run still prints)."""
+    return math.exp(min(loss, 50.0))
+
+
+def bits_per_byte(loss: float, bytes_per_token: float) -> float:
+    """A mean cross-entropy in nats per token as bits per UTF-8 byte of text: loss / ln 2 / bytes_per_token."""
+    return loss / math.log(2) / bytes_per_token
 
 
 def detect_lang(texts: Sequence[str]) -> Literal["en", "zh"]:
@@ -342,5 +358,5 @@ def classification_report_from_names(true_names: Sequence[str], pred_names: Sequ
     return classification_report(y_true, y_pred, names)
 
 
-__all__ = ["bleu", "chrf", "rouge", "generation_metrics", "detect_lang", "confusion_matrix",
+__all__ = ["perplexity", "bits_per_byte", "bleu", "chrf", "rouge", "generation_metrics", "detect_lang", "confusion_matrix",
            "ClassificationReport", "classification_report", "classification_report_from_names"]

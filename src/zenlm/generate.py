@@ -571,10 +571,11 @@ def _stream_text(
 
 
 def generate_text_batch(
-    model: GPT, tokenizer: TextTokenizer, prompts: Sequence[str], cfg: GenerationConfig
+    model: GPT, tokenizer: TextTokenizer, prompts: Sequence[str] | Sequence[Sequence[int]],
+    cfg: GenerationConfig,
 ) -> list[str]:
-    """The continuation of each of ``prompts`` (a list of strings), generated together by
-    :func:`generate_batch` -> one string per prompt, in order.
+    """The continuation of each of ``prompts`` (a list of strings, or of token-id lists taken as they are),
+    generated together by :func:`generate_batch` -> one string per prompt, in order.
 
     Each string is what ``"".join(generate_text(model, tokenizer, prompt, cfg))`` gives for greedy decoding
     (for sampling, prompt i draws with seed ``cfg.seed + i``): stop strings end a row as soon as they are
@@ -586,7 +587,7 @@ def generate_text_batch(
     start = tokenizer.eos_id if tokenizer.eos_id is not None else tokenizer.bos_id
     ids_list = []
     for prompt in prompts:
-        ids = tokenizer.encode(prompt)
+        ids = tokenizer.encode(prompt) if isinstance(prompt, str) else [int(i) for i in prompt]
         if not ids:
             if start is None:
                 raise ConfigError("a prompt is empty and the tokenizer has no bos/eos token to start from; "

@@ -1,30 +1,21 @@
-"""Named model shapes: ``get_preset("demo", vocab_size=tok.vocab_size)`` -> GPTConfig.
+"""Named GPT shapes: ``get_preset("demo", vocab_size=tok.vocab_size)`` -> GPTConfig.
 
 A preset is a set of GPTConfig fields; anything it does not name keeps the GPTConfig default, and any
 field can be overridden by keyword. The vocabulary size normally comes from the tokenizer, so pass it.
+The table is registered with the "gpt" architecture (:mod:`zenlm.models.registry`), which lists every
+family's presets together (``zenlm presets``); the other families keep theirs next to their model.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Any
 
-from zenlm.config import GPTConfig, preset_config
-from zenlm.errors import ConfigError
+from zenlm.config import GPTConfig, Preset, config_from_preset
 
 # Fields shared by the two GPT-2 presets: learned positions, LayerNorm with biases, tanh-GELU MLP,
 # tied embeddings, GPT-2's 50257-token vocabulary and 1024-token context. Dropout stays 0 (pretraining).
 _GPT2 = dict(vocab_size=50257, block_size=1024, pos="learned", norm="layernorm", mlp="gelu",
              bias=True, tie_embeddings=True, dropout=0.0)
-
-
-@dataclass(frozen=True)
-class Preset:
-    """A named model shape: a one-line description and the GPTConfig fields it sets."""
-
-    description: str
-    fields: dict[str, Any] = field(default_factory=dict)
-
 
 PRESETS: dict[str, Preset] = {
     "tiny": Preset(
@@ -59,7 +50,7 @@ PRESETS: dict[str, Preset] = {
 
 
 def list_presets() -> dict[str, str]:
-    """Preset names (in registry order) mapped to their one-line descriptions."""
+    """GPT preset names (in table order) mapped to their one-line descriptions."""
     return {name: preset.description for name, preset in PRESETS.items()}
 
 
@@ -68,9 +59,7 @@ def get_preset(name: str, **overrides: Any) -> GPTConfig:
 
     Typical use: ``get_preset("demo", vocab_size=tokenizer.vocab_size, n_layer=6)``.
     """
-    if name not in PRESETS:
-        raise ConfigError(f"unknown model preset {name!r}; choose one of: {', '.join(PRESETS)}.")
-    return preset_config(GPTConfig, PRESETS[name].fields, overrides)
+    return config_from_preset(GPTConfig, PRESETS, name, overrides, "GPT")
 
 
 __all__ = ["PRESETS", "Preset", "get_preset", "list_presets"]

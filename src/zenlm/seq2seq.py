@@ -17,13 +17,10 @@ from typing import Any
 import torch
 
 from zenlm.beam import BeamConfig, beam_search_encdec, beam_search_gpt
-from zenlm.device import resolve_device
-from zenlm.errors import CheckpointError, ConfigError
-from zenlm.rundir import build_model_from_run
+from zenlm.errors import ConfigError
+from zenlm.models.registry import get_architecture
+from zenlm.rundir import LoadedRun, load_run
 from zenlm.tokenizer import Tokenizer
-from zenlm.train.checkpoint import list_checkpoints, load_model_weights
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class Seq2SeqLM:
@@ -36,6 +33,8 @@ class Seq2SeqLM:
         self.settings = settings
         self.run_dir = run_dir
         self.arch = settings.get("arch", "encdec")
+        # an encoder-decoder reads the source on its own; a decoder-only model continues "source <sep>"
+        self.reads_source = get_architecture(self.arch).can("seq2seq")
 
     @property
     def config(self) -> Any:
@@ -46,9 +45,7 @@ class Seq2SeqLM:
             raise ConfigError("every source must be a non-empty string.")
         s = self.settings
         ids = self.tokenizer.encode(text)[: int(s["max_source_tokens"])]
-        if self.arch == "encdec":
-            return ids + [int(s["eos_id"])]
-        return ids + [int(s["sep_id"])]
+        return ids + [int(s["eos_id"] if self.reads_source else s["sep_id"])]
 
     def generate(self, sources: str | Sequence[str], *, num_beams: int = 4, max_new_tokens: int | None = None,
                  length_penalty: float = 1.0, early_stopping: bool = False, no_repeat_ngram_size: int = 0,
@@ -66,14 +63,13 @@ class Seq2SeqLM:
                          no_repeat_ngram_size=no_repeat_ngram_size)
         ids = [self._source_ids(t) for t in texts]
         eos = int(s["eos_id"])
-        if self.arch == "encdec":
+        if self.reads_source:
             hyps = beam_search_encdec(self.model, ids, cfg, start_id=int(s["bos_id"]), eos_id=eos,
                                       pad_id=int(s["pad_id"]), use_cache=use_cache, batch_size=batch_size)
         else:
             hyps = beam_search_gpt(self.model, ids, cfg, eos_id=eos, use_cache=use_cache, batch_size=batch_size)
         outs = [self.tokenizer.decode(h[0].tokens, skip_special=True).strip() for h in hyps]
         return outs[0] if single else outs
-
 
     def stream(self, prompt: str, *, max_new_tokens: int | None = None, num_beams: int = 4,
                **ignored: Any) -> Iterator[str]:
@@ -83,30 +79,20 @@ class Seq2SeqLM:
         settings of :class:`zenlm.generate.GenerationConfig` (temperature, top_k, ...) are not used."""
         yield str(self.generate(prompt, num_beams=num_beams, max_new_tokens=max_new_tokens or None))
 
+    @classmethod
+    def from_run(cls, run: LoadedRun) -> Seq2SeqLM:
+        """The Seq2SeqLM of a loaded run; ConfigError when it was not trained on source/target pairs."""
+        settings = run.saved.get("seq2seq")
+        if settings is None:
+            raise ConfigError(f"{run.run_dir} was not trained on source/target pairs (config.yaml has no seq2seq "
+                              "section); train one with `zenlm finetune seq2seq`.")
+        return cls(run.model, run.tokenizer, settings, run.run_dir)
+
 
 def load(run_dir: str | Path, *, device: str = "auto", dtype: str = "fp32") -> Seq2SeqLM:
-    """Load a run directory written by ``zenlm finetune seq2seq`` as a :class:`Seq2SeqLM`."""
-    run_dir = Path(run_dir)
-    if dtype not in DTYPES:
-        raise ConfigError(f"dtype {dtype!r} is not supported; choose fp32, bf16 or fp16.")
-    model, _, saved = build_model_from_run(run_dir)
-    settings = saved.get("seq2seq")
-    if settings is None:
-        raise ConfigError(f"{run_dir} was not trained on source/target pairs (config.yaml has no seq2seq "
-                          "section); train one with `zenlm finetune seq2seq`.")
-    weights = run_dir / "model.safetensors"
-    if not weights.is_file():
-        ckpts = list_checkpoints(run_dir / "checkpoints")
-        if not ckpts:
-            raise CheckpointError(f"{run_dir} has neither model.safetensors nor a checkpoint; train it first.")
-        weights = ckpts[-1] / "model.safetensors"
-    load_model_weights(model, weights)
-    tokenizer = Tokenizer.load(run_dir)
-    model = model.to(resolve_device(device), dtype=DTYPES[dtype])
-    return Seq2SeqLM(model, tokenizer, settings, run_dir)
-
-
-
+    """Load a run directory written by ``zenlm finetune seq2seq`` as a :class:`Seq2SeqLM` (an encoder-decoder,
+    or a decoder-only model trained on pairs, which ``zenlm.load`` opens as a plain LM)."""
+    return Seq2SeqLM.from_run(load_run(run_dir, device=device, dtype=dtype))
 
 
 def evaluate_generation(lm: Seq2SeqLM, pairs: Sequence[Any], *, metrics: Sequence[str] = ("bleu", "chrf", "rouge"),

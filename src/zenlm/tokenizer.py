@@ -39,6 +39,7 @@ import tokenizers
 from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers, trainers
 
 from zenlm.errors import ConfigError, DataError
+from zenlm.fileio import atomic_write_text
 from zenlm.progress import ProgressFn, report
 
 log = logging.getLogger(__name__)
@@ -254,8 +255,8 @@ class Tokenizer:
         """Write ``out_dir/tokenizer.json`` and ``out_dir/tokenizer_config.json`` (each via temp file + rename)."""
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        _atomic_write(out / "tokenizer.json", self.hf.to_str(pretty=True))
-        _atomic_write(out / "tokenizer_config.json", json.dumps(self.config_dict(), indent=2, ensure_ascii=False))
+        atomic_write_text(out / "tokenizer.json", self.hf.to_str(pretty=True))
+        atomic_write_text(out / "tokenizer_config.json", json.dumps(self.config_dict(), indent=2, ensure_ascii=False))
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> Tokenizer:
@@ -276,6 +277,12 @@ class Tokenizer:
                 cfg = json.loads(cfg_file.read_text(encoding="utf-8"))
             except (json.JSONDecodeError, UnicodeDecodeError) as e:
                 raise DataError(f"{cfg_file} is not valid JSON ({e}).") from None
+            if not isinstance(cfg, dict):
+                raise DataError(f"{cfg_file} must hold a JSON object (special tokens, chat template), not a "
+                                f"{type(cfg).__name__}; fix it or delete it to use the defaults.")
+            tpl = cfg.get("chat_template")
+            if tpl is not None and not isinstance(tpl, (str, list)):
+                raise DataError(f"{cfg_file}: 'chat_template' must be a string or a list of named templates.")
         model_type = type(hf.model).__name__
         kind = cfg.get("zenlm_kind") or _HF_KIND.get(model_type)
         if kind not in KINDS:
@@ -312,10 +319,25 @@ def _role_tokens(cfg: dict[str, Any], hf: tokenizers.Tokenizer) -> dict[str, str
     return roles
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+def render_chat(tokenizer: Tokenizer, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+    """The prompt text for ``messages`` (``[{"role": ..., "content": ...}]``) from the tokenizer's Jinja chat
+    template, rendered in a sandbox (a template cannot reach Python objects); the template sees the special
+    tokens as ``bos_token``, ``eos_token``, ... DataError when the template refuses or fails on the messages."""
+    import jinja2.sandbox
+
+    env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+
+    def raise_exception(message: str) -> None:
+        raise DataError(f"the chat template refused the messages: {message}")
+
+    env.globals["raise_exception"] = raise_exception
+    tokens = {f"{role}_token": tok for role, tok in tokenizer.role_tokens.items()
+              if getattr(tokenizer, f"{role}_id", None) is not None}
+    try:
+        tpl = env.from_string(tokenizer.chat_template)
+        return tpl.render(messages=messages, add_generation_prompt=add_generation_prompt, **tokens)
+    except jinja2.TemplateError as e:
+        raise DataError(f"the chat template failed on these messages ({e}).") from None
 
 
 class StreamDecoder:

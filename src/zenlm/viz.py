@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import json
-import os
+import logging
+import re
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -15,6 +18,7 @@ from matplotlib import font_manager  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
 from zenlm.errors import DataError  # noqa: E402
+from zenlm.fileio import atomic_path
 
 
 def read_metrics(path: str | Path) -> list[dict]:
@@ -50,19 +54,33 @@ def plot_loss_curve(metrics_path: str | Path, out_png: str | Path, title: str | 
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    out_png = Path(out_png)
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_png.with_name(f".{out_png.stem}.tmp-{os.getpid()}.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, out_png)
-    return out_png
+    return _save_atomic(fig, out_png)
 
 
-# CJK fonts that may be installed; used first when a label has characters DejaVu Sans lacks (no downloads:
-# when none is installed matplotlib falls back and draws empty boxes, with a "missing glyph" warning).
+# CJK fonts that may be installed (`make install` adds Debian's fonts-wqy-microhei where apt is available); used
+# first when a label has characters DejaVu Sans lacks. Without any, matplotlib would draw empty boxes and print
+# a "missing glyph" warning per character: zenlm says so once instead, in one line.
 _CJK_FONTS = ("Noto Sans CJK SC", "Noto Sans SC", "Source Han Sans SC", "WenQuanYi Zen Hei", "WenQuanYi Micro Hei",
               "SimHei", "Microsoft YaHei", "PingFang SC", "Heiti SC", "Arial Unicode MS")
+_CJK_FILES = re.compile(r"(wqy|notosanscjk|notoserifcjk|sourcehan|simhei|msyh|pingfang|heiti|arialuni)", re.I)
+log = logging.getLogger(__name__)
+
+
+@functools.lru_cache(maxsize=1)
+def cjk_fonts() -> tuple[str, ...]:
+    """Installed font families that can draw Chinese, best first. Looks in matplotlib's font list and then
+    in the system's font folders directly: matplotlib caches its list, so a font installed after the cache was
+    written (e.g. by `make install`) would otherwise stay invisible."""
+    known = {f.name for f in font_manager.fontManager.ttflist}
+    if not any(name in known for name in _CJK_FONTS):
+        for path in font_manager.findSystemFonts():
+            if _CJK_FILES.search(Path(path).name):
+                try:
+                    font_manager.fontManager.addfont(path)
+                except (OSError, RuntimeError, ValueError):
+                    continue
+        known = {f.name for f in font_manager.fontManager.ttflist}
+    return tuple(name for name in _CJK_FONTS if name in known)
 
 
 def _font_families(labels: Sequence[str]) -> list[str]:
@@ -70,8 +88,15 @@ def _font_families(labels: Sequence[str]) -> list[str]:
     default = list(plt.rcParams["font.sans-serif"])
     if all(ch.isascii() for label in labels for ch in label):
         return default
-    installed = {f.name for f in font_manager.fontManager.ttflist}
-    return [f for f in _CJK_FONTS if f in installed] + default
+    found = cjk_fonts()
+    if not found and any(_is_cjk(ch) for label in labels for ch in label):
+        log.warning("no font that can draw Chinese is installed, so the plot's Chinese labels show as boxes; "
+                    "install one (Debian/Ubuntu: apt install fonts-wqy-microhei, or fonts-noto-cjk)")
+    return list(found) + default
+
+
+def _is_cjk(ch: str) -> bool:
+    return "\u2e80" <= ch <= "\u9fff" or "\uf900" <= ch <= "\ufaff" or "\uff00" <= ch <= "\uffef"
 
 
 def _check_matrix(matrix: Sequence[Sequence[int]], labels: Sequence[str]) -> list[list[float]]:
@@ -88,13 +113,11 @@ def _save_atomic(fig: Figure, path: str | Path) -> Path:
     """Save ``fig`` as a PNG at ``path`` via a temporary file and a rename; creates parent directories."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.png")
     try:
-        fig.savefig(tmp, format="png")
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format="png")
     finally:
         plt.close(fig)
-        tmp.unlink(missing_ok=True)
     return path
 
 
@@ -116,7 +139,9 @@ def plot_confusion_matrix(matrix: Sequence[Sequence[int]], labels: Sequence[str]
     if normalize:
         rows = [[x / total for x in row] if (total := sum(row)) else [0.0] * n for row in rows]
     size = min(4.0 + 0.5 * n, 20.0)
-    with plt.rc_context({"font.sans-serif": _font_families(labels)}):
+    with plt.rc_context({"font.sans-serif": _font_families(labels)}), warnings.catch_warnings():
+        # a missing glyph was already reported once, above; matplotlib would repeat it per character
+        warnings.filterwarnings("ignore", message=r"Glyph \d+ .* missing from font")
         fig, ax = plt.subplots(figsize=(size, size * 0.9), dpi=110)
         image = ax.imshow(rows, cmap="Blues", vmin=0.0, vmax=1.0 if normalize else None)
         fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)

@@ -14,6 +14,7 @@ from zenlm.serve.engine import (
     Engine,
     FinishEvent,
     Overloaded,
+    PromptEvent,
     SamplingParams,
     Sequence,
     TokenEvent,
@@ -90,3 +91,56 @@ def test_submit_refuses_overflow_and_long_prompts(char_tok):
             engine.submit([Sequence([1], SamplingParams(), lambda ev: None)] * 2)
     finally:
         engine.close()
+
+
+def test_scored_prompts_are_prefilled_between_decode_steps_of_others(char_tok):
+    """Prompts that are only scored (max_tokens 0) go through the model like a prefill, a budget of prompt
+    tokens per loop at a time, while a running sequence keeps decoding, unchanged."""
+    cfg = GPTConfig(vocab_size=char_tok.vocab_size, block_size=64, n_layer=2, n_head=2, n_embd=32,
+                    init_std=0.5)
+    torch.manual_seed(0)
+    model = GPT(cfg).eval()
+    engine = Engine(model, char_tok, max_concurrency=4, max_prefill_tokens=8)
+    gen_prompt = char_tok.encode("Hamlet")
+    texts = ["To be!", "or not", "Romeo."]  # 6 tokens each: one per loop under a budget of 8
+    done = threading.Semaphore(0)
+    generated: list[int] = []
+    scored: dict[int, tuple[int, PromptEvent]] = {}
+
+    def on_gen(ev) -> None:
+        if isinstance(ev, TokenEvent):
+            generated.append(ev.token_id)
+        elif isinstance(ev, FinishEvent):
+            done.release()
+
+    def on_score(i: int):
+        def emit(ev) -> None:
+            if isinstance(ev, PromptEvent):
+                scored[i] = (engine.steps, ev)  # decode steps taken when this prompt was scored
+            elif isinstance(ev, FinishEvent):
+                assert ev.completion_tokens == 0 and ev.finish_reason == "length"
+                done.release()
+        return emit
+
+    try:
+        score_only = SamplingParams(max_tokens=0, prompt_logprobs=2)
+        engine.submit([Sequence(gen_prompt, SamplingParams(max_tokens=30, temperature=0), on_gen)]
+                      + [Sequence(char_tok.encode(t), score_only, on_score(i)) for i, t in enumerate(texts)])
+        for _ in range(4):
+            assert done.acquire(timeout=60)
+    finally:
+        engine.close()
+    assert [scored[i][0] for i in range(3)] == [1, 2, 3]  # one decode step of the other sequence in between
+    want = list(generate_ids(model, gen_prompt, GenerationConfig(max_new_tokens=30, temperature=0)))
+    assert generated == want
+    for i, t in enumerate(texts):
+        ids = char_tok.encode(t)
+        ev = scored[i][1]
+        with torch.no_grad():
+            logprobs_TV = torch.log_softmax(model(torch.tensor([ids]))[0, :-1], -1)
+        assert ev.token_ids == ids and ev.logprobs[0] is None and ev.top_logprobs[0] is None
+        want = logprobs_TV.gather(-1, torch.tensor(ids[1:])[:, None])[:, 0]
+        torch.testing.assert_close(torch.tensor(ev.logprobs[1:]), want)
+        best = [top[0] for top in ev.top_logprobs[1:]]
+        assert [b[0] for b in best] == logprobs_TV.argmax(-1).tolist()
+        assert all(len(top) == 2 for top in ev.top_logprobs[1:])

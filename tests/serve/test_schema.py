@@ -7,7 +7,15 @@ import json
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from zenlm.serve.schema import APIError, parse_chat, parse_completion, parse_embeddings, parse_json
+from zenlm.serve.schema import (
+    APIError,
+    parse_chat,
+    parse_completion,
+    parse_detokenize,
+    parse_embeddings,
+    parse_json,
+    parse_tokenize,
+)
 
 scalars = st.none() | st.booleans() | st.integers(-10**6, 10**6) | st.floats(allow_nan=True) | st.text(max_size=8)
 values = st.recursive(scalars, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(
@@ -45,3 +53,36 @@ def test_any_bytes_are_json_object_or_400(raw):
         assert e.status == 400
     else:
         assert isinstance(body, dict) and body == json.loads(raw)
+
+
+TOKENIZER_FIELDS = ["model", "prompt", "messages", "tokens", "add_special_tokens", "return_token_strs",
+                    "add_generation_prompt"]
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.dictionaries(st.sampled_from(TOKENIZER_FIELDS), values, max_size=5))
+def test_tokenizer_route_parsers_accept_or_raise_a_4xx(body):
+    try:
+        req = parse_tokenize(body)
+    except APIError as e:
+        assert 400 <= e.status < 500 and e.message
+    else:
+        assert isinstance(req.prompt, str) and (req.messages is None or req.messages)
+    try:
+        detok = parse_detokenize(body, vocab_size=50)
+    except APIError as e:
+        assert 400 <= e.status < 500 and e.message
+    else:
+        assert all(isinstance(i, int) and 0 <= i < 50 for i in detok.tokens)
+
+
+@given(st.lists(st.one_of(st.text(max_size=5), st.lists(st.integers(0, 99), max_size=4)), max_size=4))
+def test_batched_prompts_are_all_texts_or_all_id_lists(prompt):
+    try:
+        req = parse_completion({"model": "m", "prompt": prompt})
+    except APIError as e:
+        assert e.status == 400 and e.param == "prompt"
+    else:
+        kinds = {type(p) for p in req.prompts}
+        assert len(req.prompts) >= 1 and len(kinds) == 1
+        assert all(p for p in req.prompts if isinstance(p, list))  # no empty id list

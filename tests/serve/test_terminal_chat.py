@@ -36,3 +36,23 @@ def test_cli_chat_verb(run_dir, monkeypatch, capsys):
     assert main(["chat", str(run_dir), "--temperature", "0", "--max-new-tokens", "8", "--device", "cpu"]) == 0
     out = capsys.readouterr().out
     assert "assistant: " in out and "/reset" in out
+
+
+def test_a_template_that_refuses_is_a_clear_error(lm):
+    """The chat template lives with the tokenizer (zenlm.tokenizer.render_chat): a template that refuses the
+    messages is a DataError for the terminal, and the server answers it with a 400 (tests/serve)."""
+    import copy
+
+    import pytest
+
+    from zenlm.errors import DataError
+    from zenlm.tokenizer import render_chat as render
+
+    tok = copy.copy(lm.tokenizer)
+    tok.chat_template = "{% if messages[0].role != 'system' %}{{ raise_exception('start with a system message') }}{% endif %}"
+    with pytest.raises(DataError, match="refused the messages: start with a system message"):
+        render(tok, [{"role": "user", "content": "hi"}])
+    tok.chat_template = "{{ messages[0].content | no_such_filter }}"
+    with pytest.raises(DataError, match="chat template failed"):
+        render(tok, [{"role": "user", "content": "hi"}])
+    assert render_chat is render  # the server renders with the same function

@@ -1,4 +1,6 @@
-"""The ``zenlm`` command. Each verb is a plain function below; flags come from its signature.
+"""The ``zenlm`` command. Each verb is a plain function below; its flags come from its signature or, for the
+verbs that run a recipe (pretrain, demo, finetune ...), from the recipe's own parameters and settings
+(zenlm.clikit.params_of), so a flag's default is the library's default.
 
     zenlm tokenizer train --corpus PATH --kind bpe|wordpiece|char --vocab-size N --out DIR
     zenlm prepare  --corpus PATH [--val PATH | --val-fraction F] [--tokenizer DIR|char] [--objective mlm] --out DATA_DIR
@@ -19,57 +21,11 @@ import logging
 import sys
 import time
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-from zenlm.clikit import add_verb, call_verb
+from zenlm.cli.common import TerminalProgress, print_train_result, shape_params
+from zenlm.clikit import Param, VerbParser, add_verb, call_verb, params_of
 from zenlm.errors import TrainingError, ZenlmError
-from zenlm.progress import Progress
-
-
-class TerminalProgress:
-    """Renders :class:`Progress` records as tqdm bars on stderr (one bar per task)."""
-
-    def __init__(self) -> None:
-        from tqdm.auto import tqdm
-
-        self._tqdm = tqdm
-        self.bars: dict[str, object] = {}
-
-    def __call__(self, p: Progress) -> None:
-        tqdm = self._tqdm
-        if p.message:
-            tqdm.write(p.message, file=sys.stderr)
-        if p.total is None and not p.done:
-            return
-        bar = self.bars.get(p.task)
-        if bar is None:
-            scale = p.unit == "B"
-            fmt = "{desc}: {percentage:3.0f}%|{bar}| [{elapsed}<{remaining}{postfix}]" if p.unit == "%" else None
-            bar = tqdm(total=p.total, desc=p.task, unit=p.unit or "it", unit_scale=scale,
-                       unit_divisor=1024 if scale else 1000, dynamic_ncols=True, file=sys.stderr,
-                       initial=p.done, leave=True, bar_format=fmt,
-                       mininterval=0.2 if sys.stderr.isatty() else 10.0)
-            self.bars[p.task] = bar
-        if p.info:
-            bar.set_postfix({k: _fmt(v) for k, v in p.info.items()}, refresh=False)  # type: ignore[attr-defined]
-        bar.update(p.done - bar.n)  # type: ignore[attr-defined]  # redraws at most every mininterval
-        if p.total is not None and p.done >= p.total:
-            self.close(p.task)
-
-    def close(self, task: str | None = None) -> None:
-        for name in [task] if task else list(self.bars):
-            bar = self.bars.pop(name, None)
-            if bar is not None:
-                bar.close()  # type: ignore[attr-defined]
-
-
-def _fmt(v: object) -> str:
-    if isinstance(v, float):
-        if v >= 1000:
-            return f"{v:,.0f}"
-        return f"{v:.3g}" if abs(v) < 0.01 else f"{v:.3f}"
-    return str(v)
-
 
 # ---------------------------------------------------------------------------------------------- verbs
 
@@ -154,41 +110,38 @@ def prepare(
           f"{index['vocab_size']}) in {time.perf_counter() - t0:.1f} s -> {out}")
 
 
-def pretrain(
-    data: str,
-    out: str,
-    recipe: str | None = None,
-    objective: Literal["causal-lm", "mlm"] | None = None,
-    model: str | None = None,
-    max_steps: int | None = None,
-    max_seconds: float | None = None,
-    resume: bool = False,
-    batch_size: int | None = None,
-    seq_len: int | None = None,
-    grad_accum: int | None = None,
-    optimizer: Literal["adamw", "muon"] | None = None,
-    lr: float | None = None,
-    min_lr: float | None = None,
-    warmup_steps: int | None = None,
-    schedule: Literal["cosine", "linear", "constant", "wsd"] | None = None,
-    weight_decay: float | None = None,
-    grad_clip: float | None = None,
-    muon_lr: float | None = None,
-    eval_every: int = 250,
-    eval_tokens: int | None = 65536,
-    log_every: int = 10,
-    ckpt_every: int = 500,
-    seed: int = 1337,
-    device: str = "auto",
-    precision: Literal["auto", "fp32", "bf16", "fp16"] | None = None,
-    compile: bool | None = None,
-    threads: int | None = None,
-    n_layer: int | None = None,
-    n_head: int | None = None,
-    n_embd: int | None = None,
-    block_size: int | None = None,
-    dropout: float | None = None,
-) -> None:
+# pretrain settings whose command-line default is "whatever the --recipe says" (None)
+_FROM_RECIPE = ("objective", "model", "batch_size", "seq_len", "grad_accum", "max_steps", "precision", "compile")
+_OPTIM_FLAGS = ("name", "lr", "min_lr", "warmup_steps", "schedule", "weight_decay", "grad_clip", "muon_lr")
+
+
+def _pretrain_params() -> list[Param]:
+    """The flags of `zenlm pretrain`: zenlm.recipes.pretrain.pretrain's parameters, the TrainConfig and
+    OptimConfig fields it takes, and the shape overrides; recipe-backed settings default to None."""
+    from zenlm.device import Precision
+    from zenlm.recipes.pretrain import pretrain as recipe
+    from zenlm.train.loop import TrainConfig
+    from zenlm.train.optim import OptimConfig
+
+    from_recipe = dict.fromkeys(_FROM_RECIPE + _OPTIM_FLAGS, None)
+    return [
+        *params_of(recipe, only=("data", "out")),
+        Param("recipe", str | None, None),
+        *params_of(recipe, only=("objective", "model"), defaults=from_recipe),
+        *params_of(TrainConfig, only=("max_steps", "max_seconds"), defaults=from_recipe),
+        *params_of(recipe, only=("resume", "batch_size", "seq_len"), defaults=from_recipe),
+        *params_of(TrainConfig, only=("grad_accum",), defaults=from_recipe),
+        *params_of(OptimConfig, only=_OPTIM_FLAGS, defaults=from_recipe, rename={"name": "optimizer"},
+                   types={"name": Literal["adamw", "muon"], "schedule": Literal["cosine", "linear", "constant", "wsd"]}),
+        *params_of(TrainConfig, only=("eval_every",)),
+        *params_of(recipe, only=("eval_tokens",)),
+        *params_of(TrainConfig, only=("log_every", "ckpt_every", "seed", "device", "precision", "compile", "threads"),
+                   defaults=from_recipe, types={"precision": Precision}),
+        *shape_params(),
+    ]
+
+
+def pretrain(**flags: Any) -> None:
     """Pretrain a GPT with next-token prediction, or a BERT encoder with masked-LM (--objective mlm).
 
     Settings not given on the command line come from the --recipe (see docs/training-speed.md); without
@@ -243,65 +196,53 @@ def pretrain(
     """
     import dataclasses
 
+    from zenlm.models.registry import find_preset
     from zenlm.recipes.pretrain import pretrain as run_pretrain
     from zenlm.recipes.registry import DEFAULT_RECIPE, recipe_settings
     from zenlm.rundir import read_run_config
     from zenlm.train.loop import TrainConfig
     from zenlm.train.optim import OptimConfig
 
-    def given(**kw: object) -> dict:
-        return {k: v for k, v in kw.items() if v is not None}
+    def given(*names: str) -> dict[str, Any]:
+        return {k: flags[k] for k in names if flags[k] is not None}
 
+    out, objective, resume = Path(flags["out"]), flags["objective"], flags["resume"]
     saved: dict = {}
-    if resume and (Path(out) / "config.yaml").is_file():
+    if resume and (out / "config.yaml").is_file():
         saved = read_run_config(out)
         objective = objective or saved.get("objective", "causal-lm")  # continue with the run's own defaults
-    recipe_given = recipe is not None
-    recipe = recipe or DEFAULT_RECIPE[objective or "causal-lm"]
-    s = recipe_settings(recipe, **given(model=model, batch_size=batch_size, seq_len=seq_len, grad_accum=grad_accum,
-                                        max_steps=max_steps, precision=precision, compile=compile))
+    recipe = flags["recipe"] or DEFAULT_RECIPE[objective or "causal-lm"]
+    s = recipe_settings(recipe, **given(*(k for k in _FROM_RECIPE if k != "objective")))
     objective = objective or s["objective"]
-    if saved and not recipe_given:  # --resume: the run's own optimiser and loop settings, not a recipe's
+    if saved and flags["recipe"] is None:  # --resume: the run's own optimiser and loop settings, not a recipe's
         s["optim"] = {**s["optim"], **(saved.get("optim") or {})}
         st = saved.get("train") or {}
-        s.update({k: st[k] for k in ("max_steps", "precision", "compile") if k in st and
-                  given(max_steps=max_steps, precision=precision, compile=compile).get(k) is None})
-    s["optim"].update(given(name=optimizer, lr=lr, min_lr=min_lr, warmup_steps=warmup_steps, schedule=schedule,
-                            weight_decay=weight_decay, grad_clip=grad_clip, muon_lr=muon_lr))
-    if "min_lr" not in given(min_lr=min_lr) and lr is not None:
-        s["optim"]["min_lr"] = min(s["optim"]["min_lr"], lr / 10)
-    width, context = ("d_model", "max_len") if objective == "mlm" else ("n_embd", "block_size")
-    s["model_overrides"].update(given(n_layer=n_layer, n_head=n_head, **{width: n_embd, context: block_size},
-                                      dropout=dropout))
+        s.update({k: st[k] for k in ("max_steps", "precision", "compile") if k in st and flags[k] is None})
+    optim = {("name" if k == "optimizer" else k): v for k, v in given("optimizer", *_OPTIM_FLAGS[1:]).items()}
+    s["optim"].update(optim)
+    if "min_lr" not in optim and "lr" in optim:
+        s["optim"]["min_lr"] = min(s["optim"]["min_lr"], optim["lr"] / 10)
+    s["model_overrides"].update(find_preset(s["model"])[0].shape_overrides(
+        **{k: flags[k] for k in ("n_layer", "n_head", "n_embd", "block_size", "dropout")}))
     progress = TerminalProgress()
     result = run_pretrain(
-        data, out, objective=objective, model=s["model"], model_overrides=s["model_overrides"], resume=resume,
-        batch_size=s["batch_size"], seq_len=s["seq_len"], eval_tokens=eval_tokens or None,
-        train=TrainConfig(max_steps=s["max_steps"], max_seconds=max_seconds, grad_accum=s["grad_accum"],
-                          eval_every=eval_every, log_every=log_every, ckpt_every=ckpt_every, seed=seed,
-                          device=device, precision=s["precision"], compile=s["compile"], threads=threads),
+        flags["data"], out, objective=objective, model=s["model"], model_overrides=s["model_overrides"],
+        resume=resume, batch_size=s["batch_size"], seq_len=s["seq_len"], eval_tokens=flags["eval_tokens"] or None,
+        train=TrainConfig(max_steps=s["max_steps"], grad_accum=s["grad_accum"], precision=s["precision"],
+                          compile=s["compile"], **given("max_seconds", "eval_every", "log_every", "ckpt_every",
+                                                        "seed", "device", "threads")),
         optim=OptimConfig(**s["optim"]),
         progress=progress,
     )
     progress.close()
     if objective != "mlm":
-        _print_result(result, Path(out))
+        print_train_result(result, out)
         return
-    _print_result(dataclasses.replace(result, val={}), Path(out))
+    print_train_result(dataclasses.replace(result, val={}), out)
     if result.val:
         v = result.val
         print(f"masked-LM validation loss {v['val_loss']:.4f} nats/masked token  |  perplexity "
               f"{v['val_mlm_ppl']:.2f}  |  masked-token accuracy {v['val_masked_acc']:.1%}")
-
-
-def _print_result(result, out: Path) -> None:
-    val = result.val
-    print(f"\nstopped by {result.stopped_by} at step {result.step} after {result.elapsed_s:.1f} s "
-          f"({result.tokens_per_s:,.0f} tokens/s at the end)")
-    if val:
-        print(f"validation loss {val['val_loss']:.4f} nats/token  |  perplexity {val['val_ppl']:.2f}  |  "
-              f"{val['val_bpb']:.4f} bits/byte")
-    print(f"run directory: {out}  (loss curve: {out / 'plots' / 'loss.png'})")
 
 
 def generate(
@@ -351,14 +292,7 @@ def generate(
     sys.stdout.write("\n")
 
 
-def demo(
-    lang: Literal["en", "zh"] = "en",
-    max_seconds: float = 300.0,
-    out: str | None = None,
-    device: str = "auto",
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto",
-    max_steps: int | None = None,
-) -> None:
+def demo(**flags: Any) -> None:
     """The whole pipeline in one command: tokenizer, shards, pretraining, evaluation, a sample.
 
     Args:
@@ -373,17 +307,22 @@ def demo(
     from zenlm.recipes.demo import demo as run_demo
 
     progress = TerminalProgress()
-    res = run_demo(lang=lang, max_seconds=max_seconds, out=out, device=device, precision=precision,
-                   max_steps=max_steps, progress=progress)
+    res = run_demo(**flags, progress=progress)
     progress.close()
-    _print_result(res.train, res.run_dir)
-    lm = zenlm.load(res.run_dir, device=device)
+    print_train_result(res.train, res.run_dir)
+    lm = zenlm.load(res.run_dir, device=flags["device"])
     print(f"\n--- sample (temperature 0.8, top-k 50) ---\n{res.prompt}", end="")
     for piece in lm.stream(res.prompt, max_new_tokens=160, temperature=0.8, top_k=50, seed=0):
         sys.stdout.write(piece)
         sys.stdout.flush()
     print(f"\n--- end of sample ---\ndemo finished in {res.wall_s:.0f} s of wall time. Try:\n"
           f"  zenlm generate {res.run_dir} \"{res.prompt.strip()}\"")
+
+
+def _demo_params() -> list[Param]:
+    from zenlm.recipes.demo import demo as recipe
+
+    return params_of(recipe, skip=("progress",))
 
 
 def convert_from_hf(
@@ -458,43 +397,29 @@ def quantize(run: str, out: str) -> None:
           f"Load it like any run: zenlm generate {r.out} \"...\"")
 
 
+# what each capability's presets are trained with, for the headings of `zenlm presets`
+_PRESET_USE = {"causal-lm": "zenlm pretrain --model NAME", "masked-lm": "zenlm pretrain --objective mlm --model NAME",
+               "seq2seq": "zenlm finetune seq2seq --model NAME"}
+
+
 def presets() -> None:
-    """List the model presets with their shapes and parameter counts (at a 8192-token vocabulary)."""
-    from zenlm.presets import get_preset, list_presets
+    """List the model presets of every architecture with their parameter counts (at a 8192-token vocabulary)."""
+    from zenlm.models.registry import architectures, num_params
 
-    print(f"{'name':<14} {'layers':>6} {'heads':>5} {'width':>5} {'context':>7} {'params':>9}  design")
-    for name in list_presets():
-        c = get_preset(name, vocab_size=8192)
-        design = f"{c.pos} pos, {c.norm}, {c.mlp}" + (", qk-norm" if c.qk_norm else "") + \
-            (", tied" if c.tie_embeddings else ", untied")
-        print(f"{name:<14} {c.n_layer:>6} {c.n_head:>5} {c.n_embd:>5} {c.block_size:>7} "
-              f"{c.num_params() / 1e6:>8.2f}M  {design}")
-    import torch
-
-    from zenlm.models.encdec import ENCDEC_PRESETS, EncoderDecoder, get_encdec_preset
-
-    print("\nencoder-decoder presets (zenlm finetune seq2seq --model NAME); layers = encoder+decoder, "
-          "context = source/target")
-    for name in ENCDEC_PRESETS:
-        e = get_encdec_preset(name, vocab_size=8192)
-        with torch.device("meta"):  # count the parameters without allocating them
-            n = EncoderDecoder(e).num_params()
-        print(f"{name:<14} {f'{e.n_enc_layer}+{e.n_dec_layer}':>6} {e.n_head:>5} {e.n_embd:>5} "
-              f"{f'{e.max_source_len}/{e.max_target_len}':>9} {n / 1e6:>8.2f}M  {e.pos} pos, {e.norm}, {e.mlp}")
-    from zenlm.models.bert import BERT_PRESETS, get_bert_preset
-
-    print("\nBERT encoder presets (zenlm pretrain --objective mlm --model NAME)")
-    for name, (description, _) in BERT_PRESETS.items():
-        b = get_bert_preset(name, vocab_size=8192)
-        print(f"{name:<14} {b.n_layer:>6} {b.n_head:>5} {b.d_model:>5} {b.max_len:>7} "
-              f"{b.num_params() / 1e6:>8.2f}M  {description}")
+    for i, arch in enumerate(architectures()):
+        use = next((u for c, u in _PRESET_USE.items() if arch.can(c)), "")
+        print(f"{chr(10) if i else ''}{arch.name}: {arch.description}" + (f"  ({use})" if use else ""))
+        print(f"  {'name':<14} {'params':>9}  shape")
+        for name, preset in arch.presets.items():
+            n = num_params(arch.config(name, vocab_size=8192))
+            print(f"  {name:<14} {n / 1e6:>8.2f}M  {preset.description}")
 
 
 # ------------------------------------------------------------------------------------------------ main
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="zenlm", description="From raw text to a served language model.")
+    parser = VerbParser(prog="zenlm", description="From raw text to a served language model.")
     parser.add_argument("--version", action="store_true", help="print the version and exit")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debugging detail")
     sub = parser.add_subparsers(dest="verb", metavar="VERB")
@@ -502,9 +427,9 @@ def build_parser() -> argparse.ArgumentParser:
     tok_sub = tok.add_subparsers(dest="tokverb", metavar="ACTION")
     add_verb(tok_sub, "train", tokenizer_train)
     add_verb(sub, "prepare", prepare)
-    add_verb(sub, "pretrain", pretrain)
+    add_verb(sub, "pretrain", pretrain, params=_pretrain_params)
     add_verb(sub, "generate", generate, positional=("run", "prompt"))
-    add_verb(sub, "demo", demo)
+    add_verb(sub, "demo", demo, params=_demo_params)
     add_verb(sub, "presets", presets)
     add_verb(sub, "quantize", quantize, positional=("run",))
     conv = sub.add_parser("convert", help="convert models to and from Hugging Face format (from-hf, to-hf)")
@@ -516,8 +441,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     ft = sub.add_parser("finetune", help="fine-tuning commands (seq2seq, classify)")
     ft_sub = ft.add_subparsers(dest="ftverb", metavar="TASK")
-    add_verb(ft_sub, "seq2seq", cli_seq2seq.finetune_seq2seq)
-    add_verb(ft_sub, "classify", cli_encoder.finetune_classify)
+    add_verb(ft_sub, "seq2seq", cli_seq2seq.finetune_seq2seq, params=cli_seq2seq.finetune_seq2seq_params)
+    add_verb(ft_sub, "classify", cli_encoder.finetune_classify, params=cli_encoder.finetune_classify_params)
     add_verb(sub, "predict", cli_encoder.predict, positional=("run", "texts"))
     add_verb(sub, "embed", cli_encoder.embed, positional=("run", "texts"))
     add_verb(sub, "evaluate", cli_seq2seq.evaluate, positional=("run",))

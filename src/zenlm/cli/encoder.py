@@ -11,30 +11,26 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Literal
+from typing import Any
+
+from zenlm.clikit import Param, params_of
+
+# the TrainConfig fields `zenlm finetune classify` has flags for (the recipe sets the schedule from --epochs)
+_TRAIN_FLAGS = ("max_seconds", "seed", "device", "precision")
 
 
-def finetune_classify(
-    base: str,
-    data: str,
-    out: str,
-    val: str | None = None,
-    val_fraction: float = 0.1,
-    text_field: str = "text",
-    label_field: str = "label",
-    max_len: int = 128,
-    pooling: Literal["auto", "cls", "mean", "last"] = "auto",
-    dropout: float = 0.1,
-    batch_size: int = 16,
-    epochs: float = 3.0,
-    lr: float = 5e-5,
-    weight_decay: float = 0.01,
-    patience: int = 2,
-    max_seconds: float | None = None,
-    seed: int = 1337,
-    device: str = "auto",
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto",
-) -> None:
+def finetune_classify_params() -> list[Param]:
+    """The flags: zenlm.recipes.finetune_classify.finetune_classify's own parameters and the TrainConfig
+    fields above."""
+    from zenlm.device import Precision
+    from zenlm.recipes.finetune_classify import finetune_classify as recipe
+    from zenlm.train.loop import TrainConfig
+
+    return [*params_of(recipe, skip=("train", "progress")),
+            *params_of(TrainConfig, only=_TRAIN_FLAGS, types={"precision": Precision})]
+
+
+def finetune_classify(**flags: Any) -> None:
     """Fine-tune a BERT or GPT run to classify texts; keeps the weights with the best validation macro-F1.
 
     Args:
@@ -59,17 +55,14 @@ def finetune_classify(
         device: auto, cpu, cuda or mps
         precision: auto, fp32, bf16 or fp16
     """
-    from zenlm.cli import TerminalProgress
+    from zenlm.cli.common import TerminalProgress
     from zenlm.recipes.finetune_classify import finetune_classify as run
     from zenlm.train.loop import TrainConfig
 
+    train = {k: flags.pop(k) for k in _TRAIN_FLAGS}
+    out = flags["out"]
     progress = TerminalProgress()
-    res = run(base, data, out, val=val, val_fraction=val_fraction, text_field=text_field, label_field=label_field,
-              max_len=max_len, pooling=pooling, dropout=dropout, batch_size=batch_size, epochs=epochs, lr=lr,
-              weight_decay=weight_decay, patience=patience,
-              train=TrainConfig(max_seconds=max_seconds, seed=seed, device=device, precision=precision,
-                                tensorboard=False),
-              progress=progress)
+    res = run(**flags, train=TrainConfig(**train, tensorboard=False), progress=progress)
     progress.close()
     print(f"\nstopped by {res.train.stopped_by} at step {res.train.step} after {res.train.elapsed_s:.1f} s; "
           f"kept the weights of step {res.train.best_step}\n")
@@ -157,7 +150,7 @@ def embed(
     lines = [json.dumps({"text": t, "embedding": [round(x, 6) for x in v.tolist()]}, ensure_ascii=False)
              for t, v in zip(items, vecs, strict=True)]
     if out:
-        from zenlm.train.checkpoint import atomic_write_text
+        from zenlm.fileio import atomic_write_text
 
         atomic_write_text(Path(out), "\n".join(lines) + "\n")
         print(f"{len(lines)} embeddings of size {vecs.shape[1]} -> {out}", file=sys.stderr)
@@ -187,4 +180,4 @@ def evaluate_classify(run: str, data: str, out: str | None = None, batch_size: i
     print(f"\n{len(examples)} texts -> {path} (confusion matrix: {path.with_suffix('.png')})")
 
 
-__all__ = ["embed", "evaluate_classify", "finetune_classify", "predict"]
+__all__ = ["embed", "evaluate_classify", "finetune_classify", "finetune_classify_params", "predict"]

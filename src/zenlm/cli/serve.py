@@ -25,7 +25,8 @@ def serve(
         run: run directory (made by `zenlm pretrain`, `zenlm demo` or `zenlm convert from-hf`)
         host: address to bind (default: this machine only; use 0.0.0.0 to accept other machines)
         port: TCP port
-        api_key: require `Authorization: Bearer KEY` on every /v1 route (default: env ZENLM_API_KEY if set)
+        api_key: require `Authorization: Bearer KEY` on every /v1 route and on /tokenize, /detokenize and
+            /tokenizer_info (default: env ZENLM_API_KEY if set)
         max_concurrency: sequences decoded together in one batch
         max_queue: requests allowed to wait for a free slot before the server answers 429 (default: max-concurrency)
         model_id: the model name clients send (default: the run directory's name)

@@ -40,17 +40,20 @@ from typing import Any
 
 import tokenizers
 import torch
-import yaml
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
-from zenlm.config import ROPE_SCALING_KEYS, GPTConfig, config_from_dict
+from zenlm.config import ROPE_SCALING_KEYS, GPTConfig
+from zenlm.device import DTYPES, resolve_dtype
 from zenlm.errors import CheckpointError, ConfigError, DataError
+from zenlm.fileio import atomic_write_text
 from zenlm.progress import ProgressFn, report
 from zenlm.tokenizer import Tokenizer
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# zenlm architectures (the ``arch`` of config.yaml) that export_hf writes; the import side is chosen by
+# config.json (SUPPORTED_ARCHITECTURES below, and BERT through zenlm.convert.hf_bert).
+EXPORTABLE = ("gpt",)
 _HF_DTYPE_NAME = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                 "pytorch_model.bin.index.json")
@@ -513,7 +516,7 @@ def import_hf(
         raise DataError(f"{src / 'tokenizer.json'} has {tok.vocab_size} tokens but the model only "
                         f"{cfg.vocab_size} embeddings (config.json vocab_size).")
     from zenlm import __version__
-    from zenlm.train.checkpoint import atomic_write_text
+    from zenlm.rundir import write_run_config
 
     save_file(ours, str(out / "model.safetensors"), metadata={"format": "pt"})
     run_config = {
@@ -522,7 +525,7 @@ def import_hf(
         "source": {"format": "huggingface", "architecture": arch.name, "dir": str(src.resolve())},
         "objective": "causal-lm",
     }
-    atomic_write_text(out / "config.yaml", yaml.safe_dump(run_config, sort_keys=False, allow_unicode=True))
+    write_run_config(out, run_config)
     return out
 
 
@@ -596,28 +599,22 @@ def export_hf(
     dtype: fp32, bf16 or fp16 for the written weights.
     """
     from zenlm.models.gpt import GPT
-    from zenlm.rundir import read_run_config
-    from zenlm.train.checkpoint import list_checkpoints, load_model_weights
+    from zenlm.rundir import load_run_tokenizer, read_run_config, run_architecture, weights_file
+    from zenlm.train.checkpoint import load_model_weights
 
     run, out = Path(run_dir), Path(out_dir)
-    if dtype not in DTYPES:
-        raise ConfigError(f"dtype {dtype!r} is not supported; choose fp32, bf16 or fp16.")
-    model_dict = read_run_config(run)["model"]
-    if model_dict.get("arch", "gpt") != "gpt":
-        raise ConfigError(f"{run} holds a {model_dict.get('arch')!r} model; export to Hugging Face format "
-                          "supports decoder-only GPT runs (GPT-2 and Llama-family layouts).")
-    cfg = config_from_dict(model_dict)
+    torch_dtype = resolve_dtype(dtype)
+    saved = read_run_config(run)
+    ours = run_architecture(saved)
+    if ours.name not in EXPORTABLE or saved.get("task") or saved.get("quantization"):
+        extra = " with a task head or int8 weights" if ours.name in EXPORTABLE else ""
+        raise ConfigError(f"{run} holds a {ours.name!r} model{extra}; export to Hugging Face format supports "
+                          "decoder-only GPT runs (GPT-2 and Llama-family layouts).")
+    cfg = ours.config_from_dict(saved["model"])
     arch = architecture_for_config(cfg)
     assert arch.to_hf_config is not None
-    weights = run / "model.safetensors"
-    if not weights.is_file():
-        ckpts = list_checkpoints(run / "checkpoints")
-        if not ckpts:
-            raise CheckpointError(f"{run} has neither model.safetensors nor a checkpoint; train it first.")
-        weights = ckpts[-1] / "model.safetensors"
-    if not (run / "tokenizer.json").is_file():
-        raise CheckpointError(f"{run} has no tokenizer.json; copy the tokenizer of its data directory there.")
-    tok = Tokenizer.load(run)
+    weights = weights_file(run)
+    tok = load_run_tokenizer(run)
     if tok.vocab_size > cfg.vocab_size:
         raise CheckpointError(f"{run}: the tokenizer has {tok.vocab_size} tokens, the model only "
                               f"{cfg.vocab_size}.")
@@ -631,13 +628,13 @@ def export_hf(
     theirs: dict[str, Tensor] = {}
     for n, rule in enumerate(rules):
         for name, t in zip(rule.theirs, rule.to_theirs(state[rule.ours].detach()), strict=True):
-            theirs[name] = t.to(DTYPES[dtype]).contiguous()
+            theirs[name] = t.to(torch_dtype).contiguous()
         report(progress, "convert", done=n + 1, total=len(rules), unit="tensor")
     save_file(theirs, str(out / "model.safetensors"), metadata={"format": "pt"})
 
     ids = _special_ids(run, tok)
-    hf_cfg = {**arch.to_hf_config(cfg), **ids, "torch_dtype": _HF_DTYPE_NAME[DTYPES[dtype]],
-              "dtype": _HF_DTYPE_NAME[DTYPES[dtype]]}
+    hf_cfg = {**arch.to_hf_config(cfg), **ids, "torch_dtype": _HF_DTYPE_NAME[torch_dtype],
+              "dtype": _HF_DTYPE_NAME[torch_dtype]}
     _write_json(out / "config.json", hf_cfg)
     gen: dict[str, Any] = {}
     if (run / "generation_config.json").is_file():  # imported runs keep the original one
@@ -666,8 +663,6 @@ def _special_ids(run: Path, tok: Tokenizer) -> dict[str, Any]:
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
-    from zenlm.train.checkpoint import atomic_write_text
-
     atomic_write_text(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
 
 
@@ -683,11 +678,25 @@ def download_from_hub(name: str, revision: str | None = None) -> Path:
         raise ConfigError("--from-hub needs the huggingface_hub package: "
                           "pip install huggingface_hub") from None
     patterns = ["*.json", "*.jinja", "model*.safetensors"]
-    path = Path(snapshot_download(name, revision=revision, allow_patterns=patterns))
+    path = _snapshot(snapshot_download, name, revision, patterns)
     if not any((path / f).is_file() for f in WEIGHT_FILES[:2]):
         patterns.append("pytorch_model*.bin")
-        path = Path(snapshot_download(name, revision=revision, allow_patterns=patterns))
+        path = _snapshot(snapshot_download, name, revision, patterns)
     return path
+
+
+def _snapshot(snapshot_download: Any, name: str, revision: str | None, patterns: list[str]) -> Path:
+    """One ``snapshot_download``; any failure (no network, offline mode, an unknown or gated repository)
+    becomes one line that says what failed and what to do offline, not the library's traceback."""
+    try:
+        return Path(snapshot_download(name, revision=revision, allow_patterns=patterns))
+    except Exception as e:  # huggingface_hub raises many types (HTTP, offline, connection, OS errors)
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(
+            f"could not download {name!r} from the Hugging Face Hub ({type(e).__name__}: {reason[:200]}). "
+            "--from-hub needs network access; offline, download the repository on a machine that has it "
+            f"(`hf download {name} --local-dir DIR`), copy DIR here and run `zenlm convert from-hf DIR --out RUN`."
+        ) from None
 
 
 __all__ = [

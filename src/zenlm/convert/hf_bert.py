@@ -23,17 +23,16 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 from typing import Any
 
 import tokenizers
 import torch
-import yaml
 from safetensors.torch import save_file
 from torch import Tensor
 
 from zenlm.errors import CheckpointError, DataError
+from zenlm.fileio import atomic_path, atomic_write_text
 from zenlm.models.bert import Bert, BertConfig
 from zenlm.progress import ProgressFn, report
 from zenlm.tokenizer import Tokenizer
@@ -166,8 +165,6 @@ def _bert_tokenizer(src: Path, out: Path) -> Tokenizer:
                "do_lower_case": cfg.get("do_lower_case", True), "model_max_length": cfg.get("model_max_length", 512),
                "zenlm_kind": "wordpiece"}
     out.mkdir(parents=True, exist_ok=True)
-    from zenlm.train.checkpoint import atomic_write_text
-
     atomic_write_text(out / "tokenizer.json", hf.to_str(pretty=True))
     atomic_write_text(out / "tokenizer_config.json", json.dumps(tok_cfg, indent=2, ensure_ascii=False))
     return Tokenizer.load(out)
@@ -178,10 +175,11 @@ def import_bert(src_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str]
     """Write a zenlm run directory (config.yaml with arch "bert", model.safetensors, tokenizer files) from a
     Hugging Face BERT directory; ``zenlm.load(out_dir)`` then gives an encoder with embed()/fill_mask().
 
-    The run is written into a temporary folder beside ``out_dir`` and renamed, so a failure leaves nothing.
+    The run is written into a temporary folder beside ``out_dir`` and renamed (zenlm.fileio.atomic_path), so a
+    failure leaves nothing.
     """
     from zenlm import __version__
-    from zenlm.train.checkpoint import atomic_write_text
+    from zenlm.rundir import write_run_config
 
     src, out = Path(src_dir), Path(out_dir)
     if (out / "config.yaml").exists() and not overwrite:
@@ -194,21 +192,16 @@ def import_bert(src_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str]
     state, missing = bert_state_from_hf(_read_weights(src), cfg)
     model = Bert(cfg)
     model.load_state_dict(state, strict=False)
-    tmp = out.with_name(out.name + ".importing")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tok = _bert_tokenizer(src, tmp)
-    if tok.vocab_size > cfg.vocab_size:
-        raise DataError(f"{src}: the tokenizer has {tok.vocab_size} tokens but the model {cfg.vocab_size} embeddings.")
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp / "model.safetensors"),
-              metadata={"format": "pt"})
-    run_config = {"zenlm_version": __version__, "model": cfg.to_dict(), "objective": "mlm",
-                  "source": {"format": "huggingface", "architecture": "bert", "dir": str(src.resolve()),
-                             "initialised_heads": sorted({m.split(".")[0] for m in missing})}}
-    atomic_write_text(tmp / "config.yaml", yaml.safe_dump(run_config, sort_keys=False, allow_unicode=True))
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
+    with atomic_path(out) as tmp:
+        tok = _bert_tokenizer(src, tmp)
+        if tok.vocab_size > cfg.vocab_size:
+            raise DataError(f"{src}: the tokenizer has {tok.vocab_size} tokens but the model {cfg.vocab_size} "
+                            "embeddings.")
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp / "model.safetensors"),
+                  metadata={"format": "pt"})
+        write_run_config(tmp, {"zenlm_version": __version__, "model": cfg.to_dict(), "objective": "mlm",
+                               "source": {"format": "huggingface", "architecture": "bert", "dir": str(src.resolve()),
+                                          "initialised_heads": sorted({m.split(".")[0] for m in missing})}})
     return out
 
 

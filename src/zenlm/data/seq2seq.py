@@ -7,7 +7,7 @@
 
 A pairs file is JSON Lines, one object per line with a source and a target field (names configurable);
 blank lines are skipped. Every batch is a pure function of ``(step, micro)``, so a resumed run sees the
-same data. Label positions that must not be scored hold ``IGNORE`` (-100, PyTorch's ignore_index).
+same data. Label positions that must not be scored hold ``IGNORE_INDEX`` (-100, PyTorch's ignore_index).
 """
 
 from __future__ import annotations
@@ -22,11 +22,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from zenlm.data.batches import IGNORE_INDEX
 from zenlm.data.jsonl import read_jsonl, read_text_utf8
 from zenlm.errors import DataError
 from zenlm.progress import ProgressFn, report
-
-IGNORE = -100
 
 
 class _Encoder(Protocol):
@@ -167,21 +166,21 @@ def seq2seq_example(source: Sequence[int], target: Sequence[int], bos_id: int, e
 
 def collate_seq2seq(examples: Sequence[tuple[list[int], list[int], list[int]]], pad_id: int
                     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(src_BS, src_mask_BS, tgt_in_BT, labels_BT), right-padded; labels are IGNORE on padding."""
+    """(src_BS, src_mask_BS, tgt_in_BT, labels_BT), right-padded; labels are IGNORE_INDEX on padding."""
     src_BS = pad_right([e[0] for e in examples], pad_id)
     src_mask_BS = pad_right([[1] * len(e[0]) for e in examples], 0).bool()
     return src_BS, src_mask_BS, pad_right([e[1] for e in examples], pad_id), pad_right([e[2] for e in examples],
-                                                                                      IGNORE)
+                                                                                      IGNORE_INDEX)
 
 
 def prompt_completion_example(source: Sequence[int], target: Sequence[int], sep_id: int, eos_id: int
                               ) -> tuple[list[int], list[int]]:
     """Decoder-only: (inputs, labels) for ``source + [sep] + target + [eos]``; the labels score only the
-    target and the end token (the prompt's positions hold IGNORE)."""
+    target and the end token (the prompt's positions hold IGNORE_INDEX)."""
     prompt = list(source) + [sep_id]
     full = prompt + list(target) + [eos_id]
     labels = full[1:]
-    labels[: len(prompt) - 1] = [IGNORE] * (len(prompt) - 1)
+    labels[: len(prompt) - 1] = [IGNORE_INDEX] * (len(prompt) - 1)
     return full[:-1], labels
 
 
@@ -235,7 +234,7 @@ class PromptCompletionBatches:
         idx = self.sampler.indices(step, micro)
         ex = [prompt_completion_example(self.data.sources[i], self.data.targets[i], self.sep_id, self.eos_id)
               for i in idx]
-        return pad_right([e[0] for e in ex], self.pad_id), pad_right([e[1] for e in ex], IGNORE)
+        return pad_right([e[0] for e in ex], self.pad_id), pad_right([e[1] for e in ex], IGNORE_INDEX)
 
 
 # ----------------------------------------------------------------------------------------- denoising
@@ -292,11 +291,6 @@ class DenoisingBatches:
         return collate_seq2seq(ex, self.pad_id)
 
 
-def num_epochs(steps: int, batch_size: int, grad_accum: int, n_examples: int) -> float:
-    """How many passes over ``n_examples`` a run of ``steps`` optimiser steps makes."""
-    return steps * batch_size * grad_accum / max(n_examples, 1)
-
-
-__all__ = ["IGNORE", "Pair", "read_pairs", "read_texts", "check_pairs", "EncodedPairs", "encode_pairs", "pad_right",
+__all__ = ["Pair", "read_pairs", "read_texts", "check_pairs", "EncodedPairs", "encode_pairs", "pad_right",
            "seq2seq_example", "collate_seq2seq", "prompt_completion_example", "Seq2SeqBatches",
-           "PromptCompletionBatches", "infill_noise", "DenoisingBatches", "num_epochs"]
+           "PromptCompletionBatches", "infill_noise", "DenoisingBatches"]

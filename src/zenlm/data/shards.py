@@ -27,6 +27,7 @@ current shard.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -40,7 +41,8 @@ from typing import Any
 import numpy as np
 
 from zenlm.data.corpus import Corpus
-from zenlm.errors import DataError
+from zenlm.errors import DataError, write_error
+from zenlm.fileio import atomic_write_text
 from zenlm.progress import ProgressFn, report
 from zenlm.tokenizer import CUT_POINTS, Tokenizer
 
@@ -53,18 +55,14 @@ DEFAULT_SHARD_TOKENS = 1 << 26  # 64M ids: 128 MB of uint16 per shard
 SLICE_CHARS = 1 << 13  # a document is cut into slices of about this many characters...
 HARD_LIMIT_CHARS = 1 << 20  # ...and, where it has no safe cut point, hard at this many
 BATCH_CHARS = 1 << 20  # slices encoded together (the tokenizer encodes a batch in parallel)
-_OURS = re.compile(r"^(index\.json|tokenizer\.json|tokenizer_config\.json|(train|val)-\d{5}\.bin)(\.tmp)?$")
+# the files a data directory holds, and the temporary names they are written under (a crash may leave one)
+_OURS = re.compile(r"^(index\.json|tokenizer\.json|tokenizer_config\.json|(train|val)-\d{5}\.bin)(\.tmp)?$"
+                   r"|^\.(index|tokenizer|tokenizer_config)\.tmp-\d+\.json$")
 _REPORT_SECONDS = 0.5
 
 
 def _shard_name(split: str, i: int) -> str:
     return f"{split}-{i:05d}.bin"
-
-
-def _atomic_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False), encoding="utf-8")
-    os.replace(tmp, path)
 
 
 # ---------------------------------------------------------------------------------------------- writing
@@ -111,9 +109,16 @@ class _ShardWriter:
             self._close()
 
     def abort(self) -> None:
+        """Close the open shard without finishing it (its .tmp file is removed by the caller)."""
         if self._f is not None:
-            self._f.close()
+            with contextlib.suppress(OSError):  # closing flushes, which fails again on a full disk
+                self._f.close()
             self._f = None
+
+    @property
+    def current(self) -> Path:
+        """The file being written now (for error messages)."""
+        return self._path.with_name(self._path.name + ".tmp") if self._f is not None else self.out
 
 
 def _slices(doc: Iterator[str]) -> Iterator[str]:
@@ -248,14 +253,16 @@ def prepare(
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "splits": splits,
         }
-        _atomic_json(out / "index.json", index)
-    except BaseException:
+        atomic_write_text(out / "index.json", json.dumps(index, indent=2, ensure_ascii=False))
+    except BaseException as e:
+        where = writer.current if writer is not None else out
         if writer is not None:
             writer.abort()
-        for p in out.glob("*.tmp"):
-            p.unlink()
-        for p in out.glob("*.bin"):
-            p.unlink()
+        for p in [*out.glob("*.tmp"), *out.glob("*.bin")]:  # never a half-written data directory
+            with contextlib.suppress(OSError):
+                p.unlink()
+        if isinstance(e, OSError):
+            raise write_error(where, e, DataError, "then run zenlm prepare again") from None
         raise
     elapsed = max(time.perf_counter() - t0, 1e-9)
     report(progress, "prepare", done=done_bytes, total=total_bytes, unit="B",
@@ -280,7 +287,42 @@ def load_index(data_dir: str | os.PathLike[str]) -> dict[str, Any]:
         raise DataError(f"{path} is not valid JSON ({e}); re-run zenlm prepare.") from None
     if not isinstance(index, dict) or index.get("format") != INDEX_FORMAT:
         raise DataError(f"{path} is not a zenlm shard index; point to a directory made by zenlm prepare.")
+    _check_index(index, path)
     return index
+
+
+def _check_index(index: dict[str, Any], path: Path) -> None:
+    """Refuse an index.json whose entries have the wrong types (a hand edit or a damaged file), naming the
+    entry, instead of failing later with a traceback."""
+
+    def bad(what: str, value: Any) -> DataError:
+        return DataError(f"{path}: {what}, got {value!r}; the file is damaged: re-run zenlm prepare.")
+
+    def whole(v: Any, low: int = 0) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and v >= low
+
+    if not whole(index.get("vocab_size"), 1):
+        raise bad("'vocab_size' must be a whole number >= 1", index.get("vocab_size"))
+    if index.get("dtype") not in ("uint16", "uint32"):
+        raise bad("'dtype' must be 'uint16' or 'uint32'", index.get("dtype"))
+    eos = index.get("eos_id")
+    if eos is not None and (not whole(eos) or eos >= index["vocab_size"]):
+        raise bad(f"'eos_id' must be a token id below vocab_size {index['vocab_size']}", eos)
+    splits = index.get("splits")
+    if not isinstance(splits, dict) or not splits:
+        raise bad("'splits' must map split names to their shards", splits)
+    for name, info in splits.items():
+        if not isinstance(info, dict):
+            raise bad(f"split {name!r} must be an object", info)
+        shards, sizes = info.get("shards"), info.get("shard_sizes")
+        if not isinstance(shards, list) or not all(isinstance(n, str) and _OURS.match(n) for n in shards):
+            raise bad(f"split {name!r}: 'shards' must be a list of shard file names", shards)
+        if sizes is not None and (not isinstance(sizes, list) or len(sizes) != len(shards)
+                                  or not all(whole(n) for n in sizes)):
+            raise bad(f"split {name!r}: 'shard_sizes' must list one whole number per shard", sizes)
+        for key in ("tokens", "bytes"):
+            if key in info and not whole(info[key]):
+                raise bad(f"split {name!r}: {key!r} must be a whole number >= 0", info[key])
 
 
 def _open_shard(path: Path, expected: int | None) -> np.memmap | np.ndarray:
@@ -340,6 +382,14 @@ class TokenShards:
         info = splits[split]
         sizes = info.get("shard_sizes") or [None] * len(info["shards"])
         arrays = [_open_shard(d / name, n) for name, n in zip(info["shards"], sizes, strict=True)]
+        vocab = int(index["vocab_size"])
+        for name, a in zip(info["shards"], arrays, strict=True):
+            # one pass at memory speed (~GB/s): an id outside the vocabulary would crash the model's embedding
+            if len(a) and int(a.max()) >= vocab:
+                bad = int(np.argmax(a >= vocab))
+                raise DataError(f"{d / name} holds token id {int(a[bad])} at position {bad:,}, but the vocabulary "
+                                f"has {vocab} ids; the shard is damaged or was written with another tokenizer: "
+                                "re-run zenlm prepare.")
         total = sum(len(a) for a in arrays)
         if total != info["tokens"]:
             raise DataError(f"{d / 'index.json'} says {info['tokens']} tokens for split {split!r} but its shards "
@@ -362,15 +412,17 @@ class TokenShards:
         off = start - int(self._starts[i])
         first = self._arrays[i]
         if off + length <= len(first):  # the common case: one shard
-            return first[off:off + length].astype(np.int64)
-        parts, need = [], length
-        while need:
-            a = self._arrays[i]
-            take = min(need, len(a) - off)
-            parts.append(a[off:off + take])
-            need -= take
-            i, off = i + 1, 0
-        return np.concatenate(parts).astype(np.int64)
+            ids = first[off:off + length].astype(np.int64)
+        else:
+            parts, need = [], length
+            while need:
+                a = self._arrays[i]
+                take = min(need, len(a) - off)
+                parts.append(a[off:off + take])
+                need -= take
+                i, off = i + 1, 0
+            ids = np.concatenate(parts).astype(np.int64)
+        return ids
 
 
 __all__ = ["prepare", "load_index", "TokenShards", "HEADER_BYTES", "MAGIC", "VERSION"]

@@ -19,22 +19,21 @@ attention by an additive -inf bias on the padded keys.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from zenlm.config import dataclass_from_dict, preset_config
+from zenlm.config import ModelConfig, Preset, config_from_preset
 from zenlm.errors import ConfigError
 from zenlm.models.layers import attention
 
 
 @dataclass
-class BertConfig:
+class BertConfig(ModelConfig):
     """Shape of a BERT encoder.
 
     vocab_size:      token ids the embedding accepts
@@ -65,6 +64,7 @@ class BertConfig:
     attn_dropout: float = 0.0
     init_std: float = 0.02
     pad_id: int = 0
+    ARCH: ClassVar[str] = "bert"
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "d_model", "n_layer", "n_head", "d_ff", "max_len", "type_vocab_size"):
@@ -85,14 +85,6 @@ class BertConfig:
     def block_size(self) -> int:
         return self.max_len
 
-    def to_dict(self) -> dict[str, Any]:
-        return {"arch": "bert", **dataclasses.asdict(self)}
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> BertConfig:
-        """Rebuild from :meth:`to_dict` output (``arch`` may be present)."""
-        return dataclass_from_dict(cls, d)
-
     def num_params(self, include_embedding: bool = True) -> int:
         """Parameter count from the shapes (encoder, pooler and MLM head; the MLM decoder is tied)."""
         C, F_, V = self.d_model, self.d_ff, self.vocab_size
@@ -103,19 +95,20 @@ class BertConfig:
         return total if include_embedding else total - (V + self.max_len + self.type_vocab_size) * C
 
 
-# name -> (one-line description, BertConfig fields). The small shapes follow the BERT miniatures
-# (Turc et al., 2019); minilm-l6 is the shape of all-MiniLM-L6-v2.
-BERT_PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
-    "bert-tiny": ("2 layers x 128 wide, 2 heads: seconds per epoch on a CPU, for tests and smoke runs.",
-                  dict(n_layer=2, d_model=128, n_head=2, d_ff=512, max_len=512)),
-    "bert-mini": ("4 layers x 256 wide, 4 heads.", dict(n_layer=4, d_model=256, n_head=4, d_ff=1024, max_len=512)),
-    "bert-small": ("4 layers x 512 wide, 8 heads.", dict(n_layer=4, d_model=512, n_head=8, d_ff=2048, max_len=512)),
-    "bert-medium": ("8 layers x 512 wide, 8 heads.",
-                    dict(n_layer=8, d_model=512, n_head=8, d_ff=2048, max_len=512)),
-    "minilm-l6": ("6 layers x 384 wide, 12 heads (the all-MiniLM-L6-v2 shape).",
-                  dict(n_layer=6, d_model=384, n_head=12, d_ff=1536, max_len=512)),
-    "bert-base": ("BERT-base: 12 layers x 768 wide, 12 heads (110M with its 30522 vocabulary).",
-                  dict(n_layer=12, d_model=768, n_head=12, d_ff=3072, max_len=512)),
+# Named shapes. The small ones follow the BERT miniatures (Turc et al., 2019); minilm-l6 is the shape of
+# all-MiniLM-L6-v2.
+BERT_PRESETS: dict[str, Preset] = {
+    "bert-tiny": Preset("2 layers x 128 wide, 2 heads: seconds per epoch on a CPU, for tests and smoke runs.",
+                        dict(n_layer=2, d_model=128, n_head=2, d_ff=512, max_len=512)),
+    "bert-mini": Preset("4 layers x 256 wide, 4 heads.", dict(n_layer=4, d_model=256, n_head=4, d_ff=1024, max_len=512)),
+    "bert-small": Preset("4 layers x 512 wide, 8 heads.",
+                         dict(n_layer=4, d_model=512, n_head=8, d_ff=2048, max_len=512)),
+    "bert-medium": Preset("8 layers x 512 wide, 8 heads.",
+                          dict(n_layer=8, d_model=512, n_head=8, d_ff=2048, max_len=512)),
+    "minilm-l6": Preset("6 layers x 384 wide, 12 heads (the all-MiniLM-L6-v2 shape).",
+                        dict(n_layer=6, d_model=384, n_head=12, d_ff=1536, max_len=512)),
+    "bert-base": Preset("BERT-base: 12 layers x 768 wide, 12 heads (110M with its 30522 vocabulary).",
+                        dict(n_layer=12, d_model=768, n_head=12, d_ff=3072, max_len=512)),
 }
 
 
@@ -146,9 +139,13 @@ class BertBlock(nn.Module):
 class Bert(nn.Module):
     """BERT encoder with its pooler and masked-LM head.
 
-    Module names (the optimiser relies on ``blocks.``): ``tok_emb``, ``pos_emb``, ``typ_emb``, ``ln_emb``,
-    ``blocks.{i}.*``, ``pooler``, ``mlm_dense``, ``mlm_ln``, ``mlm_bias`` (the MLM decoder is ``tok_emb``).
+    Module names: ``tok_emb``, ``pos_emb``, ``typ_emb``, ``ln_emb``, ``blocks.{i}.*``, ``pooler``, ``mlm_dense``,
+    ``mlm_ln``, ``mlm_bias`` (the MLM decoder is ``tok_emb``).
     """
+
+    # For optimisers that treat matrices by role (zenlm.train.optim.roles_of): the pooler and the MLM head
+    # read out of the encoder; every matrix of the blocks is a hidden matrix.
+    param_roles: ClassVar[dict[str, str]] = {"pooler": "head", "mlm_dense": "head"}
 
     def __init__(self, cfg: BertConfig) -> None:
         super().__init__()
@@ -222,9 +219,7 @@ class Bert(nn.Module):
 
 def get_bert_preset(name: str, **overrides: Any) -> BertConfig:
     """The BertConfig of preset ``name`` with any BertConfig fields in ``overrides`` changed."""
-    if name not in BERT_PRESETS:
-        raise ConfigError(f"unknown BERT preset {name!r}; choose one of: {', '.join(BERT_PRESETS)}.")
-    return preset_config(BertConfig, BERT_PRESETS[name][1], overrides)
+    return config_from_preset(BertConfig, BERT_PRESETS, name, overrides, "BERT")
 
 
 __all__ = ["BERT_PRESETS", "Bert", "BertBlock", "BertConfig", "get_bert_preset"]

@@ -12,7 +12,7 @@ Trained with cross-entropy on the class index; ``softmax(logits)`` are the class
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 from torch import nn
@@ -26,6 +26,9 @@ POOLINGS = ("cls", "mean", "last")
 class SequenceClassifier(nn.Module):
     """``backbone`` (a :class:`~zenlm.models.bert.Bert` or a :class:`~zenlm.models.gpt.GPT`) with a linear
     classification head. Module names: ``backbone.*`` and ``head`` (Linear(C, n_classes))."""
+
+    # For optimisers that treat matrices by role (zenlm.train.optim.roles_of); the backbone declares its own.
+    param_roles: ClassVar[dict[str, str]] = {"head": "head"}
 
     def __init__(self, backbone: nn.Module, n_classes: int, pooling: Pooling, dropout: float = 0.1) -> None:
         super().__init__()

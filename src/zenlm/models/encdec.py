@@ -21,10 +21,9 @@ cross-attention keys/values of the memory are computed once per source (:class:`
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn as nn
@@ -34,11 +33,12 @@ from torch import Tensor
 from zenlm.config import (
     GPTConfig,
     MLPKind,
+    ModelConfig,
     NormKind,
+    Preset,
     _check_choice,
     _check_positive,
-    dataclass_from_dict,
-    preset_config,
+    config_from_preset,
 )
 from zenlm.errors import ConfigError
 from zenlm.models.gpt import Block, KVCache
@@ -48,7 +48,7 @@ from zenlm.models.layers import CausalSelfAttention, RMSNorm, Rotary, make_mlp, 
 
 
 @dataclass
-class EncDecConfig:
+class EncDecConfig(ModelConfig):
     """An encoder-decoder Transformer.
 
     vocab_size:       token ids the embeddings accept (one vocabulary for source and target)
@@ -90,6 +90,7 @@ class EncDecConfig:
     tie_embeddings: bool = True
     dropout: float = 0.0
     init_std: float = 0.02
+    ARCH: ClassVar[str] = "encdec"
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "max_source_len", "max_target_len", "n_enc_layer", "n_dec_layer", "n_head",
@@ -98,10 +99,6 @@ class EncDecConfig:
         _check_choice("pos", self.pos, ("learned", "rope"))
         # the per-layer settings are validated (and mlp_hidden filled in) by the GPTConfig they map onto
         self.mlp_hidden = self.layer_config().mlp_hidden
-
-    @property
-    def arch(self) -> str:
-        return "encdec"
 
     @property
     def head_dim(self) -> int:
@@ -116,34 +113,26 @@ class EncDecConfig:
             norm_eps=self.norm_eps, mlp=self.mlp, bias=self.bias, dropout=self.dropout, init_std=self.init_std,
         )
 
-    def to_dict(self) -> dict[str, Any]:
-        return {"arch": "encdec", **dataclasses.asdict(self)}
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> EncDecConfig:
-        """Rebuild from :meth:`to_dict` output (``arch`` may be present)."""
-        return dataclass_from_dict(cls, d)
-
 
 # --------------------------------------------------------------------------------------------- presets
 
-ENCDEC_PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
-    "encdec-tiny": (
+ENCDEC_PRESETS: dict[str, Preset] = {
+    "encdec-tiny": Preset(
         "2+2 layers x 64 wide, source 128 / target 64: for tests and smoke runs.",
         dict(n_enc_layer=2, n_dec_layer=2, n_head=2, n_embd=64, max_source_len=128, max_target_len=64),
     ),
-    "encdec-small": (
+    "encdec-small": Preset(
         "3+3 layers x 256 wide, rotary, RMSNorm, source 512 / target 64: minutes of CPU fine-tuning.",
         dict(n_enc_layer=3, n_dec_layer=3, n_head=4, n_embd=256, max_source_len=512, max_target_len=64,
              pos="rope", norm="rmsnorm", mlp="gelu", bias=False, dropout=0.1),
     ),
-    "t5-small": (
+    "t5-small": Preset(
         "T5-small's shape (6+6 layers x 512, 8 heads, MLP 2048, RMSNorm, no biases), rotary positions.",
         dict(n_enc_layer=6, n_dec_layer=6, n_head=8, n_embd=512, mlp_hidden=2048, mlp="relu2", pos="rope",
              norm="rmsnorm", bias=False, max_source_len=512, max_target_len=128, dropout=0.1,
              norm_eps=1e-6),
     ),
-    "bart-base": (
+    "bart-base": Preset(
         "BART-base's shape (6+6 layers x 768, 12 heads, MLP 3072, GELU, LayerNorm, learned positions 1024).",
         dict(n_enc_layer=6, n_dec_layer=6, n_head=12, n_embd=768, mlp_hidden=3072, mlp="gelu", pos="learned",
              norm="layernorm", bias=True, max_source_len=1024, max_target_len=1024, dropout=0.1),
@@ -153,9 +142,7 @@ ENCDEC_PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
 
 def get_encdec_preset(name: str, **overrides: Any) -> EncDecConfig:
     """The EncDecConfig of preset ``name`` with any fields in ``overrides`` changed."""
-    if name not in ENCDEC_PRESETS:
-        raise ConfigError(f"unknown encoder-decoder preset {name!r}; choose one of: {', '.join(ENCDEC_PRESETS)}.")
-    return preset_config(EncDecConfig, ENCDEC_PRESETS[name][1], overrides)
+    return config_from_preset(EncDecConfig, ENCDEC_PRESETS, name, overrides, "encoder-decoder")
 
 
 # ------------------------------------------------------------------------------------- cross-attention
@@ -277,6 +264,10 @@ class EncoderDecoder(nn.Module):
     ``enc_pos`` / ``dec_pos`` (learned positions), ``enc_blocks.{i}``, ``enc_norm``, ``dec_blocks.{i}``,
     ``dec_norm``, ``lm_head`` (absent when tied).
     """
+
+    # For optimisers that treat matrices by role (zenlm.train.optim.roles_of): the output head is no hidden
+    # matrix; the matrices of both stacks' blocks are. Embedding tables are recognised by their type.
+    param_roles: ClassVar[dict[str, str]] = {"lm_head": "head"}
 
     def __init__(self, config: EncDecConfig) -> None:
         super().__init__()

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from contextlib import AbstractContextManager, nullcontext
+from typing import ClassVar
 
 import torch
 import torch.nn as nn
@@ -143,9 +144,13 @@ class Block(nn.Module):
 class GPT(nn.Module):
     """Decoder-only Transformer language model: token ids [B, T] -> next-token logits [B, T, V].
 
-    Module names (the optimiser relies on them): ``tok_emb``, ``pos_emb`` (learned positions only),
-    ``blocks.{i}.*`` (every hidden matrix), ``norm_f``, ``lm_head`` (absent when the embeddings are tied).
+    Module names: ``tok_emb``, ``pos_emb`` (learned positions only), ``blocks.{i}.*`` (every hidden matrix),
+    ``norm_f``, ``lm_head`` (absent when the embeddings are tied).
     """
+
+    # For optimisers that treat matrices by role (zenlm.train.optim.roles_of): the output head is no hidden
+    # matrix. Embedding tables and gains are recognised by their type and shape.
+    param_roles: ClassVar[dict[str, str]] = {"lm_head": "head"}
 
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()

@@ -148,9 +148,4 @@ def quantize_int8(model: nn.Module, *, empty: bool = False) -> nn.Module:
     return model
 
 
-def weight_bytes(model: nn.Module) -> int:
-    """Bytes of all parameters and persistent buffers (what a safetensors file of the model holds)."""
-    return sum(t.numel() * t.element_size() for t in model.state_dict().values())
-
-
-__all__ = ["Int8Linear", "Int8Embedding", "quantize_int8", "weight_bytes", "METHOD"]
+__all__ = ["Int8Linear", "Int8Embedding", "quantize_int8", "METHOD"]

@@ -11,9 +11,11 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from zenlm.data.corpus import open_corpus
 from zenlm.data.shards import prepare
+from zenlm.device import Precision
 from zenlm.errors import ConfigError
 from zenlm.progress import ProgressFn, report
 from zenlm.recipes.pretrain import pretrain
@@ -39,19 +41,25 @@ class DemoResult:
 
 
 def demo(
-    lang: str = "en",
+    lang: Literal["en", "zh"] = "en",
     max_seconds: float = 300.0,
     out: str | Path | None = None,
     max_steps: int | None = None,
     model: str = "demo",
     device: str = "auto",
-    precision: str = "auto",
+    precision: Precision = "auto",
     progress: ProgressFn | None = None,
 ) -> DemoResult:
     """Run the whole pipeline within about ``max_seconds`` of wall time; returns where it all went.
 
-    out: the demo folder (default runs/demo-LANG); a previous demo there is replaced, anything else is refused.
-    max_steps: stop training after this many optimiser steps even if time is left (None: time decides).
+    lang:        "en" (Shakespeare's plays) or "zh" (People's Daily, January 1998)
+    max_seconds: total wall-time budget
+    out:         the demo folder (default runs/demo-LANG); a previous demo there is replaced, anything else is
+                 refused
+    max_steps:   stop training after this many optimiser steps even if time is left (None: time decides)
+    model:       the GPT preset to pretrain (``zenlm presets``), with the default recipe's batch and optimiser
+    device:      auto, cpu, cuda or mps
+    precision:   auto, fp32, bf16 or fp16
     """
     if lang not in DEMOS:
         raise ConfigError(f"--lang {lang!r} is not available; choose one of {sorted(DEMOS)}.")

@@ -14,14 +14,12 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
-import yaml
 from torch import nn
 
 from zenlm import __version__
@@ -29,13 +27,21 @@ from zenlm.data.classify import ClassBatches, encode_for_model, pad_batch, read_
 from zenlm.device import resolve_device
 from zenlm.errors import CheckpointError, ConfigError, DataError
 from zenlm.evaluate import ClassificationReport, classification_report
+from zenlm.fileio import atomic_write_text
 from zenlm.models.classifier import POOLINGS, SequenceClassifier
 from zenlm.progress import ProgressFn, report
-from zenlm.rundir import TOKENIZER_FILES, build_model_from_run
+from zenlm.rundir import (
+    build_model_from_run,
+    copy_tokenizer_files,
+    run_architecture,
+    run_task,
+    write_run_config,
+)
 from zenlm.tokenizer import Tokenizer
-from zenlm.train.checkpoint import atomic_write_text, load_model_weights
-from zenlm.train.loop import TrainConfig, TrainResult, config_to_dict, fit
+from zenlm.train.checkpoint import load_model_weights
+from zenlm.train.loop import TrainConfig, TrainResult, apply_process_settings, config_to_dict, fit
 from zenlm.train.optim import OptimConfig
+from zenlm.train.step import LossOutput
 
 
 @dataclass
@@ -47,12 +53,15 @@ class ClassifyResult:
 
 
 def load_backbone(base: str | Path) -> tuple[nn.Module, Tokenizer]:
-    """The trained GPT or BERT of run directory ``base`` and its tokenizer."""
+    """The trained backbone (GPT or BERT: an architecture that can ``classify``) of run directory ``base`` and
+    its tokenizer."""
     base = Path(base)
     model, _, saved = build_model_from_run(base)
-    if saved["model"].get("arch") == "encdec":
-        raise ConfigError(f"{base} is an encoder-decoder; fine-tune a BERT or GPT run for classification.")
-    if (saved.get("task") or {}).get("kind") == "classify":
+    arch = run_architecture(saved)
+    if not arch.can("classify"):
+        raise ConfigError(f"{base} holds a {arch.title} model, which cannot carry a classification head; fine-tune "
+                          "a BERT or GPT run for classification.")
+    if run_task(saved) == "classify":
         raise ConfigError(f"{base} is already a classifier; give the run it was fine-tuned from.")
     if saved.get("quantization"):
         raise ConfigError(f"{base} holds int8 weights for inference; fine-tune the full-precision run.")
@@ -97,7 +106,7 @@ def finetune_classify(
     text_field: str = "text",
     label_field: str = "label",
     max_len: int = 128,
-    pooling: str = "auto",
+    pooling: Literal["auto", "cls", "mean", "last"] = "auto",
     dropout: float = 0.1,
     batch_size: int = 16,
     epochs: float = 3.0,
@@ -118,9 +127,12 @@ def finetune_classify(
     epochs:           passes over the training texts (``train.max_steps`` is ignored; ``train.max_seconds``
                       still caps the run)
     lr:               peak AdamW learning rate (linear warm-up over ``warmup_frac``, then linear decay to 0)
+    warmup_frac:      share of the steps spent warming the learning rate up
     patience:         stop after this many evaluations without a better validation macro-F1 (0 = never)
+    evals_per_epoch:  validations per pass over the training texts
     """
     train = train or TrainConfig()
+    apply_process_settings(train)
     base, out = Path(base), Path(out)
     if (out / "config.yaml").exists():
         raise ConfigError(f"{out} already holds a run; choose another --out.")
@@ -165,22 +177,21 @@ def finetune_classify(
                         schedule="linear", weight_decay=weight_decay, betas=(0.9, 0.999))
 
     out.mkdir(parents=True, exist_ok=True)
-    for name in TOKENIZER_FILES:
-        if (base / name).exists():
-            shutil.copyfile(base / name, out / name)
+    copy_tokenizer_files(base, out)
     task = {"kind": "classify", "labels": labels, "pooling": pooling, "dropout": dropout, "max_len": max_len,
             "text_field": text_field, "label_field": label_field, "base": str(base.resolve()),
             "data": str(Path(data).resolve()), "n_train": len(train_ex), "n_val": len(val_ex)}
     run_config = {"zenlm_version": __version__, "model": backbone.config.to_dict(), "task": task,
                   "train": config_to_dict(train), "optim": config_to_dict(optim), "objective": "classify"}
-    atomic_write_text(out / "config.yaml", yaml.safe_dump(run_config, sort_keys=False, allow_unicode=True))
+    write_run_config(out, run_config)
 
     def get_batch(step: int, micro: int) -> tuple[torch.Tensor, ...]:
         return tuple(t.to(device) for t in batches.get(step * train.grad_accum + micro))
 
-    def loss_fn(m: nn.Module, batch: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, int]:
+    def loss_fn(m: nn.Module, batch: tuple[torch.Tensor, ...]) -> LossOutput:
+        """Cross-entropy summed over the examples (the targets); input tokens: the real (unpadded) ones."""
         ids, mask, y = batch
-        return F.cross_entropy(m(ids, mask), y), int(mask.sum())
+        return LossOutput(F.cross_entropy(m(ids, mask), y, reduction="sum"), y.numel(), int(mask.sum()))
 
     def evaluate(m: nn.Module) -> dict[str, float]:
         return evaluate_classifier(model, x_val, y_val, labels, pad_id, 2 * batch_size, device)[0]

@@ -11,6 +11,9 @@ The objective is cross-entropy with label smoothing ``eps`` on the target tokens
 
     loss = mean_t [ (1 - eps) * -log p(y_t) + eps * mean_v -log p(v) ]
 
+(the loss functions return the sum over the target tokens; the training step divides by the number of target
+tokens of the whole step, so every target token weighs the same however the rows fall into micro-batches).
+
 ``objective="denoise"`` pretrains an encoder-decoder without pairs: spans of plain text are hidden (BART text
 infilling, :func:`zenlm.data.seq2seq.infill_noise`) and the model restores the text. ``init=RUN_DIR`` starts
 from the weights (and tokenizer) of an earlier run, e.g. a denoising or causal-LM pretraining run.
@@ -19,19 +22,16 @@ from the weights (and tokenizer) of an earlier run, e.g. a denoising or causal-L
 from __future__ import annotations
 
 import functools
-import math
-import shutil
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
-import yaml
 from torch import nn
 
 from zenlm import __version__
+from zenlm.data.batches import IGNORE_INDEX
 from zenlm.data.seq2seq import (
-    IGNORE,
     DenoisingBatches,
     EncodedPairs,
     Pair,
@@ -47,66 +47,87 @@ from zenlm.data.seq2seq import (
 )
 from zenlm.device import resolve_device
 from zenlm.errors import ConfigError
+from zenlm.evaluate import perplexity
+from zenlm.models.registry import get_architecture
 from zenlm.progress import ProgressFn, report
-from zenlm.rundir import TOKENIZER_FILES, build_model_from_run, read_run_config
+from zenlm.rundir import (
+    build_model_from_run,
+    copy_tokenizer_files,
+    run_architecture,
+    weights_file,
+    write_run_config,
+)
 from zenlm.tokenizer import Tokenizer, train_tokenizer
-from zenlm.train.checkpoint import atomic_write_text, list_checkpoints, load_model_weights
-from zenlm.train.loop import TrainConfig, TrainResult, config_to_dict, fit
+from zenlm.train.checkpoint import list_checkpoints, load_model_weights
+from zenlm.train.loop import TrainConfig, TrainResult, apply_process_settings, config_to_dict, fit
 from zenlm.train.optim import OptimConfig
+from zenlm.train.step import LossOutput
 
 Arch = Literal["encdec", "gpt"]
 OBJECTIVES = {"pairs", "denoise"}
+# What ``train=None`` and ``optim=None`` mean (the CLI's --max-steps, --lr, ... default to these too)
+DEFAULT_TRAIN: dict[str, Any] = dict(max_steps=1000, eval_every=100, tensorboard=False)
+DEFAULT_OPTIM: dict[str, Any] = dict(lr=1e-3, min_lr=1e-4, warmup_steps=50, weight_decay=0.01)
+
+
+def _reads_source(arch: str) -> bool:
+    """True for an encoder-decoder (reads the source with its encoder); False for a decoder-only model, which
+    reads ``source <sep> target`` as one sequence."""
+    return get_architecture(arch).can("seq2seq")
 
 
 # ------------------------------------------------------------------------------------------ objectives
 
 
-def seq2seq_loss(model: nn.Module, batch: tuple[torch.Tensor, ...], label_smoothing: float = 0.0
-                 ) -> tuple[torch.Tensor, int]:
-    """Teacher-forced cross-entropy of an encoder-decoder. batch = (src_BS, src_mask_BS, tgt_in_BT, labels_BT)."""
+def _token_loss(logits_BTV: torch.Tensor, labels_BT: torch.Tensor, label_smoothing: float, n_tokens: int
+                ) -> LossOutput:
+    """Label-smoothed cross-entropy summed over the labelled positions (labels_BT != IGNORE_INDEX)."""
+    loss_sum = F.cross_entropy(logits_BTV.float().flatten(0, 1), labels_BT.flatten(), ignore_index=IGNORE_INDEX,
+                               label_smoothing=label_smoothing, reduction="sum")
+    return LossOutput(loss_sum, int(labels_BT.ne(IGNORE_INDEX).sum()), n_tokens)
+
+
+def seq2seq_loss(model: nn.Module, batch: tuple[torch.Tensor, ...], label_smoothing: float = 0.0) -> LossOutput:
+    """Teacher-forced cross-entropy of an encoder-decoder, summed over the target tokens.
+    batch = (src_BS, src_mask_BS, tgt_in_BT, labels_BT); input tokens: the real source and target tokens."""
     src_BS, src_mask_BS, tgt_in_BT, labels_BT = batch
     logits_BTV = model(src_BS, tgt_in_BT, src_mask_BS)
-    loss = F.cross_entropy(logits_BTV.float().flatten(0, 1), labels_BT.flatten(), ignore_index=IGNORE,
-                           label_smoothing=label_smoothing)
-    return loss, int(labels_BT.ne(IGNORE).sum())
+    return _token_loss(logits_BTV, labels_BT, label_smoothing, src_BS.numel() + tgt_in_BT.numel())
 
 
 def prompt_completion_loss(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor], label_smoothing: float = 0.0
-                           ) -> tuple[torch.Tensor, int]:
-    """Next-token cross-entropy of a decoder-only model on the completion only. batch = (x_BT, labels_BT)."""
+                           ) -> LossOutput:
+    """Next-token cross-entropy of a decoder-only model on the completion only, summed over its tokens.
+    batch = (x_BT, labels_BT)."""
     x_BT, labels_BT = batch
-    logits_BTV = model(x_BT)
-    loss = F.cross_entropy(logits_BTV.float().flatten(0, 1), labels_BT.flatten(), ignore_index=IGNORE,
-                           label_smoothing=label_smoothing)
-    return loss, int(labels_BT.ne(IGNORE).sum())
+    return _token_loss(model(x_BT), labels_BT, label_smoothing, x_BT.numel())
 
 
 def _val_batches(arch: Arch, data: EncodedPairs, batch_size: int, ids: dict[str, int]) -> list[tuple]:
     out = []
     for s in range(0, len(data), batch_size):
         src, tgt = data.sources[s : s + batch_size], data.targets[s : s + batch_size]
-        if arch == "encdec":
+        if _reads_source(arch):
             out.append(collate_seq2seq([seq2seq_example(a, b, ids["bos"], ids["eos"]) for a, b in zip(src, tgt,
                                                                                                      strict=True)],
                                        ids["pad"]))
         else:
             ex = [prompt_completion_example(a, b, ids["sep"], ids["eos"]) for a, b in zip(src, tgt, strict=True)]
-            out.append((pad_right([e[0] for e in ex], ids["pad"]), pad_right([e[1] for e in ex], IGNORE)))
+            out.append((pad_right([e[0] for e in ex], ids["pad"]), pad_right([e[1] for e in ex], IGNORE_INDEX)))
     return out
 
 
 @torch.no_grad()
 def evaluate_pairs(model: nn.Module, arch: Arch, batches: list[tuple], device: torch.device) -> dict[str, float]:
     """Validation loss (nats per target token, no label smoothing) and perplexity over fixed batches."""
-    loss_fn = seq2seq_loss if arch == "encdec" else prompt_completion_loss
+    loss_fn = seq2seq_loss if _reads_source(arch) else prompt_completion_loss
     total, n = 0.0, 0
     for batch in batches:
-        batch = tuple(t.to(device) for t in batch)
-        loss, n_tok = loss_fn(model, batch)
-        total += float(loss) * n_tok
-        n += n_tok
+        out = loss_fn(model, tuple(t.to(device) for t in batch))
+        total += float(out.loss_sum)
+        n += out.n_targets
     loss = total / max(n, 1)
-    return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0))}
+    return {"val_loss": loss, "val_ppl": perplexity(loss)}
 
 
 # --------------------------------------------------------------------------------------------- recipe
@@ -124,22 +145,16 @@ def _special_ids(tok: Tokenizer, arch: Arch, objective: str) -> dict[str, int]:
 
 
 def _build_model(arch: Arch, model: str | None, overrides: dict[str, Any], vocab_size: int) -> tuple[nn.Module, Any]:
-    if arch == "encdec":
-        from zenlm.models.encdec import EncoderDecoder, get_encdec_preset
-
-        cfg = get_encdec_preset(model or "encdec-small", vocab_size=vocab_size, **overrides)
-        return EncoderDecoder(cfg), cfg
-    from zenlm.models.gpt import GPT
-    from zenlm.presets import get_preset
-
-    cfg = get_preset(model or "demo", vocab_size=vocab_size, **overrides)
-    return GPT(cfg), cfg
+    """A fresh model of preset ``model`` (None: the architecture's default preset)."""
+    architecture = get_architecture(arch)
+    cfg = architecture.config(model, vocab_size=vocab_size, **overrides)
+    return architecture.build(cfg), cfg
 
 
 def _length_limits(arch: Arch, cfg: Any, max_source_len: int | None, max_target_len: int | None) -> tuple[int, int]:
     """Most source and target tokens that fit. The limits count one special token each: the source is followed
     by eos (encdec) or the separator (gpt); the target is preceded by bos (encdec) or followed by eos (gpt)."""
-    if arch == "encdec":
+    if _reads_source(arch):
         src = min(max_source_len or cfg.max_source_len, cfg.max_source_len) - 1
         tgt = min(max_target_len or cfg.max_target_len, cfg.max_target_len) - 1
         return src, tgt
@@ -160,7 +175,7 @@ def finetune_seq2seq(
     tokenizer: str | Path | Tokenizer | None = None,
     vocab_size: int = 8192,
     init: str | Path | None = None,
-    val_data: str | Path | None = None,
+    val: str | Path | None = None,
     val_fraction: float = 0.05,
     source_field: str = "source",
     target_field: str = "target",
@@ -178,24 +193,26 @@ def finetune_seq2seq(
 
     data:            ``.jsonl`` pairs (objective "pairs") or a ``.txt`` / ``.jsonl`` text file ("denoise")
     arch:            "encdec" (encoder-decoder) or "gpt" (decoder-only, loss masked on the prompt)
-    model:           preset name (encdec: zenlm.models.encdec.ENCDEC_PRESETS, default encdec-small; gpt:
-                     zenlm.presets, default demo); ignored with ``init``
+    model:           preset name of that architecture (``zenlm presets``; default: encdec-small for encdec,
+                     demo for gpt); ignored with ``init``
     tokenizer:       a tokenizer (directory); None trains a byte-level BPE of ``vocab_size`` on the training
                      texts (with ``init``, the run's own tokenizer is used)
     init:            start from this run directory's weights, config and tokenizer
-    val_data:        validation pairs; None holds out the last ``val_fraction`` of ``data``
+    val:             validation pairs; None holds out the last ``val_fraction`` of ``data``
     max_source_len / max_target_len: token limits (default: the model's context); longer texts are truncated
                      with a warning and a count
     label_smoothing: eps of the smoothed cross-entropy (training only; validation reports the plain loss)
+    noise_density:   share of the tokens hidden by the denoising objective (BART text infilling)
     """
     data, out = Path(data), Path(out)
-    train = train or TrainConfig(max_steps=500, eval_every=100, tensorboard=False)
-    optim = optim or OptimConfig(lr=1e-3, min_lr=1e-4, warmup_steps=50, weight_decay=0.01)
+    train = train or TrainConfig(**DEFAULT_TRAIN)
+    optim = optim or OptimConfig(**DEFAULT_OPTIM)
+    apply_process_settings(train)
     if objective not in OBJECTIVES:
         raise ConfigError(f"objective {objective!r} is not supported; choose pairs or denoise.")
-    if arch not in ("encdec", "gpt"):
-        raise ConfigError(f"arch {arch!r} is not supported; choose encdec or gpt.")
-    if objective == "denoise" and arch != "encdec":
+    if not (get_architecture(arch).can("seq2seq") or get_architecture(arch).can("causal-lm")):
+        raise ConfigError(f"arch {arch!r} cannot learn source -> target pairs; choose encdec or gpt.")
+    if objective == "denoise" and not _reads_source(arch):
         raise ConfigError("the denoising objective trains encoder-decoders; use --arch encdec.")
     if not 0.0 <= label_smoothing < 1.0:
         raise ConfigError(f"label_smoothing must be in [0, 1), got {label_smoothing}.")
@@ -209,8 +226,8 @@ def finetune_seq2seq(
     # ---- examples -------------------------------------------------------------------------------------
     if objective == "pairs":
         pairs = read_pairs(data, source_field, target_field)
-        if val_data is not None:
-            val_pairs = read_pairs(val_data, source_field, target_field)
+        if val is not None:
+            val_pairs = read_pairs(val, source_field, target_field)
         else:
             n_val = int(len(pairs) * val_fraction)
             pairs, val_pairs = pairs[: len(pairs) - n_val], pairs[len(pairs) - n_val :]
@@ -227,16 +244,13 @@ def finetune_seq2seq(
     if init is not None:
         init = Path(init)
         net, cfg, saved = build_model_from_run(init)
-        init_arch = "encdec" if saved["model"].get("arch") == "encdec" else "gpt"
+        init_arch = run_architecture(saved).name
         if init_arch != arch:
             raise ConfigError(f"--init {init} holds a {init_arch} model but --arch is {arch}; make them agree.")
-        weights = init / "model.safetensors"
-        if not weights.is_file():
-            ckpts = list_checkpoints(init / "checkpoints")
-            if not ckpts:
-                raise ConfigError(f"--init {init} has no model.safetensors or checkpoint to start from.")
-            weights = ckpts[-1] / "model.safetensors"
-        load_model_weights(net, weights)
+        if saved.get("task") or saved.get("quantization"):
+            raise ConfigError(f"--init {init} is a classifier or holds int8 weights; start from the full-precision "
+                              "run it was made from.")
+        load_model_weights(net, weights_file(init))
         tok = Tokenizer.load(init)
     else:
         if isinstance(tokenizer, Tokenizer):
@@ -258,7 +272,7 @@ def finetune_seq2seq(
         enc = encode_pairs(pairs, tok, src_len, tgt_len, progress=progress)
         val_batches = _val_batches(arch, encode_pairs(val_pairs, tok, src_len, tgt_len), batch_size, ids) \
             if val_pairs else []
-        if arch == "encdec":
+        if _reads_source(arch):
             batches: Any = Seq2SeqBatches(enc, batch_size, bos_id=ids["bos"], eos_id=ids["eos"], pad_id=ids["pad"],
                                           grad_accum=train.grad_accum, seed=train.seed)
         else:
@@ -281,13 +295,11 @@ def finetune_seq2seq(
     out.mkdir(parents=True, exist_ok=True)
     tok.save(out)
     if init is not None:
-        for name in TOKENIZER_FILES:  # keep the exact files of the run we started from
-            if (init / name).exists():
-                shutil.copyfile(init / name, out / name)
+        copy_tokenizer_files(init, out)  # keep the exact files of the run we started from
     run_config = {
         "zenlm_version": __version__,
         "model": cfg.to_dict(),
-        "objective": "seq2seq" if arch == "encdec" and objective == "pairs" else
+        "objective": "seq2seq" if _reads_source(arch) and objective == "pairs" else
         ("denoise" if objective == "denoise" else "prompt-completion"),
         "seq2seq": {"arch": arch, "max_source_tokens": src_len, "max_target_tokens": tgt_len,
                     "label_smoothing": label_smoothing, "source_field": source_field, "target_field": target_field,
@@ -297,9 +309,9 @@ def finetune_seq2seq(
         "train": config_to_dict(train),
         "optim": config_to_dict(optim),
         "data": {"path": str(data.resolve()), "examples": n_train,
-                 "val_path": str(Path(val_data).resolve()) if val_data else None},
+                 "val_path": str(Path(val).resolve()) if val else None},
     }
-    atomic_write_text(out / "config.yaml", yaml.safe_dump(run_config, sort_keys=False, allow_unicode=True))
+    write_run_config(out, run_config)
 
     def get_batch(step: int, micro: int) -> tuple[torch.Tensor, ...]:
         return tuple(t.to(device, non_blocking=True) for t in batches.get(step, micro))
@@ -310,7 +322,7 @@ def finetune_seq2seq(
     n_params = sum(p.numel() for p in net.parameters())
     report(progress, "train", message=f"{arch} model, {n_params / 1e6:.2f}M parameters; {n_train:,} training "
            f"examples; batch {batch_size}x{train.grad_accum}; device {device}")
-    loss_fn = functools.partial(seq2seq_loss if arch == "encdec" else prompt_completion_loss,
+    loss_fn = functools.partial(seq2seq_loss if _reads_source(arch) else prompt_completion_loss,
                                 label_smoothing=label_smoothing)
     result = fit(net, get_batch, loss_fn, out, train, optim, evaluate=evaluate if val_batches else None,
                  progress=progress)
@@ -323,14 +335,5 @@ def finetune_seq2seq(
     return result
 
 
-def seq2seq_settings(run_dir: str | Path) -> dict[str, Any]:
-    """The ``seq2seq`` section of a run's config.yaml (ConfigError for runs not made by this recipe)."""
-    saved = read_run_config(run_dir)
-    if "seq2seq" not in saved:
-        raise ConfigError(f"{run_dir} was not trained on source/target pairs (no seq2seq section in config.yaml); "
-                          "train one with `zenlm finetune seq2seq`.")
-    return saved["seq2seq"]
-
-
-__all__ = ["finetune_seq2seq", "seq2seq_loss", "prompt_completion_loss", "evaluate_pairs", "seq2seq_settings",
-           "Pair"]
+__all__ = ["finetune_seq2seq", "seq2seq_loss", "prompt_completion_loss", "evaluate_pairs", "Pair",
+           "DEFAULT_TRAIN", "DEFAULT_OPTIM"]

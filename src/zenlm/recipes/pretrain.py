@@ -5,6 +5,9 @@ model sees ``x = t_0 .. t_{T-1}`` and is scored on ``y = t_1 .. t_T``::
 
     loss = -1/(B*T) * sum_{b,t} log softmax(logits[b, t])[y[b, t]]          (nats per token)
 
+(the loss function returns the sum; the training step divides it by the number of targets of the whole
+step, so gradient accumulation over micro-batches gives the gradient of the whole batch: zenlm.train.step).
+
 Validation also reports perplexity ``exp(loss)`` and bits per byte
 ``loss / ln 2 * tokens / bytes`` (tokens and UTF-8 bytes of the validation text), which compares runs
 that use different tokenizers.
@@ -23,41 +26,42 @@ Validation reports that loss, its perplexity ``exp(loss)`` (val_mlm_ppl) and the
 
 from __future__ import annotations
 
-import math
-import shutil
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
-import yaml
 from torch import nn
 
 from zenlm import __version__
-from zenlm.config import GPTConfig, config_from_dict
 from zenlm.data.batches import IGNORE_INDEX, CausalBatches, MLMBatches, eval_batches, mlm_eval_batches
 from zenlm.data.shards import TokenShards, load_index
 from zenlm.device import resolve_device
 from zenlm.errors import ConfigError, DataError
-from zenlm.models.bert import BERT_PRESETS, Bert, BertConfig, get_bert_preset
-from zenlm.models.gpt import GPT
-from zenlm.presets import PRESETS, get_preset
+from zenlm.evaluate import bits_per_byte, perplexity
+from zenlm.models.registry import build_model, config_from_dict, find_preset, list_presets
 from zenlm.progress import ProgressFn, report
 from zenlm.recipes.registry import DEFAULT_RECIPE, recipe_settings
-from zenlm.rundir import TOKENIZER_FILES, read_run_config
+from zenlm.rundir import copy_tokenizer_files, read_run_config, write_run_config
 from zenlm.tokenizer import Tokenizer
-from zenlm.train.checkpoint import atomic_write_text, list_checkpoints
-from zenlm.train.loop import TrainConfig, TrainResult, config_to_dict, fit
+from zenlm.train.checkpoint import list_checkpoints
+from zenlm.train.loop import TrainConfig, TrainResult, apply_process_settings, config_to_dict, fit
 from zenlm.train.optim import OptimConfig
+from zenlm.train.step import LossOutput
 
 
-def causal_lm_loss(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, int]:
-    """Mean next-token cross-entropy. batch = (x_BT, y_BT) int64; returns (loss, number of tokens)."""
+def causal_lm_loss(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> LossOutput:
+    """Summed next-token cross-entropy. batch = (x_BT, y_BT) int64: every position of y_BT is a target."""
     x_BT, y_BT = batch
     logits_BTV = model(x_BT)
-    loss = F.cross_entropy(logits_BTV.float().flatten(0, 1), y_BT.flatten())
-    return loss, y_BT.numel()
+    loss_sum = F.cross_entropy(logits_BTV.float().flatten(0, 1), y_BT.flatten(), reduction="sum")
+    return LossOutput(loss_sum, y_BT.numel(), x_BT.numel())
+
+
+def causal_lm_targets(batch: tuple[torch.Tensor, torch.Tensor]) -> int:
+    """The targets of a causal-LM batch, B*T (read from the shape: no wait for the device)."""
+    return batch[1].numel()
 
 
 @torch.no_grad()
@@ -75,12 +79,14 @@ def evaluate_causal_lm(
     loss = total / max(n, 1)
     return {
         "val_loss": loss,
-        "val_ppl": math.exp(min(loss, 50.0)),
-        "val_bpb": loss / math.log(2) / bytes_per_token,
+        "val_ppl": perplexity(loss),
+        "val_bpb": bits_per_byte(loss, bytes_per_token),
     }
 
 
 OBJECTIVES = ("causal-lm", "mlm")
+# what each objective needs the model to do (zenlm.models.registry capabilities)
+OBJECTIVE_CAPABILITY = {"causal-lm": "causal-lm", "mlm": "masked-lm"}
 MASK_PROB = 0.15  # fraction of ordinary tokens a masked-LM row asks the model to predict
 
 
@@ -103,14 +109,17 @@ def masked_lm_logits(model: nn.Module, ids_BT: torch.Tensor, pos_N: torch.Tensor
 
 def masked_lm_loss(
     model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
-) -> tuple[torch.Tensor, int]:
-    """Mean cross-entropy over the masked positions. batch = (ids_BT, pos_N, target_N) int64 (see
-    :func:`mlm_targets`); returns (loss, number of input tokens B*T)."""
+) -> LossOutput:
+    """Summed cross-entropy over the N masked positions. batch = (ids_BT, pos_N, target_N) int64 (see
+    :func:`mlm_targets`); N targets, B*T input tokens."""
     ids_BT, pos_N, target_N = batch
     logits_NV = masked_lm_logits(model, ids_BT, pos_N)
-    # sum / max(N, 1) rather than the mean: a batch with no masked position gives 0, not NaN
-    loss = F.cross_entropy(logits_NV, target_N, reduction="sum") / max(target_N.numel(), 1)
-    return loss, ids_BT.numel()
+    return LossOutput(F.cross_entropy(logits_NV, target_N, reduction="sum"), target_N.numel(), ids_BT.numel())
+
+
+def masked_lm_targets(batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> int:
+    """The targets of a masked-LM batch: its N masked positions."""
+    return batch[2].numel()
 
 
 def masked_lm_scores(logits_NV: torch.Tensor, target_N: torch.Tensor) -> tuple[float, int]:
@@ -122,7 +131,7 @@ def masked_lm_scores(logits_NV: torch.Tensor, target_N: torch.Tensor) -> tuple[f
 def masked_lm_metrics(loss_sum: float, n_correct: int, n: int) -> dict[str, float]:
     """val_loss (mean nats per masked token), val_mlm_ppl = exp(val_loss), val_masked_acc in [0, 1]."""
     loss = loss_sum / max(n, 1)
-    return {"val_loss": loss, "val_mlm_ppl": math.exp(min(loss, 50.0)), "val_masked_acc": n_correct / max(n, 1)}
+    return {"val_loss": loss, "val_mlm_ppl": perplexity(loss), "val_masked_acc": n_correct / max(n, 1)}
 
 
 @torch.no_grad()
@@ -156,33 +165,32 @@ def mlm_token_ids(tok: Tokenizer, where: Path) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------------- the recipe
-Task = tuple[Callable[[int, int], Any], Callable[[nn.Module, Any], "tuple[torch.Tensor, int]"],
+# (get_batch, loss function, count_targets, evaluate): what fit needs from an objective
+Task = tuple[Callable[[int, int], Any], Callable[[nn.Module, Any], LossOutput], Callable[[Any], int],
              Callable[[nn.Module], dict[str, float]]]
 
 
 def _model_config(objective: str, model: str | None, vocab_size: int, overrides: dict[str, Any],
-                  pad_id: int | None) -> GPTConfig | BertConfig:
-    """A new run's model config: the preset ``model`` (None = the objective's default recipe's model)."""
+                  pad_id: int | None) -> Any:
+    """A new run's model config: the preset ``model`` (None = the objective's default recipe's model), which
+    must belong to an architecture that can learn ``objective`` (GPT for causal-lm, BERT for mlm)."""
     name = model or recipe_settings(DEFAULT_RECIPE[objective])["model"]
-    if objective == "mlm":
-        if name in PRESETS:
-            raise ConfigError(f"model {name!r} is a GPT (decoder) preset, but masked-LM pretraining trains a BERT "
-                              f"encoder; choose one of: {', '.join(BERT_PRESETS)} (or leave --model out for "
-                              f"{recipe_settings(DEFAULT_RECIPE['mlm'])['model']}).")
-        extra = {"pad_id": pad_id} if pad_id is not None else {}
-        return get_bert_preset(name, **{"vocab_size": vocab_size, **extra, **overrides})
-    if name in BERT_PRESETS:
-        raise ConfigError(f"model {name!r} is a BERT encoder preset, pretrained with --objective mlm; for "
-                          f"causal-LM pretraining choose a GPT preset: {', '.join(PRESETS)}.")
-    return get_preset(name, vocab_size=vocab_size, **overrides)
+    arch, _ = find_preset(name)
+    needs = OBJECTIVE_CAPABILITY[objective]
+    if not arch.can(needs):
+        fits = [o for o, c in OBJECTIVE_CAPABILITY.items() if arch.can(c)]
+        hint = f" (pretrain {name!r} with --objective {fits[0]})" if fits else ""
+        raise ConfigError(f"model {name!r} is a {arch.title} preset, but {objective} pretraining needs a {needs} "
+                          f"model; choose one of: {', '.join(list_presets(needs))}{hint}, or leave --model out "
+                          f"for {recipe_settings(DEFAULT_RECIPE[objective])['model']}.")
+    extra = {"pad_id": pad_id} if pad_id is not None else {}  # the masked LM's padding id (BertConfig.pad_id)
+    return arch.config(name, **{"vocab_size": vocab_size, **extra, **overrides})
 
 
 def _start_run_dir(out: Path, data: Path, index: dict[str, Any], objective: str, model_cfg: dict[str, Any],
                    batch: dict[str, Any], train: TrainConfig, optim: OptimConfig) -> None:
     """Copy the tokenizer into a new run directory and write its config.yaml."""
-    for name in TOKENIZER_FILES:
-        if (data / name).exists():
-            shutil.copyfile(data / name, out / name)
+    copy_tokenizer_files(data, out)
     run_config = {
         "zenlm_version": __version__,
         "model": model_cfg,
@@ -192,7 +200,7 @@ def _start_run_dir(out: Path, data: Path, index: dict[str, Any], objective: str,
         "data": {"dir": str(data.resolve()), "vocab_size": int(index["vocab_size"]), "corpus": index.get("corpus")},
         "objective": objective,
     }
-    atomic_write_text(out / "config.yaml", yaml.safe_dump(run_config, sort_keys=False, allow_unicode=True))
+    write_run_config(out, run_config)
 
 
 def _causal_lm_task(data: Path, index: dict[str, Any], batch_size: int, seq_len: int, eval_batch_size: int,
@@ -202,6 +210,8 @@ def _causal_lm_task(data: Path, index: dict[str, Any], batch_size: int, seq_len:
     val_info = index["splits"]["val"]
     bytes_per_token = max(val_info["bytes"], 1) / max(val_info["tokens"], 1)
     batches = CausalBatches(train_shards, batch_size, seq_len, seed=seed)
+    # raises now, before anything is written, not at the first evaluation, when the validation split is too small
+    eval_batches(val_shards, eval_batch_size, eval_seq_len, eval_tokens)
 
     def get_batch(step: int, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
         x_BT, y_BT = batches.get(step, micro)
@@ -211,7 +221,7 @@ def _causal_lm_task(data: Path, index: dict[str, Any], batch_size: int, seq_len:
         return evaluate_causal_lm(m, val_shards, eval_batch_size, eval_seq_len, eval_tokens, bytes_per_token,
                                   device)
 
-    return get_batch, causal_lm_loss, evaluate
+    return get_batch, causal_lm_loss, causal_lm_targets, evaluate
 
 
 def _mlm_task(data: Path, index: dict[str, Any], batch_size: int, seq_len: int, eval_batch_size: int,
@@ -232,14 +242,14 @@ def _mlm_task(data: Path, index: dict[str, Any], batch_size: int, seq_len: int, 
         return evaluate_mlm(m, mlm_eval_batches(val_shards, eval_batch_size, eval_seq_len, eval_tokens, **masking),
                             device)
 
-    return get_batch, masked_lm_loss, evaluate
+    return get_batch, masked_lm_loss, masked_lm_targets, evaluate
 
 
 def pretrain(
     data: str | Path,
     out: str | Path,
     *,
-    objective: str | None = None,
+    objective: Literal["causal-lm", "mlm"] | None = None,
     model: str | None = None,
     model_overrides: dict[str, Any] | None = None,
     resume: bool = False,
@@ -259,8 +269,8 @@ def pretrain(
     objective:       "causal-lm" (GPT, next-token prediction) or "mlm" (BERT, masked tokens; needs a tokenizer
                      with mask, bos and eos tokens). None = "causal-lm" for a new run, and the saved objective
                      on resume (read from config.yaml; giving another one is an error).
-    model:           a preset name, a GPT preset from :mod:`zenlm.presets` for causal-lm or a BERT preset from
-                     :data:`zenlm.models.bert.BERT_PRESETS` for mlm; None = the objective's default recipe's
+    model:           a preset name (``zenlm presets``) of an architecture that can learn the objective: a GPT
+                     preset for causal-lm, a BERT preset for mlm; None = the objective's default recipe's
                      ("demo" / "bert-mini"). Ignored on resume: the saved config is used.
     model_overrides: config fields to change on top of the preset (GPTConfig or BertConfig, e.g. {"n_layer": 6})
     batch_size:      sequences per micro-batch; tokens per step = batch_size * seq_len * grad_accum
@@ -274,6 +284,7 @@ def pretrain(
     """
     data, out = Path(data), Path(out)
     train = train or TrainConfig()
+    apply_process_settings(train)
     if objective is not None and objective not in OBJECTIVES:
         raise ConfigError(f"unknown objective {objective!r}; choose one of: {', '.join(OBJECTIVES)}.")
     index = load_index(data)
@@ -318,9 +329,10 @@ def pretrain(
     device = resolve_device(train.device)
     task_args = (data, index, batch_size, seq_len, eval_batch_size or batch_size, eval_seq_len or seq_len,
                  eval_tokens, train.seed, device)
-    get_batch, loss_fn, evaluate = _mlm_task(*task_args, token_ids) if mlm else _causal_lm_task(*task_args)
+    get_batch, loss_fn, count_targets, evaluate = _mlm_task(*task_args, token_ids) if mlm else \
+        _causal_lm_task(*task_args)
     torch.manual_seed(train.seed)
-    net = (Bert if mlm else GPT)(cfg).to(device)
+    net = build_model(cfg).to(device)
 
     out.mkdir(parents=True, exist_ok=True)
     if not resume:
@@ -331,10 +343,10 @@ def pretrain(
     n_train = index["splits"]["train"]["tokens"]
     report(progress, "train", message=(
         f"{'BERT encoder (masked LM)' if mlm else 'model'}: {cfg.n_layer} layers, {cfg.n_embd} wide, "
-        f"{cfg.num_params() / 1e6:.2f}M parameters; {n_train:,} training tokens; "
+        f"{sum(p.numel() for p in net.parameters()) / 1e6:.2f}M parameters; {n_train:,} training tokens; "
         f"{batch_size}x{seq_len}x{train.grad_accum} tokens/step; device {device}"))
     result = fit(net, get_batch, loss_fn, out, train, optim, evaluate=evaluate, resume=resume,
-                 progress=progress)
+                 progress=progress, count_targets=count_targets)
     try:
         from zenlm.viz import plot_loss_curve
 
@@ -345,5 +357,6 @@ def pretrain(
     return result
 
 
-__all__ = ["pretrain", "causal_lm_loss", "evaluate_causal_lm", "masked_lm_loss", "evaluate_mlm", "mlm_targets",
-           "masked_lm_logits", "masked_lm_scores", "masked_lm_metrics", "OBJECTIVES"]
+__all__ = ["pretrain", "causal_lm_loss", "causal_lm_targets", "evaluate_causal_lm", "masked_lm_loss",
+           "masked_lm_targets", "evaluate_mlm", "mlm_targets", "masked_lm_logits", "masked_lm_scores",
+           "masked_lm_metrics", "OBJECTIVES"]

@@ -2,23 +2,21 @@
 
 The new run directory holds the same config (plus a ``quantization`` section), the same tokenizer and a
 ``model.safetensors`` whose linear layers are int8 with per-output-channel scales (see
-:mod:`zenlm.models.int8`); ``zenlm.load`` and every verb that loads a run read it like any other run.
+:mod:`zenlm.models.int8`); ``zenlm.load`` and every verb that loads a run read it like any other run
+(:func:`zenlm.rundir.build_model_from_run` applies the ``quantization`` section).
 """
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
-
-from zenlm.api import load
 from zenlm.errors import ConfigError
+from zenlm.fileio import atomic_path
 from zenlm.models.int8 import METHOD, quantize_int8
-from zenlm.rundir import TOKENIZER_FILES, read_run_config
-from zenlm.train.checkpoint import atomic_write_text, save_model
+from zenlm.models.registry import architectures
+from zenlm.rundir import copy_tokenizer_files, load_run, read_run_config, run_architecture, write_run_config
+from zenlm.train.checkpoint import save_model
 
 
 @dataclass
@@ -29,30 +27,29 @@ class QuantizeResult:
 
 
 def quantize_run(run: str | Path, out: str | Path) -> QuantizeResult:
-    """Write an int8 weight-only copy of run directory ``run`` to ``out`` (which must not exist yet)."""
+    """Write an int8 weight-only copy of run directory ``run`` to ``out`` (which must not exist yet).
+
+    Supported: language-model runs (an architecture that can ``causal-lm``, not a classifier), which is what
+    int8 decoding (zenlm.generate, zenlm.compiled) is for."""
     run, out = Path(run), Path(out)
     if out.exists():
         raise ConfigError(f"{out} already exists; choose a new --out for the quantised run.")
     saved = read_run_config(run)
     if saved.get("quantization"):
         raise ConfigError(f"{run} is already quantised ({saved['quantization'].get('method')}).")
-    if saved["model"].get("arch", "gpt") != "gpt":
-        raise ConfigError(f"quantisation supports GPT runs; {run} holds a {saved['model'].get('arch')!r} model.")
-    lm = load(run, device="cpu", dtype="fp32")
-    model = quantize_int8(lm.model)
+    arch = run_architecture(saved)
+    if not arch.can("causal-lm") or saved.get("task"):
+        lms = [a.name for a in architectures() if a.can("causal-lm")]
+        raise ConfigError(f"quantisation supports language-model runs ({', '.join(lms)}); {run} holds a "
+                          f"{arch.name!r} model{' fine-tuned as a classifier' if saved.get('task') else ''}.")
+    model = quantize_int8(load_run(run, device="cpu", dtype="fp32").model)
     saved["quantization"] = {"method": METHOD, "scales": "per output channel", "layers": "every nn.Linear"}
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with atomic_path(out) as tmp:
+        tmp.mkdir()
         save_model(model, tmp / "model.safetensors", metadata={"format": "pt", "quantization": METHOD})
-        atomic_write_text(tmp / "config.yaml", yaml.safe_dump(saved, sort_keys=False, allow_unicode=True))
-        for name in TOKENIZER_FILES:
-            if (run / name).exists():
-                shutil.copyfile(run / name, tmp / name)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        write_run_config(tmp, saved)
+        copy_tokenizer_files(run, tmp)
     source = run / "model.safetensors"
     before = source.stat().st_size if source.is_file() else 0
     return QuantizeResult(out, before, (out / "model.safetensors").stat().st_size)

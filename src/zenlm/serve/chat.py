@@ -11,8 +11,7 @@ from collections.abc import Callable
 
 from zenlm.generate import GenerationConfig, generate_ids
 from zenlm.models.gpt import GPT
-from zenlm.serve.app import render_chat
-from zenlm.tokenizer import Tokenizer
+from zenlm.tokenizer import Tokenizer, render_chat
 
 HELP = "Type a message. /reset starts a new conversation, /quit leaves."
 

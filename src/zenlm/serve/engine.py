@@ -4,7 +4,13 @@ Continuous batching, in the simplest form that is still correct:
 
     slots:   a pool of ``max_concurrency`` KV-cache rows, k/v [n_layer, slots, n_kv_head, max_len, head_dim]
     admit:   a waiting request takes the lowest free slot; its prompt is run through ``GPT.forward`` with a
-             cache that is a view of that slot (prefill), and its first token is sampled
+             cache that is a view of that slot (prefill), and its first token is sampled. One loop admits
+             prompts worth at most ``max_prefill_tokens`` (always at least one), so a burst of long prompts
+             is spread over several loops with a decode step for the running sequences in between
+    score:   a sequence with ``prompt_logprobs`` set keeps the logits of every prompt position from that
+             same prefill and receives each prompt token's log-prob (and the k best) in a
+             :class:`PromptEvent` before its first token; with ``max_tokens=0`` it ends right there
+             (this is how ``echo`` + ``logprobs`` score a text, as evaluation harnesses ask)
     step:    every running sequence feeds its newest token at its own position in one batched forward
              pass (:func:`zenlm.generate.decode_step`): each row writes its key/value at its own position
              and attends only to its own positions ``0 .. pos_b`` (a per-row mask), so sequences of
@@ -14,8 +20,8 @@ Continuous batching, in the simplest form that is still correct:
 
 The engine runs on its own thread. Callers submit :class:`Sequence` objects and receive events through
 the sequence's ``emit`` callback (called on the engine thread): :class:`TokenEvent` per sampled token, then
-exactly one :class:`FinishEvent` or :class:`ErrorEvent`. Setting ``seq.cancel()`` (a client went away)
-frees the work at the next step.
+exactly one :class:`FinishEvent` or :class:`ErrorEvent` (a scored prompt's :class:`PromptEvent` comes
+first). Setting ``seq.cancel()`` (a client went away) frees the work at the next step.
 
 Sampling per sequence follows OpenAI's order: penalties on the raw logits
 (``logits -= frequency_penalty * count + presence_penalty * (count > 0)`` over generated tokens), log-probs
@@ -39,10 +45,15 @@ from torch import Tensor
 from zenlm.errors import ConfigError
 from zenlm.generate import _split_at_stop, decode_step, top_k_filter, top_p_filter
 from zenlm.models.gpt import GPT
+from zenlm.scoring import score_tokens
 from zenlm.serve.metrics import Metrics
 from zenlm.tokenizer import Tokenizer
 
 log = logging.getLogger("zenlm.serve.engine")
+
+# Scoring a prompt keeps the logits of all its positions, [rows, T, V] floats: prompts of one length are
+# scored in forward passes of as many rows as keep that under this many floats (256 MiB), at least one row.
+SCORING_LOGITS_BUDGET = 1 << 26
 
 
 class Overloaded(Exception):
@@ -62,6 +73,7 @@ class SamplingParams:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logprobs: int | None = None  # None: none; k >= 0: the chosen token's log-prob and the k best
+    prompt_logprobs: int | None = None  # None: none; k >= 0: score the prompt too (a PromptEvent), k best
 
 
 @dataclass
@@ -72,6 +84,18 @@ class TokenEvent:
     text: str
     logprob: float | None = None
     top_logprobs: list[tuple[int, float]] | None = None
+
+
+@dataclass
+class PromptEvent:
+    """The prompt's own tokens scored (``SamplingParams.prompt_logprobs``): for each prompt token its
+    log-prob given the tokens before it and the k most likely tokens there. The first token has nothing
+    before it: its entries are None. Token and top log-probs are read from one float32 tensor, so a
+    token that is the most likely one has exactly the value of the best top entry."""
+
+    token_ids: list[int]
+    logprobs: list[float | None]
+    top_logprobs: list[list[tuple[int, float]] | None]
 
 
 @dataclass
@@ -87,7 +111,7 @@ class ErrorEvent:
     message: str
 
 
-Event = TokenEvent | FinishEvent | ErrorEvent
+Event = PromptEvent | TokenEvent | FinishEvent | ErrorEvent
 
 
 class Sequence:
@@ -125,12 +149,13 @@ class Engine:
 
     max_concurrency: sequences decoded together (KV-cache slots); max_queue: sequences allowed to wait
     for a slot (default: max_concurrency); beyond both, :meth:`submit` raises :class:`Overloaded`.
-    max_len: positions per slot (default: the model's block_size).
+    max_len: positions per slot (default: the model's block_size). max_prefill_tokens: prompt tokens admitted
+    per loop before the running sequences take their next step (default: max_len; at least one prompt).
     """
 
     def __init__(
         self, model: GPT, tokenizer: Tokenizer, *, max_concurrency: int = 8, max_queue: int | None = None,
-        max_len: int | None = None, metrics: Metrics | None = None,
+        max_len: int | None = None, metrics: Metrics | None = None, max_prefill_tokens: int | None = None,
     ) -> None:
         if max_concurrency < 1:
             raise ConfigError(f"max_concurrency must be >= 1, got {max_concurrency}.")
@@ -141,6 +166,7 @@ class Engine:
         if self.max_queue < 0:
             raise ConfigError(f"max_queue must be >= 0, got {self.max_queue}.")
         self.max_len = model.config.block_size if max_len is None else min(max_len, model.config.block_size)
+        self.max_prefill_tokens = self.max_len if max_prefill_tokens is None else max_prefill_tokens
         self.metrics = metrics or Metrics()
         self.pool = model.make_cache(max_concurrency, self.max_len)  # row i = slot i
         self.device = self.pool.device
@@ -162,11 +188,12 @@ class Engine:
 
     def submit(self, seqs: list[Sequence]) -> None:
         """Queue sequences (all or none). Raises Overloaded when they do not fit, ConfigError when a
-        prompt leaves no room in the context."""
+        prompt leaves no room in the context (a prompt that is only scored, ``max_tokens=0``, may fill it)."""
         for s in seqs:
             if not s.prompt_ids:
                 raise ConfigError("the prompt is empty; send at least one token.")
-            if len(s.prompt_ids) >= self.max_len:
+            T = len(s.prompt_ids)
+            if T > self.max_len or (T == self.max_len and s.params.max_tokens > 0):
                 raise ConfigError(
                     f"the prompt has {len(s.prompt_ids)} tokens but the model's context is {self.max_len} "
                     "tokens (prompt and completion together); shorten the prompt."
@@ -214,8 +241,12 @@ class Engine:
                     self.waiting.clear()
                     break
                 admit: list[Sequence] = []
+                budget = self.max_prefill_tokens  # prompt tokens this loop may prefill (at least one prompt)
                 for i in range(self.max_concurrency):
                     if self.slots[i] is None and self.waiting:
+                        if admit and len(self.waiting[0].prompt_ids) > budget:
+                            break
+                        budget -= len(self.waiting[0].prompt_ids)
                         seq = self.waiting.popleft()
                         seq.slot = i
                         self.slots[i] = seq
@@ -223,10 +254,11 @@ class Engine:
                 self.metrics.set_gauge("zenlm_queue_depth", len(self.waiting))
             try:
                 with self.model_lock:
-                    by_len: dict[int, list[Sequence]] = {}
+                    by_len: dict[tuple[int, bool], list[Sequence]] = {}  # (length, scored) -> prompts
                     for seq in admit:
                         if not seq.cancelled.is_set():
-                            by_len.setdefault(len(seq.prompt_ids), []).append(seq)
+                            key = (len(seq.prompt_ids), seq.params.prompt_logprobs is not None)
+                            by_len.setdefault(key, []).append(seq)
                     for group in by_len.values():
                         self._prefill(group)
                     self._retire_cancelled()
@@ -258,8 +290,9 @@ class Engine:
 
     @torch.inference_mode()
     def _prefill(self, group: list[Sequence]) -> None:
-        """Run the prompts of ``group`` (all of one length T) through the model in one batch, copy their
-        keys/values into their slots, and sample each one's first token."""
+        """Run the prompts of ``group`` (all of one length T, all scored or none) through the model in one
+        batch, copy their keys/values into their slots, and sample each one's first token; scored prompts
+        go in batches that keep their logits under SCORING_LOGITS_BUDGET floats."""
         for seq in group:
             p = seq.params
             seq.generator = torch.Generator(device=self.device)
@@ -271,25 +304,50 @@ class Engine:
             seq.decoder = self.tokenizer.stream_decoder(skip_special=seq.skip_special)
             self.metrics.observe("zenlm_queue_seconds", time.perf_counter() - seq.submitted)
             self.metrics.inc("zenlm_prompt_tokens_total", len(seq.prompt_ids))
-        todo = [s for s in group if s.params.max_tokens > 0]
+        todo = [s for s in group if s.params.max_tokens > 0 or s.params.prompt_logprobs is not None]
         for seq in group:
-            if seq.params.max_tokens == 0:
+            if seq not in todo:
                 self._finish(seq, "length")
         if not todo:
             return
+        T = len(todo[0].prompt_ids)
+        scored = todo[0].params.prompt_logprobs is not None
+        rows = max(1, SCORING_LOGITS_BUDGET // (T * self.model.config.vocab_size)) if scored else len(todo)
+        for i in range(0, len(todo), rows):
+            self._prefill_rows(todo[i : i + rows], scored)
+
+    def _prefill_rows(self, todo: list[Sequence], scored: bool) -> None:
+        """One forward pass over the prompts ``todo`` (one length T); see :meth:`_prefill`."""
         T = len(todo[0].prompt_ids)
         if len(todo) == 1:  # write straight into the slot
             cache = self.pool.row(todo[0].slot)
         else:
             cache = self.model.make_cache(len(todo), T, device=self.device, dtype=self.pool.dtype)
         ids_BT = torch.tensor([s.prompt_ids for s in todo], device=self.device)
-        logits_BV = self.model(ids_BT, cache=cache, last_only=True)[:, -1]
+        logits_BTV = self.model(ids_BT, cache=cache, last_only=not scored)  # [B, T or 1, V]
         for b, seq in enumerate(todo):
+            if scored:
+                seq.emit(self._score_prompt(seq, ids_BT[b], logits_BTV[b]))
+                if seq.params.max_tokens == 0:
+                    self._finish(seq, "length")
+                    continue
             if len(todo) > 1:
                 for pool_layer, layer in zip(self.pool.k + self.pool.v, cache.k + cache.v, strict=True):
                     pool_layer[seq.slot, :, :T] = layer[b]
             seq.pos = T
-            self._advance(seq, logits_BV[b])
+            self._advance(seq, logits_BTV[b, -1])
+
+    @staticmethod
+    def _score_prompt(seq: Sequence, ids_T: Tensor, logits_TV: Tensor) -> PromptEvent:
+        """Each prompt token's log-prob under the logits of the position before it (and the k best there)."""
+        k = seq.params.prompt_logprobs or 0
+        scores = score_tokens(logits_TV[:-1], ids_T[1:], k)
+        # JSON has no -inf: a token the model rules out gets -9999, in both lists alike (they stay equal)
+        lp = torch.nan_to_num(scores.logprob_T, neginf=-9999.0).tolist()
+        top_lp = torch.nan_to_num(scores.top_logprob_TK, neginf=-9999.0).tolist()
+        top_ids = scores.top_id_TK.tolist()
+        top = [list(zip(ids, lps, strict=True)) for ids, lps in zip(top_ids, top_lp, strict=True)]
+        return PromptEvent(list(seq.prompt_ids), [None, *lp], [None, *top])
 
     @torch.inference_mode()
     def _decode(self) -> None:
@@ -373,5 +431,5 @@ class Engine:
         seq.emit(FinishEvent(reason, tail, len(seq.prompt_ids), seq.n_generated))
 
 
-__all__ = ["Engine", "Sequence", "SamplingParams", "TokenEvent", "FinishEvent", "ErrorEvent", "Overloaded",
-           "decode_step"]
+__all__ = ["Engine", "Sequence", "SamplingParams", "PromptEvent", "TokenEvent", "FinishEvent", "ErrorEvent",
+           "Overloaded", "decode_step"]

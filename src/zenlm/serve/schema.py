@@ -17,6 +17,7 @@ from zenlm.serve.engine import SamplingParams
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
                405: "invalid_request_error", 413: "invalid_request_error", 422: "invalid_request_error",
                429: "rate_limit_error", 500: "server_error", 503: "server_error"}
+MAX_STOP = 16  # stop strings per request (OpenAI allows 4; lm-eval adds end-of-text to a task's own list)
 
 
 class APIError(Exception):
@@ -85,8 +86,8 @@ def _stop(body: dict) -> list[str]:
         return []
     if isinstance(v, str):
         v = [v]
-    if not isinstance(v, list) or not all(isinstance(s, str) for s in v) or len(v) > 4:
-        raise _type_error("stop", "a string or a list of up to 4 strings", v)
+    if not isinstance(v, list) or not all(isinstance(s, str) for s in v) or len(v) > MAX_STOP:
+        raise _type_error("stop", f"a string or a list of up to {MAX_STOP} strings", v)
     return [s for s in v if s]
 
 
@@ -120,7 +121,7 @@ class GenerationRequest:
     stream: bool = False
     include_usage: bool = False
     echo: bool = False
-    prompt: str | list[int] = ""  # completions: text or token ids
+    prompts: list[str | list[int]] = field(default_factory=list)  # completions: texts or token-id lists
     messages: list[dict[str, str]] = field(default_factory=list)  # chat
 
 
@@ -146,28 +147,50 @@ def _common(body: dict, *, chat: bool, default_max_tokens: int) -> GenerationReq
     return GenerationRequest(model=model, params=params, n=n, stream=stream, include_usage=_stream_options(body))
 
 
+def _is_ids(v: Any) -> bool:
+    return isinstance(v, list) and bool(v) and all(isinstance(i, int) and not isinstance(i, bool) for i in v)
+
+
 def parse_completion(body: dict, default_max_tokens: int = 16) -> GenerationRequest:
-    """POST /v1/completions: prompt (string, one-element list of strings, or token ids), echo, logprobs 0..5."""
+    """POST /v1/completions: prompt, echo, logprobs 0..5.
+
+    The prompt is a string, a list of token ids, or a batch: a list of strings or a list of token-id lists
+    (one choice per prompt, times n). With echo and logprobs the prompt's own tokens are scored too.
+    """
     req = _common(body, chat=False, default_max_tokens=default_max_tokens)
     prompt = body.get("prompt")
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
-        prompt = prompt[0]
-    if isinstance(prompt, list) and prompt and all(isinstance(i, int) and not isinstance(i, bool) for i in prompt):
-        req.prompt = [int(i) for i in prompt]
-    elif isinstance(prompt, str):
-        req.prompt = prompt
+    if isinstance(prompt, str) or _is_ids(prompt):
+        prompts = [prompt]
+    elif isinstance(prompt, list) and prompt and (all(isinstance(p, str) for p in prompt)
+                                                  or all(_is_ids(p) for p in prompt)):
+        prompts = list(prompt)
     elif prompt is None:
         raise APIError(400, "'prompt' is required.", param="prompt", code="missing_required_parameter")
     else:
-        raise _type_error("prompt", "a string, a list of one string, or a list of token ids", prompt)
+        raise _type_error("prompt", "a string, a list of token ids, a list of strings or a list of token-id "
+                          "lists", prompt)
+    req.prompts = [p if isinstance(p, str) else [int(i) for i in p] for p in prompts]
     req.echo = _bool(body, "echo", False)
     req.params.logprobs = _int(body, "logprobs", None, 0, 5)
+    if req.echo and req.params.logprobs is not None:  # echo scores the prompt too
+        req.params.prompt_logprobs = req.params.logprobs
     return req
 
 
 def parse_chat(body: dict, default_max_tokens: int = 256) -> GenerationRequest:
     """POST /v1/chat/completions: messages [{role, content}], logprobs (bool) + top_logprobs 0..20."""
     req = _common(body, chat=True, default_max_tokens=default_max_tokens)
+    req.messages = _messages(body)
+    top = _int(body, "top_logprobs", None, 0, 20)
+    if _bool(body, "logprobs", False):
+        req.params.logprobs = top or 0
+    elif top is not None:
+        raise APIError(400, "'top_logprobs' needs 'logprobs': true.", param="top_logprobs", code="invalid_value")
+    return req
+
+
+def _messages(body: dict) -> list[dict[str, str]]:
+    """``messages``: a non-empty list of {role, content} (content: a string or a list of text parts)."""
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise _type_error("messages", "a non-empty list of {role, content} objects", messages)
@@ -186,13 +209,7 @@ def parse_chat(body: dict, default_max_tokens: int = 256) -> GenerationRequest:
         if not isinstance(content, str):
             raise _type_error(f"messages[{i}].content", "a string", content)
         out.append({"role": m["role"], "content": content})
-    req.messages = out
-    top = _int(body, "top_logprobs", None, 0, 20)
-    if _bool(body, "logprobs", False):
-        req.params.logprobs = top or 0
-    elif top is not None:
-        raise APIError(400, "'top_logprobs' needs 'logprobs': true.", param="top_logprobs", code="invalid_value")
-    return req
+    return out
 
 
 @dataclass
@@ -223,3 +240,49 @@ def parse_embeddings(body: dict) -> EmbeddingRequest:
         raise APIError(400, f"'encoding_format' must be 'float' or 'base64', got {json.dumps(fmt)}.",
                        param="encoding_format", code="invalid_value")
     return EmbeddingRequest(model, inputs, fmt)
+
+
+@dataclass
+class TokenizeRequest:
+    model: str | None
+    prompt: str = ""
+    messages: list[dict[str, str]] | None = None  # chat messages to render with the chat template instead
+    add_generation_prompt: bool = True
+    return_token_strs: bool = False
+
+
+def _optional_model(body: dict) -> str | None:
+    return None if body.get("model") is None else _model(body)
+
+
+def parse_tokenize(body: dict) -> TokenizeRequest:
+    """POST /tokenize: {prompt} or {messages, add_generation_prompt}, with add_special_tokens and
+    return_token_strs."""
+    req = TokenizeRequest(_optional_model(body),
+                          add_generation_prompt=_bool(body, "add_generation_prompt", True),
+                          return_token_strs=_bool(body, "return_token_strs", False))
+    _bool(body, "add_special_tokens", True)  # accepted; zenlm tokenizers add no special tokens around a text
+    if "messages" in body:
+        req.messages = _messages(body)
+    elif isinstance(body.get("prompt"), str):
+        req.prompt = body["prompt"]
+    else:
+        raise _type_error("prompt", "a string (or send 'messages')", body.get("prompt"))
+    return req
+
+
+@dataclass
+class DetokenizeRequest:
+    model: str | None
+    tokens: list[int]
+
+
+def parse_detokenize(body: dict, vocab_size: int) -> DetokenizeRequest:
+    """POST /detokenize: {tokens: [ids]} with every id in 0..vocab_size-1."""
+    tokens = body.get("tokens")
+    if not isinstance(tokens, list) or not (tokens == [] or _is_ids(tokens)):
+        raise _type_error("tokens", "a list of token ids", tokens)
+    if any(not 0 <= i < vocab_size for i in tokens):
+        raise APIError(400, f"token ids must be in 0..{vocab_size - 1}.", param="tokens",
+                       code="invalid_value")
+    return DetokenizeRequest(_optional_model(body), list(tokens))

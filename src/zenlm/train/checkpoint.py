@@ -7,36 +7,44 @@ Layout of ``RUN_DIR/checkpoints/step-NNNNNN/``::
     rng.safetensors         RNG states (CPU, and CUDA when used) as uint8 tensors
     trainer.json            step, elapsed time, optimiser scalars and param-group settings, extra state
 
-A checkpoint is written into ``step-NNNNNN.tmp-<pid>`` and renamed into place when complete, so a
-crash mid-write never leaves a directory that looks finished. Loading validates names and shapes
-and says which key and which file disagree.
+A checkpoint is written into ``.step-NNNNNN.tmp-<pid>`` and renamed into place when complete, so a
+crash mid-write never leaves a directory that looks finished; a write that fails (a full disk, a read-only
+directory) removes its partial copy and says which file it was writing, and the partial copies that crashed
+processes left behind are removed at the next save. Loading reads and checks everything before it changes
+anything: weight names, shapes, dtypes and finiteness, every optimiser tensor against the parameter it
+belongs to, the RNG state and trainer.json, naming the file and the key that disagree.
+:func:`load_latest_checkpoint` falls back to the previous complete checkpoint, with a warning, when the
+newest one is damaged.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import math
 import os
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
-from zenlm.errors import CheckpointError
+from zenlm.errors import CheckpointError, write_error
+from zenlm.fileio import atomic_path, write_safetensors
+
+log = logging.getLogger(__name__)
 
 STEP_DIR = re.compile(r"^step-(\d{6,})$")
+TMP_DIR = re.compile(r"^\.step-(\d{6,})\.tmp-(\d+)$")  # fileio.atomic_path's temporary name
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file and a rename."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+def _write_error(path: Path, e: OSError) -> CheckpointError:
+    return write_error(path, e, CheckpointError, "then resume with --resume")  # type: ignore[return-value]
 
 
 def _state_dict_for_saving(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -55,20 +63,28 @@ def _state_dict_for_saving(model: nn.Module) -> dict[str, torch.Tensor]:
 def save_model(model: nn.Module, path: Path, metadata: dict[str, str] | None = None) -> None:
     """Save model weights to ``path`` (safetensors) atomically."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    save_file(_state_dict_for_saving(model), str(tmp), metadata=metadata or {"format": "pt"})
-    os.replace(tmp, path)
+    try:
+        with atomic_path(path) as tmp:
+            write_safetensors(_state_dict_for_saving(model), tmp, metadata=metadata or {"format": "pt"})
+    except OSError as e:
+        raise _write_error(path, e) from None
 
 
-def load_model_weights(model: nn.Module, path: Path) -> None:
-    """Load safetensors weights into ``model``; missing, unexpected or mis-shaped keys are a CheckpointError."""
+def read_weights(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file; CheckpointError naming the file when it is missing or unreadable."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"weights file {path} does not exist.")
     try:
-        tensors = load_file(str(path))
+        return load_file(str(path))
     except (SafetensorError, OSError) as e:
         raise CheckpointError(f"{path} is not a readable safetensors file ({e}).") from e
+
+
+def check_weights(model: nn.Module, tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """Refuse ``tensors`` (read from ``path``) unless they fit ``model``: the same names (tied weights once),
+    the same shapes, a dtype of the same kind (floating point for floating parameters, the integer type
+    of quantised buffers), and finite values — NaN or Inf weights would load silently and generate garbage."""
     own = model.state_dict()
     saved_names = set(_state_dict_for_saving(model))
     missing = sorted(saved_names - set(tensors))
@@ -79,13 +95,34 @@ def load_model_weights(model: nn.Module, path: Path) -> None:
             "Was it written for a different config?"
         )
     for name, t in tensors.items():
-        if own[name].shape != t.shape:
+        want = own[name]
+        if want.shape != t.shape:
             raise CheckpointError(
-                f"{path}: tensor {name!r} has shape {tuple(t.shape)} but the model expects {tuple(own[name].shape)}."
+                f"{path}: tensor {name!r} has shape {tuple(t.shape)} but the model expects {tuple(want.shape)}."
             )
+        if want.is_floating_point() != t.is_floating_point() or (
+                not want.is_floating_point() and want.dtype != t.dtype):
+            raise CheckpointError(f"{path}: tensor {name!r} is {t.dtype} but the model expects {want.dtype}; "
+                                  "the file was not written for this model.")
+        if t.is_floating_point() and t.numel() and not bool(torch.isfinite(t).all()):
+            raise CheckpointError(f"{path}: tensor {name!r} holds NaN or Inf values; the weights are damaged "
+                                  "(an earlier checkpoint may still be good).")
+
+
+def copy_weights(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    """Copy checked ``tensors`` into the model's own (converting dtype and device as needed)."""
+    own = model.state_dict()
     with torch.no_grad():
         for name, t in tensors.items():
             own[name].copy_(t)
+
+
+def load_model_weights(model: nn.Module, path: Path) -> None:
+    """Load safetensors weights into ``model``; missing, unexpected, mis-shaped, wrongly typed or non-finite
+    tensors are a CheckpointError naming the file and the tensor (and leave the model untouched)."""
+    tensors = read_weights(path)
+    check_weights(model, tensors, Path(path))
+    copy_weights(model, tensors)
 
 
 def _flatten_optimizer(opts: list[torch.optim.Optimizer]) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]]]:
@@ -104,33 +141,77 @@ def _flatten_optimizer(opts: list[torch.optim.Optimizer]) -> tuple[dict[str, tor
     return tensors, meta
 
 
-def _unflatten_optimizer(
-    opts: list[torch.optim.Optimizer], tensors: dict[str, torch.Tensor], meta: list[dict[str, Any]], where: Path
-) -> None:
+def _optimizer_states(
+    opts: list[torch.optim.Optimizer], tensors: dict[str, torch.Tensor], meta: Any, where: Path
+) -> list[dict[str, Any]]:
+    """Rebuild each optimiser's state dict from the checkpoint and check it against the live optimisers: the
+    number and types of optimisers, parameter groups of the same sizes, every state tensor the shape (and
+    floating dtype) of the parameter it belongs to, the same state keys for every parameter (a missing
+    ``exp_avg`` is caught). Nothing is applied here."""
+    fname = where / "optimizer.safetensors"
+    if not isinstance(meta, list) or not all(isinstance(m, dict) for m in meta):
+        raise CheckpointError(f"{where / 'trainer.json'}: 'optimizers' must be a list of objects; the file is damaged.")
     if len(meta) != len(opts):
         raise CheckpointError(
             f"{where} holds {len(meta)} optimiser(s) but this run uses {len(opts)}; resume with the same --optimizer."
         )
+    out: list[dict[str, Any]] = []
+    prefixes = {f"opt{i}.state." for i in range(len(opts))}
+    stray = [n for n in tensors if not any(n.startswith(p) for p in prefixes)]
+    if stray:
+        raise CheckpointError(f"{fname}: unexpected tensor {stray[0]!r}; the file was not written for this run.")
     for i, (opt, m) in enumerate(zip(opts, meta, strict=True)):
-        if m["type"] != type(opt).__name__:
-            raise CheckpointError(f"{where}: optimiser {i} is {m['type']}, this run uses {type(opt).__name__}.")
+        if m.get("type") != type(opt).__name__:
+            raise CheckpointError(f"{where}: optimiser {i} is {m.get('type')}, this run uses {type(opt).__name__}.")
+        groups, scalars = m.get("param_groups"), m.get("scalars", {})
+        if not isinstance(groups, list) or not all(isinstance(g, dict) and isinstance(g.get("params"), list)
+                                                   for g in groups) or not isinstance(scalars, dict):
+            raise CheckpointError(f"{where / 'trainer.json'}: optimiser {i}'s settings are damaged.")
+        if [len(g["params"]) for g in groups] != [len(g["params"]) for g in opt.param_groups]:
+            raise CheckpointError(f"{where}: optimiser {i} has parameter groups of sizes "
+                                  f"{[len(g['params']) for g in groups]}, this model's are "
+                                  f"{[len(g['params']) for g in opt.param_groups]}; it was written for another model.")
+        params = [p for g in opt.param_groups for p in g["params"]]
         state: dict[int, dict[str, Any]] = {}
         prefix = f"opt{i}.state."
         for name, t in tensors.items():
-            if name.startswith(prefix):
-                pid, key = name[len(prefix) :].split(".", 1)
-                state.setdefault(int(pid), {})[key] = t
-        for pid, sc in m["scalars"].items():
-            state.setdefault(int(pid), {}).update(sc)
-        groups = m["param_groups"]
+            if not name.startswith(prefix):
+                continue
+            pid_s, _, key = name[len(prefix):].partition(".")
+            if not pid_s.isdigit() or not key or int(pid_s) >= len(params):
+                raise CheckpointError(f"{fname}: tensor {name!r} names no parameter of optimiser {i}.")
+            p = params[int(pid_s)]
+            if t.ndim and (t.shape != p.shape or not t.is_floating_point()):
+                raise CheckpointError(
+                    f"{fname}: {name!r} is {t.dtype} {tuple(t.shape)} but its parameter is {p.dtype} "
+                    f"{tuple(p.shape)}; the file is damaged or was written for another model.")
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                raise CheckpointError(f"{fname}: {name!r} holds NaN or Inf values; the file is damaged.")
+            state.setdefault(int(pid_s), {})[key] = t
+        for pid_s, sc in scalars.items():
+            if not str(pid_s).isdigit() or int(pid_s) >= len(params) or not isinstance(sc, dict):
+                raise CheckpointError(f"{where / 'trainer.json'}: optimiser {i} scalars name no parameter ({pid_s!r}).")
+            state.setdefault(int(pid_s), {}).update(sc)
+        key_sets = {frozenset(st) for st in state.values()}
+        if len(key_sets) > 1:
+            first, *rest = sorted(key_sets, key=len)
+            lacking = sorted(set().union(*rest) - first)
+            raise CheckpointError(f"{fname}: optimiser {i} lacks {lacking} for some parameters; the file is "
+                                  "damaged.")
         if len(groups) == len(opt.param_groups):  # JSON turned tuples (betas, ...) into lists: undo that
             for saved, live in zip(groups, opt.param_groups, strict=True):
                 for k, v in saved.items():
                     if isinstance(live.get(k), tuple) and isinstance(v, list):
                         saved[k] = tuple(v)
+        out.append({"state": state, "param_groups": groups})
+    return out
+
+
+def _load_optimizers(opts: list[torch.optim.Optimizer], states: list[dict[str, Any]], where: Path) -> None:
+    for opt, sd in zip(opts, states, strict=True):
         try:
-            opt.load_state_dict({"state": state, "param_groups": groups})
-        except (ValueError, KeyError) as e:
+            opt.load_state_dict(sd)
+        except (ValueError, KeyError, TypeError) as e:
             raise CheckpointError(f"{where}: optimiser state does not fit this model ({e}).") from e
 
 
@@ -142,11 +223,49 @@ def _rng_state() -> dict[str, torch.Tensor]:
     return out
 
 
+def _check_rng(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    cpu = tensors.get("cpu")
+    if cpu is None or cpu.dtype != torch.uint8 or cpu.shape != torch.get_rng_state().shape:
+        raise CheckpointError(f"{path}: the CPU random-generator state is missing or malformed; the file is damaged.")
+    for k, t in tensors.items():
+        if k != "cpu" and (not k.startswith("cuda") or t.dtype != torch.uint8 or t.ndim != 1):
+            raise CheckpointError(f"{path}: unexpected random-generator state {k!r}; the file is damaged.")
+
+
 def _set_rng_state(tensors: dict[str, torch.Tensor]) -> None:
     torch.set_rng_state(tensors["cpu"])
     cuda = [tensors[k] for k in sorted(tensors) if k.startswith("cuda")]
     if cuda and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(cuda[: torch.cuda.device_count()])
+
+
+def remove_stale_partials(ckpt_root: Path) -> list[Path]:
+    """Remove ``.step-N.tmp-PID`` directories left by processes that are gone (a crash or kill -9 during a
+    save; each is a whole model + optimiser copy). Returns what was removed."""
+    ckpt_root = Path(ckpt_root)
+    removed: list[Path] = []
+    if not ckpt_root.is_dir():
+        return removed
+    for p in ckpt_root.iterdir():
+        m = TMP_DIR.match(p.name)
+        if not m or not p.is_dir():
+            continue
+        pid = int(m.group(2))
+        if pid != os.getpid() and _alive(pid):
+            continue  # another process is writing it right now
+        shutil.rmtree(p, ignore_errors=True)
+        removed.append(p)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def save_checkpoint(
@@ -157,23 +276,32 @@ def save_checkpoint(
     trainer_state: dict[str, Any],
     keep: int | None = None,
 ) -> Path:
-    """Write ``ckpt_root/step-NNNNNN`` atomically; keep only the newest ``keep`` checkpoints if given."""
+    """Write ``ckpt_root/step-NNNNNN`` atomically; keep only the newest ``keep`` checkpoints if given.
+
+    A failed write (no space left, a read-only directory) removes the partial copy and raises a
+    CheckpointError naming the file; older checkpoints are left as they were."""
     ckpt_root = Path(ckpt_root)
-    ckpt_root.mkdir(parents=True, exist_ok=True)
     final = ckpt_root / f"step-{step:06d}"
-    tmp = ckpt_root / f"{final.name}.tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    save_file(_state_dict_for_saving(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
-    opt_tensors, opt_meta = _flatten_optimizer(optimizers)
-    save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
-    save_file(_rng_state(), str(tmp / "rng.safetensors"))
-    state = {"step": step, **trainer_state, "optimizers": opt_meta}
-    (tmp / "trainer.json").write_text(json.dumps(state, indent=1), encoding="utf-8")
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+    writing = ckpt_root
+    try:
+        ckpt_root.mkdir(parents=True, exist_ok=True)
+        for gone in remove_stale_partials(ckpt_root):
+            log.warning("removed %s, a partial checkpoint left by a process that stopped while saving", gone)
+        with atomic_path(final) as tmp:
+            tmp.mkdir()
+            writing = tmp / "model.safetensors"
+            write_safetensors(_state_dict_for_saving(model), writing, metadata={"format": "pt"})
+            opt_tensors, opt_meta = _flatten_optimizer(optimizers)
+            writing = tmp / "optimizer.safetensors"
+            write_safetensors(opt_tensors, writing)
+            writing = tmp / "rng.safetensors"
+            write_safetensors(_rng_state(), writing)
+            state = {"step": step, **trainer_state, "optimizers": opt_meta}
+            writing = tmp / "trainer.json"
+            writing.write_text(json.dumps(state, indent=1), encoding="utf-8")
+            writing = final
+    except OSError as e:
+        raise _write_error(writing, e) from None
     if keep:
         for old in list_checkpoints(ckpt_root)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
@@ -189,25 +317,72 @@ def list_checkpoints(ckpt_root: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(STEP_DIR.match(p.name).group(1)))  # type: ignore[union-attr]
 
 
+def _read_trainer_state(path: Path) -> dict[str, Any]:
+    try:
+        state = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path} is not valid JSON ({e}).") from e
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path} must hold a JSON object; the file is damaged.")
+    step = state.get("step")
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise CheckpointError(f"{path}: 'step' must be a whole number >= 0, got {step!r}; the file is damaged.")
+    for key in ("elapsed_s", "train_s"):
+        v = state.get(key, 0.0)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+            raise CheckpointError(f"{path}: {key!r} must be a number >= 0, got {v!r}; the file is damaged.")
+    if "optimizers" not in state:
+        raise CheckpointError(f"{path} has no 'optimizers' entry; the file is damaged.")
+    return state
+
+
 def load_checkpoint(
     ckpt_dir: Path, model: nn.Module, optimizers: list[torch.optim.Optimizer], restore_rng: bool = True
 ) -> dict[str, Any]:
-    """Restore model, optimisers and RNG from ``ckpt_dir``; return the trainer state (step, elapsed, ...)."""
+    """Restore model, optimisers and RNG from ``ckpt_dir``; return the trainer state (step, elapsed, ...).
+
+    Every file is read and checked before anything is changed, so a damaged checkpoint raises a
+    CheckpointError (naming the file and the key) and leaves the model and the optimisers as they were."""
     ckpt_dir = Path(ckpt_dir)
     for f in ("model.safetensors", "optimizer.safetensors", "rng.safetensors", "trainer.json"):
         if not (ckpt_dir / f).is_file():
             raise CheckpointError(f"checkpoint {ckpt_dir} is incomplete: {f} is missing.")
-    try:
-        state = json.loads((ckpt_dir / "trainer.json").read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{ckpt_dir / 'trainer.json'} is not valid JSON ({e}).") from e
-    load_model_weights(model, ckpt_dir / "model.safetensors")
-    try:
-        opt_tensors = load_file(str(ckpt_dir / "optimizer.safetensors"))
-        rng = load_file(str(ckpt_dir / "rng.safetensors"))
-    except (SafetensorError, OSError) as e:
-        raise CheckpointError(f"checkpoint {ckpt_dir} has an unreadable tensor file ({e}).") from e
-    _unflatten_optimizer(optimizers, opt_tensors, state.pop("optimizers"), ckpt_dir)
+    state = _read_trainer_state(ckpt_dir / "trainer.json")
+    weights = read_weights(ckpt_dir / "model.safetensors")
+    check_weights(model, weights, ckpt_dir / "model.safetensors")
+    opt_tensors = read_weights(ckpt_dir / "optimizer.safetensors")
+    rng = read_weights(ckpt_dir / "rng.safetensors")
+    _check_rng(rng, ckpt_dir / "rng.safetensors")
+    opt_states = _optimizer_states(optimizers, opt_tensors, state.pop("optimizers"), ckpt_dir)
+    copy_weights(model, weights)
+    _load_optimizers(optimizers, opt_states, ckpt_dir)
     if restore_rng:
         _set_rng_state(rng)
     return state
+
+
+def load_latest_checkpoint(
+    ckpt_root: Path, model: nn.Module, optimizers: list[torch.optim.Optimizer], *,
+    warn: Callable[[str], None] | None = None,
+) -> tuple[Path, dict[str, Any]]:
+    """Restore the newest complete checkpoint under ``ckpt_root`` that loads; a damaged newer one is passed
+    over with a warning (through ``warn`` and the log). Returns (its directory, the trainer state).
+
+    CheckpointError when there is none, or when every one is damaged (the newest one's problem is named)."""
+    ckpts = list_checkpoints(ckpt_root)
+    if not ckpts:
+        raise CheckpointError(f"--resume: {ckpt_root} holds no checkpoint to resume from.")
+    first_error: CheckpointError | None = None
+    for ckpt in reversed(ckpts):
+        try:
+            return ckpt, load_checkpoint(ckpt, model, optimizers)
+        except CheckpointError as e:
+            first_error = first_error or e
+            older = [c for c in ckpts if c.name < ckpt.name]
+            if older:
+                msg = f"warning: {ckpt.name} cannot be resumed from ({e}); falling back to {older[-1].name}"
+                log.warning(msg)
+                if warn is not None:
+                    warn(msg)
+    assert first_error is not None
+    raise first_error

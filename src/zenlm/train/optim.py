@@ -4,24 +4,45 @@ Two recipes are supported:
 
 * ``adamw``: one AdamW over every parameter; weight decay on matrices (ndim >= 2), none on gains and biases.
 * ``muon``:  Muon (momentum + Newton–Schulz orthogonalisation, ``torch.optim.Muon``) for the hidden
-  matrices inside the Transformer blocks, AdamW for everything else (embeddings, output head, norms,
-  biases). Muon's update for a matrix W is ``W -= lr * orth(momentum)`` where ``orth`` approximately maps
-  the momentum matrix ``U S V^T`` to ``U V^T``.
+  matrices of the network, AdamW for everything else (embeddings, output heads, adapters, norms, biases).
+  Muon's update for a matrix W is ``W -= lr * orth(momentum)`` where ``orth`` approximately maps the
+  momentum matrix ``U S V^T`` to ``U V^T``.
+
+Which parameter is which is read from the model's structure (:func:`roles_of`), not from its names:
+
+    role         what it is                                  how it is found            with "muon"
+    "embedding"  a lookup table (tokens, positions)          every nn.Embedding weight  AdamW, weight decay
+    "gain"       a vector: norm gain, bias                   ndim < 2                   AdamW, no decay
+    "hidden"     a matrix inside the network                 every other matrix         Muon
+    "head"       a matrix that reads the network's output    declared by the model      AdamW, weight decay
+                 (LM head, pooler, classifier)
+    "adapter"    a small added matrix (LoRA's A and B)       declared by its module     AdamW, weight decay
+
+A module declares the exceptions to the default rules in a class attribute ``param_roles``: a dict from
+the name of one of its own children (or parameters) to a role, applied to every parameter under it, e.g.
+``GPT.param_roles = {"lm_head": "head"}``. Declarations of inner modules win over outer ones, and they are
+found through any wrapper that keeps the model as a submodule (DDP's ``.module``, FSDP2, a LoRA layer
+around a Linear). Frozen parameters (``requires_grad=False``) get no role and no optimiser. Weight decay
+applies to parameters with ndim >= 2 only, whatever their role (a head's bias gets none).
 
 The schedule is a pure function of training progress so a resumed run sees the same learning rates.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import nn
 
 from zenlm.errors import ConfigError
 
-EMBEDDING_NAMES = ("tok_emb", "pos_emb", "lm_head")
+log = logging.getLogger(__name__)
+
+ROLES = ("hidden", "embedding", "head", "adapter", "gain")
 
 
 @dataclass
@@ -97,17 +118,52 @@ def lr_factor(cfg: OptimConfig, step: int, progress: float) -> float:
     return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * p))
 
 
-def _is_hidden_matrix(name: str, p: torch.Tensor) -> bool:
-    return p.ndim == 2 and name.startswith("blocks.") and not any(e in name for e in EMBEDDING_NAMES)
+class RoledParam(NamedTuple):
+    """A trainable parameter, its name in the model, and its role (one of :data:`ROLES`)."""
+
+    name: str
+    param: nn.Parameter
+    role: str
+
+
+def roles_of(model: nn.Module) -> list[RoledParam]:
+    """Every trainable parameter of ``model`` with its role, in ``model.named_parameters()`` order.
+
+    Roles come from the module types and the ``param_roles`` declarations (see the module docstring); a
+    parameter shared by two modules (a tied head) is listed once, under the name PyTorch gives it first.
+    """
+    declared: dict[int, str] = {}
+    for module in model.modules():  # parents before children: an inner declaration overrides an outer one
+        if isinstance(module, nn.Embedding):
+            declared[id(module.weight)] = "embedding"
+        for attr, role in getattr(module, "param_roles", {}).items():
+            assert role in ROLES, f"{type(module).__name__}.param_roles: unknown role {role!r} for {attr!r}"
+            assert hasattr(module, attr), f"{type(module).__name__}.param_roles names {attr!r}, which it lacks"
+            target = getattr(module, attr)
+            if target is None:  # an optional part this instance does not have (e.g. the head of a tied model)
+                continue
+            for p in [target] if isinstance(target, nn.Parameter) else target.parameters():
+                declared[id(p)] = role
+    return [RoledParam(name, p, declared.get(id(p), "gain" if p.ndim < 2 else "hidden"))
+            for name, p in model.named_parameters() if p.requires_grad]
+
+
+def _is_muon_matrix(rp: RoledParam) -> bool:
+    return rp.role == "hidden" and rp.param.ndim == 2  # Muon orthogonalises matrices; other shapes use AdamW
 
 
 def build_optimizers(model: nn.Module, cfg: OptimConfig, device_type: str) -> list[torch.optim.Optimizer]:
-    """Create the optimiser(s) for ``model``. Each param group remembers its peak lr in ``initial_lr``."""
-    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    """Create the optimiser(s) for ``model``: ``[AdamW]`` for "adamw"; ``[AdamW, Muon]`` for "muon" (just
+    ``[AdamW]`` when the model has no trainable hidden matrix, e.g. LoRA adapters on frozen weights).
+
+    AdamW's groups: matrices with weight decay, then vectors without. Each param group remembers its peak
+    lr in ``initial_lr``.
+    """
+    params = roles_of(model)
     fused = cfg.fused if cfg.fused is not None else device_type in ("cuda", "cpu")
     if cfg.name == "adamw":
-        decay = [p for n, p in params if p.ndim >= 2]
-        no_decay = [p for n, p in params if p.ndim < 2]
+        decay = [rp.param for rp in params if rp.param.ndim >= 2]
+        no_decay = [rp.param for rp in params if rp.param.ndim < 2]
         groups = [
             {"params": decay, "weight_decay": cfg.weight_decay},
             {"params": no_decay, "weight_decay": 0.0},
@@ -115,23 +171,27 @@ def build_optimizers(model: nn.Module, cfg: OptimConfig, device_type: str) -> li
         opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, fused=fused)
         opts: list[torch.optim.Optimizer] = [opt]
     else:
-        hidden = [p for n, p in params if _is_hidden_matrix(n, p)]
-        emb = [p for n, p in params if not _is_hidden_matrix(n, p) and p.ndim >= 2]
-        gains = [p for n, p in params if p.ndim < 2]
+        hidden = [rp.param for rp in params if _is_muon_matrix(rp)]
+        matrices = [rp.param for rp in params if not _is_muon_matrix(rp) and rp.param.ndim >= 2]
+        gains = [rp.param for rp in params if rp.param.ndim < 2]
         adam = torch.optim.AdamW(
-            [{"params": emb, "weight_decay": cfg.weight_decay}, {"params": gains, "weight_decay": 0.0}],
+            [{"params": matrices, "weight_decay": cfg.weight_decay}, {"params": gains, "weight_decay": 0.0}],
             lr=cfg.lr,
             betas=cfg.betas,
             eps=cfg.eps,
             fused=fused,
         )
-        muon = torch.optim.Muon(
-            hidden,
-            lr=cfg.muon_lr,
-            weight_decay=cfg.weight_decay,
-            momentum=cfg.muon_momentum,
-        )
-        opts = [adam, muon]
+        opts = [adam]
+        if hidden:
+            opts.append(torch.optim.Muon(
+                hidden,
+                lr=cfg.muon_lr,
+                weight_decay=cfg.weight_decay,
+                momentum=cfg.muon_momentum,
+            ))
+        else:
+            log.warning("optimizer muon: %s has no trainable hidden matrix; AdamW trains every parameter",
+                        type(model).__name__)
     for opt in opts:
         for group in opt.param_groups:
             group["initial_lr"] = group["lr"]

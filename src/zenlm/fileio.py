@@ -1,0 +1,78 @@
+"""Files written whole or not at all.
+
+Everything zenlm writes (configs, tokenizers, weights, reports, plots, imported runs) goes to a temporary name
+beside its destination and is renamed into place only when complete: a crash or a full disk never leaves a
+half-written file under the real name, and a reader never sees one. ``os.replace`` is atomic on POSIX and
+Windows when both names are on the same file system, which a sibling temporary name guarantees.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+
+def _temporary_sibling(path: Path) -> Path:
+    # hidden, unique per process, and with the same suffix (writers such as matplotlib pick the format from it)
+    return path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """A temporary path to write ``path`` through: renamed onto ``path`` when the ``with`` block ends normally,
+    removed when it raises. Works for a file or a directory (an existing directory at ``path`` is replaced)::
+
+        with atomic_path(out / "model.safetensors") as tmp:
+            save_file(tensors, str(tmp))
+    """
+    path = Path(path)
+    tmp = _temporary_sibling(path)
+    _remove(tmp)
+    try:
+        yield tmp
+        if tmp.is_dir() and path.is_dir():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    finally:
+        _remove(tmp)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
+    """Write ``text`` (UTF-8) to ``path`` through a temporary file and a rename."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def write_safetensors(tensors: dict[str, Any], path: str | os.PathLike[str],
+                      metadata: dict[str, str] | None = None) -> None:
+    """``safetensors.torch.save_file`` with the permissions every other file gets (0666 less the umask):
+    safetensors itself creates files 0600, which would leave weights the only unreadable files of a shared
+    run directory. Not atomic by itself: call it on a path from :func:`atomic_path`, or inside a temporary
+    directory that is renamed into place."""
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(path), metadata=metadata)
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, 0o666 & ~mask)
+
+
+def save_safetensors(tensors: dict[str, Any], path: str | os.PathLike[str],
+                     metadata: dict[str, str] | None = None) -> None:
+    """Write a safetensors file whole or not at all (:func:`atomic_path` + :func:`write_safetensors`)."""
+    with atomic_path(path) as tmp:
+        write_safetensors(tensors, tmp, metadata)
+
+
+__all__ = ["atomic_path", "atomic_write_text", "write_safetensors", "save_safetensors"]

@@ -1,0 +1,50 @@
+"""Scoring text: how likely a causal language model finds each token of a sequence it is shown.
+
+For ids ``x_0 .. x_T`` the model's logits at position ``t`` predict token ``t + 1``:
+
+    log p(x_{t+1} | x_0..x_t) = logits[t, x_{t+1}] - logsumexp_v logits[t, v]        (log-softmax)
+
+Summing these over a continuation gives the log-likelihood that multiple-choice and loglikelihood benchmarks
+compare; summing them over a whole document gives its perplexity, ``exp(-sum / n_tokens)``.
+
+The log-softmax is taken once, in float32, and everything a caller reads (the token's own log-prob, the k
+best log-probs, whether the token is the best one) is read from that one tensor. That is what makes a check
+such as ``token_logprob == max(top_logprobs)`` exact rather than approximate: the two numbers are the same
+float, not two roundings of the same quantity.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+
+class TokenScores(NamedTuple):
+    """Per-position scores of T target tokens (see :func:`score_tokens`)."""
+
+    logprob_T: Tensor  # [T] float32: log p(target_t | what came before)
+    greedy_T: Tensor  # [T] bool: no other token has a higher log-prob (ties count as greedy)
+    top_logprob_TK: Tensor  # [T, K] float32, best first (K = top_k; K = 0 gives an empty tensor)
+    top_id_TK: Tensor  # [T, K] int64: the ids of those log-probs
+
+
+def score_tokens(logits_TV: Tensor, targets_T: Tensor, top_k: int = 0) -> TokenScores:
+    """Score ``targets_T`` [T] (int64) under ``logits_TV`` [T, V], where row t holds the logits that
+    predict target t (for a sequence ``ids``: ``logits[:-1]`` of ``model(ids)`` with ``targets = ids[1:]``).
+
+    top_k: also return the k most likely tokens of each position (0: none).
+    """
+    logprobs_TV = torch.log_softmax(logits_TV.float(), dim=-1)
+    logprob_T = logprobs_TV.gather(-1, targets_T[:, None]).squeeze(-1)
+    greedy_T = logprob_T >= logprobs_TV.amax(dim=-1)
+    if top_k > 0:
+        top_logprob_TK, top_id_TK = torch.topk(logprobs_TV, min(top_k, logprobs_TV.shape[-1]), dim=-1)
+    else:
+        top_logprob_TK = logprobs_TV.new_zeros(logprob_T.shape[0], 0)
+        top_id_TK = targets_T.new_zeros(logprob_T.shape[0], 0)
+    return TokenScores(logprob_T, greedy_T, top_logprob_TK, top_id_TK)
+
+
+__all__ = ["TokenScores", "score_tokens"]
