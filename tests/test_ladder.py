@@ -52,7 +52,7 @@ def test_windows_are_consecutive_within_each_stream() -> None:
     assert b.stream_len == 249 and b.windows_per_epoch == (249 - 10 + 1) // 10 == 24
     prev_y = None
     for w in range(b.windows_per_epoch):
-        x, y, reset = b.get(*divmod(w, 3))
+        x, reset, y = b.get(*divmod(w, 3))
         assert reset == (w == 0)
         assert torch.equal(y, x + 1)  # targets are the next ids
         assert torch.equal(x[:, 0], torch.arange(4) * 249 + 10 * w)  # stream b starts at b * L
@@ -61,12 +61,12 @@ def test_windows_are_consecutive_within_each_stream() -> None:
         prev_y = y
     assert int(prev_y.max()) <= 999
     # the next epoch starts afresh, at a seeded offset within the first window, and the same again when asked
-    x, _, reset = b.get(*divmod(b.windows_per_epoch, 3))
+    x, reset, _ = b.get(*divmod(b.windows_per_epoch, 3))
     off = b.epoch_offset(1)
     assert reset and 0 <= off < 10 and torch.equal(x[:, 0], torch.arange(4) * 249 + off)
-    assert all(torch.equal(p, q) for p, q in zip(b.get(9, 2)[:2], b.get(9, 2)[:2], strict=True))
+    assert all(torch.equal(p, q) for p, q in zip(b.get(9, 2)[::2], b.get(9, 2)[::2], strict=True))
     last = b.windows_per_epoch * 5 - 1  # the last window of any epoch stays inside its stream
-    x, y, _ = b.get(*divmod(last, 3))
+    x, _, y = b.get(*divmod(last, 3))
     assert (y[:, -1] <= torch.arange(1, 5) * 249).all()
 
 

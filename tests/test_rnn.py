@@ -7,6 +7,7 @@ import torch
 
 from zenlm.errors import ConfigError
 from zenlm.models.rnn import (
+    MLP_PRESETS,
     MLPLM,
     RNN_PRESETS,
     RNNLM,
@@ -103,14 +104,15 @@ def test_mlp_sees_exactly_its_window() -> None:
     torch.testing.assert_close(first, logits[0, 0])
 
 
-@pytest.mark.parametrize("name", list(RNN_PRESETS))
+@pytest.mark.parametrize("name", [*MLP_PRESETS, *RNN_PRESETS])
 def test_presets_build_and_count_their_parameters(name: str) -> None:
     cfg = get_rnn_preset(name, vocab_size=100)
     with torch.device("meta"):
         model = build_model(cfg)
     assert model.num_params() == cfg.num_params() == sum(p.numel() for p in model.parameters())
     assert config_from_dict(cfg.to_dict()) == cfg
-    assert cfg.to_dict()["arch"] in ("mlp", "rnn") and RNN_PRESETS[name].description
+    assert cfg.to_dict()["arch"] == ("mlp" if name in MLP_PRESETS else "rnn")
+    assert {**MLP_PRESETS, **RNN_PRESETS}[name].description
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))

@@ -47,9 +47,9 @@ import torch
 
 from zenlm.data.corpus import open_corpus
 from zenlm.errors import ConfigError, DataError
+from zenlm.fileio import atomic_path, atomic_write_text
 from zenlm.progress import ProgressFn, report
 from zenlm.tokenizer import Tokenizer
-from zenlm.train.checkpoint import atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -179,17 +179,36 @@ def train_word2vec(sentences: Iterable[list[str]], settings: Word2VecSettings | 
     return model.wv
 
 
+def train_corpus_vectors(corpus: str, out: str | os.PathLike[str], settings: Word2VecSettings | None = None, *,
+                         val: str | None = None, val_fraction: float | None = None, text_field: str = "text",
+                         progress: ProgressFn | None = None) -> tuple[Any, dict[str, Any]]:
+    """Train word2vec on the training split of a corpus, evaluate the vectors and save both (:func:`save_vectors`)
+    -> (KeyedVectors, the saved info: corpus, settings, train_s, evaluation).
+
+    corpus:       built-in corpus name (shakespeare, shakespeare-char, peoples-daily) or a .txt/.jsonl file or
+                  folder (text in languages without spaces must be segmented)
+    out:          directory to write vectors.bin and wordvec.json into
+    val:          explicit validation file or folder (kept out of training)
+    val_fraction: fraction of the text, taken from the end, kept out of training
+    text_field:   field holding the text in .jsonl files
+    """
+    s = settings or Word2VecSettings()
+    sentences = CorpusSentences(corpus, lower=s.lower, val=val, val_fraction=val_fraction, text_field=text_field)
+    t0 = time.perf_counter()
+    kv = train_word2vec(sentences, s, progress=progress)
+    info = {"corpus": corpus, "settings": asdict(s), "train_s": round(time.perf_counter() - t0, 1),
+            "evaluation": evaluate_vectors(kv)}
+    save_vectors(kv, out, info)
+    return kv, info
+
+
 def save_vectors(kv: Any, out_dir: str | os.PathLike[str], info: dict[str, Any]) -> Path:
     """Write ``out_dir/vectors.bin`` (word2vec binary format) and ``out_dir/wordvec.json`` (``info``), each
     through a temporary file and a rename; returns the vectors file."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tmp = out / f".vectors.bin.tmp-{os.getpid()}"
-    try:
+    with atomic_path(out / "vectors.bin") as tmp:
         kv.save_word2vec_format(str(tmp), binary=True)
-        os.replace(tmp, out / "vectors.bin")
-    finally:
-        tmp.unlink(missing_ok=True)
     atomic_write_text(out / "wordvec.json", json.dumps(info, indent=2, ensure_ascii=False))
     return out / "vectors.bin"
 
@@ -298,12 +317,17 @@ def nearest_neighbours(kv: Any, words: Sequence[str] = PROBE_WORDS, topn: int = 
             for w in words if w in kv.key_to_index}
 
 
-def evaluate_vectors(kv: Any, probe_words: Sequence[str] = PROBE_WORDS, topn: int = 5) -> dict[str, Any]:
-    """Everything above in one dict: vocab_size, dim, analogy, wordsim353, simlex999, neighbours."""
+def evaluate_vectors(kv: Any, neighbours: Sequence[str] = PROBE_WORDS, topn: int = 5) -> dict[str, Any]:
+    """Everything above in one dict: vocab_size, dim, analogy, wordsim353, simlex999, and the ``topn`` nearest
+    neighbours of the words of ``neighbours`` that are in the vocabulary.
+
+    neighbours: words whose nearest neighbours to show (default: a few English and Chinese words)
+    topn:       neighbours per word
+    """
     return {"vocab_size": len(kv), "dim": int(kv.vector_size), "analogy": analogy_accuracy(kv),
             "wordsim353": similarity_correlation(kv, "wordsim353"),
             "simlex999": similarity_correlation(kv, "simlex999"),
-            "neighbours": nearest_neighbours(kv, probe_words, topn)}
+            "neighbours": nearest_neighbours(kv, neighbours, topn)}
 
 
 # ---------------------------------------------------------------------------------------------- init embeddings
@@ -397,6 +421,7 @@ def init_embeddings(weight_VD: torch.Tensor, tokenizer: Tokenizer, kv: Any, *,
     return coverage
 
 
-__all__ = ["CorpusSentences", "Word2VecSettings", "train_word2vec", "save_vectors", "vector_format",
+__all__ = ["CorpusSentences", "Word2VecSettings", "train_word2vec", "train_corpus_vectors", "save_vectors",
+           "vector_format",
            "read_vectors", "analogy_accuracy", "similarity_correlation", "nearest_neighbours", "evaluate_vectors",
            "Coverage", "vocabulary_coverage", "init_embeddings", "PROBE_WORDS"]

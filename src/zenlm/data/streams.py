@@ -14,7 +14,8 @@ To train on B sequences at once, the split is cut into B equally long *streams*,
 so row b of window t continues row b of window t − 1 exactly. Each pass over the streams (an *epoch*) has
 ``windows_per_epoch = (L − T + 1) // T`` windows; epoch e starts its streams ``o_e`` tokens in (0 in the first
 epoch, then drawn from ``(seed, e)`` in 0 .. T−1), so later epochs cut the text at other places. At the first
-window of an epoch the state must start afresh: :meth:`StreamBatches.get` says so (``reset``).
+window of an epoch the state must start afresh: :meth:`StreamBatches.get` says so (``reset``). A batch is
+``(x_BT, reset, y_BT)``, the targets last as in every zenlm batch (the training loop counts them there).
 
 The windows are numbered ``w = step · grad_accum + micro``: a batch is a pure function of (step, micro), like
 every batch source of :mod:`zenlm.data.batches`, so a resumed run reads exactly the windows an uninterrupted run
@@ -32,7 +33,7 @@ from zenlm.errors import ConfigError, DataError
 
 
 class StreamBatches:
-    """Consecutive TBPTT windows from one split: ``get(step, micro) -> (x_BT, y_BT, reset)``.
+    """Consecutive TBPTT windows from one split: ``get(step, micro) -> (x_BT, reset, y_BT)``.
 
     batch_size: streams B;  seq_len: window length T;  grad_accum: micro-batches per optimiser step (windows are
     numbered across them);  seed: selects the per-epoch offsets.
@@ -71,13 +72,13 @@ class StreamBatches:
         s = np.arange(self.batch_size) * self.stream_len + self.epoch_offset(epoch) + t * self.seq_len
         return s, t == 0
 
-    def get(self, step: int, micro: int = 0) -> tuple[torch.Tensor, torch.Tensor, bool]:
-        """(x_BT, y_BT, reset) for optimiser step ``step`` and micro-batch ``micro``: int64 tensors [B, T], and
-        True when the carried state must be dropped (the first window of an epoch)."""
+    def get(self, step: int, micro: int = 0) -> tuple[torch.Tensor, bool, torch.Tensor]:
+        """(x_BT, reset, y_BT) for optimiser step ``step`` and micro-batch ``micro``: int64 tensors [B, T], and
+        ``reset`` True when the carried state must be dropped (the first window of an epoch)."""
         T = self.seq_len
         starts, reset = self.starts(step, micro)
         rows = torch.from_numpy(np.stack([self.shards.window(int(s), T + 1) for s in starts]))
-        return rows[:, :-1].contiguous(), rows[:, 1:].contiguous(), reset
+        return rows[:, :-1].contiguous(), reset, rows[:, 1:].contiguous()
 
 
 __all__ = ["StreamBatches"]

@@ -54,7 +54,6 @@ stateful protocol as the recurrent rungs (:mod:`zenlm.models.rnn`)::
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -62,7 +61,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from zenlm.config import dataclass_from_dict, preset_config
+from zenlm.config import ModelConfig, Preset, config_from_preset
 from zenlm.errors import CheckpointError, ConfigError, DataError
 
 MAX_ORDER = 10
@@ -71,7 +70,7 @@ NO_TOKEN = -1  # a context position before the start of the text
 
 
 @dataclass
-class NGramConfig:
+class NGramConfig(ModelConfig):
     """An interpolated Kneser–Ney n-gram model.
 
     vocab_size: ids 0 .. vocab_size−1 (the uniform base distribution spreads over all of them)
@@ -80,6 +79,8 @@ class NGramConfig:
     discount:   a fixed single discount in (0, 1] for every order instead of the estimate from the counts of
                 counts (for teaching and hand computation); None = estimate
     """
+
+    ARCH = "ngram"
 
     vocab_size: int = 8192
     order: int = 5
@@ -97,26 +98,18 @@ class NGramConfig:
             if self.modified:
                 raise ConfigError("a fixed discount is a single discount per order; set modified=False with it.")
 
-    def to_dict(self) -> dict[str, Any]:
-        return {"arch": "ngram", **dataclasses.asdict(self)}
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> NGramConfig:
-        return dataclass_from_dict(cls, d)
 
 
-NGRAM_PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
-    f"ngram-{n}": (f"interpolated modified Kneser–Ney {n}-gram model: counted, not trained; history of {n - 1} "
-                   f"token{'s' if n > 2 else ''}.", {"order": n})
+NGRAM_PRESETS: dict[str, Preset] = {
+    f"ngram-{n}": Preset(f"interpolated modified Kneser–Ney {n}-gram model: counted, not trained; history of "
+                         f"{n - 1} token{'s' if n > 2 else ''}.", {"order": n})
     for n in (2, 3, 4, 5)
 }
 
 
 def get_ngram_preset(name: str, **overrides: Any) -> NGramConfig:
     """The NGramConfig of preset ``name`` ("ngram-2" .. "ngram-5") with any fields in ``overrides`` changed."""
-    if name not in NGRAM_PRESETS:
-        raise ConfigError(f"unknown n-gram preset {name!r}; choose one of: {', '.join(NGRAM_PRESETS)}.")
-    return preset_config(NGramConfig, NGRAM_PRESETS[name][1], overrides)
+    return config_from_preset(NGramConfig, NGRAM_PRESETS, name, overrides, "n-gram")
 
 
 # ---------------------------------------------------------------------------------------------- counting

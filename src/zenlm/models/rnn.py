@@ -42,16 +42,14 @@ gives the same logits as feeding it whole.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 
-from zenlm.config import dataclass_from_dict, preset_config
+from zenlm.config import ModelConfig, Preset, config_from_preset
 from zenlm.errors import ConfigError
-from zenlm.presets import Preset
 
 State = tuple[Tensor, ...]
 CellKind = Literal["lstm", "gru"]
@@ -70,7 +68,7 @@ def _dropout_ok(p: float) -> None:
 
 # ---------------------------------------------------------------------------------------------- MLP LM
 @dataclass
-class MLPLMConfig:
+class MLPLMConfig(ModelConfig):
     """Bengio et al.'s feed-forward LM.
 
     vocab_size: token ids
@@ -80,6 +78,8 @@ class MLPLMConfig:
     direct:     add the direct connections W x from the concatenated embeddings to the logits
     dropout:    on the concatenated embeddings and on the hidden layer while training
     """
+
+    ARCH = "mlp"
 
     vocab_size: int = 8192
     context: int = 8
@@ -92,13 +92,6 @@ class MLPLMConfig:
         _positive(self, "vocab_size", "context", "n_embd", "n_hidden")
         _dropout_ok(self.dropout)
 
-    def to_dict(self) -> dict[str, Any]:
-        return {"arch": "mlp", **dataclasses.asdict(self)}
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> MLPLMConfig:
-        return dataclass_from_dict(cls, d)
-
     def num_params(self) -> int:
         """Parameter count from the shapes (equals ``sum(p.numel())`` of the built model)."""
         V, N, C, H = self.vocab_size, self.context, self.n_embd, self.n_hidden
@@ -107,6 +100,8 @@ class MLPLMConfig:
 
 class MLPLM(nn.Module):
     """Feed-forward n-gram LM with learned embeddings (see the module docstring)."""
+
+    param_roles = {"out": "head", "direct": "head"}  # read into the logits (zenlm.train.optim)
 
     def __init__(self, config: MLPLMConfig) -> None:
         super().__init__()
@@ -147,7 +142,7 @@ class MLPLM(nn.Module):
 
 # ---------------------------------------------------------------------------------------------- LSTM / GRU
 @dataclass
-class RNNLMConfig:
+class RNNLMConfig(ModelConfig):
     """A recurrent LM: embedding -> stacked LSTM (or GRU) layers -> linear head.
 
     vocab_size:     token ids
@@ -160,6 +155,8 @@ class RNNLMConfig:
     forget_bias:    initial bias of the LSTM forget gate (1 keeps the memory open early in training)
     init_range:     embeddings and head start uniform in [−init_range, init_range]
     """
+
+    ARCH = "rnn"
 
     vocab_size: int = 8192
     cell: CellKind = "lstm"
@@ -180,13 +177,6 @@ class RNNLMConfig:
             raise ConfigError(f"tie_embeddings needs n_embd == n_hidden (the head reuses the {self.n_embd}-wide "
                               f"embeddings on {self.n_hidden}-wide outputs); make them equal or untie.")
 
-    def to_dict(self) -> dict[str, Any]:
-        return {"arch": "rnn", **dataclasses.asdict(self)}
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> RNNLMConfig:
-        return dataclass_from_dict(cls, d)
-
     def num_params(self) -> int:
         """Parameter count from the shapes (equals ``sum(p.numel())`` of the built model)."""
         V, E, H, L = self.vocab_size, self.n_embd, self.n_hidden, self.n_layer
@@ -197,6 +187,8 @@ class RNNLMConfig:
 
 class RNNLM(nn.Module):
     """Embedding -> nn.LSTM / nn.GRU -> head; state = (h, c) for an LSTM, (h,) for a GRU, each [L, B, H]."""
+
+    param_roles = {"head": "head"}  # zenlm.train.optim; the recurrent matrices are "hidden"
 
     def __init__(self, config: RNNLMConfig) -> None:
         super().__init__()
@@ -263,50 +255,52 @@ def gru_cell(x_BE: Tensor, h_BH: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tenso
 
 
 # ---------------------------------------------------------------------------------------------- presets
-RNN_PRESETS: dict[str, Preset] = {
+MLP_PRESETS: dict[str, Preset] = {
     "mlp-small": Preset(
         "MLP LM (Bengio et al.): 8 previous tokens x 32-wide embeddings -> 512 tanh units -> softmax.",
-        dict(arch="mlp", context=8, n_embd=32, n_hidden=512)),
+        dict(context=8, n_embd=32, n_hidden=512)),
     "mlp-direct": Preset(
         "mlp-small plus the paper's direct connections from the embeddings to the logits.",
-        dict(arch="mlp", context=8, n_embd=32, n_hidden=512, direct=True)),
+        dict(context=8, n_embd=32, n_hidden=512, direct=True)),
+}
+RNN_PRESETS: dict[str, Preset] = {
     "lstm-small": Preset(
         "2-layer LSTM, 200 units, no dropout: the shape of Zaremba et al.'s small PTB model.",
-        dict(arch="rnn", cell="lstm", n_embd=200, n_hidden=200, n_layer=2)),
+        dict(cell="lstm", n_embd=200, n_hidden=200, n_layer=2)),
     "lstm-medium": Preset(
         "2-layer LSTM, 650 units, dropout 0.5, tied embeddings: Zaremba et al.'s medium shape.",
-        dict(arch="rnn", cell="lstm", n_embd=650, n_hidden=650, n_layer=2, dropout=0.5, tie_embeddings=True)),
+        dict(cell="lstm", n_embd=650, n_hidden=650, n_layer=2, dropout=0.5, tie_embeddings=True)),
     "gru-small": Preset(
         "2-layer GRU, 200 units, no dropout: lstm-small with the two-gate cell.",
-        dict(arch="rnn", cell="gru", n_embd=200, n_hidden=200, n_layer=2)),
+        dict(cell="gru", n_embd=200, n_hidden=200, n_layer=2)),
 }
-
-_CONFIGS: dict[str, type[MLPLMConfig] | type[RNNLMConfig]] = {"mlp": MLPLMConfig, "rnn": RNNLMConfig}
-_MODELS: dict[str, type[MLPLM] | type[RNNLM]] = {"mlp": MLPLM, "rnn": RNNLM}
+_FAMILIES: dict[str, tuple[type[MLPLMConfig] | type[RNNLMConfig], type[MLPLM] | type[RNNLM], dict[str, Preset]]] = {
+    "mlp": (MLPLMConfig, MLPLM, MLP_PRESETS),
+    "rnn": (RNNLMConfig, RNNLM, RNN_PRESETS),
+}
 
 
 def get_rnn_preset(name: str, **overrides: Any) -> MLPLMConfig | RNNLMConfig:
-    """The config of preset ``name`` (see :data:`RNN_PRESETS`) with any config fields in ``overrides`` changed;
-    e.g. ``get_rnn_preset("lstm-small", vocab_size=tok.vocab_size, dropout=0.2)``."""
-    if name not in RNN_PRESETS:
-        raise ConfigError(f"unknown model preset {name!r}; choose one of: {', '.join(RNN_PRESETS)}.")
-    fields = dict(RNN_PRESETS[name].fields)
-    return preset_config(_CONFIGS[fields.pop("arch")], fields, overrides)  # type: ignore[return-value]
+    """The config of preset ``name`` (one of :data:`MLP_PRESETS` or :data:`RNN_PRESETS`) with any config fields in
+    ``overrides`` changed; e.g. ``get_rnn_preset("lstm-small", vocab_size=tok.vocab_size, dropout=0.2)``."""
+    for cls, _, presets in _FAMILIES.values():
+        if name in presets:
+            return config_from_preset(cls, presets, name, overrides)
+    raise ConfigError(f"unknown model preset {name!r}; choose one of: {', '.join([*MLP_PRESETS, *RNN_PRESETS])}.")
 
 
 def build_model(config: MLPLMConfig | RNNLMConfig) -> MLPLM | RNNLM:
-    """The model of a config (its ``arch``: "mlp" -> MLPLM, "rnn" -> RNNLM)."""
-    arch = config.to_dict()["arch"]
-    return _MODELS[arch](config)  # type: ignore[arg-type]
+    """The model of a config (MLPLMConfig -> MLPLM, RNNLMConfig -> RNNLM)."""
+    return _FAMILIES[config.ARCH][1](config)  # type: ignore[arg-type]
 
 
 def config_from_dict(d: dict[str, Any]) -> MLPLMConfig | RNNLMConfig:
     """Rebuild a config from its ``to_dict()`` ("arch" = "mlp" or "rnn")."""
     arch = d.get("arch")
-    if arch not in _CONFIGS:
+    if arch not in _FAMILIES:
         raise ConfigError(f"arch {arch!r} is not a recurrent or MLP language model ('mlp' or 'rnn').")
-    return _CONFIGS[arch].from_dict(d)
+    return _FAMILIES[arch][0].from_dict(d)
 
 
-__all__ = ["MLPLMConfig", "MLPLM", "RNNLMConfig", "RNNLM", "lstm_cell", "gru_cell", "RNN_PRESETS",
+__all__ = ["MLPLMConfig", "MLPLM", "RNNLMConfig", "RNNLM", "lstm_cell", "gru_cell", "MLP_PRESETS", "RNN_PRESETS",
            "get_rnn_preset", "build_model", "config_from_dict", "State"]

@@ -8,10 +8,10 @@ All three models speak one stateful protocol, ``logits_BTV, state = model(idx_BT
   is the objective for :func:`zenlm.train.loop.fit`. One optimiser step with ``grad_accum`` micro-batches::
 
       for micro in range(grad_accum):
-          x, y, reset = batches.get(step, micro)            # window w = step·grad_accum + micro
+          x, reset, y = batches.get(step, micro)            # window w = step·grad_accum + micro
           state = zeros if reset else carried                # carried = the end state of window w−1, detached
           logits, carried = lm(x, state)
-          loss = mean cross-entropy(logits, y) / grad_accum; loss.backward()
+          (sum of cross-entropies(logits, y) / targets of the step).backward()
 
   Gradients stop at the window's start (the carried state is detached), but the state still holds everything
   the model read before it.
@@ -38,7 +38,6 @@ All three models speak one stateful protocol, ``logits_BTV, state = model(idx_BT
 from __future__ import annotations
 
 import itertools
-import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -46,7 +45,6 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-import yaml
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import Tensor, nn
@@ -55,12 +53,14 @@ from zenlm.data.batches import IGNORE_INDEX, eval_window_count
 from zenlm.data.shards import TokenShards
 from zenlm.data.streams import StreamBatches
 from zenlm.errors import CheckpointError, ConfigError
+from zenlm.evaluate import bits_per_byte, perplexity
 from zenlm.generate import GenerationConfig, sample_next
 from zenlm.models.ngram import NGramConfig, NGramLM
-from zenlm.rundir import read_run_config
-from zenlm.train.checkpoint import atomic_write_text, save_model
+from zenlm.rundir import read_run_config, write_run_config
+from zenlm.train.checkpoint import save_model
+from zenlm.train.step import LossOutput
 
-StatefulBatch = tuple[Tensor, Tensor, bool]
+StatefulBatch = tuple[Tensor, bool, Tensor]
 
 
 # ---------------------------------------------------------------------------------------------- training
@@ -94,24 +94,24 @@ class StateCarrier(nn.Module):
         return logits_BTV
 
 
-def tbptt_loss(model: nn.Module, batch: StatefulBatch) -> tuple[Tensor, int]:
-    """Mean next-token cross-entropy of one TBPTT window. model: a :class:`StateCarrier`; batch = (x_BT, y_BT,
-    reset) from :class:`StreamBatches`; returns (loss, number of tokens), the loss contract of
-    :func:`zenlm.train.loop.fit`."""
-    x_BT, y_BT, reset = batch
+def tbptt_loss(model: nn.Module, batch: StatefulBatch) -> LossOutput:
+    """Next-token cross-entropy of one TBPTT window, summed. model: a :class:`StateCarrier`; batch = (x_BT, reset,
+    y_BT) from :class:`StreamBatches`; returns the loss contract of :func:`zenlm.train.loop.fit` (the sum, the
+    number of targets, the number of input tokens)."""
+    x_BT, reset, y_BT = batch
     logits_BTV = model(x_BT, reset)
-    loss = F.cross_entropy(logits_BTV.float().flatten(0, 1), y_BT.flatten())
-    return loss, y_BT.numel()
+    loss_sum = F.cross_entropy(logits_BTV.float().flatten(0, 1), y_BT.flatten(), reduction="sum")
+    return LossOutput(loss_sum, y_BT.numel(), x_BT.numel())
 
 
 def stream_task(shards: TokenShards, batch_size: int, seq_len: int, *, grad_accum: int = 1, seed: int = 0,
                 device: torch.device | str = "cpu") -> Any:
-    """``get_batch(step, micro) -> (x_BT, y_BT, reset)`` on ``device``, for :func:`zenlm.train.loop.fit`."""
+    """``get_batch(step, micro) -> (x_BT, reset, y_BT)`` on ``device``, for :func:`zenlm.train.loop.fit`."""
     batches = StreamBatches(shards, batch_size, seq_len, grad_accum=grad_accum, seed=seed)
 
     def get_batch(step: int, micro: int) -> StatefulBatch:
-        x_BT, y_BT, reset = batches.get(step, micro)
-        return x_BT.to(device, non_blocking=True), y_BT.to(device, non_blocking=True), reset
+        x_BT, reset, y_BT = batches.get(step, micro)
+        return x_BT.to(device, non_blocking=True), reset, y_BT.to(device, non_blocking=True)
 
     return get_batch
 
@@ -135,8 +135,7 @@ def save_ngram(model: NGramLM, out_dir: str | os.PathLike[str]) -> Path:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     save_model(model, out / "model.safetensors")
-    atomic_write_text(out / "config.yaml", yaml.safe_dump(
-        {"model": model.config.to_dict(), "discounts": model.discounts()}, sort_keys=False))
+    write_run_config(out, {"model": model.config.to_dict(), "discounts": model.discounts()})
     return out
 
 
@@ -156,9 +155,9 @@ def load_ngram(run_dir: str | os.PathLike[str]) -> NGramLM:
 # ---------------------------------------------------------------------------------------------- evaluation
 def lm_metrics(loss_sum: float, n: int, bytes_per_token: float) -> dict[str, float]:
     """val_loss (nats per token), val_ppl and val_bpb from a summed loss over n tokens, as evaluate_causal_lm
-    defines them."""
+    reports them."""
     loss = loss_sum / max(n, 1)
-    return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0)), "val_bpb": loss / math.log(2) / bytes_per_token}
+    return {"val_loss": loss, "val_ppl": perplexity(loss), "val_bpb": bits_per_byte(loss, bytes_per_token)}
 
 
 def eval_targets(shards: TokenShards, seq_len: int, max_tokens: int | None) -> int:
