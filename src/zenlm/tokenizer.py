@@ -39,7 +39,7 @@ import tokenizers
 from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers, trainers
 
 from zenlm.errors import ConfigError, DataError
-from zenlm.fileio import atomic_write_text
+from zenlm.fileio import atomic_write_text, read_json_object
 from zenlm.progress import ProgressFn, report
 
 log = logging.getLogger(__name__)
@@ -273,13 +273,8 @@ class Tokenizer:
         cfg: dict[str, Any] = {}
         cfg_file = file.with_name("tokenizer_config.json")
         if cfg_file.is_file():
-            try:
-                cfg = json.loads(cfg_file.read_text(encoding="utf-8"))
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                raise DataError(f"{cfg_file} is not valid JSON ({e}).") from None
-            if not isinstance(cfg, dict):
-                raise DataError(f"{cfg_file} must hold a JSON object (special tokens, chat template), not a "
-                                f"{type(cfg).__name__}; fix it or delete it to use the defaults.")
+            cfg = read_json_object(cfg_file, DataError, "it holds the special tokens and the chat template: fix "
+                                   "it, or delete it to use the defaults")
             tpl = cfg.get("chat_template")
             if tpl is not None and not isinstance(tpl, (str, list)):
                 raise DataError(f"{cfg_file}: 'chat_template' must be a string or a list of named templates.")

@@ -47,7 +47,7 @@ from torch import Tensor
 from zenlm.config import ROPE_SCALING_KEYS, GPTConfig
 from zenlm.device import DTYPES, resolve_dtype
 from zenlm.errors import CheckpointError, ConfigError, DataError
-from zenlm.fileio import atomic_write_text
+from zenlm.fileio import atomic_write_text, read_json_object
 from zenlm.progress import ProgressFn, report
 from zenlm.tokenizer import Tokenizer
 
@@ -430,13 +430,7 @@ class HFWeights:
 def _read_json(path: Path, what: str) -> dict[str, Any]:
     if not path.is_file():
         raise DataError(f"{path} is missing; {what}.")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DataError(f"{path} is not valid JSON ({e}).") from None
-    if not isinstance(data, dict):
-        raise DataError(f"{path} must hold a JSON object.")
-    return data
+    return read_json_object(path, DataError)
 
 
 def _our_shapes(cfg: GPTConfig) -> dict[str, tuple[int, ...]]:
