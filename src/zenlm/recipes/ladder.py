@@ -54,9 +54,10 @@ from zenlm.data.shards import TokenShards
 from zenlm.data.streams import StreamBatches
 from zenlm.errors import CheckpointError, ConfigError
 from zenlm.evaluate import bits_per_byte, perplexity
-from zenlm.generate import GenerationConfig, sample_next
+from zenlm.generate import GenerationConfig
 from zenlm.models.ngram import NGramConfig, NGramLM
 from zenlm.rundir import read_run_config, write_run_config
+from zenlm.sampling import Sampler
 from zenlm.train.checkpoint import save_model
 from zenlm.train.step import LossOutput
 
@@ -231,22 +232,17 @@ def generate_stateful(model: nn.Module, prompt_ids: Sequence[int], cfg: Generati
     if min(prompt) < 0 or max(prompt) >= V:
         raise ConfigError(f"prompt token ids must be in 0..{V - 1} (the model's vocabulary).")
     device = _device(lm)
-    generator = torch.Generator(device=device)
-    if cfg.seed is None:
-        generator.seed()
-    else:
-        generator.manual_seed(cfg.seed)
+    sampler = Sampler(cfg.sampling(), V, device=device, prompt_ids=prompt)  # the seeded pipeline of zenlm.sampling
     was_training = lm.training
     lm.eval()
     try:
         logits_BTV, state = lm(torch.tensor([prompt], device=device))
-        ids, out = list(prompt), []
+        out: list[int] = []
         for _ in range(cfg.max_new_tokens):
-            token = sample_next(logits_BTV[0, -1], cfg, generator, ids)
+            token = sampler.choose(logits_BTV[0, -1]).token
             if cfg.stop_at_eos and eos_id is not None and token == eos_id:
                 break
             out.append(token)
-            ids.append(token)
             logits_BTV, state = lm(torch.tensor([[token]], device=device), state)
     finally:
         lm.train(was_training)
