@@ -20,6 +20,7 @@ from zenlm.cli import build_parser
 
 def _sources() -> dict[str, list[Any]]:
     """verb -> where its defaults come from: functions (their signature) and settings objects (their fields)."""
+    from zenlm import wordvec as wv
     from zenlm.api import load
     from zenlm.cli.lmeval import evaluate_lm_eval
     from zenlm.convert.gguf import export_gguf
@@ -56,6 +57,9 @@ def _sources() -> dict[str, list[Any]]:
         "evaluate": [load, Seq2SeqLM.generate, evaluate_generation, read_pairs, evaluate_lm_eval],
         "serve": [load, create_app],
         "chat": [load, GenerationConfig()],
+        "wordvec train": [wv.train_corpus_vectors, wv.Word2VecSettings()],
+        "wordvec eval": [wv.read_vectors, wv.evaluate_vectors],
+        "wordvec coverage": [wv.read_vectors],
     }
 
 
@@ -78,6 +82,7 @@ CLI_ONLY = {
     "generate": {"prompt"},
     "serve": {"host", "port"},
     "chat": {"system"},
+    "wordvec eval": {"json_out"},
 }
 # Defaults that differ from the library's on purpose, pinned here so that changing them is a decision, not a
 # drift: the terminal verbs sample more creatively than GenerationConfig (README), the server names the model.

@@ -34,7 +34,7 @@ from zenlm.errors import TrainingError, ZenlmError
 def tokenizer_train(
     corpus: str,
     out: str,
-    kind: Literal["bpe", "wordpiece", "char"] = "bpe",
+    kind: Literal["bpe", "wordpiece", "char", "word"] = "bpe",
     vocab_size: int = 8192,
     min_frequency: int = 2,
     val: str | None = None,
@@ -46,7 +46,7 @@ def tokenizer_train(
     Args:
         corpus: built-in corpus name (shakespeare, peoples-daily, shakespeare-char) or a .txt/.jsonl file or folder
         out: directory to write tokenizer.json and tokenizer_config.json into
-        kind: bpe (byte-level BPE), wordpiece, or char (one token per character)
+        kind: bpe (byte-level BPE), wordpiece, char (one token per character) or word (one per word)
         vocab_size: size of the vocabulary, special tokens included (ignored for char)
         min_frequency: minimum count of a pair to be merged
         val: explicit validation file or folder (kept out of tokenizer training)
@@ -485,6 +485,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_verb(sub, "serve", cli_serve.serve, positional=("run",))
     add_verb(sub, "chat", cli_serve.chat, positional=("run",))
+    from zenlm.cli.wordvec import register as register_wordvec  # zenlm wordvec train | eval | coverage
+
+    register_wordvec(sub)
     return parser
 
 
@@ -500,7 +503,7 @@ def main(argv: list[str] | None = None) -> int:
         print(__version__)
         return 0
     if not hasattr(ns, "_fn"):
-        (parser if ns.verb not in ("tokenizer", "convert")
+        (parser if ns.verb not in ("tokenizer", "convert", "wordvec")
          else parser._subparsers._group_actions[0].choices[ns.verb]).print_help()
         return 2
     try:
