@@ -2,6 +2,7 @@
 
     python benchmarks/decode_speed.py                 # GPT-2-small shape, 32-token prompt, 128 new tokens
     python benchmarks/decode_speed.py --new-tokens 64 --threads 2
+    python benchmarks/decode_speed.py --n-layer 2 --new-tokens 8 --repeats 1   # a quick check that it runs
 
 Both sides decode greedily with a KV cache from the same random weights (copied with zenlm's GPT-2 weight
 map). Rows: fp32 and bf16 weights for both, and zenlm's int8 weight-only model (bf16 activations). Batch 1 is
@@ -80,9 +81,10 @@ def step_bytes(model: torch.nn.Module) -> int:
     return total
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def zenlm_decode(model: GPT, prompt_BT: torch.Tensor, new: int) -> tuple[float, float, torch.Tensor]:
-    """(time to first token, total time, ids [B, new]) for greedy decoding with a preallocated KV cache."""
+    """(time to first token, total time, ids [B, new]) for greedy decoding with a preallocated KV cache: the
+    prompt through ``model(...)``, then one ``model.decode_step`` per token, as ``generate`` does."""
     B, T = prompt_BT.shape
     cache = model.make_cache(B, T + new)
     out = torch.empty(B, new, dtype=torch.long)
@@ -92,7 +94,8 @@ def zenlm_decode(model: GPT, prompt_BT: torch.Tensor, new: int) -> tuple[float, 
     out[:, 0] = tok
     ttft = time.perf_counter() - t0
     for i in range(1, new):
-        tok = model(tok[:, None], cache=cache)[:, -1].argmax(-1)
+        tok = model.decode_step(tok, cache.pos, cache.k, cache.v).argmax(-1)
+        cache.pos += 1
         out[:, i] = tok
     return ttft, time.perf_counter() - t0, out
 
@@ -164,12 +167,13 @@ def main() -> None:
     ap.add_argument("--batches", default="1,8")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--repeats", type=int, default=3, help="timed runs per row; the fastest is reported")
+    ap.add_argument("--n-layer", type=int, default=None, help="blocks of the GPT-2-small shape (default: its 12)")
     ap.add_argument("--no-compile", action="store_true", help="skip the compiled rows (each compiles ~20-30 s with an empty cache)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    cfg = get_preset("gpt2-small")
+    cfg = get_preset("gpt2-small", **({} if args.n_layer is None else {"n_layer": args.n_layer}))
     torch.manual_seed(0)
     ours = GPT(cfg).eval()
     theirs = GPT2LMHeadModel(GPT2Config(vocab_size=cfg.vocab_size, n_positions=cfg.block_size, n_embd=cfg.n_embd,
@@ -184,7 +188,7 @@ def main() -> None:
 
     print(f"# decode_speed — {time.strftime('%Y-%m-%d %H:%M')} — {platform.machine()}, {os.cpu_count()} cores, "
           f"{torch.get_num_threads()} threads, torch {torch.__version__}")
-    print(f"GPT-2-small shape ({cfg.num_params() / 1e6:.1f}M parameters, random weights), "
+    print(f"GPT-2-small shape, {cfg.n_layer} layers ({cfg.num_params() / 1e6:.1f}M parameters, random weights), "
           f"{args.prompt_tokens}-token prompt, {args.new_tokens} new tokens, greedy. The machine's bandwidth drifts "
           "while it runs, so each row's floors use the copy / read bandwidth measured just before that row.")
     print("\n| batch | weights | engine | tokens/s (all sequences) | time to first token (ms) | bytes/step (MB) | "

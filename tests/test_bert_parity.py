@@ -137,3 +137,22 @@ def test_masked_lm_checkpoint_imports_with_its_head(tmp_path):
     assert len(top) == 1 and len(top[0]) == 3
     assert top[0][0][0] == lm.tokenizer.id_to_token(int(want[0, 4].argmax()))
 
+
+
+def test_imported_minilm_exports_back_as_bert_model(minilm_run, batch, tmp_path):
+    """`zenlm convert to-hf` on the imported MiniLM: a BertModel directory whose outputs and tokenizer equal the
+    original's (the masked-LM head that the import had to initialise is left out)."""
+    import json
+
+    from zenlm.convert import export_hf
+
+    out = export_hf(minilm_run, tmp_path / "hf")
+    assert json.loads((out / "config.json").read_text())["architectures"] == ["BertModel"]
+    assert transformers.AutoTokenizer.from_pretrained(str(out))(TEXTS, padding=True)["input_ids"] == \
+        batch["input_ids"].tolist()
+    ref = transformers.BertModel.from_pretrained(str(MODEL_DIR)).eval()
+    again = transformers.AutoModel.from_pretrained(str(out)).eval()
+    with torch.no_grad():
+        want, got = ref(**batch), again(**batch)
+    torch.testing.assert_close(got.last_hidden_state, want.last_hidden_state, atol=0, rtol=0)
+    torch.testing.assert_close(got.pooler_output, want.pooler_output, atol=0, rtol=0)

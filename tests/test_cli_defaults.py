@@ -20,8 +20,10 @@ from zenlm.cli import build_parser
 
 def _sources() -> dict[str, list[Any]]:
     """verb -> where its defaults come from: functions (their signature) and settings objects (their fields)."""
+    from zenlm import wordvec as wv
     from zenlm.api import load
     from zenlm.cli.lmeval import evaluate_lm_eval
+    from zenlm.convert.gguf import export_gguf
     from zenlm.convert.hf import download_from_hub, export_hf, import_hf
     from zenlm.data.corpus import open_corpus
     from zenlm.data.seq2seq import read_pairs
@@ -47,6 +49,7 @@ def _sources() -> dict[str, list[Any]]:
         "quantize": [],
         "convert from-hf": [import_hf, download_from_hub],
         "convert to-hf": [export_hf],
+        "convert to-gguf": [export_gguf],
         "finetune seq2seq": [s2s.finetune_seq2seq, TrainConfig(**s2s.DEFAULT_TRAIN), OptimConfig(**s2s.DEFAULT_OPTIM)],
         "finetune classify": [finetune_classify, TrainConfig()],
         "predict": [load, EncoderLM.classify],
@@ -54,6 +57,9 @@ def _sources() -> dict[str, list[Any]]:
         "evaluate": [load, Seq2SeqLM.generate, evaluate_generation, read_pairs, evaluate_lm_eval],
         "serve": [load, create_app],
         "chat": [load, GenerationConfig()],
+        "wordvec train": [wv.train_corpus_vectors, wv.Word2VecSettings()],
+        "wordvec eval": [wv.read_vectors, wv.evaluate_vectors],
+        "wordvec coverage": [wv.read_vectors],
     }
 
 
@@ -76,6 +82,7 @@ CLI_ONLY = {
     "generate": {"prompt"},
     "serve": {"host", "port"},
     "chat": {"system"},
+    "wordvec eval": {"json_out"},
 }
 # Defaults that differ from the library's on purpose, pinned here so that changing them is a decision, not a
 # drift: the terminal verbs sample more creatively than GenerationConfig (README), the server names the model.

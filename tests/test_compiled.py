@@ -1,7 +1,12 @@
 """The compiled decode step (zenlm.compiled): same logits and tokens as eager decoding, one program for all
 positions, int8 weights, the model's own tensors, and clear refusals. Both backends: "aot" (AOTInductor, the
-CPU default) and "dynamo" (torch.compile). Each test compiles a tiny model (a few seconds to ~30 s here);
-built programs go to a fresh directory per test session (conftest)."""
+CPU default) and "dynamo" (torch.compile).
+
+Building a program takes 15-30 s here, so the tests share them: built programs go to a fresh directory per test
+session (conftest), the fp32 tests all use models of one shape (``llama_like()``), whose program the session
+fixture ``llama_program`` builds once, and every later model of that shape loads it from disk (each with its
+own weights). Only the int8 model needs a second program. The tests run in one xdist worker (one directory).
+"""
 
 from __future__ import annotations
 
@@ -17,6 +22,8 @@ from zenlm.generate import GenerationConfig, generate_batch, generate_ids
 from zenlm.models.gpt import GPT
 from zenlm.models.int8 import quantize_int8
 
+pytestmark = pytest.mark.xdist_group("compiled")  # one worker: one program directory, each program built once
+
 V = 96
 
 
@@ -31,15 +38,39 @@ def gpt2_like(**kw) -> GPTConfig:
     return GPTConfig(**{**base, **kw})
 
 
+def programs() -> set[str]:
+    return {p.name for p in cache_dir().glob("step-*.pt2")}
+
+
+@pytest.fixture(scope="session")
+def llama_program() -> str:
+    """Build the AOT program of the ``llama_like()`` shape (batch 1, a full-length cache) once per session: the
+    first use of a shape compiles exactly one program and writes it to the disk cache whole. -> its file name."""
+    torch.manual_seed(100)
+    model = GPT(llama_like()).eval()
+    decoder = compiled_decoder(model, "aot")
+    before = programs()
+    cache = model.make_cache(1)
+    with torch.inference_mode():
+        model(torch.tensor([[1, 2, 3]]), cache=cache)
+        decoder.next_logits(4, cache)
+    assert decoder.backend == "aot" and decoder.programs_built == 1
+    new = programs() - before
+    assert len(new) == 1 and not list(cache_dir().glob("*.tmp.pt2"))
+    return new.pop()
+
+
 @pytest.mark.parametrize("backend", ["aot", "dynamo"])
-def test_compiled_step_matches_eager_at_every_position_with_one_program(backend):
+def test_compiled_step_matches_eager_at_every_position_with_one_program(backend, request):
+    if backend == "aot":
+        request.getfixturevalue("llama_program")
     torch.manual_seed(0)
     model = GPT(llama_like()).eval()  # rope, GQA, qk-norm, RMSNorm, SwiGLU
     prompt = torch.randint(0, V, (1, 5), generator=torch.Generator().manual_seed(1))
     eager, fast = model.make_cache(1), model.make_cache(1)
     decoder = compiled_decoder(model, backend)
     assert compiled_decoder(model) is decoder  # one per model
-    graphs_before = counters["stats"]["unique_graphs"]
+    graphs_before, programs_before = counters["stats"]["unique_graphs"], programs()
     with torch.inference_mode():
         model(prompt, cache=eager)
         model(prompt, cache=fast)
@@ -53,24 +84,24 @@ def test_compiled_step_matches_eager_at_every_position_with_one_program(backend)
     for a, b in zip(fast.k + fast.v, eager.k + eager.v, strict=True):  # the compiled step wrote the cache
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
     assert decoder.backend == backend  # no fallback happened
-    if backend == "aot":  # 12 different key counts, one program, kept on disk
-        assert decoder.programs_built == 1
-        assert len(list(cache_dir().glob("step-*.pt2"))) >= 1
-        assert not list(cache_dir().glob("*.tmp.pt2"))
+    if backend == "aot":  # 12 different key counts, all through the program of this shape, loaded from disk
+        assert decoder.programs_built == 0 and programs() == programs_before
     else:  # at most two programs (a first static one, then one with a dynamic length)
         assert counters["stats"]["unique_graphs"] - graphs_before <= 2
 
 
-def test_generate_ids_compiled_gives_the_eager_greedy_tokens_through_cache_refills():
+def test_generate_ids_compiled_gives_the_eager_greedy_tokens_through_cache_refills(llama_program):
     torch.manual_seed(2)
-    model = GPT(gpt2_like(block_size=16)).eval()  # 30 new tokens > block_size: the cache is refilled
+    model = GPT(llama_like()).eval()  # 40 new tokens > block_size 24: the cache is refilled twice
     prompt = [3, 1, 4, 1, 5, 9]
-    cfg = dict(max_new_tokens=30, temperature=0)
+    cfg = dict(max_new_tokens=40, temperature=0)
     want = list(generate_ids(model, prompt, GenerationConfig(**cfg)))
     got = list(generate_ids(model, prompt, GenerationConfig(**cfg, compile=True)))
-    assert len(want) == 30
+    assert len(want) == 40
     assert got == want
-    assert compiled_decoder(model).backend == "aot"  # the refills' first and last slots ran eagerly, no fallback
+    decoder = compiled_decoder(model)
+    assert decoder.backend == "aot"  # the refills' first and last slots ran eagerly, no fallback
+    assert decoder.programs_built == 0  # the session's program of this shape
 
 
 def test_compiled_int8_model_reads_its_int8_weights_and_matches_eager():
@@ -108,13 +139,12 @@ def test_compile_is_refused_where_it_does_not_apply():
         CompiledDecoder(model, backend="jit")
 
 
-def test_models_of_one_shape_share_a_program_but_each_uses_its_own_weights(tmp_path, monkeypatch):
-    monkeypatch.setenv("ZENLM_CACHE_DIR", str(tmp_path))
+def test_models_of_one_shape_share_a_program_but_each_uses_its_own_weights(llama_program):
     prompt = torch.tensor([[1, 2, 3]])
     built = []
     for seed in (5, 6):
         torch.manual_seed(seed)
-        model = GPT(gpt2_like()).eval()
+        model = GPT(llama_like()).eval()
         eager, fast = model.make_cache(1), model.make_cache(1)
         with torch.inference_mode():
             model(prompt, cache=eager)
@@ -124,12 +154,13 @@ def test_models_of_one_shape_share_a_program_but_each_uses_its_own_weights(tmp_p
                 torch.testing.assert_close(compiled_decoder(model).next_logits(token, fast), want,
                                            atol=1e-4, rtol=1e-4)
         built.append(compiled_decoder(model).programs_built)
-    assert built == [1, 0]  # the second model loaded the first one's program from disk (it holds no weights)
+    # both loaded the program another model built (it holds no weights) and got their own logits
+    assert built == [0, 0] and llama_program in programs()
 
 
-def test_the_program_reads_the_models_current_tensors():
+def test_the_program_reads_the_models_current_tensors(llama_program):
     torch.manual_seed(7)
-    model = GPT(gpt2_like()).eval()
+    model = GPT(llama_like()).eval()
     prompt = torch.tensor([[1, 2, 3]])
 
     def check(tokens):
@@ -145,12 +176,12 @@ def test_the_program_reads_the_models_current_tensors():
 
     decoder = check((4, 5))
     with torch.no_grad():  # changed in place: the program reads the same memory
-        model.blocks[0].mlp.fc.weight.mul_(3)
+        model.blocks[0].mlp.up.weight.mul_(3)
     check((6, 7))
-    fc = model.blocks[1].mlp.fc  # replaced by a new tensor: compiled_decoder() re-reads the model
+    fc = model.blocks[1].mlp.up  # replaced by a new tensor: compiled_decoder() re-reads the model
     fc.weight = nn.Parameter(torch.randn_like(fc.weight))
     assert check((8, 9)) is decoder
-    assert decoder.programs_built == 1  # one shape all along: never rebuilt
+    assert decoder.programs_built == 0  # one shape all along: never rebuilt (the session's program)
 
 
 def test_a_model_that_cannot_be_exported_falls_back_to_dynamo(monkeypatch):

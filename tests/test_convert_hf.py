@@ -454,9 +454,9 @@ def test_export_refuses_models_without_a_transformers_twin(tmp_path: Path) -> No
         (run / "config.yaml").write_text(yaml.safe_dump({"model": cfg.to_dict()}))
         with pytest.raises(ConfigError, match=field):
             export_hf(run, tmp_path / "out")
-    (run := tmp_path / "encdec").mkdir()
-    (run / "config.yaml").write_text(yaml.safe_dump({"model": {"arch": "encdec"}}))
-    with pytest.raises(ConfigError, match="'encdec' model"):
+    (run := tmp_path / "encdec").mkdir()  # encoder-decoders: see tests/test_convert_hf_encoders.py
+    (run / "config.yaml").write_text(yaml.safe_dump({"model": {"arch": "encdec", "pos": "rope"}}))
+    with pytest.raises(ConfigError, match="pos='rope'"):
         export_hf(run, tmp_path / "out")
 
 

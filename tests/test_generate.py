@@ -14,16 +14,9 @@ from hypothesis import strategies as st
 
 from zenlm.config import GPTConfig
 from zenlm.errors import ConfigError
-from zenlm.generate import (
-    GenerationConfig,
-    apply_repetition_penalty,
-    generate_ids,
-    generate_text,
-    sample_next,
-    top_k_filter,
-    top_p_filter,
-)
+from zenlm.generate import GenerationConfig, generate_ids, generate_text, sample_next
 from zenlm.models.gpt import GPT
+from zenlm.sampling import apply_repetition_penalty, top_k_filter, top_p_filter
 
 NEG_INF = float("-inf")
 
@@ -75,6 +68,9 @@ class ByteStreamDecoder:
 class FakeCache:
     def __init__(self, max_len: int) -> None:
         self.pos, self.max_len = 0, max_len
+        self.k: list[torch.Tensor] = []
+        self.v: list[torch.Tensor] = []
+        self.device = torch.device("cpu")
 
     def reset(self) -> None:
         self.pos = 0
@@ -96,15 +92,23 @@ class ScriptedLM(nn.Module):
     def forward(self, idx, *, cache=None, last_only=False):
         B, T = idx.shape
         start = 0 if cache is None else cache.pos
-        self.calls.append((start, T))
         if cache is not None:
             assert cache.pos + T <= cache.max_len
             cache.pos += T
+        logits = self._scores(B, start, T)
+        return logits[:, -1:] if last_only else logits
+
+    def decode_step(self, tokens_B, pos, k_layers, v_layers, **_):
+        """One token per row, all at position ``pos`` (an int) -> logits [B, V] (the caller advances the cache)."""
+        return self._scores(tokens_B.shape[0], pos, 1)[:, 0]
+
+    def _scores(self, B: int, start: int, T: int) -> torch.Tensor:
+        self.calls.append((start, T))
         logits = torch.zeros(B, T, self.config.vocab_size)
         for t in range(T):
             nxt = start + t + 1
             logits[:, t, self.script[nxt] if nxt < len(self.script) else self.eos_id] = 10.0
-        return logits[:, -1:] if last_only else logits
+        return logits
 
 
 def scripted(text: str | list[int], tok: ByteTokenizer, prompt: str = "P") -> tuple[ScriptedLM, str]:

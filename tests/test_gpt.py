@@ -12,7 +12,8 @@ import torch.nn.functional as F
 
 from zenlm.config import GPTConfig
 from zenlm.errors import ConfigError
-from zenlm.models.gpt import GPT, KVCache
+from zenlm.models.cache import KVCache
+from zenlm.models.gpt import GPT
 from zenlm.models.layers import RMSNorm, Rotary, apply_rotary, rotate_half
 
 V = 61
@@ -50,6 +51,28 @@ def test_cached_forward_matches_full_forward(pos, norm, mlp, gqa, qk_norm):
         parts += [model(x[:, t : t + 1], cache=cache) for t in range(8, 12)]
     assert cache.pos == 12
     torch.testing.assert_close(torch.cat(parts, dim=1), full, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("pos", ["learned", "rope"])
+def test_decode_step_with_one_or_per_row_positions_equals_forward(pos):
+    """The decoder step through the shared block loop: an int position (every row at it, slices of the cache)
+    and per-row positions (a tensor) give the cached forward's logits and write the same cache."""
+    torch.manual_seed(0)
+    model = GPT(small_config(pos=pos, n_kv_head=2, qk_norm=True, init_std=0.1)).eval()
+    x = ids(2, 9)
+    caches = [model.make_cache(2) for _ in range(3)]
+    with torch.inference_mode():
+        for c in caches:
+            model(x[:, :6], cache=c)
+        want = [model(x[:, t : t + 1], cache=caches[0])[:, 0] for t in range(6, 9)]
+        for step, t in enumerate(range(6, 9)):
+            one = model.decode_step(x[:, t], t, caches[1].k, caches[1].v)
+            rows = model.decode_step(x[:, t], torch.tensor([t, t]), caches[2].k, caches[2].v)
+            torch.testing.assert_close(one, want[step], atol=1e-5, rtol=0)
+            torch.testing.assert_close(rows, want[step], atol=1e-5, rtol=0)
+    for a, b, c in zip(caches[0].k, caches[1].k, caches[2].k, strict=True):
+        torch.testing.assert_close(a[:, :, :9], b[:, :, :9])
+        torch.testing.assert_close(a[:, :, :9], c[:, :, :9])
 
 
 def test_cache_with_no_positions_and_softcap_and_bias_variants():

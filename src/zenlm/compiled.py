@@ -4,9 +4,9 @@ Decoding one sequence does about 2 flops per weight and reads every weight once 
 be no faster than (bytes of weights) / (memory bandwidth): the *bandwidth floor*. Eager PyTorch on a CPU
 stays well above it. A matrix-vector product ``F.linear`` with one input row reads its weights at 10–13
 GB/s on our 2-core test machine, whose memory copies run at 25–40 GB/s, and a step of a 12-layer model is
-about 250 separate operator calls. :class:`CompiledDecoder` compiles the step of
-:func:`zenlm.generate.decode_step` (same modules, same formulas) into one program, with five choices that
-decide its speed:
+about 250 separate operator calls. :class:`CompiledDecoder` compiles the model's own step,
+:meth:`GPT.decode_step <zenlm.models.gpt.GPT.decode_step>` (same modules, same formulas), into one program,
+with five choices that decide its speed:
 
 1. **Matrix-vector products as multiply-and-sum.** While tracing, every ``F.linear`` whose input has one row
    is rewritten ``y = (x[None, :] * W).sum(-1)``, in fp32 and cast back to x's dtype
@@ -18,7 +18,7 @@ decide its speed:
    consumers. For a product that means recomputing, e.g., the layer norm of x once per output row (3,072
    times for GPT-2's MLP). ``realize_opcount_threshold = 0`` makes it compute every such vector once.
 3. **The cache is written in place.** Each layer's keys/values are a tensor of their own
-   (:class:`~zenlm.models.gpt.KVCache`), so writing the new key into layer i's cache is an in-place write into
+   (:class:`~zenlm.models.cache.KVCache`), so writing the new key into layer i's cache is an in-place write into
    a program input. A slice of one big tensor would make the compiled program copy the layer's cache every
    step.
 4. **One program for all positions.** The number of keys S grows by one each step. The step takes
@@ -67,8 +67,8 @@ from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
 from zenlm.errors import ConfigError
-from zenlm.generate import _decode
-from zenlm.models.gpt import GPT, KVCache
+from zenlm.models.cache import KVCache
+from zenlm.models.gpt import GPT
 from zenlm.models.layers import matvec
 
 # Inductor settings of the compiled step (names checked against the installed torch, see _options):
@@ -99,7 +99,7 @@ class _LinearsAsReductions(TorchFunctionMode):
 def _step(model: GPT, tokens_B: Tensor, pos_B: Tensor, keys_S: Tensor, k_layers: list[Tensor],
           v_layers: list[Tensor]) -> Tensor:
     with _LinearsAsReductions():
-        return _decode(model, tokens_B, pos_B, keys_S, k_layers, v_layers)
+        return model.decode_step(tokens_B, pos_B, k_layers, v_layers, keys_S=keys_S)
 
 
 def _options() -> dict[str, object]:
@@ -131,7 +131,7 @@ def _source_digest() -> str:
     """A digest of zenlm's model and decoding code: a program built by another version is not reused."""
     h = hashlib.sha256()
     pkg = Path(__file__).parent
-    for f in sorted([*pkg.glob("models/*.py"), pkg / "generate.py", pkg / "compiled.py"]):
+    for f in sorted([*pkg.glob("models/*.py"), pkg / "compiled.py"]):
         h.update(f.name.encode())
         h.update(f.read_bytes())
     return h.hexdigest()
@@ -150,10 +150,10 @@ class _StepModule(torch.nn.Module):
 
 
 class CompiledDecoder:
-    """:func:`zenlm.generate.decode_step` for one model, compiled on the first call.
+    """:meth:`GPT.decode_step <zenlm.models.gpt.GPT.decode_step>` for one model, compiled on the first call.
 
     ``decoder(tokens_B, pos_B, k_layers, v_layers)`` -> logits [B, V] (float32), the arguments and result
-    of ``decode_step`` (rows attend over their own keys). :meth:`next_logits` feeds one token to a batch-1
+    of ``model.decode_step`` (rows attend over their own keys). :meth:`next_logits` feeds one token to a batch-1
     :class:`KVCache` and advances it, as ``model(token, cache=cache)`` would.
 
     Two ways to run the compiled step (``backend``):
@@ -206,8 +206,10 @@ class CompiledDecoder:
             self._weights, self._weights_key, self._programs = weights, key, {}
 
     @torch.inference_mode()
-    def __call__(self, tokens_B: Tensor, pos_B: Tensor, k_layers: Sequence[Tensor],
+    def __call__(self, tokens_B: Tensor, pos_B: Tensor | int, k_layers: Sequence[Tensor],
                  v_layers: Sequence[Tensor]) -> Tensor:
+        if isinstance(pos_B, int):  # one position for all rows: the program takes one per row
+            pos_B = torch.full((tokens_B.shape[0],), pos_B, device=tokens_B.device)
         S = int(pos_B.max()) + 1
         keys_S = torch.arange(S, device=tokens_B.device)
         k_layers, v_layers = list(k_layers), list(v_layers)
@@ -217,7 +219,7 @@ class CompiledDecoder:
             if program is not None:
                 return program(tokens_B.long(), pos_B.long(), keys_S, k_layers, v_layers)  # type: ignore[operator]
             if self.backend == "aot":  # not switched to "dynamo" by a failed export
-                return _decode(self.model, tokens_B, pos_B, keys_S, k_layers, v_layers)
+                return self.model.decode_step(tokens_B, pos_B, k_layers, v_layers, keys_S=keys_S)
         torch._dynamo.maybe_mark_dynamic(keys_S, 0)
         try:
             return self._compiled(self.model, tokens_B, pos_B, keys_S, k_layers, v_layers)
@@ -310,9 +312,7 @@ class CompiledDecoder:
         if cache.pos >= cache.max_len:
             raise ConfigError(f"KV cache overflow: {cache.pos} positions filled of max_len {cache.max_len}; "
                               "reset() the cache and prefill a shorter context.")
-        device = cache.device
-        logits_1V = self(torch.tensor([token], device=device), torch.tensor([cache.pos], device=device),
-                         cache.k, cache.v)
+        logits_1V = self(torch.tensor([token], device=cache.device), cache.pos, cache.k, cache.v)
         cache.pos += 1
         return logits_1V[0]
 

@@ -32,6 +32,25 @@ def _check_positive(name: str, value: int | float) -> None:
         raise ConfigError(f"{name} must be > 0, got {value!r}.")
 
 
+def check_block_settings(cfg: Any) -> None:
+    """The checks every Transformer config (GPT, encoder-decoder) makes of its per-block settings ``n_embd``,
+    ``n_head``, ``pos``, ``norm``, ``mlp``, ``mlp_hidden`` and ``dropout``: the width splits into heads, the
+    kinds are known, rotary positions get an even head dim, dropout is in [0, 1). Fills in ``mlp_hidden`` when
+    None: 4*C for gelu/relu2, 8/3*C rounded up to 64 for swiglu (its three matrices then hold about what two
+    of 4*C do)."""
+    if cfg.n_embd % cfg.n_head:
+        raise ConfigError(f"n_embd={cfg.n_embd} must be divisible by n_head={cfg.n_head}.")
+    _check_choice("norm", cfg.norm, ("layernorm", "rmsnorm"))
+    _check_choice("mlp", cfg.mlp, ("gelu", "swiglu", "relu2"))
+    if cfg.pos == "rope" and (cfg.n_embd // cfg.n_head) % 2:
+        raise ConfigError(f"rotary positions need an even head dim, got {cfg.n_embd // cfg.n_head}.")
+    if not 0.0 <= cfg.dropout < 1.0:
+        raise ConfigError(f"dropout must be in [0, 1), got {cfg.dropout}.")
+    if cfg.mlp_hidden is None:
+        cfg.mlp_hidden = -(-int(8 * cfg.n_embd / 3) // 64) * 64 if cfg.mlp == "swiglu" else 4 * cfg.n_embd
+    _check_positive("mlp_hidden", cfg.mlp_hidden)
+
+
 ROPE_SCALING_KEYS = {
     "linear": ("factor",),
     "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
@@ -127,27 +146,14 @@ class GPTConfig(ModelConfig):
         if self.n_kv_head is None:
             self.n_kv_head = self.n_head
         _check_positive("n_kv_head", self.n_kv_head)
-        if self.n_embd % self.n_head:
-            raise ConfigError(f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}.")
+        _check_choice("pos", self.pos, ("learned", "rope", "none"))
+        check_block_settings(self)
         if self.n_head % self.n_kv_head:
             raise ConfigError(f"n_head={self.n_head} must be a multiple of n_kv_head={self.n_kv_head}.")
-        _check_choice("pos", self.pos, ("learned", "rope", "none"))
-        _check_choice("norm", self.norm, ("layernorm", "rmsnorm"))
-        _check_choice("mlp", self.mlp, ("gelu", "swiglu", "relu2"))
-        if self.pos == "rope" and self.head_dim % 2:
-            raise ConfigError(f"rotary positions need an even head dim, got {self.head_dim}.")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}.")
         if self.logit_softcap is not None:
             _check_positive("logit_softcap", self.logit_softcap)
         if self.rope_scaling is not None:
             _check_rope_scaling(self.rope_scaling)
-        if self.mlp_hidden is None:
-            if self.mlp == "swiglu":
-                self.mlp_hidden = -(-int(8 * self.n_embd / 3) // 64) * 64
-            else:
-                self.mlp_hidden = 4 * self.n_embd
-        _check_positive("mlp_hidden", self.mlp_hidden)
         for name in ("qkv_bias", "attn_proj_bias", "mlp_bias"):
             if getattr(self, name) is None:
                 setattr(self, name, self.bias)

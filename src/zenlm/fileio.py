@@ -8,6 +8,7 @@ Windows when both names are on the same file system, which a sibling temporary n
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from collections.abc import Iterator
@@ -75,4 +76,18 @@ def save_safetensors(tensors: dict[str, Any], path: str | os.PathLike[str],
         write_safetensors(tensors, tmp, metadata)
 
 
-__all__ = ["atomic_path", "atomic_write_text", "write_safetensors", "save_safetensors"]
+def read_json_object(path: str | os.PathLike[str], error: type[Exception], hint: str = "") -> dict[str, Any]:
+    """The JSON object in ``path``; ``error(message)`` naming the file when it is not valid UTF-8 JSON or not
+    an object (``hint``, e.g. "re-run zenlm prepare", is appended to the message)."""
+    path = Path(path)
+    tail = f"; {hint}" if hint else ""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise error(f"{path} is not valid JSON ({e}){tail}.") from None
+    if not isinstance(data, dict):
+        raise error(f"{path} must hold a JSON object, not a {type(data).__name__}{tail}.")
+    return data
+
+
+__all__ = ["atomic_path", "atomic_write_text", "write_safetensors", "save_safetensors", "read_json_object"]

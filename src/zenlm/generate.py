@@ -1,59 +1,36 @@
 """Text generation: logits -> next token -> text, streamed.
 
-The pipeline for one new token, in order (each step is a pure function below, tested on its own):
+The loop for one sequence:
 
-    logits_V = model(context)[-1]                       # scores of every possible next token
-    logits_V = apply_repetition_penalty(logits_V, ...)  # CTRL: make tokens already seen less likely
-    if temperature == 0: next = argmax(logits_V)        # greedy
-    else:
-        logits_V = logits_V / temperature               # < 1 sharpens, > 1 flattens
-        logits_V = top_k_filter(logits_V, k)            # keep the k best tokens
-        logits_V = top_p_filter(logits_V, p)            # keep the smallest set holding probability >= p
-        next = sample(softmax(logits_V))
+    logits_V = model(prompt, cache=cache)[0, -1]        # prefill: scores of every possible next token
+    repeat:
+        token    = sampler.choose(logits_V).token       # zenlm.sampling: penalties, temperature, top-k/p, draw
+        logits_V = model.decode_step([token], pos, cache.k, cache.v)[0]   # one new position, via the cache
 
 With ``use_cache`` the prompt is run through the model once (prefill) and every later step feeds only the
-newest token, reading the earlier keys/values from the model's KV cache.
+newest token to :meth:`GPT.decode_step <zenlm.models.gpt.GPT.decode_step>`, reading the earlier keys/values
+from the cache (or to its compiled twin, :mod:`zenlm.compiled`); without it each step recomputes the context.
 
 Many prompts of different lengths at once (:func:`generate_batch`): each prompt is prefilled into its own
 row of one preallocated cache; then every step feeds each row's newest token at that row's own position in
-one batched forward pass (:func:`decode_step`, also the decode step of the serving engine), and each row
-picks its token with the pipeline above and its own random generator.
+one batched ``decode_step`` (the step of the serving engine too), and each row picks its token with its own
+:class:`~zenlm.sampling.Sampler` (its own seeded generator).
 """
 
 from __future__ import annotations
 
-import math
-import numbers
 from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
+from zenlm.compiled import compiled_decoder
 from zenlm.errors import ConfigError
-from zenlm.models.gpt import GPT, KVCache
-from zenlm.models.layers import attention
-
-# Temperatures in (0, MIN_TEMPERATURE) are taken as 0 (greedy). Dividing float32 logits by a smaller one can
-# overflow to inf (1e-40, 5e-324), and the softmax of inf is NaN; and at 1e-5 a token whose logit trails the
-# best by 1e-3 is already e^-100 times less likely, so what such a temperature asks for is the best token.
-MIN_TEMPERATURE = 1e-5
-SEED_LIMIT = 1 << 64  # seeds are 0 <= seed < 2**64: what a torch.Generator takes
-
-
-def check_seed(seed: object, name: str = "seed") -> None:
-    """Raise ConfigError unless ``seed`` is None or an integer 0 <= seed < 2**64."""
-    if seed is None:
-        return
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < SEED_LIMIT:
-        raise ConfigError(f"{name} must be an integer from 0 to 2**64 - 1, got {seed!r}.")
-
-
-def effective_temperature(temperature: float) -> float:
-    """``temperature`` with values below :data:`MIN_TEMPERATURE` taken as 0 (greedy)."""
-    return 0.0 if temperature < MIN_TEMPERATURE else float(temperature)
+from zenlm.models.cache import KVCache
+from zenlm.models.gpt import GPT
+from zenlm.sampling import Sampler, SamplingConfig, apply_repetition_penalty, pick_token
 
 
 @dataclass
@@ -61,14 +38,13 @@ class GenerationConfig:
     """How to pick each new token and when to stop.
 
     max_new_tokens:     generate at most this many tokens
-    temperature:        divide the logits by this before sampling; 0 means greedy (always the best token),
-                        and so does anything below MIN_TEMPERATURE (1e-5), which would overflow the logits
+    temperature:        divide the logits by this before sampling; 0 means greedy (always the best token)
     top_k:              sample only among the k most likely tokens (None: no limit)
     top_p:              nucleus sampling: sample only among the most likely tokens whose probabilities add
                         up to at least p (None or 1.0: no limit)
     repetition_penalty: > 1 discourages tokens that already occur in the prompt or the output (CTRL)
     stop:               stop strings; generation ends when one appears and the stop string is not returned
-    seed:               random seed for sampling, 0 <= seed < 2**64 (None: different every call)
+    seed:               random seed for sampling, 0 .. 2**64-1 (None: different every call)
     use_cache:          reuse past keys/values (fast); False recomputes the whole context each step
     stop_at_eos:        end when the model emits the end-of-text token (which is not returned)
     compile:            decode with the compiled step (:mod:`zenlm.compiled`; ahead of time with AOTInductor
@@ -94,20 +70,7 @@ class GenerationConfig:
             raise ConfigError(f"max_new_tokens must be an integer, got {self.max_new_tokens!r}.")
         if self.max_new_tokens < 0:
             raise ConfigError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}.")
-        if isinstance(self.temperature, bool) or not isinstance(self.temperature, numbers.Real) \
-                or not 0 <= self.temperature < math.inf:
-            raise ConfigError(f"temperature must be a number >= 0 (0 means greedy), got {self.temperature}.")
-        self.temperature = effective_temperature(self.temperature)
-        check_seed(self.seed)
-        if self.top_k is not None and (isinstance(self.top_k, bool) or not isinstance(self.top_k, int)
-                                       or self.top_k < 1):
-            raise ConfigError(f"top_k must be an integer >= 1 (or None for no limit), got {self.top_k!r}.")
-        if self.top_p is not None and not 0 < self.top_p <= 1:
-            raise ConfigError(f"top_p must be in (0, 1] (or None for no limit), got {self.top_p}.")
-        if not self.repetition_penalty > 0:
-            raise ConfigError(
-                f"repetition_penalty must be > 0 (1.0 means none), got {self.repetition_penalty}."
-            )
+        self.sampling()  # validates temperature, top_k, top_p, repetition_penalty and seed
         if self.compile and not self.use_cache:
             raise ConfigError("compile decodes with the KV cache; drop use_cache=False (or compile).")
         if isinstance(self.stop, str):
@@ -117,71 +80,13 @@ class GenerationConfig:
             if not isinstance(s, str) or not s:
                 raise ConfigError(f"stop strings must be non-empty strings, got {s!r}.")
 
+    def sampling(self) -> SamplingConfig:
+        """The settings of the sampling pipeline (:mod:`zenlm.sampling`)."""
+        return SamplingConfig(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
+                              repetition_penalty=self.repetition_penalty, seed=self.seed)
+
 
 # ------------------------------------------------------------------------------ logits -> next token
-
-
-def _penalise(logits_V: Tensor, seen_V: Tensor, penalty: float) -> Tensor:
-    """CTRL repetition penalty given a boolean mask of seen tokens [V]."""
-    penalised_V = torch.where(logits_V > 0, logits_V / penalty, logits_V * penalty)
-    return torch.where(seen_V, penalised_V, logits_V)
-
-
-def apply_repetition_penalty(logits_V: Tensor, prev_ids: Sequence[int] | Tensor, penalty: float) -> Tensor:
-    """CTRL-style repetition penalty: for every token id in ``prev_ids``, divide its logit by ``penalty``
-    if positive, multiply it if negative (so penalty > 1 always makes it less likely).
-
-    logits_V: [V] float; prev_ids: ids seen so far (any order, repeats allowed). Returns a new [V] tensor.
-    """
-    if penalty == 1.0 or len(prev_ids) == 0:
-        return logits_V
-    ids = torch.as_tensor(prev_ids, dtype=torch.long, device=logits_V.device)
-    seen_V = torch.zeros(logits_V.shape[-1], dtype=torch.bool, device=logits_V.device)
-    seen_V[ids] = True
-    return _penalise(logits_V, seen_V, penalty)
-
-
-def top_k_filter(logits_V: Tensor, k: int) -> Tensor:
-    """Keep the ``k`` largest logits, set the rest to -inf. logits_V: [V] -> [V].
-
-    Tokens tied with the k-th largest logit are kept too.
-    """
-    if k >= logits_V.shape[-1]:
-        return logits_V
-    kth_value = torch.topk(logits_V, k).values[-1]
-    return logits_V.masked_fill(logits_V < kth_value, float("-inf"))
-
-
-def top_p_filter(logits_V: Tensor, p: float) -> Tensor:
-    """Nucleus filter: keep the smallest set of most likely tokens whose probabilities sum to >= ``p``;
-    set the rest to -inf. The most likely token is always kept. logits_V: [V] -> [V].
-    """
-    if p >= 1.0:
-        return logits_V
-    sorted_V, order_V = torch.sort(logits_V, descending=True)
-    probs_V = torch.softmax(sorted_V, dim=-1)
-    mass_before_V = torch.cumsum(probs_V, dim=-1) - probs_V  # probability of all better tokens
-    drop_sorted_V = mass_before_V >= p  # the better tokens already hold p: this one is not needed
-    drop_sorted_V[0] = False
-    drop_V = torch.empty_like(drop_sorted_V).scatter_(0, order_V, drop_sorted_V)
-    return logits_V.masked_fill(drop_V, float("-inf"))
-
-
-def _sample(
-    logits_V: Tensor, cfg: GenerationConfig, generator: torch.Generator | None, seen_V: Tensor | None
-) -> int:
-    logits_V = logits_V.float()
-    if seen_V is not None and cfg.repetition_penalty != 1.0:
-        logits_V = _penalise(logits_V, seen_V, cfg.repetition_penalty)
-    if cfg.temperature == 0:
-        return int(torch.argmax(logits_V).item())
-    logits_V = logits_V / cfg.temperature
-    if cfg.top_k is not None:
-        logits_V = top_k_filter(logits_V, cfg.top_k)
-    if cfg.top_p is not None:
-        logits_V = top_p_filter(logits_V, cfg.top_p)
-    probs_V = torch.softmax(logits_V, dim=-1)
-    return int(torch.multinomial(probs_V, 1, generator=generator).item())
 
 
 def sample_next(
@@ -191,12 +96,12 @@ def sample_next(
     prev_ids: Sequence[int] | Tensor | None = None,
 ) -> int:
     """Pick the next token id from logits_V [V]: repetition penalty (over ``prev_ids``), then greedy if
-    ``cfg.temperature == 0``, else temperature, top-k, top-p and a draw from ``generator``."""
-    seen_V = None
-    if prev_ids is not None and len(prev_ids) > 0 and cfg.repetition_penalty != 1.0:
-        seen_V = torch.zeros(logits_V.shape[-1], dtype=torch.bool, device=logits_V.device)
-        seen_V[torch.as_tensor(prev_ids, dtype=torch.long, device=logits_V.device)] = True
-    return _sample(logits_V, cfg, generator, seen_V)
+    ``cfg.temperature == 0``, else temperature, top-k, top-p and a draw from ``generator`` (None: torch's
+    global generator). One step of :mod:`zenlm.sampling`, without a sequence's state."""
+    logits_V = logits_V.float()
+    if prev_ids is not None:
+        logits_V = apply_repetition_penalty(logits_V, prev_ids, cfg.repetition_penalty)
+    return pick_token(logits_V, cfg.sampling(), generator)
 
 
 # ----------------------------------------------------------------------------------- ids -> ids
@@ -210,11 +115,12 @@ def _last_logits(model: GPT, ids: list[int], cache: KVCache | None, device: torc
 
 
 @torch.inference_mode()
-def _step(logits_V: Tensor, cfg: GenerationConfig, generator: torch.Generator, seen_V: Tensor | None) -> int:
-    token = _sample(logits_V, cfg, generator, seen_V)
-    if seen_V is not None:
-        seen_V[token] = True
-    return token
+def _next_logits(step: Callable[..., Tensor], token: int, cache: KVCache) -> Tensor:
+    """Feed ``token`` at position ``cache.pos`` of a batch-1 cache through ``step`` (``GPT.decode_step`` or its
+    compiled twin) -> logits [V]; ``cache.pos`` advances by one."""
+    logits_1V = step(torch.tensor([token], device=cache.device), cache.pos, cache.k, cache.v)
+    cache.pos += 1
+    return logits_1V[0]
 
 
 def generate_ids(
@@ -249,29 +155,17 @@ def _generate_ids(
         return
     vocab_size, block_size = model.config.vocab_size, model.config.block_size
     device = next(model.parameters()).device
-    generator = torch.Generator(device=device)
-    if cfg.seed is None:
-        generator.seed()
-    else:
-        generator.manual_seed(cfg.seed)
+    sampler = Sampler(cfg.sampling(), vocab_size, device=device, prompt_ids=prompt_ids)
 
     was_training = model.training
     model.eval()
     try:
         ids = list(prompt_ids)
-        seen_V = None
-        if cfg.repetition_penalty != 1.0:
-            seen_V = torch.zeros(vocab_size, dtype=torch.bool, device=device)
-            seen_V[torch.tensor(ids, device=device)] = True
         cache = model.make_cache(1) if cfg.use_cache else None
-        decoder = None
-        if cfg.compile:
-            from zenlm.compiled import compiled_decoder
-
-            decoder = compiled_decoder(model)
+        step = compiled_decoder(model) if cfg.compile else model.decode_step
         logits_V = _last_logits(model, ids[-block_size:], cache, device)  # prefill
         for n in range(cfg.max_new_tokens):
-            token = _step(logits_V, cfg, generator, seen_V)
+            token = sampler.choose(logits_V).token
             if cfg.stop_at_eos and eos_id is not None and token == eos_id:
                 return
             yield token
@@ -283,89 +177,13 @@ def _generate_ids(
             elif cache.pos >= cache.max_len:  # full: refill from the recent half of the context
                 cache.reset()
                 logits_V = _last_logits(model, ids[-max(1, block_size // 2) :], cache, device)
-            elif decoder is not None:
-                logits_V = decoder.next_logits(token, cache)
             else:
-                logits_V = _last_logits(model, [token], cache, device)
+                logits_V = _next_logits(step, token, cache)
     finally:
         model.train(was_training)
 
 
 # ------------------------------------------------------------------------ many prompts -> ids, batched
-
-
-@torch.inference_mode()
-def decode_step(
-    model: GPT, tokens_B: Tensor, pos_B: Tensor, k_layers: Sequence[Tensor], v_layers: Sequence[Tensor], *,
-    row_attention: bool = False,
-) -> Tensor:
-    """One new token for each of the first B slots, each at its own position -> logits [B, V] (float32).
-
-    tokens_B: [B] the newest token of each row; pos_B: [B] its absolute position (= tokens already cached);
-    k_layers, v_layers: per layer [>=B, n_kv_head, max_len, head_dim] (a :class:`KVCache`'s ``k`` and ``v``;
-    rows past B are left alone). Row b writes its key/value at
-    ``pos_B[b]`` and attends over its own keys ``0 .. pos_B[b]`` only. This is ``GPT.forward`` with a cache,
-    written out for per-row positions (same modules, same formulas).
-
-    row_attention: False: one attention call for all rows over the longest row's keys, the others' extra
-    keys masked out. True: one attention call per row over exactly its own keys. Same formula, but the
-    attention kernels sum in an order that depends on the number of keys, so with False a row's last bits
-    (visible in bf16) depend on the other rows' lengths; with True they do not, and a row gets the logits
-    ``GPT.forward`` gives that sequence alone (bit for bit wherever the batched matrix products compute each
-    row as they would alone, as on CPU). The projections and MLPs run batched either way; the per-row calls
-    cost little at the batch sizes of generation (about what the one masked call costs at batch 8 on CPU).
-    """
-    S = int(pos_B.max()) + 1  # keys any row can see
-    return _decode(model, tokens_B, pos_B, torch.arange(S, device=tokens_B.device), k_layers, v_layers,
-                   row_attention=row_attention)
-
-
-def _decode(
-    model: GPT, tokens_B: Tensor, pos_B: Tensor, keys_S: Tensor, k_layers: Sequence[Tensor],
-    v_layers: Sequence[Tensor], *, row_attention: bool = False,
-) -> Tensor:
-    """The body of :func:`decode_step` (also what :mod:`zenlm.compiled` compiles). keys_S = arange(S), S =
-    the keys the longest row sees: a tensor rather than an int, so a compiled step can treat S as a dynamic
-    size (one program for every position) instead of recompiling at each new length."""
-    B, S = tokens_B.shape[0], keys_S.shape[0]
-    rows_B = torch.arange(B, device=tokens_B.device)
-    x_B1C = model.tok_emb(tokens_B[:, None])
-    if model.pos_emb is not None:
-        x_B1C = x_B1C + model.pos_emb(pos_B)[:, None]
-    rope = None
-    if model.rotary is not None:  # per-row angles, broadcast over heads: [B, 1, 1, D]
-        rope = (model.rotary.cos[pos_B][:, None, None], model.rotary.sin[pos_B][:, None, None])
-    mask_B11S = None  # one row sees all S keys: no mask (as GPT.forward for one new token)
-    if row_attention and B > 1:
-        keys_B = (pos_B + 1).tolist()  # row b attends over its first keys_B[b] keys
-    elif B > 1:
-        mask_B11S = (keys_S[None, :] <= pos_B[:, None])[:, None, None]
-    for i, block in enumerate(model.blocks):
-        attn = block.attn
-        H, K, D = attn.n_head, attn.n_kv_head, attn.head_dim
-        q_BH1D, k_BK1D, v_BK1D = attn.heads(block.norm_attn(x_B1C), rope)
-        k_cache, v_cache = k_layers[i], v_layers[i]
-        k_cache[rows_B, :, pos_B] = k_BK1D[:, :, 0].to(k_cache.dtype)  # row b -> its own position
-        v_cache[rows_B, :, pos_B] = v_BK1D[:, :, 0].to(v_cache.dtype)
-        k_BKSD, v_BKSD = k_cache[:B, :, :S], v_cache[:B, :, :S]
-        q_BH1D = q_BH1D.to(v_BKSD.dtype)
-        extra = {"enable_gqa": True} if K != H else {}
-        if row_attention and B > 1:  # row b: its own keys 0 .. pos_B[b], no mask
-            y_BH1D = torch.cat([
-                attention(q_BH1D[b : b + 1], k_BKSD[b : b + 1, :, :n], v_BKSD[b : b + 1, :, :n], **extra)
-                for b, n in enumerate(keys_B)
-            ])
-        else:
-            y_BH1D = attention(q_BH1D, k_BKSD, v_BKSD, attn_mask=mask_B11S, **extra)
-        x_B1C = x_B1C + attn.proj(y_BH1D.transpose(1, 2).reshape(B, 1, H * D))
-        x_B1C = x_B1C + block.mlp(block.norm_mlp(x_B1C))
-    x_B1C = model.norm_f(x_B1C)
-    x_BC = x_B1C[:, 0]
-    logits_BV = (F.linear(x_BC, model.tok_emb.weight) if model.lm_head is None else model.lm_head(x_BC)).float()
-    if model.config.logit_softcap is not None:
-        cap = model.config.logit_softcap
-        logits_BV = cap * torch.tanh(logits_BV / cap)
-    return logits_BV
 
 
 def generate_batch(
@@ -386,13 +204,13 @@ def generate_batch(
     How: a cache pool (a :class:`KVCache` of N rows) with ``max_len = min(block_size,
     longest prompt + max_new_tokens)``, in the dtype :meth:`GPT.make_cache` picks (the autocast dtype when
     autocast is on, else the weights'). Prompt i is prefilled alone into row i (``GPT.forward`` on a view of
-    that row), then each step runs :func:`decode_step` over the unfinished rows, each at its own position.
+    that row), then each step runs :meth:`GPT.decode_step` over the unfinished rows, each at its own position.
     A finished row leaves the batch at once: the rows still running are moved up (their cache rows copied),
     so the batch shrinks and finished rows cost nothing more.
 
     Sampling: the same pipeline as :func:`generate_ids` (repetition penalty over that row's prompt and
     output, temperature, top-k, top-p), row by row. Row i draws from its own generator seeded with
-    ``cfg.seed + i`` (``cfg.seed is None``: a fresh random seed per row), so row 0 draws what
+    ``cfg.seed + i`` (modulo 2**64; ``cfg.seed is None``: a fresh random seed per row), so row 0 draws what
     ``generate_ids`` draws with ``cfg.seed``, and a row's draws do not depend on the other rows.
 
     Same tokens as alone: each row attends over exactly its own keys (``decode_step(...,
@@ -442,20 +260,9 @@ def _generate_batch(
     N = len(prompts)
     vocab_size, block_size = model.config.vocab_size, model.config.block_size
     device = next(model.parameters()).device
-    generators = []
-    for i in range(N):
-        g = torch.Generator(device=device)
-        if cfg.seed is None:
-            g.seed()
-        else:
-            g.manual_seed(cfg.seed + i)
-        generators.append(g)
-    seen_NV = None
-    if cfg.repetition_penalty != 1.0:
-        seen_NV = torch.zeros(N, vocab_size, dtype=torch.bool, device=device)
-        for i, ids in enumerate(prompts):
-            seen_NV[i, torch.tensor(ids, device=device)] = True
-    greedy_fast = cfg.temperature == 0 and seen_NV is None  # one argmax over the whole batch
+    sampling = cfg.sampling()
+    samplers = [Sampler(sampling, vocab_size, device=device, prompt_ids=ids, seed_offset=i)
+                for i, ids in enumerate(prompts)]
 
     max_len = min(block_size, max(len(p) for p in prompts) + cfg.max_new_tokens)
     pool = model.make_cache(N, max_len)
@@ -474,11 +281,10 @@ def _generate_batch(
     logits_RV = torch.stack(logits)
 
     for n in range(cfg.max_new_tokens):
-        if greedy_fast:
+        if sampling.argmax_only:  # one argmax over the whole batch
             tokens = logits_RV.argmax(dim=-1).tolist()
         else:
-            tokens = [_step(logits_RV[r], cfg, generators[i], None if seen_NV is None else seen_NV[i])
-                      for r, i in enumerate(live)]
+            tokens = [samplers[i].choose(logits_RV[r]).token for r, i in enumerate(live)]
         keep: list[int] = []  # batch rows that go on
         for r, (i, token) in enumerate(zip(live, tokens, strict=True)):
             if cfg.stop_at_eos and eos_id is not None and token == eos_id:
@@ -502,8 +308,8 @@ def _generate_batch(
                     model(torch.tensor([ctx[:-1]], device=device), cache=row)
                 pos[r] = len(ctx) - 1
         tokens_R = torch.tensor([history[i][-1] for i in live], device=device)
-        logits_RV = decode_step(model, tokens_R, torch.tensor(pos, device=device), pool.k, pool.v,
-                                row_attention=True)
+        logits_RV = model.decode_step(tokens_R, torch.tensor(pos, device=device), pool.k, pool.v,
+                                      row_attention=True)
         pos = [p + 1 for p in pos]
     return out
 
@@ -528,7 +334,7 @@ class TextTokenizer(Protocol):
     def stream_decoder(self) -> _StreamDecoder: ...
 
 
-def _split_at_stop(text: str, stops: Sequence[str], final: bool) -> tuple[str, str, bool]:
+def split_at_stop(text: str, stops: Sequence[str], final: bool) -> tuple[str, str, bool]:
     """Split pending text into (safe to emit, keep holding, stop string found).
 
     The stop string that is complete first (smallest end; the longest if several end together) wins, as
@@ -582,13 +388,13 @@ def _stream_text(
             pending += decoder.push(token)
             if not pending:
                 continue
-            ready, pending, stopped = _split_at_stop(pending, stops, final=False)
+            ready, pending, stopped = split_at_stop(pending, stops, final=False)
             if ready:
                 yield ready
             if stopped:
                 return
         pending += decoder.flush()
-        ready, _, _ = _split_at_stop(pending, stops, final=True)
+        ready, _, _ = split_at_stop(pending, stops, final=True)
         if ready:
             yield ready
     finally:
@@ -628,26 +434,23 @@ def generate_text_batch(
         pending[i] += decoders[i].push(token)
         if not pending[i]:
             return False
-        ready, pending[i], stopped[i] = _split_at_stop(pending[i], cfg.stop, final=False)
+        ready, pending[i], stopped[i] = split_at_stop(pending[i], cfg.stop, final=False)
         texts[i] += ready
         return stopped[i]
 
     generate_batch(model, ids_list, cfg, eos_id=tokenizer.eos_id, on_token=on_token)
     for i in range(len(prompts)):
         if not stopped[i]:
-            texts[i] += _split_at_stop(pending[i] + decoders[i].flush(), cfg.stop, final=True)[0]
+            texts[i] += split_at_stop(pending[i] + decoders[i].flush(), cfg.stop, final=True)[0]
     return texts
 
 
 __all__ = [
     "GenerationConfig",
-    "apply_repetition_penalty",
-    "top_k_filter",
-    "top_p_filter",
     "sample_next",
+    "split_at_stop",
     "generate_ids",
     "generate_text",
-    "decode_step",
     "generate_batch",
     "generate_text_batch",
     "TextTokenizer",

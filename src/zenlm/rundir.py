@@ -125,6 +125,12 @@ def weights_file(run_dir: str | Path) -> Path:
     return ckpts[-1] / "model.safetensors"
 
 
+def load_run_weights(run_dir: str | Path, model: nn.Module) -> None:
+    """The weights of ``run_dir`` (:func:`weights_file`) into ``model``; names, shapes, dtypes and values are
+    checked (CheckpointError naming the file)."""
+    load_model_weights(model, weights_file(run_dir))
+
+
 def load_run_tokenizer(run_dir: str | Path) -> Tokenizer:
     """The tokenizer saved in ``run_dir`` (CheckpointError when it is missing)."""
     if not (Path(run_dir) / "tokenizer.json").is_file():
@@ -160,12 +166,12 @@ def load_run(run_dir: str | Path, *, device: str = "auto", dtype: str = "fp32") 
     run_dir = Path(run_dir)
     torch_dtype: torch.dtype = resolve_dtype(dtype)
     model, _, saved = build_model_from_run(run_dir)
-    load_model_weights(model, weights_file(run_dir))
+    load_run_weights(run_dir, model)
     tokenizer = load_run_tokenizer(run_dir)
     model = model.to(resolve_device(device), dtype=torch_dtype).eval()
     return LoadedRun(run_dir, saved, run_architecture(saved), model, tokenizer)
 
 
 __all__ = ["RUN_OPTIONS", "TOKENIZER_FILES", "LoadedRun", "build_model_from_run", "copy_tokenizer_files",
-           "load_run", "load_run_tokenizer", "read_run_config", "run_architecture", "run_task", "weights_file",
+           "load_run", "load_run_tokenizer", "load_run_weights", "read_run_config", "run_architecture", "run_task", "weights_file",
            "write_run_config"]

@@ -1,6 +1,6 @@
 """Tokenizers: train, save, load, encode, decode and stream-decode.
 
-Three kinds, all built on the Hugging Face ``tokenizers`` library and saved as a standard ``tokenizer.json``
+Four kinds, all built on the Hugging Face ``tokenizers`` library and saved as a standard ``tokenizer.json``
 (plus ``tokenizer_config.json``) that ``transformers.PreTrainedTokenizerFast`` loads unchanged:
 
 ``bpe``        byte-level BPE (GPT-2 style). The text is turned into UTF-8 bytes, each byte is shown as one of 256
@@ -12,6 +12,11 @@ Three kinds, all built on the Hugging Face ``tokenizers`` library and saved as a
                between words, so it does not round-trip arbitrary whitespace.
 ``char``       one token per character: ids ``0..n-1`` are the characters seen in training, in sorted order,
                followed by the special tokens. Unseen characters become ``<|unk|>``.
+``word``       one token per word: the text is split into runs of word characters and runs of punctuation
+               (whitespace is dropped), and the ``vocab_size`` most frequent words seen at least
+               ``min_frequency`` times get ids after the special tokens; other words become ``<|unk|>``. For word
+               vectors and word-level LMs (``peoples-daily-words`` ships Chinese already segmented by spaces).
+               Decoding puts single spaces between words.
 
 Special tokens (``SPECIAL_TOKENS``) are never produced from user text by default: ``encode("<|eos|>")``
 gives the ids of the seven ordinary characters/pieces, and only ``encode(..., allow_special=True)`` maps the
@@ -35,13 +40,13 @@ from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tok
 
 from zenlm.chat_template import TemplateError, compile_template, render
 from zenlm.errors import ConfigError, DataError
-from zenlm.fileio import atomic_write_text
+from zenlm.fileio import atomic_write_text, read_json_object
 from zenlm.progress import ProgressFn, report
 
 log = logging.getLogger(__name__)
 
 SPECIAL_TOKENS = ["<|bos|>", "<|eos|>", "<|pad|>", "<|unk|>", "<|mask|>"]
-KINDS = ("bpe", "wordpiece", "char")
+KINDS = ("bpe", "wordpiece", "char", "word")
 # role -> the token string that plays it (looked up among the tokenizer's special tokens)
 ROLES = {"bos": "<|bos|>", "eos": "<|eos|>", "pad": "<|pad|>", "unk": "<|unk|>", "mask": "<|mask|>"}
 # transformers' "no limit" value for model_max_length
@@ -98,7 +103,7 @@ def _clean(text: str) -> str:
 class Tokenizer:
     """A trained tokenizer: a ``tokenizers.Tokenizer`` (``.hf``) plus zenlm's encode/decode rules.
 
-    Attributes: ``kind`` ("bpe" | "wordpiece" | "char"), ``vocab_size`` (special tokens included),
+    Attributes: ``kind`` ("bpe" | "wordpiece" | "char" | "word"), ``vocab_size`` (special tokens included),
     ``bos_id`` / ``eos_id`` / ``pad_id`` / ``unk_id`` / ``mask_id`` (None when absent), ``special_tokens``,
     ``chat_template`` and ``model_max_length`` (written to tokenizer_config.json).
     ``role_tokens`` maps a role to the token string that plays it (default :data:`ROLES`; a tokenizer
@@ -292,13 +297,8 @@ class Tokenizer:
         cfg: dict[str, Any] = {}
         cfg_file = file.with_name("tokenizer_config.json")
         if cfg_file.is_file():
-            try:
-                cfg = json.loads(cfg_file.read_text(encoding="utf-8"))
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                raise DataError(f"{cfg_file} is not valid JSON ({e}).") from None
-            if not isinstance(cfg, dict):
-                raise DataError(f"{cfg_file} must hold a JSON object (special tokens, chat template), not a "
-                                f"{type(cfg).__name__}; fix it or delete it to use the defaults.")
+            cfg = read_json_object(cfg_file, DataError, "it holds the special tokens and the chat template: fix "
+                                   "it, or delete it to use the defaults")
             tpl = cfg.get("chat_template")
             if tpl is not None and not isinstance(tpl, (str, list)):
                 raise DataError(f"{cfg_file}: 'chat_template' must be a string or a list of named templates.")
@@ -459,11 +459,11 @@ def train_tokenizer(
 ) -> Tokenizer:
     """Train a tokenizer on an iterable of text pieces (e.g. ``corpus.texts("train")``).
 
-    kind:           "bpe" (byte-level BPE), "wordpiece" or "char"
+    kind:           "bpe" (byte-level BPE), "wordpiece", "char" or "word"
     vocab_size:     total ids including special tokens. For "char" it is an upper bound: when the text has more
                     distinct characters than fit, the most frequent ones are kept.
     special_tokens: added after training-time merges; "<|unk|>" is required for wordpiece and char.
-    min_frequency:  a pair must occur this often to be merged (bpe/wordpiece).
+    min_frequency:  a pair must occur this often to be merged (bpe/wordpiece); a word this often to be kept (word).
     """
     if kind not in KINDS:
         raise ConfigError(f"unknown tokenizer kind {kind!r}; choose one of {', '.join(KINDS)}.")
@@ -500,6 +500,14 @@ def train_tokenizer(
         trainer = trainers.WordPieceTrainer(
             vocab_size=vocab_size, min_frequency=min_frequency, show_progress=False,
             special_tokens=_special_added(special_tokens), continuing_subword_prefix="##",
+        )
+        hf.train_from_iterator(stream, trainer)
+    elif kind == "word":
+        hf = tokenizers.Tokenizer(models.WordLevel(unk_token=ROLES["unk"]))
+        hf.pre_tokenizer = pre_tokenizers.Whitespace()  # \w+ | [^\w\s]+
+        trainer = trainers.WordLevelTrainer(
+            vocab_size=vocab_size, min_frequency=min_frequency, show_progress=False,
+            special_tokens=_special_added(special_tokens),
         )
         hf.train_from_iterator(stream, trainer)
     else:

@@ -18,7 +18,6 @@ from zenlm.serve.engine import (
     SamplingParams,
     Sequence,
     TokenEvent,
-    decode_step,
 )
 
 
@@ -75,7 +74,8 @@ def test_decode_step_matches_forward_with_per_row_positions():
             model(s[None, :-1], cache=cache.row(b))
     tokens = torch.stack([s[-1] for s in seqs])
     pos = torch.tensor([len(s) - 1 for s in seqs])
-    logits = decode_step(model, tokens, pos, cache.k, cache.v)
+    with torch.inference_mode():
+        logits = model.decode_step(tokens, pos, cache.k, cache.v)
     with torch.no_grad():
         for b, s in enumerate(seqs):
             torch.testing.assert_close(logits[b], model(s[None])[0, -1], atol=1e-4, rtol=1e-4)
@@ -144,3 +144,22 @@ def test_scored_prompts_are_prefilled_between_decode_steps_of_others(char_tok):
         best = [top[0] for top in ev.top_logprobs[1:]]
         assert [b[0] for b in best] == logprobs_TV.argmax(-1).tolist()
         assert all(len(top) == 2 for top in ev.top_logprobs[1:])
+
+
+def test_sampling_limits_are_handled_per_sequence(char_tok):
+    """A seed the generator cannot take is refused at submit (before it can fail the step of the others); a
+    temperature too small to divide by decodes greedily."""
+    cfg = GPTConfig(vocab_size=char_tok.vocab_size, block_size=48, n_layer=1, n_head=2, n_embd=16, init_std=0.5)
+    torch.manual_seed(0)
+    model = GPT(cfg).eval()
+    engine = Engine(model, char_tok, max_concurrency=2)
+    try:
+        for seed in (2**64, -1):
+            with pytest.raises(ValueError, match="seed"):
+                engine.submit([Sequence([1, 2], SamplingParams(seed=seed), lambda ev: None)])
+        prompts = [char_tok.encode("to be"), char_tok.encode("or")]
+        greedy = _collect(engine, prompts, SamplingParams(max_tokens=12, temperature=0))
+        tiny = _collect(engine, prompts, SamplingParams(max_tokens=12, temperature=1e-40, seed=2**64 - 1))
+        assert tiny == greedy
+    finally:
+        engine.close()

@@ -11,6 +11,7 @@ verbs that run a recipe (pretrain, demo, finetune ...), from the recipe's own pa
     zenlm demo [--lang en|zh] [--max-seconds S]
     zenlm presets
     zenlm convert from-hf HF_DIR --out RUN_DIR  |  zenlm convert to-hf RUN_DIR --out HF_DIR
+    zenlm convert to-gguf RUN_DIR --out model.gguf [--outtype f32|f16|bf16|q8_0]
     zenlm finetune seq2seq | classify ...   zenlm predict / embed / evaluate RUN ...   zenlm serve / chat RUN
 """
 
@@ -33,7 +34,7 @@ from zenlm.errors import TrainingError, ZenlmError
 def tokenizer_train(
     corpus: str,
     out: str,
-    kind: Literal["bpe", "wordpiece", "char"] = "bpe",
+    kind: Literal["bpe", "wordpiece", "char", "word"] = "bpe",
     vocab_size: int = 8192,
     min_frequency: int = 2,
     val: str | None = None,
@@ -45,7 +46,7 @@ def tokenizer_train(
     Args:
         corpus: built-in corpus name (shakespeare, peoples-daily, shakespeare-char) or a .txt/.jsonl file or folder
         out: directory to write tokenizer.json and tokenizer_config.json into
-        kind: bpe (byte-level BPE), wordpiece, or char (one token per character)
+        kind: bpe (byte-level BPE), wordpiece, char (one token per character) or word (one per word)
         vocab_size: size of the vocabulary, special tokens included (ignored for char)
         min_frequency: minimum count of a pair to be merged
         val: explicit validation file or folder (kept out of tokenizer training)
@@ -366,20 +367,52 @@ def convert_to_hf(
     dtype: Literal["fp32", "bf16", "fp16"] = "fp32",
     overwrite: bool = False,
 ) -> None:
-    """Export a zenlm run directory as a Hugging Face model directory (GPT-2 or Llama-family).
+    """Export a zenlm run directory as a Hugging Face model directory (GPT-2, Llama, Qwen2, Qwen3; BERT and
+    BERT classifiers; encoder-decoders of the Blenderbot layout).
 
     Args:
-        run: run directory (made by `zenlm pretrain` or `zenlm convert from-hf`)
+        run: run directory (made by `zenlm pretrain`, `zenlm finetune` or `zenlm convert from-hf`)
         out: directory to write config.json, model.safetensors, generation_config.json and the tokenizer files
         dtype: dtype of the written weights
         overwrite: replace an existing export in --out
     """
+    import json
+
     from zenlm.convert.hf import export_hf
 
     progress = TerminalProgress()
     path = export_hf(run, out, dtype=dtype, overwrite=overwrite, progress=progress)
     progress.close()
-    print(f"exported {run} -> {path} (load it with transformers.AutoModelForCausalLM.from_pretrained)")
+    arch = json.loads((path / "config.json").read_text(encoding="utf-8"))["architectures"][0]
+    loader = {"BertModel": "AutoModel", "BertForMaskedLM": "AutoModelForMaskedLM",
+              "BertForSequenceClassification": "AutoModelForSequenceClassification",
+              "BlenderbotForConditionalGeneration": "AutoModelForSeq2SeqLM"}.get(arch, "AutoModelForCausalLM")
+    print(f"exported {run} -> {path} as {arch} (load it with transformers.{loader}.from_pretrained)")
+
+
+def convert_to_gguf(
+    run: str,
+    *,
+    out: str,
+    outtype: Literal["f32", "f16", "bf16", "q8_0"] = "f16",
+    overwrite: bool = False,
+) -> None:
+    """Export a zenlm run as one GGUF file for llama.cpp (Llama, Qwen2, Qwen3 and GPT-2 layouts, byte-level
+    BPE tokenizer and chat template included).
+
+    Args:
+        run: run directory (made by `zenlm pretrain` or `zenlm convert from-hf`)
+        out: the .gguf file to write
+        outtype: type of the weight matrices (norms and biases stay f32); q8_0 is 8-bit blocks of 32
+        overwrite: replace an existing file
+    """
+    from zenlm.convert.gguf import export_gguf
+
+    progress = TerminalProgress()
+    path = export_gguf(run, out, outtype=outtype, overwrite=overwrite, progress=progress)
+    progress.close()
+    print(f"exported {run} -> {path} ({path.stat().st_size / 1e6:.1f} MB, {outtype}); run it with llama.cpp, "
+          f"e.g. llama-cli -m {path}")
 
 
 def quantize(run: str, out: str) -> None:
@@ -432,10 +465,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_verb(sub, "demo", demo, params=_demo_params)
     add_verb(sub, "presets", presets)
     add_verb(sub, "quantize", quantize, positional=("run",))
-    conv = sub.add_parser("convert", help="convert models to and from Hugging Face format (from-hf, to-hf)")
+    conv = sub.add_parser("convert", help="convert models to and from Hugging Face format and to GGUF "
+                                          "(from-hf, to-hf, to-gguf)")
     conv_sub = conv.add_subparsers(dest="convverb", metavar="ACTION")
     add_verb(conv_sub, "from-hf", convert_from_hf, positional=("src",))
     add_verb(conv_sub, "to-hf", convert_to_hf, positional=("run",))
+    add_verb(conv_sub, "to-gguf", convert_to_gguf, positional=("run",))
     from zenlm.cli import encoder as cli_encoder  # texts -> labels or vectors
     from zenlm.cli import seq2seq as cli_seq2seq  # source -> target verbs live in their own module
 
@@ -450,6 +485,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_verb(sub, "serve", cli_serve.serve, positional=("run",))
     add_verb(sub, "chat", cli_serve.chat, positional=("run",))
+    from zenlm.cli.wordvec import register as register_wordvec  # zenlm wordvec train | eval | coverage
+
+    register_wordvec(sub)
     return parser
 
 
@@ -465,7 +503,7 @@ def main(argv: list[str] | None = None) -> int:
         print(__version__)
         return 0
     if not hasattr(ns, "_fn"):
-        (parser if ns.verb not in ("tokenizer", "convert")
+        (parser if ns.verb not in ("tokenizer", "convert", "wordvec")
          else parser._subparsers._group_actions[0].choices[ns.verb]).print_help()
         return 2
     try:

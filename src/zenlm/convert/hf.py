@@ -28,6 +28,7 @@ Import never executes code from the checkpoint: tensors come from safetensors fi
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import re
@@ -45,16 +46,27 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from zenlm.config import ROPE_SCALING_KEYS, GPTConfig
+from zenlm.convert.common import (
+    HF_DTYPE_NAME,
+    WeightRule,
+    export_tokenizer_config,
+    load_run_tokenizer,
+    prepare_out,
+    read_json,
+    theirs_state,
+    write_json,
+)
 from zenlm.device import DTYPES, resolve_dtype
-from zenlm.errors import CheckpointError, ConfigError, DataError
-from zenlm.fileio import atomic_write_text
+from zenlm.errors import ConfigError, DataError
 from zenlm.progress import ProgressFn, report
 from zenlm.tokenizer import Tokenizer
 
 # zenlm architectures (the ``arch`` of config.yaml) that export_hf writes; the import side is chosen by
 # config.json (SUPPORTED_ARCHITECTURES below, and BERT through zenlm.convert.hf_bert).
 EXPORTABLE = ("gpt",)
-_HF_DTYPE_NAME = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+# Runs that export through another module: a run's task ("classify") or its architecture -> "module:function".
+HF_EXPORTERS = {"classify": "zenlm.convert.hf_bert:export_bert", "bert": "zenlm.convert.hf_bert:export_bert",
+                "encdec": "zenlm.convert.hf_encdec:export_encdec"}
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                 "pytorch_model.bin.index.json")
 TOKENIZER_KIND = {"BPE": "bpe", "WordPiece": "wordpiece", "WordLevel": "char"}
@@ -63,37 +75,6 @@ _IGNORED = re.compile(r"(\.attn\.(masked_)?bias|\.rotary_emb\.inv_freq)$")
 
 
 # ------------------------------------------------------------------------------------------ weight maps
-
-
-@dataclass(frozen=True)
-class WeightRule:
-    """How one of our tensors relates to one or more of theirs.
-
-    ours:      our state-dict name, e.g. ``blocks.0.attn.qkv.weight``
-    theirs:    their name(s), e.g. ``("model.layers.0.self_attn.q_proj.weight", ...k_proj..., ...v_proj...)``
-    transpose: their tensor is ours transposed (GPT-2's Conv1D stores [in, out])
-    split:     sizes along dim 0 when several of theirs are stacked into ours (q, k, v -> qkv)
-    """
-
-    ours: str
-    theirs: tuple[str, ...]
-    transpose: bool = False
-    split: tuple[int, ...] | None = None
-
-    def to_ours(self, tensors: list[Tensor]) -> Tensor:
-        if self.split is not None:
-            return torch.cat(tensors, dim=0)
-        return tensors[0].t().contiguous() if self.transpose else tensors[0]
-
-    def to_theirs(self, t: Tensor) -> list[Tensor]:
-        if self.split is not None:
-            return [p.contiguous() for p in torch.split(t, list(self.split), dim=0)]
-        return [t.t().contiguous() if self.transpose else t]
-
-    def their_shapes(self, our_shape: tuple[int, ...]) -> list[tuple[int, ...]]:
-        if self.split is not None:
-            return [(n, *our_shape[1:]) for n in self.split]
-        return [tuple(reversed(our_shape)) if self.transpose else our_shape]
 
 
 def gpt2_weight_map(cfg: GPTConfig) -> list[WeightRule]:
@@ -427,18 +408,6 @@ class HFWeights:
 # ------------------------------------------------------------------------------------------------ import
 
 
-def _read_json(path: Path, what: str) -> dict[str, Any]:
-    if not path.is_file():
-        raise DataError(f"{path} is missing; {what}.")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DataError(f"{path} is not valid JSON ({e}).") from None
-    if not isinstance(data, dict):
-        raise DataError(f"{path} must hold a JSON object.")
-    return data
-
-
 def _our_shapes(cfg: GPTConfig) -> dict[str, tuple[int, ...]]:
     """Name -> shape of every tensor a run directory's model.safetensors holds (built without memory)."""
     from zenlm.models.gpt import GPT
@@ -474,7 +443,7 @@ def import_hf(
     if not src.is_dir():
         raise DataError(f"{src} is not a directory; give the folder that holds config.json and the weights.")
     config_file = src / "config.json"
-    c = _read_json(config_file, "a Hugging Face model directory has a config.json")
+    c = read_json(config_file, "a Hugging Face model directory has a config.json")
     if c.get("model_type") == "bert":
         try:
             from zenlm.convert.hf_bert import import_bert
@@ -488,7 +457,7 @@ def import_hf(
     cfg = arch.to_config(c, config_file)
     rules = arch.weight_map(cfg)
     shapes = _check_rules(cfg, rules)
-    _prepare_out(out, "config.yaml", overwrite)
+    prepare_out(out, "config.yaml", overwrite)
 
     weights = HFWeights(src, arch.prefix)
     used: set[str] = set()
@@ -529,12 +498,6 @@ def import_hf(
     return out
 
 
-def _prepare_out(out: Path, marker: str, overwrite: bool) -> None:
-    if (out / marker).exists() and not overwrite:
-        raise ConfigError(f"{out} already holds {marker}; choose another --out or pass --overwrite.")
-    out.mkdir(parents=True, exist_ok=True)
-
-
 def _import_tokenizer(src: Path, out: Path, c: dict[str, Any]) -> Tokenizer:
     """Copy tokenizer.json as is; write a tokenizer_config.json that keeps theirs and adds what zenlm needs
     (the chat template inline, the special tokens, ``zenlm_kind``); copy or derive generation_config.json."""
@@ -544,9 +507,9 @@ def _import_tokenizer(src: Path, out: Path, c: dict[str, Any]) -> Tokenizer:
                         "AutoTokenizer.from_pretrained(DIR).save_pretrained(DIR) writes one.")
     tok_cfg: dict[str, Any] = {}
     if (src / "tokenizer_config.json").is_file():
-        tok_cfg = _read_json(src / "tokenizer_config.json", "")
+        tok_cfg = read_json(src / "tokenizer_config.json", "")
     if (src / "special_tokens_map.json").is_file():  # older layout: the special tokens live here
-        for key, value in _read_json(src / "special_tokens_map.json", "").items():
+        for key, value in read_json(src / "special_tokens_map.json", "").items():
             tok_cfg.setdefault(key, value)
     for key, value in list(tok_cfg.items()):
         if key.endswith("_token") and isinstance(value, dict):  # AddedToken-like dict -> its text
@@ -565,7 +528,7 @@ def _import_tokenizer(src: Path, out: Path, c: dict[str, Any]) -> Tokenizer:
     gen = src / "generation_config.json"
     ids = {k: c[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if c.get(k) is not None}
     if gen.is_file():
-        ids.update({k: v for k, v in _read_json(gen, "").items() if k in ids or k.endswith("_token_id")})
+        ids.update({k: v for k, v in read_json(gen, "").items() if k in ids or k.endswith("_token_id")})
     # Some repositories (GPT-2's among them) name no special tokens in tokenizer_config.json: take them from
     # the ids in config.json / generation_config.json (the first one where a list of EOS ids is given).
     vocab = tokenizers.Tokenizer.from_file(str(tj))
@@ -575,7 +538,7 @@ def _import_tokenizer(src: Path, out: Path, c: dict[str, Any]) -> Tokenizer:
         if not tok_cfg.get(f"{role}_token") and isinstance(tid, int) and vocab.id_to_token(tid) is not None:
             tok_cfg[f"{role}_token"] = vocab.id_to_token(tid)
     shutil.copyfile(tj, out / "tokenizer.json")
-    _write_json(out / "tokenizer_config.json", tok_cfg)
+    write_json(out / "tokenizer_config.json", tok_cfg)
     if gen.is_file():
         shutil.copyfile(gen, out / "generation_config.json")
     else:
@@ -595,61 +558,73 @@ def export_hf(
     Files: config.json, model.safetensors, generation_config.json, tokenizer.json, tokenizer_config.json
     (special tokens, EOS, chat template). The architecture is chosen from the model config: GPT-2 for
     learned positions + LayerNorm + GELU, Llama for rotary + RMSNorm + SwiGLU (Qwen2 when only q/k/v have
-    biases, Qwen3 with qk-norm). Weights come from model.safetensors, else the newest checkpoint.
-    dtype: fp32, bf16 or fp16 for the written weights.
+    biases, Qwen3 with qk-norm). BERT runs and BERT classifiers go to :mod:`zenlm.convert.hf_bert`,
+    encoder-decoder runs to :mod:`zenlm.convert.hf_encdec`. Weights come from model.safetensors, else the
+    newest checkpoint. dtype: fp32, bf16 or fp16 for the written weights.
     """
-    from zenlm.models.gpt import GPT
-    from zenlm.rundir import load_run_tokenizer, read_run_config, run_architecture, weights_file
-    from zenlm.train.checkpoint import load_model_weights
+    from zenlm.rundir import read_run_config, run_architecture, run_task
 
     run, out = Path(run_dir), Path(out_dir)
     torch_dtype = resolve_dtype(dtype)
     saved = read_run_config(run)
     ours = run_architecture(saved)
-    if ours.name not in EXPORTABLE or saved.get("task") or saved.get("quantization"):
-        extra = " with a task head or int8 weights" if ours.name in EXPORTABLE else ""
-        raise ConfigError(f"{run} holds a {ours.name!r} model{extra}; export to Hugging Face format supports "
-                          "decoder-only GPT runs (GPT-2 and Llama-family layouts).")
-    cfg = ours.config_from_dict(saved["model"])
+    other = HF_EXPORTERS.get("classify" if run_task(saved) == "classify" else ours.name)
+    if other is not None:  # encoders, classifiers and encoder-decoders have exporters of their own
+        module, _, name = other.partition(":")
+        exporter = getattr(importlib.import_module(module), name)
+        return exporter(run, out, dtype=dtype, overwrite=overwrite, progress=progress)
+    cfg = gpt_run_config(run, "export to Hugging Face format")
     arch = architecture_for_config(cfg)
     assert arch.to_hf_config is not None
-    weights = weights_file(run)
-    tok = load_run_tokenizer(run)
-    if tok.vocab_size > cfg.vocab_size:
-        raise CheckpointError(f"{run}: the tokenizer has {tok.vocab_size} tokens, the model only "
-                              f"{cfg.vocab_size}.")
+    model, tok = load_gpt_run(run, cfg)
     rules = arch.weight_map(cfg)
     _check_rules(cfg, rules)
-    model = GPT(cfg)
-    load_model_weights(model, weights)  # checks names and shapes, naming the file
-    _prepare_out(out, "config.json", overwrite)
+    prepare_out(out, "config.json", overwrite)
 
-    state = model.state_dict()
-    theirs: dict[str, Tensor] = {}
-    for n, rule in enumerate(rules):
-        for name, t in zip(rule.theirs, rule.to_theirs(state[rule.ours].detach()), strict=True):
-            theirs[name] = t.to(torch_dtype).contiguous()
-        report(progress, "convert", done=n + 1, total=len(rules), unit="tensor")
-    save_file(theirs, str(out / "model.safetensors"), metadata={"format": "pt"})
+    save_file(theirs_state(model, rules, dtype, progress), str(out / "model.safetensors"),
+              metadata={"format": "pt"})
 
     ids = _special_ids(run, tok)
-    hf_cfg = {**arch.to_hf_config(cfg), **ids, "torch_dtype": _HF_DTYPE_NAME[torch_dtype],
-              "dtype": _HF_DTYPE_NAME[torch_dtype]}
-    _write_json(out / "config.json", hf_cfg)
+    hf_cfg = {**arch.to_hf_config(cfg), **ids, "torch_dtype": HF_DTYPE_NAME[torch_dtype],
+              "dtype": HF_DTYPE_NAME[torch_dtype]}
+    write_json(out / "config.json", hf_cfg)
     gen: dict[str, Any] = {}
     if (run / "generation_config.json").is_file():  # imported runs keep the original one
-        gen = _read_json(run / "generation_config.json", "")
+        gen = read_json(run / "generation_config.json", "")
     gen.update({k: v for k, v in ids.items() if k not in gen})
-    _write_json(out / "generation_config.json", gen)
+    write_json(out / "generation_config.json", gen)
     shutil.copyfile(run / "tokenizer.json", out / "tokenizer.json")
-    tok_cfg: dict[str, Any] = {}
-    if (run / "tokenizer_config.json").is_file():
-        tok_cfg = _read_json(run / "tokenizer_config.json", "")
-    tok_cfg.update({k: v for k, v in tok.config_dict().items() if k not in tok_cfg or k == "chat_template"})
-    tok_cfg.setdefault("tokenizer_class", "PreTrainedTokenizerFast")
-    tok_cfg["model_max_length"] = cfg.block_size
-    _write_json(out / "tokenizer_config.json", tok_cfg)
+    write_json(out / "tokenizer_config.json", export_tokenizer_config(run, tok, cfg.block_size))
     return out
+
+
+def gpt_run_config(run: Path, what: str) -> GPTConfig:
+    """The model config of a decoder-only language-model run, for an export. Runs that are something else (an
+    encoder, a classifier, an int8 copy) are refused, naming ``what`` was attempted and what to do instead."""
+    from zenlm.rundir import read_run_config, run_architecture, run_task
+
+    saved = read_run_config(run)
+    ours = run_architecture(saved)
+    if ours.name not in EXPORTABLE:
+        raise ConfigError(f"{run} holds a {ours.title} model; {what} supports decoder-only GPT runs "
+                          "(GPT-2 and Llama-family layouts).")
+    if run_task(saved):
+        raise ConfigError(f"{run} is a {run_task(saved)!r} run (task.kind in config.yaml); {what} "
+                          "supports language-model runs.")
+    if saved.get("quantization"):
+        raise ConfigError(f"{run} holds int8 weights (quantization in config.yaml); {what} needs the run it "
+                          "was quantised from.")
+    return ours.config_from_dict(saved["model"])
+
+
+def load_gpt_run(run: Path, cfg: GPTConfig) -> tuple[torch.nn.Module, Tokenizer]:
+    """The GPT of ``cfg`` with the run's weights (eval mode) and the run's tokenizer."""
+    from zenlm.models.gpt import GPT
+    from zenlm.rundir import load_run_weights
+
+    model = GPT(cfg)
+    load_run_weights(run, model)
+    return model.eval(), load_run_tokenizer(run, cfg.vocab_size)
 
 
 def _special_ids(run: Path, tok: Tokenizer) -> dict[str, Any]:
@@ -657,16 +632,9 @@ def _special_ids(run: Path, tok: Tokenizer) -> dict[str, Any]:
     imported (it may list several EOS ids), else the tokenizer's."""
     ids: dict[str, Any] = {"bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id, "pad_token_id": tok.pad_id}
     if (run / "generation_config.json").is_file():
-        gen = _read_json(run / "generation_config.json", "")
+        gen = read_json(run / "generation_config.json", "")
         ids.update({k: gen[k] for k in ids if gen.get(k) is not None})
     return ids
-
-
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    atomic_write_text(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
-
-
-# ----------------------------------------------------------------------------------------------- the hub
 
 
 def download_from_hub(name: str, revision: str | None = None) -> Path:
@@ -702,5 +670,6 @@ def _snapshot(snapshot_download: Any, name: str, revision: str | None, patterns:
 __all__ = [
     "WeightRule", "Architecture", "SUPPORTED_ARCHITECTURES", "gpt2_weight_map", "llama_weight_map",
     "gpt2_config", "llama_config", "architecture_for_hf", "architecture_for_config", "HFWeights",
-    "import_hf", "export_hf", "download_from_hub",
+    "import_hf", "export_hf", "download_from_hub", "gpt_run_config", "load_gpt_run", "load_run_tokenizer",
+    "export_tokenizer_config", "theirs_state",
 ]

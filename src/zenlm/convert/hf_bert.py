@@ -1,7 +1,12 @@
-"""Hugging Face BERT checkpoints (BertModel, BertForMaskedLM, BertForPreTraining, sentence-transformers'
-MiniLM) -> zenlm :class:`~zenlm.models.bert.Bert` and a zenlm run directory.
+"""Hugging Face BERT <-> zenlm :class:`~zenlm.models.bert.Bert`, both directions from one weight map.
 
-Weight map (theirs -> ours; ``bert.`` prefixes are dropped first)::
+    import_bert(DIR, RUN)   BertModel, BertForMaskedLM, BertForPreTraining, sentence-transformers' MiniLM
+                            -> a zenlm run directory
+    export_bert(RUN, DIR)   a BERT run -> BertForMaskedLM (or BertModel when its masked-LM head was never
+                            trained); a BERT classifier run with ``--pooling cls`` -> BertForSequenceClassification
+
+Weight map (:func:`bert_weight_map`; their names as in ``BertModel``, the ``bert.`` prefix of the task models
+added or dropped around it)::
 
     embeddings.word_embeddings            tok_emb           (also the MLM decoder: tied)
     embeddings.position_embeddings        pos_emb
@@ -17,6 +22,11 @@ Weight map (theirs -> ours; ``bert.`` prefixes are dropped first)::
     cls.predictions.transform.dense       mlm_dense         (absent in BertModel checkpoints: initialised)
     cls.predictions.transform.LayerNorm   mlm_ln
     cls.predictions.bias                  mlm_bias
+    classifier                            head              (classifier runs: SequenceClassifier's head)
+
+The arithmetic matches without any reshaping: post-LN blocks, exact-erf GELU, LayerNorm eps from the config,
+and BertForSequenceClassification's ``classifier(dropout(pooler_output))`` is a classifier run's
+``head(dropout(tanh(W_p h[:, 0])))`` with ``pooling: cls``.
 """
 
 from __future__ import annotations
@@ -31,24 +41,56 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor
 
-from zenlm.errors import CheckpointError, DataError
+from zenlm.convert.common import (
+    HF_DTYPE_NAME,
+    WeightRule,
+    export_tokenizer_config,
+    load_run_tokenizer,
+    prepare_out,
+    theirs_state,
+    write_json,
+)
+from zenlm.device import DTYPES
+from zenlm.errors import CheckpointError, ConfigError, DataError
 from zenlm.fileio import atomic_path, atomic_write_text
 from zenlm.models.bert import Bert, BertConfig
 from zenlm.progress import ProgressFn, report
 from zenlm.tokenizer import Tokenizer
 
-# our optional heads -> their names; a checkpoint without them gets freshly initialised ones
-_HEADS = {
-    "pooler.weight": "pooler.dense.weight", "pooler.bias": "pooler.dense.bias",
-    "mlm_dense.weight": "cls.predictions.transform.dense.weight",
-    "mlm_dense.bias": "cls.predictions.transform.dense.bias",
-    "mlm_ln.weight": "cls.predictions.transform.LayerNorm.weight",
-    "mlm_ln.bias": "cls.predictions.transform.LayerNorm.bias",
-    "mlm_bias": "cls.predictions.bias",
-}
+# our optional heads: a checkpoint without them gets freshly initialised ones
+HEADS = {"pooler": ("pooler.weight", "pooler.bias"),
+         "mlm": ("mlm_dense.weight", "mlm_dense.bias", "mlm_ln.weight", "mlm_ln.bias", "mlm_bias")}
 # tensors that carry nothing we need: buffers, the tied decoder copy, next-sentence prediction
 _SKIP = ("embeddings.position_ids", "cls.predictions.decoder.weight", "cls.predictions.decoder.bias",
          "cls.seq_relationship.weight", "cls.seq_relationship.bias")
+
+
+def bert_weight_map(cfg: BertConfig, heads: tuple[str, ...] = ("pooler", "mlm")) -> list[WeightRule]:
+    """Bert <-> transformers' BERT: one :class:`~zenlm.convert.hf.WeightRule` per tensor of ours, their
+    names as ``BertModel`` spells them (``cls.*`` for the masked-LM head). ``heads``: which optional heads to
+    include ("pooler", "mlm")."""
+    C = cfg.d_model
+    e = "embeddings."
+    rules = [WeightRule("tok_emb.weight", (e + "word_embeddings.weight",)),
+             WeightRule("pos_emb.weight", (e + "position_embeddings.weight",)),
+             WeightRule("typ_emb.weight", (e + "token_type_embeddings.weight",)),
+             WeightRule("ln_emb.weight", (e + "LayerNorm.weight",)), WeightRule("ln_emb.bias", (e + "LayerNorm.bias",))]
+    for i in range(cfg.n_layer):
+        p, o = f"encoder.layer.{i}.", f"blocks.{i}."
+        for s in ("weight", "bias"):
+            rules.append(WeightRule(o + "qkv." + s, tuple(p + f"attention.self.{n}.{s}" for n in ("query", "key", "value")),
+                                    split=(C, C, C)))
+            for ours, theirs in [("proj", "attention.output.dense"), ("ln1", "attention.output.LayerNorm"),
+                                 ("fc", "intermediate.dense"), ("out", "output.dense"), ("ln2", "output.LayerNorm")]:
+                rules.append(WeightRule(f"{o}{ours}.{s}", (f"{p}{theirs}.{s}",)))
+    if "pooler" in heads:
+        rules += [WeightRule("pooler.weight", ("pooler.dense.weight",)), WeightRule("pooler.bias", ("pooler.dense.bias",))]
+    if "mlm" in heads:
+        t = "cls.predictions.transform."
+        rules += [WeightRule("mlm_dense.weight", (t + "dense.weight",)), WeightRule("mlm_dense.bias", (t + "dense.bias",)),
+                  WeightRule("mlm_ln.weight", (t + "LayerNorm.weight",)), WeightRule("mlm_ln.bias", (t + "LayerNorm.bias",)),
+                  WeightRule("mlm_bias", ("cls.predictions.bias",))]
+    return rules
 
 
 def bert_config_from_hf(hf: dict[str, Any], where: str = "config.json") -> BertConfig:
@@ -69,40 +111,36 @@ def bert_config_from_hf(hf: dict[str, Any], where: str = "config.json") -> BertC
         raise CheckpointError(f"{where} has no {e.args[0]!r}; is it a BERT config?") from None
 
 
+def bert_config_to_hf(cfg: BertConfig) -> dict[str, Any]:
+    """The transformers ``BertConfig`` fields of a BertConfig (the inverse of :func:`bert_config_from_hf`)."""
+    return {"model_type": "bert", "vocab_size": cfg.vocab_size, "hidden_size": cfg.d_model,
+            "num_hidden_layers": cfg.n_layer, "num_attention_heads": cfg.n_head, "intermediate_size": cfg.d_ff,
+            "max_position_embeddings": cfg.max_len, "type_vocab_size": cfg.type_vocab_size,
+            "layer_norm_eps": cfg.layer_norm_eps, "hidden_act": "gelu", "position_embedding_type": "absolute",
+            "hidden_dropout_prob": cfg.dropout, "attention_probs_dropout_prob": cfg.attn_dropout,
+            "initializer_range": cfg.init_std, "pad_token_id": cfg.pad_id, "tie_word_embeddings": True}
+
+
 def bert_state_from_hf(sd: dict[str, Tensor], cfg: BertConfig) -> tuple[dict[str, Tensor], list[str]]:
-    """Rename (and stack q/k/v of) a transformers BERT state dict to ours.
+    """Rename (and stack q/k/v of) a transformers BERT state dict to ours, through :func:`bert_weight_map`.
 
     Returns (our tensors, names of our optional head tensors the checkpoint lacks). Unknown tensors are
     refused: they would mean the checkpoint and config.json describe different models.
     """
     sd = {k.removeprefix("bert."): v for k, v in sd.items()}
+    optional = {name for names in HEADS.values() for name in names}
     used: set[str] = set()
-
-    def take(name: str) -> Tensor:
-        if name not in sd:
-            raise CheckpointError(f"the checkpoint has no tensor {name!r}; it does not match config.json.")
-        used.add(name)
-        return sd[name]
-
-    e = "embeddings."
-    out = {"tok_emb.weight": take(e + "word_embeddings.weight"), "pos_emb.weight": take(e + "position_embeddings.weight"),
-           "typ_emb.weight": take(e + "token_type_embeddings.weight"), "ln_emb.weight": take(e + "LayerNorm.weight"),
-           "ln_emb.bias": take(e + "LayerNorm.bias")}
-    for i in range(cfg.n_layer):
-        p, o = f"encoder.layer.{i}.", f"blocks.{i}."
-        for s in ("weight", "bias"):
-            out[o + "qkv." + s] = torch.cat([take(p + f"attention.self.{n}.{s}") for n in ("query", "key", "value")])
-            out[o + "proj." + s] = take(p + "attention.output.dense." + s)
-            out[o + "ln1." + s] = take(p + "attention.output.LayerNorm." + s)
-            out[o + "fc." + s] = take(p + "intermediate.dense." + s)
-            out[o + "out." + s] = take(p + "output.dense." + s)
-            out[o + "ln2." + s] = take(p + "output.LayerNorm." + s)
+    out: dict[str, Tensor] = {}
     missing = []
-    for ours, theirs in _HEADS.items():
-        if theirs in sd:
-            out[ours] = take(theirs)
-        else:
-            missing.append(ours)
+    for rule in bert_weight_map(cfg):
+        absent = [n for n in rule.theirs if n not in sd]
+        if absent and rule.ours in optional:
+            missing.append(rule.ours)
+            continue
+        if absent:
+            raise CheckpointError(f"the checkpoint has no tensor {absent[0]!r}; it does not match config.json.")
+        used.update(rule.theirs)
+        out[rule.ours] = rule.to_ours([sd[n] for n in rule.theirs])
     unknown = sorted(k for k in sd if k not in used and k not in _SKIP)
     if unknown:
         raise CheckpointError(f"the checkpoint holds {unknown[0]!r} (and {len(unknown) - 1} more tensors) that a "
@@ -205,4 +243,101 @@ def import_bert(src_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str]
     return out
 
 
-__all__ = ["bert_config_from_hf", "bert_state_from_hf", "import_bert", "load_hf_bert"]
+# ------------------------------------------------------------------------------------------------ export
+
+
+def _prefixed(rules: list[WeightRule], ours: str, theirs: str) -> list[WeightRule]:
+    """The rules with ``ours`` before our names and ``theirs`` before their encoder names (the masked-LM head,
+    ``cls.*``, sits beside the encoder in transformers' task models, not inside it)."""
+    def their(name: str) -> str:
+        return name if name.startswith("cls.") else theirs + name
+
+    return [WeightRule(ours + r.ours, tuple(their(n) for n in r.theirs), r.transpose, r.split) for r in rules]
+
+
+def bert_export_plan(saved: dict[str, Any], cfg: BertConfig, where: Path) -> tuple[str, list[WeightRule]]:
+    """(transformers architecture, weight map) for a BERT run or a BERT classifier run, from its config.yaml
+    contents; ConfigError naming the setting that has no transformers counterpart."""
+    task = saved.get("task") or {}
+    if task.get("kind") == "classify":
+        if saved["model"].get("arch") != "bert":
+            raise ConfigError(f"{where}: a classifier on a GPT backbone has no exact transformers counterpart "
+                              "(their ...ForSequenceClassification heads have no bias and pick the last token "
+                              "by the padding id); fine-tune on a BERT base to export a classifier.")
+        if task.get("pooling") != "cls":
+            raise ConfigError(f"{where}: pooling={task.get('pooling')!r} has no transformers counterpart: "
+                              "BertForSequenceClassification classifies BERT's pooled [CLS] vector. Fine-tune "
+                              "with --pooling cls for a classifier that exports.")
+        rules = _prefixed(bert_weight_map(cfg, heads=("pooler",)), "backbone.", "bert.")
+        rules += [WeightRule("head.weight", ("classifier.weight",)), WeightRule("head.bias", ("classifier.bias",))]
+        return "BertForSequenceClassification", rules
+    # An imported BertModel (MiniLM, sentence encoders) never had a masked-LM head: export the encoder and its
+    # pooler. Everything else exports as BertForMaskedLM; masked-LM pretraining never trains the pooler, and
+    # BertForMaskedLM has none.
+    initialised = set((saved.get("source") or {}).get("initialised_heads") or [])
+    if "mlm_dense" in initialised:
+        return "BertModel", bert_weight_map(cfg, heads=("pooler",))
+    return "BertForMaskedLM", _prefixed(bert_weight_map(cfg, heads=("mlm",)), "", "bert.")
+
+
+def encoder_tokenizer_json(tok: Tokenizer) -> str:
+    """tokenizer.json of ``tok`` with a post-processor that adds what zenlm's encoders add to every text
+    (``bos text eos``, token types 0; for a pair ``bos a eos b eos`` with the second part typed 1), so
+    transformers' tokenizer gives the model the same ids as :func:`zenlm.data.classify.encode_for_model`."""
+    from tokenizers import processors
+
+    if tok.bos_id is None or tok.eos_id is None:
+        raise CheckpointError("the tokenizer has no bos/eos tokens to play [CLS]/[SEP]; an encoder export needs "
+                              "them.")
+    hf = tokenizers.Tokenizer.from_str(tok.hf.to_str())
+    cls, sep = tok.role_tokens["bos"], tok.role_tokens["eos"]
+    hf.post_processor = processors.TemplateProcessing(
+        single=f"{cls}:0 $A:0 {sep}:0", pair=f"{cls}:0 $A:0 {sep}:0 $B:1 {sep}:1",
+        special_tokens=[(cls, tok.bos_id), (sep, tok.eos_id)])
+    return hf.to_str(pretty=True)
+
+
+def export_bert(run_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str], *, dtype: str = "fp32",
+                overwrite: bool = False, progress: ProgressFn | None = None) -> Path:
+    """Write a BERT run as a transformers BertForMaskedLM (or BertModel) directory, or a BERT classifier run
+    (``pooling: cls``) as BertForSequenceClassification with its labels; returns ``out_dir``.
+
+    Files: config.json, model.safetensors, tokenizer.json (adding ``[CLS] text [SEP]`` like zenlm's encoders),
+    tokenizer_config.json. ``AutoModel`` / ``AutoModelForMaskedLM`` / ``AutoModelForSequenceClassification``
+    and ``AutoTokenizer`` load it.
+    """
+    from zenlm.rundir import build_model_from_run, load_run_weights
+
+    run, out = Path(run_dir), Path(out_dir)
+    if dtype not in DTYPES:
+        raise ConfigError(f"dtype {dtype!r} is not supported; choose fp32, bf16 or fp16.")
+    model, cfg, saved = build_model_from_run(run)
+    arch, rules = bert_export_plan(saved, cfg, run)  # type: ignore[arg-type]
+    load_run_weights(run, model)
+    tok = load_run_tokenizer(run, cfg.vocab_size)
+    tokenizer_json = encoder_tokenizer_json(tok)
+    prepare_out(out, "config.json", overwrite)
+
+    save_file(theirs_state(model, rules, dtype, progress), str(out / "model.safetensors"),
+              metadata={"format": "pt"})
+
+    hf_cfg: dict[str, Any] = {"architectures": [arch], **bert_config_to_hf(cfg),  # type: ignore[arg-type]
+                              "torch_dtype": HF_DTYPE_NAME[DTYPES[dtype]], "dtype": HF_DTYPE_NAME[DTYPES[dtype]]}
+    task = saved.get("task") or {}
+    if arch == "BertForSequenceClassification":
+        labels = list(task["labels"])
+        hf_cfg.update({"id2label": dict(enumerate(labels)), "label2id": {name: i for i, name in enumerate(labels)},
+                       "num_labels": len(labels), "problem_type": "single_label_classification",
+                       "classifier_dropout": task.get("dropout", 0.1)})
+    write_json(out / "config.json", hf_cfg)
+    atomic_write_text(out / "tokenizer.json", tokenizer_json)
+    tok_cfg = export_tokenizer_config(run, tok, cfg.max_len)  # type: ignore[attr-defined]
+    tok_cfg.update({"cls_token": tok.role_tokens["bos"], "sep_token": tok.role_tokens["eos"],
+                    "model_input_names": ["input_ids", "token_type_ids", "attention_mask"]})
+    tok_cfg.pop("chat_template", None)  # an encoder does not chat
+    write_json(out / "tokenizer_config.json", tok_cfg)
+    return out
+
+
+__all__ = ["HEADS", "bert_weight_map", "bert_config_from_hf", "bert_config_to_hf", "bert_state_from_hf",
+           "bert_export_plan", "encoder_tokenizer_json", "import_bert", "load_hf_bert", "export_bert"]

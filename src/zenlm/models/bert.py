@@ -29,7 +29,8 @@ from torch import nn
 
 from zenlm.config import ModelConfig, Preset, config_from_preset
 from zenlm.errors import ConfigError
-from zenlm.models.layers import attention
+from zenlm.models.attention import Attention
+from zenlm.models.layers import init_normal_
 
 
 @dataclass
@@ -112,27 +113,26 @@ BERT_PRESETS: dict[str, Preset] = {
 }
 
 
-class BertBlock(nn.Module):
-    """One post-LN encoder block: ``x = LN(x + attn(x)); x = LN(x + mlp(x))``."""
+class BertBlock(Attention):
+    """One post-LN encoder block: ``x = LN(x + attn(x)); x = LN(x + mlp(x))``.
+
+    The block *is* its self-attention (:class:`~zenlm.models.attention.Attention`, which it extends with the
+    norms and the MLP) so that the attention's parameters sit on the block itself, where BERT checkpoints and
+    our converter put them: ``blocks.i.qkv`` (q, k, v stacked along the output dim) and ``blocks.i.proj``.
+    """
 
     def __init__(self, cfg: BertConfig) -> None:
-        super().__init__()
-        self.n_head = cfg.n_head
-        self.attn_dropout = cfg.attn_dropout
-        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model)  # q, k, v stacked along the output dim
-        self.proj = nn.Linear(cfg.d_model, cfg.d_model)
+        super().__init__(cfg.d_model, cfg.n_head, dropout=cfg.attn_dropout)
         self.ln1 = nn.LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps)
         self.fc = nn.Linear(cfg.d_model, cfg.d_ff)
         self.out = nn.Linear(cfg.d_ff, cfg.d_model)
         self.ln2 = nn.LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps)
         self.drop = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
 
-    def forward(self, x_BTC: torch.Tensor, bias_B11T: torch.Tensor) -> torch.Tensor:
-        B, T, C = x_BTC.shape
-        q, k, v = self.qkv(x_BTC).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)
-        # softmax(q k^T / sqrt(D) + bias) v; bias is 0 for real keys and -inf for padding
-        att_BHTD = attention(q, k, v, attn_mask=bias_B11T.to(q.dtype), dropout_p=self.attn_dropout if self.training else 0.0)
-        x_BTC = self.ln1(x_BTC + self.drop(self.proj(att_BHTD.transpose(1, 2).reshape(B, T, C))))
+    def forward(self, x_BTC: torch.Tensor, bias_B11T: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        """x_BTC [B, T, C], bias_B11T additive attention bias (0 for real keys, -inf for padding) -> [B, T, C]."""
+        # softmax(q k^T / sqrt(D) + bias) v, every position attending to every (real) position
+        x_BTC = self.ln1(x_BTC + self.drop(super().forward(x_BTC, mask=bias_B11T)))
         return self.ln2(x_BTC + self.drop(self.out(F.gelu(self.fc(x_BTC)))))
 
 
@@ -166,13 +166,7 @@ class Bert(nn.Module):
     @torch.no_grad()
     def reset_parameters(self) -> None:
         """BERT's initialisation: weights ~ N(0, init_std), biases 0, LayerNorm gains 1."""
-        for m in self.modules():
-            if isinstance(m, (nn.Linear, nn.Embedding)):
-                nn.init.normal_(m.weight, std=self.config.init_std)
-            if isinstance(m, nn.Linear):
-                nn.init.zeros_(m.bias)
-            if isinstance(m, nn.LayerNorm):
-                m.reset_parameters()
+        init_normal_(self, self.config.init_std)
         nn.init.zeros_(self.mlm_bias)
 
     def num_params(self) -> int:

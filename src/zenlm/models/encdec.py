@@ -14,9 +14,11 @@ config): source ids -> encoder -> memory; target prefix + memory -> decoder -> n
         x = x + mlp(norm(x))
     logits = dec_norm(x) @ W_head^T                             # [B, T, V]; W_head = tok_emb.weight if tied
 
-Self-attention, norms and MLPs are the same modules the GPT uses (:mod:`zenlm.models.layers`); only the
-cross-attention is new. In generation the decoder keeps its own keys/values in a :class:`KVCache` and the
-cross-attention keys/values of the memory are computed once per source (:class:`Seq2SeqCache`).
+Self- and cross-attention are the one attention module (:class:`~zenlm.models.attention.Attention`; the
+cross-attention takes its keys and values from the memory), norms and MLPs the GPT's (:mod:`zenlm.models.layers`),
+and an encoder block is the GPT's :class:`~zenlm.models.gpt.Block` run without the causal mask. In generation
+the decoder keeps its own keys/values in a :class:`~zenlm.models.cache.KVCache` and the cross-attention
+keys/values of the memory are computed once per source (:class:`~zenlm.models.cache.Seq2SeqCache`).
 """
 
 from __future__ import annotations
@@ -31,18 +33,20 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from zenlm.config import (
-    GPTConfig,
     MLPKind,
     ModelConfig,
     NormKind,
     Preset,
     _check_choice,
     _check_positive,
+    check_block_settings,
     config_from_preset,
 )
 from zenlm.errors import ConfigError
-from zenlm.models.gpt import Block, KVCache
-from zenlm.models.layers import CausalSelfAttention, RMSNorm, Rotary, make_mlp, make_norm
+from zenlm.models.attention import Attention, cached_causal_mask
+from zenlm.models.cache import KVCache, LayerCache, Seq2SeqCache
+from zenlm.models.gpt import Block
+from zenlm.models.layers import Rotary, init_normal_, make_mlp, make_norm
 
 # ---------------------------------------------------------------------------------------------- config
 
@@ -97,21 +101,27 @@ class EncDecConfig(ModelConfig):
                      "n_embd"):
             _check_positive(name, getattr(self, name))
         _check_choice("pos", self.pos, ("learned", "rope"))
-        # the per-layer settings are validated (and mlp_hidden filled in) by the GPTConfig they map onto
-        self.mlp_hidden = self.layer_config().mlp_hidden
+        check_block_settings(self)  # the settings of its blocks, as a GPT's (fills in mlp_hidden)
 
     @property
     def head_dim(self) -> int:
         return self.n_embd // self.n_head
 
-    def layer_config(self) -> GPTConfig:
-        """The settings of one block, as the GPTConfig that the shared layers (attention, MLP, norm) read."""
-        return GPTConfig(
-            vocab_size=self.vocab_size, block_size=max(self.max_source_len, self.max_target_len),
-            n_layer=self.n_enc_layer + self.n_dec_layer, n_head=self.n_head, n_embd=self.n_embd,
-            mlp_hidden=self.mlp_hidden, pos=self.pos, rope_theta=self.rope_theta, norm=self.norm,
-            norm_eps=self.norm_eps, mlp=self.mlp, bias=self.bias, dropout=self.dropout, init_std=self.init_std,
-        )
+    def attention(self, *, cross: bool = False) -> Attention:
+        """One attention module of this shape (every self- and cross-attention of the model is one)."""
+        return Attention(self.n_embd, self.n_head, qkv_bias=self.bias, proj_bias=self.bias, norm_eps=self.norm_eps,
+                         dropout=self.dropout, cross=cross)
+
+    def norm_layer(self) -> nn.Module:
+        return make_norm(self.norm, self.n_embd, eps=self.norm_eps, bias=self.bias)
+
+    def mlp_layer(self) -> nn.Module:
+        assert self.mlp_hidden is not None  # filled in by __post_init__
+        return make_mlp(self.mlp, self.n_embd, self.mlp_hidden, bias=self.bias)
+
+    def encoder_block(self) -> Block:
+        """A pre-norm block: bidirectional self-attention + MLP (the GPT's Block, called without a causal mask)."""
+        return Block(self.attention(), self.mlp_layer(), self.norm_layer(), self.norm_layer(), self.dropout)
 
 
 # --------------------------------------------------------------------------------------------- presets
@@ -145,55 +155,25 @@ def get_encdec_preset(name: str, **overrides: Any) -> EncDecConfig:
     return config_from_preset(EncDecConfig, ENCDEC_PRESETS, name, overrides, "encoder-decoder")
 
 
-# ------------------------------------------------------------------------------------- cross-attention
-
-
-class CrossAttention(nn.Module):
-    """Multi-head attention from the decoder (queries) to the encoder's memory (keys and values).
-
-        q    = x @ W_q                      # [B, H, T, D]
-        k, v = split(memory @ W_kv)         # [B, H, S, D] each; computed once per source in generation
-        out  = softmax(q k^T / sqrt(D) + padding mask) v @ W_proj
-    """
-
-    def __init__(self, config: GPTConfig) -> None:
-        super().__init__()
-        self.n_head, self.head_dim, self.dropout = config.n_head, config.head_dim, config.dropout
-        C = config.n_embd
-        self.q = nn.Linear(C, C, bias=config.bias)
-        self.kv = nn.Linear(C, 2 * C, bias=config.bias)
-        self.proj = nn.Linear(C, C, bias=config.bias)
-
-    def memory_kv(self, memory_BSC: Tensor) -> tuple[Tensor, Tensor]:
-        """Keys and values of the memory: [B, S, C] -> ([B, H, S, D], [B, H, S, D])."""
-        B, S, _ = memory_BSC.shape
-        kv = self.kv(memory_BSC).view(B, S, 2, self.n_head, self.head_dim)
-        return kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2)
-
-    def forward(self, x_BTC: Tensor, kv: tuple[Tensor, Tensor], mask_B11S: Tensor | None) -> Tensor:
-        """x_BTC [B, T, C], kv from :meth:`memory_kv`, mask_B11S boolean (True = real source token)."""
-        B, T, C = x_BTC.shape
-        q_BHTD = self.q(x_BTC).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
-        k_BHSD, v_BHSD = kv
-        q_BHTD = q_BHTD.to(v_BHSD.dtype)
-        y_BHTD = F.scaled_dot_product_attention(
-            q_BHTD, k_BHSD.to(v_BHSD.dtype), v_BHSD, attn_mask=mask_B11S,
-            dropout_p=self.dropout if self.training else 0.0,
-        )
-        return self.proj(y_BHTD.transpose(1, 2).reshape(B, T, C))
+# ------------------------------------------------------------------------------------------ decoder block
 
 
 class DecoderBlock(nn.Module):
-    """Pre-norm decoder block: causal self-attention, cross-attention to the memory, MLP."""
+    """Pre-norm decoder block: causal self-attention, cross-attention to the memory, MLP.
 
-    def __init__(self, config: GPTConfig) -> None:
+        x = x + self_attn(norm_self(x), causal)
+        x = x + cross_attn(norm_cross(x), memory keys/values, source padding mask)
+        x = x + mlp(norm_mlp(x))
+    """
+
+    def __init__(self, config: EncDecConfig) -> None:
         super().__init__()
-        self.norm_self = make_norm(config)
-        self.self_attn = CausalSelfAttention(config)
-        self.norm_cross = make_norm(config)
-        self.cross_attn = CrossAttention(config)
-        self.norm_mlp = make_norm(config)
-        self.mlp = make_mlp(config)
+        self.norm_self = config.norm_layer()
+        self.self_attn = config.attention()
+        self.norm_cross = config.norm_layer()
+        self.cross_attn = config.attention(cross=True)
+        self.norm_mlp = config.norm_layer()
+        self.mlp = config.mlp_layer()
         self.drop = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
 
     def forward(
@@ -201,50 +181,19 @@ class DecoderBlock(nn.Module):
         x_BTC: Tensor,
         memory_kv: tuple[Tensor, Tensor],
         src_mask_B11S: Tensor | None,
+        *,
         rope: tuple[Tensor, Tensor] | None = None,
-        kv_cache: tuple[Tensor, Tensor, int] | None = None,
-        mask_TS: Tensor | None = None,
+        cache: LayerCache | None = None,
+        mask: Tensor | None = None,
         is_causal: bool = True,
     ) -> Tensor:
-        """[B, T, C] -> [B, T, C]; rope / kv_cache / mask_TS / is_causal as in CausalSelfAttention.forward."""
-        x_BTC = x_BTC + self.drop(self.self_attn(self.norm_self(x_BTC), rope, kv_cache, mask_TS, is_causal))
-        x_BTC = x_BTC + self.drop(self.cross_attn(self.norm_cross(x_BTC), memory_kv, src_mask_B11S))
+        """[B, T, C] -> [B, T, C]; rope / cache / mask / is_causal of the self-attention, as in
+        :meth:`zenlm.models.attention.Attention.forward`."""
+        x_BTC = x_BTC + self.drop(self.self_attn(self.norm_self(x_BTC), rope=rope, cache=cache, mask=mask,
+                                                 is_causal=is_causal))
+        x_BTC = x_BTC + self.drop(self.cross_attn(self.norm_cross(x_BTC), memory_kv=memory_kv, mask=src_mask_B11S))
         x_BTC = x_BTC + self.drop(self.mlp(self.norm_mlp(x_BTC)))
         return x_BTC
-
-
-# ------------------------------------------------------------------------------------------------ cache
-
-
-class Seq2SeqCache:
-    """Everything generation keeps per source: the decoder's own keys/values (a :class:`KVCache` over
-    ``n_dec_layer`` layers) and each decoder layer's cross-attention keys/values of the memory.
-
-    self_kv:   KVCache, k/v per decoder layer [B, H, max_len, D]; ``pos`` = target positions filled
-    cross_kv:  per decoder layer (k [B, H, S, D], v [B, H, S, D])
-    src_mask:  [B, 1, 1, S] boolean (True = real source token) or None (no padding)
-    """
-
-    def __init__(self, self_kv: KVCache, cross_kv: list[tuple[Tensor, Tensor]], src_mask: Tensor | None) -> None:
-        self.self_kv, self.cross_kv, self.src_mask = self_kv, cross_kv, src_mask
-
-    @property
-    def pos(self) -> int:
-        return self.self_kv.pos
-
-    @property
-    def batch_size(self) -> int:
-        return self.self_kv.batch_size
-
-    def reorder(self, index_N: Tensor) -> None:
-        """Keep rows ``index_N`` (beam search: each surviving hypothesis takes its parent's cache).
-
-        Every row of the cross-attention cache is rebuilt too, so any permutation is allowed.
-        """
-        self.self_kv.select_rows(index_N)
-        self.cross_kv = [(k.index_select(0, index_N), v.index_select(0, index_N)) for k, v in self.cross_kv]
-        if self.src_mask is not None:
-            self.src_mask = self.src_mask.index_select(0, index_N)
 
 
 # ------------------------------------------------------------------------------------------------ model
@@ -272,19 +221,19 @@ class EncoderDecoder(nn.Module):
     def __init__(self, config: EncDecConfig) -> None:
         super().__init__()
         self.config = config
-        lc = config.layer_config()
         C = config.n_embd
         self.tok_emb = nn.Embedding(config.vocab_size, C)
         self.src_emb = None if config.share_embeddings else nn.Embedding(config.vocab_size, C)
         learned = config.pos == "learned"
         self.enc_pos = nn.Embedding(config.max_source_len, C) if learned else None
         self.dec_pos = nn.Embedding(config.max_target_len, C) if learned else None
-        self.rotary = None if learned else Rotary(config.head_dim, lc.block_size, config.rope_theta)
+        longest = max(config.max_source_len, config.max_target_len)
+        self.rotary = None if learned else Rotary(config.head_dim, longest, config.rope_theta)
         self.drop = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
-        self.enc_blocks = nn.ModuleList([Block.from_config(lc) for _ in range(config.n_enc_layer)])
-        self.enc_norm = make_norm(lc)
-        self.dec_blocks = nn.ModuleList([DecoderBlock(lc) for _ in range(config.n_dec_layer)])
-        self.dec_norm = make_norm(lc)
+        self.enc_blocks = nn.ModuleList([config.encoder_block() for _ in range(config.n_enc_layer)])
+        self.enc_norm = config.norm_layer()
+        self.dec_blocks = nn.ModuleList([DecoderBlock(config) for _ in range(config.n_dec_layer)])
+        self.dec_norm = config.norm_layer()
         self.lm_head = None if config.tie_embeddings else nn.Linear(C, config.vocab_size, bias=False)
         self.reset_parameters()
 
@@ -293,13 +242,7 @@ class EncoderDecoder(nn.Module):
         """Weights ~ N(0, init_std), biases 0, norm gains 1; every residual branch's output projection
         ~ N(0, init_std / sqrt(2 * layers)) as in GPT-2 (layers = encoder + decoder blocks)."""
         std = self.config.init_std
-        for module in self.modules():
-            if isinstance(module, (RMSNorm, nn.LayerNorm)):
-                module.reset_parameters()
-            if isinstance(module, (nn.Linear, nn.Embedding)):
-                nn.init.normal_(module.weight, mean=0.0, std=std)
-            if isinstance(module, nn.Linear) and module.bias is not None:
-                nn.init.zeros_(module.bias)
+        init_normal_(self, std)
         small = std / math.sqrt(2 * (self.config.n_enc_layer + self.config.n_dec_layer))
         for block in self.enc_blocks:
             for proj in (block.attn.proj, block.mlp.proj):
@@ -330,7 +273,7 @@ class EncoderDecoder(nn.Module):
         rope = self.rotary(0, S) if self.rotary is not None else None
         mask = _key_mask(src_mask_BS)
         for block in self.enc_blocks:
-            x_BSC = block(x_BSC, rope, None, mask, False)  # bidirectional: no causal mask
+            x_BSC = block(x_BSC, rope=rope, mask=mask)  # bidirectional: no causal mask
         return self.enc_norm(x_BSC)
 
     # ---- decoder ---------------------------------------------------------------------------------------
@@ -386,18 +329,13 @@ class EncoderDecoder(nn.Module):
             x_BTC = x_BTC + self.dec_pos.weight[pos : pos + T]
         x_BTC = self.drop(x_BTC)
         rope = self.rotary(pos, T) if self.rotary is not None else None
-        if cache is None:
-            for block, kv in zip(self.dec_blocks, cross, strict=True):
-                x_BTC = block(x_BTC, kv, src_mask, rope)
-        else:
-            mask_TS = None  # same rule as GPT.forward: causal, none, or an explicit [T, pos+T] mask
-            if pos > 0 and T > 1:
-                q_pos_T1 = torch.arange(pos, pos + T, device=tgt_BT.device)[:, None]
-                mask_TS = torch.arange(pos + T, device=tgt_BT.device)[None, :] <= q_pos_T1
-            kvc = cache.self_kv
-            for i, (block, kv) in enumerate(zip(self.dec_blocks, cross, strict=True)):
-                x_BTC = block(x_BTC, kv, src_mask, rope, (kvc.k[i], kvc.v[i], pos), mask_TS, pos == 0)
-            kvc.pos = pos + T
+        mask_TS, is_causal = cached_causal_mask(pos, T, tgt_BT.device)  # as GPT.forward
+        layers = None if cache is None else cache.self_kv.layers(T)
+        for i, (block, kv) in enumerate(zip(self.dec_blocks, cross, strict=True)):
+            x_BTC = block(x_BTC, kv, src_mask, rope=rope, cache=None if layers is None else layers[i], mask=mask_TS,
+                          is_causal=is_causal)
+        if cache is not None:
+            cache.self_kv.pos = pos + T
         if last_only:
             x_BTC = x_BTC[:, -1:]
         x_BTC = self.dec_norm(x_BTC)
@@ -410,5 +348,4 @@ class EncoderDecoder(nn.Module):
         return self.decode(tgt_BT, self.encode(src_BS, src_mask_BS), src_mask_BS)
 
 
-__all__ = ["EncDecConfig", "EncoderDecoder", "CrossAttention", "DecoderBlock", "Seq2SeqCache",
-           "ENCDEC_PRESETS", "get_encdec_preset"]
+__all__ = ["EncDecConfig", "EncoderDecoder", "DecoderBlock", "ENCDEC_PRESETS", "get_encdec_preset"]

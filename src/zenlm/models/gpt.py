@@ -6,12 +6,16 @@
         x = x + mlp(norm_mlp(x))                             # feed-forward
     logits = norm_f(x) @ W_head^T                            # [B, T, V]; W_head = tok_emb.weight if tied
 
-Generation keeps each layer's past keys/values in a :class:`KVCache`, so every new token costs one
-position of work instead of the whole context.
+Generation keeps each layer's past keys/values in a :class:`~zenlm.models.cache.KVCache`, so every new token
+costs one position of work instead of the whole context. One loop over the blocks (:meth:`GPT._run_blocks`)
+serves the three ways in: :meth:`GPT.forward` (training, scoring, prefill), :meth:`GPT.features` (hidden states)
+and :meth:`GPT.decode_step` (one new token per row, each row at its own position: batched generation, the
+server, and the compiled step of :mod:`zenlm.compiled`).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from contextlib import AbstractContextManager, nullcontext
 from typing import ClassVar
@@ -24,7 +28,9 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from zenlm.config import GPTConfig
 from zenlm.errors import ConfigError
-from zenlm.models.layers import CausalSelfAttention, RMSNorm, Rotary, make_mlp, make_norm, scaled_init_std
+from zenlm.models.attention import Attention, cached_causal_mask
+from zenlm.models.cache import KVCache, LayerCache
+from zenlm.models.layers import Rotary, init_normal_, make_mlp, make_norm
 
 # In eval mode (generation, scoring) every call may have a new length. cuDNN's attention builds a plan per
 # new shape (tens of ms each on recent GPUs), so eval uses the flash / memory-efficient / math kernels;
@@ -34,75 +40,6 @@ _INFERENCE_ATTENTION = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTI
 
 def _no_cudnn_attention() -> AbstractContextManager:
     return sdpa_kernel(_INFERENCE_ATTENTION)
-
-
-class KVCache:
-    """Preallocated keys and values of every layer, for incremental decoding.
-
-    k, v: lists of n_layer tensors; ``k[i]`` is layer i's buffer [B, n_kv_head, max_len, head_dim].
-          One separate tensor per layer (not one [n_layer, ...] tensor): a compiled decode step writes the
-          new key of layer i into ``k[i]`` in place, which the compiler does only for a whole input tensor,
-          not for a slice of one (it would copy the layer's cache every step).
-    pos:  how many positions are filled; the next forward pass writes positions ``pos .. pos+T-1``
-          (and uses them as the absolute positions of its tokens), then advances ``pos`` by T.
-    """
-
-    def __init__(
-        self,
-        n_layer: int,
-        batch_size: int,
-        n_kv_head: int,
-        max_len: int,
-        head_dim: int,
-        *,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
-    ) -> None:
-        shape = (batch_size, n_kv_head, max_len, head_dim)
-        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)]
-        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)]
-        self.pos = 0
-
-    @property
-    def batch_size(self) -> int:
-        return self.k[0].shape[0]
-
-    @property
-    def max_len(self) -> int:
-        return self.k[0].shape[2]
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.k[0].dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.k[0].device
-
-    def reset(self) -> None:
-        """Forget everything (the buffers are reused, not reallocated)."""
-        self.pos = 0
-
-    def row(self, b: int) -> KVCache:
-        """An empty batch-1 cache whose buffers are views of row b of this one (a forward pass through it
-        writes into row b): prefill one sequence of a batch on its own."""
-        view = KVCache.__new__(KVCache)
-        view.k = [t[b : b + 1] for t in self.k]
-        view.v = [t[b : b + 1] for t in self.v]
-        view.pos = 0
-        return view
-
-    def select_rows(self, index_B: Tensor) -> None:
-        """Keep rows ``index_B`` (in that order, repeats allowed) as the new batch, e.g. reordering beams."""
-        self.k = [t.index_select(0, index_B) for t in self.k]
-        self.v = [t.index_select(0, index_B) for t in self.v]
-
-    def move_rows(self, src: Sequence[int], length: int) -> None:
-        """Row r takes the first ``length`` positions of row ``src[r]``, for r = 0 .. len(src)-1, in place
-        (batch compaction when sequences finish; the batch buffers keep their size)."""
-        idx = torch.tensor(list(src), device=self.device)
-        for t in self.k + self.v:
-            t[: len(idx), :, :length] = t[idx, :, :length]  # the right side is a copy: no overlap
 
 
 class Block(nn.Module):
@@ -124,21 +61,37 @@ class Block(nn.Module):
 
     @classmethod
     def from_config(cls, config: GPTConfig) -> Block:
-        attn, mlp = CausalSelfAttention(config), make_mlp(config)
-        return cls(attn, mlp, make_norm(config), make_norm(config), config.dropout)
+        assert config.mlp_hidden is not None  # filled in by GPTConfig.__post_init__
+        attn = Attention(config.n_embd, config.n_head, n_kv_head=config.n_kv_head, head_dim=config.head_dim,
+                         qkv_bias=bool(config.qkv_bias), proj_bias=bool(config.attn_proj_bias),
+                         qk_norm=config.qk_norm, norm_eps=config.norm_eps, dropout=config.dropout)
+        mlp = make_mlp(config.mlp, config.n_embd, config.mlp_hidden, bias=bool(config.mlp_bias))
+        return cls(attn, mlp, _norm(config), _norm(config), config.dropout)
 
     def forward(
         self,
         x_BTC: Tensor,
+        *,
         rope: tuple[Tensor, Tensor] | None = None,
-        kv_cache: tuple[Tensor, Tensor, int] | None = None,
-        mask_TS: Tensor | None = None,
-        is_causal: bool = True,
+        cache: LayerCache | None = None,
+        mask: Tensor | None = None,
+        is_causal: bool = False,
+        row_keys: Sequence[int] | None = None,
     ) -> Tensor:
-        """[B, T, C] -> [B, T, C]; the other arguments: see CausalSelfAttention.forward."""
-        x_BTC = x_BTC + self.drop(self.attn(self.norm_attn(x_BTC), rope, kv_cache, mask_TS, is_causal))
-        x_BTC = x_BTC + self.drop(self.mlp(self.norm_mlp(x_BTC)))
+        """[B, T, C] -> [B, T, C]; the other arguments: see :meth:`zenlm.models.attention.Attention.forward`."""
+        x_BTC = x_BTC + self._dropout(self.attn(self.norm_attn(x_BTC), rope=rope, cache=cache, mask=mask,
+                                                is_causal=is_causal, row_keys=row_keys))
+        x_BTC = x_BTC + self._dropout(self.mlp(self.norm_mlp(x_BTC)))
         return x_BTC
+
+    def _dropout(self, x: Tensor) -> Tensor:
+        # only while training: in eval mode nn.Dropout does nothing, but it would still trace into a copy in a
+        # compiled decode step
+        return self.drop(x) if self.training else x
+
+
+def _norm(config: GPTConfig) -> nn.Module:
+    return make_norm(config.norm, config.n_embd, eps=config.norm_eps, bias=config.bias)
 
 
 class GPT(nn.Module):
@@ -164,7 +117,7 @@ class GPT(nn.Module):
         )
         self.drop = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
         self.blocks = nn.ModuleList([Block.from_config(config) for _ in range(config.n_layer)])
-        self.norm_f = make_norm(config)
+        self.norm_f = _norm(config)
         # Tied: the head reuses tok_emb.weight (see forward) and registers no parameter of its own.
         self.lm_head = None if config.tie_embeddings else nn.Linear(C, config.vocab_size, bias=False)
         self.reset_parameters()
@@ -175,19 +128,13 @@ class GPT(nn.Module):
         projection (``attn.proj``, ``mlp.proj``) ~ N(0, init_std / sqrt(2 * n_layer)) as in GPT-2, or 0
         when ``zero_init_proj``."""
         std = self.config.init_std
-        for module in self.modules():
-            if isinstance(module, (RMSNorm, nn.LayerNorm)):
-                module.reset_parameters()
-            if isinstance(module, (nn.Linear, nn.Embedding)):
-                nn.init.normal_(module.weight, mean=0.0, std=std)
-            if isinstance(module, nn.Linear) and module.bias is not None:
-                nn.init.zeros_(module.bias)
+        init_normal_(self, std)
         for block in self.blocks:
             for proj in (block.attn.proj, block.mlp.proj):
                 if self.config.zero_init_proj:
                     nn.init.zeros_(proj.weight)
                 else:
-                    nn.init.normal_(proj.weight, mean=0.0, std=scaled_init_std(self.config))
+                    nn.init.normal_(proj.weight, mean=0.0, std=std / math.sqrt(2 * self.config.n_layer))
 
     def num_params(self, include_embedding: bool = True) -> int:
         """Number of parameters (tied weights counted once); without the token/position embedding tables
@@ -239,6 +186,64 @@ class GPT(nn.Module):
         last_only: return logits for the last position only, [B, 1, V] (saves the head's work in
                    generation prefill).
         """
+        x_BTC = self._hidden(idx_BT, cache)
+        if last_only:
+            x_BTC = x_BTC[:, -1:]
+        return self.head(self.norm_f(x_BTC))
+
+    def features(self, idx_BT: Tensor) -> Tensor:
+        """Final hidden states (after ``norm_f``) without the head: idx_BT [B, T] -> [B, T, C].
+
+        Position t has seen tokens 0..t only (causal), so a right-padded batch gives each sequence the same
+        features as alone up to its last real token: read sequence b at position ``len_b - 1``."""
+        return self.norm_f(self._hidden(idx_BT, None))
+
+    def decode_step(
+        self, tokens_B: Tensor, pos_B: Tensor | int, k_layers: Sequence[Tensor], v_layers: Sequence[Tensor], *,
+        keys_S: Tensor | None = None, row_attention: bool = False,
+    ) -> Tensor:
+        """One new token for each of the first B rows of a cache, each at its own position -> logits [B, V]
+        (float32). Inference only (no dropout, no checks); call it under ``torch.inference_mode()``.
+
+        tokens_B: [B] the newest token of each row; pos_B: [B] its absolute position (= tokens already cached
+        in that row), or one int when every row is at the same position (one sequence: eagerly, slices of the
+        cache are cheaper than per-row writes); k_layers, v_layers: per layer [>=B, n_kv_head, max_len,
+        head_dim] (a :class:`KVCache`'s ``k`` and ``v``; rows past B are left alone). Row b writes its key/value
+        at ``pos_B[b]`` and attends over its own keys ``0 .. pos_B[b]`` only. The caller advances its positions.
+
+        keys_S: ``arange(S)`` with S = ``max(pos_B) + 1``, the keys the longest row sees (made here when None).
+        A tensor rather than an int so that a compiled step (:mod:`zenlm.compiled`) can treat S as a dynamic
+        size: one program for every position instead of one per length.
+
+        row_attention: False: one attention call for all rows over the longest row's keys, the others' extra
+        keys masked out. True: one attention call per row over exactly its own keys. Same formula, but the
+        attention kernels sum in an order that depends on the number of keys, so with False a row's last bits
+        (visible in bf16) depend on the other rows' lengths; with True they do not, and a row gets the logits
+        ``forward`` gives that sequence alone (bit for bit wherever the batched matrix products compute each
+        row as they would alone, as on CPU). The projections and MLPs run batched either way; the per-row
+        calls cost little at the batch sizes of generation (about what the one masked call costs at batch 8
+        on CPU).
+        """
+        B = tokens_B.shape[0]
+        x_B1C, rope = self._embed(tokens_B[:, None], pos_B)
+        mask_B11S, row_keys, rows_B = None, None, None  # rows that see all S keys need no mask
+        if isinstance(pos_B, int):
+            S = pos_B + 1
+        else:
+            if keys_S is None:
+                keys_S = torch.arange(int(pos_B.max()) + 1, device=tokens_B.device)
+            S, rows_B = keys_S.shape[0], torch.arange(B, device=tokens_B.device)
+            if row_attention and B > 1:
+                row_keys = (pos_B + 1).tolist()  # row b attends over its first row_keys[b] keys
+            elif B > 1:
+                mask_B11S = (keys_S[None, :] <= pos_B[:, None])[:, None, None]
+        layers = [LayerCache(k, v, pos_B, S, rows_B) for k, v in zip(k_layers, v_layers, strict=True)]
+        x_B1C = self._run_blocks(x_B1C, rope, layers, mask=mask_B11S, row_keys=row_keys)
+        return self.head(self.norm_f(x_B1C)[:, 0])
+
+    def _hidden(self, idx_BT: Tensor, cache: KVCache | None) -> Tensor:
+        """Token ids [B, T] -> hidden states after the last block [B, T, C] (before ``norm_f``), with or
+        without a cache (see :meth:`forward`)."""
         if idx_BT.dim() != 2:
             raise ConfigError(f"GPT expects token ids of shape [batch, time], got {tuple(idx_BT.shape)}.")
         B, T = idx_BT.shape
@@ -259,47 +264,43 @@ class GPT(nn.Module):
             if B != cache.batch_size:
                 raise ConfigError(f"batch size {B} does not match the KV cache's {cache.batch_size}.")
 
-        x_BTC = self.tok_emb(idx_BT)
-        if self.pos_emb is not None:
-            x_BTC = x_BTC + self.pos_emb.weight[pos : pos + T]
+        x_BTC, rope = self._embed(idx_BT, pos)
         x_BTC = self.drop(x_BTC)
-        rope = self.rotary(pos, T) if self.rotary is not None else None
-
+        mask_TS, is_causal = cached_causal_mask(pos, T, idx_BT.device)
         with _no_cudnn_attention() if (idx_BT.is_cuda and not self.training) else nullcontext():
-            if cache is None:
-                for block in self.blocks:
-                    x_BTC = block(x_BTC, rope)
-            else:
-                # Query t (absolute position pos+t) may see keys 0..pos+t: a plain causal mask when nothing
-                # is cached yet, no mask for a single new token, else an explicit [T, pos+T] mask.
-                mask_TS = None
-                if pos > 0 and T > 1:
-                    q_pos_T1 = torch.arange(pos, pos + T, device=idx_BT.device)[:, None]
-                    mask_TS = torch.arange(pos + T, device=idx_BT.device)[None, :] <= q_pos_T1
-                for i, block in enumerate(self.blocks):
-                    x_BTC = block(x_BTC, rope, (cache.k[i], cache.v[i], pos), mask_TS, pos == 0)
-                cache.pos = pos + T
+            x_BTC = self._run_blocks(x_BTC, rope, None if cache is None else cache.layers(T), mask=mask_TS,
+                                     is_causal=is_causal)
+        if cache is not None:
+            cache.pos = pos + T
+        return x_BTC
 
-        if last_only:
-            x_BTC = x_BTC[:, -1:]
-        return self.head(self.norm_f(x_BTC))
-
-    def features(self, idx_BT: Tensor) -> Tensor:
-        """Final hidden states (after ``norm_f``) without the head: idx_BT [B, T] -> [B, T, C].
-
-        Position t has seen tokens 0..t only (causal), so a right-padded batch gives each sequence the same
-        features as alone up to its last real token: read sequence b at position ``len_b - 1``."""
-        B, T = idx_BT.shape
-        if T > self.config.block_size:
-            raise ConfigError(f"sequence length {T} exceeds the model's block_size {self.config.block_size}.")
+    def _embed(self, idx_BT: Tensor, pos: int | Tensor) -> tuple[Tensor, tuple[Tensor, Tensor] | None]:
+        """Token (+ learned position) embeddings [B, T, C] and the rotary (cos, sin) of the positions.
+        pos: an int (the tokens take positions pos .. pos+T-1) or pos_B [B] (T == 1, one position per row)."""
         x_BTC = self.tok_emb(idx_BT)
-        if self.pos_emb is not None:
-            x_BTC = x_BTC + self.pos_emb.weight[:T]
-        x_BTC = self.drop(x_BTC)
-        rope = self.rotary(0, T) if self.rotary is not None else None
-        for block in self.blocks:
-            x_BTC = block(x_BTC, rope)
-        return self.norm_f(x_BTC)
+        rope = None
+        if isinstance(pos, int):
+            T = idx_BT.shape[1]
+            if self.pos_emb is not None:
+                x_BTC = x_BTC + self.pos_emb.weight[pos : pos + T]
+            if self.rotary is not None:
+                rope = self.rotary(pos, T)
+        else:
+            if self.pos_emb is not None:
+                x_BTC = x_BTC + self.pos_emb(pos)[:, None]
+            if self.rotary is not None:  # per-row angles, broadcast over heads: [B, 1, 1, D]
+                rope = self.rotary.at(pos)
+        return x_BTC, rope
+
+    def _run_blocks(
+        self, x_BTC: Tensor, rope: tuple[Tensor, Tensor] | None, layers: Sequence[LayerCache] | None, *,
+        mask: Tensor | None = None, is_causal: bool = False, row_keys: Sequence[int] | None = None,
+    ) -> Tensor:
+        """The blocks, in order: [B, T, C] -> [B, T, C]; layers: each block's cache view (or None)."""
+        for i, block in enumerate(self.blocks):
+            x_BTC = block(x_BTC, rope=rope, cache=None if layers is None else layers[i], mask=mask,
+                          is_causal=is_causal, row_keys=row_keys)
+        return x_BTC
 
     def head(self, x_BTC: Tensor) -> Tensor:
         """Normalised hidden states [B, T, C] -> logits [B, T, V] (float32), soft-capped when configured."""
@@ -313,4 +314,4 @@ class GPT(nn.Module):
         return logits_BTV
 
 
-__all__ = ["GPT", "Block", "KVCache"]
+__all__ = ["GPT", "Block"]

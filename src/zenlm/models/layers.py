@@ -1,10 +1,11 @@
-"""Building blocks of a decoder-only Transformer: norms, rotary positions, attention, MLPs.
+"""Building blocks of the Transformers: norms, rotary positions, MLPs (attention is :mod:`zenlm.models.attention`).
 
 Shape letters used in tensor names:
     B batch, T new positions in this call, S positions attended over (keys), C model width,
     H query heads, K key/value heads, D head dim, F MLP hidden width.
 
-Each piece is a small ``nn.Module`` that does one thing; :mod:`zenlm.models.gpt` composes them into blocks.
+Each piece is a small ``nn.Module`` that does one thing, sized by explicit arguments (not a model config);
+:mod:`zenlm.models.gpt` and :mod:`zenlm.models.encdec` compose them into blocks.
 """
 
 from __future__ import annotations
@@ -16,12 +17,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
-
-from zenlm.config import GPTConfig
-
-# ``enable_gqa`` (keys/values shared by groups of query heads, without copying them) arrived in torch 2.5.
-_SDPA_HAS_GQA = tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 5)
-
 
 # ---------------------------------------------------------------------------------------------- norms
 
@@ -47,16 +42,29 @@ class RMSNorm(nn.Module):
         return F.rms_norm(x, self.weight.shape, self.weight.to(x.dtype), self.eps)
 
 
-def make_norm(config: GPTConfig, dim: int | None = None) -> nn.Module:
-    """The norm the config asks for, over the last ``dim`` (default: the model width) channels.
+@torch.no_grad()
+def init_normal_(model: nn.Module, std: float) -> None:
+    """The initialisation every model here starts from (GPT-2's and BERT's): each linear and embedding weight
+    ~ N(0, std), linear biases 0, norm gains 1 (LayerNorm biases 0), module by module in ``model.modules()``
+    order (so the random draws, and the weights, are the same for the same seed)."""
+    for module in model.modules():
+        if isinstance(module, (RMSNorm, nn.LayerNorm)):
+            module.reset_parameters()
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
 
-    "layernorm": ``(x - mean) / sqrt(var + eps) * weight + bias`` (bias only when ``config.bias``).
-    "rmsnorm":   :class:`RMSNorm`.
+
+def make_norm(kind: str, dim: int, *, eps: float, bias: bool) -> nn.Module:
+    """The norm ``kind`` over the last ``dim`` channels.
+
+    "layernorm": ``(x - mean) / sqrt(var + eps) * weight + bias`` (bias only when ``bias``).
+    "rmsnorm":   :class:`RMSNorm` (never a bias).
     """
-    dim = config.n_embd if dim is None else dim
-    if config.norm == "rmsnorm":
-        return RMSNorm(dim, eps=config.norm_eps)
-    return nn.LayerNorm(dim, eps=config.norm_eps, bias=config.bias)
+    if kind == "rmsnorm":
+        return RMSNorm(dim, eps=eps)
+    return nn.LayerNorm(dim, eps=eps, bias=bias)
 
 
 # ------------------------------------------------------------------------------------ rotary positions
@@ -85,6 +93,10 @@ class Rotary(nn.Module):
     def forward(self, start: int, length: int) -> tuple[Tensor, Tensor]:
         """cos and sin for absolute positions ``start .. start+length-1``, each [length, D]."""
         return self.cos[start : start + length], self.sin[start : start + length]
+
+    def at(self, pos_B: Tensor) -> tuple[Tensor, Tensor]:
+        """cos and sin for one position per row, pos_B [B] -> each [B, 1, 1, D] (broadcast over heads)."""
+        return self.cos[pos_B][:, None, None], self.sin[pos_B][:, None, None]
 
 
 def rope_frequencies(head_dim: int, theta: float, scaling: dict | None = None) -> Tensor:
@@ -121,115 +133,6 @@ def apply_rotary(x_BHTD: Tensor, cos_TD: Tensor, sin_TD: Tensor) -> Tensor:
     """Rotate queries or keys by their positions: ``x * cos + rotate_half(x) * sin``."""
     cos_TD, sin_TD = cos_TD.to(x_BHTD.dtype), sin_TD.to(x_BHTD.dtype)
     return x_BHTD * cos_TD + rotate_half(x_BHTD) * sin_TD
-
-
-# ------------------------------------------------------------------------------------------ attention
-
-
-class CausalSelfAttention(nn.Module):
-    """Multi-head causal self-attention with optional grouped-query heads, qk-norm and rotary positions.
-
-        q, k, v = split(x @ W_qkv)                 # H query heads, K key/value heads (K divides H)
-        q, k    = rmsnorm(q), rmsnorm(k)           # per head, if qk_norm
-        q, k    = rotary(q), rotary(k)             # if rope
-        y       = softmax(q k^T / sqrt(D) + causal mask) v
-        out     = y @ W_proj
-
-    With a KV cache the new keys/values are written into the cache at positions ``pos .. pos+T-1`` and
-    the queries attend over all cached positions ``0 .. pos+T-1``.
-    """
-
-    def __init__(self, config: GPTConfig) -> None:
-        super().__init__()
-        assert config.n_kv_head is not None  # filled in by GPTConfig.__post_init__
-        self.n_head = config.n_head
-        self.n_kv_head = config.n_kv_head
-        self.head_dim = config.head_dim
-        self.dropout = config.dropout
-        qkv_out = (self.n_head + 2 * self.n_kv_head) * self.head_dim
-        self.qkv = nn.Linear(config.n_embd, qkv_out, bias=bool(config.qkv_bias))  # fused q, k, v projections
-        self.proj = nn.Linear(self.n_head * self.head_dim, config.n_embd, bias=bool(config.attn_proj_bias))
-        if config.qk_norm:
-            self.q_norm: nn.Module | None = RMSNorm(self.head_dim, eps=config.norm_eps)
-            self.k_norm: nn.Module | None = RMSNorm(self.head_dim, eps=config.norm_eps)
-        else:
-            self.q_norm = self.k_norm = None
-
-    def forward(
-        self,
-        x_BTC: Tensor,
-        rope: tuple[Tensor, Tensor] | None = None,
-        kv_cache: tuple[Tensor, Tensor, int] | None = None,
-        mask_TS: Tensor | None = None,
-        is_causal: bool = True,
-    ) -> Tensor:
-        """x_BTC: [B, T, C] -> [B, T, C].
-
-        rope:      (cos_TD, sin_TD) for the T new positions, or None (no rotary positions)
-        kv_cache:  (k_cache_BKSD, v_cache_BKSD, pos) preallocated buffers of this layer and the number of
-                   positions already filled; None means attention over the T new positions only
-        mask_TS:   boolean mask [T, S] (True = may attend), S = pos + T keys; None = no mask
-        is_causal: causal mask over a square T x T score matrix (cannot be combined with mask_TS). With a
-                   cache and pos > 0 use mask_TS (T > 1) or nothing (T == 1) instead: SDPA's is_causal
-                   aligns the mask top-left when T < S, which would hide the cached keys.
-        """
-        B, T, _ = x_BTC.shape
-        H, K, D = self.n_head, self.n_kv_head, self.head_dim
-        q_BHTD, k_BKTD, v_BKTD = self.heads(x_BTC, rope)
-        # Norms may run in fp32 under autocast while v is bf16: attention wants one dtype.
-        q_BHTD, k_BKTD = q_BHTD.to(v_BKTD.dtype), k_BKTD.to(v_BKTD.dtype)
-
-        if kv_cache is None:
-            k_BKSD, v_BKSD = k_BKTD, v_BKTD
-        else:
-            k_cache, v_cache, pos = kv_cache
-            k_cache[:, :, pos : pos + T] = k_BKTD  # write in place: no reallocation per step
-            v_cache[:, :, pos : pos + T] = v_BKTD
-            k_BKSD, v_BKSD = k_cache[:, :, : pos + T], v_cache[:, :, : pos + T]
-            if k_BKSD.dtype != q_BHTD.dtype:  # a cache kept in another precision than the activations
-                k_BKSD, v_BKSD = k_BKSD.to(q_BHTD.dtype), v_BKSD.to(q_BHTD.dtype)
-
-        gqa = K != H
-        if gqa and not _SDPA_HAS_GQA:  # old torch: give every query head its own copy of its k/v head
-            k_BKSD, v_BKSD = k_BKSD.repeat_interleave(H // K, 1), v_BKSD.repeat_interleave(H // K, 1)
-        extra = {"enable_gqa": True} if gqa and _SDPA_HAS_GQA else {}
-        y_BHTD = attention(q_BHTD, k_BKSD, v_BKSD, attn_mask=mask_TS,
-                           dropout_p=self.dropout if self.training else 0.0, is_causal=is_causal, **extra)
-        y_BTC = y_BHTD.transpose(1, 2).reshape(B, T, H * D)
-        return self.proj(y_BTC)
-
-    def heads(self, x_BTC: Tensor, rope: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor, Tensor]:
-        """The fused projection split into heads: [B, T, C] -> q [B, H, T, D], k and v [B, K, T, D], with the
-        optional q/k norm and rotary positions applied (rope: cos/sin broadcastable to [B, H, T, D])."""
-        B, T, _ = x_BTC.shape
-        H, K, D = self.n_head, self.n_kv_head, self.head_dim
-        qkv = self.qkv(x_BTC).view(B, T, H + 2 * K, D)
-        q_BTHD, k_BTKD, v_BTKD = qkv.split([H, K, K], dim=2)
-        if self.q_norm is not None and self.k_norm is not None:
-            q_BTHD, k_BTKD = self.q_norm(q_BTHD), self.k_norm(k_BTKD)
-        q_BHTD, k_BKTD, v_BKTD = q_BTHD.transpose(1, 2), k_BTKD.transpose(1, 2), v_BTKD.transpose(1, 2)
-        if rope is not None:
-            q_BHTD, k_BKTD = apply_rotary(q_BHTD, *rope), apply_rotary(k_BKTD, *rope)
-        return q_BHTD, k_BKTD, v_BKTD
-
-
-def attention(q: Tensor, k: Tensor, v: Tensor, **sdpa_kwargs: object) -> Tensor:
-    """``F.scaled_dot_product_attention`` (softmax(q k^T / sqrt(D) + mask) v), computed in fp32 when q is
-    bf16/fp16 on a CPU (the result comes back in q's dtype; the projections around it stay in bf16).
-
-    PyTorch's CPU attention kernels are slower in bf16 than in fp32: the *backward* about 3.5x (18 ms vs 5 ms
-    per call at B=32, T=64, 4 heads of 32), and a decode step's one query over 100 keys (12 heads of 64)
-    about 4x (~110-180 us vs ~30-40 us; 12 such calls are ~20% of an int8 GPT-2 step). Every attention of
-    the models goes through here, so training, prefill and decoding all attend the same way."""
-    low = q.dtype in (torch.bfloat16, torch.float16) and q.device.type == "cpu"
-    if not low:
-        return F.scaled_dot_product_attention(q, k, v, **sdpa_kwargs)  # type: ignore[arg-type]
-    mask = sdpa_kwargs.get("attn_mask")
-    if isinstance(mask, Tensor) and mask.is_floating_point():
-        sdpa_kwargs = {**sdpa_kwargs, "attn_mask": mask.float()}
-    with torch.autocast("cpu", enabled=False):
-        y = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), **sdpa_kwargs)  # type: ignore[arg-type]
-    return y if torch.is_autocast_enabled("cpu") else y.to(q.dtype)
 
 
 # ------------------------------------------------------------------------------------------------ MLPs
@@ -289,22 +192,16 @@ class SwiGLU(nn.Module):
         return self.proj(F.silu(self.gate(x_BTC)) * self.up(x_BTC))
 
 
-def make_mlp(config: GPTConfig) -> nn.Module:
-    """The feed-forward the config asks for: "gelu" (GPT-2), "relu2" or "swiglu" (Llama).
+def make_mlp(kind: str, n_embd: int, hidden: int, *, bias: bool) -> nn.Module:
+    """The feed-forward ``kind``, C = n_embd -> F = hidden -> C: "gelu" (GPT-2's tanh approximation),
+    "relu2" (squared ReLU) or "swiglu" (Llama).
 
     Every variant names its output matrix ``proj`` (the GPT-2-style scaled initialisation finds it there).
     """
-    assert config.mlp_hidden is not None  # filled in by GPTConfig.__post_init__
-    bias = bool(config.mlp_bias)
-    if config.mlp == "swiglu":
-        return SwiGLU(config.n_embd, config.mlp_hidden, bias)
-    act = gelu_tanh if config.mlp == "gelu" else relu_squared
-    return MLP(config.n_embd, config.mlp_hidden, bias, act)
-
-
-def scaled_init_std(config: GPTConfig) -> float:
-    """GPT-2's std for the output projections of each residual branch: init_std / sqrt(2 * n_layer)."""
-    return config.init_std / math.sqrt(2 * config.n_layer)
+    if kind == "swiglu":
+        return SwiGLU(n_embd, hidden, bias)
+    act = gelu_tanh if kind == "gelu" else relu_squared
+    return MLP(n_embd, hidden, bias, act)
 
 
 __all__ = [
@@ -314,11 +211,10 @@ __all__ = [
     "rope_frequencies",
     "rotate_half",
     "apply_rotary",
-    "CausalSelfAttention",
     "MLP",
     "SwiGLU",
     "make_mlp",
     "gelu_tanh",
     "relu_squared",
-    "scaled_init_std",
+    "matvec",
 ]

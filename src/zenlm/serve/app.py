@@ -43,8 +43,8 @@ from starlette.requests import ClientDisconnect
 
 from zenlm.chat_template import TemplateError, TemplateWorker
 from zenlm.errors import ConfigError
-from zenlm.generate import SEED_LIMIT
 from zenlm.models.gpt import GPT
+from zenlm.sampling import SEED_LIMIT
 from zenlm.serve.chat import KIND_HINTS, KIND_LABELS
 from zenlm.serve.engine import (
     EmbedJob,

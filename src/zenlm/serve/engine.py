@@ -12,7 +12,7 @@ Continuous batching, in the simplest form that is still correct:
              :class:`PromptEvent` before its first token; with ``max_tokens=0`` it ends right there
              (this is how ``echo`` + ``logprobs`` score a text, as evaluation harnesses ask)
     step:    every running sequence feeds its newest token at its own position in one batched forward
-             pass (:func:`zenlm.generate.decode_step`): each row writes its key/value at its own position
+             pass (:meth:`GPT.decode_step <zenlm.models.gpt.GPT.decode_step>`): each row writes its key/value at its own position
              and attends only to its own positions ``0 .. pos_b`` (a per-row mask), so sequences of
              different lengths share one matrix multiply per layer
     retire:  a finished or cancelled sequence frees its slot at once; a waiting request takes it on the
@@ -27,10 +27,10 @@ the sequence's ``emit`` callback (called on the engine thread): :class:`TokenEve
 exactly one :class:`FinishEvent` or :class:`ErrorEvent` (a scored prompt's :class:`PromptEvent` comes
 first). Setting ``seq.cancel()`` (a client went away) frees the work at the next step.
 
-Sampling per sequence follows OpenAI's order: penalties on the raw logits
-(``logits -= frequency_penalty * count + presence_penalty * (count > 0)`` over generated tokens), log-probs
-from that distribution, then greedy (temperature 0) or temperature, top-k, top-p and a draw from the
-sequence's own seeded generator.
+Sampling per sequence is :mod:`zenlm.sampling`'s pipeline (a :class:`~zenlm.sampling.Sampler` per sequence),
+in OpenAI's order: penalties on the raw logits (``logits -= frequency_penalty * count + presence_penalty *
+(count > 0)`` over generated tokens), log-probs from that distribution, then greedy (temperature 0) or
+temperature, top-k, top-p and a draw from the sequence's own seeded generator.
 """
 
 from __future__ import annotations
@@ -47,8 +47,10 @@ import torch
 from torch import Tensor
 
 from zenlm.errors import ConfigError
-from zenlm.generate import _split_at_stop, decode_step, top_k_filter, top_p_filter
-from zenlm.models.gpt import GPT, KVCache
+from zenlm.generate import split_at_stop
+from zenlm.models.cache import KVCache
+from zenlm.models.gpt import GPT
+from zenlm.sampling import Sampler, SamplingConfig
 from zenlm.scoring import score_tokens
 from zenlm.serve.metrics import Metrics
 from zenlm.tokenizer import Tokenizer
@@ -78,6 +80,12 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     logprobs: int | None = None  # None: none; k >= 0: the chosen token's log-prob and the k best
     prompt_logprobs: int | None = None  # None: none; k >= 0: score the prompt too (a PromptEvent), k best
+
+    def sampling(self) -> SamplingConfig:
+        """The settings of the sampling pipeline (validated: a bad value raises ConfigError)."""
+        return SamplingConfig(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, seed=self.seed,
+                              presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
+                              logprobs=self.logprobs)
 
 
 @dataclass
@@ -154,8 +162,7 @@ class Sequence:
         self.n_generated = 0
         self.last_token = 0
         self.next_logits: Tensor | None = None
-        self.counts: Tensor | None = None
-        self.generator: torch.Generator | None = None
+        self.sampler: Sampler | None = None
         self.decoder = None
         self.pending = ""
         self.last_token_time = 0.0
@@ -223,6 +230,7 @@ class Engine:
                 )
             if max(s.prompt_ids) >= self.model.config.vocab_size or min(s.prompt_ids) < 0:
                 raise ConfigError(f"prompt token ids must be in 0..{self.model.config.vocab_size - 1}.")
+            s.params.sampling()  # refused here, not inside the loop where it would fail the other sequences
         with self.lock:
             if len(self.waiting) + self.running + len(seqs) > self.max_concurrency + self.max_queue:
                 raise Overloaded("the server is busy: every slot and queue place is taken; retry shortly.")
@@ -371,7 +379,10 @@ class Engine:
         self._free(seq)
         if not seq.done:
             seq.done = True
-            seq.emit(ErrorEvent(f"generation failed: {type(e).__name__}: {e}"))
+            try:
+                seq.emit(ErrorEvent(f"generation failed: {type(e).__name__}: {e}"))
+            except Exception:  # the sequence's own receiver is what failed: nobody left to tell
+                log.exception("could not report a failed sequence")
 
     def _isolated(self, seq: Sequence, fn: Callable[..., None], *args: object) -> bool:
         """``fn(*args)``, the work of ``seq`` alone; when it raises, only ``seq`` fails. True when it ran."""
@@ -407,14 +418,9 @@ class Engine:
             self._prefill_rows(todo[i : i + rows], scored)
 
     def _start(self, seq: Sequence) -> None:
-        """Set up the sampling state of ``seq`` as it leaves the queue: its generator, counts, decoder."""
-        p = seq.params
-        seq.generator = torch.Generator(device=self.device)
-        if p.seed is None:
-            seq.generator.seed()
-        else:
-            seq.generator.manual_seed(p.seed)
-        seq.counts = torch.zeros(self.model.config.vocab_size, device=self.device)
+        """Set up the sampling state of ``seq`` as it leaves the queue: its sampler (seeded generator, counts)
+        and its stream decoder."""
+        seq.sampler = Sampler(seq.params.sampling(), self.model.config.vocab_size, device=self.device)
         seq.decoder = self.tokenizer.stream_decoder(skip_special=seq.skip_special)
         self.metrics.observe("zenlm_queue_seconds", time.perf_counter() - seq.submitted)
         self.metrics.inc("zenlm_prompt_tokens_total", len(seq.prompt_ids))
@@ -481,7 +487,7 @@ class Engine:
         pos_B = torch.tensor(positions, device=self.device)
         # row_attention: each row attends over exactly its own keys, so what a request gets does not depend on
         # which other requests share the step (in bf16 it would, in the last bits, with one masked call)
-        logits_BV = decode_step(self.model, tokens_B, pos_B, self.pool.k, self.pool.v, row_attention=True)
+        logits_BV = self.model.decode_step(tokens_B, pos_B, self.pool.k, self.pool.v, row_attention=True)
         self.steps += 1
         self.max_batch_seen = max(self.max_batch_seen, len(active))
         for i, s in active:
@@ -491,21 +497,9 @@ class Engine:
     def _advance(self, seq: Sequence, logits_V: Tensor) -> None:
         """Sample the next token of ``seq`` from logits_V [V], emit it, and finish the sequence if done."""
         p = seq.params
-        assert seq.counts is not None and seq.decoder is not None
-        logits_V = logits_V.float()
-        if p.frequency_penalty or p.presence_penalty:
-            logits_V = logits_V - p.frequency_penalty * seq.counts - p.presence_penalty * (seq.counts > 0)
-        logprobs_V = torch.log_softmax(logits_V, dim=-1) if p.logprobs is not None else None
-        if p.temperature == 0:
-            token = int(torch.argmax(logits_V))
-        else:
-            scaled_V = logits_V / p.temperature
-            if p.top_k is not None:
-                scaled_V = top_k_filter(scaled_V, p.top_k)
-            if p.top_p < 1.0:
-                scaled_V = top_p_filter(scaled_V, p.top_p)
-            token = int(torch.multinomial(torch.softmax(scaled_V, -1), 1, generator=seq.generator))
-        seq.counts[token] += 1
+        assert seq.sampler is not None and seq.decoder is not None
+        choice = seq.sampler.choose(logits_V)
+        token = choice.token
         seq.n_generated += 1
         seq.last_token = token
         now = time.perf_counter()
@@ -516,14 +510,7 @@ class Engine:
         seq.last_token_time = now
         self.metrics.inc("zenlm_completion_tokens_total")
 
-        lp, top = None, None
-        if logprobs_V is not None:
-            lp = float(logprobs_V[token])
-            if p.logprobs:
-                vals, idx = torch.topk(logprobs_V, min(p.logprobs, logprobs_V.shape[0]))
-                top = [(int(i), float(v)) for i, v in zip(idx.tolist(), vals.tolist(), strict=True)]
-            else:
-                top = []
+        lp, top = choice.logprob, choice.top_logprobs
         if lp is not None and math.isinf(lp):
             lp = -9999.0  # JSON has no -inf
 
@@ -533,7 +520,7 @@ class Engine:
             self._finish(seq, "stop")
             return
         seq.pending += seq.decoder.push(token)
-        ready, seq.pending, stopped = _split_at_stop(seq.pending, p.stop, final=False)
+        ready, seq.pending, stopped = split_at_stop(seq.pending, p.stop, final=False)
         seq.emit(TokenEvent(token, ready, lp, top))
         if stopped:
             self._finish(seq, "stop", flush=False)
@@ -543,7 +530,7 @@ class Engine:
     def _finish(self, seq: Sequence, reason: str, flush: bool = True) -> None:
         tail = ""
         if flush and seq.decoder is not None:
-            tail, _, stopped = _split_at_stop(seq.pending + seq.decoder.flush(), seq.params.stop, final=True)
+            tail, _, stopped = split_at_stop(seq.pending + seq.decoder.flush(), seq.params.stop, final=True)
             reason = "stop" if stopped else reason
         seq.pending = ""
         self._free(seq)
@@ -552,5 +539,5 @@ class Engine:
         seq.emit(FinishEvent(reason, tail, len(seq.prompt_ids), seq.n_generated))
 
 
-__all__ = ["EmbedJob", "Engine", "Sequence", "SamplingParams", "PromptEvent", "TokenEvent", "FinishEvent", "ErrorEvent",
-           "Overloaded", "decode_step"]
+__all__ = ["EmbedJob", "Engine", "Sequence", "SamplingParams", "PromptEvent", "TokenEvent", "FinishEvent",
+           "ErrorEvent", "Overloaded"]

@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from zenlm.generate import SEED_LIMIT, effective_temperature
+from zenlm.sampling import SEED_LIMIT
 from zenlm.serve.engine import SamplingParams
 
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
@@ -187,7 +187,7 @@ def _common(body: dict, *, chat: bool, default_max_tokens: int) -> GenerationReq
         max_tokens = mct if mct is not None else max_tokens
     params = SamplingParams(
         max_tokens=default_max_tokens if max_tokens is None else max_tokens,
-        temperature=effective_temperature(_float(body, "temperature", 1.0, 0.0, 2.0)),  # tiny: greedy
+        temperature=_float(body, "temperature", 1.0, 0.0, 2.0),
         top_p=_float(body, "top_p", 1.0, 0.0, 1.0) or 1e-9,
         top_k=_int(body, "top_k", None, 1),
         stop=_stop(body),

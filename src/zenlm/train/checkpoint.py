@@ -35,7 +35,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from zenlm.errors import CheckpointError, write_error
-from zenlm.fileio import atomic_path, write_safetensors
+from zenlm.fileio import atomic_path, read_json_object, write_safetensors
 
 log = logging.getLogger(__name__)
 
@@ -318,12 +318,7 @@ def list_checkpoints(ckpt_root: Path) -> list[Path]:
 
 
 def _read_trainer_state(path: Path) -> dict[str, Any]:
-    try:
-        state = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path} is not valid JSON ({e}).") from e
-    if not isinstance(state, dict):
-        raise CheckpointError(f"{path} must hold a JSON object; the file is damaged.")
+    state = read_json_object(path, CheckpointError, "the file is damaged")
     step = state.get("step")
     if isinstance(step, bool) or not isinstance(step, int) or step < 0:
         raise CheckpointError(f"{path}: 'step' must be a whole number >= 0, got {step!r}; the file is damaged.")

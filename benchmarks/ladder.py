@@ -1,0 +1,319 @@
+"""The language-model ladder at equal wall time: n-gram, MLP, LSTM and GPT side by side, and word vectors.
+
+    python benchmarks/ladder.py --out runs/ladder               # everything (about an hour on 2 cores)
+    python benchmarks/ladder.py --seconds 60 --corpora shakespeare-char --rungs mlp lstm
+    python benchmarks/ladder.py --smoke --out /tmp/ladder       # seconds-long budgets, tiny models
+
+Part 1, the ladder, on shakespeare-char and People's Daily, both as characters (one character vocabulary per
+corpus, first 90% train, last 10% validation). Every neural rung trains through zenlm's training loop for the same
+wall time (--seconds, 60 and 300 by default; the learning rate decays over the budget):
+
+* ``ngram-N``  interpolated modified Kneser–Ney, counted from the training ids (time = counting time)
+* ``mlp``      the mlp-small preset (Bengio et al.), truncated-BPTT stream batches (its state is the window)
+* ``lstm``     the lstm-small preset, truncated BPTT with the hidden state carried across windows
+* ``gpt``      ``zenlm pretrain`` with the five-min recipe (--gpt-recipe)
+
+Validation: the same predicted tokens for every rung (the whole validation split in 128-token windows, or
+--eval-tokens). The GPT scores each window from an empty context, as ``zenlm pretrain`` reports; the n-gram,
+MLP and LSTM read the text as streams with their history / state carried. Bits per byte =
+nats per token / ln 2 × tokens / UTF-8 bytes. Tokens/s counts training tokens over training time (evaluation
+excluded). Each row ends with a 200-token sample (temperature 0.8, seed 0).
+
+Part 2, word vectors: skip-gram and CBOW (100 dimensions, 5 epochs) on shakespeare (English words, lowercased)
+and People's Daily (segmented words): Google analogy accuracy (over the questions in the vocabulary), WordSim-353
+and SimLex-999 Spearman rho, nearest neighbours.
+
+Part 3, a word-level LSTM (lstm-small on shakespeare's words, word tokenizer) trained for --word-seconds twice
+with the same seed: embeddings initialised at random, and from skip-gram vectors trained on the same training
+split (scaled to the initial embeddings' standard deviation). The difference in validation loss is reported as
+it comes out.
+
+Writes results.json and ladder.png (validation bits per byte against the budget) into --out and prints markdown
+tables. The machine must be otherwise idle for the timings to mean anything.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from zenlm.data.corpus import open_corpus
+from zenlm.data.shards import TokenShards, load_index, prepare
+from zenlm.generate import GenerationConfig
+from zenlm.models.ngram import NGramConfig, NGramLM
+from zenlm.models.rnn import build_model, get_rnn_preset
+from zenlm.recipes.ladder import (
+    StateCarrier,
+    evaluate_ngram,
+    evaluate_stateful_lm,
+    generate_stateful,
+    save_lm_weights,
+    stream_task,
+    tbptt_loss,
+)
+from zenlm.recipes.pretrain import pretrain
+from zenlm.recipes.registry import recipe_settings
+from zenlm.tokenizer import Tokenizer, train_tokenizer
+from zenlm.train.loop import TrainConfig, TrainResult, fit
+from zenlm.train.optim import OptimConfig
+
+EVAL_SEQ = 128  # validation window (the five-min GPT's context)
+PROMPTS = {"shakespeare-char": "ROMEO:\n", "peoples-daily": "中国"}
+# per rung: preset, streams x window, optimiser (AdamW, cosine over the budget)
+STATEFUL = {
+    "mlp": dict(preset="mlp-small", batch_size=64, seq_len=64,
+                optim=dict(name="adamw", lr=3e-3, min_lr=3e-4, warmup_steps=50, weight_decay=0.01)),
+    "lstm": dict(preset="lstm-small", batch_size=32, seq_len=128,
+                 optim=dict(name="adamw", lr=3e-3, min_lr=3e-4, warmup_steps=50, weight_decay=0.01)),
+}
+SMOKE_MODELS = {"mlp": dict(n_hidden=64), "lstm": dict(n_embd=32, n_hidden=32, n_layer=1)}
+
+
+# ---------------------------------------------------------------------------------------------- training
+def train_stateful(lm: torch.nn.Module, data: Path, run_dir: Path, seconds: float, *, batch_size: int,
+                   seq_len: int, optim: dict[str, Any], eval_tokens: int | None, seed: int = 1337,
+                   threads: int | None = None) -> TrainResult:
+    """Train a stateful LM (MLP or LSTM) with truncated BPTT through zenlm's training loop for ``seconds``.
+
+    The one place that calls :func:`zenlm.train.loop.fit` for the lower rungs (adapt it here when the loop's
+    signature or loss contract changes).
+    """
+    run_dir.mkdir(parents=True, exist_ok=True)
+    train, val = TokenShards.open(data, "train"), TokenShards.open(data, "val")
+    val_info = load_index(data)["splits"]["val"]
+    bytes_per_token = val_info["bytes"] / val_info["tokens"]
+    carrier = StateCarrier(lm, batch_size)
+
+    def evaluate(model: torch.nn.Module) -> dict[str, float]:
+        return evaluate_stateful_lm(model, val, 16, EVAL_SEQ, eval_tokens, bytes_per_token)
+
+    cfg = TrainConfig(max_steps=10**9, max_seconds=seconds, eval_every=0, log_every=50, ckpt_every=0, seed=seed,
+                      device="cpu", precision="fp32", tensorboard=False, threads=threads)
+    result = fit(carrier, stream_task(train, batch_size, seq_len, seed=seed), tbptt_loss, run_dir, cfg,
+                 OptimConfig(**optim), evaluate=evaluate)
+    save_lm_weights(carrier, run_dir / "model.safetensors")
+    return result
+
+
+def train_gpt(data: Path, run_dir: Path, seconds: float, recipe: str, eval_tokens: int | None,
+              overrides: dict[str, Any] | None = None, threads: int | None = None) -> TrainResult:
+    """The GPT rung: ``zenlm pretrain`` with a recipe, for ``seconds`` of wall time."""
+    s = recipe_settings(recipe, **(overrides or {}))
+    train = TrainConfig(max_steps=10**9, max_seconds=seconds, eval_every=0, log_every=50, ckpt_every=0,
+                        device="cpu", precision=s["precision"], compile=s["compile"], grad_accum=s["grad_accum"],
+                        tensorboard=False, seed=1337, threads=threads)
+    return pretrain(data, run_dir, model=s["model"], model_overrides=s["model_overrides"],
+                    batch_size=s["batch_size"], seq_len=s["seq_len"], eval_tokens=eval_tokens,
+                    eval_seq_len=EVAL_SEQ, eval_batch_size=64, train=train, optim=OptimConfig(**s["optim"]))
+
+
+def char_data(corpus: str, root: Path) -> Path:
+    """A character-level data directory for ``corpus`` (made once under ``root``)."""
+    out = root / f"data-{corpus}"
+    if not (out / "index.json").is_file():
+        c = open_corpus(corpus)
+        prepare(c, train_tokenizer(c.texts("train"), kind="char", vocab_size=100_000), out)
+    return out
+
+
+def sample_text(lm: torch.nn.Module, tok: Tokenizer, prompt: str) -> str:
+    cfg = GenerationConfig(max_new_tokens=200, temperature=0.8, seed=0)
+    return prompt + tok.decode(generate_stateful(lm, tok.encode(prompt), cfg, eos_id=tok.eos_id))
+
+
+# ---------------------------------------------------------------------------------------------- part 1
+def ladder(corpus: str, root: Path, args: argparse.Namespace) -> list[dict[str, Any]]:
+    data = char_data(corpus, root)
+    tok = Tokenizer.load(data)
+    index = load_index(data)
+    vocab = int(index["vocab_size"])
+    val_info = index["splits"]["val"]
+    bytes_per_token = val_info["bytes"] / val_info["tokens"]
+    train, val = TokenShards.open(data, "train"), TokenShards.open(data, "val")
+    prompt = PROMPTS[corpus]
+    rows: list[dict[str, Any]] = []
+    if "ngram" in args.rungs:
+        for n in args.ngram_orders:
+            t0 = time.perf_counter()
+            m = NGramLM.from_shards(train, NGramConfig(vocab_size=vocab, order=n))
+            count_s = time.perf_counter() - t0
+            v = evaluate_ngram(m, val, EVAL_SEQ, args.eval_tokens, bytes_per_token)
+            rows.append({"corpus": corpus, "rung": f"ngram-{n}", "budget_s": None, "train_s": count_s,
+                         "tokens_per_s": len(train) / count_s, "params": m.num_entries(), "steps": None, **v,
+                         "sample": sample_text(m, tok, prompt)})
+            print(_row(rows[-1]), flush=True)
+    for seconds in args.seconds:
+        for rung in [r for r in ("mlp", "lstm") if r in args.rungs]:
+            s = STATEFUL[rung]
+            torch.manual_seed(1337)
+            lm = build_model(get_rnn_preset(s["preset"], vocab_size=vocab,
+                                            **(SMOKE_MODELS[rung] if args.smoke else {})))
+            res = train_stateful(lm, data, root / f"{corpus}-{rung}-{seconds:g}", seconds,
+                                 batch_size=s["batch_size"], seq_len=s["seq_len"], optim=s["optim"],
+                                 eval_tokens=args.eval_tokens, threads=args.threads)
+            rows.append({"corpus": corpus, "rung": rung, "budget_s": seconds, "train_s": res.train_s,
+                         "tokens_per_s": res.tokens / max(res.train_s, 1e-9), "params": lm.num_params(),
+                         "steps": res.step, **res.val, "sample": sample_text(lm, tok, prompt)})
+            print(_row(rows[-1]), flush=True)
+        if "gpt" in args.rungs:
+            import zenlm
+
+            run = root / f"{corpus}-gpt-{seconds:g}"
+            res = train_gpt(data, run, seconds, args.gpt_recipe, args.eval_tokens,
+                            overrides={"model_overrides": {"n_layer": 1, "n_embd": 64}} if args.smoke else None,
+                            threads=args.threads)
+            lm = zenlm.load(run, device="cpu")
+            rows.append({"corpus": corpus, "rung": f"gpt ({args.gpt_recipe})", "budget_s": seconds,
+                         "train_s": res.train_s, "tokens_per_s": res.tokens / max(res.train_s, 1e-9),
+                         "params": sum(p.numel() for p in lm.model.parameters()), "steps": res.step, **res.val,
+                         "sample": prompt + lm.generate(prompt, max_new_tokens=200, temperature=0.8, seed=0)})
+            print(_row(rows[-1]), flush=True)
+    return rows
+
+
+def _row(r: dict[str, Any]) -> str:
+    budget = "counted" if r["budget_s"] is None else f"{r['budget_s']:g} s"
+    sample = r["sample"].replace("\n", " / ").replace("|", "¦")[:90]
+    return (f"| {r['corpus']} | {r['rung']} | {budget} | {r['val_bpb']:.3f} | {r['val_loss']:.3f} | "
+            f"{r['tokens_per_s']:,.0f} | {_count(r['params'])} | {r['steps'] or ''} | {sample} |")
+
+
+def _count(n: int) -> str:
+    return f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n / 1e3:.1f}k"
+
+
+LADDER_HEAD = ("| corpus | rung | training | val bits/byte | val nats/token | tokens/s | parameters (n-gram: "
+               "table entries) | steps | "
+               "sample |\n|---|---|---|---|---|---|---|---|---|")
+
+
+# ---------------------------------------------------------------------------------------------- parts 2, 3
+def word_vectors(args: argparse.Namespace) -> list[dict[str, Any]]:
+    from zenlm.wordvec import CorpusSentences, Word2VecSettings, evaluate_vectors, train_word2vec
+
+    rows = []
+    for corpus in ("shakespeare", "peoples-daily"):
+        sentences = CorpusSentences(corpus)
+        for method in ("skipgram", "cbow"):
+            settings = Word2VecSettings(method=method, dim=16 if args.smoke else 100,
+                                        epochs=1 if args.smoke else 5, threads=args.threads or 1)
+            t0 = time.perf_counter()
+            kv = train_word2vec(sentences, settings)
+            r = {"corpus": corpus, "method": method, "train_s": time.perf_counter() - t0, **evaluate_vectors(kv)}
+            rows.append(r)
+            a, ws, sl = r["analogy"], r["wordsim353"], r["simlex999"]
+            near = "; ".join(f"{w}: {', '.join(n for n, _ in ns[:4])}" for w, ns in list(r["neighbours"].items())[:2])
+            print(f"| {corpus} | {method} | {r['vocab_size']:,} | {r['train_s']:.0f} s | {_f(a['accuracy'], '.1%')} "
+                  f"({a['questions']:,}) | {_f(ws['spearman'], '.3f')} | {_f(sl['spearman'], '.3f')} | {near} |",
+                  flush=True)
+    return rows
+
+
+def _f(v: float | None, fmt: str) -> str:
+    return "n/a" if v is None else format(v, fmt)
+
+
+def word_lstm(root: Path, args: argparse.Namespace) -> list[dict[str, Any]]:
+    from zenlm.wordvec import CorpusSentences, Word2VecSettings, init_embeddings, train_word2vec
+
+    corpus = open_corpus("shakespeare")
+    tok = train_tokenizer(corpus.texts("train"), kind="word", vocab_size=8192, min_frequency=2)
+    data = root / "data-shakespeare-words"
+    prepare(corpus, tok, data)
+    overrides = {"n_embd": 16, "n_hidden": 16, "n_layer": 1} if args.smoke else {}
+    cfg = get_rnn_preset("lstm-small", vocab_size=tok.vocab_size, **overrides)
+    t0 = time.perf_counter()
+    kv = train_word2vec(CorpusSentences("shakespeare"), Word2VecSettings(
+        dim=cfg.n_embd, min_count=2, epochs=1 if args.smoke else 5, threads=args.threads or 1))
+    w2v_s = time.perf_counter() - t0
+    rows = []
+    for init in ("random", "word2vec"):
+        torch.manual_seed(1337)
+        lm = build_model(cfg)
+        coverage = init_embeddings(lm.emb.weight, tok, kv) if init == "word2vec" else None
+        res = train_stateful(lm, data, root / f"words-{init}", args.word_seconds, batch_size=32, seq_len=32,
+                             optim=STATEFUL["lstm"]["optim"], eval_tokens=args.eval_tokens, threads=args.threads)
+        rows.append({"init": init, "steps": res.step, "tokens_per_s": res.tokens / max(res.train_s, 1e-9),
+                     "coverage": coverage.to_dict() if coverage else None, "word2vec_s": w2v_s, **res.val})
+        cov = f"{coverage.fraction:.1%} of {coverage.words:,} words" if coverage else "-"
+        print(f"| {init} | {args.word_seconds:g} s | {res.step} | {res.val['val_loss']:.4f} | "
+              f"{res.val['val_ppl']:.1f} | {res.val['val_bpb']:.4f} | {cov} |", flush=True)
+    diff = rows[1]["val_loss"] - rows[0]["val_loss"]
+    print(f"\nword2vec init minus random init: {diff:+.4f} nats/word (word2vec training took {w2v_s:.0f} s, "
+          "not counted in the budget)", flush=True)
+    return rows
+
+
+def plot(rows: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    corpora = sorted({r["corpus"] for r in rows})
+    fig, axes = plt.subplots(1, len(corpora), figsize=(6 * len(corpora), 4), squeeze=False)
+    for ax, corpus in zip(axes[0], corpora, strict=True):
+        mine = [r for r in rows if r["corpus"] == corpus]
+        for i, rung in enumerate(dict.fromkeys(r["rung"] for r in mine)):
+            pts = sorted((r["budget_s"], r["val_bpb"]) for r in mine if r["rung"] == rung and r["budget_s"])
+            if pts:
+                ax.plot(*zip(*pts, strict=True), marker="o", label=rung, color=f"C{i}")
+            else:  # counted, not trained: a level line
+                ax.axhline(next(r["val_bpb"] for r in mine if r["rung"] == rung), ls="--", lw=1, label=rung,
+                           color=f"C{i}")
+        ax.set(title=corpus, xlabel="training wall time (s)", ylabel="validation bits per byte", xscale="log")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, required=True, help="working directory (data, runs, results.json, plot)")
+    ap.add_argument("--corpora", nargs="+", default=["shakespeare-char", "peoples-daily"])
+    ap.add_argument("--rungs", nargs="+", default=["ngram", "mlp", "lstm", "gpt"])
+    ap.add_argument("--seconds", nargs="+", type=float, default=[60.0, 300.0], help="training budgets")
+    ap.add_argument("--ngram-orders", nargs="+", type=int, default=[3, 5])
+    ap.add_argument("--gpt-recipe", default="five-min")
+    ap.add_argument("--eval-tokens", type=int, default=None, help="validation tokens (default: the whole split)")
+    ap.add_argument("--word-seconds", type=float, default=120.0, help="budget of each word-level LSTM run")
+    ap.add_argument("--parts", nargs="+", default=["ladder", "wordvec", "word-lstm"])
+    ap.add_argument("--threads", type=int, default=None, help="CPU threads (default: PyTorch's choice)")
+    ap.add_argument("--smoke", action="store_true", help="tiny models and budgets: check that the script runs")
+    args = ap.parse_args()
+    if args.smoke:
+        args.seconds, args.word_seconds, args.ngram_orders = [2.0], 2.0, [2, 3]
+        args.eval_tokens = args.eval_tokens or 4096
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    args.out.mkdir(parents=True, exist_ok=True)
+    print(f"# ladder - {time.strftime('%Y-%m-%d %H:%M')} - python {sys.version.split()[0]}, torch {torch.__version__}, "
+          f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, {torch.get_num_threads()} threads\n")
+    results: dict[str, Any] = {"args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}}
+    if "ladder" in args.parts:
+        print(LADDER_HEAD)
+        results["ladder"] = [r for c in args.corpora for r in ladder(c, args.out, args)]
+        plot(results["ladder"], args.out / "ladder.png")
+    if "wordvec" in args.parts:
+        print("\n| corpus | method | words | training | analogy accuracy (questions) | WordSim-353 rho | "
+              "SimLex-999 rho | nearest neighbours |\n|---|---|---|---|---|---|---|---|")
+        results["wordvec"] = word_vectors(args)
+    if "word-lstm" in args.parts:
+        print("\n| embeddings | budget | steps | val nats/word | val ppl | val bits/byte | word2vec coverage |\n"
+              "|---|---|---|---|---|---|---|")
+        results["word_lstm"] = word_lstm(args.out, args)
+    (args.out / "results.json").write_text(json.dumps(results, indent=1, ensure_ascii=False), encoding="utf-8")
+    print(f"\nresults: {args.out / 'results.json'}" + (f", plot: {args.out / 'ladder.png'}"
+                                                     if "ladder" in args.parts else ""))
+
+
+if __name__ == "__main__":
+    main()
