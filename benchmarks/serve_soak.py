@@ -56,13 +56,12 @@ def pct(xs: list[float], q: float) -> float:
 def random_run(root: Path) -> Path:
     """A run directory with a random GPT and a BPE tokenizer trained on Shakespeare."""
     import torch
-    import yaml
 
     from zenlm.config import GPTConfig
     from zenlm.data.corpus import shakespeare_char_text
     from zenlm.models.gpt import GPT
+    from zenlm.rundir import save_run
     from zenlm.tokenizer import train_tokenizer
-    from zenlm.train.checkpoint import save_model
 
     tok = train_tokenizer([shakespeare_char_text()[:300_000]], kind="bpe", vocab_size=2048)
     cfg = GPTConfig(vocab_size=tok.vocab_size, block_size=256, n_layer=4, n_head=4, n_embd=128)
@@ -70,11 +69,7 @@ def random_run(root: Path) -> Path:
     model = GPT(cfg)
     with torch.no_grad():
         model.tok_emb.weight[tok.eos_id] = 0
-    root.mkdir(parents=True, exist_ok=True)
-    (root / "config.yaml").write_text(yaml.safe_dump({"model": cfg.to_dict()}, sort_keys=False))
-    tok.save(root)
-    save_model(model, root / "model.safetensors")
-    return root
+    return save_run(root, model, tok)
 
 
 class Server:

@@ -8,14 +8,13 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
 from zenlm.config import GPTConfig
 from zenlm.data.corpus import open_corpus, shakespeare_char_text
 from zenlm.data.shards import prepare
 from zenlm.models.gpt import GPT
+from zenlm.rundir import save_run
 from zenlm.tokenizer import Tokenizer, train_tokenizer
-from zenlm.train.checkpoint import save_model
 
 # Parallel workers share the cores: give each its share of threads (also for the CLI subprocesses it starts),
 # or PyTorch's thread pools oversubscribe the machine and a step can take 10x longer.
@@ -85,11 +84,7 @@ def make_tiny_gpt_run(root: Path, suppress_eos: bool = True, **overrides) -> Pat
     if suppress_eos:
         with torch.no_grad():
             model.tok_emb.weight[tok.eos_id] = 0
-    root.mkdir(parents=True, exist_ok=True)
-    (root / "config.yaml").write_text(yaml.safe_dump({"model": cfg.to_dict()}, sort_keys=False))
-    tok.save(root)
-    save_model(model, root / "model.safetensors")
-    return root
+    return save_run(root, model, tok)
 
 
 @pytest.fixture(scope="session")
