@@ -242,6 +242,8 @@ class Engine:
         """Queue an embedding request (its inputs: non-empty id lists of at most max_len ids, checked by
         the caller). Raises Overloaded when max_concurrency + max_queue requests already wait."""
         with self.lock:
+            if self._stop:
+                raise Overloaded("the server is shutting down.")
             if len(self.embed_jobs) >= self.max_concurrency + self.max_queue:
                 raise Overloaded("the server is busy: too many embedding requests wait; retry shortly.")
             self.embed_jobs.append(job)
