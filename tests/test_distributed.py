@@ -126,13 +126,15 @@ def masked_loss(model: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor]
 def evaluate(model: torch.nn.Module) -> dict[str, float]:
     x, y = get_batch(10_000, 0)
     out = masked_loss(model, (x, y))
-    return {"val_loss": float(out.loss_sum) / out.n_targets}
+    loss = float(out.loss_sum) / out.n_targets
+    return {"val_loss": loss, "val_score": -loss}
 
 
 def train(rank: int, run: Path, strategy: str, optimizer: str, max_steps: int, resume: bool = False,
-          grad_accum: int = 2) -> None:
-    """A 2-layer GPT with dropout, trained by fit: 6 steps in all (the schedule spans 6)."""
-    cfg = TrainConfig(max_steps=max_steps, decay_steps=6, grad_accum=grad_accum, eval_every=3, log_every=1,
+          best: bool = False) -> None:
+    """A 2-layer GPT with dropout, trained by fit: 6 steps in all (the schedule spans 6), 2 micro-batches a step;
+    ``best``: keep the weights of the best evaluation (every 2 steps)."""
+    cfg = TrainConfig(max_steps=max_steps, decay_steps=6, grad_accum=2, eval_every=2 if best else 3, log_every=1,
                       ckpt_every=3, device="cpu", precision="fp32", tensorboard=False, seed=5, strategy=strategy,
                       threads=1)
     apply_process_settings(cfg)  # joins the other process, as the recipes do
@@ -141,7 +143,7 @@ def train(rank: int, run: Path, strategy: str, optimizer: str, max_steps: int, r
     model = GPT(GPTConfig(vocab_size=V, block_size=T, n_layer=2, n_head=2, n_embd=32, dropout=0.1,
                           tie_embeddings=False))
     fit(model, get_batch, masked_loss, run, cfg, OptimConfig(name=optimizer, lr=3e-3, warmup_steps=2, grad_clip=0.5),
-        evaluate=evaluate, resume=resume)
+        evaluate=evaluate, resume=resume, best_metric="val_score" if best else None)
 
 
 def losses(run: Path) -> list[tuple[int, float]]:
@@ -192,12 +194,16 @@ def test_two_processes_compute_the_run_of_one_and_resume_across_sizes(tmp_path: 
 
 def test_muon_on_fsdp_shards_agrees_to_bf16_precision(tmp_path: Path) -> None:
     """torch.optim.Muon steps DTensor shards (its products are redistributed by DTensor): the run of one
-    process, to the precision of Muon's bf16 orthogonalisation."""
+    process, to the precision of Muon's bf16 orthogonalisation. The best evaluation's weights are kept (gathered
+    when they are best, moved into place by process 0 at the end)."""
     ref, run = tmp_path / "ref", tmp_path / "fsdp"
-    launch(1, train, ref, "auto", "muon", 6, errs=tmp_path / "e0")
-    launch(2, train, run, "fsdp", "muon", 6, errs=tmp_path / "e1")
-    assert_same_run(run, ref, BF16_MUON)
+    launch(1, train, ref, "auto", "muon", 6, False, True, errs=tmp_path / "e0")
+    launch(2, train, run, "fsdp", "muon", 6, False, True, errs=tmp_path / "e1")
+    assert_same_run(run, ref, BF16_MUON)  # model.safetensors: the kept weights, in both runs
     assert '"Muon"' in (run / "checkpoints" / "step-000006" / "trainer.json").read_text()
+    best = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if "best_step" in x]
+    assert best and best[-1]["best_step"] == max(evals(run), key=lambda e: -e[1])[0]
+    assert not (run / "best.safetensors").exists()
 
 
 # ------------------------------------------------------------------------------ one step: gradients, no_sync
@@ -318,10 +324,11 @@ def test_a_forward_outside_no_sync_would_be_caught(tmp_path: Path) -> None:
 
 
 def pretrain_args(data: Path, run: Path, *extra: str) -> list[str]:
+    """A tiny GPT pretrained until stopped, 2 micro-batches of 2 x 16 tokens a step (unless ``extra`` says)."""
     return ["pretrain", "--data", str(data), "--out", str(run), "--model", "tiny", "--n-layer", "1",
-            "--batch-size", "2", "--seq-len", "16", "--grad-accum", "2", "--max-steps", "100000", "--eval-every",
-            "0", "--ckpt-every", "0", "--log-every", "1", "--device", "cpu", "--precision", "fp32", "--threads",
-            "1", *extra]
+            "--batch-size", "2", "--seq-len", "16", "--eval-every", "0", "--ckpt-every", "0", "--log-every", "1",
+            "--device", "cpu", "--precision", "fp32", "--threads", "1", *(extra or ("--grad-accum", "2",
+                                                                                   "--max-steps", "100000"))]
 
 
 def wait_for_steps(run: Path, n: int, timeout: float = 120.0) -> None:
@@ -371,6 +378,15 @@ def test_torchrun_sigterm_to_rank_1_saves_one_checkpoint_and_both_exit(tmp_path:
     assert (trainer["world_size"], trainer["strategy"]) == (2, "ddp")
     assert out.count("stopped by signal") == 1  # rank 0 speaks for the run
     assert "continue with --resume" in err
+
+    # the same run continues on one process: the CLI keeps the run's 2 micro-batches a step (2 x 16 tokens each)
+    launch(1, cli, pretrain_args(char_data, run, "--resume", "--max-steps", str(last + 2)), tmp_path,
+           errs=tmp_path / "e")
+    recs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in recs[-3:]] == [last, last + 1, last + 2]
+    assert recs[-1]["tokens"] == 2 * 2 * 2 * 16  # two steps of two micro-batches of 2 x 16 tokens
+    trainer = json.loads((list_checkpoints(run / "checkpoints")[-1] / "trainer.json").read_text())
+    assert (trainer["step"], trainer["world_size"], trainer["strategy"]) == (last + 2, 1, "none")
 
 
 def cli(rank: int, argv: list[str], logs: Path) -> None:
