@@ -46,6 +46,7 @@ from zenlm.train.step import LossOutput, TrainStep, count_labels, micro_seed
 pytestmark = pytest.mark.xdist_group("distributed")  # one worker: the processes need the cores
 
 # imported here once, so that the forked processes find them loaded instead of importing them each
+import torch._dynamo  # noqa: E402, F401  # (AdamW imports it when it is first built: 2-3 s)
 import torch.distributed.checkpoint.state_dict  # noqa: E402, F401
 import torch.distributed.fsdp  # noqa: E402, F401
 import torch.nn.parallel  # noqa: E402, F401
@@ -433,3 +434,14 @@ def test_dropout_seeds_differ_per_micro_batch_and_repeat() -> None:
     seeds = {micro_seed(5, step, micro) for step in range(3) for micro in range(4)}
     assert len(seeds) == 12  # every micro-batch of every step its own masks, whichever process runs it
     assert micro_seed(5, 2, 1) == micro_seed(5, 2, 1) and micro_seed(6, 2, 1) != micro_seed(5, 2, 1)
+
+
+@pytest.mark.parametrize("verb", [["pretrain"], ["finetune", "seq2seq"], ["finetune", "classify", "--base", "b"]])
+def test_training_verbs_take_strategy_and_grad_accum(verb: list[str]) -> None:
+    from zenlm.cli import build_parser
+
+    ns = build_parser().parse_args([*verb, "--data", "d", "--out", "o", "--strategy", "fsdp", "--grad-accum", "4"])
+    assert (ns.strategy, ns.grad_accum) == ("fsdp", 4)
+    assert build_parser().parse_args([*verb, "--data", "d", "--out", "o"]).strategy == "auto"
+    with pytest.raises(SystemExit):
+        build_parser().parse_args([*verb, "--data", "d", "--out", "o", "--strategy", "zero3"])
