@@ -2,6 +2,7 @@
 
     python benchmarks/distributed_speed.py --mode cpu        # 1 vs 2 processes, 1 thread each, gloo
     python benchmarks/distributed_speed.py --mode gpu        # one GPU: plain vs DDP vs FSDP2 at world size 1
+    python benchmarks/distributed_speed.py --mode gpu --device cpu --model tiny --steps 6    # a smoke run
 
 CPU: the compute-bound shape of benchmarks/train_speed.py (6 layers, 384 wide, context 256, micro-batches of 16)
 and the same work per optimiser step on any number of processes: ``--grad-accum`` micro-batches per step in all
@@ -44,29 +45,31 @@ from gpu_train import PEAK_BF16, flops_per_token  # noqa: E402  # the FLOP count
 WARMUP_RECORDS = 3  # logged steps left out of the median (allocation, first all-reduces, compilation)
 
 
-def model_config(mode: str) -> GPTConfig:
-    if mode == "gpu":
+def model_config(args: argparse.Namespace) -> GPTConfig:
+    if args.model is not None:  # a preset (smoke runs)
+        return get_preset(args.model, vocab_size=512)
+    if args.mode == "gpu":
         return get_preset("gpt2-small", vocab_size=50304)
     return get_preset("classic-char", vocab_size=65, n_layer=6, n_head=6, n_embd=384, block_size=256)
 
 
 def worker(args: argparse.Namespace) -> None:
     """One process of a configuration: train ``args.steps`` steps on random tokens; rank 0 writes the result."""
-    cfg = model_config(args.mode)
-    device = "cuda" if args.mode == "gpu" else "cpu"
-    train = TrainConfig(max_steps=args.steps, eval_every=0, log_every=1, ckpt_every=0, device=device,
-                        precision="bf16" if args.mode == "gpu" else "fp32", compile=args.compile,
-                        tensorboard=False, grad_accum=args.grad_accum, strategy=args.strategy,
-                        threads=args.threads if args.mode == "cpu" else None, seed=0)
+    cfg = model_config(args)
+    on_gpu = args.device.startswith("cuda")
+    train = TrainConfig(max_steps=args.steps, eval_every=0, log_every=1, ckpt_every=0, device=args.device,
+                        precision="bf16" if on_gpu else "fp32", compile=args.compile, tensorboard=False,
+                        grad_accum=args.grad_accum, strategy=args.strategy,
+                        threads=None if on_gpu else args.threads, seed=0)
     world = apply_process_settings(train)
     torch.manual_seed(0)
-    model = GPT(cfg).to(device)
+    model = GPT(cfg).to(args.device)
     B, T = args.batch_size, cfg.block_size
-    data = torch.randint(0, cfg.vocab_size, (8, B, T + 1), generator=torch.Generator().manual_seed(world.rank))
-    data = data.to(device)
+    data = torch.randint(0, cfg.vocab_size, (8, B, T + 1), generator=torch.Generator().manual_seed(0))
+    data = data.to(args.device)
 
     def get_batch(step: int, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
-        w = data[(step + micro) % len(data)]
+        w = data[(step * args.grad_accum + micro) % len(data)]  # the same batches on any number of processes
         return w[:, :-1], w[:, 1:]
 
     out = Path(args.out)
@@ -77,7 +80,7 @@ def worker(args: argparse.Namespace) -> None:
         rates = sorted(r["tokens_per_s"] for r in recs[WARMUP_RECORDS:] if "tokens_per_s" in r)
         (out / "result.json").write_text(json.dumps({
             "tokens_per_s": rates[len(rates) // 2], "final_loss": res.train_loss,
-            "gpu": torch.cuda.get_device_name() if args.mode == "gpu" else None}))
+            "gpu": torch.cuda.get_device_name() if on_gpu else None}))
 
 
 def free_port() -> int:
@@ -92,7 +95,8 @@ def run(args: argparse.Namespace, processes: int, strategy: str) -> dict:
         port = free_port()
         cmd = [sys.executable, __file__, "--worker", "--mode", args.mode, "--strategy", strategy, "--out", tmp,
                "--steps", str(args.steps), "--batch-size", str(args.batch_size), "--grad-accum",
-               str(args.grad_accum), "--threads", str(args.threads), "--compile" if args.compile else "--no-compile"]
+               str(args.grad_accum), "--threads", str(args.threads), "--compile" if args.compile else "--no-compile",
+               "--device", args.device, *(["--model", args.model] if args.model else [])]
         env = {**os.environ, "WORLD_SIZE": str(processes), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
                "OMP_NUM_THREADS": str(args.threads)}
         procs = [subprocess.Popen(cmd, env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}) for r in range(processes)]
@@ -112,6 +116,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1, help="CPU threads per process")
     ap.add_argument("--processes", type=int, default=2, help="cpu: the largest number of processes to try")
     ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False)
+    ap.add_argument("--device", default=None, help="default: cpu in cpu mode, cuda in gpu mode")
+    ap.add_argument("--model", default=None, help="a preset instead of the mode's shape (for a smoke run)")
     ap.add_argument("--json", type=Path, default=None, help="append the rows as JSON lines here")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--strategy", default="auto", help=argparse.SUPPRESS)
@@ -119,11 +125,12 @@ def main() -> None:
     args = ap.parse_args()
     args.steps = args.steps or (40 if args.mode == "gpu" else 12)
     args.grad_accum = args.grad_accum or (1 if args.mode == "gpu" else 2)
+    args.device = args.device or ("cuda" if args.mode == "gpu" else "cpu")
     if args.worker:
         worker(args)
         return
 
-    cfg = model_config(args.mode)
+    cfg = model_config(args)
     rows: list[dict] = []
     if args.mode == "cpu":
         print(f"# distributed_speed (cpu) - {time.strftime('%Y-%m-%d %H:%M')} - {os.cpu_count()} cores, torch "
@@ -141,8 +148,9 @@ def main() -> None:
     else:
         flops = flops_per_token(cfg)
         print(f"# distributed_speed (gpu) - {time.strftime('%Y-%m-%d %H:%M')} - torch {torch.__version__}; "
-              f"gpt2-small shape, bf16, batch {args.batch_size}x{cfg.block_size}, compile {args.compile}\n")
-        print("| strategy (1 GPU) | tokens/s | MFU | vs plain |\n|---|---:|---:|---:|")
+              f"{args.model or 'gpt2-small'} shape, batch {args.batch_size}x{cfg.block_size}, compile "
+              f"{args.compile}, {args.device}\n")
+        print("| strategy (1 process) | tokens/s | MFU | vs plain |\n|---|---:|---:|---:|")
         plain = None
         for strategy in ("none", "ddp", "fsdp"):
             r = run(args, 1, strategy)
