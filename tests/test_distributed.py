@@ -261,7 +261,7 @@ class SyncAfterForward(TrainStep):
 def gradients(rank: int, out: Path, strategy: str, task: str, wrong_order: bool = False) -> None:
     """Step 3 of a run on two processes: the gradients it applies (gathered) and, for DDP, how many gradient
     all-reduces each step made with one and with two micro-batches per process."""
-    world = apply_process_settings(TrainConfig(device="cpu", strategy=strategy, threads=1))
+    world = apply_process_settings(TrainConfig(device="cpu", strategy=strategy, threads=1, grad_accum=K))
     model, loss_fn, count, batch = TASKS[task]()
     par = ParallelModel(model, world, strategy, probe=lambda m: loss_fn(m, batch(0, rank)))
     calls: list[int] = []

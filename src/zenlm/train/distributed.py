@@ -165,7 +165,7 @@ class World:
         if self.size == 1:
             return obj
         dist = _dist()
-        data = json.dumps(obj).encode() if self.is_main else b""
+        data = json.dumps(obj, default=float).encode() if self.is_main else b""  # numpy / 0-d tensor scores
         n = torch.tensor([len(data)], dtype=torch.int64)
         with comm_errors(self):
             dist.broadcast(n, src=0, group=self.cpu_group)
@@ -222,7 +222,8 @@ def init_world(device: torch.device, strategy: str, timeout_s: float) -> World:
     else:
         raise ConfigError(f"distributed training runs on CUDA GPUs or CPUs, not on {device.type}.")
     timeout = datetime.timedelta(seconds=timeout_s)
-    dist.init_process_group(backend, rank=rank, world_size=size, timeout=timeout)
+    kw = {"device_id": torch.device("cuda", local_rank)} if backend == "nccl" else {}  # NCCL starts at once
+    dist.init_process_group(backend, rank=rank, world_size=size, timeout=timeout, **kw)
     atexit.register(_destroy)
     global _CPU_GROUP
     _CPU_GROUP = dist.new_group(backend="gloo", timeout=timeout) if backend != "gloo" else None

@@ -182,7 +182,9 @@ def apply_process_settings(cfg: TrainConfig) -> World:
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    return init_world(device, cfg.strategy, cfg.dist_timeout)
+    world = init_world(device, cfg.strategy, cfg.dist_timeout)
+    check_accumulation(cfg.grad_accum, world)  # before a recipe writes anything
+    return world
 
 
 @dataclass
