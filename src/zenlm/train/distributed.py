@@ -56,6 +56,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from zenlm.errors import CheckpointError, ConfigError, TrainingError
@@ -78,12 +79,6 @@ Strategy = Literal["auto", "none", "ddp", "fsdp"]
 STRATEGIES: tuple[str, ...] = typing.get_args(Strategy)
 
 
-def _dist() -> Any:
-    import torch.distributed as dist
-
-    return dist
-
-
 # ------------------------------------------------------------------------------------------- the processes
 
 
@@ -104,28 +99,6 @@ def launch_env() -> tuple[int, int, int]:
     return rank, size, local
 
 
-class LostProcess(TrainingError):
-    """Another process of the run stopped answering (it died, or its machine did)."""
-
-
-@contextlib.contextmanager
-def comm_errors(world: World, ckpt_root: Path | None = None) -> Iterator[None]:
-    """Turn a failure of the communication between processes into a :class:`LostProcess` error that says what
-    happened (and, given ``ckpt_root``, where the run can continue from)."""
-    try:
-        yield
-    except LostProcess as e:
-        if ckpt_root is None or e.__cause__ is None:
-            raise
-        raise comm_failure(world, e.__cause__, ckpt_root) from e.__cause__
-    except TrainingError:
-        raise
-    except RuntimeError as e:
-        if world.size > 1 and is_comm_failure(e):
-            raise comm_failure(world, e, ckpt_root) from e
-        raise
-
-
 class World:
     """The processes of one run: ``rank`` of ``size`` (one process: 0 of 1, and nothing is communicated).
 
@@ -143,7 +116,7 @@ class World:
         """Wait until every process is here."""
         if self.size > 1:
             with comm_errors(self):
-                _dist().barrier(group=self.cpu_group)
+                dist.barrier(group=self.cpu_group)
 
     def sum_cpu(self, values: list[float]) -> list[float]:
         """Element-wise sums over the processes of a few numbers (float64, on the CPU group)."""
@@ -151,7 +124,7 @@ class World:
             return list(values)
         t = torch.tensor(values, dtype=torch.float64)
         with comm_errors(self):
-            _dist().all_reduce(t, group=self.cpu_group)
+            dist.all_reduce(t, group=self.cpu_group)
         return t.tolist()
 
     def agree(self, stop: bool, seconds: float) -> tuple[bool, float]:
@@ -164,7 +137,6 @@ class World:
         """Process 0's ``obj`` (anything JSON can hold) on every process: JSON bytes in two broadcasts."""
         if self.size == 1:
             return obj
-        dist = _dist()
         data = json.dumps(obj, default=float).encode() if self.is_main else b""  # numpy / 0-d tensor scores
         n = torch.tensor([len(data)], dtype=torch.int64)
         with comm_errors(self):
@@ -183,7 +155,6 @@ _CPU_GROUP: Any = None  # the gloo group for small numbers when the default grou
 
 def current_world() -> World:
     """The processes of this run: what ``torch.distributed`` was initialised with, or one process."""
-    dist = _dist()
     if not (dist.is_available() and dist.is_initialized()):
         return World()
     global _CPU_GROUP
@@ -199,7 +170,6 @@ def init_world(device: torch.device, strategy: str, timeout_s: float) -> World:
     Called once per process by the entry points (:func:`zenlm.train.loop.apply_process_settings`)."""
     if strategy not in STRATEGIES:
         raise ConfigError(f"strategy {strategy!r} is not supported; choose one of: {', '.join(STRATEGIES)}.")
-    dist = _dist()
     rank, size, local_rank = launch_env()
     if dist.is_available() and dist.is_initialized():
         return current_world()
@@ -231,7 +201,6 @@ def init_world(device: torch.device, strategy: str, timeout_s: float) -> World:
 
 
 def _destroy() -> None:
-    dist = _dist()
     if dist.is_initialized():
         with contextlib.suppress(Exception):  # at exit, after a peer died: nothing left to save
             dist.destroy_process_group()
@@ -254,7 +223,7 @@ def resolve_strategy(strategy: str, world: World) -> str:
     if strategy == "none" and world.size > 1:
         raise ConfigError(f"--strategy none with {world.size} processes would train {world.size} separate models; "
                           "use --strategy ddp or fsdp (or auto).")
-    if strategy != "none" and not _dist().is_initialized():
+    if strategy != "none" and not dist.is_initialized():
         raise ConfigError(f"--strategy {strategy} needs torch.distributed: start the run with torchrun "
                           "(torchrun --nproc-per-node N -m zenlm ...).")
     return strategy
@@ -272,9 +241,33 @@ def check_accumulation(grad_accum: int, world: World) -> None:
             "started with.")
 
 
+# ------------------------------------------------------------------------------------------- failures
+
+
+class LostProcess(TrainingError):
+    """Another process of the run stopped answering (it died, or its machine did)."""
+
+
+@contextlib.contextmanager
+def comm_errors(world: World, ckpt_root: Path | None = None) -> Iterator[None]:
+    """Turn a failure of the communication between processes into a :class:`LostProcess` error that says what
+    happened (and, given ``ckpt_root``, where the run can continue from)."""
+    try:
+        yield
+    except LostProcess as e:
+        if ckpt_root is None or e.__cause__ is None:
+            raise
+        raise comm_failure(world, e.__cause__, ckpt_root) from e.__cause__
+    except TrainingError:
+        raise
+    except RuntimeError as e:
+        if world.size > 1 and is_comm_failure(e):
+            raise comm_failure(world, e, ckpt_root) from e
+        raise
+
+
 def is_comm_failure(e: BaseException) -> bool:
     """Whether ``e`` comes from the communication between processes (a peer that died, a timeout)."""
-    dist = _dist()
     if dist.is_available() and isinstance(e, getattr(dist, "DistError", ())):
         return True
     text = str(e).lower()
@@ -406,7 +399,7 @@ class ParallelModel:
             return float(loss) / self.averaged_over, n_tokens
         t = torch.stack([loss.detach().double(), torch.tensor(float(n_tokens), dtype=torch.float64,
                                                                device=loss.device)])
-        _dist().all_reduce(t)  # on the model's device: the loss needs no copy (and one sync, as before)
+        dist.all_reduce(t)  # on the model's device: the loss needs no copy (and one sync, as before)
         total_loss, tokens = t.tolist()
         return total_loss / self.averaged_over, int(tokens)
 
