@@ -14,6 +14,7 @@ weights after 6 steps of lr 0.02; measured 4e-5 and 1.1e-3).
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import multiprocessing
 import os
@@ -35,7 +36,9 @@ from safetensors.torch import load_file
 from zenlm.config import GPTConfig
 from zenlm.errors import ConfigError
 from zenlm.models.bert import Bert, BertConfig
+from zenlm.models.encdec import EncDecConfig, EncoderDecoder
 from zenlm.models.gpt import GPT
+from zenlm.recipes.finetune_seq2seq import seq2seq_loss
 from zenlm.recipes.pretrain import masked_lm_loss, masked_lm_targets
 from zenlm.train.checkpoint import list_checkpoints
 from zenlm.train.distributed import ParallelModel, World, check_accumulation
@@ -233,7 +236,28 @@ def bert_task() -> tuple[torch.nn.Module, Callable, Callable, Callable]:
     return model, masked_lm_loss, masked_lm_targets, bert_batch
 
 
-TASKS = {"gpt": gpt_task, "bert": bert_task}
+def encdec_batch(step: int, micro: int) -> tuple[torch.Tensor, ...]:
+    """(source, source mask, decoder input, labels): padded sources, a third of the labels not scored."""
+    g = torch.Generator().manual_seed(1000 * step + micro)
+    src = torch.randint(0, V, (B, T), generator=g)
+    src_mask = torch.ones_like(src, dtype=torch.bool)
+    src_mask[0, T // 2 :] = False
+    tgt = torch.randint(0, V, (B, T // 2 + 1), generator=g)
+    labels = tgt[:, 1:].clone()
+    labels[torch.rand(labels.shape, generator=g) < 0.35] = -100
+    return src, src_mask, tgt[:, :-1], labels
+
+
+def encdec_task() -> tuple[torch.nn.Module, Callable, Callable, Callable]:
+    """The encoder-decoder computes every decoder block's cross-attention keys and values before the blocks run
+    (an FSDP2 unit of its own: EncoderDecoder.fsdp_units)."""
+    torch.manual_seed(0)
+    model = EncoderDecoder(EncDecConfig(vocab_size=V, max_source_len=T, max_target_len=T, n_enc_layer=1,
+                                        n_dec_layer=2, n_head=2, n_embd=32, dropout=0.1))
+    return model, functools.partial(seq2seq_loss, label_smoothing=0.1), count_labels, encdec_batch
+
+
+TASKS = {"gpt": gpt_task, "bert": bert_task, "encdec": encdec_task}
 
 
 class GradCapture(torch.optim.Optimizer):
@@ -297,7 +321,8 @@ def one_process_gradients(task: str) -> dict[str, torch.Tensor]:
     return {n: g for (n, _), g in zip(model.named_parameters(), cap.grads, strict=True) if g is not None}
 
 
-@pytest.mark.parametrize(("strategy", "task"), [("ddp", "gpt"), ("ddp", "bert"), ("fsdp", "bert")])
+@pytest.mark.parametrize(("strategy", "task"), [("ddp", "gpt"), ("ddp", "bert"), ("fsdp", "bert"),
+                                                ("fsdp", "encdec")])
 def test_step_gradients_equal_one_process_over_all_micro_batches(tmp_path: Path, strategy: str, task: str) -> None:
     """The gradient of a step over K micro-batches with unequal target counts, shared by two processes: each
     divides by (global count / 2) and the wrapper averages; the optimisers see one process's gradient."""

@@ -319,8 +319,14 @@ def _unused_parameters(model: nn.Module, probe: Callable[[nn.Module], LossOutput
 
 
 def transformer_blocks(model: nn.Module) -> list[nn.Module]:
-    """The modules FSDP2 shards one by one: every element of every ``nn.ModuleList`` (zenlm keeps its
-    transformer blocks in ModuleLists: GPT's ``blocks``, BERT's ``blocks``, the encoder-decoder's two stacks)."""
+    """The modules FSDP2 shards one by one (innermost first; the rest of the model is the root's unit): what
+    the model's ``fsdp_units()`` names, if it has one, else every element of every ``nn.ModuleList`` (zenlm keeps
+    its transformer blocks in ModuleLists). A model that calls part of a block outside the block's forward
+    (the encoder-decoder computes cross-attention keys and values up front) must name that part first: FSDP2
+    gathers a unit's weights only in the unit's own forward."""
+    units = getattr(model, "fsdp_units", None)
+    if callable(units):
+        return list(units())
     return [block for m in model.modules() if isinstance(m, nn.ModuleList) for block in m]
 
 
