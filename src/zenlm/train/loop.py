@@ -305,10 +305,10 @@ def fit(
         with autocast(device, precision):
             return loss_fn(m, get_batch(0, micros[0]))
 
-    par = ParallelModel(model, world, strategy, precision, probe=probe)
-    optimizers = build_optimizers(model, optim, device.type)  # after sharding: FSDP2 replaces the parameters
     ckpt_root = run_dir / "checkpoints"
-    with comm_errors(world, ckpt_root):
+    with comm_errors(world, ckpt_root):  # a process that dies makes the others stop with a clear error
+        par = ParallelModel(model, world, strategy, precision, probe=probe)
+        optimizers = build_optimizers(model, optim, device.type)  # after sharding: FSDP2 replaces the parameters
         start = _Start()
         if resume:
             name, state = par.restore(ckpt_root, optimizers, warn=lambda m: report(progress, "train", message=m))
