@@ -19,12 +19,13 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import time
 from pathlib import Path
 from typing import Any, Literal
 
-from zenlm.cli.common import TerminalProgress, print_train_result, shape_params
+from zenlm.cli.common import TerminalProgress, launch_rank, print_train_result, shape_params
 from zenlm.clikit import Param, VerbParser, add_verb, call_verb, params_of
 from zenlm.errors import TrainingError, ZenlmError
 
@@ -136,8 +137,8 @@ def _pretrain_params() -> list[Param]:
                    types={"name": Literal["adamw", "muon"], "schedule": Literal["cosine", "linear", "constant", "wsd"]}),
         *params_of(TrainConfig, only=("eval_every",)),
         *params_of(recipe, only=("eval_tokens",)),
-        *params_of(TrainConfig, only=("log_every", "ckpt_every", "seed", "device", "precision", "compile", "threads"),
-                   defaults=from_recipe, types={"precision": Precision}),
+        *params_of(TrainConfig, only=("log_every", "ckpt_every", "seed", "device", "precision", "compile", "threads",
+                                      "strategy"), defaults=from_recipe, types={"precision": Precision}),
         *shape_params(),
     ]
 
@@ -171,7 +172,8 @@ def pretrain(**flags: Any) -> None:
         resume: continue the run in --out from its newest checkpoint
         batch_size: sequences per micro-batch
         seq_len: tokens per sequence (default: the model's context length)
-        grad_accum: micro-batches per optimiser step
+        grad_accum: micro-batches per optimiser step, counted over all processes under torchrun (a multiple
+            of their number); on --resume the run's own
         optimizer: adamw, or muon (Muon for hidden matrices, AdamW for the rest)
         lr: peak learning rate (AdamW parameters)
         min_lr: final learning rate
@@ -218,7 +220,8 @@ def pretrain(**flags: Any) -> None:
     if saved and flags["recipe"] is None:  # --resume: the run's own optimiser and loop settings, not a recipe's
         s["optim"] = {**s["optim"], **(saved.get("optim") or {})}
         st = saved.get("train") or {}
-        s.update({k: st[k] for k in ("max_steps", "precision", "compile") if k in st and flags[k] is None})
+        s.update({k: st[k] for k in ("max_steps", "precision", "compile", "grad_accum") if k in st and
+                  flags[k] is None})
     optim = {("name" if k == "optimizer" else k): v for k, v in given("optimizer", *_OPTIM_FLAGS[1:]).items()}
     s["optim"].update(optim)
     if "min_lr" not in optim and "lr" in optim:
@@ -231,7 +234,7 @@ def pretrain(**flags: Any) -> None:
         resume=resume, batch_size=s["batch_size"], seq_len=s["seq_len"], eval_tokens=flags["eval_tokens"] or None,
         train=TrainConfig(max_steps=s["max_steps"], grad_accum=s["grad_accum"], precision=s["precision"],
                           compile=s["compile"], **given("max_seconds", "eval_every", "log_every", "ckpt_every",
-                                                        "seed", "device", "threads")),
+                                                        "seed", "device", "threads", "strategy")),
         optim=OptimConfig(**s["optim"]),
         progress=progress,
     )
@@ -495,7 +498,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     ns = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if ns.verbose else logging.WARNING,
+    rank = launch_rank()
+    if rank != 0:  # under torchrun rank 0 speaks for the run; the others report only their own errors
+        sys.stdout = open(os.devnull, "w", encoding="utf-8")  # noqa: SIM115  # for the life of the process
+    logging.basicConfig(level=logging.DEBUG if ns.verbose else logging.WARNING if rank == 0 else logging.ERROR,
                         format="%(levelname)s %(name)s: %(message)s")
     if ns.version:
         from zenlm import __version__
@@ -509,7 +515,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         call_verb(ns, argv)
     except (ZenlmError, TrainingError) as e:
-        print(f"zenlm: error: {e}", file=sys.stderr)
+        who = f" (rank {rank})" if "WORLD_SIZE" in os.environ else ""
+        print(f"zenlm: error{who}: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("\nzenlm: interrupted", file=sys.stderr)

@@ -10,16 +10,31 @@ from zenlm.clikit import Param
 from zenlm.progress import Progress
 
 
+def launch_rank() -> int:
+    """This process's rank when torchrun started it (RANK), else 0: only rank 0 prints."""
+    from zenlm.errors import ZenlmError
+    from zenlm.train.distributed import launch_env
+
+    try:
+        return launch_env()[0]
+    except ZenlmError:
+        return 0  # a malformed RANK is reported where the run starts
+
+
 class TerminalProgress:
-    """Renders :class:`Progress` records as tqdm bars on stderr (one bar per task)."""
+    """Renders :class:`Progress` records as tqdm bars on stderr (one bar per task); silent in every process of a
+    torchrun launch but rank 0."""
 
     def __init__(self) -> None:
         from tqdm.auto import tqdm
 
         self._tqdm = tqdm
         self.bars: dict[str, object] = {}
+        self.silent = launch_rank() != 0
 
     def __call__(self, p: Progress) -> None:
+        if self.silent:
+            return
         tqdm = self._tqdm
         if p.message:
             tqdm.write(p.message, file=sys.stderr)

@@ -16,7 +16,7 @@ from typing import Any
 from zenlm.clikit import Param, params_of
 
 # the TrainConfig fields `zenlm finetune classify` has flags for (the recipe sets the schedule from --epochs)
-_TRAIN_FLAGS = ("max_seconds", "seed", "device", "precision")
+_TRAIN_FLAGS = ("max_seconds", "seed", "device", "precision", "grad_accum", "strategy")
 
 
 def finetune_classify_params() -> list[Param]:
@@ -45,7 +45,7 @@ def finetune_classify(**flags: Any) -> None:
         max_len: tokens per text, longer texts are cut
         pooling: auto (BERT: mean of the hidden states, GPT: last token), cls (BERT's pooler), mean or last
         dropout: dropout before the classification head
-        batch_size: texts per step
+        batch_size: texts per micro-batch (a step reads --grad-accum of them)
         epochs: passes over the training data
         lr: peak AdamW learning rate (warm-up over 10% of the steps, then linear decay)
         weight_decay: AdamW weight decay

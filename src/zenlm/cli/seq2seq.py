@@ -15,7 +15,7 @@ from typing import Any, Literal
 from zenlm.clikit import Param, params_of
 
 # the TrainConfig and OptimConfig fields `zenlm finetune seq2seq` has flags for
-_TRAIN_FLAGS = ("max_steps", "max_seconds", "eval_every", "seed", "device", "precision")
+_TRAIN_FLAGS = ("max_steps", "max_seconds", "eval_every", "seed", "device", "precision", "grad_accum", "strategy")
 _OPTIM_FLAGS = ("lr", "warmup_steps", "weight_decay")
 _SHAPE_FLAGS = ("n_layer", "n_embd", "dropout")
 
@@ -59,7 +59,7 @@ def finetune_seq2seq(**flags: Any) -> None:
         text_field: JSON field holding the text to denoise
         max_source_len: most source tokens (default: the model's limit); longer sources are truncated
         max_target_len: most target tokens (default: the model's limit); longer targets are truncated
-        batch_size: pairs per batch
+        batch_size: pairs per micro-batch (a step reads --grad-accum of them)
         label_smoothing: label smoothing of the training loss
         max_steps: optimiser steps
         max_seconds: wall-time budget (the learning rate decays over whichever budget ends first)

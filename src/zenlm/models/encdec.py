@@ -255,6 +255,12 @@ class EncoderDecoder(nn.Module):
         """Number of parameters (shared and tied tables counted once)."""
         return sum(p.numel() for p in self.parameters())
 
+    def fsdp_units(self) -> list[nn.Module]:
+        """The modules FSDP2 shards one by one, innermost first (zenlm.train.distributed): every block, and
+        before them each decoder block's cross-attention K/V projection, which :meth:`decode` calls outside the
+        block's own forward."""
+        return [*(block.cross_attn.kv for block in self.dec_blocks), *self.enc_blocks, *self.dec_blocks]
+
     # ---- encoder ---------------------------------------------------------------------------------------
 
     def encode(self, src_BS: Tensor, src_mask_BS: Tensor | None = None) -> Tensor:

@@ -132,7 +132,7 @@ def finetune_classify(
     evals_per_epoch:  validations per pass over the training texts
     """
     train = train or TrainConfig()
-    apply_process_settings(train)
+    world = apply_process_settings(train)  # with torchrun: joins the other processes of the run
     base, out = Path(base), Path(out)
     if (out / "config.yaml").exists():
         raise ConfigError(f"{out} already holds a run; choose another --out.")
@@ -169,21 +169,24 @@ def finetune_classify(
     torch.manual_seed(train.seed)
     model = SequenceClassifier(backbone, len(labels), pooling, dropout).to(device)  # type: ignore[arg-type]
     batches = ClassBatches(x_train, y_train, batch_size, pad_id, seed=train.seed)
-    max_steps = max(1, math.ceil(epochs * batches.steps_per_epoch))
-    eval_every = max(1, batches.steps_per_epoch // evals_per_epoch)
+    steps_per_epoch = max(1, batches.steps_per_epoch // train.grad_accum)  # a step reads grad_accum batches
+    max_steps = max(1, math.ceil(epochs * steps_per_epoch))
+    eval_every = max(1, steps_per_epoch // evals_per_epoch)
     train = TrainConfig(**{**config_to_dict(train), "max_steps": max_steps, "eval_every": eval_every,
                            "ckpt_every": 0, "log_every": min(train.log_every, eval_every)})
     optim = OptimConfig(name="adamw", lr=lr, min_lr=0.0, warmup_steps=round(warmup_frac * max_steps),
                         schedule="linear", weight_decay=weight_decay, betas=(0.9, 0.999))
 
     out.mkdir(parents=True, exist_ok=True)
-    copy_tokenizer_files(base, out)
+    world.barrier()  # every process has checked --out before process 0 writes into it
     task = {"kind": "classify", "labels": labels, "pooling": pooling, "dropout": dropout, "max_len": max_len,
             "text_field": text_field, "label_field": label_field, "base": str(base.resolve()),
             "data": str(Path(data).resolve()), "n_train": len(train_ex), "n_val": len(val_ex)}
     run_config = {"zenlm_version": __version__, "model": backbone.config.to_dict(), "task": task,
                   "train": config_to_dict(train), "optim": config_to_dict(optim), "objective": "classify"}
-    write_run_config(out, run_config)
+    if world.is_main:
+        copy_tokenizer_files(base, out)
+        write_run_config(out, run_config)
 
     def get_batch(step: int, micro: int) -> tuple[torch.Tensor, ...]:
         return tuple(t.to(device) for t in batches.get(step * train.grad_accum + micro))
@@ -194,21 +197,26 @@ def finetune_classify(
         return LossOutput(F.cross_entropy(m(ids, mask), y, reduction="sum"), y.numel(), int(mask.sum()))
 
     def evaluate(m: nn.Module) -> dict[str, float]:
-        return evaluate_classifier(model, x_val, y_val, labels, pad_id, 2 * batch_size, device)[0]
+        return evaluate_classifier(m, x_val, y_val, labels, pad_id, 2 * batch_size, device)[0]
 
     n_params = sum(p.numel() for p in model.parameters())
     report(progress, "train", message=f"{type(backbone).__name__} backbone, {n_params / 1e6:.1f}M parameters, "
-           f"pooling {pooling}; {max_steps} steps ({epochs:g} epochs of {batches.steps_per_epoch})")
+           f"pooling {pooling}; {max_steps} steps ({epochs:g} epochs of {steps_per_epoch})")
     result = fit(model, get_batch, loss_fn, out, train, optim, evaluate=evaluate, best_metric="val_f1",
                  patience=patience or None, progress=progress)
-    load_model_weights(model, out / "model.safetensors")  # the kept (best) weights
-    model.eval()
-    _, rep = evaluate_classifier(model, x_val, y_val, labels, pad_id, 2 * batch_size, device)
-    write_report(rep, out / "report.json", out / "plots" / "confusion.png",
-                 extra={"best_step": result.best_step, "stopped_by": result.stopped_by})
-    from zenlm.viz import plot_loss_curve
+    report_dict = None
+    if world.is_main:  # the kept (best) weights, on a model rebuilt from the run: the trained one may be sharded
+        kept = build_model_from_run(out)[0].to(device)
+        load_model_weights(kept, out / "model.safetensors")
+        kept.eval()
+        _, rep = evaluate_classifier(kept, x_val, y_val, labels, pad_id, 2 * batch_size, device)
+        write_report(rep, out / "report.json", out / "plots" / "confusion.png",
+                     extra={"best_step": result.best_step, "stopped_by": result.stopped_by})
+        from zenlm.viz import plot_loss_curve
 
-    plot_loss_curve(out / "metrics.jsonl", out / "plots" / "loss.png", per="example")
+        plot_loss_curve(out / "metrics.jsonl", out / "plots" / "loss.png", per="example")
+        report_dict = rep.to_dict()
+    rep = ClassificationReport(**world.share(report_dict))
     return ClassifyResult(run_dir=out, train=result, report=rep, labels=labels)
 
 

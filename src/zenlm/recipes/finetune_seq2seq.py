@@ -207,7 +207,7 @@ def finetune_seq2seq(
     data, out = Path(data), Path(out)
     train = train or TrainConfig(**DEFAULT_TRAIN)
     optim = optim or OptimConfig(**DEFAULT_OPTIM)
-    apply_process_settings(train)
+    world = apply_process_settings(train)  # with torchrun: joins the other processes of the run
     if objective not in OBJECTIVES:
         raise ConfigError(f"objective {objective!r} is not supported; choose pairs or denoise.")
     if not (get_architecture(arch).can("seq2seq") or get_architecture(arch).can("causal-lm")):
@@ -293,9 +293,7 @@ def finetune_seq2seq(
 
     # ---- run directory --------------------------------------------------------------------------------
     out.mkdir(parents=True, exist_ok=True)
-    tok.save(out)
-    if init is not None:
-        copy_tokenizer_files(init, out)  # keep the exact files of the run we started from
+    world.barrier()  # every process has checked --out before process 0 writes into it
     run_config = {
         "zenlm_version": __version__,
         "model": cfg.to_dict(),
@@ -311,7 +309,11 @@ def finetune_seq2seq(
         "data": {"path": str(data.resolve()), "examples": n_train,
                  "val_path": str(Path(val).resolve()) if val else None},
     }
-    write_run_config(out, run_config)
+    if world.is_main:
+        tok.save(out)
+        if init is not None:
+            copy_tokenizer_files(init, out)  # keep the exact files of the run we started from
+        write_run_config(out, run_config)
 
     def get_batch(step: int, micro: int) -> tuple[torch.Tensor, ...]:
         return tuple(t.to(device, non_blocking=True) for t in batches.get(step, micro))
@@ -326,6 +328,8 @@ def finetune_seq2seq(
                                 label_smoothing=label_smoothing)
     result = fit(net, get_batch, loss_fn, out, train, optim, evaluate=evaluate if val_batches else None,
                  progress=progress)
+    if not world.is_main:
+        return result
     try:
         from zenlm.viz import plot_loss_curve
 

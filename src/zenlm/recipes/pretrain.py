@@ -284,7 +284,7 @@ def pretrain(
     """
     data, out = Path(data), Path(out)
     train = train or TrainConfig()
-    apply_process_settings(train)
+    world = apply_process_settings(train)  # with torchrun: joins the other processes of the run
     if objective is not None and objective not in OBJECTIVES:
         raise ConfigError(f"unknown objective {objective!r}; choose one of: {', '.join(OBJECTIVES)}.")
     index = load_index(data)
@@ -335,7 +335,8 @@ def pretrain(
     net = build_model(cfg).to(device)
 
     out.mkdir(parents=True, exist_ok=True)
-    if not resume:
+    world.barrier()  # every process has checked --out before process 0 writes into it
+    if not resume and world.is_main:
         batch = {"batch_size": batch_size, "seq_len": seq_len, "eval_tokens": eval_tokens,
                  "eval_seq_len": eval_seq_len, "eval_batch_size": eval_batch_size}
         _start_run_dir(out, data, index, objective, cfg.to_dict(), batch, train, optim)
@@ -347,6 +348,8 @@ def pretrain(
         f"{batch_size}x{seq_len}x{train.grad_accum} tokens/step; device {device}"))
     result = fit(net, get_batch, loss_fn, out, train, optim, evaluate=evaluate, resume=resume,
                  progress=progress, count_targets=count_targets)
+    if not world.is_main:
+        return result
     try:
         from zenlm.viz import plot_loss_curve
 

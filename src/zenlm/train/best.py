@@ -21,7 +21,7 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from zenlm.errors import ConfigError
-from zenlm.train.checkpoint import save_model
+from zenlm.train.distributed import ParallelModel, World
 
 BEST_FILE = "best.safetensors"
 
@@ -44,11 +44,14 @@ class BestWeights:
     metric:   a key of the evaluation's result, or None: track nothing (every method is then a no-op)
     patience: with a metric, :meth:`update` says stop after this many evaluations in a row without improving
     resumed:  the ``best`` record of the checkpoint a run resumes from (see :meth:`state`), if any
+    io:       the run's processes and model (gathers and writes weights on process 0; decisions that depend on
+              files are made by process 0 and shared); None = this process alone
     """
 
     def __init__(self, model: nn.Module, run_dir: Path, metric: str | None, patience: int | None = None,
-                 resumed: dict[str, Any] | None = None) -> None:
+                 resumed: dict[str, Any] | None = None, *, io: ParallelModel | None = None) -> None:
         self.model, self.run_dir, self.metric, self.patience = model, Path(run_dir), metric, patience
+        self.io = io or ParallelModel(model, World(), "none")
         self.value: float | None = None
         self.step: int | None = None
         self.val: dict[str, float] = {}
@@ -59,12 +62,16 @@ class BestWeights:
     def _restore(self, resumed: dict[str, Any]) -> None:
         # the best weights are best.safetensors, or model.safetensors when the previous invocation ended
         # normally (it moved them there); the file's metadata names their step
-        for name in (BEST_FILE, "model.safetensors"):
-            if best_step_of(self.run_dir / name) == resumed["step"]:
-                if name != BEST_FILE:
-                    shutil.copyfile(self.run_dir / name, self.run_dir / BEST_FILE)
-                self.value, self.step, self.val, self.bad = (resumed[k] for k in ("value", "step", "val", "bad"))
-                return
+        found = False
+        if self.io.world.is_main:
+            for name in (BEST_FILE, "model.safetensors"):
+                if best_step_of(self.run_dir / name) == resumed["step"]:
+                    if name != BEST_FILE:
+                        shutil.copyfile(self.run_dir / name, self.run_dir / BEST_FILE)
+                    found = True
+                    break
+        if self.io.world.share(found):
+            self.value, self.step, self.val, self.bad = (resumed[k] for k in ("value", "step", "val", "bad"))
 
     def update(self, step: int, result: dict[str, float]) -> bool:
         """Record the evaluation ``result`` of ``step`` (saving the weights when best); True: patience ran out."""
@@ -74,7 +81,7 @@ class BestWeights:
             raise ConfigError(f"best_metric {self.metric!r} is not among the evaluation's results {sorted(result)}.")
         if self.value is None or result[self.metric] > self.value:
             self.value, self.step, self.val, self.bad = result[self.metric], step, dict(result), 0
-            save_model(self.model, self.run_dir / BEST_FILE, metadata={"format": "pt", "best_step": str(step)})
+            self.io.save_weights(self.run_dir / BEST_FILE, metadata={"format": "pt", "best_step": str(step)})
             return False
         self.bad += 1
         return bool(self.patience) and self.bad >= self.patience
@@ -89,7 +96,9 @@ class BestWeights:
         """Make the best weights the run's ``model.safetensors``; False when there are none (save the model's)."""
         if self.step is None:
             return False
-        os.replace(self.run_dir / BEST_FILE, self.run_dir / "model.safetensors")
+        if self.io.world.is_main:
+            os.replace(self.run_dir / BEST_FILE, self.run_dir / "model.safetensors")
+        self.io.world.barrier()
         return True
 
 

@@ -15,6 +15,12 @@ anything: weight names, shapes, dtypes and finiteness, every optimiser tensor ag
 belongs to, the RNG state and trainer.json, naming the file and the key that disagree.
 :func:`load_latest_checkpoint` falls back to the previous complete checkpoint, with a warning, when the
 newest one is damaged.
+
+Saving and loading come in parts, so that a run on several processes (:mod:`zenlm.train.distributed`) can
+gather the full state to process 0 before writing, and read and check on process 0 before sending it to all::
+
+    save_checkpoint  = model_tensors + optimizer_tensors      (what a state is)   + write_checkpoint (the files)
+    load_checkpoint  = read_checkpoint (read and check, change nothing)          + apply_checkpoint
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ import os
 import re
 import shutil
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -47,27 +54,46 @@ def _write_error(path: Path, e: OSError) -> CheckpointError:
     return write_error(path, e, CheckpointError, "then resume with --resume")  # type: ignore[return-value]
 
 
-def _state_dict_for_saving(model: nn.Module) -> dict[str, torch.Tensor]:
-    # Tied weights share storage; safetensors refuses shared tensors, so save each name once.
-    out: dict[str, torch.Tensor] = {}
-    seen: dict[int, str] = {}
-    for name, t in model.state_dict().items():
-        key = t.data_ptr()
-        if key in seen and t.numel() > 0:
-            continue
-        seen[key] = name
-        out[name] = t.detach().contiguous().cpu()
+def tied_names(model: nn.Module) -> dict[str, str]:
+    """Every state-dict name of ``model`` -> the name its tensor is saved under: itself, or the first name of
+    the same tensor (a tied head -> the embedding; safetensors refuses shared tensors). Works on sharded (FSDP2)
+    models too, whose tied parameters are one DTensor object."""
+    first: dict[Any, str] = {}
+    out: dict[str, str] = {}
+    for name, t in model.state_dict(keep_vars=True).items():
+        key = id(t) if _is_dtensor(t) else (t.data_ptr() if t.numel() > 0 else ("empty", name))
+        out[name] = first.setdefault(key, name)
     return out
+
+
+def saved_names(model: nn.Module) -> list[str]:
+    """The names a weights file of ``model`` holds: its state dict with every shared tensor once."""
+    return [name for name, saved in tied_names(model).items() if name == saved]
+
+
+def _is_dtensor(t: torch.Tensor) -> bool:
+    return type(t).__name__ == "DTensor"  # torch.distributed.tensor.DTensor, without importing torch.distributed
+
+
+def model_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's weights as contiguous CPU tensors, each shared tensor once (:func:`saved_names`)."""
+    sd = model.state_dict()
+    return {name: sd[name].detach().contiguous().cpu() for name in saved_names(model)}
+
+
+def write_weights(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
+    """Write weights to ``path`` (safetensors) atomically; a failure leaves nothing and names the file."""
+    path = Path(path)
+    try:
+        with atomic_path(path) as tmp:
+            write_safetensors(tensors, tmp, metadata=metadata or {"format": "pt"})
+    except OSError as e:
+        raise _write_error(path, e) from None
 
 
 def save_model(model: nn.Module, path: Path, metadata: dict[str, str] | None = None) -> None:
     """Save model weights to ``path`` (safetensors) atomically."""
-    path = Path(path)
-    try:
-        with atomic_path(path) as tmp:
-            write_safetensors(_state_dict_for_saving(model), tmp, metadata=metadata or {"format": "pt"})
-    except OSError as e:
-        raise _write_error(path, e) from None
+    write_weights(model_tensors(model), path, metadata)
 
 
 def read_weights(path: Path) -> dict[str, torch.Tensor]:
@@ -86,8 +112,7 @@ def check_weights(model: nn.Module, tensors: dict[str, torch.Tensor], path: Path
     the same shapes, a dtype of the same kind (floating point for floating parameters, the integer type
     of quantised buffers), and finite values — NaN or Inf weights would load silently and generate garbage."""
     own = model.state_dict()
-    saved_names = set(_state_dict_for_saving(model))
-    missing = sorted(saved_names - set(tensors))
+    missing = sorted(set(saved_names(model)) - set(tensors))
     unexpected = sorted(set(tensors) - set(own))
     if missing or unexpected:
         raise CheckpointError(
@@ -125,11 +150,16 @@ def load_model_weights(model: nn.Module, path: Path) -> None:
     copy_weights(model, tensors)
 
 
-def _flatten_optimizer(opts: list[torch.optim.Optimizer]) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]]]:
+def optimizer_tensors(opts: list[torch.optim.Optimizer], state_dicts: list[dict[str, Any]] | None = None
+                      ) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]]]:
+    """The optimisers' state as (tensors for optimizer.safetensors, settings and scalars for trainer.json).
+
+    state_dicts: the optimisers' ``state_dict()``s (parameters numbered as PyTorch numbers them: in the order of
+    the param groups); None = take them from ``opts``. A sharded run passes full ones gathered on process 0."""
     tensors: dict[str, torch.Tensor] = {}
     meta: list[dict[str, Any]] = []
     for i, opt in enumerate(opts):
-        sd = opt.state_dict()
+        sd = opt.state_dict() if state_dicts is None else state_dicts[i]
         scalars: dict[str, dict[str, Any]] = {}
         for pid, st in sd["state"].items():
             for key, val in st.items():
@@ -232,7 +262,7 @@ def _check_rng(tensors: dict[str, torch.Tensor], path: Path) -> None:
             raise CheckpointError(f"{path}: unexpected random-generator state {k!r}; the file is damaged.")
 
 
-def _set_rng_state(tensors: dict[str, torch.Tensor]) -> None:
+def set_rng_state(tensors: dict[str, torch.Tensor]) -> None:
     torch.set_rng_state(tensors["cpu"])
     cuda = [tensors[k] for k in sorted(tensors) if k.startswith("cuda")]
     if cuda and torch.cuda.is_available():
@@ -280,6 +310,21 @@ def save_checkpoint(
 
     A failed write (no space left, a read-only directory) removes the partial copy and raises a
     CheckpointError naming the file; older checkpoints are left as they were."""
+    return write_checkpoint(ckpt_root, step, model_tensors(model), *optimizer_tensors(optimizers), trainer_state,
+                            keep=keep)
+
+
+def write_checkpoint(
+    ckpt_root: Path,
+    step: int,
+    weights: dict[str, torch.Tensor],
+    opt_tensors: dict[str, torch.Tensor],
+    opt_meta: list[dict[str, Any]],
+    trainer_state: dict[str, Any],
+    keep: int | None = None,
+) -> Path:
+    """Write a checkpoint from states already taken (:func:`model_tensors`, :func:`optimizer_tensors`), with
+    this process's RNG state; see :func:`save_checkpoint`."""
     ckpt_root = Path(ckpt_root)
     final = ckpt_root / f"step-{step:06d}"
     writing = ckpt_root
@@ -290,8 +335,7 @@ def save_checkpoint(
         with atomic_path(final) as tmp:
             tmp.mkdir()
             writing = tmp / "model.safetensors"
-            write_safetensors(_state_dict_for_saving(model), writing, metadata={"format": "pt"})
-            opt_tensors, opt_meta = _flatten_optimizer(optimizers)
+            write_safetensors(weights, writing, metadata={"format": "pt"})
             writing = tmp / "optimizer.safetensors"
             write_safetensors(opt_tensors, writing)
             writing = tmp / "rng.safetensors"
@@ -331,13 +375,26 @@ def _read_trainer_state(path: Path) -> dict[str, Any]:
     return state
 
 
-def load_checkpoint(
-    ckpt_dir: Path, model: nn.Module, optimizers: list[torch.optim.Optimizer], restore_rng: bool = True
-) -> dict[str, Any]:
-    """Restore model, optimisers and RNG from ``ckpt_dir``; return the trainer state (step, elapsed, ...).
+@dataclass
+class Checkpoint:
+    """A checkpoint read from disk and checked against a model and its optimisers; nothing applied yet.
 
-    Every file is read and checked before anything is changed, so a damaged checkpoint raises a
-    CheckpointError (naming the file and the key) and leaves the model and the optimisers as they were."""
+    weights:          name -> tensor, as in model.safetensors (each shared tensor once)
+    optimizer_states: one ``state_dict()`` per optimiser (parameters numbered in param-group order)
+    rng:              RNG states ("cpu", "cuda0", ...)
+    state:            trainer.json without its optimiser entries (step, elapsed_s, the recipe's extra state, ...)
+    """
+
+    path: Path
+    weights: dict[str, torch.Tensor]
+    optimizer_states: list[dict[str, Any]]
+    rng: dict[str, torch.Tensor]
+    state: dict[str, Any]
+
+
+def read_checkpoint(ckpt_dir: Path, model: nn.Module, optimizers: list[torch.optim.Optimizer]) -> Checkpoint:
+    """Read every file of ``ckpt_dir`` and check it against ``model`` and ``optimizers`` (which may be sharded:
+    only names, shapes and types are compared); CheckpointError naming the file and the key that disagree."""
     ckpt_dir = Path(ckpt_dir)
     for f in ("model.safetensors", "optimizer.safetensors", "rng.safetensors", "trainer.json"):
         if not (ckpt_dir / f).is_file():
@@ -349,19 +406,36 @@ def load_checkpoint(
     rng = read_weights(ckpt_dir / "rng.safetensors")
     _check_rng(rng, ckpt_dir / "rng.safetensors")
     opt_states = _optimizer_states(optimizers, opt_tensors, state.pop("optimizers"), ckpt_dir)
-    copy_weights(model, weights)
-    _load_optimizers(optimizers, opt_states, ckpt_dir)
+    return Checkpoint(ckpt_dir, weights, opt_states, rng, state)
+
+
+def apply_checkpoint(ckpt: Checkpoint, model: nn.Module, optimizers: list[torch.optim.Optimizer],
+                     restore_rng: bool = True) -> None:
+    """Copy a checked checkpoint into the (unsharded) model and its optimisers, and restore the RNG."""
+    copy_weights(model, ckpt.weights)
+    _load_optimizers(optimizers, ckpt.optimizer_states, ckpt.path)
     if restore_rng:
-        _set_rng_state(rng)
-    return state
+        set_rng_state(ckpt.rng)
 
 
-def load_latest_checkpoint(
+def load_checkpoint(
+    ckpt_dir: Path, model: nn.Module, optimizers: list[torch.optim.Optimizer], restore_rng: bool = True
+) -> dict[str, Any]:
+    """Restore model, optimisers and RNG from ``ckpt_dir``; return the trainer state (step, elapsed, ...).
+
+    Every file is read and checked before anything is changed, so a damaged checkpoint raises a
+    CheckpointError (naming the file and the key) and leaves the model and the optimisers as they were."""
+    ckpt = read_checkpoint(ckpt_dir, model, optimizers)
+    apply_checkpoint(ckpt, model, optimizers, restore_rng)
+    return ckpt.state
+
+
+def read_latest_checkpoint(
     ckpt_root: Path, model: nn.Module, optimizers: list[torch.optim.Optimizer], *,
     warn: Callable[[str], None] | None = None,
-) -> tuple[Path, dict[str, Any]]:
-    """Restore the newest complete checkpoint under ``ckpt_root`` that loads; a damaged newer one is passed
-    over with a warning (through ``warn`` and the log). Returns (its directory, the trainer state).
+) -> Checkpoint:
+    """The newest complete checkpoint under ``ckpt_root`` that reads and checks (:func:`read_checkpoint`); a
+    damaged newer one is passed over with a warning (through ``warn`` and the log).
 
     CheckpointError when there is none, or when every one is damaged (the newest one's problem is named)."""
     ckpts = list_checkpoints(ckpt_root)
@@ -370,7 +444,7 @@ def load_latest_checkpoint(
     first_error: CheckpointError | None = None
     for ckpt in reversed(ckpts):
         try:
-            return ckpt, load_checkpoint(ckpt, model, optimizers)
+            return read_checkpoint(ckpt, model, optimizers)
         except CheckpointError as e:
             first_error = first_error or e
             older = [c for c in ckpts if c.name < ckpt.name]
@@ -381,3 +455,14 @@ def load_latest_checkpoint(
                     warn(msg)
     assert first_error is not None
     raise first_error
+
+
+def load_latest_checkpoint(
+    ckpt_root: Path, model: nn.Module, optimizers: list[torch.optim.Optimizer], *,
+    warn: Callable[[str], None] | None = None,
+) -> tuple[Path, dict[str, Any]]:
+    """Restore the newest complete checkpoint under ``ckpt_root`` that loads (see :func:`read_latest_checkpoint`).
+    Returns (its directory, the trainer state)."""
+    ckpt = read_latest_checkpoint(ckpt_root, model, optimizers, warn=warn)
+    apply_checkpoint(ckpt, model, optimizers)
+    return ckpt.path, ckpt.state

@@ -32,24 +32,34 @@ class RunClock:
         self.t0 = now()
         self.eval_s = 0.0  # time spent evaluating in this invocation (not training time)
         self._mark_t, self._mark_tokens = self.t0, 0
+        self._pinned: float | None = None
 
     def seconds(self) -> float:
         """Wall time of this invocation so far."""
         return self.now() - self.t0
 
+    def pin_seconds(self, seconds: float) -> None:
+        """Use ``seconds`` as this invocation's time for the budget and the schedule until the next pin: the
+        processes of a distributed run all pin process 0's time at the start of each step, so they stop at the
+        same step and use the same learning rates."""
+        self._pinned = seconds
+
+    def _budget_seconds(self) -> float:
+        return self.seconds() if self._pinned is None else self._pinned
+
     def out_of_time(self) -> bool:
-        return self.max_seconds is not None and self.seconds() >= self.max_seconds
+        return self.max_seconds is not None and self._budget_seconds() >= self.max_seconds
 
     def schedule_progress(self, step: int) -> float:
         """Training progress for the learning-rate schedule at ``step`` (0 at the start, 1 at the end; may pass 1)."""
         p = step / self.decay_steps
-        return max(p, self.seconds() / self.max_seconds) if self.max_seconds is not None else p
+        return max(p, self._budget_seconds() / self.max_seconds) if self.max_seconds is not None else p
 
     def done_fraction(self, step: int) -> float:
         """How much of the run's budget (steps or seconds, whichever runs out first) is used, in [0, 1]."""
         f = step / self.max_steps
         if self.max_seconds is not None:
-            f = max(f, self.seconds() / self.max_seconds)
+            f = max(f, self._budget_seconds() / self.max_seconds)
         return min(f, 1.0)
 
     def elapsed(self, at: float | None = None) -> float:

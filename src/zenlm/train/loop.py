@@ -25,8 +25,13 @@ A run is::
     evaluate unless the last step just did; save the final checkpoint and model.safetensors
 
 Ctrl-C or SIGTERM ends the run after the current step (with the final checkpoint); a second one stops at
-once. ``fit`` changes no process-wide setting: threads and TF32 are set by the entry points
-(:func:`apply_process_settings`).
+once. ``fit`` changes no process-wide setting: threads, TF32 and joining the processes that ``torchrun``
+started are done by the entry points (:func:`apply_process_settings`).
+
+On several processes (:mod:`zenlm.train.distributed`) process r of W takes micro-batches r, r+W, ... of each
+step (``grad_accum`` counts the step's micro-batches over all processes), the model is wrapped (DDP) or sharded
+(FSDP2) by ``cfg.strategy``, the processes agree every step on signals and on the clock, and only process 0
+reports progress and writes files.
 """
 
 from __future__ import annotations
@@ -48,11 +53,21 @@ from zenlm.errors import ConfigError
 from zenlm.fileio import atomic_write_text
 from zenlm.progress import ProgressFn, report
 from zenlm.train.best import BestWeights
-from zenlm.train.checkpoint import load_latest_checkpoint, save_checkpoint, save_model
 from zenlm.train.clock import RunClock
+from zenlm.train.distributed import (
+    STRATEGIES,
+    ParallelModel,
+    Strategy,
+    World,
+    check_accumulation,
+    comm_errors,
+    current_world,
+    init_world,
+    resolve_strategy,
+)
 from zenlm.train.metrics import MetricsLog
 from zenlm.train.optim import OptimConfig, build_optimizers, lr_factor, set_lr
-from zenlm.train.step import Batch, CountFn, LossFn, TrainStep, count_labels, local_denominator
+from zenlm.train.step import Batch, CountFn, LossFn, LossOutput, TrainStep, count_labels, local_denominator
 
 
 @dataclass
@@ -63,7 +78,8 @@ class TrainConfig:
     max_seconds:    stop after this much wall time in this invocation (None = no limit); the learning-rate
                     schedule then decays over whichever budget runs out first
     decay_steps:    steps over which the schedule decays (None = max_steps)
-    grad_accum:     micro-batches per optimiser step
+    grad_accum:     micro-batches per optimiser step, counted over all processes (under torchrun a multiple of
+                    their number, so that the run is the same on any number of them)
     eval_every:     evaluate every N steps (0 = only at the end)
     log_every:      write a metrics line every N steps
     ckpt_every:     save a checkpoint every N steps (0 = only at the end / on interrupt)
@@ -75,6 +91,10 @@ class TrainConfig:
     threads:        CPU threads for PyTorch (None = PyTorch's default); set by the entry points through
                     :func:`apply_process_settings`, not by :func:`fit`
     tensorboard:    also write TensorBoard event files under RUN_DIR/tb
+    strategy:       under torchrun, how the processes share the model: ddp (a copy each), fsdp (sharded by
+                    FSDP2), none (one process only) or auto (none for one process, ddp for several)
+    dist_timeout:   seconds a process waits for the others in one collective before it gives up (a process
+                    that died is usually noticed at once; a hung one after this long)
     """
 
     max_steps: int = 1000
@@ -91,6 +111,8 @@ class TrainConfig:
     compile: bool = False
     threads: int | None = None
     tensorboard: bool = True
+    strategy: Strategy = "auto"
+    dist_timeout: float = 600.0
 
     def __post_init__(self) -> None:
         if self.max_steps < 1:
@@ -104,6 +126,10 @@ class TrainConfig:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}.")
         if self.log_every < 1:
             raise ConfigError(f"log_every must be >= 1, got {self.log_every}.")
+        if self.strategy not in STRATEGIES:
+            raise ConfigError(f"strategy {self.strategy!r} is not supported; choose one of: {', '.join(STRATEGIES)}.")
+        if self.dist_timeout <= 0:
+            raise ConfigError(f"dist_timeout must be > 0 seconds, got {self.dist_timeout}.")
 
 
 @dataclass
@@ -144,15 +170,21 @@ class StopFlag:
             signal.signal(s, h)
 
 
-def apply_process_settings(cfg: TrainConfig) -> None:
-    """The process-wide settings ``cfg`` asks for: PyTorch's CPU threads (``cfg.threads``) and, when training
-    on a CUDA GPU, TF32 matrix multiplies. Entry points call this (the recipes' public functions, which the CLI
-    verbs call; scripts that call :func:`fit` directly); :func:`fit` itself changes no global state."""
+def apply_process_settings(cfg: TrainConfig) -> World:
+    """The process-wide settings ``cfg`` asks for: PyTorch's CPU threads (``cfg.threads``), TF32 matrix
+    multiplies when training on a CUDA GPU, and -- when ``torchrun`` started this process -- joining the other
+    processes of the run (NCCL on GPUs, gloo on CPUs; each process takes GPU LOCAL_RANK). Entry points call this
+    (the recipes' public functions, which the CLI verbs call; scripts that call :func:`fit` directly);
+    :func:`fit` itself changes no global state. Returns the run's processes."""
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    if resolve_device(cfg.device).type == "cuda":
+    device = resolve_device(cfg.device)
+    if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+    world = init_world(device, cfg.strategy, cfg.dist_timeout)
+    check_accumulation(cfg.grad_accum, world)  # before a recipe writes anything
+    return world
 
 
 @dataclass
@@ -165,39 +197,31 @@ class _Start:
     best: dict[str, Any] | None = None
 
 
-def _restore(run_dir: Path, model: nn.Module, optimizers: list[torch.optim.Optimizer],
-             progress: ProgressFn | None) -> tuple[_Start, str]:
-    """Load the newest checkpoint of ``run_dir`` that is intact (a damaged newer one is passed over with a
-    warning) into model, optimisers and RNG; return where it stopped and the checkpoint's name."""
-    ckpt, state = load_latest_checkpoint(run_dir / "checkpoints", model, optimizers,
-                                         warn=lambda m: report(progress, "train", message=m))
-    elapsed = float(state.get("elapsed_s", 0.0))
-    return _Start(int(state["step"]), elapsed, float(state.get("train_s", elapsed)), state.get("best")), ckpt.name
-
-
-def _save(run_dir: Path, step: int, model: nn.Module, optimizers: list[torch.optim.Optimizer], clock: RunClock,
+def _save(par: ParallelModel, run_dir: Path, step: int, optimizers: list[torch.optim.Optimizer], clock: RunClock,
           at: float, extra: dict[str, Any], best: BestWeights, keep: int) -> None:
-    """Write checkpoint ``step``; the run's times at clock time ``at``, the recipe's extra state and the best
-    evaluation so far go along."""
+    """Write checkpoint ``step`` (every process takes part; process 0 writes); the run's times at clock time
+    ``at``, the recipe's extra state and the best evaluation so far go along."""
     state = {"elapsed_s": clock.elapsed(at), "train_s": clock.train_s(at), **extra}
     if best.state() is not None:  # its weights are run_dir/best.safetensors
         state["best"] = best.state()
-    save_checkpoint(run_dir / "checkpoints", step, model, optimizers, state, keep=keep or None)
+    par.save_checkpoint(run_dir / "checkpoints", step, optimizers, state, keep=keep or None)
 
 
-def _evaluate(evaluate: Callable[[nn.Module], dict[str, float]], model: nn.Module, forward: nn.Module,
+def _evaluate(evaluate: Callable[[nn.Module], dict[str, float]], par: ParallelModel, forward: nn.Module,
               precision: str, clock: RunClock) -> dict[str, float]:
-    """Run ``evaluate`` in eval mode without gradients; its time counts as evaluation, not training."""
+    """Run ``evaluate`` in eval mode without gradients; its time counts as evaluation, not training. Every
+    process evaluates (an FSDP2 model needs all of them to run it); process 0's result is everyone's."""
+    model = par.model
     device = next(model.parameters()).device
     synchronize(device)
     t = clock.now()
     model.eval()
     with torch.no_grad(), autocast(device, precision):
-        out = evaluate(forward)
+        out = par.run(lambda _: evaluate(forward))
     model.train()
     synchronize(device)
     clock.add_eval_time(clock.now() - t)
-    return out
+    return par.world.share(out)
 
 
 def _model_device(model: nn.Module, cfg: TrainConfig) -> torch.device:
@@ -253,25 +277,67 @@ def fit(
     patience:      with ``best_metric``, stop early after this many evaluations in a row without improvement.
     count_targets: ``batch -> int``, the targets of a batch without running the model (see
                    :mod:`zenlm.train.step`); must agree with the ``n_targets`` that ``loss_fn`` returns.
-    denominator:   ``targets of the step -> what each loss sum is divided by``; a distributed run gives the
-                   global count here (see :mod:`zenlm.train.step`).
+    denominator:   ``targets of the step -> what each loss sum is divided by``, from the step's target count
+                   summed over all processes (see :mod:`zenlm.train.step`).
+
+    On several processes (started by torchrun; see :mod:`zenlm.train.distributed`) every process calls fit with
+    the same arguments; with ``cfg.strategy`` "fsdp" the model is sharded in place (its weights are then in
+    ``run_dir/model.safetensors``). Only process 0 reports progress and writes files.
     """
     run_dir = Path(run_dir)
     device = _model_device(model, cfg)
+    world = current_world()
+    strategy = resolve_strategy(cfg.strategy, world)
+    check_accumulation(cfg.grad_accum, world)
+    if not world.is_main:
+        progress = None  # process 0 reports for everyone
     choices = hardware_choices(device, cfg.precision)  # "auto" -> what this hardware runs fastest
     precision = choices.precision
     report(progress, "train", message=choices.line())
-    _record_resolved(run_dir, choices)
-    optimizers = build_optimizers(model, optim, device.type)
-    start = _Start()
-    if resume:
-        start, name = _restore(run_dir, model, optimizers, progress)
-        report(progress, "train", message=f"resumed from {name} (step {start.step})")
+    if world.size > 1:
+        report(progress, "train", message=f"{world.size} processes ({strategy}), each {cfg.grad_accum // world.size} "
+               f"of the {cfg.grad_accum} micro-batches of every step")
+    if world.is_main:
+        _record_resolved(run_dir, choices)
+    micros = range(world.rank, cfg.grad_accum, world.size)  # this process's micro-batches of every step
+
+    def probe(m: nn.Module) -> LossOutput:  # which parameters the objective uses (DDP asks once)
+        with autocast(device, precision):
+            return loss_fn(m, get_batch(0, micros[0]))
+
+    ckpt_root = run_dir / "checkpoints"
+    with comm_errors(world, ckpt_root):  # a process that dies makes the others stop with a clear error
+        par = ParallelModel(model, world, strategy, precision, probe=probe)
+        optimizers = build_optimizers(model, optim, device.type)  # after sharding: FSDP2 replaces the parameters
+        start = _Start()
+        if resume:
+            name, state = par.restore(ckpt_root, optimizers, warn=lambda m: report(progress, "train", message=m))
+            elapsed = float(state.get("elapsed_s", 0.0))
+            start = _Start(int(state["step"]), elapsed, float(state.get("train_s", elapsed)), state.get("best"))
+            was = state.get("world_size", 1)
+            report(progress, "train", message=f"resumed from {name} (step {start.step})" + (
+                f", written by {was} process(es), continued by {world.size}: the same run" if was != world.size
+                else ""))
+        return _train(par, optimizers, get_batch, loss_fn, run_dir, cfg, optim, start, precision,
+                      evaluate=evaluate, resume=resume, trainer_extra=trainer_extra, best_metric=best_metric,
+                      patience=patience, progress=progress, count_targets=count_targets, denominator=denominator)
+
+
+def _train(par: ParallelModel, optimizers: list[torch.optim.Optimizer], get_batch: Callable[[int, int], Batch],
+           loss_fn: LossFn, run_dir: Path, cfg: TrainConfig, optim: OptimConfig, start: _Start, precision: str, *,
+           evaluate: Callable[[nn.Module], dict[str, float]] | None, resume: bool,
+           trainer_extra: dict[str, Any] | None, best_metric: str | None, patience: int | None,
+           progress: ProgressFn | None, count_targets: CountFn, denominator: Callable[[int], float]) -> TrainResult:
+    """The loop of :func:`fit`, from the step it starts at."""
+    model, world = par.model, par.world
+    device = next(model.parameters()).device
     train_step = TrainStep(model, loss_fn, optimizers, precision=precision, grad_clip=optim.grad_clip,
-                           compile=cfg.compile, count_targets=count_targets, denominator=denominator)
+                           compile=cfg.compile, count_targets=count_targets, denominator=denominator, sync=par,
+                           seed=cfg.seed)
     forward = torch.compile(model) if cfg.compile else model  # for evaluation
-    best = BestWeights(model, run_dir, best_metric, patience, resumed=start.best)
+    best = BestWeights(model, run_dir, best_metric, patience, resumed=start.best, io=par)
     extra = dict(trainer_extra or {})
+    micros = range(world.rank, cfg.grad_accum, world.size)
 
     clock = RunClock(cfg.max_steps, cfg.decay_steps or cfg.max_steps, cfg.max_seconds,
                      elapsed_before=start.elapsed_s, train_before=start.train_s)
@@ -280,13 +346,17 @@ def fit(
     val: dict[str, float] = {}
     stopped_by = "max_steps"
     model.train()
-    with StopFlag() as stop, MetricsLog(run_dir, start.step if resume else None, cfg.tensorboard) as metrics:
+    with StopFlag() as stop, MetricsLog(run_dir, start.step if resume else None, cfg.tensorboard,
+                                        write=world.is_main) as metrics:
         while step < cfg.max_steps:
-            if clock.out_of_time() or stop.signum is not None:
-                stopped_by = "max_seconds" if stop.signum is None else "signal"
+            # every process stops at the same step, and sees process 0's clock (same budget, same lr)
+            signalled, seconds = world.agree(stop.signum is not None, clock.seconds())
+            clock.pin_seconds(seconds)
+            if clock.out_of_time() or signalled:
+                stopped_by = "max_seconds" if not signalled else "signal"
                 break
             lr = set_lr(optimizers, lr_factor(optim, step, clock.schedule_progress(step)))
-            out = train_step([get_batch(step, micro) for micro in range(cfg.grad_accum)], step + 1)
+            out = train_step([get_batch(step, micro) for micro in micros], step + 1, micros)
             step, tokens, train_loss = step + 1, tokens + out.n_tokens, out.loss
 
             is_last = step == cfg.max_steps
@@ -302,7 +372,7 @@ def fit(
                 early = False
                 if do_eval:
                     assert evaluate is not None
-                    val = _evaluate(evaluate, model, forward, precision, clock)
+                    val = _evaluate(evaluate, par, forward, precision, clock)
                     record.update(val)
                     early = best.update(step, val)
                 metrics.write(record)
@@ -316,23 +386,24 @@ def fit(
                            f"for {patience} evaluations (best {best.value:.4f} at step {best.step})")
                     break
             if cfg.ckpt_every and step % cfg.ckpt_every == 0 and not is_last:
-                _save(run_dir, step, model, optimizers, clock, clock.now(), extra, best, cfg.keep_checkpoints)
+                _save(par, run_dir, step, optimizers, clock, clock.now(), extra, best, cfg.keep_checkpoints)
 
         # ---- the end: final evaluation, checkpoint and weights ------------------------------------------
         # On a signal the checkpoint comes first and nothing else: a service manager's grace period (10-30 s)
         # is shorter than a validation pass can be.
         if evaluate is not None and stopped_by not in ("signal", "early_stop") and \
                 (stopped_by != "max_steps" or not val) and step > start.step:
-            val = _evaluate(evaluate, model, forward, precision, clock)
+            val = _evaluate(evaluate, par, forward, precision, clock)
             metrics.write({"step": step, "elapsed_s": round(clock.elapsed(), 3), **val})
             best.update(step, val)
         end = clock.now()
-        _save(run_dir, step, model, optimizers, clock, end, extra, best, cfg.keep_checkpoints)
+        _save(par, run_dir, step, optimizers, clock, end, extra, best, cfg.keep_checkpoints)
         if best.finish():  # the best evaluation's weights are the result
             val = best.val
             metrics.write({"step": step, "best_step": best.step, **{f"best_{k}": v for k, v in val.items()}})
         else:
-            save_model(model, run_dir / "model.safetensors")
+            par.save_weights(run_dir / "model.safetensors")
+    world.barrier()  # every file is written before any process returns
     if stopped_by == "signal":
         report(progress, "train", message=f"stopped by signal at step {step}; checkpoint saved, "
                "continue with --resume")

@@ -22,10 +22,17 @@ class MetricsLog:
 
     resume_step: None for a new run (an old file is removed), else keep the lines up to this step
     tensorboard: also write every number to TensorBoard event files under ``run_dir/tb``
+    write:       False: touch nothing and drop every record (the processes of a distributed run but the first)
     """
 
-    def __init__(self, run_dir: Path, resume_step: int | None, tensorboard: bool) -> None:
+    def __init__(self, run_dir: Path, resume_step: int | None, tensorboard: bool, *, write: bool = True) -> None:
         self.path = Path(run_dir) / "metrics.jsonl"
+        self.fh = None
+        self.tb = None
+        if write:
+            self._open(resume_step, tensorboard)
+
+    def _open(self, resume_step: int | None, tensorboard: bool) -> None:
         if resume_step is not None and self.path.exists():
             keep = []
             for line in self.path.read_text(encoding="utf-8").splitlines():
@@ -40,17 +47,18 @@ class MetricsLog:
         elif resume_step is None and self.path.exists():
             self.path.unlink()
         self.fh = self.path.open("a", encoding="utf-8")
-        self.tb = None
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self.tb = SummaryWriter(str(Path(run_dir) / "tb"))
+                self.tb = SummaryWriter(str(self.path.parent / "tb"))
             except ImportError:  # pragma: no cover - tensorboard is a declared dependency
                 log.warning("tensorboard is not installed; writing metrics.jsonl only")
 
     def write(self, record: dict[str, Any]) -> None:
         """Append ``record`` (which has a "step") as one line, flushed at once."""
+        if self.fh is None:
+            return
         self.fh.write(json.dumps(record) + "\n")
         self.fh.flush()
         if self.tb is not None:
@@ -59,7 +67,7 @@ class MetricsLog:
                     self.tb.add_scalar(k, v, record["step"])
 
     def close(self) -> None:
-        if not self.fh.closed:
+        if self.fh is not None and not self.fh.closed:
             self.fh.close()
         if self.tb is not None:
             self.tb.close()
