@@ -36,6 +36,7 @@ from torch import nn
 
 from zenlm.errors import CheckpointError, write_error
 from zenlm.fileio import atomic_path, read_json_object, write_safetensors
+from zenlm.models.lora import adapter_state_dict, has_lora
 
 log = logging.getLogger(__name__)
 
@@ -48,10 +49,12 @@ def _write_error(path: Path, e: OSError) -> CheckpointError:
 
 
 def _state_dict_for_saving(model: nn.Module) -> dict[str, torch.Tensor]:
-    # Tied weights share storage; safetensors refuses shared tensors, so save each name once.
+    # A model with LoRA adapters saves what it trains (adapters, a task head); its frozen base weights stay in
+    # the base run. Tied weights share storage; safetensors refuses shared tensors, so save each name once.
+    state = adapter_state_dict(model) if has_lora(model) else model.state_dict()
     out: dict[str, torch.Tensor] = {}
     seen: dict[int, str] = {}
-    for name, t in model.state_dict().items():
+    for name, t in state.items():
         key = t.data_ptr()
         if key in seen and t.numel() > 0:
             continue
