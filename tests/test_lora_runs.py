@@ -278,3 +278,24 @@ def test_cli_lora_pretrain_generate_merge(tmp_path: Path, char_data: Path, base_
                  "cpu"]) == 0
     assert main(["merge-lora", str(out), "--out", str(merged)]) == 0
     assert (merged / "model.safetensors").is_file()
+
+
+def test_chat_and_serve_a_lora_run(lora_run: Path, monkeypatch, capsys) -> None:
+    """zenlm chat and the OpenAI-compatible server load a LoRA run like any run: the served text is the merged
+    model's, through the official client."""
+    import io
+
+    import openai
+
+    from zenlm.serve.app import ServerThread, create_app
+
+    monkeypatch.setattr("sys.stdin", io.StringIO("ROMEO\n/quit\n"))
+    assert main(["chat", str(lora_run), "--temperature", "0", "--max-new-tokens", "6", "--device", "cpu"]) == 0
+    assert "assistant: " in capsys.readouterr().out
+    lm = zenlm.load(lora_run, device="cpu")
+    want = lm.generate("ROMEO:", max_new_tokens=8, temperature=0)
+    app = create_app(lm.model, lm.tokenizer, model_id="lora", max_concurrency=2, max_queue=2, model_kind="base")
+    with ServerThread(app) as srv:
+        client = openai.OpenAI(base_url=srv.url + "/v1", api_key="x", max_retries=0, timeout=30)
+        got = client.completions.create(model="lora", prompt="ROMEO:", max_tokens=8, temperature=0)
+    assert got.choices[0].text == want
