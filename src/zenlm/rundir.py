@@ -12,6 +12,11 @@ The model is rebuilt in two steps. The ``model:`` section names an architecture 
 (:mod:`zenlm.models.registry`) turns into a config and an ``nn.Module``. Then the run's own options wrap or
 change that module, each in one function of :data:`RUN_OPTIONS`: a classifier run (``task: {kind: classify}``)
 puts a classification head on it, a quantised run (``quantization:``) swaps its linear layers for int8 ones.
+
+A LoRA run (``lora:``, written by ``--lora`` or a PEFT import; see :mod:`zenlm.adapter`) holds no base weights:
+its model starts as the trained model of its base run (``lora.base.run``, whose weights must still have the
+recorded fingerprint), and the option :func:`_lora_layers` wraps the adapted layers; ``adapter.safetensors``
+then fills the A and B matrices (and a classifier's head), and :func:`load_run` merges them into the weights.
 """
 
 from __future__ import annotations
@@ -29,11 +34,13 @@ from torch import nn
 from zenlm.device import resolve_device, resolve_dtype
 from zenlm.errors import CheckpointError
 from zenlm.fileio import atomic_write_text
+from zenlm.models.lora import LoRAConfig, apply_lora, merge_and_unload, weights_fingerprint
 from zenlm.models.registry import Architecture, get_architecture
 from zenlm.tokenizer import Tokenizer
 from zenlm.train.checkpoint import list_checkpoints, load_model_weights, save_model
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+ADAPTER_WEIGHTS = "adapter.safetensors"  # what a LoRA run trained, in place of model.safetensors
 
 
 def read_run_config(run_dir: str | Path) -> dict[str, Any]:
@@ -106,8 +113,41 @@ def _int8_weights(model: nn.Module, saved: dict[str, Any], run_dir: Path) -> nn.
     return quantize_int8(model, empty=True)
 
 
+def _lora_base(saved: dict[str, Any], run_dir: Path) -> nn.Module:
+    """The trained model of a LoRA run's base run, refused when its weights are not the ones the adapters were
+    trained on (``lora.base.fingerprint``) or when the base run is gone."""
+    base = saved["lora"]["base"]
+    base_run = Path(base["run"])
+    if not (base_run / "config.yaml").is_file():
+        raise CheckpointError(f"{run_dir}: its base run {base_run} (lora.base.run in config.yaml) is missing; put "
+                              "the base run back there or correct that path.")
+    model, _, _ = build_model_from_run(base_run)
+    load_model_weights(model, weights_file(base_run))
+    fingerprint = weights_fingerprint(model)
+    if fingerprint != base["fingerprint"]:
+        raise CheckpointError(
+            f"{run_dir}: the weights of its base run {base_run} are not the ones its adapters were trained on "
+            f"(fingerprint {fingerprint[:19]}..., recorded {str(base['fingerprint'])[:19]}...): the base was "
+            "retrained or replaced. Restore the original base, or point lora.base.run in config.yaml at it.")
+    return model
+
+
+def _lora_layers(model: nn.Module, saved: dict[str, Any], run_dir: Path) -> nn.Module:
+    """``lora: {rank, alpha, modules, ...}``: LoRA layers on the adapted layers of the base (a classifier's
+    backbone; its head stays trainable), to be filled from adapter.safetensors."""
+    section = saved.get("lora")
+    if not section:
+        return model
+    from zenlm.models.classifier import SequenceClassifier
+
+    adapted = model.backbone if isinstance(model, SequenceClassifier) else model
+    apply_lora(adapted, LoRAConfig.from_dict(section), modules=section["modules"])
+    return model
+
+
 # What a run directory can add on top of its architecture, applied in this order to the built model.
-RUN_OPTIONS: tuple[Callable[[nn.Module, dict[str, Any], Path], nn.Module], ...] = (_classifier_head, _int8_weights)
+RUN_OPTIONS: tuple[Callable[[nn.Module, dict[str, Any], Path], nn.Module], ...] = (
+    _classifier_head, _int8_weights, _lora_layers)
 
 
 def build_model_from_run(run_dir: str | Path) -> tuple[nn.Module, Any, dict[str, Any]]:
@@ -115,23 +155,25 @@ def build_model_from_run(run_dir: str | Path) -> tuple[nn.Module, Any, dict[str,
 
     The architecture comes from the registry (``model.arch``); then :data:`RUN_OPTIONS` are applied (a
     classifier run wraps its GPT or BERT backbone in a :class:`~zenlm.models.classifier.SequenceClassifier`).
+    A LoRA run starts from its base run's trained model instead (see the module docstring).
     """
     run_dir = Path(run_dir)
     saved = read_run_config(run_dir)
     arch = run_architecture(saved)
     cfg = arch.config_from_dict(saved["model"])
-    model = arch.build(cfg)
+    model = _lora_base(saved, run_dir) if saved.get("lora") else arch.build(cfg)
     for option in RUN_OPTIONS:
         model = option(model, saved, run_dir)
     return model, cfg, saved
 
 
 def weights_file(run_dir: str | Path) -> Path:
-    """``run_dir/model.safetensors``, else the newest checkpoint's weights (a run that was stopped hard)."""
+    """``run_dir/model.safetensors`` (a LoRA run: ``adapter.safetensors``), else the newest checkpoint's weights
+    (a run that was stopped hard)."""
     run_dir = Path(run_dir)
-    weights = run_dir / "model.safetensors"
-    if weights.is_file():
-        return weights
+    for weights in (run_dir / "model.safetensors", run_dir / ADAPTER_WEIGHTS):
+        if weights.is_file():
+            return weights
     ckpts = list_checkpoints(run_dir / "checkpoints")
     if not ckpts:
         raise CheckpointError(f"{run_dir} has neither model.safetensors nor a checkpoint; train it first.")
@@ -173,18 +215,30 @@ class LoadedRun:
         return run_task(self.saved)
 
 
-def load_run(run_dir: str | Path, *, device: str = "auto", dtype: str = "fp32") -> LoadedRun:
+def load_run(run_dir: str | Path, *, device: str = "auto", dtype: str = "fp32", merge: bool = True) -> LoadedRun:
     """Build the model of ``run_dir``, load its weights (:func:`weights_file`) and tokenizer, and move it to
-    ``device`` with weights in ``dtype`` (fp32 | bf16 | fp16)."""
+    ``device`` with weights in ``dtype`` (fp32 | bf16 | fp16).
+
+    merge: a LoRA run's adapters are folded into the base weights, ``W + (alpha / r) B A`` (an ordinary model,
+           as fast as the base), unless its base is int8 (they then stay beside the int8 layers) or ``merge`` is
+           False (the LoRA layers are kept)."""
     run_dir = Path(run_dir)
     torch_dtype: torch.dtype = resolve_dtype(dtype)
     model, _, saved = build_model_from_run(run_dir)
-    load_run_weights(run_dir, model)
+    try:
+        load_run_weights(run_dir, model)
+    except CheckpointError as e:
+        if saved.get("lora"):  # a tensor of the adapter does not fit the base
+            raise CheckpointError(f"{e} The adapter does not fit the base run {saved['lora']['base']['run']}.") \
+                from None
+        raise
+    if merge and saved.get("lora") and not saved["lora"]["base"].get("quantization"):
+        merge_and_unload(model)
     tokenizer = load_run_tokenizer(run_dir)
     model = model.to(resolve_device(device), dtype=torch_dtype).eval()
     return LoadedRun(run_dir, saved, run_architecture(saved), model, tokenizer)
 
 
-__all__ = ["RUN_OPTIONS", "TOKENIZER_FILES", "LoadedRun", "build_model_from_run", "copy_tokenizer_files",
-           "load_run", "load_run_tokenizer", "load_run_weights", "read_run_config", "run_architecture", "run_task",
-           "save_run", "weights_file", "write_run_config"]
+__all__ = ["ADAPTER_WEIGHTS", "RUN_OPTIONS", "TOKENIZER_FILES", "LoadedRun", "build_model_from_run",
+           "copy_tokenizer_files", "load_run", "load_run_tokenizer", "load_run_weights", "read_run_config",
+           "run_architecture", "run_task", "save_run", "weights_file", "write_run_config"]

@@ -25,7 +25,14 @@ import time
 from pathlib import Path
 from typing import Any, Literal
 
-from zenlm.cli.common import TerminalProgress, launch_rank, print_train_result, shape_params
+from zenlm.cli.common import (
+    TerminalProgress,
+    launch_rank,
+    lora_config,
+    lora_params,
+    print_train_result,
+    shape_params,
+)
 from zenlm.clikit import Param, VerbParser, add_verb, call_verb, params_of
 from zenlm.errors import TrainingError, ZenlmError
 
@@ -140,6 +147,8 @@ def _pretrain_params() -> list[Param]:
         *params_of(TrainConfig, only=("log_every", "ckpt_every", "seed", "device", "precision", "compile", "threads",
                                       "strategy"), defaults=from_recipe, types={"precision": Precision}),
         *shape_params(),
+        *params_of(recipe, only=("init",)),
+        *lora_params(),
     ]
 
 
@@ -157,6 +166,12 @@ def pretrain(**flags: Any) -> None:
 
         zenlm prepare --corpus TEXT --objective mlm --out DATA        # WordPiece trained on TEXT
         zenlm pretrain --objective mlm --data DATA --out RUN
+
+    Continued pretraining starts from a trained run (its model and tokenizer), with every weight or with LoRA
+    adapters on the frozen run (docs/lora.md):
+
+        zenlm prepare --corpus MORE_TEXT --tokenizer RUN --out DATA2
+        zenlm pretrain --data DATA2 --init RUN --lora --out RUN2
 
     Args:
         data: data directory made by `zenlm prepare`
@@ -196,6 +211,8 @@ def pretrain(**flags: Any) -> None:
         n_embd: override the preset's width (d_model of a BERT)
         block_size: override the preset's context length (max_len of a BERT)
         dropout: override the preset's dropout
+        init: continued pretraining: start from this run's weights, model and objective (the model flags are then
+            ignored; prepare the data with its tokenizer: zenlm prepare --tokenizer RUN)
     """
     import dataclasses
 
@@ -210,10 +227,15 @@ def pretrain(**flags: Any) -> None:
         return {k: flags[k] for k in names if flags[k] is not None}
 
     out, objective, resume = Path(flags["out"]), flags["objective"], flags["resume"]
+    lora = lora_config(flags)
     saved: dict = {}
     if resume and (out / "config.yaml").is_file():
         saved = read_run_config(out)
         objective = objective or saved.get("objective", "causal-lm")  # continue with the run's own defaults
+    elif flags["init"] is not None and objective is None:  # continue with what the init run's model learns
+        from zenlm.rundir import run_architecture
+
+        objective = "causal-lm" if run_architecture(read_run_config(flags["init"])).can("causal-lm") else "mlm"
     recipe = flags["recipe"] or DEFAULT_RECIPE[objective or "causal-lm"]
     s = recipe_settings(recipe, **given(*(k for k in _FROM_RECIPE if k != "objective")))
     objective = objective or s["objective"]
@@ -235,7 +257,7 @@ def pretrain(**flags: Any) -> None:
         train=TrainConfig(max_steps=s["max_steps"], grad_accum=s["grad_accum"], precision=s["precision"],
                           compile=s["compile"], **given("max_seconds", "eval_every", "log_every", "ckpt_every",
                                                         "seed", "device", "threads", "strategy")),
-        optim=OptimConfig(**s["optim"]),
+        optim=OptimConfig(**s["optim"]), init=flags["init"], lora=lora,
         progress=progress,
     )
     progress.close()
@@ -337,19 +359,23 @@ def convert_from_hf(
     revision: str | None = None,
     dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto",
     overwrite: bool = False,
+    base: str | None = None,
 ) -> None:
-    """Convert a Hugging Face checkpoint (GPT-2, Llama, Mistral, Qwen2, Qwen3; BERT) into a zenlm run.
+    """Convert a Hugging Face checkpoint (GPT-2, Llama, Mistral, Qwen2, Qwen3; BERT) into a zenlm run, or a PEFT
+    LoRA adapter for such a model into a zenlm LoRA run (give the imported base with --base).
 
     Args:
         src: local Hugging Face model directory (config.json, safetensors or pytorch_model.bin,
-            tokenizer.json)
+            tokenizer.json), or a PEFT adapter directory (adapter_config.json, adapter_model.safetensors)
         out: run directory to write (open it with `zenlm generate OUT` or zenlm.load)
         from_hub: download this Hugging Face Hub repository (needs network) instead of reading SRC
         revision: branch, tag or commit of --from-hub
         dtype: auto keeps the stored dtype; fp32, bf16 or fp16 converts the weights
         overwrite: replace an existing run in --out
+        base: for a PEFT adapter: the zenlm run of its base model (e.g. made by `zenlm convert from-hf BASE_DIR`)
     """
     from zenlm.convert.hf import download_from_hub, import_hf
+    from zenlm.convert.peft import import_peft, is_peft_adapter
     from zenlm.errors import ConfigError
 
     if (src is None) == (from_hub is None):
@@ -357,6 +383,15 @@ def convert_from_hf(
     if from_hub is not None:
         src = str(download_from_hub(from_hub, revision))
     assert src is not None
+    if is_peft_adapter(src):
+        if base is None:
+            raise ConfigError(f"{src} is a PEFT adapter; give the zenlm run of its base model with --base RUN "
+                              "(import the base first: zenlm convert from-hf BASE_DIR --out RUN).")
+        print(f"imported the LoRA adapter {src} onto {base} -> {import_peft(src, base, out, overwrite=overwrite)}")
+        return
+    if base is not None:
+        raise ConfigError(f"--base is for PEFT adapter directories; {src} is not one (it has no adapter_config.json "
+                          "with a peft_type, or it has a config.json).")
     progress = TerminalProgress()
     path = import_hf(src, out, dtype=dtype, overwrite=overwrite, progress=progress)
     progress.close()
@@ -369,18 +404,32 @@ def convert_to_hf(
     out: str,
     dtype: Literal["fp32", "bf16", "fp16"] = "fp32",
     overwrite: bool = False,
+    base_model: str | None = None,
 ) -> None:
     """Export a zenlm run directory as a Hugging Face model directory (GPT-2, Llama, Qwen2, Qwen3; BERT and
-    BERT classifiers; encoder-decoders of the Blenderbot layout).
+    BERT classifiers; encoder-decoders of the Blenderbot layout); a LoRA run as a PEFT adapter directory (load it
+    with peft.PeftModel.from_pretrained on the exported base).
 
     Args:
         run: run directory (made by `zenlm pretrain`, `zenlm finetune` or `zenlm convert from-hf`)
         out: directory to write config.json, model.safetensors, generation_config.json and the tokenizer files
+            (for a LoRA run: adapter_config.json and adapter_model.safetensors)
         dtype: dtype of the written weights
         overwrite: replace an existing export in --out
+        base_model: LoRA runs: the base_model_name_or_path to record (a Hub name, or the directory of the base
+            exported with `zenlm convert to-hf BASE`); default: where the base was imported from, else its run
     """
     import json
 
+    from zenlm.rundir import read_run_config
+
+    if read_run_config(run).get("lora"):
+        from zenlm.convert.peft import export_peft
+
+        path = export_peft(run, out, base_model=base_model, dtype=dtype, overwrite=overwrite)
+        print(f"exported the LoRA adapters of {run} -> {path} (load them with peft.PeftModel.from_pretrained("
+              "AutoModelForCausalLM.from_pretrained(BASE), OUT), BASE = the base exported with zenlm convert to-hf)")
+        return
     from zenlm.convert.hf import export_hf
 
     progress = TerminalProgress()
@@ -433,6 +482,19 @@ def quantize(run: str, out: str) -> None:
           f"Load it like any run: zenlm generate {r.out} \"...\"")
 
 
+def merge_lora(run: str, out: str) -> None:
+    """Merge a LoRA run's adapters into its base (W + alpha/r * B A) and write a plain run directory.
+
+    Args:
+        run: LoRA run directory (trained with --lora, or imported from a PEFT adapter)
+        out: run directory to write (must not exist); an int8 base comes out in float32
+    """
+    from zenlm.adapter import merge_lora_run
+
+    path = merge_lora_run(run, out)
+    print(f"merged {run} -> {path} (a plain run: zenlm generate {path} \"...\", zenlm convert to-hf {path} ...)")
+
+
 # what each capability's presets are trained with, for the headings of `zenlm presets`
 _PRESET_USE = {"causal-lm": "zenlm pretrain --model NAME", "masked-lm": "zenlm pretrain --objective mlm --model NAME",
                "seq2seq": "zenlm finetune seq2seq --model NAME"}
@@ -468,6 +530,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_verb(sub, "demo", demo, params=_demo_params)
     add_verb(sub, "presets", presets)
     add_verb(sub, "quantize", quantize, positional=("run",))
+    add_verb(sub, "merge-lora", merge_lora, positional=("run",))
     conv = sub.add_parser("convert", help="convert models to and from Hugging Face format and to GGUF "
                                           "(from-hf, to-hf, to-gguf)")
     conv_sub = conv.add_subparsers(dest="convverb", metavar="ACTION")

@@ -89,3 +89,36 @@ def shape_params() -> list[Param]:
             Param("n_embd", int | None, None, "override the preset's width"),
             Param("block_size", int | None, None, "override the preset's context length"),
             Param("dropout", float | None, None, "override the preset's dropout")]
+
+
+LORA_FIELDS = ("rank", "alpha", "dropout", "targets", "qkv")
+
+
+def lora_params() -> list[Param]:
+    """--lora and the settings of zenlm.models.lora.LoRAConfig as --lora-rank, --lora-alpha, --lora-dropout,
+    --lora-targets and --lora-qkv: what a recipe's ``lora`` argument takes (see :func:`lora_config`)."""
+    from typing import Literal
+
+    from zenlm.clikit import params_of
+    from zenlm.models.lora import QKV_MODES, LoRAConfig
+
+    return [Param("lora", bool | None, None, "train LoRA adapters on the frozen base instead of every weight (the "
+                  "run saves adapter.safetensors; an int8 base from `zenlm quantize` is allowed)"),
+            *params_of(LoRAConfig, only=LORA_FIELDS, rename={k: f"lora_{k}" for k in LORA_FIELDS},
+                       types={"targets": list[str], "qkv": Literal[QKV_MODES]})]  # type: ignore[valid-type]
+
+
+def lora_config(flags: dict[str, Any]) -> Any:
+    """The LoRAConfig that --lora and the --lora-* flags describe (removed from ``flags``), or None without
+    --lora; a --lora-* setting changed without --lora is a mistake, refused."""
+    from zenlm.errors import ConfigError
+    from zenlm.models.lora import LoRAConfig
+
+    lora, settings = flags.pop("lora"), {k: flags.pop(f"lora_{k}") for k in LORA_FIELDS}
+    if lora:
+        return LoRAConfig(**settings)
+    default = LoRAConfig()
+    changed = [f"--lora-{k}" for k, v in settings.items() if LoRAConfig(**{k: v}).to_dict()[k] != default.to_dict()[k]]
+    if changed:
+        raise ConfigError(f"{', '.join(changed)} set(s) how LoRA adapters are trained; add --lora to train them.")
+    return None

@@ -22,12 +22,13 @@ _TRAIN_FLAGS = ("max_seconds", "seed", "device", "precision", "grad_accum", "str
 def finetune_classify_params() -> list[Param]:
     """The flags: zenlm.recipes.finetune_classify.finetune_classify's own parameters and the TrainConfig
     fields above."""
+    from zenlm.cli.common import lora_params
     from zenlm.device import Precision
     from zenlm.recipes.finetune_classify import finetune_classify as recipe
     from zenlm.train.loop import TrainConfig
 
-    return [*params_of(recipe, skip=("train", "progress")),
-            *params_of(TrainConfig, only=_TRAIN_FLAGS, types={"precision": Precision})]
+    return [*params_of(recipe, skip=("train", "lora", "progress")),
+            *params_of(TrainConfig, only=_TRAIN_FLAGS, types={"precision": Precision}), *lora_params()]
 
 
 def finetune_classify(**flags: Any) -> None:
@@ -47,7 +48,8 @@ def finetune_classify(**flags: Any) -> None:
         dropout: dropout before the classification head
         batch_size: texts per micro-batch (a step reads --grad-accum of them)
         epochs: passes over the training data
-        lr: peak AdamW learning rate (warm-up over 10% of the steps, then linear decay)
+        lr: peak AdamW learning rate (warm-up over 10% of the steps, then linear decay); default 5e-5, or 5e-4
+            with --lora
         weight_decay: AdamW weight decay
         patience: stop after this many evaluations (two per epoch) without a better macro-F1; 0 = never
         max_seconds: wall-time cap
@@ -55,14 +57,15 @@ def finetune_classify(**flags: Any) -> None:
         device: auto, cpu, cuda or mps
         precision: auto, fp32, bf16 or fp16
     """
-    from zenlm.cli.common import TerminalProgress
+    from zenlm.cli.common import TerminalProgress, lora_config
     from zenlm.recipes.finetune_classify import finetune_classify as run
     from zenlm.train.loop import TrainConfig
 
     train = {k: flags.pop(k) for k in _TRAIN_FLAGS}
+    lora = lora_config(flags)
     out = flags["out"]
     progress = TerminalProgress()
-    res = run(**flags, train=TrainConfig(**train, tensorboard=False), progress=progress)
+    res = run(**flags, train=TrainConfig(**train, tensorboard=False), lora=lora, progress=progress)
     progress.close()
     print(f"\nstopped by {res.train.stopped_by} at step {res.train.step} after {res.train.elapsed_s:.1f} s; "
           f"kept the weights of step {res.train.best_step}\n")

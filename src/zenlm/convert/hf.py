@@ -567,6 +567,9 @@ def export_hf(
     run, out = Path(run_dir), Path(out_dir)
     torch_dtype = resolve_dtype(dtype)
     saved = read_run_config(run)
+    if saved.get("lora"):
+        raise ConfigError(f"{run} is a LoRA run: export its adapters as a PEFT adapter (zenlm convert to-hf does, "
+                          "through zenlm.convert.peft.export_peft), or merge it first (zenlm merge-lora).")
     ours = run_architecture(saved)
     other = HF_EXPORTERS.get("classify" if run_task(saved) == "classify" else ours.name)
     if other is not None:  # encoders, classifiers and encoder-decoders have exporters of their own

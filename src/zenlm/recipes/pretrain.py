@@ -26,6 +26,7 @@ Validation reports that loss, its perplexity ``exp(loss)`` (val_mlm_ppl) and the
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, Literal
@@ -35,15 +36,23 @@ import torch.nn.functional as F
 from torch import nn
 
 from zenlm import __version__
+from zenlm.adapter import finish_lora_run, load_base, lora_section
 from zenlm.data.batches import IGNORE_INDEX, CausalBatches, MLMBatches, eval_batches, mlm_eval_batches
 from zenlm.data.shards import TokenShards, load_index
 from zenlm.device import resolve_device
 from zenlm.errors import ConfigError, DataError
 from zenlm.evaluate import bits_per_byte, perplexity
+from zenlm.models.lora import LoRAConfig, apply_lora, describe_lora, weights_fingerprint
 from zenlm.models.registry import build_model, config_from_dict, find_preset, list_presets
 from zenlm.progress import ProgressFn, report
 from zenlm.recipes.registry import DEFAULT_RECIPE, recipe_settings
-from zenlm.rundir import copy_tokenizer_files, read_run_config, write_run_config
+from zenlm.rundir import (
+    build_model_from_run,
+    copy_tokenizer_files,
+    read_run_config,
+    run_architecture,
+    write_run_config,
+)
 from zenlm.tokenizer import Tokenizer
 from zenlm.train.checkpoint import list_checkpoints
 from zenlm.train.loop import TrainConfig, TrainResult, apply_process_settings, config_to_dict, fit
@@ -188,8 +197,9 @@ def _model_config(objective: str, model: str | None, vocab_size: int, overrides:
 
 
 def _start_run_dir(out: Path, data: Path, index: dict[str, Any], objective: str, model_cfg: dict[str, Any],
-                   batch: dict[str, Any], train: TrainConfig, optim: OptimConfig) -> None:
-    """Copy the tokenizer into a new run directory and write its config.yaml."""
+                   batch: dict[str, Any], train: TrainConfig, optim: OptimConfig,
+                   extra: dict[str, Any] | None = None) -> None:
+    """Copy the tokenizer into a new run directory and write its config.yaml (``extra``: more sections)."""
     copy_tokenizer_files(data, out)
     run_config = {
         "zenlm_version": __version__,
@@ -199,8 +209,17 @@ def _start_run_dir(out: Path, data: Path, index: dict[str, Any], objective: str,
         "optim": config_to_dict(optim),
         "data": {"dir": str(data.resolve()), "vocab_size": int(index["vocab_size"]), "corpus": index.get("corpus")},
         "objective": objective,
+        **(extra or {}),
     }
     write_run_config(out, run_config)
+
+
+def _check_same_tokenizer(data: Path, init: Path) -> None:
+    """Continued pretraining reads ids as the init run's embeddings understand them: same vocabulary."""
+    ours, theirs = Tokenizer.load(data).hf, Tokenizer.load(init).hf
+    if ours.get_vocab(with_added_tokens=True) != theirs.get_vocab(with_added_tokens=True):
+        raise DataError(f"the shards in {data} were made with another tokenizer than the one of --init {init}; "
+                        f"prepare them with that tokenizer: zenlm prepare --tokenizer {init} ...")
 
 
 def _causal_lm_task(data: Path, index: dict[str, Any], batch_size: int, seq_len: int, eval_batch_size: int,
@@ -260,6 +279,8 @@ def pretrain(
     eval_batch_size: int | None = None,
     train: TrainConfig | None = None,
     optim: OptimConfig | None = None,
+    init: str | Path | None = None,
+    lora: LoRAConfig | None = None,
     progress: ProgressFn | None = None,
 ) -> TrainResult:
     """Pretrain a GPT (causal LM) or a BERT (masked LM) on the token shards in ``data``; write run directory ``out``.
@@ -281,6 +302,11 @@ def pretrain(
     eval_batch_size: windows per validation batch (None = batch_size)
     optim:           None = the objective's default recipe's optimiser (Muon + AdamW for causal-lm; AdamW
                      5e-4, linear decay, weight decay 0.01 for mlm; see :mod:`zenlm.recipes.registry`)
+    init:            continued pretraining: start from this GPT or BERT run's weights and model config (``model``
+                     and ``model_overrides`` are then ignored; the shards must use its tokenizer)
+    lora:            train LoRA adapters on the frozen ``init`` model instead of every weight (``init`` may then
+                     be an int8 run); the run saves adapter.safetensors and records the base run. On resume the
+                     saved ``init`` and ``lora`` settings are used.
     """
     data, out = Path(data), Path(out)
     train = train or TrainConfig()
@@ -302,19 +328,46 @@ def pretrain(
         batch_size, seq_len = sb.get("batch_size", batch_size), sb.get("seq_len", seq_len)
         eval_seq_len, eval_batch_size = sb.get("eval_seq_len", eval_seq_len), sb.get("eval_batch_size",
                                                                                      eval_batch_size)
+        lora_run = saved.get("lora")
     else:
-        objective = objective or "causal-lm"
+        init_objective = None
+        if init is not None:  # continued pretraining: the objective the init run's architecture learns
+            init_arch = run_architecture(read_run_config(init))
+            fits = [o for o, c in OBJECTIVE_CAPABILITY.items() if init_arch.can(c)]
+            if not fits:
+                raise ConfigError(f"--init {init} holds a {init_arch.title} model, which none of the pretraining "
+                                  f"objectives ({', '.join(OBJECTIVES)}) trains.")
+            init_objective = objective if objective in fits else fits[0]
+        elif lora is not None:
+            raise ConfigError("LoRA adapts a trained model: give the run to adapt with --init RUN.")
+        objective = objective or init_objective or "causal-lm"
+        if init_objective is not None and objective != init_objective:
+            raise ConfigError(f"--init {init} holds a {init_arch.title} model, which continues with --objective "
+                              f"{init_objective}, not {objective}.")
         if (out / "config.yaml").exists() or list_checkpoints(out / "checkpoints"):
             raise ConfigError(
                 f"{out} already holds a run; pass --resume to continue it, or choose another --out."
             )
+        lora_run = None
     mlm = objective == "mlm"
     # masked LM: the tokenizer must have the tokens the masking uses (checked before anything is written)
     tok = Tokenizer.load(data) if mlm else None
     token_ids = mlm_token_ids(tok, data) if tok is not None else {}
-    if not resume:
+    net: nn.Module | None = None
+    if lora_run is not None:  # resuming a LoRA run: its base (fingerprint checked) with LoRA layers; fit loads A, B
+        net, _, _ = build_model_from_run(out)
+    elif not resume and init is not None:
+        net, init_saved = load_base(init, lora=lora is not None)
+        _check_same_tokenizer(data, Path(init))
+        cfg = net.config  # type: ignore[assignment]
+        if lora is not None:
+            fingerprint = weights_fingerprint(net)
+            lora_run = lora_section(lora, apply_lora(net, lora), init, fingerprint, init_saved)
+    elif not resume:
         cfg = _model_config(objective, model, vocab_size, model_overrides or {}, tok.pad_id if tok else None)
     optim = optim or OptimConfig(**recipe_settings(DEFAULT_RECIPE[objective])["optim"])
+    if lora_run is not None and optim.name == "muon":  # nothing for Muon to train: A and B are AdamW's (optim.py)
+        optim = dataclasses.replace(optim, name="adamw")
     if cfg.vocab_size < vocab_size:
         raise ConfigError(f"model vocab_size {cfg.vocab_size} is smaller than the data's {vocab_size}.")
     context = "max_len" if mlm else "block_size"
@@ -332,20 +385,24 @@ def pretrain(
     get_batch, loss_fn, count_targets, evaluate = _mlm_task(*task_args, token_ids) if mlm else \
         _causal_lm_task(*task_args)
     torch.manual_seed(train.seed)
-    net = build_model(cfg).to(device)
+    net = (net or build_model(cfg)).to(device)
 
     out.mkdir(parents=True, exist_ok=True)
     world.barrier()  # every process has checked --out before process 0 writes into it
     if not resume and world.is_main:
         batch = {"batch_size": batch_size, "seq_len": seq_len, "eval_tokens": eval_tokens,
                  "eval_seq_len": eval_seq_len, "eval_batch_size": eval_batch_size}
-        _start_run_dir(out, data, index, objective, cfg.to_dict(), batch, train, optim)
+        extra = {"init": str(Path(init).resolve())} if init is not None else {}
+        _start_run_dir(out, data, index, objective, cfg.to_dict(), batch, train, optim,
+                       extra={**extra, **({"lora": lora_run} if lora_run else {})})
 
     n_train = index["splits"]["train"]["tokens"]
     report(progress, "train", message=(
         f"{'BERT encoder (masked LM)' if mlm else 'model'}: {cfg.n_layer} layers, {cfg.n_embd} wide, "
         f"{sum(p.numel() for p in net.parameters()) / 1e6:.2f}M parameters; {n_train:,} training tokens; "
         f"{batch_size}x{seq_len}x{train.grad_accum} tokens/step; device {device}"))
+    if lora_run is not None:
+        report(progress, "train", message=describe_lora(net))
     result = fit(net, get_batch, loss_fn, out, train, optim, evaluate=evaluate, resume=resume,
                  progress=progress, count_targets=count_targets)
     if not world.is_main:
@@ -357,6 +414,8 @@ def pretrain(
         plot_loss_curve(out / "metrics.jsonl", out / "plots" / "loss.png", per=per)
     except ImportError:  # pragma: no cover - matplotlib is a declared dependency
         pass
+    if lora_run is not None:
+        finish_lora_run(out, lora_run)
     return result
 
 
