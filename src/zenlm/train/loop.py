@@ -43,6 +43,7 @@ import torch
 import yaml
 from torch import nn
 
+from zenlm.config import check_dataclass
 from zenlm.device import HardwareChoices, autocast, hardware_choices, resolve_device, synchronize
 from zenlm.errors import ConfigError
 from zenlm.fileio import atomic_write_text
@@ -53,6 +54,8 @@ from zenlm.train.clock import RunClock
 from zenlm.train.metrics import MetricsLog
 from zenlm.train.optim import OptimConfig, build_optimizers, lr_factor, set_lr
 from zenlm.train.step import Batch, CountFn, LossFn, TrainStep, count_labels, local_denominator
+
+SEED_LIMIT = 2**32  # the data order is drawn from generators seeded with 32 bits of the seed
 
 
 @dataclass
@@ -68,7 +71,7 @@ class TrainConfig:
     log_every:      write a metrics line every N steps
     ckpt_every:     save a checkpoint every N steps (0 = only at the end / on interrupt)
     keep_checkpoints: how many checkpoints to keep on disk
-    seed:           seeds weight init, dropout and the data order
+    seed:           seeds weight init, dropout and the data order; 0 .. 2**32-1 (the data order reads 32 bits)
     device:         auto | cpu | cuda | cuda:N | mps
     precision:      auto | fp32 | bf16 | fp16 (autocast for the forward pass; weights stay fp32)
     compile:        run the model through ``torch.compile``
@@ -93,6 +96,9 @@ class TrainConfig:
     tensorboard: bool = True
 
     def __post_init__(self) -> None:
+        if isinstance(self.seed, int) and not isinstance(self.seed, bool) and not 0 <= self.seed < SEED_LIMIT:
+            raise ConfigError(f"seed must be a whole number in 0..2**32-1, got {self.seed}.")
+        check_dataclass(self)  # types first: 2.7 steps, nan seconds or "7" as a seed are refused by name
         if self.max_steps < 1:
             raise ConfigError(f"max_steps must be >= 1, got {self.max_steps}.")
         if self.max_seconds is not None and self.max_seconds <= 0:
@@ -104,6 +110,8 @@ class TrainConfig:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}.")
         if self.log_every < 1:
             raise ConfigError(f"log_every must be >= 1, got {self.log_every}.")
+        if self.threads is not None and self.threads < 1:
+            raise ConfigError(f"threads must be >= 1 (or left out for PyTorch's choice), got {self.threads}.")
 
 
 @dataclass

@@ -38,6 +38,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from zenlm.config import check_dataclass
 from zenlm.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -81,6 +82,7 @@ class OptimConfig:
     fused: bool | None = None
 
     def __post_init__(self) -> None:
+        check_dataclass(self)  # types first: nan, "1e-3" (YAML text) or a list where a number belongs
         if self.name not in ("adamw", "muon"):
             raise ConfigError(f"optimizer {self.name!r} is not supported; choose 'adamw' or 'muon'.")
         if self.schedule not in ("cosine", "linear", "constant", "wsd"):
@@ -93,7 +95,14 @@ class OptimConfig:
             raise ConfigError(f"warmup_steps must be >= 0, got {self.warmup_steps}.")
         if not 0.0 < self.cooldown_frac <= 1.0:
             raise ConfigError(f"cooldown_frac must be in (0, 1], got {self.cooldown_frac}.")
-        self.betas = (float(self.betas[0]), float(self.betas[1]))
+        for name in ("weight_decay", "grad_clip"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}.")
+        if not (self.muon_lr > 0 and self.eps > 0):
+            raise ConfigError(f"muon_lr and eps must be > 0, got muon_lr={self.muon_lr}, eps={self.eps}.")
+        if not all(0.0 <= b < 1.0 for b in (*self.betas, self.muon_momentum)):
+            raise ConfigError(f"betas and muon_momentum must be in [0, 1), got betas={self.betas}, "
+                              f"muon_momentum={self.muon_momentum}.")
 
 
 def lr_factor(cfg: OptimConfig, step: int, progress: float) -> float:
