@@ -8,6 +8,7 @@ Windows when both names are on the same file system, which a sibling temporary n
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 from collections.abc import Iterator
@@ -75,4 +76,13 @@ def save_safetensors(tensors: dict[str, Any], path: str | os.PathLike[str],
         write_safetensors(tensors, tmp, metadata)
 
 
-__all__ = ["atomic_path", "atomic_write_text", "write_safetensors", "save_safetensors"]
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    """The SHA-256 of a file's bytes, as hex (read in 1 MiB blocks)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+__all__ = ["atomic_path", "atomic_write_text", "file_sha256", "write_safetensors", "save_safetensors"]

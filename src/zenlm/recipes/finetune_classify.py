@@ -33,6 +33,7 @@ from zenlm.progress import ProgressFn, report
 from zenlm.rundir import (
     build_model_from_run,
     copy_tokenizer_files,
+    refuse_foreign_out,
     run_architecture,
     run_task,
     write_run_config,
@@ -134,6 +135,7 @@ def finetune_classify(
     train = train or TrainConfig()
     apply_process_settings(train)
     base, out = Path(base), Path(out)
+    refuse_foreign_out(out)  # a folder of other files is never written into
     if (out / "config.yaml").exists():
         raise ConfigError(f"{out} already holds a run; choose another --out.")
     if epochs <= 0 or batch_size < 1 or evals_per_epoch < 1:

@@ -53,6 +53,7 @@ from zenlm.progress import ProgressFn, report
 from zenlm.rundir import (
     build_model_from_run,
     copy_tokenizer_files,
+    refuse_foreign_out,
     run_architecture,
     weights_file,
     write_run_config,
@@ -220,6 +221,7 @@ def finetune_seq2seq(
         raise ConfigError(f"val_fraction must be in [0, 1), got {val_fraction}.")
     if batch_size < 1:
         raise ConfigError(f"batch_size must be >= 1, got {batch_size}.")
+    refuse_foreign_out(out)  # a folder of other files is never written into
     if (out / "config.yaml").exists() or list_checkpoints(out / "checkpoints"):
         raise ConfigError(f"{out} already holds a run; choose another --out.")
 

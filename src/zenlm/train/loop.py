@@ -45,11 +45,11 @@ from torch import nn
 
 from zenlm.config import check_dataclass
 from zenlm.device import HardwareChoices, autocast, hardware_choices, resolve_device, synchronize
-from zenlm.errors import ConfigError
+from zenlm.errors import ConfigError, TrainingError
 from zenlm.fileio import atomic_write_text
 from zenlm.progress import ProgressFn, report
 from zenlm.train.best import BestWeights
-from zenlm.train.checkpoint import load_latest_checkpoint, save_checkpoint, save_model
+from zenlm.train.checkpoint import list_checkpoints, load_latest_checkpoint, save_checkpoint, save_model
 from zenlm.train.clock import RunClock
 from zenlm.train.metrics import MetricsLog
 from zenlm.train.optim import OptimConfig, build_optimizers, lr_factor, set_lr
@@ -216,6 +216,16 @@ def _model_device(model: nn.Module, cfg: TrainConfig) -> torch.device:
     return device
 
 
+def _how_to_go_on(run_dir: Path) -> str:
+    """After a failed step: what to run next, given the checkpoints the run has."""
+    ckpts = list_checkpoints(run_dir / "checkpoints")
+    if ckpts:
+        return (f"Then continue from {ckpts[-1].name} with --resume (flags given then win over the run's saved "
+                "settings), or start again from scratch with --overwrite.")
+    return ("No checkpoint was saved yet: run the same command again with those changes (a run that stopped "
+            "before its first checkpoint is started again).")
+
+
 def _record_resolved(run_dir: Path, choices: HardwareChoices) -> None:
     """Save what this invocation resolved from the hardware under ``resolved:`` in the run's config.yaml (when
     the recipe wrote one), so the run can be reproduced and a slow one explained."""
@@ -294,7 +304,10 @@ def fit(
                 stopped_by = "max_seconds" if stop.signum is None else "signal"
                 break
             lr = set_lr(optimizers, lr_factor(optim, step, clock.schedule_progress(step)))
-            out = train_step([get_batch(step, micro) for micro in range(cfg.grad_accum)], step + 1)
+            try:
+                out = train_step([get_batch(step, micro) for micro in range(cfg.grad_accum)], step + 1)
+            except TrainingError as e:  # say how to go on from what is on disk
+                raise TrainingError(f"{e} {_how_to_go_on(run_dir)}") from None
             step, tokens, train_loss = step + 1, tokens + out.n_tokens, out.loss
 
             is_last = step == cfg.max_steps
