@@ -45,9 +45,10 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from zenlm.config import ROPE_SCALING_KEYS, GPTConfig
+from zenlm.convert.outdir import check_out_dir
 from zenlm.device import DTYPES, resolve_dtype
 from zenlm.errors import CheckpointError, ConfigError, DataError
-from zenlm.fileio import atomic_write_text
+from zenlm.fileio import atomic_path, atomic_write_text, write_safetensors
 from zenlm.progress import ProgressFn, report
 from zenlm.tokenizer import Tokenizer
 
@@ -473,6 +474,7 @@ def import_hf(
     src, out = Path(src_dir), Path(out_dir)
     if not src.is_dir():
         raise DataError(f"{src} is not a directory; give the folder that holds config.json and the weights.")
+    check_out_dir(out, writes="run", sources=[src], overwrite=overwrite)
     config_file = src / "config.json"
     c = _read_json(config_file, "a Hugging Face model directory has a config.json")
     if c.get("model_type") == "bert":
@@ -488,7 +490,6 @@ def import_hf(
     cfg = arch.to_config(c, config_file)
     rules = arch.weight_map(cfg)
     shapes = _check_rules(cfg, rules)
-    _prepare_out(out, "config.yaml", overwrite)
 
     weights = HFWeights(src, arch.prefix)
     used: set[str] = set()
@@ -511,27 +512,33 @@ def import_hf(
                         f"{len(unexpected) - 1} more) has no place in a {arch.name} built from config.json; "
                         "the checkpoint and config.json disagree.")
 
-    tok = _import_tokenizer(src, out, c)
-    if tok.vocab_size > cfg.vocab_size:
-        raise DataError(f"{src / 'tokenizer.json'} has {tok.vocab_size} tokens but the model only "
-                        f"{cfg.vocab_size} embeddings (config.json vocab_size).")
     from zenlm import __version__
     from zenlm.rundir import write_run_config
 
-    save_file(ours, str(out / "model.safetensors"), metadata={"format": "pt"})
-    run_config = {
-        "zenlm_version": __version__,
-        "model": cfg.to_dict(),
-        "source": {"format": "huggingface", "architecture": arch.name, "dir": str(src.resolve())},
-        "objective": "causal-lm",
-    }
-    write_run_config(out, run_config)
+    # Everything is written into a temporary folder beside --out and swapped in at the end: a failure (a
+    # tokenizer that does not fit, a full disk) leaves a previous run in --out as it was, never its old weights
+    # beside the new tokenizer.
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out) as tmp:
+        tmp.mkdir()
+        tok = _import_tokenizer(src, tmp, c)
+        if tok.vocab_size > cfg.vocab_size:
+            raise DataError(f"{src / 'tokenizer.json'} has {tok.vocab_size} tokens but the model only "
+                            f"{cfg.vocab_size} embeddings (config.json vocab_size).")
+        write_safetensors(ours, tmp / "model.safetensors", metadata={"format": "pt"})
+        run_config = {
+            "zenlm_version": __version__,
+            "model": cfg.to_dict(),
+            "source": {"format": "huggingface", "architecture": arch.name, "dir": str(src.resolve())},
+            "objective": "causal-lm",
+        }
+        write_run_config(tmp, run_config)
     return out
 
 
-def _prepare_out(out: Path, marker: str, overwrite: bool) -> None:
-    if (out / marker).exists() and not overwrite:
-        raise ConfigError(f"{out} already holds {marker}; choose another --out or pass --overwrite.")
+def _prepare_out(out: Path, marker: str, overwrite: bool, source: Path | None = None) -> None:
+    check_out_dir(out, writes="run" if marker == "config.yaml" else "hf", sources=[source] if source else [],
+                  overwrite=overwrite)
     out.mkdir(parents=True, exist_ok=True)
 
 
@@ -622,7 +629,7 @@ def export_hf(
     _check_rules(cfg, rules)
     model = GPT(cfg)
     load_model_weights(model, weights)  # checks names and shapes, naming the file
-    _prepare_out(out, "config.json", overwrite)
+    _prepare_out(out, "config.json", overwrite, source=run)
 
     state = model.state_dict()
     theirs: dict[str, Tensor] = {}

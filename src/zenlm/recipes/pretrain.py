@@ -414,11 +414,12 @@ def pretrain(
     train = train or TrainConfig()
     apply_process_settings(train)
     mlm = objective == "mlm"
-    # masked LM: the tokenizer must have the tokens the masking uses (checked before anything is written)
-    tok = Tokenizer.load(data) if mlm else None
-    token_ids = mlm_token_ids(tok, data) if tok is not None else {}
+    # the tokenizer the run copies must load; a masked LM's must have the tokens the masking uses (both checked
+    # before anything is written)
+    tok = Tokenizer.load(data)
+    token_ids = mlm_token_ids(tok, data) if mlm else {}
     if not resume:
-        cfg = _model_config(objective, model, vocab_size, model_overrides or {}, tok.pad_id if tok else None)
+        cfg = _model_config(objective, model, vocab_size, model_overrides or {}, tok.pad_id if mlm else None)
     optim = optim or OptimConfig(**recipe_settings(DEFAULT_RECIPE[objective])["optim"])
     batch_size = batch_size or 16
     if cfg.vocab_size < vocab_size:
