@@ -21,6 +21,7 @@ from zenlm.cli import build_parser
 def _sources() -> dict[str, list[Any]]:
     """verb -> where its defaults come from: functions (their signature) and settings objects (their fields)."""
     from zenlm.api import load
+    from zenlm.cli.encoder import evaluate_classify
     from zenlm.cli.lmeval import evaluate_lm_eval
     from zenlm.convert.hf import download_from_hub, export_hf, import_hf
     from zenlm.data.corpus import open_corpus
@@ -51,7 +52,7 @@ def _sources() -> dict[str, list[Any]]:
         "finetune classify": [finetune_classify, TrainConfig()],
         "predict": [load, EncoderLM.classify],
         "embed": [load, EncoderLM.embed],
-        "evaluate": [load, Seq2SeqLM.generate, evaluate_generation, read_pairs, evaluate_lm_eval],
+        "evaluate": [load, Seq2SeqLM.generate, evaluate_generation, read_pairs, evaluate_lm_eval, evaluate_classify],
         "serve": [load, create_app],
         "chat": [load, GenerationConfig()],
     }

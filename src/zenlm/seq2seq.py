@@ -106,7 +106,7 @@ def _check_settings(settings: dict[str, Any], path: Path, vocab_size: int) -> No
 
 def load(run_dir: str | Path, *, device: str = "auto", dtype: str = "fp32") -> Seq2SeqLM:
     """Load a run directory written by ``zenlm finetune seq2seq`` as a :class:`Seq2SeqLM` (an encoder-decoder,
-    or a decoder-only model trained on pairs, which ``zenlm.load`` opens as a plain LM)."""
+    or a decoder-only model trained on pairs); ``zenlm.load`` gives the same for such a run."""
     return Seq2SeqLM.from_run(load_run(run_dir, device=device, dtype=dtype))
 
 

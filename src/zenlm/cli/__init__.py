@@ -318,7 +318,9 @@ def generate(
             loads in about a second afterwards
     """
     import zenlm
+    from zenlm.cli.common import check_run_fits
 
+    check_run_fits(run, "generate")  # a classifier or an encoder: say which verb fits, before loading it
     lm = zenlm.load(run, device=device, dtype=dtype)
     sys.stdout.write(prompt)
     sys.stdout.flush()
