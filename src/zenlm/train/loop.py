@@ -293,6 +293,12 @@ def fit(
 
     clock = RunClock(cfg.max_steps, cfg.decay_steps or cfg.max_steps, cfg.max_seconds,
                      elapsed_before=start.elapsed_s, train_before=start.train_s)
+    # warm-up takes the same share of a time budget as of the step budget (optim.lr_factor)
+    warmup_fraction = optim.warmup_steps / clock.decay_steps if cfg.max_seconds is not None else None
+    if optim.warmup_steps >= cfg.max_steps > start.step:
+        report(progress, "train", message=f"warning: the run ends inside its learning-rate warm-up (warmup_steps "
+               f"{optim.warmup_steps} >= max_steps {cfg.max_steps}): the learning rate never reaches its peak; "
+               "give fewer --warmup-steps or more --max-steps")
     step, tokens, tokens_per_s, lr = start.step, 0, 0.0, 0.0
     train_loss: float | None = None
     val: dict[str, float] = {}
@@ -303,7 +309,7 @@ def fit(
             if clock.out_of_time() or stop.signum is not None:
                 stopped_by = "max_seconds" if stop.signum is None else "signal"
                 break
-            lr = set_lr(optimizers, lr_factor(optim, step, clock.schedule_progress(step)))
+            lr = set_lr(optimizers, lr_factor(optim, step, clock.schedule_progress(step), warmup_fraction))
             try:
                 out = train_step([get_batch(step, micro) for micro in range(cfg.grad_accum)], step + 1)
             except TrainingError as e:  # say how to go on from what is on disk

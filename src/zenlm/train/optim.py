@@ -54,7 +54,8 @@ class OptimConfig:
     lr:            peak learning rate of AdamW parameters
     min_lr:        learning rate at the end of the schedule (as an absolute value for AdamW params;
                    Muon params follow the same relative curve)
-    warmup_steps:  linear warm-up from 0 to the peak
+    warmup_steps:  linear warm-up from 0 to the peak (with a time budget: at most the same share of the time,
+                   see :func:`lr_factor`)
     schedule:      "cosine" (warm-up then cosine decay to min_lr), "linear" (linear decay), "constant",
                    or "wsd" (warm-up, stable, then linear decay over the last ``cooldown_frac``)
     cooldown_frac: fraction of training spent decaying, for "wsd"
@@ -105,14 +106,25 @@ class OptimConfig:
                               f"muon_momentum={self.muon_momentum}.")
 
 
-def lr_factor(cfg: OptimConfig, step: int, progress: float) -> float:
+def lr_factor(cfg: OptimConfig, step: int, progress: float, warmup_fraction: float | None = None) -> float:
     """Multiplier of the peak learning rate at ``step`` (0-based) and training ``progress`` in [0, 1].
 
-    Warm-up is counted in steps; decay is counted in progress, so a time-budgeted run (where progress is
-    elapsed / budget) still anneals to ``min_lr`` by the end of its budget.
+    Warm-up and decay are measured in the same units, fractions of the run's budget::
+
+        warm-up:  factor = max((step + 1) / warmup_steps, progress / warmup_fraction)
+                  for the first warmup_steps steps, and while progress < warmup_fraction
+        decay:    factor = schedule(progress)                          (cosine, linear, wsd: down to min_lr)
+
+    ``progress`` is how much of the budget is used (steps, or seconds with a time budget: zenlm.train.clock), and
+    ``warmup_fraction`` is the share of the budget warm-up takes: warmup_steps / decay_steps. Under a step budget
+    ``progress / warmup_fraction`` is ``step / warmup_steps``, so warm-up is simply the first warmup_steps steps;
+    under a time budget it ends after that share of the time at the latest, however slow the steps are, instead
+    of lasting warmup_steps steps while the decay, counted in seconds, runs on (None: steps only).
     """
     if cfg.warmup_steps and step < cfg.warmup_steps:
-        return (step + 1) / cfg.warmup_steps
+        by_share = progress / warmup_fraction if warmup_fraction else 0.0
+        if by_share < 1.0:  # (under a step budget by_share = step / warmup_steps: always < 1 here)
+            return max((step + 1) / cfg.warmup_steps, by_share)
     floor = cfg.min_lr / cfg.lr
     p = min(max(progress, 0.0), 1.0)
     if cfg.schedule == "constant":
