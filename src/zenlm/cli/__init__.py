@@ -25,7 +25,7 @@ from typing import Any, Literal
 
 from zenlm.cli.common import TerminalProgress, print_train_result, shape_params
 from zenlm.clikit import Param, VerbParser, add_verb, call_verb, params_of
-from zenlm.errors import TrainingError, ZenlmError
+from zenlm.errors import ConfigError, TrainingError, ZenlmError
 
 # ---------------------------------------------------------------------------------------------- verbs
 
@@ -305,7 +305,7 @@ def generate(
         prompt: text to continue
         max_new_tokens: most tokens to generate
         temperature: 0 for greedy decoding; higher is more random
-        top_k: sample only among the K most likely tokens
+        top_k: sample only among the K most likely tokens (0: no limit)
         top_p: sample only among the most likely tokens whose probabilities sum to P
         repetition_penalty: > 1 discourages tokens already in the text
         stop: stop when any of these strings is produced (not printed)
@@ -318,13 +318,17 @@ def generate(
             loads in about a second afterwards
     """
     import zenlm
-    from zenlm.cli.common import check_run_fits
+    from zenlm.cli.common import check_run_fits, show_log_notes
 
     check_run_fits(run, "generate")  # a classifier or an encoder: say which verb fits, before loading it
+    if top_k is not None and top_k < 0:
+        raise ConfigError(f"--top-k must be >= 0 (0: no limit), got {top_k}.")
+    if compile:  # building the program takes a while the first time: say so when it happens
+        show_log_notes("zenlm.compiled")
     lm = zenlm.load(run, device=device, dtype=dtype)
     sys.stdout.write(prompt)
     sys.stdout.flush()
-    for piece in lm.stream(prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+    for piece in lm.stream(prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k or None,
                            top_p=top_p, repetition_penalty=repetition_penalty, stop=list(stop or []),
                            seed=seed, use_cache=cache, compile=compile):
         sys.stdout.write(piece)
@@ -386,7 +390,6 @@ def convert_from_hf(
         overwrite: replace an existing run in --out
     """
     from zenlm.convert.hf import download_from_hub, import_hf
-    from zenlm.errors import ConfigError
 
     if (src is None) == (from_hub is None):
         raise ConfigError("give either a local directory SRC or --from-hub NAME (not both).")
@@ -504,9 +507,8 @@ def main(argv: list[str] | None = None) -> int:
 
         print(__version__)
         return 0
-    if not hasattr(ns, "_fn"):
-        (parser if ns.verb not in ("tokenizer", "convert")
-         else parser._subparsers._group_actions[0].choices[ns.verb]).print_help()
+    if not hasattr(ns, "_fn"):  # no verb, or a verb with actions (tokenizer, convert, finetune) but none given
+        (parser._subparsers._group_actions[0].choices[ns.verb] if ns.verb else parser).print_help()
         return 2
     try:
         call_verb(ns, argv)

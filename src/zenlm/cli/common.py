@@ -3,6 +3,7 @@ the check that a run can do what a verb asks of it."""
 
 from __future__ import annotations
 
+import logging
 import sys
 from pathlib import Path
 from typing import Any
@@ -46,6 +47,23 @@ class TerminalProgress:
             bar = self.bars.pop(name, None)
             if bar is not None:
                 bar.close()  # type: ignore[attr-defined]
+
+
+class _Notes(logging.Handler):
+    """Prints a logger's records as one-line notes on stderr."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        print(f"note: {record.getMessage()}", file=sys.stderr, flush=True)
+
+
+def show_log_notes(name: str) -> None:
+    """Show the INFO records of the library logger ``name`` on the terminal as one-line notes: what a long
+    silent step is doing (building the compiled decode step), which the CLI otherwise keeps quiet."""
+    logger = logging.getLogger(name)
+    if not any(isinstance(h, _Notes) for h in logger.handlers):
+        logger.addHandler(_Notes())
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
 
 
 def _fmt(v: object) -> str:

@@ -272,7 +272,8 @@ def finetune_seq2seq(
     # ---- batches --------------------------------------------------------------------------------------
     if objective == "pairs":
         enc = encode_pairs(pairs, tok, src_len, tgt_len, progress=progress)
-        val_batches = _val_batches(arch, encode_pairs(val_pairs, tok, src_len, tgt_len), batch_size, ids) \
+        val_batches = _val_batches(arch, encode_pairs(val_pairs, tok, src_len, tgt_len, progress=progress),
+                                   batch_size, ids) \
             if val_pairs else []
         if _reads_source(arch):
             batches: Any = Seq2SeqBatches(enc, batch_size, bos_id=ids["bos"], eos_id=ids["eos"], pad_id=ids["pad"],

@@ -304,6 +304,9 @@ def fit(
     val: dict[str, float] = {}
     stopped_by = "max_steps"
     model.train()
+    # the progress bar from the start (step 0, or where a resumed run stands), not from the first logged step
+    report(progress, "train", done=round(100 * clock.done_fraction(start.step), 2), total=100, unit="%",
+           info={"step": start.step})
     with StopFlag() as stop, MetricsLog(run_dir, start.step if resume else None, cfg.tensorboard) as metrics:
         while step < cfg.max_steps:
             if clock.out_of_time() or stop.signum is not None:
