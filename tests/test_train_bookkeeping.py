@@ -114,19 +114,24 @@ def test_fit_changes_no_process_wide_setting(tmp_path: Path) -> None:
 
 # ------------------------------------------------------------------------------------------ the schedule
 def test_warm_up_and_decay_count_the_same_budget() -> None:
-    """Issue 14.7: warm-up counted steps while decay counted seconds. With a time budget, warm-up now takes at
-    most the share of the budget it takes of the step budget; under a step budget nothing changes."""
-    from zenlm.train.optim import lr_factor
+    """Issue 14.7: warm-up counted steps while decay counted seconds. Under a time budget warm-up now also ends
+    when its share of the time is used; under a step budget nothing changes."""
+    from zenlm.train.optim import lr_factor, warmup_share
 
     cfg = OptimConfig(lr=5e-4, min_lr=0.0, warmup_steps=100, schedule="linear")
-    share = 100 / 2000  # warm-up's share of a 2000-step budget
-    for step in range(0, 150, 7):  # a step budget: the same factors, bit for bit
-        assert lr_factor(cfg, step, step / 2000, share) == lr_factor(cfg, step, step / 2000)
-    # a time budget of slow steps: a tenth of the time is gone at step 2, so warm-up (5% of it) is over
-    assert lr_factor(cfg, 2, 0.10, share) == pytest.approx(0.9)
-    assert lr_factor(cfg, 2, 0.10) == pytest.approx(0.03)  # steps only: still deep in warm-up
+    for step in range(0, 150, 7):  # a step budget: the same factors as steps alone, bit for bit
+        assert lr_factor(cfg, step, step / 2000, 100 / 2000) == lr_factor(cfg, step, step / 2000)
+    assert lr_factor(cfg, 99, 99 / 2000, 100 / 2000) == 1.0  # the last warm-up step is at the peak
+    # slow steps under a time budget: a tenth of the time is gone at step 2, so warm-up is over
+    share = warmup_share(100, 2000)
+    assert share == 0.1 and lr_factor(cfg, 2, 0.10, share) == pytest.approx(0.9)
+    assert lr_factor(cfg, 2, 0.10) == pytest.approx(0.03)  # counted in steps only: still deep in warm-up
     assert lr_factor(cfg, 0, 0.0, share) == pytest.approx(0.01)  # the first step still starts low
-    assert lr_factor(cfg, 99, 99 / 2000, share) == 1.0  # the last warm-up step is at the peak
+    # fast steps under a nominal step budget (the demo: 1,000,000 steps, 300 s): warm-up keeps its 50 steps
+    demo = OptimConfig(lr=3e-3, min_lr=3e-4, warmup_steps=50)
+    share = warmup_share(50, 1_000_000)
+    assert lr_factor(demo, 9, 9 * 0.1 / 300, share) == pytest.approx(10 / 50)
+    assert lr_factor(demo, 49, 49 * 0.1 / 300, share) == 1.0
 
 
 def test_a_short_time_budget_warms_up_then_decays_over_the_time(tmp_path: Path, monkeypatch) -> None:

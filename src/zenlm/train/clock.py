@@ -9,7 +9,8 @@ The learning-rate schedule warms up and decays over whichever budget runs out fi
 
     progress = max(step / decay_steps, seconds of this invocation / max_seconds)
 
-(warm-up ends at warmup_steps / decay_steps of that progress at the latest: zenlm.train.optim.lr_factor).
+(under a time budget warm-up ends after warmup_steps steps or its share of the time, whichever comes first:
+zenlm.train.optim.lr_factor).
 """
 
 from __future__ import annotations

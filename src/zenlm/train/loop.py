@@ -52,7 +52,7 @@ from zenlm.train.best import BestWeights
 from zenlm.train.checkpoint import list_checkpoints, load_latest_checkpoint, save_checkpoint, save_model
 from zenlm.train.clock import RunClock
 from zenlm.train.metrics import MetricsLog
-from zenlm.train.optim import OptimConfig, build_optimizers, lr_factor, set_lr
+from zenlm.train.optim import OptimConfig, build_optimizers, lr_factor, set_lr, warmup_share
 from zenlm.train.step import Batch, CountFn, LossFn, TrainStep, count_labels, local_denominator
 
 SEED_LIMIT = 2**32  # the data order is drawn from generators seeded with 32 bits of the seed
@@ -293,8 +293,8 @@ def fit(
 
     clock = RunClock(cfg.max_steps, cfg.decay_steps or cfg.max_steps, cfg.max_seconds,
                      elapsed_before=start.elapsed_s, train_before=start.train_s)
-    # warm-up takes the same share of a time budget as of the step budget (optim.lr_factor)
-    warmup_fraction = optim.warmup_steps / clock.decay_steps if cfg.max_seconds is not None else None
+    # with a time budget, warm-up ends after warmup_steps steps or its share of the time, whichever comes first
+    warmup_fraction = warmup_share(optim.warmup_steps, clock.decay_steps) if cfg.max_seconds is not None else None
     if optim.warmup_steps >= cfg.max_steps > start.step:
         report(progress, "train", message=f"warning: the run ends inside its learning-rate warm-up (warmup_steps "
                f"{optim.warmup_steps} >= max_steps {cfg.max_steps}): the learning rate never reaches its peak; "

@@ -106,20 +106,31 @@ class OptimConfig:
                               f"muon_momentum={self.muon_momentum}.")
 
 
+MIN_WARMUP_SHARE = 0.1  # under a time budget warm-up may take a tenth of the time (see warmup_share)
+
+
+def warmup_share(warmup_steps: int, decay_steps: int) -> float:
+    """The largest share of a time budget that warm-up may take: its share of the step budget, warmup_steps /
+    decay_steps, but at least a tenth (a run whose step budget is only a nominal upper bound, 1,000,000 steps
+    under a five-minute budget, would otherwise get no warm-up at all)."""
+    return max(warmup_steps / decay_steps, MIN_WARMUP_SHARE)
+
+
 def lr_factor(cfg: OptimConfig, step: int, progress: float, warmup_fraction: float | None = None) -> float:
     """Multiplier of the peak learning rate at ``step`` (0-based) and training ``progress`` in [0, 1].
 
-    Warm-up and decay are measured in the same units, fractions of the run's budget::
+    Warm-up and decay count the same budget::
 
         warm-up:  factor = max((step + 1) / warmup_steps, progress / warmup_fraction)
                   for the first warmup_steps steps, and while progress < warmup_fraction
         decay:    factor = schedule(progress)                          (cosine, linear, wsd: down to min_lr)
 
-    ``progress`` is how much of the budget is used (steps, or seconds with a time budget: zenlm.train.clock), and
-    ``warmup_fraction`` is the share of the budget warm-up takes: warmup_steps / decay_steps. Under a step budget
-    ``progress / warmup_fraction`` is ``step / warmup_steps``, so warm-up is simply the first warmup_steps steps;
-    under a time budget it ends after that share of the time at the latest, however slow the steps are, instead
-    of lasting warmup_steps steps while the decay, counted in seconds, runs on (None: steps only).
+    ``progress`` is how much of the budget is used: steps, or seconds under a time budget (zenlm.train.clock),
+    whichever runs out first. ``warmup_fraction`` (None: steps only) caps warm-up at that share of the budget:
+    under a step budget warm-up is simply the first warmup_steps steps; under a time budget
+    (:func:`warmup_share`) it also ends when its share of the time is used, however slow the steps are. Without
+    that cap, 100 warm-up steps of 0.9 s each would use up a 90-second budget, and the decay, counted in seconds,
+    would then drop the rate from its peak to the floor within the last few steps.
     """
     if cfg.warmup_steps and step < cfg.warmup_steps:
         by_share = progress / warmup_fraction if warmup_fraction else 0.0
