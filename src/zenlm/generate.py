@@ -83,6 +83,8 @@ class GenerationConfig:
             raise ConfigError(
                 f"repetition_penalty must be > 0 (1.0 means none), got {self.repetition_penalty}."
             )
+        if 0 < self.temperature < 1e-32:  # logits / T would overflow float32: T -> 0 is greedy decoding
+            self.temperature = 0.0
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)
                                       or not 0 <= self.seed < 2**64):  # what torch.Generator.manual_seed takes
             raise ConfigError(f"seed must be an integer in 0..2**64-1 (or None for a random seed), got {self.seed!r}.")

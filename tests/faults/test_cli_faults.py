@@ -90,6 +90,27 @@ def test_a_generation_seed_beyond_64_bits_is_refused_by_name(capsys) -> None:
     assert rc == 2 and "zenlm: error: seed must be an integer in 0..2**64-1" in err, err
 
 
+@pytest.mark.parametrize("tiny", ["1e-40", "5e-324"])
+def test_a_vanishing_temperature_is_greedy_decoding(tiny: str, capsys) -> None:
+    """Issue 13.19: logits / 1e-40 overflowed to inf and the draw raised; the limit T -> 0 is greedy."""
+    from zenlm.cli import main
+
+    common = ["generate", str(FIXTURE_GPT), "ab", "--max-new-tokens", "8", "--seed", "1", "--device", "cpu"]
+    assert main([*common, "--temperature", "0"]) == 0
+    greedy = capsys.readouterr().out
+    assert main([*common, "--temperature", tiny]) == 0
+    assert capsys.readouterr().out == greedy
+
+
+def test_a_vanishing_temperature_gives_the_greedy_text() -> None:
+    import zenlm
+
+    lm = zenlm.load(FIXTURE_GPT, device="cpu")
+    greedy = lm.generate("ab", max_new_tokens=8, temperature=0)
+    for tiny in (1e-40, 5e-324):
+        assert lm.generate("ab", max_new_tokens=8, temperature=tiny, seed=1) == greedy
+
+
 @pytest.mark.parametrize(("cls", "field", "value", "says"), [
     ("TrainConfig", "max_steps", 2.7, "max_steps must be a whole number, got 2.7"),
     ("TrainConfig", "max_seconds", float("nan"), "max_seconds must be a finite number or None"),
