@@ -61,6 +61,10 @@ def read_run_config(run_dir: str | Path) -> dict[str, Any]:
                                   "is damaged or was edited by hand.")
     if not isinstance(cfg["model"].get("arch", "gpt"), str):
         raise CheckpointError(f"{path}: model.arch must be the name of an architecture, got {cfg['model']['arch']!r}.")
+    try:
+        get_architecture(cfg["model"].get("arch", "gpt"))
+    except ConfigError as e:
+        raise CheckpointError(f"{path}: {e}") from None
     return cfg
 
 

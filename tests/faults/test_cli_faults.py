@@ -32,17 +32,6 @@ def test_from_hub_without_network_says_so_in_one_line(tmp_path: Path) -> None:
 FIXTURE_GPT = Path(__file__).resolve().parents[1] / "fixtures" / "runs" / "gpt"
 
 
-def run_main(args: list[str], capsys) -> tuple[int, str]:
-    """``zenlm ARGS`` in this process: (exit status, stderr). argparse's own errors exit 2 through SystemExit."""
-    from zenlm.cli import main
-
-    try:
-        rc = main(args)
-    except SystemExit as e:
-        rc = int(e.code or 0)
-    return rc, capsys.readouterr().err
-
-
 @pytest.mark.parametrize(("flags", "says"), [
     (["--lr", "nan"], "argument --lr: expected a finite number, got 'nan'"),
     (["--weight-decay", "nan"], "argument --weight-decay: expected a finite number"),
@@ -53,9 +42,9 @@ def run_main(args: list[str], capsys) -> tuple[int, str]:
     (["--max-steps", "2.7"], "argument --max-steps: expected a whole number, got '2.7'"),
 ])
 def test_bad_training_values_are_refused_before_anything_is_written(
-        flags: list[str], says: str, char_data: Path, tmp_path: Path, capsys) -> None:
+        flags: list[str], says: str, char_data: Path, tmp_path: Path, zenlm_cli) -> None:
     out = tmp_path / "run"
-    rc, err = run_main(["pretrain", "--data", str(char_data), "--out", str(out), "--model", "tiny", *flags], capsys)
+    rc, _, err = zenlm_cli(["pretrain", "--data", str(char_data), "--out", str(out), "--model", "tiny", *flags])
     assert rc == 2 and says in err, err
     assert "Traceback" not in err and not out.exists()
 
@@ -67,11 +56,11 @@ def test_bad_training_values_are_refused_before_anything_is_written(
     ("compile: maybe\n", "compile: expected true or false"),
 ])
 def test_a_config_file_is_read_as_strictly_as_the_command_line(
-        text: str, says: str, char_data: Path, tmp_path: Path, capsys) -> None:
+        text: str, says: str, char_data: Path, tmp_path: Path, zenlm_cli) -> None:
     (tmp_path / "train.yaml").write_text(text)
     out = tmp_path / "run"
-    rc, err = run_main(["pretrain", "--data", str(char_data), "--out", str(out), "--config",
-                        str(tmp_path / "train.yaml")], capsys)
+    rc, _, err = zenlm_cli(["pretrain", "--data", str(char_data), "--out", str(out), "--config",
+                        str(tmp_path / "train.yaml")])
     assert rc == 2 and says in err, err
     assert not out.exists()
 
@@ -85,8 +74,8 @@ def test_whole_numbers_written_as_floats_are_accepted_and_not_rounded() -> None:
             parse_int(bad)
 
 
-def test_a_generation_seed_beyond_64_bits_is_refused_by_name(capsys) -> None:
-    rc, err = run_main(["generate", str(FIXTURE_GPT), "a", "--seed", str(2**70), "--device", "cpu"], capsys)
+def test_a_generation_seed_beyond_64_bits_is_refused_by_name(zenlm_cli) -> None:
+    rc, _, err = zenlm_cli(["generate", str(FIXTURE_GPT), "a", "--seed", str(2**70), "--device", "cpu"])
     assert rc == 2 and "zenlm: error: seed must be an integer in 0..2**64-1" in err, err
 
 

@@ -18,16 +18,6 @@ import yaml
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "runs"
 
 
-def _main(args: list[str], capsys: pytest.CaptureFixture) -> tuple[int, str]:
-    from zenlm.cli import main
-
-    try:
-        rc = main([str(a) for a in args])
-    except SystemExit as e:
-        rc = int(e.code or 0)
-    return rc, capsys.readouterr().err
-
-
 def _yaml_edit(change: Callable[[dict], None]) -> Callable[[Path], None]:
     def edit(path: Path) -> None:
         d = yaml.safe_load(path.read_text(encoding="utf-8"))
@@ -104,11 +94,11 @@ VERB = {"gpt": ["generate", "{run}", "a", "--max-new-tokens", "1"], "gpt-classif
 
 @pytest.mark.parametrize(("kind", "file", "damage", "says"), RUN_CASES,
                          ids=[f"{k}-{f}-{i}" for i, (k, f, _, _) in enumerate(RUN_CASES)])
-def test_a_damaged_run_file_is_named(kind: str, file: str, damage, says: str, tmp_path: Path, capsys) -> None:
+def test_a_damaged_run_file_is_named(kind: str, file: str, damage, says: str, tmp_path: Path, zenlm_cli) -> None:
     run = tmp_path / "run"
     shutil.copytree(FIXTURES / kind, run)
     damage(run / file)
-    rc, err = _main([a.format(run=run) for a in VERB[kind]] + ["--device", "cpu"], capsys)
+    rc, _, err = zenlm_cli([a.format(run=run) for a in VERB[kind]] + ["--device", "cpu"])
     _check(rc, err, file if file != "model.safetensors" or "neither" not in says else str(run))
     assert says in err, err
 
@@ -155,26 +145,26 @@ RESUME_CASES = [  # (file in the run, damage, what the message says)
 @pytest.mark.parametrize(("file", "damage", "says"), RESUME_CASES,
                          ids=[f"{Path(f).name}-{i}" for i, (f, _, _) in enumerate(RESUME_CASES)])
 def test_a_damaged_file_is_named_on_resume(file: str, damage, says: str, trained: Path, char_data: Path,
-                                           tmp_path: Path, capsys) -> None:
+                                           tmp_path: Path, zenlm_cli) -> None:
     run = tmp_path / "run"
     shutil.copytree(trained, run)
     damage(run / file)
-    rc, err = _main(["pretrain", "--data", char_data, "--out", run, "--resume", "--max-steps", "3",
-                     "--device", "cpu", "--threads", "1"], capsys)
+    rc, _, err = zenlm_cli(["pretrain", "--data", char_data, "--out", run, "--resume", "--max-steps", "3",
+                     "--device", "cpu", "--threads", "1"])
     _check(rc, err, Path(file).name)
     assert says in err, err
 
 
 @pytest.mark.parametrize("line", ["5", '{"step": "x"}', "[1, 2]", '{"step": 1, "train_loss": 3.0'])
 def test_a_damaged_metrics_line_does_not_stop_a_resume(line: str, trained: Path, char_data: Path, tmp_path: Path,
-                                                      capsys) -> None:
+                                                      zenlm_cli) -> None:
     """metrics.jsonl is a log: a line a crash cut short or an edit broke is dropped on resume, not fatal."""
     run = tmp_path / "run"
     shutil.copytree(trained, run)
     with (run / "metrics.jsonl").open("a") as f:
         f.write(line + "\n")
-    rc, err = _main(["pretrain", "--data", char_data, "--out", run, "--resume", "--max-steps", "3",
-                     "--device", "cpu", "--threads", "1"], capsys)
+    rc, _, err = zenlm_cli(["pretrain", "--data", char_data, "--out", run, "--resume", "--max-steps", "3",
+                     "--device", "cpu", "--threads", "1"])
     assert rc == 0, err
     steps = [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert steps[-1] == 3
@@ -196,13 +186,13 @@ DATA_CASES = [
 @pytest.mark.parametrize(("file", "damage", "says"), DATA_CASES,
                          ids=[f"{f}-{i}" for i, (f, _, _) in enumerate(DATA_CASES)])
 def test_a_damaged_data_file_is_named(file: str, damage, says: str, char_data: Path, tmp_path: Path,
-                                      capsys) -> None:
+                                      zenlm_cli) -> None:
     data = tmp_path / "data"
     shutil.copytree(char_data, data)
     damage(data / file)
     out = tmp_path / "run"
-    rc, err = _main(["pretrain", "--data", data, "--out", out, "--model", "tiny", "--max-steps", "1",
-                     "--device", "cpu", "--threads", "1"], capsys)
+    rc, _, err = zenlm_cli(["pretrain", "--data", data, "--out", out, "--model", "tiny", "--max-steps", "1",
+                     "--device", "cpu", "--threads", "1"])
     _check(rc, err, file)
     assert says in err, err
     assert not out.exists()  # found before anything was written

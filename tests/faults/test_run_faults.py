@@ -74,16 +74,6 @@ def test_prepare_on_a_full_disk_names_the_file_and_leaves_no_shards(
 
 
 # ---------------------------------------------------------------------------- resume, restart, overwrite
-def _main(args: list[str], capsys: pytest.CaptureFixture) -> tuple[int, str]:
-    from zenlm.cli import main
-
-    try:
-        rc = main([str(a) for a in args])
-    except SystemExit as e:
-        rc = int(e.code or 0)
-    return rc, capsys.readouterr().err
-
-
 def _losses(run: Path) -> list[tuple[int, float]]:
     lines = (run / "metrics.jsonl").read_text().splitlines()
     return [(r["step"], r["train_loss"]) for r in map(json.loads, lines) if "train_loss" in r]
@@ -95,15 +85,15 @@ TINY = ["--model", "tiny", "--n-layer", "1", "--batch-size", "2", "--seq-len", "
         "--threads", "1"]
 
 
-def test_resume_continues_with_the_runs_own_settings(char_data: Path, tmp_path: Path, capsys) -> None:
+def test_resume_continues_with_the_runs_own_settings(char_data: Path, tmp_path: Path, zenlm_cli) -> None:
     """Issue 13.5: plain --resume used the CLI's defaults for seed, grad_accum, intervals and eval_tokens."""
     own = ["--seed", "7", "--grad-accum", "2", "--log-every", "1", "--eval-every", "2", "--ckpt-every", "2",
            "--eval-tokens", "256"]
     straight, split = tmp_path / "straight", tmp_path / "split"
-    assert _main(["pretrain", "--data", char_data, "--out", straight, *TINY, *own, "--max-steps", "5"], capsys)[0] == 0
-    assert _main(["pretrain", "--data", char_data, "--out", split, *TINY, *own, "--max-steps", "3"], capsys)[0] == 0
-    rc, err = _main(["pretrain", "--data", char_data, "--out", split, "--resume", "--max-steps", "5",
-                     "--threads", "1"], capsys)
+    assert zenlm_cli(["pretrain", "--data", char_data, "--out", straight, *TINY, *own, "--max-steps", "5"]).rc == 0
+    assert zenlm_cli(["pretrain", "--data", char_data, "--out", split, *TINY, *own, "--max-steps", "3"]).rc == 0
+    rc, _, err = zenlm_cli(["pretrain", "--data", char_data, "--out", split, "--resume", "--max-steps", "5",
+                     "--threads", "1"])
     assert rc == 0, err
     assert "--max-steps 5 (the run's: 3)" in err and "--seed" not in err  # only what the command line changed
     assert _losses(split) == _losses(straight)  # bit for bit: same seed, accumulation, batches
@@ -113,12 +103,12 @@ def test_resume_continues_with_the_runs_own_settings(char_data: Path, tmp_path: 
     assert saved["train"]["max_steps"] == 5 and saved["train"]["seed"] == 7 and saved["batch"]["eval_tokens"] == 256
 
 
-def test_flags_given_on_resume_win_with_a_note(char_data: Path, tmp_path: Path, capsys) -> None:
+def test_flags_given_on_resume_win_with_a_note(char_data: Path, tmp_path: Path, zenlm_cli) -> None:
     run = tmp_path / "run"
-    assert _main(["pretrain", "--data", char_data, "--out", run, *TINY, "--max-steps", "2", "--seed", "7",
-                  "--eval-tokens", "256"], capsys)[0] == 0
-    rc, err = _main(["pretrain", "--data", char_data, "--out", run, "--resume", "--max-steps", "3", "--seed", "8",
-                     "--lr", "0.001", "--n-layer", "4", "--threads", "1"], capsys)
+    assert zenlm_cli(["pretrain", "--data", char_data, "--out", run, *TINY, "--max-steps", "2", "--seed", "7",
+                  "--eval-tokens", "256"]).rc == 0
+    rc, _, err = zenlm_cli(["pretrain", "--data", char_data, "--out", run, "--resume", "--max-steps", "3", "--seed", "8",
+                     "--lr", "0.001", "--n-layer", "4", "--threads", "1"])
     assert rc == 0, err
     assert "--seed 8 (the run's: 7)" in err and "--lr 0.001 (the run's: 0.003)" in err
     assert "--n-layer ignored: a resumed run keeps its own model" in err
@@ -127,13 +117,13 @@ def test_flags_given_on_resume_win_with_a_note(char_data: Path, tmp_path: Path, 
 
 
 def test_resume_on_other_data_is_refused_and_a_copy_is_fine(
-        char_data: Path, tmp_path: Path, sample_text: str, char_tok: Tokenizer, bpe_tok: Tokenizer, capsys) -> None:
+        char_data: Path, tmp_path: Path, sample_text: str, char_tok: Tokenizer, bpe_tok: Tokenizer, zenlm_cli) -> None:
     """Issue 13.20: a fingerprint of the tokenizer and the shard index is kept in config.yaml and compared."""
     import shutil
 
     run = tmp_path / "run"
-    assert _main(["pretrain", "--data", char_data, "--out", run, *TINY, "--max-steps", "2",
-                  "--eval-tokens", "256"], capsys)[0] == 0
+    assert zenlm_cli(["pretrain", "--data", char_data, "--out", run, *TINY, "--max-steps", "2",
+                  "--eval-tokens", "256"]).rc == 0
     assert set(yaml.safe_load((run / "config.yaml").read_text())["data"]) >= {"tokenizer_sha256", "index_sha256"}
     (tmp_path / "t.txt").write_text(sample_text[:30_000], encoding="utf-8")
     other_text = tmp_path / "other-text"
@@ -141,12 +131,12 @@ def test_resume_on_other_data_is_refused_and_a_copy_is_fine(
     other_tok = tmp_path / "other-tok"
     prepare(open_corpus(str(tmp_path / "t.txt")), bpe_tok, other_tok)
     for data, says in ((other_text, "holds other token shards than"), (other_tok, "the tokenizer of")):
-        rc, err = _main(["pretrain", "--data", data, "--out", run, "--resume", "--max-steps", "3"], capsys)
+        rc, _, err = zenlm_cli(["pretrain", "--data", data, "--out", run, "--resume", "--max-steps", "3"])
         assert rc == 2 and says in err and f"resume with --data {char_data.resolve()}" in err, err
     copy = tmp_path / "copy"
     shutil.copytree(char_data, copy)
-    rc, err = _main(["pretrain", "--data", copy, "--out", run, "--resume", "--max-steps", "3", "--threads", "1"],
-                    capsys)
+    rc, _, err = zenlm_cli(["pretrain", "--data", copy, "--out", run, "--resume", "--max-steps", "3",
+                            "--threads", "1"])
     assert rc == 0, err
 
 
@@ -159,61 +149,61 @@ def _unstarted(run: Path) -> None:
 
 
 def test_a_run_stopped_before_its_first_checkpoint_can_be_started_again(
-        char_data: Path, tmp_path: Path, capsys) -> None:
+        char_data: Path, tmp_path: Path, zenlm_cli) -> None:
     """Issue 13.16: neither --resume nor a fresh start worked; the directory had to be deleted by hand."""
     run = tmp_path / "run"
     cmd = ["pretrain", "--data", char_data, "--out", run, *TINY, "--seed", "5", "--eval-tokens", "256",
            "--log-every", "1"]
-    assert _main([*cmd, "--max-steps", "2"], capsys)[0] == 0
+    assert zenlm_cli([*cmd, "--max-steps", "2"]).rc == 0
     _unstarted(run)
-    rc, err = _main([*cmd, "--max-steps", "2"], capsys)
+    rc, _, err = zenlm_cli([*cmd, "--max-steps", "2"])
     assert rc == 0 and "stopped before its first checkpoint; starting it again" in err, err
     _unstarted(run)
-    rc, err = _main(["pretrain", "--data", char_data, "--out", run, "--resume", "--threads", "1"], capsys)
+    rc, _, err = zenlm_cli(["pretrain", "--data", char_data, "--out", run, "--resume", "--threads", "1"])
     assert rc == 0 and "has no checkpoint yet" in err and "starting it from step 0 with its saved settings" in err
     assert (run / "model.safetensors").is_file() and [s for s, _ in _losses(run)] == [1, 2]
     assert yaml.safe_load((run / "config.yaml").read_text())["train"]["seed"] == 5
 
 
-def test_overwrite_starts_a_run_again_and_a_fresh_start_says_so(char_data: Path, tmp_path: Path, capsys) -> None:
+def test_overwrite_starts_a_run_again_and_a_fresh_start_says_so(char_data: Path, tmp_path: Path, zenlm_cli) -> None:
     """Issue 14.6: a run with a checkpoint could only be resumed; now --overwrite starts it again."""
     run = tmp_path / "run"
     cmd = ["pretrain", "--data", char_data, "--out", run, *TINY, "--eval-tokens", "256"]
-    assert _main([*cmd, "--max-steps", "3"], capsys)[0] == 0
-    rc, err = _main([*cmd, "--max-steps", "2"], capsys)
+    assert zenlm_cli([*cmd, "--max-steps", "3"]).rc == 0
+    rc, _, err = zenlm_cli([*cmd, "--max-steps", "2"])
     assert rc == 2 and "--resume to continue it, --overwrite to start it again" in err
-    rc, err = _main([*cmd, "--max-steps", "2", "--resume", "--overwrite"], capsys)
+    rc, _, err = zenlm_cli([*cmd, "--max-steps", "2", "--resume", "--overwrite"])
     assert rc == 2 and "not both" in err
-    rc, err = _main([*cmd, "--max-steps", "2", "--overwrite"], capsys)
+    rc, _, err = zenlm_cli([*cmd, "--max-steps", "2", "--overwrite"])
     assert rc == 0 and "--overwrite: the run in" in err
     assert [p.name for p in list_checkpoints(run / "checkpoints")] == ["step-000002"]
     assert _losses(run)[-1][0] == 2
 
 
-def test_pretrain_never_writes_into_a_folder_of_other_files(char_data: Path, tmp_path: Path, capsys) -> None:
+def test_pretrain_never_writes_into_a_folder_of_other_files(char_data: Path, tmp_path: Path, zenlm_cli) -> None:
     """Issue 13.9: `pretrain --out DIR` wrote its run over whatever DIR held."""
     out = tmp_path / "mine"
     out.mkdir()
     (out / "config.yaml").parent.joinpath("notes.txt").write_text("keep me")
     (out / "model.safetensors").write_bytes(b"not ours")
     for extra in ([], ["--overwrite"]):
-        rc, err = _main(["pretrain", "--data", char_data, "--out", out, *TINY, "--max-steps", "1", *extra], capsys)
+        rc, _, err = zenlm_cli(["pretrain", "--data", char_data, "--out", out, *TINY, "--max-steps", "1", *extra])
         assert rc == 2 and "is not empty and holds no zenlm run" in err, err
     assert sorted(p.name for p in out.iterdir()) == ["model.safetensors", "notes.txt"]
     assert (out / "model.safetensors").read_bytes() == b"not ours"
 
 
-def test_fp16_on_a_cpu_is_refused_before_anything_is_written(char_data: Path, tmp_path: Path, capsys) -> None:
+def test_fp16_on_a_cpu_is_refused_before_anything_is_written(char_data: Path, tmp_path: Path, zenlm_cli) -> None:
     run = tmp_path / "run"
-    rc, err = _main(["pretrain", "--data", char_data, "--out", run, *TINY[:-4], "--device", "cpu",
-                     "--precision", "fp16", "--max-steps", "1"], capsys)
+    rc, _, err = zenlm_cli(["pretrain", "--data", char_data, "--out", run, *TINY[:-4], "--device", "cpu",
+                     "--precision", "fp16", "--max-steps", "1"])
     assert rc == 2 and "fp16 is not supported on the CPU" in err
     assert not run.exists()
 
 
 @pytest.mark.parametrize("fail_at", [1, 4])
 def test_the_advice_after_a_non_finite_loss_works(
-        fail_at: int, char_data: Path, tmp_path: Path, capsys, monkeypatch: pytest.MonkeyPatch) -> None:
+        fail_at: int, char_data: Path, tmp_path: Path, zenlm_cli, monkeypatch: pytest.MonkeyPatch) -> None:
     """Issue 14.6: the message advised --resume when no checkpoint existed. Now it says what works, and it does."""
     from zenlm.recipes import pretrain as recipe
 
@@ -228,14 +218,14 @@ def test_the_advice_after_a_non_finite_loss_works(
     cmd = ["pretrain", "--data", char_data, "--out", run, *TINY, "--ckpt-every", "2", "--max-steps", "5",
            "--eval-tokens", "256"]
     monkeypatch.setattr(recipe, "causal_lm_loss", explodes)
-    rc, err = _main(cmd, capsys)
+    rc, _, err = zenlm_cli(cmd)
     assert rc == 2 and f"the training loss became nan at step {fail_at}" in err, err
     monkeypatch.setattr(recipe, "causal_lm_loss", real)
     if fail_at == 1:
         assert "No checkpoint was saved yet: run the same command again" in err
-        rc, err = _main(cmd, capsys)
+        rc, _, err = zenlm_cli(cmd)
     else:
         assert "continue from step-000002 with --resume" in err
-        rc, err = _main(["pretrain", "--data", char_data, "--out", run, "--resume"], capsys)
+        rc, _, err = zenlm_cli(["pretrain", "--data", char_data, "--out", run, "--resume"])
     assert rc == 0, err
     assert (run / "model.safetensors").is_file()

@@ -15,17 +15,6 @@ import zenlm
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "runs"
 
 
-def _main(args: list[str], capsys: pytest.CaptureFixture) -> tuple[int, str, str]:
-    from zenlm.cli import main
-
-    try:
-        rc = main([str(a) for a in args])
-    except SystemExit as e:
-        rc = int(e.code or 0)
-    out, err = capsys.readouterr()
-    return rc, out, err
-
-
 @pytest.fixture(scope="module")
 def bert_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A plain BERT encoder run (the BERT classifier fixture without its task)."""
@@ -59,18 +48,18 @@ CASES = [  # (verb and its arguments; {run} is the run, the run, what the one li
 
 @pytest.mark.parametrize(("args", "kind", "says"), CASES, ids=[f"{a[0]}-{k}" for a, k, _ in CASES])
 def test_a_verb_on_the_wrong_kind_of_run_names_the_one_that_fits(args, kind: str, says: str, bert_run: Path,
-                                                                capsys) -> None:
+                                                                zenlm_cli) -> None:
     run = bert_run if kind == "bert" else FIXTURES / kind
-    rc, _, err = _main([a.format(run=run) for a in args] + ["--device", "cpu"], capsys)
+    rc, _, err = zenlm_cli([a.format(run=run) for a in args] + ["--device", "cpu"])
     lines = [x for x in err.splitlines() if x.strip()]
     assert rc == 2 and len(lines) == 1 and lines[0].startswith("zenlm: error: "), err
     assert says.format(run=run) in lines[0], err
 
 
 @pytest.mark.parametrize("kind", ["gpt", "gpt-int8", "bert-classify"])
-def test_embed_works_on_every_run_that_can_embed(kind: str, capsys) -> None:
+def test_embed_works_on_every_run_that_can_embed(kind: str, zenlm_cli) -> None:
     """The registry says a GPT can embed (the mean of its last hidden states, as the server's /v1/embeddings)."""
-    rc, out, err = _main(["embed", FIXTURES / kind, "a cat", "a dog", "--device", "cpu"], capsys)
+    rc, out, err = zenlm_cli(["embed", FIXTURES / kind, "a cat", "a dog", "--device", "cpu"])
     assert rc == 0, err
     rows = [json.loads(x) for x in out.splitlines()]
     width = zenlm.load(FIXTURES / kind, device="cpu").config
@@ -79,30 +68,30 @@ def test_embed_works_on_every_run_that_can_embed(kind: str, capsys) -> None:
     assert abs(sum(x * x for x in rows[0]["embedding"]) - 1.0) < 1e-3  # normalised
 
 
-def test_evaluate_on_a_classifier_takes_the_field_names_it_suggests(tmp_path: Path, capsys) -> None:
+def test_evaluate_on_a_classifier_takes_the_field_names_it_suggests(tmp_path: Path, zenlm_cli) -> None:
     """Issue 14.4: the error told the user to pass --text-field, which evaluate did not accept."""
     run = tmp_path / "clf"
     shutil.copytree(FIXTURES / "gpt-classify", run)
     data = tmp_path / "test.jsonl"
     data.write_text("".join(json.dumps({"review": t, "stars": lb}) + "\n"
                             for t, lb in [("good fun", "pos"), ("bad", "neg"), ("great", "pos"), ("awful", "neg")]))
-    rc, _, err = _main(["evaluate", run, "--data", data, "--device", "cpu"], capsys)
+    rc, _, err = zenlm_cli(["evaluate", run, "--data", data, "--device", "cpu"])
     assert rc == 2 and "--text-field" in err
-    rc, out, err = _main(["evaluate", run, "--data", data, "--text-field", "review", "--label-field", "stars",
-                          "--device", "cpu"], capsys)
+    rc, out, err = zenlm_cli(["evaluate", run, "--data", data, "--text-field", "review", "--label-field", "stars",
+                          "--device", "cpu"])
     assert rc == 0, err
     assert "4 texts" in out and (run / "eval-test.json").is_file()
 
 
-def test_evaluate_help_keeps_the_whole_data_help(capsys) -> None:
+def test_evaluate_help_keeps_the_whole_data_help(zenlm_cli) -> None:
     """Issue 14.4: `evaluate --help` cut the --data help short."""
-    rc, out, _ = _main(["evaluate", "--help"], capsys)
+    rc, out, _ = zenlm_cli(["evaluate", "--help"])
     flat = " ".join(out.split())
     assert rc == 0 and "(for a classifier: .jsonl/.csv with the text and label fields it was trained with)" in flat
     assert "--text-field" in out and "--label-field" in out
 
 
-def test_a_decoder_only_seq2seq_run_loads_as_what_it_is(tmp_path: Path, capsys) -> None:
+def test_a_decoder_only_seq2seq_run_loads_as_what_it_is(tmp_path: Path, zenlm_cli) -> None:
     """Issue 14.5: `finetune seq2seq --arch gpt` runs loaded as a plain LM: num_beams raised TypeError and
     generation continued the source instead of writing a target."""
     import torch
@@ -126,5 +115,5 @@ def test_a_decoder_only_seq2seq_run_loads_as_what_it_is(tmp_path: Path, capsys) 
     assert isinstance(out, str) and out == s2s.load(run, device="cpu").generate("abc", num_beams=4)
     assert lm.generate(["abc", "cde"], num_beams=1) == s2s.load(run, device="cpu").generate(["abc", "cde"],
                                                                                               num_beams=1)
-    rc, printed, err = _main(["generate", run, "abc", "--max-new-tokens", "6", "--device", "cpu"], capsys)
+    rc, printed, err = zenlm_cli(["generate", run, "abc", "--max-new-tokens", "6", "--device", "cpu"])
     assert rc == 0 and printed.rstrip("\n") == "abc" + lm.generate("abc", num_beams=4, max_new_tokens=6), err
