@@ -117,3 +117,16 @@ def test_settings_classes_check_their_field_types(cls: str, field: str, value, s
 
     with pytest.raises(ConfigError, match=re.escape(says)):
         {"TrainConfig": TrainConfig, "OptimConfig": OptimConfig}[cls](**{field: value})
+
+
+@pytest.mark.parametrize("verb", [["pretrain", "--data", "{data}"], ["finetune", "seq2seq", "--data", "{pairs}"]])
+def test_a_model_shape_too_large_for_memory_is_refused_before_allocating(verb: list[str], char_data: Path,
+                                                                         tmp_path: Path, zenlm_cli) -> None:
+    """Issue 13.17: sizes are estimated from the config (on the meta device) and compared with free memory."""
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text('{"source": "abc", "target": "cba"}\n' * 20)
+    out = tmp_path / "run"
+    args = [a.format(data=char_data, pairs=pairs) for a in verb]
+    rc, _, err = zenlm_cli([*args, "--out", out, "--n-embd", str(2**20), "--max-steps", "1"])
+    assert rc == 2 and "more than the" in err and "of memory free" in err and "n_embd" in err, err
+    assert not out.exists() or not any(out.iterdir())

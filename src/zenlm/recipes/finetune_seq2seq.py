@@ -48,7 +48,7 @@ from zenlm.data.seq2seq import (
 from zenlm.device import resolve_device
 from zenlm.errors import ConfigError
 from zenlm.evaluate import perplexity
-from zenlm.models.registry import get_architecture
+from zenlm.models.registry import build_model, get_architecture
 from zenlm.progress import ProgressFn, report
 from zenlm.rundir import (
     build_model_from_run,
@@ -149,7 +149,7 @@ def _build_model(arch: Arch, model: str | None, overrides: dict[str, Any], vocab
     """A fresh model of preset ``model`` (None: the architecture's default preset)."""
     architecture = get_architecture(arch)
     cfg = architecture.config(model, vocab_size=vocab_size, **overrides)
-    return architecture.build(cfg), cfg
+    return build_model(cfg), cfg  # (refuses a shape that would not fit in memory, before allocating)
 
 
 def _length_limits(arch: Arch, cfg: Any, max_source_len: int | None, max_target_len: int | None) -> tuple[int, int]:
