@@ -91,13 +91,18 @@ def test_a_vanishing_temperature_is_greedy_decoding(tiny: str, capsys) -> None:
     assert capsys.readouterr().out == greedy
 
 
-def test_a_vanishing_temperature_gives_the_greedy_text() -> None:
+def test_a_vanishing_temperature_gives_the_greedy_text(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With every logit negative, logits / 1e-40 is -inf everywhere and the draw had nothing to draw from."""
     import zenlm
+    from zenlm.models.gpt import GPT
 
+    forward = GPT.forward
+    monkeypatch.setattr(GPT, "forward", lambda self, *a, **kw: forward(self, *a, **kw) - 100.0)  # same argmax
     lm = zenlm.load(FIXTURE_GPT, device="cpu")
     greedy = lm.generate("ab", max_new_tokens=8, temperature=0)
     for tiny in (1e-40, 5e-324):
-        assert lm.generate("ab", max_new_tokens=8, temperature=tiny, seed=1) == greedy
+        for top_k in (None, 5):
+            assert lm.generate("ab", max_new_tokens=8, temperature=tiny, top_k=top_k, seed=1) == greedy
 
 
 @pytest.mark.parametrize(("cls", "field", "value", "says"), [
