@@ -23,6 +23,7 @@ def _sources() -> dict[str, list[Any]]:
     dicts (settings under their flag names)."""
     from zenlm import wordvec as wv
     from zenlm.api import load
+    from zenlm.cli.encoder import evaluate_classify
     from zenlm.cli.lmeval import evaluate_lm_eval
     from zenlm.convert.gguf import export_gguf
     from zenlm.convert.hf import download_from_hub, export_hf, import_hf
@@ -62,7 +63,7 @@ def _sources() -> dict[str, list[Any]]:
         "finetune classify": [finetune_classify, TrainConfig(), lora],
         "predict": [load, EncoderLM.classify],
         "embed": [load, EncoderLM.embed],
-        "evaluate": [load, Seq2SeqLM.generate, evaluate_generation, read_pairs, evaluate_lm_eval],
+        "evaluate": [load, Seq2SeqLM.generate, evaluate_generation, read_pairs, evaluate_lm_eval, evaluate_classify],
         "serve": [load, create_app, Limits()],
         "chat": [load, GenerationConfig()],
         "wordvec train": [wv.train_corpus_vectors, wv.Word2VecSettings()],

@@ -21,21 +21,22 @@ then fills the A and B matrices (and a classifier's head), and :func:`load_run` 
 
 from __future__ import annotations
 
+import re
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import yaml
 from torch import nn
 
 from zenlm.device import resolve_device, resolve_dtype
-from zenlm.errors import CheckpointError
+from zenlm.errors import CheckpointError, ConfigError
 from zenlm.fileio import atomic_write_text
 from zenlm.models.lora import LoRAConfig, apply_lora, merge_and_unload, weights_fingerprint
-from zenlm.models.registry import Architecture, get_architecture
+from zenlm.models.registry import Architecture, build_model, get_architecture
 from zenlm.tokenizer import Tokenizer
 from zenlm.train.checkpoint import list_checkpoints, load_model_weights, save_model
 
@@ -43,18 +44,41 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 ADAPTER_WEIGHTS = "adapter.safetensors"  # what a LoRA run trained, in place of model.safetensors
 
 
+# The sections of config.yaml that are mappings when present (a later version may add others).
+SECTIONS = ("model", "batch", "train", "optim", "data", "task", "quantization", "seq2seq", "source", "resolved")
+
+
 def read_run_config(run_dir: str | Path) -> dict[str, Any]:
-    """The parsed ``config.yaml`` of a run directory (CheckpointError when absent or malformed)."""
+    """The parsed ``config.yaml`` of a run directory (CheckpointError naming the file when it is absent, not
+    YAML, or not shaped like a run's config: a mapping with a ``model`` mapping, every known section a mapping)."""
     path = Path(run_dir) / "config.yaml"
     if not path.is_file():
         raise CheckpointError(f"{run_dir} is not a zenlm run directory (no config.yaml). Check the path.")
     try:
         cfg = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise CheckpointError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start}); it is damaged.") from None
     except yaml.YAMLError as e:
         raise CheckpointError(f"{path} is not valid YAML ({e}).") from e
     if not isinstance(cfg, dict) or "model" not in cfg:
         raise CheckpointError(f"{path} has no 'model' section; it was not written by zenlm.")
+    for name in SECTIONS:
+        if cfg.get(name) is not None and not isinstance(cfg[name], dict):
+            raise CheckpointError(f"{path}: '{name}' must be a mapping of settings, got {cfg[name]!r}; the file "
+                                  "is damaged or was edited by hand.")
+    if not isinstance(cfg["model"].get("arch", "gpt"), str):
+        raise CheckpointError(f"{path}: model.arch must be the name of an architecture, got {cfg['model']['arch']!r}.")
+    try:
+        get_architecture(cfg["model"].get("arch", "gpt"))
+    except ConfigError as e:
+        raise CheckpointError(f"{path}: {e}") from None
     return cfg
+
+
+def config_error(run_dir: str | Path, e: Exception, section: str = "") -> CheckpointError:
+    """A ConfigError raised while reading part of a run's config.yaml, as a CheckpointError naming the file."""
+    where = f" ({section})" if section else ""
+    return CheckpointError(f"{Path(run_dir) / 'config.yaml'}{where}: {e}")
 
 
 def write_run_config(run_dir: str | Path, run_config: dict[str, Any]) -> None:
@@ -95,9 +119,12 @@ def _classifier_head(model: nn.Module, saved: dict[str, Any], run_dir: Path) -> 
     from zenlm.models.classifier import SequenceClassifier
 
     labels = task.get("labels")
-    if not isinstance(labels, list) or len(labels) < 2:
-        raise CheckpointError(f"{run_dir}/config.yaml: a classifier run needs task.labels (two or more).")
-    return SequenceClassifier(model, len(labels), task.get("pooling", "mean"), task.get("dropout", 0.1))
+    if not isinstance(labels, list) or len(labels) < 2 or not all(isinstance(x, str) for x in labels):
+        raise CheckpointError(f"{run_dir}/config.yaml: a classifier run needs task.labels (two or more names).")
+    dropout = task.get("dropout", 0.1)
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)):
+        raise CheckpointError(f"{run_dir}/config.yaml: task.dropout must be a number, got {dropout!r}.")
+    return SequenceClassifier(model, len(labels), task.get("pooling", "mean"), dropout)
 
 
 def _int8_weights(model: nn.Module, saved: dict[str, Any], run_dir: Path) -> nn.Module:
@@ -159,11 +186,18 @@ def build_model_from_run(run_dir: str | Path) -> tuple[nn.Module, Any, dict[str,
     """
     run_dir = Path(run_dir)
     saved = read_run_config(run_dir)
-    arch = run_architecture(saved)
-    cfg = arch.config_from_dict(saved["model"])
-    model = _lora_base(saved, run_dir) if saved.get("lora") else arch.build(cfg)
+    try:
+        arch = run_architecture(saved)
+        cfg = arch.config_from_dict(saved["model"])
+        # a LoRA run starts from its base; a new model refuses sizes that do not fit in memory before allocating
+        model = _lora_base(saved, run_dir) if saved.get("lora") else build_model(cfg)
+    except ConfigError as e:
+        raise config_error(run_dir, e, "model") from None
     for option in RUN_OPTIONS:
-        model = option(model, saved, run_dir)
+        try:
+            model = option(model, saved, run_dir)
+        except ConfigError as e:
+            raise config_error(run_dir, e) from None
     return model, cfg, saved
 
 
@@ -191,6 +225,61 @@ def load_run_tokenizer(run_dir: str | Path) -> Tokenizer:
     if not (Path(run_dir) / "tokenizer.json").is_file():
         raise CheckpointError(f"{run_dir} has no tokenizer.json; copy the tokenizer of its data directory there.")
     return Tokenizer.load(run_dir)
+
+
+# What a run directory holds: the files and folders zenlm writes there (and its hidden temporary names).
+_RUN_ENTRIES = re.compile(r"^(config\.yaml|tokenizer\.json|tokenizer_config\.json|generation_config\.json|"
+                          r"chat_template\.jinja|(model|best)\.safetensors|metrics\.jsonl|report\.json|"
+                          r"eval-.*\.(json|png)|checkpoints|plots|tb|eval|\..*\.tmp-\d+.*)$")
+RunDirState = Literal["new", "foreign", "unstarted", "run"]
+
+
+def run_dir_state(out: str | Path) -> RunDirState:
+    """What ``out`` holds, for a recipe about to write a run there:
+
+        "new"        nothing: it does not exist or is empty
+        "foreign"    no run: a file, or a folder of files without a config.yaml (never overwritten)
+        "unstarted"  a run that stopped before its first checkpoint (config.yaml, no checkpoint, no weights):
+                     nothing in it is worth keeping, so it can simply be started again
+        "run"        a run with a checkpoint or weights
+    """
+    out = Path(out)
+    if not out.exists():
+        return "new"
+    if not out.is_dir():
+        return "foreign"
+    if not any(out.iterdir()):
+        return "new"
+    if not (out / "config.yaml").is_file():
+        return "foreign"
+    if (out / "model.safetensors").exists() or list_checkpoints(out / "checkpoints"):
+        return "run"
+    return "unstarted"
+
+
+def clear_run_dir(out: str | Path, keep: tuple[str, ...] = ()) -> None:
+    """Remove what a run wrote in ``out`` (the names a run directory holds, except ``keep``); anything else in
+    it is left alone."""
+    for p in Path(out).iterdir():
+        if _RUN_ENTRIES.match(p.name) and p.name not in keep:
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p)
+            else:
+                p.unlink()
+
+
+def refuse_foreign_out(out: str | Path, flag: str = "--out") -> None:
+    """CheckpointError when ``out`` is a file, or a folder that holds files but no run (they would be
+    overwritten or mixed with a run's)."""
+    out = Path(out)
+    if run_dir_state(out) != "foreign":
+        return
+    if not out.is_dir():
+        raise CheckpointError(f"{out} is a file; give {flag} a folder to write the run into.")
+    names = sorted(p.name for p in out.iterdir())
+    shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+    raise CheckpointError(f"{out} is not empty and holds no zenlm run ({shown}); choose an empty or new {flag} so "
+                          "nothing there is overwritten.")
 
 
 def copy_tokenizer_files(src: str | Path, dst: str | Path) -> None:
@@ -239,6 +328,7 @@ def load_run(run_dir: str | Path, *, device: str = "auto", dtype: str = "fp32", 
     return LoadedRun(run_dir, saved, run_architecture(saved), model, tokenizer)
 
 
-__all__ = ["ADAPTER_WEIGHTS", "RUN_OPTIONS", "TOKENIZER_FILES", "LoadedRun", "build_model_from_run",
-           "copy_tokenizer_files", "load_run", "load_run_tokenizer", "load_run_weights", "read_run_config",
-           "run_architecture", "run_task", "save_run", "weights_file", "write_run_config"]
+__all__ = ["ADAPTER_WEIGHTS", "RUN_OPTIONS", "SECTIONS", "TOKENIZER_FILES", "LoadedRun", "build_model_from_run",
+           "clear_run_dir", "config_error", "copy_tokenizer_files", "load_run", "load_run_tokenizer",
+           "load_run_weights", "read_run_config", "refuse_foreign_out", "run_architecture", "run_dir_state",
+           "run_task", "save_run", "weights_file", "write_run_config"]

@@ -118,6 +118,8 @@ def evaluate(
     limit: int | None = None,
     source_field: str = "source",
     target_field: str = "target",
+    text_field: str | None = None,
+    label_field: str | None = None,
     device: str = "auto",
     dtype: Literal["fp32", "bf16", "fp16"] = "fp32",
     log_samples: bool = False,
@@ -149,18 +151,22 @@ def evaluate(
         limit: score only the first N pairs (with --tasks: the first N items of each task)
         source_field: JSON field holding the source text
         target_field: JSON field holding the reference text
+        text_field: (classifier runs) field holding the text; default: the one the classifier was trained with
+        label_field: (classifier runs) field holding the label; default: the one the classifier was trained with
         device: auto, cpu, cuda or mps
         dtype: weights for inference with --tasks: fp32, bf16 or fp16 (an int8 run stays int8)
         log_samples: with --tasks, keep every item's requests and answers in the report
         bootstrap_iters: with --tasks, resamples for the standard errors lm-eval bootstraps (0: none)
     """
+    from zenlm.cli.common import check_run_fits
     from zenlm.errors import ConfigError
-    from zenlm.rundir import read_run_config, run_task
+    from zenlm.rundir import run_task
 
     if tasks:
         if data is not None:
             raise ConfigError("give either --data FILE (seq2seq and classifier runs) or --tasks NAMES "
                               "(lm-eval on a language model), not both.")
+        check_run_fits(run, "evaluate --tasks")
         from zenlm.cli.lmeval import evaluate_lm_eval
 
         evaluate_lm_eval(run, tasks, include_path=include_path, limit=limit, num_fewshot=num_fewshot,
@@ -171,10 +177,11 @@ def evaluate(
         raise ConfigError("nothing to evaluate: give --data FILE (seq2seq and classifier runs) or --tasks "
                           "NAMES (lm-eval tasks on a language model run).")
 
-    if run_task(read_run_config(run)) == "classify":  # a classifier: labels, not text
+    if run_task(check_run_fits(run, "evaluate --data")) == "classify":  # a classifier: labels, not text
         from zenlm.cli.encoder import evaluate_classify
 
-        return evaluate_classify(run, data, out, batch_size=batch_size, device=device)
+        return evaluate_classify(run, data, out, batch_size=batch_size, device=device, text_field=text_field,
+                                 label_field=label_field)
     import zenlm.seq2seq as s2s
     from zenlm.cli.common import TerminalProgress
     from zenlm.data.seq2seq import read_pairs

@@ -39,6 +39,7 @@ from zenlm.rundir import (
     build_model_from_run,
     copy_tokenizer_files,
     read_run_config,
+    refuse_foreign_out,
     run_architecture,
     run_task,
     write_run_config,
@@ -144,6 +145,7 @@ def finetune_classify(
     train = train or TrainConfig()
     world = apply_process_settings(train)  # with torchrun: joins the other processes of the run
     base, out = Path(base), Path(out)
+    refuse_foreign_out(out)  # a folder of other files is never written into
     if (out / "config.yaml").exists():
         raise ConfigError(f"{out} already holds a run; choose another --out.")
     if epochs <= 0 or batch_size < 1 or evals_per_epoch < 1:

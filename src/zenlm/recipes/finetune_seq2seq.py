@@ -51,11 +51,12 @@ from zenlm.device import resolve_device
 from zenlm.errors import ConfigError
 from zenlm.evaluate import perplexity
 from zenlm.models.lora import LoRAConfig, apply_lora, describe_lora, weights_fingerprint
-from zenlm.models.registry import get_architecture
+from zenlm.models.registry import build_model, get_architecture
 from zenlm.progress import ProgressFn, report
 from zenlm.rundir import (
     copy_tokenizer_files,
     read_run_config,
+    refuse_foreign_out,
     run_architecture,
     write_run_config,
 )
@@ -150,7 +151,7 @@ def _build_model(arch: Arch, model: str | None, overrides: dict[str, Any], vocab
     """A fresh model of preset ``model`` (None: the architecture's default preset)."""
     architecture = get_architecture(arch)
     cfg = architecture.config(model, vocab_size=vocab_size, **overrides)
-    return architecture.build(cfg), cfg
+    return build_model(cfg), cfg  # (refuses a shape that would not fit in memory, before allocating)
 
 
 def _length_limits(arch: Arch, cfg: Any, max_source_len: int | None, max_target_len: int | None) -> tuple[int, int]:
@@ -225,6 +226,7 @@ def finetune_seq2seq(
         raise ConfigError(f"val_fraction must be in [0, 1), got {val_fraction}.")
     if batch_size < 1:
         raise ConfigError(f"batch_size must be >= 1, got {batch_size}.")
+    refuse_foreign_out(out)  # a folder of other files is never written into
     if (out / "config.yaml").exists() or list_checkpoints(out / "checkpoints"):
         raise ConfigError(f"{out} already holds a run; choose another --out.")
     if lora is not None and init is None:
@@ -282,7 +284,8 @@ def finetune_seq2seq(
     # ---- batches --------------------------------------------------------------------------------------
     if objective == "pairs":
         enc = encode_pairs(pairs, tok, src_len, tgt_len, progress=progress)
-        val_batches = _val_batches(arch, encode_pairs(val_pairs, tok, src_len, tgt_len), batch_size, ids) \
+        val_batches = _val_batches(arch, encode_pairs(val_pairs, tok, src_len, tgt_len, progress=progress),
+                                   batch_size, ids) \
             if val_pairs else []
         if _reads_source(arch):
             batches: Any = Seq2SeqBatches(enc, batch_size, bos_id=ids["bos"], eos_id=ids["eos"], pad_id=ids["pad"],
