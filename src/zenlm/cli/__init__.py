@@ -488,6 +488,9 @@ def build_parser() -> argparse.ArgumentParser:
     from zenlm.cli.wordvec import register as register_wordvec  # zenlm wordvec train | eval | coverage
 
     register_wordvec(sub)
+    from zenlm.cli.generative import register as register_generative  # zenlm vae | seqgan | distill
+
+    register_generative(sub)
     return parser
 
 
@@ -503,7 +506,7 @@ def main(argv: list[str] | None = None) -> int:
         print(__version__)
         return 0
     if not hasattr(ns, "_fn"):
-        (parser if ns.verb not in ("tokenizer", "convert", "wordvec")
+        (parser if ns.verb not in ("tokenizer", "convert", "wordvec", "vae")
          else parser._subparsers._group_actions[0].choices[ns.verb]).print_help()
         return 2
     try:
