@@ -4,9 +4,10 @@
     zenlm vae sample RUN [--num 5] [--temperature 1.0] [--seed 0]
     zenlm vae reconstruct RUN "a sentence" ...
     zenlm vae interpolate RUN "first sentence" "second sentence" [--steps 5]
+    zenlm seqgan --out runs/seqgan [--data oracle|CORPUS] [--generator lstm|gpt] [--adv-rounds 60] [--resume]
 
-The flags and their defaults come from the library functions the verbs call (zenlm.recipes.vae.train_vae and the
-TrainConfig fields named below).
+The flags and their defaults come from the library the verbs call (zenlm.recipes.vae.train_vae, the fields of
+zenlm.recipes.seqgan.SeqGANSettings, and the TrainConfig fields named below).
 """
 
 from __future__ import annotations
@@ -136,14 +137,71 @@ def vae_interpolate(run: str, a: str, b: str, steps: int = 5, temperature: float
         print(f"{i / (steps - 1):.2f}  {s}")
 
 
+# ---------------------------------------------------------------------------------------------- seqgan
+_SEQGAN_TRAIN_FLAGS = ("eval_every", "log_every", "ckpt_every", "seed", "device", "precision", "threads")
+
+
+def seqgan_params() -> list[Param]:
+    from zenlm.device import Precision
+    from zenlm.recipes.seqgan import SeqGANSettings, train_seqgan
+    from zenlm.train.loop import TrainConfig
+
+    return [*params_of(train_seqgan, only=("out", "resume")), *params_of(SeqGANSettings),
+            *params_of(TrainConfig, only=_SEQGAN_TRAIN_FLAGS, types={"precision": Precision})]
+
+
+def seqgan(**flags: Any) -> None:
+    """Run a SeqGAN experiment (Yu et al. 2017): MLE pretraining, adversarial training with Monte-Carlo
+    roll-outs, and the comparison with the MLE model sampled at lower temperatures.
+
+    Args:
+        out: directory of the experiment (stages mle/ and gan/, results.json)
+        resume: continue an interrupted experiment in --out
+    """
+    import dataclasses
+
+    from zenlm.cli.common import TerminalProgress
+    from zenlm.recipes.seqgan import SeqGANSettings, train_seqgan
+    from zenlm.train.loop import TrainConfig
+
+    fields = {f.name for f in dataclasses.fields(SeqGANSettings)}
+    settings = SeqGANSettings(**{k: v for k, v in flags.items() if k in fields})
+    train = TrainConfig(**{k: flags[k] for k in _SEQGAN_TRAIN_FLAGS})
+    progress = TerminalProgress()
+    try:
+        res = train_seqgan(flags["out"], settings=settings, resume=flags["resume"], train=train, progress=progress)
+    finally:
+        progress.close()
+    if res.stopped:
+        print(f"\nstopped; continue with: zenlm seqgan --out {flags['out']} --resume")
+        return
+    print()
+    print(seqgan_table(res.rows))
+    print(f"\n{res.verdict}\nMLE {res.mle['steps']} steps in {res.mle['train_s']:.0f} s; adversarial "
+          f"{res.gan['steps']} steps in {res.gan['train_s']:.0f} s. Results: {res.run_dir / 'results.json'}")
+
+
+def seqgan_table(rows: list[dict[str, Any]]) -> str:
+    """The temperature sweep as a markdown table (the columns the experiment has)."""
+    cols = [c for c in ("oracle_nll", "bleu", "self_bleu", "nll_test") if c in rows[0]]
+    names = {"oracle_nll": "oracle NLL (lower: better samples)", "bleu": "BLEU-4 (higher: better samples)",
+             "self_bleu": "self-BLEU-4 (lower: more diverse)", "nll_test": "NLL-test (lower: better coverage)"}
+    lines = ["| model | temperature | " + " | ".join(names[c] for c in cols) + " |",
+             "|---|---:|" + "---:|" * len(cols)]
+    for r in rows:
+        lines.append(f"| {r['model']} | {r['temperature']:g} | " + " | ".join(f"{r[c]:.3f}" for c in cols) + " |")
+    return "\n".join(lines)
+
+
 def register(sub: argparse._SubParsersAction) -> None:
-    """Add ``zenlm vae ...`` to the top-level sub-commands ``sub``."""
+    """Add ``zenlm vae ...`` and ``zenlm seqgan`` to the top-level sub-commands ``sub``."""
     vae = sub.add_parser("vae", help="sentence VAE: train, sample, reconstruct, interpolate")
     vae_sub = vae.add_subparsers(dest="vaeverb", metavar="ACTION")
     add_verb(vae_sub, "train", vae_train, params=vae_train_params)
     add_verb(vae_sub, "sample", vae_sample, positional=("run",))
     add_verb(vae_sub, "reconstruct", vae_reconstruct, positional=("run", "texts"))
     add_verb(vae_sub, "interpolate", vae_interpolate, positional=("run", "a", "b"))
+    add_verb(sub, "seqgan", seqgan, params=seqgan_params)
 
 
 __all__ = ["register"]
