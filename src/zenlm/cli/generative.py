@@ -5,6 +5,7 @@
     zenlm vae reconstruct RUN "a sentence" ...
     zenlm vae interpolate RUN "first sentence" "second sentence" [--steps 5]
     zenlm seqgan --out runs/seqgan [--data oracle|CORPUS] [--generator lstm|gpt] [--adv-rounds 60] [--resume]
+    zenlm distill --teacher RUN --student PRESET --out RUN [--alpha 0.5] [--temperature 2] [--cosine 0]
 
 The flags and their defaults come from the library the verbs call (zenlm.recipes.vae.train_vae, the fields of
 zenlm.recipes.seqgan.SeqGANSettings, and the TrainConfig fields named below).
@@ -23,7 +24,8 @@ _TRAIN_FLAGS = ("max_steps", "max_seconds", "eval_every", "log_every", "ckpt_eve
 
 
 def _train_params(recipe: Any, skip: tuple[str, ...] = ()) -> list[Param]:
-    """A recipe's own parameters (less ``train`` and ``progress``) and the TrainConfig fields above."""
+    """A recipe's own parameters (less ``train`` and ``progress``; none for a recipe without parameters) and the
+    TrainConfig fields above."""
     from zenlm.device import Precision
     from zenlm.train.loop import TrainConfig
 
@@ -193,8 +195,71 @@ def seqgan_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+# ---------------------------------------------------------------------------------------------- distill
+def distill_params() -> list[Param]:
+    """The flags: both distillation recipes' parameters (each uses its own), DistillSettings, the loop's."""
+    from zenlm.recipes.distill import DistillSettings, distill_classifier, distill_lm
+
+    skip = ("settings", "train", "optim", "progress", "lr", "student_overrides")
+    found = {p.name: p for p in params_of(distill_classifier, skip=skip)}
+    for p in params_of(distill_lm, skip=skip):
+        found.setdefault(p.name, p)
+    lr = Param("lr", float | None, None, "peak learning rate (default: 5e-4 for classifiers with linear decay, 1e-3 "
+               "for language models with cosine decay to a tenth)")
+    return [*found.values(), lr, *params_of(DistillSettings), *_train_params(lambda: None)]
+
+
+def distill(**flags: Any) -> None:
+    """Distil a trained teacher into a small student (Hinton et al.): loss = alpha * T^2 * KL(teacher || student)
+    + (1 - alpha) * cross-entropy, optionally + a hidden-state cosine term.
+
+    Args:
+        teacher: a classifier run (zenlm finetune classify) or a GPT run (zenlm pretrain)
+        student: a preset (zenlm presets): BERT for classifiers (or an encoder run with the teacher's vocabulary),
+            GPT for language models
+        out: run directory to create (load it like any classifier / GPT run)
+        data: classifiers: the labelled file (default: the teacher's); language models: the data directory
+            (default: the teacher's)
+        epochs: classifiers: passes over the training texts (language models train for --max-steps)
+        max_steps: language models: optimiser steps
+    """
+    import dataclasses
+    import inspect
+
+    from zenlm.cli.common import TerminalProgress, print_train_result
+    from zenlm.recipes.distill import DistillSettings, distill_classifier, distill_lm
+    from zenlm.rundir import read_run_config, run_task
+    from zenlm.train.loop import TrainConfig
+    from zenlm.train.optim import OptimConfig
+
+    fields = {f.name for f in dataclasses.fields(DistillSettings)}
+    settings = DistillSettings(**{k: flags.pop(k) for k in fields})
+    train = TrainConfig(**{k: flags.pop(k) for k in _TRAIN_FLAGS})
+    lr = flags.pop("lr")
+    is_classifier = run_task(read_run_config(flags["teacher"])) == "classify"
+    recipe = distill_classifier if is_classifier else distill_lm
+    kwargs = {k: v for k, v in flags.items() if k in inspect.signature(recipe).parameters}
+    if lr is not None:
+        if is_classifier:
+            kwargs["lr"] = lr
+        else:
+            kwargs["optim"] = OptimConfig(name="adamw", lr=lr, min_lr=lr / 10, warmup_steps=100)
+    progress = TerminalProgress()
+    try:
+        res = recipe(settings=settings, train=train, progress=progress, **kwargs)
+    finally:
+        progress.close()
+    if res.report is not None:
+        print(f"\nstopped by {res.train.stopped_by} at step {res.train.step}; kept the weights of step "
+              f"{res.train.best_step} (teacher outputs: {res.teacher_s:.1f} s)\n")
+        print(res.report.format())
+        print(f"\nrun directory: {res.run_dir}\nnext: zenlm predict {res.run_dir} \"some text\"")
+    else:
+        print_train_result(res.train, res.run_dir)
+
+
 def register(sub: argparse._SubParsersAction) -> None:
-    """Add ``zenlm vae ...`` and ``zenlm seqgan`` to the top-level sub-commands ``sub``."""
+    """Add ``zenlm vae ...``, ``zenlm seqgan`` and ``zenlm distill`` to the top-level sub-commands ``sub``."""
     vae = sub.add_parser("vae", help="sentence VAE: train, sample, reconstruct, interpolate")
     vae_sub = vae.add_subparsers(dest="vaeverb", metavar="ACTION")
     add_verb(vae_sub, "train", vae_train, params=vae_train_params)
@@ -202,6 +267,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_verb(vae_sub, "reconstruct", vae_reconstruct, positional=("run", "texts"))
     add_verb(vae_sub, "interpolate", vae_interpolate, positional=("run", "a", "b"))
     add_verb(sub, "seqgan", seqgan, params=seqgan_params)
+    add_verb(sub, "distill", distill, params=distill_params)
 
 
 __all__ = ["register"]

@@ -218,7 +218,7 @@ def train_vae(
     longest = max(len(s) for s in data.train_ids + data.val_ids) + 1  # + <eos>
     if resume:
         cfg = TextVAEConfig.from_dict(saved["model"])
-        optim = OptimConfig(**{**saved["optim"], "betas": tuple(saved["optim"]["betas"])})
+        optim = OptimConfig(**saved["optim"])
     else:
         overrides: dict[str, Any] = {"vocab_size": tok.vocab_size, "word_dropout": word_dropout,
                                      "dropout": dropout, "unk_id": ids["unk"], "max_len": longest}
