@@ -472,5 +472,5 @@ def classification_report_from_names(true_names: Sequence[str], pred_names: Sequ
 
 
 __all__ = ["perplexity", "bits_per_byte", "bleu", "chrf", "rouge", "generation_metrics", "detect_lang", "confusion_matrix",
-           "ClassificationReport", "classification_report", "classification_report_from_names", "reference_set_bleu",
-           "self_bleu"]
+           "ClassificationReport", "classification_report", "classification_report_from_names",
+           "reference_set_bleu", "self_bleu"]

@@ -33,7 +33,8 @@ from zenlm.tokenizer import Tokenizer
 class SentenceVAE:
     """A sentence VAE with its tokenizer (see the module docstring)."""
 
-    def __init__(self, model: TextVAE, tokenizer: Tokenizer, run_dir: Path | None = None, lang: Lang = "en") -> None:
+    def __init__(self, model: TextVAE, tokenizer: Tokenizer, run_dir: Path | None = None,
+                 lang: Lang = "en") -> None:
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.run_dir = run_dir
@@ -97,7 +98,8 @@ class SentenceVAE:
         z_NZ = torch.randn((n, self.z_dim), generator=generator)
         return self.decode(z_NZ, temperature=temperature, top_k=top_k, seed=seed)
 
-    def reconstruct(self, texts: str | Sequence[str], *, temperature: float = 0.0, seed: int | None = None) -> list[str]:
+    def reconstruct(self, texts: str | Sequence[str], *, temperature: float = 0.0,
+                    seed: int | None = None) -> list[str]:
         """Each sentence encoded to its posterior mean and decoded again (greedily by default)."""
         return self.decode(self.encode(texts), temperature=temperature, seed=seed)
 

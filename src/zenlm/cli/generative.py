@@ -70,9 +70,9 @@ def vae_train(**flags: Any) -> None:
     print(f"\nstopped by {res.train.stopped_by} at step {res.train.step} after {res.train.elapsed_s:.1f} s "
           f"({res.n_train:,} training sentences)")
     if v:
-        print(f"validation, per sentence: ELBO {v['val_elbo']:.2f} nats = -(reconstruction {v['val_rec']:.2f} + KL "
-              f"{v['val_kl']:.2f}); NLL bound {v['val_nll_token']:.3f} nats/token (perplexity <= {v['val_ppl']:.1f}); "
-              f"active units {v['val_active_units']:.0f} of {_z_dim(res.run_dir)}")
+        print(f"validation, per sentence: ELBO {v['val_elbo']:.2f} nats = -(reconstruction {v['val_rec']:.2f} + "
+              f"KL {v['val_kl']:.2f}); NLL bound {v['val_nll_token']:.3f} nats/token (perplexity <= "
+              f"{v['val_ppl']:.1f}); active units {v['val_active_units']:.0f} of {_z_dim(res.run_dir)}")
     print(f"run directory: {res.run_dir}\nnext: zenlm vae sample {res.run_dir} --num 5")
 
 
@@ -123,7 +123,8 @@ def vae_reconstruct(run: str, texts: list[str], temperature: float = 0.0, device
         print(f"{text}\n  -> {rec}")
 
 
-def vae_interpolate(run: str, a: str, b: str, steps: int = 5, temperature: float = 0.0, device: str = "auto") -> None:
+def vae_interpolate(run: str, a: str, b: str, steps: int = 5, temperature: float = 0.0,
+                    device: str = "auto") -> None:
     """Decode codes on the straight line between two sentences' posterior means (both ends included).
 
     Args:
@@ -204,8 +205,8 @@ def distill_params() -> list[Param]:
     found = {p.name: p for p in params_of(distill_classifier, skip=skip)}
     for p in params_of(distill_lm, skip=skip):
         found.setdefault(p.name, p)
-    lr = Param("lr", float | None, None, "peak learning rate (default: 5e-4 for classifiers with linear decay, 1e-3 "
-               "for language models with cosine decay to a tenth)")
+    lr = Param("lr", float | None, None, "peak learning rate (default: 5e-4 for classifiers with linear decay, "
+               "1e-3 for language models with cosine decay to a tenth)")
     return [*found.values(), lr, *params_of(DistillSettings), *_train_params(lambda: None)]
 
 

@@ -131,5 +131,5 @@ def sentence_data(corpus: str, *, lang: Lang | Literal["auto"] = "auto", min_len
     return SentenceData(lang, tokenizer, train, val, tokenizer.encode_batch(train), tokenizer.encode_batch(val))
 
 
-__all__ = ["SentenceData", "sentence_data", "Lang", "chinese_sentences", "corpus_sentences", "english_sentences", "normalise_sentence",
-           "sentence_length", "short_sentences"]
+__all__ = ["Lang", "SentenceData", "chinese_sentences", "corpus_sentences", "english_sentences",
+           "normalise_sentence", "sentence_data", "sentence_length", "short_sentences"]

@@ -33,6 +33,7 @@ register(Architecture(
 register(Architecture(
     name="vae", title="sentence VAE", config_class=TextVAEConfig, build=TextVAE, presets=VAE_PRESETS,
     default_preset="vae-small",
-    description="variational autoencoder of sentences (Bowman et al.): LSTM encoder -> Gaussian code -> LSTM decoder",
+    description="variational autoencoder of sentences (Bowman et al.): LSTM encoder -> Gaussian code -> "
+                "LSTM decoder",
     capabilities=frozenset(), api="zenlm.vae:from_run",
 ))

@@ -79,7 +79,8 @@ def distillation_loss(student_NV: Tensor, teacher_NV: Tensor, target_N: Tensor, 
     loss = alpha * temperature**2 * kl + (1.0 - alpha) * ce
     if hidden is not None and cos_weight:
         h_s, h_t = hidden
-        loss = loss + cos_weight * (1.0 - F.cosine_similarity(h_s[keep_N].float(), h_t[keep_N].float(), dim=-1)).sum()
+        cos_N = F.cosine_similarity(h_s[keep_N].float(), h_t[keep_N].float(), dim=-1)
+        loss = loss + cos_weight * (1.0 - cos_N).sum()
     return loss
 
 
@@ -255,17 +256,18 @@ def distill_classifier(
     device = resolve_device(train.device)
     trun = load_run(teacher, device=str(device))
     if trun.task != "classify":
-        raise ConfigError(f"{teacher} is not a classifier run; distil a classifier from a `zenlm finetune classify` "
-                          "run (or a language model from a `zenlm pretrain` run).")
+        raise ConfigError(f"{teacher} is not a classifier run; distil a classifier from a `zenlm finetune "
+                          "classify` run (or a language model from a `zenlm pretrain` run).")
     task, tok = trun.saved["task"], trun.tokenizer
     labels, max_len = list(task["labels"]), int(task["max_len"])
     if data is None:
         data = task.get("data")
         if not data or not Path(data).is_file():
             raise DataError(f"the teacher's training file {data} is gone; give --data.")
-    examples = read_labelled(data, task.get("text_field", "text"), task.get("label_field", "label"))
-    train_ex, val_ex = ((examples, read_labelled(val, task.get("text_field", "text"), task.get("label_field", "label")))
-                        if val is not None else stratified_split(examples, val_fraction, train.seed))
+    fields = task.get("text_field", "text"), task.get("label_field", "label")
+    examples = read_labelled(data, *fields)
+    train_ex, val_ex = ((examples, read_labelled(val, *fields)) if val is not None
+                        else stratified_split(examples, val_fraction, train.seed))
     unknown = sorted({lb for _, lb in train_ex + val_ex} - set(labels))
     if unknown:
         raise DataError(f"the data has label(s) {unknown} the teacher does not know; its labels: {labels}.")
@@ -296,7 +298,8 @@ def distill_classifier(
     if settings.cosine:
         model = WithProjection(student_model, student_model.config.n_embd, t_pooled.shape[1])
     model = model.to(device)
-    batches = ClassBatches(x_train, list(range(len(x_train))), batch_size, pad_id, seed=train.seed)  # rows, not labels
+    # the "labels" are the row numbers: a batch then knows its rows of y_train and of the teacher's outputs
+    batches = ClassBatches(x_train, list(range(len(x_train))), batch_size, pad_id, seed=train.seed)
     max_steps = max(1, math.ceil(epochs * batches.steps_per_epoch))
     eval_every = max(1, batches.steps_per_epoch // evals_per_epoch)
     train = TrainConfig(**{**config_to_dict(train), "max_steps": max_steps, "eval_every": eval_every,
@@ -306,13 +309,12 @@ def distill_classifier(
     if not resume:
         copy_tokenizer_files(teacher, out)
         run_task_cfg = {"kind": "classify", "labels": labels, "pooling": student_model.pooling, "dropout": dropout,
-                        "max_len": max_len, "text_field": task.get("text_field", "text"),
-                        "label_field": task.get("label_field", "label"), "base": None,
+                        "max_len": max_len, "text_field": fields[0], "label_field": fields[1], "base": None,
                         "data": str(Path(data).resolve()), "n_train": len(train_ex), "n_val": len(val_ex)}
-        write_run_config(out, {"zenlm_version": __version__, "model": student_model.backbone.config.to_dict(),
-                               "task": run_task_cfg, "distill": {"teacher": str(teacher.resolve()), "student": student,
-                                                                 **dataclasses.asdict(settings)},
-                               "train": config_to_dict(train), "optim": config_to_dict(optim), "objective": "classify"})
+        write_run_config(out, {
+            "zenlm_version": __version__, "model": student_model.backbone.config.to_dict(), "task": run_task_cfg,
+            "distill": {"teacher": str(teacher.resolve()), "student": student, **dataclasses.asdict(settings)},
+            "train": config_to_dict(train), "optim": config_to_dict(optim), "objective": "classify"})
 
     def get_batch(step: int, micro: int) -> tuple[Tensor, ...]:
         ids, mask, rows = batches.get(step * train.grad_accum + micro)
@@ -342,7 +344,8 @@ def distill_classifier(
     if result.stopped_by == "signal":  # the checkpoint is what counts; the run continues with resume=True
         return DistillResult(out, result, None, teacher_s)
     clf = _finish(model, out).eval()
-    _, rep = evaluate_classifier(clf, x_val, y_val, labels, pad_id, 2 * batch_size, device)  # type: ignore[arg-type]
+    _, rep = evaluate_classifier(clf, x_val, y_val, labels, pad_id, 2 * batch_size,  # type: ignore[arg-type]
+                                 device)
     write_report(rep, out / "report.json", out / "plots" / "confusion.png",
                  extra={"best_step": result.best_step, "stopped_by": result.stopped_by, "teacher_s": teacher_s})
     return DistillResult(out, result, rep, teacher_s)
@@ -394,7 +397,8 @@ def distill_lm(
         raise DataError(f"{data} is not a data directory (zenlm prepare); give --data.")
     index = load_index(data)
     if int(index["vocab_size"]) > t_model.config.vocab_size:
-        raise ConfigError(f"{data} has {index['vocab_size']} token ids; the teacher knows {t_model.config.vocab_size}.")
+        raise ConfigError(f"{data} has {index['vocab_size']} token ids; the teacher knows "
+                          f"{t_model.config.vocab_size}.")
     if resume:
         cfg = trun.arch.config_from_dict(saved["model"])
         batch_size, seq_len = saved["batch"]["batch_size"], saved["batch"]["seq_len"]
@@ -425,7 +429,8 @@ def distill_lm(
                 z_t, h_t = t_model(x_BT), None
         if isinstance(m, WithProjection):
             h_s = m.student.features(x_BT)
-            z_s, hidden = m.student.head(h_s), (m.proj(h_s).flatten(0, 1), h_t.flatten(0, 1))  # type: ignore[union-attr]
+            assert h_t is not None
+            z_s, hidden = m.student.head(h_s), (m.proj(h_s).flatten(0, 1), h_t.flatten(0, 1))
         else:
             z_s, hidden = m(x_BT), None
         loss = distillation_loss(z_s.flatten(0, 1), z_t.flatten(0, 1), y_BT.flatten(), settings.alpha,
@@ -440,11 +445,13 @@ def distill_lm(
             "batch": {"batch_size": batch_size, "seq_len": seq_len, "eval_tokens": eval_tokens,
                       "eval_seq_len": seq_len, "eval_batch_size": batch_size},
             "train": config_to_dict(train), "optim": config_to_dict(optim),
-            "data": {"dir": str(data.resolve()), "vocab_size": int(index["vocab_size"]), "corpus": index.get("corpus")},
+            "data": {"dir": str(data.resolve()), "vocab_size": int(index["vocab_size"]),
+                     "corpus": index.get("corpus")},
             "objective": "causal-lm",
             "distill": {"teacher": str(teacher.resolve()), "student": student, **dataclasses.asdict(settings)}})
-    report(progress, "train", message=f"student {student}: {sum(p.numel() for p in student_lm.parameters()) / 1e6:.2f}M "
-           f"parameters, teacher {sum(p.numel() for p in t_model.parameters()) / 1e6:.2f}M; alpha {settings.alpha:g}, "
+    n_student, n_teacher = (sum(p.numel() for p in m.parameters()) / 1e6 for m in (student_lm, t_model))
+    report(progress, "train", message=f"student {student}: {n_student:.2f}M parameters, teacher {n_teacher:.2f}M; "
+           f"alpha {settings.alpha:g}, "
            f"T {settings.temperature:g}, cosine {settings.cosine:g}; {batch_size}x{seq_len} tokens per step")
 
     def evaluate_student(m: nn.Module) -> dict[str, float]:

@@ -347,8 +347,8 @@ def build_generator(s: SeqGANSettings, vocab_size: int) -> nn.Module:
     if s.generator == "lstm":
         return RNNLM(RNNLMConfig(vocab_size=vocab_size, cell="lstm", n_embd=s.g_embd, n_hidden=s.g_hidden,
                                  n_layer=s.g_layers))
-    return GPT(GPTConfig(vocab_size=vocab_size, block_size=s.seq_len, n_layer=s.g_layers, n_head=max(1, s.g_embd // 32),
-                         n_embd=s.g_embd))
+    return GPT(GPTConfig(vocab_size=vocab_size, block_size=s.seq_len, n_layer=s.g_layers,
+                         n_head=max(1, s.g_embd // 32), n_embd=s.g_embd))
 
 
 def _constant_adamw(lr: float) -> OptimConfig:
@@ -377,7 +377,8 @@ def _stage(run: Path, model: nn.Module, get_batch: Callable[[int, int], Any], lo
 
 
 def verdict(rows: list[dict[str, Any]], oracle: bool) -> str:
-    """Which wins: is SeqGAN at temperature 1 matched or beaten on both axes by the MLE model at some temperature?"""
+    """Which wins: is SeqGAN at temperature 1 matched or beaten on both axes by the MLE model at some
+    temperature?"""
     q, d = ("oracle_nll", "nll_test") if oracle else ("bleu", "self_bleu")
     better = (lambda a, b: a <= b) if oracle else (lambda a, b: a >= b)  # quality: lower NLL / higher BLEU
     gan = next(r for r in rows if r["model"] == "seqgan" and r["temperature"] == 1.0)
@@ -433,8 +434,8 @@ def train_seqgan(
             save_model(task.oracle, out / "oracle.safetensors")
         write_run_config(out, {"zenlm_version": __version__, "model": {"arch": "seqgan", "generator": s.generator},
                                "seqgan": config_to_dict(s), "train": config_to_dict(train), "objective": "seqgan"})
-    report(progress, "seqgan", message=f"{'oracle' if task.oracle is not None else s.data}: {task.train_NT.shape[0]:,} "
-           f"training and {task.test_NT.shape[0]:,} held-out sequences of {s.seq_len} tokens, vocabulary "
+    source = "oracle" if task.oracle is not None else s.data
+    report(progress, "seqgan", message=f"{source}: {task.train_NT.shape[0]:,} training and {task.test_NT.shape[0]:,} held-out sequences of {s.seq_len} tokens, vocabulary "
            f"{task.vocab_size:,}")
 
     torch.manual_seed(seed)

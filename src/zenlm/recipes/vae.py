@@ -205,7 +205,8 @@ def train_vae(
     elif (out / "config.yaml").exists() or list_checkpoints(out / "checkpoints"):
         raise ConfigError(f"{out} already holds a run; pass --resume to continue it, or choose another --out.")
     if settings["kl_schedule"] not in KL_SCHEDULES:
-        raise ConfigError(f"unknown KL schedule {settings['kl_schedule']!r}; choose one of {', '.join(KL_SCHEDULES)}.")
+        raise ConfigError(f"unknown KL schedule {settings['kl_schedule']!r}; choose one of "
+                          f"{', '.join(KL_SCHEDULES)}.")
     if batch_size < 1 or eval_sentences < 1:
         raise ConfigError("batch_size and eval_sentences must be >= 1.")
 
@@ -250,8 +251,9 @@ def train_vae(
         write_run_config(out, {"zenlm_version": __version__, "model": cfg.to_dict(), "vae": settings,
                                "train": config_to_dict(train), "optim": config_to_dict(optim), "objective": "vae"})
     report(progress, "train", message=f"sentence VAE: {net.num_params() / 1e6:.2f}M parameters, z of {cfg.z_dim} "
-           f"dimensions; KL weight {settings['kl_schedule']} over {settings['kl_anneal_steps']} steps, word dropout "
-           f"{cfg.word_dropout:g}; {len(data.train):,} sentences, {settings['batch_size']} per step; device {device}")
+           f"dimensions; KL weight {settings['kl_schedule']} over {settings['kl_anneal_steps']} steps, word "
+           f"dropout {cfg.word_dropout:g}; {len(data.train):,} sentences, {settings['batch_size']} per step; "
+           f"device {device}")
     result = fit(net, get_batch, vae_loss, out, train, optim, evaluate=evaluate, resume=resume, progress=progress,
                  count_targets=count_sentences)
     from zenlm.viz import plot_loss_curve
