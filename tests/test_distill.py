@@ -20,7 +20,14 @@ from zenlm.data.shards import prepare
 from zenlm.errors import ConfigError
 from zenlm.models.bert import Bert, BertConfig
 from zenlm.progress import Progress
-from zenlm.recipes.distill import DistillSettings, distill_classifier, distill_lm, distillation_loss, soft_kl
+from zenlm.recipes.distill import (
+    DistillSettings,
+    distill_classifier,
+    distill_lm,
+    distillation_loss,
+    recipe_for,
+    soft_kl,
+)
 from zenlm.recipes.finetune_classify import finetune_classify
 from zenlm.recipes.pretrain import pretrain
 from zenlm.tokenizer import Tokenizer
@@ -172,3 +179,4 @@ def test_the_verb(labelled: Path, tmp_path: Path, capsys) -> None:
     assert saved["distill"]["alpha"] == 0.9 and saved["task"]["labels"] == ["neg", "pos"]
     assert main(args) == 2  # the run exists: a clean error, no traceback
     assert main(["distill", "--teacher", str(RUNS / "encdec"), "--student", "tiny", "--out", str(tmp_path / "x")]) == 2
+    assert recipe_for(RUNS / "gpt") is distill_lm and recipe_for(RUNS / "gpt-classify") is distill_classifier

@@ -228,8 +228,7 @@ def distill(**flags: Any) -> None:
     import inspect
 
     from zenlm.cli.common import TerminalProgress, print_train_result
-    from zenlm.recipes.distill import DistillSettings, distill_classifier, distill_lm
-    from zenlm.rundir import read_run_config, run_task
+    from zenlm.recipes.distill import DistillSettings, distill_classifier, recipe_for
     from zenlm.train.loop import TrainConfig
     from zenlm.train.optim import OptimConfig
 
@@ -237,8 +236,8 @@ def distill(**flags: Any) -> None:
     settings = DistillSettings(**{k: flags.pop(k) for k in fields})
     train = TrainConfig(**{k: flags.pop(k) for k in _TRAIN_FLAGS})
     lr = flags.pop("lr")
-    is_classifier = run_task(read_run_config(flags["teacher"])) == "classify"
-    recipe = distill_classifier if is_classifier else distill_lm
+    recipe = recipe_for(flags["teacher"])
+    is_classifier = recipe is distill_classifier
     kwargs = {k: v for k, v in flags.items() if k in inspect.signature(recipe).parameters}
     if lr is not None:
         if is_classifier:

@@ -31,6 +31,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -464,16 +465,21 @@ def distill_lm(
     return DistillResult(out, result)
 
 
-def distill(teacher: str | Path, student: str, out: str | Path, **kwargs: Any) -> DistillResult:
-    """Distil the run ``teacher`` into ``student``: a classifier run -> :func:`distill_classifier`, a language-model
-    run -> :func:`distill_lm` (``kwargs`` go to the one chosen)."""
+def recipe_for(teacher: str | Path) -> Callable[..., DistillResult]:
+    """The recipe that distils the run ``teacher``: :func:`distill_classifier` for a classifier run,
+    :func:`distill_lm` for a GPT language-model run."""
     saved = read_run_config(teacher)
     if run_task(saved) == "classify":
-        return distill_classifier(teacher, student, out, **kwargs)
+        return distill_classifier
     if saved.get("objective", "causal-lm") == "causal-lm" and saved["model"].get("arch", "gpt") == "gpt":
-        return distill_lm(teacher, student, out, **kwargs)
+        return distill_lm
     raise CheckpointError(f"{teacher} is neither a classifier nor a GPT language-model run; nothing to distil.")
 
 
+def distill(teacher: str | Path, student: str, out: str | Path, **kwargs: Any) -> DistillResult:
+    """Distil the run ``teacher`` into ``student`` with the recipe :func:`recipe_for` picks (``kwargs`` go to it)."""
+    return recipe_for(teacher)(teacher, student, out, **kwargs)
+
+
 __all__ = ["DistillResult", "DistillSettings", "WithProjection", "distill", "distill_classifier",
-           "distill_lm", "distillation_loss", "soft_kl", "teacher_outputs"]
+           "distill_lm", "distillation_loss", "recipe_for", "soft_kl", "teacher_outputs"]
