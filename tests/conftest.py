@@ -9,8 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from zenlm.config import GPTConfig
 from zenlm.data.corpus import open_corpus, shakespeare_char_text
 from zenlm.data.shards import prepare
+from zenlm.models.gpt import GPT
+from zenlm.rundir import save_run
 from zenlm.tokenizer import Tokenizer, train_tokenizer
 
 # Parallel workers share the cores: give each its share of threads (also for the CLI subprocesses it starts),
@@ -61,3 +64,31 @@ def char_data(tmp_path_factory: pytest.TempPathFactory, sample_text: str, char_t
     (root / "sample.txt").write_text(sample_text, encoding="utf-8")
     prepare(open_corpus(str(root / "sample.txt")), char_tok, root / "data", shard_tokens=10_000)
     return root / "data"
+
+
+TINY_RUN_TEXT = ("To be, or not to be, that is the question: whether 'tis nobler in the mind to suffer "
+                 "the slings and arrows of outrageous fortune. ") * 20 + "中文文本 é ü 😀\n"
+
+
+def make_tiny_gpt_run(root: Path, suppress_eos: bool = True, **overrides) -> Path:
+    """A run directory (config.yaml, tokenizer, model.safetensors) holding a random-init tiny GPT.
+
+    Weights are drawn with a large init_std so that greedy text varies; with ``suppress_eos`` the
+    end-of-text embedding (tied to the head) is zeroed, so its logit is 0 and replies rarely end early.
+    """
+    tok = train_tokenizer([TINY_RUN_TEXT], kind="char")
+    cfg = GPTConfig(**{"vocab_size": tok.vocab_size, "block_size": 512, "n_layer": 2, "n_head": 2,
+                       "n_embd": 32, "init_std": 0.5, **overrides})
+    torch.manual_seed(0)
+    model = GPT(cfg)
+    if suppress_eos:
+        with torch.no_grad():
+            model.tok_emb.weight[tok.eos_id] = 0
+    return save_run(root, model, tok)
+
+
+@pytest.fixture(scope="session")
+def run_factory():
+    """``make_tiny_gpt_run(root, suppress_eos=True, **GPTConfig overrides)`` for tests that need a run
+    directory of their own (serve tests, fault tests)."""
+    return make_tiny_gpt_run

@@ -38,6 +38,7 @@ def _sources() -> dict[str, list[Any]]:
     from zenlm.recipes.vae import train_vae
     from zenlm.seq2seq import Seq2SeqLM, evaluate_generation
     from zenlm.serve.app import create_app
+    from zenlm.serve.server import Limits
     from zenlm.tokenizer import train_tokenizer
     from zenlm.train.loop import TrainConfig
     from zenlm.train.optim import OptimConfig
@@ -59,7 +60,7 @@ def _sources() -> dict[str, list[Any]]:
         "predict": [load, EncoderLM.classify],
         "embed": [load, EncoderLM.embed],
         "evaluate": [load, Seq2SeqLM.generate, evaluate_generation, read_pairs, evaluate_lm_eval],
-        "serve": [load, create_app],
+        "serve": [load, create_app, Limits()],
         "chat": [load, GenerationConfig()],
         "wordvec train": [wv.train_corpus_vectors, wv.Word2VecSettings()],
         "wordvec eval": [wv.read_vectors, wv.evaluate_vectors],

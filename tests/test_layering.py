@@ -16,8 +16,8 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 
 # Layers, lowest first: a module may import modules of its own layer and of lower ones only.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
-    ("base", ("zenlm.errors", "zenlm.progress", "zenlm.device", "zenlm.fileio", "zenlm.config", "zenlm.tokenizer",
-              "zenlm.data", "zenlm.evaluate", "zenlm.viz", "zenlm.scoring", "zenlm.sampling",
+    ("base", ("zenlm.errors", "zenlm.progress", "zenlm.device", "zenlm.fileio", "zenlm.config", "zenlm.chat_template",
+              "zenlm.tokenizer", "zenlm.data", "zenlm.evaluate", "zenlm.viz", "zenlm.scoring", "zenlm.sampling",
               "zenlm.wordvec")),
     ("models", ("zenlm.models", "zenlm.presets")),
     ("train", ("zenlm.train",)),

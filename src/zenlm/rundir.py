@@ -31,7 +31,7 @@ from zenlm.errors import CheckpointError
 from zenlm.fileio import atomic_write_text
 from zenlm.models.registry import Architecture, get_architecture
 from zenlm.tokenizer import Tokenizer
-from zenlm.train.checkpoint import list_checkpoints, load_model_weights
+from zenlm.train.checkpoint import list_checkpoints, load_model_weights, save_model
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
@@ -54,6 +54,19 @@ def write_run_config(run_dir: str | Path, run_config: dict[str, Any]) -> None:
     """Write ``run_config`` as ``run_dir/config.yaml`` (keys in the given order, atomically)."""
     atomic_write_text(Path(run_dir) / "config.yaml",
                       yaml.safe_dump(run_config, sort_keys=False, allow_unicode=True))
+
+
+def save_run(run_dir: str | Path, model: nn.Module, tokenizer: Tokenizer,
+             run_config: dict[str, Any] | None = None) -> Path:
+    """Write a run directory that :func:`load_run` (and ``zenlm.load``) opens: config.yaml (``model:`` from
+    ``model.config.to_dict()``, then ``run_config``), the tokenizer files and model.safetensors. For models
+    made in code rather than trained by a recipe (tests, benchmarks, a model built by hand)."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_run_config(run_dir, {"model": model.config.to_dict(), **(run_config or {})})
+    tokenizer.save(run_dir)
+    save_model(model, run_dir / "model.safetensors")
+    return run_dir
 
 
 def run_architecture(saved: dict[str, Any]) -> Architecture:
@@ -173,5 +186,5 @@ def load_run(run_dir: str | Path, *, device: str = "auto", dtype: str = "fp32") 
 
 
 __all__ = ["RUN_OPTIONS", "TOKENIZER_FILES", "LoadedRun", "build_model_from_run", "copy_tokenizer_files",
-           "load_run", "load_run_tokenizer", "load_run_weights", "read_run_config", "run_architecture", "run_task", "weights_file",
-           "write_run_config"]
+           "load_run", "load_run_tokenizer", "load_run_weights", "read_run_config", "run_architecture", "run_task",
+           "save_run", "weights_file", "write_run_config"]

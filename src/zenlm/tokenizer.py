@@ -38,6 +38,7 @@ from typing import Any
 import tokenizers
 from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers, trainers
 
+from zenlm.chat_template import TemplateError, compile_template, render
 from zenlm.errors import ConfigError, DataError
 from zenlm.fileio import atomic_write_text, read_json_object
 from zenlm.progress import ProgressFn, report
@@ -66,6 +67,7 @@ _HF_KIND = {"BPE": "bpe", "WordPiece": "wordpiece", "WordLevel": "char"}
 _CUT = re.compile(r"[ \n](?=\w)")
 CUT_POINTS = _CUT  # public name: zenlm.data.shards cuts long documents at the same places
 CHUNK_CHARS = 1 << 13
+RENDER_MAX_CHARS = 1 << 24  # longest chat prompt render_chat produces (characters)
 
 
 def split_text(text: str, size: int) -> list[str]:
@@ -137,6 +139,7 @@ class Tokenizer:
         # style tokenizers imported from elsewhere prepend "▁", which would appear at every cut).
         norm = hf.normalizer.__getstate__() if hf.normalizer is not None else b""
         self._chunkable = hf.pre_tokenizer is not None and b'"Prepend"' not in norm
+        self._bytes_per_token: int | None = None  # see min_tokens; found on first use
 
     bos_id: int | None
     eos_id: int | None
@@ -229,6 +232,27 @@ class Tokenizer:
             out.append(ids)
         return out
 
+    def min_tokens(self, text: str) -> int:
+        """A lower bound on ``len(self.encode(text, allow_special=...))``, found without tokenising, so a text
+        certainly too long for a context can be refused before the work of encoding it (0: no bound known).
+
+        One id per character (zenlm's char tokenizer): ``len(text)``, less what special-token strings save
+        when they become one id each (``allow_special``). Byte-level BPE with all 256
+        byte symbols in its vocabulary: every byte of the normalised text lands in some token and no token
+        holds more than L bytes (L: the longest vocabulary entry, special tokens included), so at least
+        ``bytes / L`` tokens; a normalizer that only recomposes, folds or lowercases characters (NFC, NFKC,
+        ...) can shrink the bytes at most 4 times (a 4-byte character folded to one ASCII letter), so then
+        ``bytes / (4 L)``. Other tokenizers may drop text (whitespace, accents, whole unknown words): 0.
+        """
+        if self._char_vocab is not None:
+            specials = self._special_re.finditer(text) if self._special_re is not None else ()
+            return len(text) - sum(len(m.group()) - 1 for m in specials)
+        if self._bytes_per_token is None:
+            self._bytes_per_token = _bytes_per_token(self.hf)
+        if not self._bytes_per_token:
+            return 0
+        return len(text.encode("utf-8", errors="replace")) // self._bytes_per_token
+
     # ------------------------------------------------------------------------------------------ decode
     def decode(self, ids: Iterable[int], *, skip_special: bool = False) -> str:
         """Text of a sequence of ids. skip_special drops special tokens (BOS, EOS, PAD, ...)."""
@@ -289,6 +313,32 @@ class Tokenizer:
                    role_tokens=_role_tokens(cfg, hf))
 
 
+# Normalizers that never delete text: they recompose, fold or lowercase characters, or prepend one
+_KEEPING_NORMALIZERS = {"NFC", "NFD", "NFKC", "NFKD", "Lowercase", "Prepend", "Sequence"}
+
+
+def _types(state: bytes) -> set[str]:
+    """Every ``"type"`` named in a serialised normalizer or pre-tokenizer (nested ones too)."""
+    return set(re.findall(r'"type":\s*"(\w+)"', state.decode("utf-8", errors="replace")))
+
+
+def _bytes_per_token(hf: tokenizers.Tokenizer) -> int:
+    """The most UTF-8 bytes of input one token of a byte-level BPE can stand for (times 4 when a normalizer
+    may shrink the text), or 0 when ``hf`` is not a byte-level BPE that keeps every byte (see min_tokens)."""
+    pre = hf.pre_tokenizer.__getstate__() if hf.pre_tokenizer is not None else b""
+    if type(hf.model).__name__ != "BPE" or "ByteLevel" not in _types(pre) or b'"Removed"' in pre:
+        return 0
+    shrink = 1
+    if hf.normalizer is not None:
+        if not _types(hf.normalizer.__getstate__()) <= _KEEPING_NORMALIZERS:
+            return 0
+        shrink = 4
+    vocab = hf.get_vocab(with_added_tokens=True)
+    if not set(pre_tokenizers.ByteLevel.alphabet()) <= vocab.keys():  # a missing byte could be dropped
+        return 0
+    return shrink * max(len(t) for t in vocab)
+
+
 def _chat_template(cfg: dict[str, Any], jinja_file: Path) -> str:
     """The chat template of a tokenizer_config.json (a string, or a list of named templates), else the
     ``chat_template.jinja`` file beside it (newer Hugging Face layout), else zenlm's default."""
@@ -314,25 +364,24 @@ def _role_tokens(cfg: dict[str, Any], hf: tokenizers.Tokenizer) -> dict[str, str
     return roles
 
 
-def render_chat(tokenizer: Tokenizer, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+def render_chat(tokenizer: Tokenizer, messages: list[dict[str, str]], add_generation_prompt: bool = True,
+                max_chars: int = RENDER_MAX_CHARS) -> str:
     """The prompt text for ``messages`` (``[{"role": ..., "content": ...}]``) from the tokenizer's Jinja chat
-    template, rendered in a sandbox (a template cannot reach Python objects); the template sees the special
-    tokens as ``bos_token``, ``eos_token``, ... DataError when the template refuses or fails on the messages."""
-    import jinja2.sandbox
-
-    env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-
-    def raise_exception(message: str) -> None:
-        raise DataError(f"the chat template refused the messages: {message}")
-
-    env.globals["raise_exception"] = raise_exception
-    tokens = {f"{role}_token": tok for role, tok in tokenizer.role_tokens.items()
-              if getattr(tokenizer, f"{role}_id", None) is not None}
+    template, rendered in a sandbox (a template cannot reach Python objects) with bounded sizes (its output
+    stops past ``max_chars`` characters; see :mod:`zenlm.chat_template`, which also renders with a deadline in
+    a worker process, as the server does); the template sees the special tokens as ``bos_token``,
+    ``eos_token``, ... DataError when the template refuses or fails on the messages or passes a bound."""
     try:
-        tpl = env.from_string(tokenizer.chat_template)
-        return tpl.render(messages=messages, add_generation_prompt=add_generation_prompt, **tokens)
-    except jinja2.TemplateError as e:
-        raise DataError(f"the chat template failed on these messages ({e}).") from None
+        tpl = compile_template(tokenizer.chat_template, max_chars)
+        return render(tpl, messages, add_generation_prompt, template_tokens(tokenizer), max_chars)
+    except TemplateError as e:
+        raise DataError(f"{e}.".replace("..", ".")) from None
+
+
+def template_tokens(tokenizer: Tokenizer) -> dict[str, str]:
+    """The special tokens a chat template sees: ``{"bos_token": "<|bos|>", "eos_token": ...}``."""
+    return {f"{role}_token": tok for role, tok in tokenizer.role_tokens.items()
+            if getattr(tokenizer, f"{role}_id", None) is not None}
 
 
 class StreamDecoder:

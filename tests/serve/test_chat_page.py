@@ -27,12 +27,17 @@ def test_typing_a_message_streams_a_reply(server):
             page = browser.new_page()
             page.goto(server.url + "/")
             assert page.inner_text("#model") == "tiny"
+            # what kind of model talks, a hint that a base model will not converse, a welcome on the empty page
+            assert page.inner_text("#kind") == "base model (pretrained only)"
+            assert "not trained to answer" in page.inner_text("#hint")
+            assert page.is_visible("#welcome") and "Start a conversation with tiny" in page.inner_text("#welcome")
             page.fill("#max_tokens", "20")
             page.fill("#temperature", "0")
             page.fill("#input", "To be, or not to be")
             page.keyboard.press("Enter")
             page.wait_for_selector(".msg.assistant[data-done='1']", timeout=20_000)
             assert page.inner_text(".msg.user") == "To be, or not to be"
+            assert page.locator("#welcome").count() == 0  # gone once the conversation started
             reply = page.inner_text(".msg.assistant")
             assert len(reply) > 0
             # a second turn sends the history; the reply is the same text the API gives for that history
@@ -40,6 +45,8 @@ def test_typing_a_message_streams_a_reply(server):
             page.click("#send")
             page.wait_for_selector(".msg.assistant:nth-of-type(4)[data-done='1']", timeout=20_000)
             assert page.locator(".msg").count() == 4
+            page.click("#reset")  # a new chat: empty again, welcome back
+            assert page.locator(".msg").count() == 0 and page.is_visible("#welcome")
         finally:
             browser.close()
     import openai

@@ -55,4 +55,4 @@ def test_a_template_that_refuses_is_a_clear_error(lm):
     tok.chat_template = "{{ messages[0].content | no_such_filter }}"
     with pytest.raises(DataError, match="chat template failed"):
         render(tok, [{"role": "user", "content": "hi"}])
-    assert render_chat is render  # the server renders with the same function
+    assert render_chat is render  # the server renders with the same code (zenlm.chat_template, in a worker)

@@ -4,8 +4,55 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
+
+
+def served_run(run: str, verb: str) -> tuple[Path, str, dict[str, Any]]:
+    """The run directory behind RUN, the model's name and its config.yaml, for `zenlm serve` / `zenlm chat`.
+
+    The folder `zenlm demo` writes (it holds ``.zenlm-demo`` and the run in ``run/``) stands for its run, and
+    the model is named after that folder (``runs/demo-en`` and ``runs/demo-en/run`` both serve "demo-en");
+    any other run is named after its directory. A run whose model cannot write text (a classifier, a BERT
+    encoder, an encoder-decoder) is refused with the verb that fits it."""
+    from zenlm.recipes.demo import MARKER
+    from zenlm.rundir import read_run_config
+
+    path = Path(run)
+    if (path / MARKER).is_file() and (path / "run" / "config.yaml").is_file():
+        run_dir, name = path / "run", path.resolve().name
+    elif path.resolve().name == "run" and (path.resolve().parent / MARKER).is_file():
+        run_dir, name = path, path.resolve().parent.name
+    else:
+        run_dir, name = path, path.resolve().name
+    saved = read_run_config(run_dir)
+    _check_writes_text(run, saved, verb)
+    return run_dir, name, saved
+
+
+def _check_writes_text(run: str, saved: dict[str, Any], verb: str) -> None:
+    """ConfigError naming the verb that fits, unless the run's model continues text (a GPT language model)."""
+    from zenlm.errors import ConfigError
+    from zenlm.rundir import run_architecture, run_task
+
+    arch = run_architecture(saved)
+    if run_task(saved) == "classify":
+        raise ConfigError(f"{run} holds a {arch.title} classifier, which labels text but does not write it; "
+                          f"`zenlm {verb}` needs a language model. Use `zenlm predict {run} \"TEXT\"` (or "
+                          f"`zenlm evaluate {run} --data FILE`).")
+    if arch.can("causal-lm") and arch.can("generate"):
+        return
+    if arch.can("seq2seq"):
+        raise ConfigError(f"{run} holds an {arch.title} model, which writes a target for a source text rather "
+                          f"than continuing a conversation; `zenlm {verb}` needs a language model. Use `zenlm "
+                          f"generate {run} \"SOURCE\"` (or `zenlm evaluate {run} --data FILE`).")
+    if arch.can("embed"):
+        raise ConfigError(f"{run} holds a {arch.title}, which reads text but does not write it; `zenlm {verb}` "
+                          f"needs a language model. Use `zenlm embed {run} \"TEXT\"` for vectors, or "
+                          f"`zenlm finetune classify --base {run} ...` for a classifier.")
+    raise ConfigError(f"{run} holds a {arch.title} model, which cannot write text; `zenlm {verb}` needs a "
+                      "language model (a GPT run from `zenlm pretrain`, `zenlm demo` or `zenlm convert from-hf`).")
 
 
 def serve(
@@ -18,38 +65,58 @@ def serve(
     model_id: str | None = None,
     device: str = "auto",
     dtype: str = "fp32",
+    public_metrics: bool = False,
+    max_request_bytes: int = 4 << 20,
+    request_timeout: float = 30.0,
+    max_connections: int = 512,
+    max_embedding_inputs: int = 2048,
 ) -> None:
     """Serve a model over an OpenAI-compatible HTTP API, with a chat page at http://HOST:PORT/.
 
     Args:
-        run: run directory (made by `zenlm pretrain`, `zenlm demo` or `zenlm convert from-hf`)
+        run: run directory (made by `zenlm pretrain` or `zenlm convert from-hf`), or the folder of `zenlm demo`
         host: address to bind (default: this machine only; use 0.0.0.0 to accept other machines)
         port: TCP port
-        api_key: require `Authorization: Bearer KEY` on every /v1 route and on /tokenize, /detokenize and
-            /tokenizer_info (default: env ZENLM_API_KEY if set)
+        api_key: require `Authorization: Bearer KEY` on every /v1 route, on /tokenize, /detokenize,
+            /tokenizer_info and on /metrics (default: env ZENLM_API_KEY if set)
         max_concurrency: sequences decoded together in one batch
         max_queue: requests allowed to wait for a free slot before the server answers 429 (default: max-concurrency)
-        model_id: the model name clients send (default: the run directory's name)
+        model_id: the model name clients send (default: the run directory's name; for a demo, the demo
+            folder's, e.g. demo-en)
         device: auto, cpu, cuda or mps
         dtype: fp32, bf16 or fp16 weights
+        public_metrics: leave GET /metrics open without the API key (for a Prometheus scraper)
+        max_request_bytes: largest request body; a larger one is answered 413 without being read
+        request_timeout: seconds a client has to send a request's headers, and again its body (then 408)
+        max_connections: open connections at once; more are answered 503 at once (kept below the
+            process's file-descriptor limit, `ulimit -n`)
+        max_embedding_inputs: inputs per /v1/embeddings request
     """
     import os
 
-    import uvicorn
-
     import zenlm
     from zenlm.serve.app import create_app
+    from zenlm.serve.chat import model_kind
+    from zenlm.serve.server import Limits, bind, make_server
 
     api_key = api_key or os.environ.get("ZENLM_API_KEY") or None
-    lm = zenlm.load(run, device=device, dtype=dtype)
-    name = model_id or Path(run).resolve().name
-    app = create_app(lm.model, lm.tokenizer, model_id=name, api_key=api_key, max_concurrency=max_concurrency,
-                     max_queue=max_queue)
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
-    logging.getLogger("zenlm.serve").setLevel(logging.INFO)
-    print(f"serving {name} on http://{host}:{port}/  (OpenAI base_url http://{host}:{port}/v1"
-          f"{', API key required' if api_key else ''}); Ctrl+C stops", file=sys.stderr)
-    uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)
+    limits = Limits(max_request_bytes=max_request_bytes, request_timeout=request_timeout,
+                    max_connections=max_connections, max_embedding_inputs=max_embedding_inputs)
+    run_dir, name, saved = served_run(run, "serve")
+    sock = bind(host, port)  # a port in use is refused before the model loads
+    try:
+        lm = zenlm.load(run_dir, device=device, dtype=dtype)
+        app = create_app(lm.model, lm.tokenizer, model_id=model_id or name, api_key=api_key,
+                         max_concurrency=max_concurrency, max_queue=max_queue, public_metrics=public_metrics,
+                         limits=limits, model_kind=model_kind(saved))
+        logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
+        logging.getLogger("zenlm.serve").setLevel(logging.INFO)
+        port = sock.getsockname()[1]
+        print(f"serving {model_id or name} on http://{host}:{port}/  (OpenAI base_url http://{host}:{port}/v1"
+              f"{', API key required' if api_key else ''}); Ctrl+C stops", file=sys.stderr)
+        make_server(app, limits).run(sockets=[sock])
+    finally:
+        sock.close()
 
 
 def chat(
@@ -66,7 +133,7 @@ def chat(
     """Chat with a model in the terminal: replies stream as they are generated; /reset, /quit.
 
     Args:
-        run: run directory
+        run: run directory, or the folder of `zenlm demo`
         max_new_tokens: longest reply in tokens
         temperature: 0 for greedy decoding; higher is more random
         top_p: sample only among the most likely tokens whose probabilities sum to P
@@ -79,12 +146,21 @@ def chat(
             second; needs a C++ compiler)
     """
     import zenlm
-    from zenlm.generate import GenerationConfig
-    from zenlm.serve.chat import chat_loop
+    from zenlm.generate import GenerationConfig, generate_ids
+    from zenlm.serve.chat import chat_loop, model_kind
 
-    lm = zenlm.load(run, device=device, dtype=dtype)
+    run_dir, name, saved = served_run(run, "chat")
+    lm = zenlm.load(run_dir, device=device, dtype=dtype)
     cfg = GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
                            compile=compile)
+    if compile:  # build (or load) the compiled step now, saying so, rather than inside the first reply
+        print("compiling the decode step for this model shape (25-45 s the first time; later runs load it from "
+              "the cache in about a second) ...", end="", flush=True)
+        t0 = time.perf_counter()
+        start = lm.tokenizer.eos_id if lm.tokenizer.eos_id is not None else 0
+        for _ in generate_ids(lm.model, [start], GenerationConfig(max_new_tokens=3, temperature=0, compile=True)):
+            pass
+        print(f" ready in {time.perf_counter() - t0:.0f} s", flush=True)
 
     def read() -> str | None:
         try:
@@ -96,4 +172,4 @@ def chat(
         sys.stdout.write(text)
         sys.stdout.flush()
 
-    chat_loop(lm.model, lm.tokenizer, read, write, cfg, system=system)
+    chat_loop(lm.model, lm.tokenizer, read, write, cfg, system=system, name=name, kind=model_kind(saved))

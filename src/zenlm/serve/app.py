@@ -1,7 +1,8 @@
 """The HTTP server: OpenAI-compatible routes over the batching engine, plus a chat page at ``/``.
 
     GET  /health                 public liveness probe
-    GET  /metrics                Prometheus text (requests, tokens, queue depth, latency histograms)
+    GET  /metrics                Prometheus text (requests, tokens, queue depth, latency histograms); needs
+                                 the API key when there is one, unless public_metrics
     GET  /                       the chat page (static/index.html, no build step, works offline)
     GET  /v1/models[/{id}]       the one model this server holds
     POST /v1/completions         text in, text out (prompt or a batch of prompts, echo, logprobs 0..5;
@@ -13,7 +14,8 @@
 
 Streaming answers are server-sent events in OpenAI's chunk format ending with ``data: [DONE]``. A client
 that disconnects cancels its sequences (the engine frees their slots at the next step). With an API key,
-every ``/v1`` route and the tokenizer routes need ``Authorization: Bearer KEY`` (compared in constant time).
+every ``/v1`` route, the tokenizer routes and ``/metrics`` need ``Authorization: Bearer KEY`` (compared in
+constant time; ``public_metrics`` leaves ``/metrics`` open to a scraper without the key).
 """
 
 from __future__ import annotations
@@ -24,26 +26,36 @@ import hmac
 import html
 import json
 import logging
-import socket
 import struct
-import threading
 import time
 import uuid
 from collections.abc import AsyncIterator
 from importlib import resources
 from typing import Any
 
-import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
-from zenlm.errors import ConfigError, DataError
+from zenlm.chat_template import TemplateError, TemplateWorker
+from zenlm.errors import ConfigError
 from zenlm.models.gpt import GPT
-from zenlm.serve.engine import Engine, ErrorEvent, FinishEvent, Overloaded, PromptEvent, Sequence, TokenEvent
+from zenlm.sampling import SEED_LIMIT
+from zenlm.serve.chat import KIND_HINTS, KIND_LABELS
+from zenlm.serve.engine import (
+    EmbedJob,
+    Engine,
+    ErrorEvent,
+    FinishEvent,
+    Overloaded,
+    PromptEvent,
+    Sequence,
+    TokenEvent,
+)
 from zenlm.serve.metrics import Metrics
 from zenlm.serve.schema import (
     APIError,
@@ -55,7 +67,8 @@ from zenlm.serve.schema import (
     parse_json,
     parse_tokenize,
 )
-from zenlm.tokenizer import Tokenizer, render_chat
+from zenlm.serve.server import Limits, ServerThread
+from zenlm.tokenizer import Tokenizer, render_chat, template_tokens
 
 log = logging.getLogger("zenlm.serve")
 
@@ -67,6 +80,12 @@ def _bearer_ok(header: str | None, key: str) -> bool:
 
 def _sse(obj: Any) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+def _busy(engine: Engine, e: Overloaded) -> APIError:
+    """The 429 for a request the engine has no room for (counted in zenlm_rejected_requests_total)."""
+    engine.metrics.inc("zenlm_rejected_requests_total")
+    return APIError(429, str(e), code="rate_limit_exceeded")
 
 
 class _Job:
@@ -87,7 +106,7 @@ class _Job:
             for i in range(req.n):
                 params = req.params
                 if req.n > 1 and params.seed is not None:  # distinct but reproducible choices
-                    params = type(params)(**{**params.__dict__, "seed": params.seed + i})
+                    params = type(params)(**{**params.__dict__, "seed": (params.seed + i) % SEED_LIMIT})
 
                 def emit(ev: Any, index: int = p * req.n + i) -> None:
                     loop.call_soon_threadsafe(self.queue.put_nowait, (index, ev))
@@ -97,8 +116,7 @@ class _Job:
         try:
             engine.submit(self.seqs)
         except Overloaded as e:
-            engine.metrics.inc("zenlm_rejected_requests_total")
-            raise APIError(429, str(e), code="rate_limit_exceeded") from None
+            raise _busy(engine, e) from None
         except ConfigError as e:
             code = "context_length_exceeded" if "context" in str(e) else "invalid_value"
             raise APIError(400, str(e), param="prompt" if req.messages == [] else "messages", code=code) from None
@@ -142,27 +160,50 @@ class _Choice:
 
 def create_app(
     model: GPT, tokenizer: Tokenizer, *, model_id: str = "zenlm", api_key: str | None = None,
-    max_concurrency: int = 8, max_queue: int | None = None,
+    max_concurrency: int = 8, max_queue: int | None = None, public_metrics: bool = False,
+    limits: Limits | None = None, model_kind: str | None = None,
 ) -> FastAPI:
-    """The FastAPI application serving ``model`` under the name ``model_id``."""
+    """The FastAPI application serving ``model`` under the name ``model_id``.
+
+    With ``api_key``, every ``/v1`` route, the tokenizer routes and ``/metrics`` (unless ``public_metrics``)
+    need ``Authorization: Bearer KEY``; ``/health`` and the chat page stay public. ``limits``: request size,
+    time and connection limits (:class:`zenlm.serve.server.Limits`; the app keeps the size and body-time ones,
+    the server the others). ``model_kind`` ("chat", "base" or "imported", see
+    :func:`zenlm.serve.chat.model_kind`) is shown on the chat page, with a hint for a base model."""
+    limits = limits or Limits()
     metrics = Metrics()
     engine = Engine(model, tokenizer, max_concurrency=max_concurrency, max_queue=max_queue, metrics=metrics)
     created = int(time.time())
     app = FastAPI(title="zenlm", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.engine = engine
     app.state.metrics = metrics
+    app.state.limits = limits
     app.router.on_shutdown.append(engine.close)
 
     # ------------------------------------------------------------------------------ errors and logging
     def error_response(err: APIError) -> JSONResponse:
-        return JSONResponse(err.body(), status_code=err.status)
+        # a body too large or too slow is not read to its end: the connection closes after the answer
+        headers = {"connection": "close"} if err.status in (408, 413) else None
+        return JSONResponse(err.body(), status_code=err.status, headers=headers)
+
+    # the model's chat template runs in a worker process with a deadline (zenlm.chat_template): a hostile
+    # template cannot stop the server or take its memory
+    templates = TemplateWorker(tokenizer.chat_template, template_tokens(tokenizer), timeout=limits.template_timeout,
+                               max_chars=4 * limits.max_request_bytes)
+    app.router.on_shutdown.append(templates.close)
+    app.state.templates = templates
 
     def chat_prompt(messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
-        """The prompt text of ``messages`` from the tokenizer's chat template; a 400 when it refuses them."""
+        """The prompt text of ``messages`` from the tokenizer's chat template: a 400 when the template refuses
+        or fails on them, a 500 when it runs past its bounds (the model's template is at fault)."""
         try:
-            return render_chat(tokenizer, messages, add_generation_prompt)
-        except DataError as e:  # the template refused or failed on these messages
-            raise APIError(400, str(e), param="messages") from None
+            return templates.render(messages, add_generation_prompt)
+        except TemplateError as e:
+            if e.kind != "limit":
+                raise APIError(400, f"{e}.", param="messages") from None
+            log.warning("the chat template was stopped: %s", e)
+            raise APIError(500, f"{e}; the model's chat template is at fault, not this request.",
+                           code="chat_template_failed") from None
 
     @app.exception_handler(APIError)
     async def _api_error(_request: Request, err: APIError) -> JSONResponse:
@@ -177,7 +218,7 @@ def create_app(
     async def _validation_error(_request: Request, err: RequestValidationError) -> JSONResponse:
         return error_response(APIError(400, f"invalid request: {err.errors()}"))
 
-    app.add_middleware(_AuthAndLog, api_key=api_key, metrics=metrics)
+    app.add_middleware(_AuthAndLog, api_key=api_key, metrics=metrics, public_metrics=public_metrics)
 
     # ----------------------------------------------------------------------------------- plain routes
     @app.get("/health")
@@ -188,10 +229,14 @@ def create_app(
     async def metrics_route() -> PlainTextResponse:
         return PlainTextResponse(metrics.render(), media_type="text/plain; version=0.0.4")
 
+    page = resources.files("zenlm.serve").joinpath("static/index.html").read_text(encoding="utf-8")
+    for key, value in (("MODEL_KIND", KIND_LABELS.get(model_kind or "", "")),
+                       ("KIND_HINT", KIND_HINTS.get(model_kind or "", "")), ("MODEL_ID", model_id)):
+        page = page.replace("{{" + key + "}}", html.escape(value))
+
     @app.get("/")
     async def index() -> HTMLResponse:
-        page = resources.files("zenlm.serve").joinpath("static/index.html").read_text(encoding="utf-8")
-        return HTMLResponse(page.replace("{{MODEL_ID}}", html.escape(model_id)))
+        return HTMLResponse(page)
 
     def model_card() -> dict[str, Any]:
         return {"id": model_id, "object": "model", "created": created, "owned_by": "zenlm",
@@ -205,6 +250,12 @@ def create_app(
     async def get_model(name: str) -> dict[str, Any]:
         check_model(name)
         return model_card()
+
+    def check_ids(ids: list[int], param: str) -> None:
+        """400 unless ``ids`` is a non-empty list of ids of this model's vocabulary."""
+        V = model.config.vocab_size
+        if not ids or min(ids) < 0 or max(ids) >= V:
+            raise APIError(400, f"token ids must be in 0..{V - 1}.", param=param, code="invalid_value")
 
     def check_model(name: str) -> None:
         if name != model_id:
@@ -257,7 +308,29 @@ def create_app(
                 "total_tokens": prompt_tokens + completion_tokens}
 
     async def read_body(request: Request) -> dict[str, Any]:
-        return parse_json(await request.body())
+        """The JSON body: 413 past limits.max_request_bytes (refused from Content-Length before reading), 408
+        when it takes longer than limits.request_timeout to arrive; parsed on a worker thread."""
+        cap = limits.max_request_bytes
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > cap:
+            raise _too_large(int(declared), cap)
+        chunks: list[bytes] = []
+        size = 0
+
+        async def read() -> None:
+            nonlocal size
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > cap:
+                    raise _too_large(size, cap)
+                chunks.append(chunk)
+
+        try:
+            await asyncio.wait_for(read(), timeout=limits.request_timeout)
+        except asyncio.TimeoutError:
+            raise APIError(408, f"the request body did not arrive within {limits.request_timeout:g} s "
+                           "(--request-timeout).", code="request_timeout") from None
+        return await run_in_threadpool(parse_json, b"".join(chunks))
 
     async def run_job(request: Request, req: GenerationRequest, prompts: list[list[int]], chat: bool,
                       echo_texts: list[str]) -> Response:
@@ -287,7 +360,7 @@ def create_app(
             finally:
                 job.cancel()  # no-op for finished sequences; frees the work if this handler was cancelled
             if any(c.finish is None for c in choices):  # the client went away; nobody reads this
-                return Response(status_code=499)
+                return Response(status_code=CLIENT_GONE)
             out = []
             for i, c in enumerate(choices):
                 assert c.finish is not None
@@ -363,49 +436,103 @@ def create_app(
         return StreamingResponse(stream(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
+    def encode_bounded(text: str, param: str, allow_special: bool = False) -> list[int]:
+        """Token ids of ``text``; a 400 before any tokenising when it is certainly longer than the context
+        (Tokenizer.min_tokens), so the work done for one text stays bounded by the context."""
+        least = tokenizer.min_tokens(text)
+        if least > engine.max_len:
+            raise APIError(400, f"'{param}' has at least {least} tokens but the model's context is "
+                           f"{engine.max_len} tokens; shorten it.", param=param, code="context_length_exceeded")
+        return tokenizer.encode(text, allow_special=allow_special)
+
     def encode_prompt(text: str) -> list[int]:
-        ids = tokenizer.encode(text)
+        ids = encode_bounded(text, "prompt")
         if not ids:  # an empty prompt starts from end-of-text, as documents do in pretraining
             start = tokenizer.eos_id if tokenizer.eos_id is not None else tokenizer.bos_id
             ids = [start] if start is not None else []
         return ids
 
+    def completion_prompts(req: GenerationRequest) -> tuple[list[list[int]], list[str]]:
+        """Prompt ids and echoed texts of a completion request (runs on a worker thread)."""
+        prompts, echo_texts = [], []
+        for p in req.prompts:
+            if isinstance(p, list):
+                check_ids(p, "prompt")
+        for p in req.prompts:  # token ids are taken as they are, special ids included
+            prompts.append(p if isinstance(p, list) else encode_prompt(p))
+            echo_texts.append("" if not req.echo else p if isinstance(p, str) else tokenizer.decode(p))
+        return prompts, echo_texts
+
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
         req = parse_completion(await read_body(request))
         check_model(req.model)
-        prompts, echo_texts = [], []
-        for p in req.prompts:  # token ids are taken as they are, special ids included
-            prompts.append(p if isinstance(p, list) else encode_prompt(p))
-            echo_texts.append("" if not req.echo else p if isinstance(p, str) else tokenizer.decode(p))
+        prompts, echo_texts = await run_in_threadpool(completion_prompts, req)
         return await run_job(request, req, prompts, chat=False, echo_texts=echo_texts)
+
+    def chat_prompt_ids(messages: list[dict[str, str]]) -> list[int]:
+        """The prompt ids of a chat request (runs on a worker thread)."""
+        for i, m in enumerate(messages):  # the template's special tokens come from the template only
+            for part in ("role", "content"):
+                bad = next((t for t in tokenizer.special_tokens if t in m[part]), None)
+                if bad is not None:
+                    raise APIError(400, f"messages[{i}].{part} contains the special token {bad!r}; remove it.",
+                                   param="messages", code="invalid_value")
+        return encode_bounded(chat_prompt(messages), "messages", allow_special=True)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
         req = parse_chat(await read_body(request))
         check_model(req.model)
-        for i, m in enumerate(req.messages):  # the template's special tokens come from the template only
-            bad = next((t for t in tokenizer.special_tokens if t in m["content"]), None)
-            if bad is not None:
-                raise APIError(400, f"messages[{i}] contains the special token {bad!r}; remove it.",
-                               param="messages", code="invalid_value")
-        prompt = chat_prompt(req.messages)
-        return await run_job(request, req, [tokenizer.encode(prompt, allow_special=True)], chat=True,
-                             echo_texts=[""])
+        ids = await run_in_threadpool(chat_prompt_ids, req.messages)
+        return await run_job(request, req, [ids], chat=True, echo_texts=[""])
+
+    def embedding_inputs(inputs: list[str | list[int]]) -> list[list[int]]:
+        """The ids of each input, each within the context (runs on a worker thread)."""
+        batch = [encode_bounded(x, "input") if isinstance(x, str) else x for x in inputs]
+        for x in batch:
+            check_ids(x, "input")
+            if len(x) > engine.max_len:
+                raise APIError(400, f"an input has {len(x)} tokens; the model's context is {engine.max_len}.",
+                               param="input", code="context_length_exceeded")
+        return batch
+
+    async def embed(request: Request, batch: list[list[int]]) -> list[list[float]]:
+        """The vectors of ``batch``, embedded by the engine between its decode steps; the work is dropped
+        when the client disconnects."""
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future = loop.create_future()
+
+        def done(result: Any) -> None:
+            loop.call_soon_threadsafe(lambda: fut.done() or fut.set_result(result))
+
+        job = EmbedJob(batch, done)
+        try:
+            engine.submit_embeddings(job)
+        except Overloaded as e:
+            raise _busy(engine, e) from None
+        try:
+            while not fut.done():
+                await asyncio.wait([fut], timeout=0.25)
+                if not fut.done() and await request.is_disconnected():
+                    raise ClientDisconnect()
+        finally:
+            job.cancel()  # no-op once finished
+        result = fut.result()
+        if isinstance(result, Exception):
+            raise APIError(500, f"embedding failed: {type(result).__name__}: {result}", code="embedding_failed")
+        return result
 
     @app.post("/v1/embeddings")
     async def embeddings(request: Request) -> Response:
         req = parse_embeddings(await read_body(request))
         check_model(req.model)
-        batch = [tokenizer.encode(x) if isinstance(x, str) else x for x in req.inputs]
-        V = model.config.vocab_size
-        for x in batch:
-            if not x or min(x) < 0 or max(x) >= V:
-                raise APIError(400, f"token ids must be in 0..{V - 1}.", param="input", code="invalid_value")
-            if len(x) > engine.max_len:
-                raise APIError(400, f"an input has {len(x)} tokens; the model's context is {engine.max_len}.",
-                               param="input", code="context_length_exceeded")
-        vectors = await run_in_threadpool(engine.embed, batch)
+        if len(req.inputs) > limits.max_embedding_inputs:
+            raise APIError(400, f"'input' has {len(req.inputs)} items; this server embeds at most "
+                           f"{limits.max_embedding_inputs} per request (--max-embedding-inputs).", param="input",
+                           code="invalid_value")
+        batch = await run_in_threadpool(embedding_inputs, req.inputs)
+        vectors = await embed(request, batch)
         data = []
         for i, vec in enumerate(vectors):
             emb: Any = vec
@@ -425,8 +552,12 @@ def create_app(
         req = parse_tokenize(await read_body(request))
         if req.model is not None:
             check_model(req.model)
-        text = req.prompt if req.messages is None else chat_prompt(req.messages, req.add_generation_prompt)
-        ids = tokenizer.encode(text, allow_special=True)
+
+        def encode() -> list[int]:
+            text = req.prompt if req.messages is None else chat_prompt(req.messages, req.add_generation_prompt)
+            return tokenizer.encode(text, allow_special=True)
+
+        ids = await run_in_threadpool(encode)
         body: dict[str, Any] = {"count": len(ids), "max_model_len": engine.max_len, "tokens": ids}
         if req.return_token_strs:
             body["token_strs"] = [tokenizer.id_to_token(i) for i in ids]
@@ -437,7 +568,7 @@ def create_app(
         req = parse_detokenize(await read_body(request), model.config.vocab_size)
         if req.model is not None:
             check_model(req.model)
-        return JSONResponse({"prompt": tokenizer.decode(req.tokens)})
+        return JSONResponse({"prompt": await run_in_threadpool(tokenizer.decode, req.tokens)})
 
     @app.get("/tokenizer_info")
     async def tokenizer_info() -> dict[str, Any]:
@@ -457,8 +588,9 @@ class _AuthAndLog:
     from the handlers.)
     """
 
-    def __init__(self, app: Any, api_key: str | None, metrics: Metrics) -> None:
+    def __init__(self, app: Any, api_key: str | None, metrics: Metrics, public_metrics: bool = False) -> None:
         self.app, self.api_key, self.metrics = app, api_key, metrics
+        self.protected_routes = _TOKENIZER_ROUTES | (set() if public_metrics else {"/metrics"})
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -473,7 +605,7 @@ class _AuthAndLog:
                 status["code"], status["started"] = message["status"], True
             await send(message)
 
-        protected = path.startswith("/v1") or path in _TOKENIZER_ROUTES
+        protected = path.startswith("/v1") or path in self.protected_routes
         if self.api_key is not None and protected and not _bearer_ok(
             Headers(scope=scope).get("authorization"), self.api_key
         ):
@@ -483,6 +615,10 @@ class _AuthAndLog:
         else:
             try:
                 await self.app(scope, receive, send_and_watch)
+            except (ClientDisconnect, OSError) as e:  # the client went away (mid-body, or while answered):
+                if not isinstance(e, ClientDisconnect):  # not an error of the server, nobody to answer
+                    log.info("%s %s: the connection failed (%s)", method, path, e)
+                status["code"] = CLIENT_GONE
             except Exception:  # a bug: answer 500 in the OpenAI shape, log the traceback
                 log.exception("error handling %s %s", method, path)
                 if not status["started"]:
@@ -496,46 +632,14 @@ class _AuthAndLog:
 
 
 _TOKENIZER_ROUTES = {"/tokenize", "/detokenize", "/tokenizer_info"}
+CLIENT_GONE = 499  # the status logged and counted for a request whose client disconnected (nginx's convention)
+
+
+def _too_large(size: int, cap: int) -> APIError:
+    return APIError(413, f"the request body has {size} bytes or more; this server takes at most {cap} "
+                    "(--max-request-bytes).", code="request_too_large")
 _ROUTES = {"/", "/health", "/metrics", "/v1/models", "/v1/completions", "/v1/chat/completions",
            "/v1/embeddings", *_TOKENIZER_ROUTES}
-
-
-class ServerThread:
-    """Run ``app`` with uvicorn on a background thread (tests, benchmarks, notebooks).
-
-    ``with ServerThread(app) as srv: srv.url`` — binds ``host`` on a free port (or ``port``), waits until
-    the server accepts connections, and shuts it down on exit.
-    """
-
-    def __init__(self, app: FastAPI, host: str = "127.0.0.1", port: int = 0) -> None:
-        # IPPROTO_TCP named explicitly: asyncio turns Nagle's algorithm off (TCP_NODELAY) only on connections of
-        # a socket whose protocol says TCP; with proto 0 every answer on a kept-alive connection waited ~40 ms
-        # for the client's delayed ACK between its header and body writes
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind((host, port))
-        self.host, self.port = host, self.sock.getsockname()[1]
-        config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on")
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
-
-    @property
-    def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
-
-    def __enter__(self) -> ServerThread:
-        self.thread.start()
-        t0 = time.monotonic()
-        while not self.server.started:
-            if time.monotonic() - t0 > 30 or not self.thread.is_alive():
-                raise RuntimeError("the server did not start")
-            time.sleep(0.01)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=10)
-        self.sock.close()
 
 
 __all__ = ["create_app", "render_chat", "ServerThread"]

@@ -8,12 +8,33 @@ drive it without one).
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 from zenlm.generate import GenerationConfig, generate_ids
 from zenlm.models.gpt import GPT
 from zenlm.tokenizer import Tokenizer, render_chat
 
 HELP = "Type a message. /reset starts a new conversation, /quit leaves."
+
+# What kind of model is talking, as the chat page and `zenlm chat` show it (see model_kind)
+KIND_LABELS = {"chat": "chat-tuned model", "base": "base model (pretrained only)",
+               "imported": "imported model"}
+KIND_HINTS = {
+    "base": "A pretrained-only model continues text; it was not trained to answer, so expect it to ramble on "
+            "from your message rather than reply. Fine-tune it for chat, or use it for completions.",
+    "imported": "Imported from Hugging Face: whether it was tuned for chat is not recorded; its chat template "
+                "decides how the conversation is prompted.",
+}
+
+
+def model_kind(saved: dict[str, Any]) -> str:
+    """"chat" for a run fine-tuned for chat (config.yaml ``task: {kind: chat}``), "imported" for a model
+    converted from Hugging Face (``source: {format: huggingface}``), else "base" (pretrained only)."""
+    if (saved.get("task") or {}).get("kind") == "chat":
+        return "chat"
+    if (saved.get("source") or {}).get("format") == "huggingface":
+        return "imported"
+    return "base"
 
 
 def reply_stream(model: GPT, tokenizer: Tokenizer, messages: list[dict[str, str]], cfg: GenerationConfig):
@@ -33,11 +54,17 @@ def reply_stream(model: GPT, tokenizer: Tokenizer, messages: list[dict[str, str]
 
 def chat_loop(
     model: GPT, tokenizer: Tokenizer, read: Callable[[], str | None], write: Callable[[str], None],
-    cfg: GenerationConfig, system: str | None = None,
+    cfg: GenerationConfig, system: str | None = None, *, name: str | None = None, kind: str | None = None,
 ) -> list[dict[str, str]]:
-    """Run the conversation until ``/quit`` or ``read()`` returns None; returns the final history."""
+    """Run the conversation until ``/quit`` or ``read()`` returns None; returns the final history. ``name``
+    and ``kind`` (see :func:`model_kind`) open it with a line saying what model is talking, and for a base
+    model a hint that it will not converse."""
     base = [{"role": "system", "content": system}] if system else []
     history = list(base)
+    if kind is not None:
+        write(f"{name or 'model'}: {KIND_LABELS[kind]}\n")
+        if kind in KIND_HINTS:
+            write(KIND_HINTS[kind] + "\n")
     write(HELP + "\n")
     while True:
         line = read()

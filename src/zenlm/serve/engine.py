@@ -17,6 +17,10 @@ Continuous batching, in the simplest form that is still correct:
              different lengths share one matrix multiply per layer
     retire:  a finished or cancelled sequence frees its slot at once; a waiting request takes it on the
              next loop
+    embed:   embedding requests (:class:`EmbedJob`) wait in their own queue; each loop embeds inputs worth
+             at most ``max_prefill_tokens`` (at least one input) between the prefill and the decode step, so
+             a request with thousands of inputs slows the running streams by one such forward pass per
+             token instead of stopping them until it is done
 
 The engine runs on its own thread. Callers submit :class:`Sequence` objects and receive events through
 the sequence's ``emit`` callback (called on the engine thread): :class:`TokenEvent` per sampled token, then
@@ -44,6 +48,7 @@ from torch import Tensor
 
 from zenlm.errors import ConfigError
 from zenlm.generate import split_at_stop
+from zenlm.models.cache import KVCache
 from zenlm.models.gpt import GPT
 from zenlm.sampling import Sampler, SamplingConfig
 from zenlm.scoring import score_tokens
@@ -121,6 +126,23 @@ class ErrorEvent:
 Event = PromptEvent | TokenEvent | FinishEvent | ErrorEvent
 
 
+class EmbedJob:
+    """The inputs of one embedding request and where its vectors go.
+
+    ``done(result)`` is called once, on the engine thread: with one vector per input (n_embd floats, the
+    mean of the final-norm hidden states over the input's tokens), or with the exception that failed it.
+    ``cancel()`` (the client went away) drops the inputs not embedded yet."""
+
+    def __init__(self, inputs: list[list[int]], done: Callable[[list[list[float]] | Exception], None]) -> None:
+        self.inputs = inputs
+        self.done = done
+        self.vectors: list[list[float]] = []  # of inputs[: len(vectors)]
+        self.cancelled = threading.Event()
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+
+
 class Sequence:
     """One generation request (one choice): prompt ids, sampling parameters and where events go."""
 
@@ -144,6 +166,7 @@ class Sequence:
         self.decoder = None
         self.pending = ""
         self.last_token_time = 0.0
+        self.done = False  # its FinishEvent or ErrorEvent was sent
 
     def cancel(self) -> None:
         """Stop generating (e.g. the client disconnected); the slot is freed at the next step."""
@@ -178,6 +201,7 @@ class Engine:
         self.device = self.pool.device
         self.slots: list[Sequence | None] = [None] * max_concurrency
         self.waiting: deque[Sequence] = deque()
+        self.embed_jobs: deque[EmbedJob] = deque()
         self.lock = threading.Lock()  # guards waiting/slots bookkeeping
         self.model_lock = threading.Lock()  # one user of the model at a time (decode loop, embeddings)
         self.wake = threading.Condition(self.lock)
@@ -214,21 +238,26 @@ class Engine:
             self.metrics.set_gauge("zenlm_queue_depth", len(self.waiting))
             self.wake.notify()
 
-    @torch.inference_mode()
+    def submit_embeddings(self, job: EmbedJob) -> None:
+        """Queue an embedding request (its inputs: non-empty id lists of at most max_len ids, checked by
+        the caller). Raises Overloaded when max_concurrency + max_queue requests already wait."""
+        with self.lock:
+            if self._stop:
+                raise Overloaded("the server is shutting down.")
+            if len(self.embed_jobs) >= self.max_concurrency + self.max_queue:
+                raise Overloaded("the server is busy: too many embedding requests wait; retry shortly.")
+            self.embed_jobs.append(job)
+            self.wake.notify()
+
     def embed(self, batch: list[list[int]]) -> list[list[float]]:
-        """Mean of the final-norm hidden states over each input's tokens -> one vector of n_embd floats each."""
-        captured: list[Tensor] = []
-        hook = self.model.norm_f.register_forward_hook(lambda _m, _i, out: captured.append(out))
-        out: list[list[float]] = []
-        try:
-            with self.model_lock:
-                for ids in batch:
-                    captured.clear()
-                    self.model(torch.tensor([ids], device=self.device))
-                    out.append(captured[-1][0].float().mean(0).tolist())
-        finally:
-            hook.remove()
-        return out
+        """Embed ``batch`` through the queue and wait: one vector of n_embd floats per id list."""
+        result: list = []
+        finished = threading.Event()
+        self.submit_embeddings(EmbedJob(batch, lambda r: (result.append(r), finished.set())))
+        finished.wait()
+        if isinstance(result[0], Exception):
+            raise result[0]
+        return result[0]
 
     def close(self) -> None:
         """Stop the engine thread; running and waiting sequences get an ErrorEvent."""
@@ -241,11 +270,13 @@ class Engine:
     def _loop(self) -> None:
         while True:
             with self.lock:
-                while not self._stop and not self.waiting and self.running == 0:
+                while not self._stop and not self.waiting and self.running == 0 and not self.embed_jobs:
                     self.wake.wait()
                 if self._stop:
                     pending = list(self.waiting) + [s for s in self.slots if s is not None]
                     self.waiting.clear()
+                    jobs = list(self.embed_jobs)
+                    self.embed_jobs.clear()
                     break
                 admit: list[Sequence] = []
                 budget = self.max_prefill_tokens  # prompt tokens this loop may prefill (at least one prompt)
@@ -268,20 +299,71 @@ class Engine:
                             by_len.setdefault(key, []).append(seq)
                     for group in by_len.values():
                         self._prefill(group)
+                    self._embed_some()
                     self._retire_cancelled()
                     if self.running:
                         self._decode()
                     self._retire_cancelled()
                 self.metrics.set_gauge("zenlm_running_sequences", self.running)
-            except Exception as e:  # a bug or out-of-memory: fail the running sequences, keep serving
-                log.exception("engine step failed")
-                with self.lock:
-                    for i, seq in enumerate(self.slots):
-                        if seq is not None:
-                            seq.emit(ErrorEvent(f"generation failed: {type(e).__name__}: {e}"))
-                            self.slots[i] = None
+            except Exception as e:  # the batched decode step itself failed (a bug, out of memory): no one
+                log.exception("engine step failed")  # sequence is to blame, so every running one fails
+                for seq in [s for s in self.slots if s is not None]:
+                    self._fail(seq, e)
         for seq in pending:
             seq.emit(ErrorEvent("the server is shutting down."))
+        for job in jobs:
+            job.done(RuntimeError("the server is shutting down."))
+
+    # ------------------------------------------------------------------------------------ embeddings
+    def _embed_some(self) -> None:
+        """Embed the next inputs of the first embedding request, worth at most max_prefill_tokens tokens
+        (at least one input); inputs of one length share a forward pass. A request whose work raises gets
+        the exception; the others go on."""
+        with self.lock:
+            while self.embed_jobs and self.embed_jobs[0].cancelled.is_set():
+                self.embed_jobs.popleft()
+            if not self.embed_jobs:
+                return
+            job = self.embed_jobs[0]
+        start = len(job.vectors)
+        end, budget = start, self.max_prefill_tokens
+        while end < len(job.inputs) and (end == start or len(job.inputs[end]) <= budget):
+            budget -= len(job.inputs[end])
+            end += 1
+        try:
+            job.vectors.extend(self._embed_rows(job.inputs[start:end]))
+        except Exception as e:
+            log.exception("embedding failed")
+            self._end_embed_job(job, e)
+            return
+        if len(job.vectors) == len(job.inputs):
+            self._end_embed_job(job, job.vectors)
+
+    def _end_embed_job(self, job: EmbedJob, result: list[list[float]] | Exception) -> None:
+        with self.lock:
+            if self.embed_jobs and self.embed_jobs[0] is job:
+                self.embed_jobs.popleft()
+        job.done(result)
+
+    @torch.inference_mode()
+    def _embed_rows(self, inputs: list[list[int]]) -> list[list[float]]:
+        """Mean of the final-norm hidden states over each input's tokens -> one vector of n_embd floats each
+        (inputs of one length in one forward pass)."""
+        captured: list[Tensor] = []
+        hook = self.model.norm_f.register_forward_hook(lambda _m, _i, out: captured.append(out))
+        out: dict[int, list[float]] = {}
+        by_len: dict[int, list[int]] = {}
+        for i, ids in enumerate(inputs):
+            by_len.setdefault(len(ids), []).append(i)
+        try:
+            for rows in by_len.values():
+                captured.clear()
+                self.model(torch.tensor([inputs[i] for i in rows], device=self.device))
+                for b, vec in zip(rows, captured[-1].float().mean(1).tolist(), strict=True):
+                    out[b] = vec
+        finally:
+            hook.remove()
+        return [out[i] for i in range(len(inputs))]
 
     def _retire_cancelled(self) -> None:
         with self.lock:
@@ -289,6 +371,30 @@ class Engine:
                 if seq is not None and seq.cancelled.is_set():
                     self.slots[i] = None
                     self.metrics.inc("zenlm_cancelled_sequences_total")
+
+    # ---------------------------------------------------------------------- one sequence's failure
+    # What one sequence asks for (its seed, its sampling settings, its prompt) can make only its own work
+    # raise: its set-up, its prefill and its token choice run inside _isolated, so the exception ends that
+    # sequence with an ErrorEvent and the others go on.
+    def _fail(self, seq: Sequence, e: BaseException) -> None:
+        """End ``seq`` with an ErrorEvent (once) and free its slot."""
+        self._free(seq)
+        if not seq.done:
+            seq.done = True
+            try:
+                seq.emit(ErrorEvent(f"generation failed: {type(e).__name__}: {e}"))
+            except Exception:  # the sequence's own receiver is what failed: nobody left to tell
+                log.exception("could not report a failed sequence")
+
+    def _isolated(self, seq: Sequence, fn: Callable[..., None], *args: object) -> bool:
+        """``fn(*args)``, the work of ``seq`` alone; when it raises, only ``seq`` fails. True when it ran."""
+        try:
+            fn(*args)
+            return True
+        except Exception as e:
+            log.exception("sequence failed; the others go on")
+            self._fail(seq, e)
+            return False
 
     def _free(self, seq: Sequence) -> None:
         with self.lock:
@@ -300,11 +406,7 @@ class Engine:
         """Run the prompts of ``group`` (all of one length T, all scored or none) through the model in one
         batch, copy their keys/values into their slots, and sample each one's first token; scored prompts
         go in batches that keep their logits under SCORING_LOGITS_BUDGET floats."""
-        for seq in group:
-            seq.sampler = Sampler(seq.params.sampling(), self.model.config.vocab_size, device=self.device)
-            seq.decoder = self.tokenizer.stream_decoder(skip_special=seq.skip_special)
-            self.metrics.observe("zenlm_queue_seconds", time.perf_counter() - seq.submitted)
-            self.metrics.inc("zenlm_prompt_tokens_total", len(seq.prompt_ids))
+        group = [seq for seq in group if self._isolated(seq, self._start, seq)]
         todo = [s for s in group if s.params.max_tokens > 0 or s.params.prompt_logprobs is not None]
         for seq in group:
             if seq not in todo:
@@ -317,26 +419,51 @@ class Engine:
         for i in range(0, len(todo), rows):
             self._prefill_rows(todo[i : i + rows], scored)
 
+    def _start(self, seq: Sequence) -> None:
+        """Set up the sampling state of ``seq`` as it leaves the queue: its sampler (seeded generator, counts)
+        and its stream decoder."""
+        seq.sampler = Sampler(seq.params.sampling(), self.model.config.vocab_size, device=self.device)
+        seq.decoder = self.tokenizer.stream_decoder(skip_special=seq.skip_special)
+        self.metrics.observe("zenlm_queue_seconds", time.perf_counter() - seq.submitted)
+        self.metrics.inc("zenlm_prompt_tokens_total", len(seq.prompt_ids))
+
     def _prefill_rows(self, todo: list[Sequence], scored: bool) -> None:
-        """One forward pass over the prompts ``todo`` (one length T); see :meth:`_prefill`."""
+        """One forward pass over the prompts ``todo`` (one length T); see :meth:`_prefill`. When the batched
+        pass raises, the prompts are run one at a time, so only a prompt that fails alone fails."""
         T = len(todo[0].prompt_ids)
-        if len(todo) == 1:  # write straight into the slot
-            cache = self.pool.row(todo[0].slot)
-        else:
-            cache = self.model.make_cache(len(todo), T, device=self.device, dtype=self.pool.dtype)
-        ids_BT = torch.tensor([s.prompt_ids for s in todo], device=self.device)
-        logits_BTV = self.model(ids_BT, cache=cache, last_only=not scored)  # [B, T or 1, V]
+        try:
+            if len(todo) == 1:  # write straight into the slot
+                cache = self.pool.row(todo[0].slot)
+            else:
+                cache = self.model.make_cache(len(todo), T, device=self.device, dtype=self.pool.dtype)
+            ids_BT = torch.tensor([s.prompt_ids for s in todo], device=self.device)
+            logits_BTV = self.model(ids_BT, cache=cache, last_only=not scored)  # [B, T or 1, V]
+        except Exception as e:
+            if len(todo) == 1:
+                log.exception("prefill failed")
+                self._fail(todo[0], e)
+            else:
+                for seq in todo:
+                    self._prefill_rows([seq], scored)
+            return
         for b, seq in enumerate(todo):
-            if scored:
-                seq.emit(self._score_prompt(seq, ids_BT[b], logits_BTV[b]))
-                if seq.params.max_tokens == 0:
-                    self._finish(seq, "length")
-                    continue
-            if len(todo) > 1:
-                for pool_layer, layer in zip(self.pool.k + self.pool.v, cache.k + cache.v, strict=True):
-                    pool_layer[seq.slot, :, :T] = layer[b]
-            seq.pos = T
-            self._advance(seq, logits_BTV[b, -1])
+            self._isolated(seq, self._first_token, seq, b, cache, ids_BT[b], logits_BTV[b], len(todo) > 1)
+
+    def _first_token(self, seq: Sequence, b: int, cache: KVCache, ids_T: Tensor, logits_TV: Tensor,
+                     copy: bool) -> None:
+        """After the prefill: score the prompt (when asked), copy row ``b`` of a batch ``cache`` into the
+        slot of ``seq`` (when ``copy``) and sample its first token."""
+        T = ids_T.shape[0]
+        if seq.params.prompt_logprobs is not None:
+            seq.emit(self._score_prompt(seq, ids_T, logits_TV))
+            if seq.params.max_tokens == 0:
+                self._finish(seq, "length")
+                return
+        if copy:
+            for pool_layer, layer in zip(self.pool.k + self.pool.v, cache.k + cache.v, strict=True):
+                pool_layer[seq.slot, :, :T] = layer[b]
+        seq.pos = T
+        self._advance(seq, logits_TV[-1])
 
     @staticmethod
     def _score_prompt(seq: Sequence, ids_T: Tensor, logits_TV: Tensor) -> PromptEvent:
@@ -367,7 +494,7 @@ class Engine:
         self.max_batch_seen = max(self.max_batch_seen, len(active))
         for i, s in active:
             s.pos += 1
-            self._advance(s, logits_BV[i])
+            self._isolated(s, self._advance, s, logits_BV[i])
 
     def _advance(self, seq: Sequence, logits_V: Tensor) -> None:
         """Sample the next token of ``seq`` from logits_V [V], emit it, and finish the sequence if done."""
@@ -410,8 +537,9 @@ class Engine:
         seq.pending = ""
         self._free(seq)
         self.metrics.inc("zenlm_finished_sequences_total", labels={"finish_reason": reason})
+        seq.done = True
         seq.emit(FinishEvent(reason, tail, len(seq.prompt_ids), seq.n_generated))
 
 
-__all__ = ["Engine", "Sequence", "SamplingParams", "PromptEvent", "TokenEvent", "FinishEvent", "ErrorEvent",
-           "Overloaded"]
+__all__ = ["EmbedJob", "Engine", "Sequence", "SamplingParams", "PromptEvent", "TokenEvent", "FinishEvent",
+           "ErrorEvent", "Overloaded"]

@@ -9,14 +9,19 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from zenlm.sampling import SEED_LIMIT
 from zenlm.serve.engine import SamplingParams
 
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-               405: "invalid_request_error", 413: "invalid_request_error", 422: "invalid_request_error",
+               405: "invalid_request_error", 408: "invalid_request_error", 413: "invalid_request_error", 422: "invalid_request_error",
                429: "rate_limit_error", 500: "server_error", 503: "server_error"}
+# The roles a chat message may have (OpenAI's; "developer" is its newer name for "system"). The role is
+# rendered into the prompt by the chat template, so an unknown one is refused rather than passed through.
+ROLES = ("system", "developer", "user", "assistant", "tool")
 MAX_STOP = 16  # stop strings per request (OpenAI allows 4; lm-eval adds end-of-text to a task's own list)
 
 
@@ -32,19 +37,68 @@ class APIError(Exception):
                           "param": self.param, "code": self.code}}
 
 
+# A JSON string escape of a UTF-16 surrogate (\ud800-\udfff). Raw UTF-8 cannot hold one (the decoder refuses
+# it), so only such an escape can put a lone surrogate into a parsed string.
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
 def parse_json(raw: bytes) -> dict[str, Any]:
-    """The request body as a JSON object (400 when it is not one)."""
+    """The request body as a JSON object (400 when it is not one, or nests too deeply to parse).
+
+    Lone surrogates (``"\\ud800"`` without its pair) have no UTF-8 form: the tokenizer reads each as U+FFFD,
+    and so does everything else here (they are replaced in every string of the body), so an echoed prompt or
+    a model name in an error message can always be sent back."""
     try:
         body = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise APIError(400, f"the request body is not valid JSON ({e}).", code="invalid_json") from None
+    except RecursionError:
+        raise APIError(400, "the request body nests JSON arrays or objects too deeply.",
+                       code="invalid_json") from None
     if not isinstance(body, dict):
         raise APIError(400, "the request body must be a JSON object.", code="invalid_json")
+    if _SURROGATE_ESCAPE.search(raw):
+        body = _replace_lone_surrogates(body)
     return body
 
 
+def _replace_lone_surrogates(body: dict[str, Any]) -> dict[str, Any]:
+    """``body`` with every lone surrogate in its strings (keys too) replaced by U+FFFD (in place, iteratively,
+    so any depth json.loads accepted is fine)."""
+    def clean(v: Any) -> Any:
+        if isinstance(v, str):
+            return _SURROGATE.sub("\ufffd", v)
+        if isinstance(v, (list, dict)):
+            todo.append(v)
+        return v
+
+    todo: list[Any] = [body]
+    while todo:
+        node = todo.pop()
+        if isinstance(node, list):
+            node[:] = [clean(v) for v in node]
+        else:
+            items = [(clean(k), clean(v)) for k, v in node.items()]
+            node.clear()
+            node.update(items)
+    return body
+
+
+def _preview(v: Any) -> str:
+    """At most about 80 characters showing what a client sent (a long list is not serialised whole)."""
+    if isinstance(v, (list, dict)) and len(v) > 8:
+        return f"a {type(v).__name__} of {len(v)} items"
+    if isinstance(v, str) and len(v) > 80:
+        v = v[:80]
+    try:
+        return json.dumps(v)[:80]
+    except (ValueError, RecursionError):
+        return type(v).__name__
+
+
 def _type_error(name: str, want: str, got: Any) -> APIError:
-    return APIError(400, f"'{name}' must be {want}, got {json.dumps(got)[:80]}.", param=name, code="invalid_type")
+    return APIError(400, f"'{name}' must be {want}, got {_preview(got)}.", param=name, code="invalid_type")
 
 
 def _int(body: dict, name: str, default: int | None, lo: int | None = None, hi: int | None = None) -> int | None:
@@ -137,7 +191,7 @@ def _common(body: dict, *, chat: bool, default_max_tokens: int) -> GenerationReq
         top_p=_float(body, "top_p", 1.0, 0.0, 1.0) or 1e-9,
         top_k=_int(body, "top_k", None, 1),
         stop=_stop(body),
-        seed=_int(body, "seed", None),
+        seed=_int(body, "seed", None, 0, SEED_LIMIT - 1),
         presence_penalty=_float(body, "presence_penalty", 0.0, -2.0, 2.0),
         frequency_penalty=_float(body, "frequency_penalty", 0.0, -2.0, 2.0),
     )
@@ -198,6 +252,9 @@ def _messages(body: dict) -> list[dict[str, str]]:
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or not isinstance(m.get("role"), str):
             raise _type_error(f"messages[{i}]", "an object with a string 'role'", m)
+        if m["role"] not in ROLES:
+            raise APIError(400, f"messages[{i}].role must be one of {', '.join(ROLES)}, got {_preview(m['role'])}.",
+                           param=f"messages[{i}].role", code="invalid_value")
         content = m.get("content")
         if isinstance(content, list):  # content parts: keep the text ones
             if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
@@ -227,9 +284,7 @@ def parse_embeddings(body: dict) -> EmbeddingRequest:
         inputs: list[str | list[int]] = [inp]
     elif isinstance(inp, list) and inp and all(isinstance(i, int) and not isinstance(i, bool) for i in inp):
         inputs = [list(inp)]
-    elif isinstance(inp, list) and inp and all(
-        isinstance(x, str) or (isinstance(x, list) and x and all(isinstance(i, int) for i in x)) for x in inp
-    ):
+    elif isinstance(inp, list) and inp and all(isinstance(x, str) or _is_ids(x) for x in inp):
         inputs = list(inp)
     else:
         raise _type_error("input", "a string, a list of strings, or token ids", inp)
@@ -237,7 +292,7 @@ def parse_embeddings(body: dict) -> EmbeddingRequest:
         raise APIError(400, "'input' must not contain empty strings.", param="input", code="invalid_value")
     fmt = body.get("encoding_format", "float")
     if fmt not in ("float", "base64"):
-        raise APIError(400, f"'encoding_format' must be 'float' or 'base64', got {json.dumps(fmt)}.",
+        raise APIError(400, f"'encoding_format' must be 'float' or 'base64', got {_preview(fmt)}.",
                        param="encoding_format", code="invalid_value")
     return EmbeddingRequest(model, inputs, fmt)
 
