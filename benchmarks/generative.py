@@ -1,14 +1,15 @@
 """The generative classics against their baselines: the sentence VAE with and without its remedies, SeqGAN
 against the MLE model at lower temperatures, and distilled students against students trained alone.
 
-    python benchmarks/generative.py --out runs/generative              # everything (about 80 minutes, 2 cores)
+    python benchmarks/generative.py --out runs/generative              # everything (about 90 minutes, 2 cores)
     python benchmarks/generative.py --out runs/generative --parts vae --vae-seconds 120
     python benchmarks/generative.py --out /tmp/generative --smoke      # tiny budgets: checks that it runs
 
 Part 1, the sentence VAE (zenlm vae train) on short sentences of shakespeare (4-15 words, word tokenizer of
-5,000 words) and of People's Daily (5-30 characters, character tokenizer), each trained twice for --vae-seconds
-with the same seed: without the remedies (the KL term at full weight from the start, no word dropout) and with
-them (sigmoid KL annealing over --vae-anneal-steps, word dropout 0.25). Validation, per sentence: ELBO,
+5,000 words) and of People's Daily (5-30 characters, character tokenizer), each trained three times for
+--vae-seconds with the same seed: without the remedies (the KL term at full weight from the start, no word
+dropout) and with them (sigmoid KL annealing over --vae-anneal-steps, word dropout 0.25 or 0.5). Validation, per
+sentence: ELBO,
 reconstruction NLL, KL, active units (of 16), and the NLL bound per token. A collapsed posterior shows KL ~ 0 and
 no active unit. Two sentences sampled from the prior and one interpolation follow each corpus's table.
 
@@ -54,6 +55,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 from classify import bbc_examples, sentiment_examples, write_jsonl  # noqa: E402  (the same tasks and data)
 
 VAE_CORPORA = {"shakespeare": dict(min_len=4, max_len=15), "peoples-daily": dict(min_len=5, max_len=30)}
+VAE_SETTINGS = [("plain", "none (KL weight 1, no word dropout)", dict(kl_schedule="none", word_dropout=0.0)),
+                ("wd25", "KL annealing + word dropout 0.25", dict(kl_schedule="sigmoid", word_dropout=0.25)),
+                ("wd50", "KL annealing + word dropout 0.5", dict(kl_schedule="sigmoid", word_dropout=0.5))]
 INTERPOLATE = {"shakespeare": ("i will not hurt him .", "what is your pleasure , madam ?"),
                "peoples-daily": ("经济发展很快。", "今天天气很好。")}
 
@@ -69,9 +73,8 @@ def vae_part(root: Path, args: argparse.Namespace) -> tuple[list[dict[str, Any]]
 
     rows, examples = [], []
     for corpus, lengths in VAE_CORPORA.items():
-        for name, remedies in (("none (KL weight 1, no word dropout)", dict(kl_schedule="none", word_dropout=0.0)),
-                               ("KL annealing + word dropout 0.25", dict(kl_schedule="sigmoid", word_dropout=0.25))):
-            out = root / f"vae-{corpus}-{remedies['kl_schedule']}"
+        for tag, name, remedies in VAE_SETTINGS:
+            out = root / f"vae-{corpus}-{tag}"
             res = train_vae(corpus, out, model="vae-tiny" if args.smoke else "vae-small",
                             kl_anneal_steps=args.vae_anneal_steps, batch_size=32, eval_sentences=1000,
                             max_sentences=2000 if args.smoke else None,
