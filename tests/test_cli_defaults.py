@@ -35,14 +35,18 @@ def _sources() -> dict[str, list[Any]]:
     from zenlm.models.lora import LoRAConfig
     from zenlm.recipes import finetune_seq2seq as s2s
     from zenlm.recipes.demo import demo
+    from zenlm.recipes.distill import DistillSettings, distill_classifier, distill_lm
     from zenlm.recipes.finetune_classify import finetune_classify
     from zenlm.recipes.pretrain import pretrain
+    from zenlm.recipes.seqgan import SeqGANSettings, train_seqgan
+    from zenlm.recipes.vae import train_vae
     from zenlm.seq2seq import Seq2SeqLM, evaluate_generation
     from zenlm.serve.app import create_app
     from zenlm.serve.server import Limits
     from zenlm.tokenizer import train_tokenizer
     from zenlm.train.loop import TrainConfig
     from zenlm.train.optim import OptimConfig
+    from zenlm.vae import SentenceVAE
 
     # --lora-rank, --lora-alpha, ...: the fields of LoRAConfig, under their flag names
     lora = {f"lora_{f.name}": getattr(LoRAConfig(), f.name) for f in dataclasses.fields(LoRAConfig)}
@@ -69,6 +73,12 @@ def _sources() -> dict[str, list[Any]]:
         "wordvec train": [wv.train_corpus_vectors, wv.Word2VecSettings()],
         "wordvec eval": [wv.read_vectors, wv.evaluate_vectors],
         "wordvec coverage": [wv.read_vectors],
+        "vae train": [train_vae, TrainConfig()],
+        "vae sample": [load, SentenceVAE.sample],
+        "vae reconstruct": [load, SentenceVAE.reconstruct],
+        "vae interpolate": [load, SentenceVAE.interpolate],
+        "seqgan": [train_seqgan, SeqGANSettings(), TrainConfig()],
+        "distill": [distill_classifier, distill_lm, DistillSettings(), TrainConfig()],
     }
 
 
@@ -77,7 +87,8 @@ RENAMED = {("pretrain", "optimizer"): "name", ("generate", "cache"): "use_cache"
 # Flags that default to "whatever --recipe says" (None), resolved by zenlm.recipes.registry.recipe_settings.
 FROM_RECIPE = {"pretrain": {"objective", "model", "batch_size", "seq_len", "grad_accum", "max_steps", "precision",
                             "compile", "optimizer", "lr", "min_lr", "warmup_steps", "schedule", "weight_decay",
-                            "grad_clip", "muon_lr"}}
+                            "grad_clip", "muon_lr"},
+               "distill": {"lr"}}  # None: the learning rate of the recipe the teacher calls for
 # Flags with a default and no library counterpart (what the command itself decides).
 CLI_ONLY = {
     "prepare": {"tokenizer", "objective"},  # train a tokenizer or load one; which kind to train
@@ -99,6 +110,7 @@ ON_PURPOSE = {
     ("generate", "max_new_tokens"): 200, ("generate", "temperature"): 0.8, ("generate", "top_k"): 50,
     ("chat", "max_new_tokens"): 256, ("chat", "temperature"): 0.7, ("chat", "top_p"): 0.95,
     ("serve", "model_id"): None,  # the run directory's name (README), where create_app says "zenlm"
+    ("vae sample", "num"): 5,  # a handful of sentences to look at, where SentenceVAE.sample(n) draws one
 }
 
 

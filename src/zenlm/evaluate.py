@@ -5,7 +5,9 @@ Language-model scores come from the mean cross-entropy ``loss`` in nats per toke
     perplexity    = exp(loss)                                   the effective number of equally likely choices
     bits per byte = loss / ln 2 / (UTF-8 bytes per token)       comparable across tokenizers
 
-Generation metrics compare system outputs ("predictions") with human references, one reference per output.
+Generation metrics compare system outputs ("predictions") with human references, one reference per output
+(free generation, where an output has no reference of its own, is scored by :func:`reference_set_bleu` and
+:func:`self_bleu`, written out below).
 They are computed by the standard packages, so the numbers match published ones:
 
 * BLEU and chrF: ``sacrebleu`` (corpus level; its ``zh`` tokeniser for Chinese targets, ``13a`` otherwise)
@@ -21,6 +23,7 @@ scikit-learn, and agree with ``sklearn.metrics`` used with ``zero_division=0``.
 
 from __future__ import annotations
 
+import bisect
 import math
 import operator
 import re
@@ -135,6 +138,116 @@ def generation_metrics(predictions: Sequence[str], references: Sequence[str], la
     if "rouge" in metrics:
         out.update(rouge(predictions, references, lang))
     return out
+
+
+# ------------------------------------------------------------------------------------------------------------
+# BLEU of free generation (no one reference per output): written out, since every output is scored against a
+# whole set of sentences. sacrebleu gives the same numbers (tests/test_seqgan.py) but would re-read the whole
+# reference set for every output.
+#
+#   p_n  = sum_h sum_{g in ngrams_n(h)} min(count_h(g), max_{r in R_h} count_r(g))  /  sum_h |ngrams_n(h)|
+#   BP   = 1 if c > r else exp(1 - r / c)      c = sum_h |h|,  r = sum_h (the length in R_h closest to |h|,
+#                                              the shorter one on a tie)
+#   BLEU = 100 * BP * exp(1/N sum_{n=1..N} log p_n)          (N = 4; a p_n with no match is smoothed as
+#                                              sacrebleu's "exp" method does: 1 / (2^k * total_n) for the k-th)
+#
+# reference_set_bleu: R_h = the reference set for every output (quality: do the outputs use the n-grams of
+# real text?). self_bleu: R_h = the other outputs (Zhu et al. 2018's diversity score: high = repetitive).
+# ------------------------------------------------------------------------------------------------------------
+
+
+def _words(text: str, lang: Literal["en", "zh"]) -> list[str]:
+    return list("".join(text.split())) if lang == "zh" else text.split()
+
+
+def _ngram_counts(words: Sequence[str], n: int) -> dict[tuple[str, ...], int]:
+    out: dict[tuple[str, ...], int] = {}
+    for i in range(len(words) - n + 1):
+        g = tuple(words[i:i + n])
+        out[g] = out.get(g, 0) + 1
+    return out
+
+
+def _closest(lengths: Sequence[int], h: int) -> int:
+    """The length in ``lengths`` (sorted, non-empty) closest to h, the shorter one on a tie."""
+    i = bisect.bisect_left(lengths, h)
+    if i == len(lengths):
+        return lengths[-1]
+    if i == 0 or lengths[i] == h:
+        return lengths[i]
+    return lengths[i - 1] if h - lengths[i - 1] <= lengths[i] - h else lengths[i]
+
+
+def _bleu_from_stats(matches: list[int], totals: list[int], hyp_len: int, ref_len: int) -> float:
+    if hyp_len == 0:
+        return 0.0
+    log_p, smooth = 0.0, 1.0
+    for m, t in zip(matches, totals, strict=True):
+        if t == 0:
+            return 0.0
+        if m == 0:
+            smooth *= 2
+            log_p += math.log(1.0 / (smooth * t))
+        else:
+            log_p += math.log(m / t)
+    bp = 1.0 if hyp_len > ref_len else math.exp(1.0 - ref_len / hyp_len)
+    return 100.0 * bp * math.exp(log_p / len(matches))
+
+
+def reference_set_bleu(predictions: Sequence[str], references: Sequence[str], lang: Lang = "auto",
+                       max_n: int = 4) -> float:
+    """Corpus BLEU-``max_n`` (0-100) of ``predictions``, each scored against the whole ``references`` set (see
+    the comment above); words are split at spaces, Chinese per character."""
+    if isinstance(predictions, str) or isinstance(references, str) or not predictions or not references:
+        raise DataError("give non-empty lists of predictions and of references.")
+    lang = _resolve(lang, references)
+    refs = [_words(r, lang) for r in references]
+    best: list[dict[tuple[str, ...], int]] = [{} for _ in range(max_n)]
+    for words in refs:
+        for n in range(max_n):
+            for g, c in _ngram_counts(words, n + 1).items():
+                if c > best[n].get(g, 0):
+                    best[n][g] = c
+    lengths = sorted(len(w) for w in refs)
+    matches, totals, hyp_len, ref_len = [0] * max_n, [0] * max_n, 0, 0
+    for text in predictions:
+        words = _words(text, lang)
+        hyp_len, ref_len = hyp_len + len(words), ref_len + _closest(lengths, len(words))
+        for n in range(max_n):
+            counts = _ngram_counts(words, n + 1)
+            matches[n] += sum(min(c, best[n].get(g, 0)) for g, c in counts.items())
+            totals[n] += sum(counts.values())
+    return _bleu_from_stats(matches, totals, hyp_len, ref_len)
+
+
+def self_bleu(texts: Sequence[str], lang: Lang = "auto", max_n: int = 4) -> float:
+    """Corpus BLEU-``max_n`` (0-100) of each text against all the other texts: how much a set of generated
+    sentences repeats itself (100: every sentence's n-grams occur in another one)."""
+    if isinstance(texts, str) or len(texts) < 2:
+        raise DataError("self-BLEU needs a list of at least two texts.")
+    lang = _resolve(lang, texts)
+    docs = [_words(t, lang) for t in texts]
+    counts = [[_ngram_counts(w, n + 1) for n in range(max_n)] for w in docs]
+    # per n-gram the two largest counts in any text and the text holding the largest: the most any *other*
+    # text holds is the first unless text i holds it, then the second
+    top: list[dict[tuple[str, ...], tuple[int, int, int]]] = [{} for _ in range(max_n)]
+    for i, per_n in enumerate(counts):
+        for n, cn in enumerate(per_n):
+            for g, c in cn.items():
+                c1, who, c2 = top[n].get(g, (0, -1, 0))
+                top[n][g] = (c, i, c1) if c > c1 else (c1, who, max(c2, c))
+    lengths = sorted(len(w) for w in docs)
+    matches, totals, hyp_len, ref_len = [0] * max_n, [0] * max_n, 0, 0
+    for i, words in enumerate(docs):
+        others = list(lengths)
+        others.remove(len(words))
+        hyp_len, ref_len = hyp_len + len(words), ref_len + _closest(others, len(words))
+        for n in range(max_n):
+            for g, c in counts[i][n].items():
+                c1, who, c2 = top[n][g]
+                matches[n] += min(c, c2 if who == i else c1)
+            totals[n] += sum(counts[i][n].values())
+    return _bleu_from_stats(matches, totals, hyp_len, ref_len)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -359,4 +472,5 @@ def classification_report_from_names(true_names: Sequence[str], pred_names: Sequ
 
 
 __all__ = ["perplexity", "bits_per_byte", "bleu", "chrf", "rouge", "generation_metrics", "detect_lang", "confusion_matrix",
-           "ClassificationReport", "classification_report", "classification_report_from_names"]
+           "ClassificationReport", "classification_report", "classification_report_from_names",
+           "reference_set_bleu", "self_bleu"]

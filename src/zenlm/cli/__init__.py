@@ -598,6 +598,9 @@ def build_parser() -> argparse.ArgumentParser:
     from zenlm.cli.wordvec import register as register_wordvec  # zenlm wordvec train | eval | coverage
 
     register_wordvec(sub)
+    from zenlm.cli.generative import register as register_generative  # zenlm vae | seqgan | distill
+
+    register_generative(sub)
     return parser
 
 
@@ -615,7 +618,7 @@ def main(argv: list[str] | None = None) -> int:
 
         print(__version__)
         return 0
-    if not hasattr(ns, "_fn"):  # no verb, or a verb with actions (tokenizer, convert, finetune, wordvec) but none
+    if not hasattr(ns, "_fn"):  # no verb, or a verb with actions (tokenizer, convert, finetune, vae...) but none
         (parser._subparsers._group_actions[0].choices[ns.verb] if ns.verb else parser).print_help()
         return 2
     try:

@@ -8,6 +8,7 @@ from zenlm.models.bert import BERT_PRESETS, Bert, BertConfig
 from zenlm.models.encdec import ENCDEC_PRESETS, EncDecConfig, EncoderDecoder
 from zenlm.models.gpt import GPT
 from zenlm.models.registry import Architecture, register
+from zenlm.models.vae import VAE_PRESETS, TextVAE, TextVAEConfig
 from zenlm.presets import PRESETS as GPT_PRESETS
 
 register(Architecture(
@@ -28,4 +29,11 @@ register(Architecture(
     description="encoder-decoder Transformer (T5 / BART layouts): source -> target",
     capabilities=frozenset({"seq2seq", "generate"}),
     shape_names={"n_layer": ("n_enc_layer", "n_dec_layer")},
+))
+register(Architecture(
+    name="vae", title="sentence VAE", config_class=TextVAEConfig, build=TextVAE, presets=VAE_PRESETS,
+    default_preset="vae-small",
+    description="variational autoencoder of sentences (Bowman et al.): LSTM encoder -> Gaussian code -> "
+                "LSTM decoder",
+    capabilities=frozenset(), api="zenlm.vae:from_run",
 ))
