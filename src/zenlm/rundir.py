@@ -31,7 +31,7 @@ from zenlm.errors import CheckpointError
 from zenlm.fileio import atomic_write_text
 from zenlm.models.registry import Architecture, get_architecture
 from zenlm.tokenizer import Tokenizer
-from zenlm.train.checkpoint import list_checkpoints, load_model_weights, save_model
+from zenlm.train.checkpoint import list_checkpoints, load_model_weights, read_weights, save_model
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
@@ -177,12 +177,25 @@ def load_run(run_dir: str | Path, *, device: str = "auto", dtype: str = "fp32") 
     """Build the model of ``run_dir``, load its weights (:func:`weights_file`) and tokenizer, and move it to
     ``device`` with weights in ``dtype`` (fp32 | bf16 | fp16)."""
     run_dir = Path(run_dir)
+    saved = read_run_config(run_dir)
+    if run_architecture(saved).from_tensors is not None:
+        return _load_from_tensors(run_dir, saved, device)
     torch_dtype: torch.dtype = resolve_dtype(dtype)
     model, _, saved = build_model_from_run(run_dir)
     load_run_weights(run_dir, model)
     tokenizer = load_run_tokenizer(run_dir)
     model = model.to(resolve_device(device), dtype=torch_dtype).eval()
     return LoadedRun(run_dir, saved, run_architecture(saved), model, tokenizer)
+
+
+def _load_from_tensors(run_dir: Path, saved: dict[str, Any], device: str) -> LoadedRun:
+    """A family whose tensor shapes come from the data (the n-gram model's count tables) is built from the
+    tensors of its weights file (``Architecture.from_tensors``, which checks them), in the dtypes they are
+    stored in."""
+    arch = run_architecture(saved)
+    assert arch.from_tensors is not None
+    model = arch.from_tensors(arch.config_from_dict(saved["model"]), read_weights(weights_file(run_dir)))
+    return LoadedRun(run_dir, saved, arch, model.to(resolve_device(device)).eval(), load_run_tokenizer(run_dir))
 
 
 __all__ = ["RUN_OPTIONS", "TOKENIZER_FILES", "LoadedRun", "build_model_from_run", "copy_tokenizer_files",
