@@ -136,7 +136,7 @@ def _pretrain_params() -> list[Param]:
         *params_of(OptimConfig, only=_OPTIM_FLAGS, defaults=from_recipe, rename={"name": "optimizer"},
                    types={"name": Literal["adamw", "muon"], "schedule": Literal["cosine", "linear", "constant", "wsd"]}),
         *params_of(TrainConfig, only=("eval_every",)),
-        *params_of(recipe, only=("eval_tokens",)),
+        *params_of(recipe, only=("eval_tokens", "init_embeddings")),
         *params_of(TrainConfig, only=("log_every", "ckpt_every", "seed", "device", "precision", "compile", "threads",
                                       "strategy"), defaults=from_recipe, types={"precision": Precision}),
         *shape_params(),
@@ -150,6 +150,11 @@ def pretrain(**flags: Any) -> None:
     --recipe, causal-lm uses the "default" recipe and mlm the "mlm" recipe (bert-mini, rows of 128 tokens,
     AdamW 5e-4 with 100 warm-up steps, linear decay, weight decay 0.01).
 
+    The lower rungs of the language-model ladder train with the same command (docs/ladder.md): --model
+    lstm-small, lstm-medium, gru-small, mlp-small or mlp-direct read the text as consecutive windows with the
+    state carried across them (truncated BPTT; the "ladder" recipe), and --model ngram-2 .. ngram-5 counts an
+    n-gram model from the training split in one pass.
+
     Masked-LM pretraining hides 15% of the tokens of each row ([CLS] text [SEP]) and learns to predict them;
     it needs a tokenizer with the <|mask|>, <|bos|> ([CLS]) and <|eos|> ([SEP]) tokens, which every tokenizer
     zenlm trains has. A WordPiece tokenizer is the usual choice for BERT, and what `zenlm prepare --objective mlm`
@@ -162,11 +167,12 @@ def pretrain(**flags: Any) -> None:
         data: data directory made by `zenlm prepare`
         out: run directory to create (config.yaml, checkpoints, metrics.jsonl, model.safetensors, plots)
         recipe: default (demo model, Muon + AdamW, bf16), fast, five-min, classic (the classic small-GPT
-            recipe with AdamW and fp32), or mlm (masked LM); default: the objective's recipe
+            recipe with AdamW and fp32), mlm (masked LM) or ladder (n-gram, MLP and LSTM rungs); default: the
+            objective's recipe, ladder for a ladder preset
         objective: causal-lm (GPT, next-token prediction) or mlm (BERT, masked tokens); default: the
             recipe's, and on --resume the run's own
-        model: model preset (see `zenlm presets`; BERT presets bert-tiny, bert-mini, ... for mlm); default
-            from the recipe
+        model: model preset (see `zenlm presets`; BERT presets bert-tiny, bert-mini, ... for mlm; ngram-5,
+            mlp-small, lstm-small, gru-small, ... for the ladder); default from the recipe
         max_steps: optimiser steps in all
         max_seconds: wall-time budget; the learning rate decays over whichever budget ends first
         resume: continue the run in --out from its newest checkpoint
@@ -184,6 +190,9 @@ def pretrain(**flags: Any) -> None:
         muon_lr: peak learning rate of the Muon parameters
         eval_every: validate every N steps
         eval_tokens: validation tokens per evaluation (0 for the whole split)
+        init_embeddings: word vectors (word2vec text or binary, fastText .vec, GloVe, or a `zenlm wordvec
+            train` directory) to initialise the token embeddings of a new word-level model with; the share of
+            the vocabulary they cover is reported
         log_every: write metrics every N steps
         ckpt_every: save a checkpoint every N steps
         seed: random seed (weights, dropout, data order)
@@ -201,7 +210,7 @@ def pretrain(**flags: Any) -> None:
 
     from zenlm.models.registry import find_preset
     from zenlm.recipes.pretrain import pretrain as run_pretrain
-    from zenlm.recipes.registry import DEFAULT_RECIPE, recipe_settings
+    from zenlm.recipes.registry import default_recipe, recipe_settings
     from zenlm.rundir import read_run_config
     from zenlm.train.loop import TrainConfig
     from zenlm.train.optim import OptimConfig
@@ -214,7 +223,7 @@ def pretrain(**flags: Any) -> None:
     if resume and (out / "config.yaml").is_file():
         saved = read_run_config(out)
         objective = objective or saved.get("objective", "causal-lm")  # continue with the run's own defaults
-    recipe = flags["recipe"] or DEFAULT_RECIPE[objective or "causal-lm"]
+    recipe = flags["recipe"] or default_recipe(objective or "causal-lm", flags["model"])
     s = recipe_settings(recipe, **given(*(k for k in _FROM_RECIPE if k != "objective")))
     objective = objective or s["objective"]
     if saved and flags["recipe"] is None:  # --resume: the run's own optimiser and loop settings, not a recipe's
@@ -232,6 +241,7 @@ def pretrain(**flags: Any) -> None:
     result = run_pretrain(
         flags["data"], out, objective=objective, model=s["model"], model_overrides=s["model_overrides"],
         resume=resume, batch_size=s["batch_size"], seq_len=s["seq_len"], eval_tokens=flags["eval_tokens"] or None,
+        init_embeddings=flags["init_embeddings"],
         train=TrainConfig(max_steps=s["max_steps"], grad_accum=s["grad_accum"], precision=s["precision"],
                           compile=s["compile"], **given("max_seconds", "eval_every", "log_every", "ckpt_every",
                                                         "seed", "device", "threads", "strategy")),
@@ -239,6 +249,12 @@ def pretrain(**flags: Any) -> None:
         progress=progress,
     )
     progress.close()
+    if result.stopped_by == "counted":  # an n-gram model: one pass over the training split
+        v = result.val
+        print(f"\ncounted {result.tokens:,} training tokens in {result.train_s:.1f} s\nvalidation loss "
+              f"{v['val_loss']:.4f} nats/token  |  perplexity {v['val_ppl']:.2f}  |  {v['val_bpb']:.4f} bits/byte\n"
+              f"run directory: {out}")
+        return
     if objective != "mlm":
         print_train_result(result, out)
         return
