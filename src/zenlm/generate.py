@@ -250,14 +250,13 @@ def generate_batch(
     if cfg.compile:
         raise ConfigError("compile applies to one sequence at a time (generate_ids / generate_text); "
                           "generate_batch runs eagerly: drop compile=True.")
-    if is_stateful(model):
-        return generate_batch_stateful(model, rows, cfg, eos_id, on_token)
     if not rows or cfg.max_new_tokens == 0:
         return [[] for _ in rows]
+    decode = generate_batch_stateful if is_stateful(model) else _generate_batch
     was_training = model.training
     model.eval()
     try:
-        return _generate_batch(model, rows, cfg, eos_id, on_token)
+        return decode(model, rows, cfg, eos_id, on_token)
     finally:
         model.train(was_training)
 

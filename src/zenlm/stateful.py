@@ -116,27 +116,14 @@ def _generate_ids(model: nn.Module, ids: list[int], cfg: GenerationConfig,
         model.train(was_training)
 
 
+@torch.inference_mode()
 def generate_batch(model: nn.Module, prompts: list[list[int]], cfg: GenerationConfig, eos_id: int | None,
                    on_token: Callable[[int, int], bool] | None) -> list[list[int]]:
-    """:func:`zenlm.generate.generate_batch` for a stateful model (the prompts are checked by the caller): each
-    prompt is read alone into its own state row, then every step feeds the newest token of every unfinished row
-    in one batched call; a finished row leaves the batch. Row i samples with seed ``cfg.seed + i``, so row 0
-    draws what :func:`generate_ids` draws, and a row's tokens do not depend on the other rows (greedy rows give
-    :func:`generate_ids`'s tokens)."""
-    _check_options(cfg)
-    if not prompts or cfg.max_new_tokens == 0:
-        return [[] for _ in prompts]
-    was_training = model.training
-    model.eval()
-    try:
-        return _generate_batch(model, prompts, cfg, eos_id, on_token)
-    finally:
-        model.train(was_training)
-
-
-@torch.inference_mode()
-def _generate_batch(model: nn.Module, prompts: list[list[int]], cfg: GenerationConfig, eos_id: int | None,
-                    on_token: Callable[[int, int], bool] | None) -> list[list[int]]:
+    """The decoding of :func:`zenlm.generate.generate_batch` for a stateful model (which checks the prompts and
+    settings and puts the model in eval mode first): each prompt is read alone into its own state row, then every
+    step feeds the newest token of every unfinished row in one batched call; a finished row leaves the batch.
+    Row i samples with seed ``cfg.seed + i``, so row 0 draws what :func:`generate_ids` draws, and a row's tokens
+    do not depend on the other rows (greedy rows give :func:`generate_ids`'s tokens)."""
     device = model_device(model)
     sampling = cfg.sampling()
     samplers = [Sampler(sampling, model.config.vocab_size, device=device, prompt_ids=ids, seed_offset=i)

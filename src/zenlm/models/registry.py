@@ -19,7 +19,7 @@ An :class:`Architecture` is one record: its ``arch`` name, its config class, a b
     seq2seq     writes a target from a source: model(src_BS, tgt_BT, src_mask_BS) -> logits_BTV
     classify    has per-token hidden states a classification head can pool             (finetune classify)
     embed       gives a vector per text (the mean of its hidden states)                  (zenlm embed)
-    generate    produces text token by token (generation, beam search, the server)
+    generate    produces text token by token (generation, the server; beam search for GPT and seq2seq)
 
 A **stateful** causal LM (the n-gram, MLP and LSTM/GRU rungs of the ladder, ``models/ngram.py`` and ``rnn.py``)
 has no context window and no KV cache: a state tuple, every tensor of it batch first, holds all it keeps of the
@@ -43,7 +43,8 @@ Adding a model family is one new file in ``zenlm/models/`` (its config dataclass
 * ``from_dict(d)`` (a classmethod) rebuilds it, ignoring ``arch`` and refusing unknown fields;
 * validation happens in ``__post_init__`` and raises :class:`~zenlm.errors.ConfigError`;
 * ``vocab_size`` is a field; ``n_embd`` (the width of the hidden states) and ``block_size`` (the longest input)
-  are readable when the family can ``classify`` or ``embed``, since the heads and the encoders read them.
+  are readable when the family can ``classify`` or ``embed``, since the heads and the encoders read them. A
+  causal LM that is not stateful has a ``block_size``; a stateful one has none (it reads any length).
 
 What a run adds on top of its architecture (a classification head, int8 weights) is not an architecture:
 :func:`zenlm.rundir.build_model_from_run` applies those options after ``arch.build``. Which Python object
