@@ -464,7 +464,8 @@ def presets() -> None:
         print(f"  {'name':<14} {'params':>9}  shape")
         for name, preset in arch.presets.items():
             n = num_params(arch.config(name, vocab_size=8192))
-            print(f"  {name:<14} {n / 1e6:>8.2f}M  {preset.description}")
+            size = "counted" if arch.count is not None else f"{n / 1e6:.2f}M"  # an n-gram's size is its data's
+            print(f"  {name:<14} {size:>9}  {preset.description}")
 
 
 # ------------------------------------------------------------------------------------------------ main
