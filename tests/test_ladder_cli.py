@@ -84,6 +84,9 @@ def test_pretrain_trains_each_rung_and_the_run_loads_as_an_lm(runs: dict[str, Pa
     assert main(["generate", str(run), prompt, "--max-new-tokens", "40", "--temperature", "0",
                  "--device", "cpu"]) == 0
     assert capsys.readouterr().out == prompt + text + "\n"
+    # int8 weight-only quantisation is for Transformers' linear layers: refused, in one line
+    assert main(["quantize", str(run), "--out", str(run.parent / f"{name}-int8")]) == 2
+    assert "supports language-model runs (gpt)" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("name", list(RUNGS))
