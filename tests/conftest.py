@@ -92,3 +92,13 @@ def run_factory():
     """``make_tiny_gpt_run(root, suppress_eos=True, **GPTConfig overrides)`` for tests that need a run
     directory of their own (serve tests, fault tests)."""
     return make_tiny_gpt_run
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models train fastest on one thread (and the suite runs two workers on two cores); for a module:
+    ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

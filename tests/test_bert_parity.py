@@ -78,11 +78,11 @@ def test_imported_run_embeds_like_sentence_transformers(minilm_run):
 
 def test_import_refuses_a_foreign_folder_and_keeps_it(tmp_path):
     from zenlm.convert import import_hf
-    from zenlm.errors import CheckpointError
+    from zenlm.errors import ConfigError
 
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("keep")
-    with pytest.raises(CheckpointError, match="not a zenlm run directory"):
+    with pytest.raises(ConfigError, match="holds no zenlm run directory"):
         import_hf(MODEL_DIR, tmp_path / "mine")
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep"
 

@@ -234,4 +234,4 @@ def test_cli_finetune_predict_evaluate_embed(tmp_path: Path, bert_run: Path, dat
     vecs = [json.loads(x)["embedding"] for x in r.stdout.splitlines()]
     assert len(vecs) == 2 and abs(sum(v * v for v in vecs[0]) - 1) < 1e-4
     r = _zenlm("predict", str(bert_run), "goal", "--device", "cpu")
-    assert r.returncode == 2 and "not a classifier" in r.stderr
+    assert r.returncode == 2 and "labels texts with a classifier" in r.stderr and "zenlm embed" in r.stderr

@@ -127,3 +127,87 @@ def test_mlm_pipeline_trains_wordpiece_by_default(tmp_path: Path) -> None:
                  "--max-steps", "4", "--batch-size", "4", "--seq-len", "32", "--device", "cpu"]) == 0
     enc = zenlm.load(run, device="cpu")
     assert enc.embed(["a b c"]).shape == (1, enc.config.d_model)
+
+
+# ------------------------------------------------------------------------------ small things a new user meets
+FIXTURE_GPT = Path(__file__).parent / "fixtures" / "runs" / "gpt"
+
+
+def test_a_verb_with_actions_and_none_given_prints_its_own_help(capsys: pytest.CaptureFixture) -> None:
+    """Issue 14.11: `zenlm finetune` printed the top-level help."""
+    for verb, actions in (("finetune", ("seq2seq", "classify")), ("convert", ("from-hf", "to-hf")),
+                          ("tokenizer", ("train",))):
+        assert main([verb]) == 2
+        out = capsys.readouterr().out
+        assert out.startswith(f"usage: zenlm {verb}") and all(a in out for a in actions), out
+
+
+def test_top_k_zero_means_no_limit_on_the_command_line(capsys: pytest.CaptureFixture) -> None:
+    """Issue 14.11: `--top-k 0` was refused "(or None for no limit)", which a command line cannot say."""
+    assert main(["generate", str(FIXTURE_GPT), "ab", "--top-k", "0", "--seed", "3", "--max-new-tokens", "12",
+                 "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    lm = zenlm.load(FIXTURE_GPT, device="cpu")
+    assert out == "ab" + lm.generate("ab", top_k=None, temperature=0.8, seed=3, max_new_tokens=12) + "\n"
+    assert main(["generate", str(FIXTURE_GPT), "ab", "--top-k", "-1", "--device", "cpu"]) == 2
+    assert "--top-k must be >= 0 (0: no limit)" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["generate", "--help"])
+    assert "(0: no limit)" in " ".join(capsys.readouterr().out.split())
+
+
+def test_compile_says_what_it_is_doing_while_it_builds(capsys: pytest.CaptureFixture,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 14.11: `--compile` was silent for the 20-45 s it takes to build the decode program. The program
+    itself is built in tests/test_compiled.py; here the build is stood in for by its log line."""
+    import logging
+
+    def stream(self, prompt: str, **kw):
+        logging.getLogger("zenlm.compiled").info("building the decode program (once per model shape; kept in X)")
+        yield "!"
+
+    monkeypatch.setattr(zenlm.LM, "stream", stream)
+    assert main(["generate", str(FIXTURE_GPT), "ab", "--compile", "--device", "cpu"]) == 0
+    err = capsys.readouterr().err
+    assert "note: building the decode program (once per model shape; kept in X)" in err
+
+
+def test_the_training_bar_starts_at_step_zero(tmp_path: Path) -> None:
+    """Issue 14.11: the bar appeared only at the first logged step (10 steps in)."""
+    import torch
+
+    from zenlm.config import GPTConfig
+    from zenlm.models.gpt import GPT
+    from zenlm.recipes.pretrain import causal_lm_loss
+    from zenlm.train.loop import TrainConfig, fit
+    from zenlm.train.optim import OptimConfig
+
+    seen = []
+
+    def get_batch(step: int, micro: int):
+        seen.append(("batch", step))
+        x = torch.randint(0, 20, (2, 9))
+        return x[:, :-1], x[:, 1:]
+
+    fit(GPT(GPTConfig(vocab_size=20, block_size=8, n_layer=1, n_head=2, n_embd=16)), get_batch, causal_lm_loss,
+        tmp_path, TrainConfig(max_steps=3, log_every=10, eval_every=0, device="cpu", tensorboard=False),
+        OptimConfig(warmup_steps=0), progress=lambda p: seen.append(("bar", p.done)) if p.total else None)
+    assert seen[0] == ("bar", 0.0)  # before the first batch
+
+
+def test_truncation_is_reported_once(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """Issue 14.11: each truncation warning printed twice (a Python warning and a progress line)."""
+    import warnings
+
+    pairs = tmp_path / "pairs.jsonl"
+    rng = __import__("random").Random(0)
+    pairs.write_text("".join(json.dumps({"source": " ".join(str(rng.random()) for _ in range(60)), "target": "ab"})
+                             + "\n" for _ in range(20)))  # sources of several hundred tokens: over the limit
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert main(["finetune", "seq2seq", "--data", str(pairs), "--out", str(tmp_path / "run"), "--model",
+                     "encdec-tiny", "--n-layer", "1", "--vocab-size", "300", "--max-steps", "1", "--device", "cpu",
+                     "--precision", "fp32", "--eval-every", "0"]) == 0
+    err = capsys.readouterr().err
+    assert err.count("sources are longer than") == 2  # once for the training pairs, once for the validation ones
+    assert not [w for w in caught if "truncated" in str(w.message)]

@@ -19,16 +19,20 @@ from zenlm.cli import build_parser
 
 
 def _sources() -> dict[str, list[Any]]:
-    """verb -> where its defaults come from: functions (their signature) and settings objects (their fields)."""
+    """verb -> where its defaults come from: functions (their signature), settings objects (their fields) and
+    dicts (settings under their flag names)."""
     from zenlm import wordvec as wv
     from zenlm.api import load
+    from zenlm.cli.encoder import evaluate_classify
     from zenlm.cli.lmeval import evaluate_lm_eval
     from zenlm.convert.gguf import export_gguf
     from zenlm.convert.hf import download_from_hub, export_hf, import_hf
+    from zenlm.convert.peft import export_peft, import_peft
     from zenlm.data.corpus import open_corpus
     from zenlm.data.seq2seq import read_pairs
     from zenlm.encoder import EncoderLM
     from zenlm.generate import GenerationConfig
+    from zenlm.models.lora import LoRAConfig
     from zenlm.recipes import finetune_seq2seq as s2s
     from zenlm.recipes.demo import demo
     from zenlm.recipes.finetune_classify import finetune_classify
@@ -40,22 +44,26 @@ def _sources() -> dict[str, list[Any]]:
     from zenlm.train.loop import TrainConfig
     from zenlm.train.optim import OptimConfig
 
+    # --lora-rank, --lora-alpha, ...: the fields of LoRAConfig, under their flag names
+    lora = {f"lora_{f.name}": getattr(LoRAConfig(), f.name) for f in dataclasses.fields(LoRAConfig)}
     return {
         "tokenizer train": [open_corpus, train_tokenizer],
         "prepare": [open_corpus, train_tokenizer],
-        "pretrain": [pretrain, TrainConfig(), OptimConfig()],
+        "pretrain": [pretrain, TrainConfig(), OptimConfig(), lora],
         "generate": [load, GenerationConfig()],
         "demo": [demo],
         "presets": [],
         "quantize": [],
-        "convert from-hf": [import_hf, download_from_hub],
-        "convert to-hf": [export_hf],
+        "convert from-hf": [import_hf, download_from_hub, import_peft],
+        "convert to-hf": [export_hf, export_peft],
         "convert to-gguf": [export_gguf],
-        "finetune seq2seq": [s2s.finetune_seq2seq, TrainConfig(**s2s.DEFAULT_TRAIN), OptimConfig(**s2s.DEFAULT_OPTIM)],
-        "finetune classify": [finetune_classify, TrainConfig()],
+        "merge-lora": [],
+        "finetune seq2seq": [s2s.finetune_seq2seq, TrainConfig(**s2s.DEFAULT_TRAIN), OptimConfig(**s2s.DEFAULT_OPTIM),
+                             lora],
+        "finetune classify": [finetune_classify, TrainConfig(), lora],
         "predict": [load, EncoderLM.classify],
         "embed": [load, EncoderLM.embed],
-        "evaluate": [load, Seq2SeqLM.generate, evaluate_generation, read_pairs, evaluate_lm_eval],
+        "evaluate": [load, Seq2SeqLM.generate, evaluate_generation, read_pairs, evaluate_lm_eval, evaluate_classify],
         "serve": [load, create_app, Limits()],
         "chat": [load, GenerationConfig()],
         "wordvec train": [wv.train_corpus_vectors, wv.Word2VecSettings()],
@@ -75,7 +83,7 @@ CLI_ONLY = {
     "prepare": {"tokenizer", "objective"},  # train a tokenizer or load one; which kind to train
     "pretrain": {"recipe", "n_layer", "n_head", "n_embd", "block_size", "dropout"},
     "demo": set(),
-    "convert from-hf": {"src", "from_hub"},  # where the checkpoint comes from
+    "convert from-hf": {"src", "from_hub", "base"},  # where the checkpoint comes from; a PEFT adapter's base run
     "finetune seq2seq": {"n_layer", "n_embd", "dropout"},
     "predict": {"texts", "file", "top_k"},
     "embed": {"texts", "file", "out"},
@@ -97,7 +105,10 @@ ON_PURPOSE = {
 def _library_default(sources: list[Any], name: str) -> Any:
     """The first source's default for ``name``; LookupError when no source has it."""
     for src in sources:
-        if dataclasses.is_dataclass(src) and not isinstance(src, type):
+        if isinstance(src, dict):  # settings under their flag names
+            if name in src:
+                return src[name]
+        elif dataclasses.is_dataclass(src) and not isinstance(src, type):
             if name in {f.name for f in dataclasses.fields(src)}:
                 return getattr(src, name)
         elif isinstance(src, Callable):  # type: ignore[arg-type]

@@ -127,11 +127,13 @@ def test_an_ngram_run_is_counted(char_data: Path, tmp_path: Path, capsys: pytest
     text = lm.generate("ROMEO:\n", max_new_tokens=30, temperature=0.8, seed=0)
     assert len(text) == 30 and text == lm.generate("ROMEO:\n", max_new_tokens=30, temperature=0.8, seed=0)
     assert lm.perplexity("First Citizen:\nBefore we proceed any further, hear me speak.") < math.exp(rec["val_loss"]) * 3
-    # nothing to resume, and an existing run is not counted over
+    # nothing to resume (no checkpoint), an existing run is not counted over, and --overwrite counts again
     assert main(["pretrain", "--data", str(char_data), "--out", str(run), "--resume"]) == 2
-    assert "nothing to resume" in capsys.readouterr().err
+    assert "no checkpoint to continue from; pass --overwrite" in capsys.readouterr().err
     assert main(["pretrain", "--data", str(char_data), "--out", str(run), "--model", "ngram-3"]) == 2
     assert "already holds a run" in capsys.readouterr().err
+    pretrain(char_data, run, "--model", "ngram-2", "--overwrite", "--eval-tokens", "4096", "--device", "cpu")
+    assert zenlm.load(run, device="cpu").model.config.order == 2 and metrics(run)[0]["val_loss"] > rec["val_loss"]
 
 
 @pytest.fixture(scope="module")

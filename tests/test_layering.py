@@ -21,8 +21,8 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
               "zenlm.wordvec")),
     ("models", ("zenlm.models", "zenlm.presets")),
     ("train", ("zenlm.train",)),
-    ("inference", ("zenlm", "zenlm.api", "zenlm.rundir", "zenlm.encoder", "zenlm.seq2seq", "zenlm.generate",
-                   "zenlm.stateful", "zenlm.compiled", "zenlm.beam", "zenlm.convert")),
+    ("inference", ("zenlm", "zenlm.api", "zenlm.rundir", "zenlm.adapter", "zenlm.encoder", "zenlm.seq2seq",
+                   "zenlm.generate", "zenlm.stateful", "zenlm.compiled", "zenlm.beam", "zenlm.convert")),
     ("apps", ("zenlm.recipes", "zenlm.serve", "zenlm.lmeval")),
     ("cli", ("zenlm.cli", "zenlm.clikit", "zenlm.__main__")),
 ]

@@ -110,3 +110,72 @@ def test_fit_changes_no_process_wide_setting(tmp_path: Path) -> None:
         assert torch.get_num_threads() == other
     finally:
         torch.set_num_threads(threads)
+
+
+# ------------------------------------------------------------------------------------------ the schedule
+def test_warm_up_and_decay_count_the_same_budget() -> None:
+    """Issue 14.7: warm-up counted steps while decay counted seconds. Under a time budget warm-up now also ends
+    when its share of the time is used; under a step budget nothing changes."""
+    from zenlm.train.optim import lr_factor, warmup_share
+
+    cfg = OptimConfig(lr=5e-4, min_lr=0.0, warmup_steps=100, schedule="linear")
+    for step in range(0, 150, 7):  # a step budget: the same factors as steps alone, bit for bit
+        assert lr_factor(cfg, step, step / 2000, 100 / 2000) == lr_factor(cfg, step, step / 2000)
+    assert lr_factor(cfg, 99, 99 / 2000, 100 / 2000) == 1.0  # the last warm-up step is at the peak
+    # slow steps under a time budget: a tenth of the time is gone at step 2, so warm-up is over
+    share = warmup_share(100, 2000)
+    assert share == 0.1 and lr_factor(cfg, 2, 0.10, share) == pytest.approx(0.9)
+    assert lr_factor(cfg, 2, 0.10) == pytest.approx(0.03)  # counted in steps only: still deep in warm-up
+    assert lr_factor(cfg, 0, 0.0, share) == pytest.approx(0.01)  # the first step still starts low
+    # fast steps under a nominal step budget (the demo: 1,000,000 steps, 300 s): warm-up keeps its 50 steps
+    demo = OptimConfig(lr=3e-3, min_lr=3e-4, warmup_steps=50)
+    share = warmup_share(50, 1_000_000)
+    assert lr_factor(demo, 9, 9 * 0.1 / 300, share) == pytest.approx(10 / 50)
+    assert lr_factor(demo, 49, 49 * 0.1 / 300, share) == 1.0
+
+
+def test_a_short_time_budget_warms_up_then_decays_over_the_time(tmp_path: Path, monkeypatch) -> None:
+    """A run that gets ten steps from a 90-second budget (9 s a step) with 100 warm-up steps used to stay in
+    warm-up the whole run; now it reaches the peak after the first step and decays to min_lr by the end."""
+    import zenlm.train.loop as loop
+
+    clock = FakeTime()
+
+    class SlowSteps(RunClock):  # every step takes 9 s of the budget
+        def __init__(self, *a, **kw) -> None:
+            super().__init__(*a, **kw, now=clock)
+
+    monkeypatch.setattr(loop, "RunClock", SlowSteps)
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=20, block_size=8, n_layer=1, n_head=2, n_embd=16))
+
+    def get_batch(step: int, micro: int):
+        clock.t += 9.0 if micro == 0 else 0.0
+        x = torch.randint(0, 20, (2, 9), generator=torch.Generator().manual_seed(step))
+        return x[:, :-1], x[:, 1:]
+
+    cfg = TrainConfig(max_steps=2000, max_seconds=90.0, log_every=1, eval_every=0, ckpt_every=0, device="cpu",
+                      precision="fp32", tensorboard=False)
+    optim = OptimConfig(name="adamw", lr=5e-4, min_lr=0.0, warmup_steps=100, schedule="linear")
+    res = fit(model, get_batch, causal_lm_loss, tmp_path, cfg, optim)
+    lrs = [r["lr"] for r in map(json.loads, (tmp_path / "metrics.jsonl").read_text().splitlines()) if "lr" in r]
+    assert res.stopped_by == "max_seconds" and len(lrs) == 10
+    assert lrs[0] == pytest.approx(5e-6)  # step 0: (0 + 1) / 100 of the peak
+    assert lrs[1] == pytest.approx(5e-4 * 0.9)  # warm-up over (5% of the time), then linear in the time
+    assert all(a > b for a, b in zip(lrs[1:], lrs[2:], strict=False))  # down with the time
+    assert lrs[-1] == pytest.approx(5e-4 * 0.1)
+
+
+def test_a_run_that_ends_inside_its_warm_up_says_so(tmp_path: Path) -> None:
+    messages = []
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=20, block_size=8, n_layer=1, n_head=2, n_embd=16))
+
+    def get_batch(step: int, micro: int):
+        x = torch.randint(0, 20, (2, 9))
+        return x[:, :-1], x[:, 1:]
+
+    fit(model, get_batch, causal_lm_loss, tmp_path, TrainConfig(max_steps=3, eval_every=0, device="cpu",
+                                                                 precision="fp32", tensorboard=False),
+        OptimConfig(warmup_steps=10), progress=lambda p: messages.append(p.message or ""))
+    assert any("ends inside its learning-rate warm-up (warmup_steps 10 >= max_steps 3)" in m for m in messages)

@@ -125,7 +125,8 @@ def user_object(run: LoadedRun) -> Any:
 
         a classifier run (task.kind classify)   EncoderLM with the run's labels   (classify, embed)
         the architecture names its own ``api``  whatever that function returns
-        "seq2seq"                               Seq2SeqLM                         (source -> target)
+        "seq2seq", or trained on pairs          Seq2SeqLM                         (source -> target; a
+                                                (config.yaml has a seq2seq section)  decoder-only one too)
         "causal-lm"                             LM                                (generate, perplexity)
         "embed"                                 EncoderLM                         (embed, fill_mask)
     """
@@ -135,7 +136,7 @@ def user_object(run: LoadedRun) -> Any:
     if run.arch.api:
         module, _, name = run.arch.api.partition(":")
         return getattr(importlib.import_module(module), name)(run)
-    if run.arch.can("seq2seq"):
+    if run.arch.can("seq2seq") or run.saved.get("seq2seq"):  # `finetune seq2seq --arch gpt` writes a target too
         return Seq2SeqLM.from_run(run)
     if run.arch.can("causal-lm"):
         return LM(run.model, run.tokenizer, run.run_dir)

@@ -5,7 +5,12 @@ hints choose the parsing (bool -> ``--flag/--no-flag``, ``Literal`` -> choices, 
 ``list[X]`` -> one or more values), its defaults are the defaults, and the ``Args:`` section of its
 docstring is the help. Parameters named in ``positional`` are positional arguments. Every verb also
 accepts ``--config FILE``: a YAML mapping of flag names (dashes or underscores) to values; flags given
-on the command line win over the file.
+on the command line win over the file. Numbers are checked as they are read, from the command line and from
+the file alike: a whole-number flag refuses 2.7 (it is not rounded), a float flag refuses nan and inf.
+
+A verb that needs to know which flags the user gave (``--resume`` continues with the run's saved settings
+except those) declares a parameter ``_given``: it receives the names of the flags given on the command line
+or in the --config file.
 
 A verb that runs a library function (a recipe) takes its flags from that function instead of repeating its
 signature: :func:`params_of` reads the parameters of a function, or the fields of a settings dataclass
@@ -19,6 +24,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import inspect
+import math
 import re
 import types
 import typing
@@ -115,6 +121,60 @@ def params_of(
                   helps.get(n, documented.get(n, ""))) for n in names]
 
 
+def parse_int(s: Any) -> int:
+    """A whole number from the command line or a --config file: "12", "1e3" and 2.0 are accepted, "2.7" and
+    2.7 are refused (never rounded), as are booleans."""
+    if isinstance(s, bool):
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {s!r}")
+    if isinstance(s, int):
+        return s
+    try:
+        return int(str(s).strip())
+    except ValueError:
+        pass
+    try:
+        f = float(s)
+    except (TypeError, ValueError):
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {s!r}") from None
+    if not (math.isfinite(f) and f.is_integer()):
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {s!r}")
+    return int(f)
+
+
+def parse_float(s: Any) -> float:
+    """A finite number from the command line or a --config file (nan and inf are refused)."""
+    if isinstance(s, bool):
+        raise argparse.ArgumentTypeError(f"expected a number, got {s!r}")
+    try:
+        f = float(s)
+    except (TypeError, ValueError):
+        raise argparse.ArgumentTypeError(f"expected a number, got {s!r}") from None
+    if not math.isfinite(f):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {s!r}")
+    return f
+
+
+_PARSERS: dict[Any, Callable[[Any], Any]] = {int: parse_int, float: parse_float}
+
+
+class _Given:
+    """Mixed into the actions of flags: records that the flag was given (``namespace._given``)."""
+
+    def __call__(self, parser: Any, namespace: argparse.Namespace, values: Any, option_string: Any = None) -> None:
+        super().__call__(parser, namespace, values, option_string)  # type: ignore[misc]
+        given = set(getattr(namespace, "_given", ()))
+        given.add(self.dest)  # type: ignore[attr-defined]
+        namespace._given = given
+
+
+class _GivenStore(_Given, argparse._StoreAction):
+    pass
+
+
+class _GivenBool(_Given, argparse.BooleanOptionalAction):
+    pass
+
+
 def _parse_bool(s: str) -> bool:
     v = str(s).strip().lower()
     if v in ("1", "true", "yes", "on"):
@@ -188,11 +248,11 @@ def _add_params(p: argparse.ArgumentParser, params: list[Param], positional: tup
         elif origin in (list, tuple):
             inner = typing.get_args(tp)[0] if typing.get_args(tp) else str
             kw["nargs"] = "+"
-            kw["type"] = inner
+            kw["type"] = _PARSERS.get(inner, inner)
         elif tp is bool:
             kw["action"] = argparse.BooleanOptionalAction
         elif tp in (int, float, str):
-            kw["type"] = tp
+            kw["type"] = _PARSERS.get(tp, tp)
         elif tp is Path:
             kw["type"] = Path
         else:
@@ -203,6 +263,7 @@ def _add_params(p: argparse.ArgumentParser, params: list[Param], positional: tup
             p.add_argument(param.name, **kw, default=param.default if has_default else None)
             continue
         flag = "--" + param.name.replace("_", "-")
+        kw["action"] = _GivenBool if kw.get("action") is argparse.BooleanOptionalAction else _GivenStore
         kw["dest"] = param.name
         kw["default"] = param.default if has_default else None
         if not has_default:
@@ -226,24 +287,43 @@ def _apply_config_file(ns: argparse.Namespace, argv: list[str]) -> None:
         parser.error(f"--config {path} is not valid YAML: {e}")
     if not isinstance(data, dict):
         parser.error(f"--config {path} must hold a mapping of flag names to values")
-    given = {a.split("=", 1)[0] for a in argv if a.startswith("--")}
+    given = set(getattr(ns, "_given", ()))
     known = {a.dest: a for a in parser._actions}
+    from_file = set()
     for key, value in data.items():
         dest = str(key).replace("-", "_")
         if dest not in known or dest in ("config", "help"):
             parser.error(f"--config {path}: unknown setting {key!r}; see --help for the flags")
         action = known[dest]
-        flags = set(action.option_strings)
-        if flags & given or (not flags and getattr(ns, dest) is not None):
+        if dest in given or (not action.option_strings and getattr(ns, dest) is not None):
             continue  # given on the command line
-        if action.type is not None and value is not None and not isinstance(value, list):
-            try:
-                value = _parse_bool(value) if action.type is bool else action.type(value)
-            except (TypeError, ValueError) as e:
-                parser.error(f"--config {path}: {key}: {e}")
+        try:
+            value = _convert(action, value)
+        except (TypeError, ValueError, argparse.ArgumentTypeError) as e:
+            parser.error(f"--config {path}: {key}: {e}")
         if action.choices is not None and value not in action.choices:
             parser.error(f"--config {path}: {key}={value!r} is not one of {list(action.choices)}")
         setattr(ns, dest, value)
+        from_file.add(dest)
+    ns._given = given | from_file
+
+
+def _convert(action: argparse.Action, value: Any) -> Any:
+    """A --config file's value for ``action``, parsed as the command line would parse it (each item of a list)."""
+    if value is None:
+        return None
+    if isinstance(action, argparse.BooleanOptionalAction):
+        return _parse_bool(value)
+    if action.type is None:
+        return value
+    parse: Any = _parse_bool if action.type is bool else action.type
+    if isinstance(value, list):
+        if action.nargs not in ("+", "*"):
+            raise ValueError(f"expected one value, got the list {value!r}")
+        return [parse(v) for v in value]
+    if action.nargs in ("+", "*"):
+        return [parse(value)]
+    return parse(value)
 
 
 def call_verb(ns: argparse.Namespace, argv: list[str]) -> Any:
@@ -253,4 +333,7 @@ def call_verb(ns: argparse.Namespace, argv: list[str]) -> Any:
     if missing:
         ns._parser.error("the following arguments are required: "
                          + ", ".join(n if n in ns._positional else "--" + n.replace("_", "-") for n in missing))
-    return ns._fn(**{n: getattr(ns, n) for n in ns._params if hasattr(ns, n)})
+    kwargs = {n: getattr(ns, n) for n in ns._params if hasattr(ns, n) and not n.startswith("_")}
+    if "_given" in inspect.signature(ns._fn).parameters:
+        kwargs["_given"] = frozenset(getattr(ns, "_given", ()))
+    return ns._fn(**kwargs)

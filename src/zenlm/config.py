@@ -10,6 +10,9 @@ family's config shares: validation helpers, :func:`dataclass_from_dict`, and the
 from __future__ import annotations
 
 import dataclasses
+import math
+import types
+import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal, TypeVar
@@ -66,6 +69,121 @@ def _check_rope_scaling(scaling: Any) -> None:
     if missing:
         raise ConfigError(f"rope_scaling of type {kind!r} needs numbers for {', '.join(missing)}.")
     _check_positive("rope_scaling factor", scaling["factor"])
+
+
+# ---------------------------------------------------------------------------------- field types
+# A config read from a file (config.yaml, a --config file) may hold anything YAML can say: "2" where a number
+# belongs, 2.7 where a whole number does, a list where a mapping does, nan. Every settings dataclass is checked
+# against its own type hints before it is built (:func:`check_fields`), so such a value is refused with its
+# name and what it should be, instead of failing later somewhere deep inside with a TypeError.
+
+INT_LIMIT = 2**63  # the largest magnitude a tensor size or an int64 can hold
+
+
+def _describe(tp: Any) -> str:
+    """How a message names what a value of type hint ``tp`` should be."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join("None" if a is type(None) else _describe(a) for a in args)
+    if origin is Literal:
+        return "one of " + ", ".join(map(repr, args))
+    if origin in (tuple, list):
+        fixed = origin is tuple and args and args[-1] is not Ellipsis
+        return f"a list of {len(args)} values" if fixed else "a list"
+    return {bool: "true or false", int: "a whole number", float: "a finite number", str: "text",
+            dict: "a mapping"}.get(origin or tp, getattr(tp, "__name__", str(tp)))
+
+
+def _check_value(name: str, value: Any, tp: Any) -> Any:
+    """``value`` checked against the type hint ``tp`` (ConfigError naming ``name`` when it does not fit),
+    with the harmless conversions: a whole float to int (2.0 -> 2), an int to float, a list to a tuple."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _check_value(name, value, a)
+            except ConfigError:
+                continue
+        return _refuse(name, value, tp)
+    if origin is Literal:
+        if any(value == a and type(value) is type(a) for a in args):
+            return value
+        return _refuse(name, value, tp)
+    if tp is bool:
+        return value if isinstance(value, bool) else _refuse(name, value, tp)
+    if tp is int:
+        if isinstance(value, float) and math.isfinite(value) and value.is_integer():
+            value = int(value)
+        if isinstance(value, int) and not isinstance(value, bool):
+            if abs(value) >= INT_LIMIT:
+                raise ConfigError(f"{name} must be a whole number below 2**63, got {value}.")
+            return value
+        return _refuse(name, value, tp)
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+            return float(value)
+        return _refuse(name, value, tp)
+    if tp is str:
+        return value if isinstance(value, str) else _refuse(name, value, tp)
+    if origin is dict or tp is dict:
+        return value if isinstance(value, dict) else _refuse(name, value, tp)
+    if origin in (tuple, list):
+        if not isinstance(value, (list, tuple)):
+            return _refuse(name, value, tp)
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(value) != len(args):
+                return _refuse(name, value, tp)
+            items = [_check_value(f"{name}[{i}]", v, a) for i, (v, a) in enumerate(zip(value, args, strict=True))]
+        else:
+            inner = args[0] if args else Any
+            items = [_check_value(f"{name}[{i}]", v, inner) for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if isinstance(tp, type) and not isinstance(value, tp):
+        return _refuse(name, value, tp)
+    return value
+
+
+def _refuse(name: str, value: Any, tp: Any) -> Any:
+    hint = ""
+    if isinstance(value, str) and _is_number(value):
+        hint = " (text, not a number: write it without quotes"
+        if "e" in value.lower() and "." not in value:  # YAML 1.1 reads 1e-3 as text, 1.0e-3 as a number
+            hint += f"; YAML reads {value} as text, write it with a decimal point, e.g. 1.0e-3"
+        hint += ")"
+    raise ConfigError(f"{name} must be {_describe(tp)}, got {value!r}{hint}.")
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def check_fields(cls: type, values: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``values`` (field name -> value) checked against the type hints of the dataclass ``cls`` (only the names
+    it declares are checked; the caller refuses unknown ones), with the conversions of :func:`_check_value`.
+    Non-finite floats and whole numbers given as 2.7 are refused. ``prefix`` goes in front of each name in
+    messages (e.g. ``"train."``)."""
+    hints = typing.get_type_hints(cls)
+    fields = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    return {k: _check_value(prefix + k, v, hints[k]) if k in fields and k in hints else v for k, v in values.items()}
+
+
+def check_dataclass(obj: Any) -> None:
+    """Check (and convert in place) every field of the dataclass instance ``obj`` against its type hints:
+    what a settings class's ``__post_init__`` calls first, before comparing values."""
+    values = {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)}
+    for k, v in check_fields(type(obj), values).items():
+        if v is not values[k]:
+            object.__setattr__(obj, k, v)
 
 
 class ModelConfig:
@@ -190,7 +308,7 @@ def dataclass_from_dict(cls: type[_T], d: dict[str, Any]) -> _T:
     unknown = sorted(set(d) - known)
     if unknown:
         raise ConfigError(f"unknown {cls.__name__} fields {unknown}; known fields: {sorted(known)}.")
-    return cls(**d)
+    return cls(**check_fields(cls, d))
 
 
 @dataclass(frozen=True)
@@ -209,7 +327,7 @@ def make_config(cls: type[_T], fields: dict[str, Any], overrides: dict[str, Any]
     unknown = sorted(set(overrides) - known)
     if unknown:
         raise ConfigError(f"unknown model settings {unknown}; {cls.__name__} fields are: {', '.join(sorted(known))}.")
-    return cls(**{**fields, **overrides})
+    return cls(**check_fields(cls, {**fields, **overrides}))
 
 
 def config_from_preset(cls: type[_T], presets: Mapping[str, Preset], name: str, overrides: dict[str, Any],

@@ -70,6 +70,28 @@ def model_device(model: torch.nn.Module) -> torch.device:
 # ------------------------------------------------------------------------------------ what the CPU can do
 
 
+def available_memory(device: torch.device | str = "cpu") -> int | None:
+    """Bytes of memory free for new tensors on ``device``: a CUDA device's free memory, else the system's
+    available memory (MemAvailable of /proc/meminfo, or the physical memory where that is not readable);
+    None when it cannot be told."""
+    device = torch.device(device)
+    if device.type == "cuda" and torch.cuda.is_available():
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        import os
+
+        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
 def _torch_check(name: str) -> bool:
     """One of PyTorch's CPU feature checks (``torch.cpu._is_avx512_bf16_supported`` ...); False if absent."""
     fn = getattr(torch.cpu, name, None)

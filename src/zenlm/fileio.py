@@ -8,6 +8,7 @@ Windows when both names are on the same file system, which a sibling temporary n
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -25,7 +26,8 @@ def _temporary_sibling(path: Path) -> Path:
 @contextmanager
 def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     """A temporary path to write ``path`` through: renamed onto ``path`` when the ``with`` block ends normally,
-    removed when it raises. Works for a file or a directory (an existing directory at ``path`` is replaced)::
+    removed when it raises. Works for a file or a directory: an existing directory at ``path`` is moved aside,
+    the new one renamed in, and only then the old one deleted, so ``path`` is always one or the other whole::
 
         with atomic_path(out / "model.safetensors") as tmp:
             save_file(tensors, str(tmp))
@@ -35,9 +37,18 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     _remove(tmp)
     try:
         yield tmp
-        if tmp.is_dir() and path.is_dir():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
+        if tmp.is_dir() and path.is_dir():  # a directory cannot be renamed onto a non-empty one: swap
+            old = path.with_name(f".{path.name}.old-{os.getpid()}")
+            _remove(old)
+            os.replace(path, old)
+            try:
+                os.replace(tmp, path)
+            except OSError:
+                os.replace(old, path)  # put the previous one back
+                raise
+            _remove(old)
+        else:
+            os.replace(tmp, path)
     finally:
         _remove(tmp)
 
@@ -90,4 +101,14 @@ def read_json_object(path: str | os.PathLike[str], error: type[Exception], hint:
     return data
 
 
-__all__ = ["atomic_path", "atomic_write_text", "write_safetensors", "save_safetensors", "read_json_object"]
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    """The SHA-256 of a file's bytes, as hex (read in 1 MiB blocks)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+__all__ = ["atomic_path", "atomic_write_text", "file_sha256", "write_safetensors", "save_safetensors",
+           "read_json_object"]

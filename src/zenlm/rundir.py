@@ -12,42 +12,73 @@ The model is rebuilt in two steps. The ``model:`` section names an architecture 
 (:mod:`zenlm.models.registry`) turns into a config and an ``nn.Module``. Then the run's own options wrap or
 change that module, each in one function of :data:`RUN_OPTIONS`: a classifier run (``task: {kind: classify}``)
 puts a classification head on it, a quantised run (``quantization:``) swaps its linear layers for int8 ones.
+
+A LoRA run (``lora:``, written by ``--lora`` or a PEFT import; see :mod:`zenlm.adapter`) holds no base weights:
+its model starts as the trained model of its base run (``lora.base.run``, whose weights must still have the
+recorded fingerprint), and the option :func:`_lora_layers` wraps the adapted layers; ``adapter.safetensors``
+then fills the A and B matrices (and a classifier's head), and :func:`load_run` merges them into the weights.
 """
 
 from __future__ import annotations
 
+import re
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import yaml
 from torch import nn
 
 from zenlm.device import resolve_device, resolve_dtype
-from zenlm.errors import CheckpointError
+from zenlm.errors import CheckpointError, ConfigError
 from zenlm.fileio import atomic_write_text
-from zenlm.models.registry import Architecture, get_architecture
+from zenlm.models.lora import LoRAConfig, apply_lora, merge_and_unload, weights_fingerprint
+from zenlm.models.registry import Architecture, build_model, get_architecture
 from zenlm.tokenizer import Tokenizer
 from zenlm.train.checkpoint import list_checkpoints, load_model_weights, read_weights, save_model
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+ADAPTER_WEIGHTS = "adapter.safetensors"  # what a LoRA run trained, in place of model.safetensors
+
+
+# The sections of config.yaml that are mappings when present (a later version may add others).
+SECTIONS = ("model", "batch", "train", "optim", "data", "task", "quantization", "seq2seq", "source", "resolved")
 
 
 def read_run_config(run_dir: str | Path) -> dict[str, Any]:
-    """The parsed ``config.yaml`` of a run directory (CheckpointError when absent or malformed)."""
+    """The parsed ``config.yaml`` of a run directory (CheckpointError naming the file when it is absent, not
+    YAML, or not shaped like a run's config: a mapping with a ``model`` mapping, every known section a mapping)."""
     path = Path(run_dir) / "config.yaml"
     if not path.is_file():
         raise CheckpointError(f"{run_dir} is not a zenlm run directory (no config.yaml). Check the path.")
     try:
         cfg = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise CheckpointError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start}); it is damaged.") from None
     except yaml.YAMLError as e:
         raise CheckpointError(f"{path} is not valid YAML ({e}).") from e
     if not isinstance(cfg, dict) or "model" not in cfg:
         raise CheckpointError(f"{path} has no 'model' section; it was not written by zenlm.")
+    for name in SECTIONS:
+        if cfg.get(name) is not None and not isinstance(cfg[name], dict):
+            raise CheckpointError(f"{path}: '{name}' must be a mapping of settings, got {cfg[name]!r}; the file "
+                                  "is damaged or was edited by hand.")
+    if not isinstance(cfg["model"].get("arch", "gpt"), str):
+        raise CheckpointError(f"{path}: model.arch must be the name of an architecture, got {cfg['model']['arch']!r}.")
+    try:
+        get_architecture(cfg["model"].get("arch", "gpt"))
+    except ConfigError as e:
+        raise CheckpointError(f"{path}: {e}") from None
     return cfg
+
+
+def config_error(run_dir: str | Path, e: Exception, section: str = "") -> CheckpointError:
+    """A ConfigError raised while reading part of a run's config.yaml, as a CheckpointError naming the file."""
+    where = f" ({section})" if section else ""
+    return CheckpointError(f"{Path(run_dir) / 'config.yaml'}{where}: {e}")
 
 
 def write_run_config(run_dir: str | Path, run_config: dict[str, Any]) -> None:
@@ -88,9 +119,12 @@ def _classifier_head(model: nn.Module, saved: dict[str, Any], run_dir: Path) -> 
     from zenlm.models.classifier import SequenceClassifier
 
     labels = task.get("labels")
-    if not isinstance(labels, list) or len(labels) < 2:
-        raise CheckpointError(f"{run_dir}/config.yaml: a classifier run needs task.labels (two or more).")
-    return SequenceClassifier(model, len(labels), task.get("pooling", "mean"), task.get("dropout", 0.1))
+    if not isinstance(labels, list) or len(labels) < 2 or not all(isinstance(x, str) for x in labels):
+        raise CheckpointError(f"{run_dir}/config.yaml: a classifier run needs task.labels (two or more names).")
+    dropout = task.get("dropout", 0.1)
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)):
+        raise CheckpointError(f"{run_dir}/config.yaml: task.dropout must be a number, got {dropout!r}.")
+    return SequenceClassifier(model, len(labels), task.get("pooling", "mean"), dropout)
 
 
 def _int8_weights(model: nn.Module, saved: dict[str, Any], run_dir: Path) -> nn.Module:
@@ -106,8 +140,41 @@ def _int8_weights(model: nn.Module, saved: dict[str, Any], run_dir: Path) -> nn.
     return quantize_int8(model, empty=True)
 
 
+def _lora_base(saved: dict[str, Any], run_dir: Path) -> nn.Module:
+    """The trained model of a LoRA run's base run, refused when its weights are not the ones the adapters were
+    trained on (``lora.base.fingerprint``) or when the base run is gone."""
+    base = saved["lora"]["base"]
+    base_run = Path(base["run"])
+    if not (base_run / "config.yaml").is_file():
+        raise CheckpointError(f"{run_dir}: its base run {base_run} (lora.base.run in config.yaml) is missing; put "
+                              "the base run back there or correct that path.")
+    model, _, _ = build_model_from_run(base_run)
+    load_model_weights(model, weights_file(base_run))
+    fingerprint = weights_fingerprint(model)
+    if fingerprint != base["fingerprint"]:
+        raise CheckpointError(
+            f"{run_dir}: the weights of its base run {base_run} are not the ones its adapters were trained on "
+            f"(fingerprint {fingerprint[:19]}..., recorded {str(base['fingerprint'])[:19]}...): the base was "
+            "retrained or replaced. Restore the original base, or point lora.base.run in config.yaml at it.")
+    return model
+
+
+def _lora_layers(model: nn.Module, saved: dict[str, Any], run_dir: Path) -> nn.Module:
+    """``lora: {rank, alpha, modules, ...}``: LoRA layers on the adapted layers of the base (a classifier's
+    backbone; its head stays trainable), to be filled from adapter.safetensors."""
+    section = saved.get("lora")
+    if not section:
+        return model
+    from zenlm.models.classifier import SequenceClassifier
+
+    adapted = model.backbone if isinstance(model, SequenceClassifier) else model
+    apply_lora(adapted, LoRAConfig.from_dict(section), modules=section["modules"])
+    return model
+
+
 # What a run directory can add on top of its architecture, applied in this order to the built model.
-RUN_OPTIONS: tuple[Callable[[nn.Module, dict[str, Any], Path], nn.Module], ...] = (_classifier_head, _int8_weights)
+RUN_OPTIONS: tuple[Callable[[nn.Module, dict[str, Any], Path], nn.Module], ...] = (
+    _classifier_head, _int8_weights, _lora_layers)
 
 
 def build_model_from_run(run_dir: str | Path) -> tuple[nn.Module, Any, dict[str, Any]]:
@@ -115,23 +182,32 @@ def build_model_from_run(run_dir: str | Path) -> tuple[nn.Module, Any, dict[str,
 
     The architecture comes from the registry (``model.arch``); then :data:`RUN_OPTIONS` are applied (a
     classifier run wraps its GPT or BERT backbone in a :class:`~zenlm.models.classifier.SequenceClassifier`).
+    A LoRA run starts from its base run's trained model instead (see the module docstring).
     """
     run_dir = Path(run_dir)
     saved = read_run_config(run_dir)
-    arch = run_architecture(saved)
-    cfg = arch.config_from_dict(saved["model"])
-    model = arch.build(cfg)
+    try:
+        arch = run_architecture(saved)
+        cfg = arch.config_from_dict(saved["model"])
+        # a LoRA run starts from its base; a new model refuses sizes that do not fit in memory before allocating
+        model = _lora_base(saved, run_dir) if saved.get("lora") else build_model(cfg)
+    except ConfigError as e:
+        raise config_error(run_dir, e, "model") from None
     for option in RUN_OPTIONS:
-        model = option(model, saved, run_dir)
+        try:
+            model = option(model, saved, run_dir)
+        except ConfigError as e:
+            raise config_error(run_dir, e) from None
     return model, cfg, saved
 
 
 def weights_file(run_dir: str | Path) -> Path:
-    """``run_dir/model.safetensors``, else the newest checkpoint's weights (a run that was stopped hard)."""
+    """``run_dir/model.safetensors`` (a LoRA run: ``adapter.safetensors``), else the newest checkpoint's weights
+    (a run that was stopped hard)."""
     run_dir = Path(run_dir)
-    weights = run_dir / "model.safetensors"
-    if weights.is_file():
-        return weights
+    for weights in (run_dir / "model.safetensors", run_dir / ADAPTER_WEIGHTS):
+        if weights.is_file():
+            return weights
     ckpts = list_checkpoints(run_dir / "checkpoints")
     if not ckpts:
         raise CheckpointError(f"{run_dir} has neither model.safetensors nor a checkpoint; train it first.")
@@ -149,6 +225,61 @@ def load_run_tokenizer(run_dir: str | Path) -> Tokenizer:
     if not (Path(run_dir) / "tokenizer.json").is_file():
         raise CheckpointError(f"{run_dir} has no tokenizer.json; copy the tokenizer of its data directory there.")
     return Tokenizer.load(run_dir)
+
+
+# What a run directory holds: the files and folders zenlm writes there (and its hidden temporary names).
+_RUN_ENTRIES = re.compile(r"^(config\.yaml|tokenizer\.json|tokenizer_config\.json|generation_config\.json|"
+                          r"chat_template\.jinja|(model|best)\.safetensors|metrics\.jsonl|report\.json|"
+                          r"eval-.*\.(json|png)|checkpoints|plots|tb|eval|\..*\.tmp-\d+.*)$")
+RunDirState = Literal["new", "foreign", "unstarted", "run"]
+
+
+def run_dir_state(out: str | Path) -> RunDirState:
+    """What ``out`` holds, for a recipe about to write a run there:
+
+        "new"        nothing: it does not exist or is empty
+        "foreign"    no run: a file, or a folder of files without a config.yaml (never overwritten)
+        "unstarted"  a run that stopped before its first checkpoint (config.yaml, no checkpoint, no weights):
+                     nothing in it is worth keeping, so it can simply be started again
+        "run"        a run with a checkpoint or weights
+    """
+    out = Path(out)
+    if not out.exists():
+        return "new"
+    if not out.is_dir():
+        return "foreign"
+    if not any(out.iterdir()):
+        return "new"
+    if not (out / "config.yaml").is_file():
+        return "foreign"
+    if (out / "model.safetensors").exists() or list_checkpoints(out / "checkpoints"):
+        return "run"
+    return "unstarted"
+
+
+def clear_run_dir(out: str | Path, keep: tuple[str, ...] = ()) -> None:
+    """Remove what a run wrote in ``out`` (the names a run directory holds, except ``keep``); anything else in
+    it is left alone."""
+    for p in Path(out).iterdir():
+        if _RUN_ENTRIES.match(p.name) and p.name not in keep:
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p)
+            else:
+                p.unlink()
+
+
+def refuse_foreign_out(out: str | Path, flag: str = "--out") -> None:
+    """CheckpointError when ``out`` is a file, or a folder that holds files but no run (they would be
+    overwritten or mixed with a run's)."""
+    out = Path(out)
+    if run_dir_state(out) != "foreign":
+        return
+    if not out.is_dir():
+        raise CheckpointError(f"{out} is a file; give {flag} a folder to write the run into.")
+    names = sorted(p.name for p in out.iterdir())
+    shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+    raise CheckpointError(f"{out} is not empty and holds no zenlm run ({shown}); choose an empty or new {flag} so "
+                          "nothing there is overwritten.")
 
 
 def copy_tokenizer_files(src: str | Path, dst: str | Path) -> None:
@@ -173,16 +304,28 @@ class LoadedRun:
         return run_task(self.saved)
 
 
-def load_run(run_dir: str | Path, *, device: str = "auto", dtype: str = "fp32") -> LoadedRun:
+def load_run(run_dir: str | Path, *, device: str = "auto", dtype: str = "fp32", merge: bool = True) -> LoadedRun:
     """Build the model of ``run_dir``, load its weights (:func:`weights_file`) and tokenizer, and move it to
-    ``device`` with weights in ``dtype`` (fp32 | bf16 | fp16)."""
+    ``device`` with weights in ``dtype`` (fp32 | bf16 | fp16).
+
+    merge: a LoRA run's adapters are folded into the base weights, ``W + (alpha / r) B A`` (an ordinary model,
+           as fast as the base), unless its base is int8 (they then stay beside the int8 layers) or ``merge`` is
+           False (the LoRA layers are kept)."""
     run_dir = Path(run_dir)
     saved = read_run_config(run_dir)
     if run_architecture(saved).from_tensors is not None:
         return _load_from_tensors(run_dir, saved, device)
     torch_dtype: torch.dtype = resolve_dtype(dtype)
     model, _, saved = build_model_from_run(run_dir)
-    load_run_weights(run_dir, model)
+    try:
+        load_run_weights(run_dir, model)
+    except CheckpointError as e:
+        if saved.get("lora"):  # a tensor of the adapter does not fit the base
+            raise CheckpointError(f"{e} The adapter does not fit the base run {saved['lora']['base']['run']}.") \
+                from None
+        raise
+    if merge and saved.get("lora") and not saved["lora"]["base"].get("quantization"):
+        merge_and_unload(model)
     tokenizer = load_run_tokenizer(run_dir)
     model = model.to(resolve_device(device), dtype=torch_dtype).eval()
     return LoadedRun(run_dir, saved, run_architecture(saved), model, tokenizer)
@@ -198,6 +341,7 @@ def _load_from_tensors(run_dir: Path, saved: dict[str, Any], device: str) -> Loa
     return LoadedRun(run_dir, saved, arch, model.to(resolve_device(device)).eval(), load_run_tokenizer(run_dir))
 
 
-__all__ = ["RUN_OPTIONS", "TOKENIZER_FILES", "LoadedRun", "build_model_from_run", "copy_tokenizer_files",
-           "load_run", "load_run_tokenizer", "load_run_weights", "read_run_config", "run_architecture", "run_task",
-           "save_run", "weights_file", "write_run_config"]
+__all__ = ["ADAPTER_WEIGHTS", "RUN_OPTIONS", "SECTIONS", "TOKENIZER_FILES", "LoadedRun", "build_model_from_run",
+           "clear_run_dir", "config_error", "copy_tokenizer_files", "load_run", "load_run_tokenizer",
+           "load_run_weights", "read_run_config", "refuse_foreign_out", "run_architecture", "run_dir_state",
+           "run_task", "save_run", "weights_file", "write_run_config"]

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from zenlm.beam import BeamConfig, beam_search_encdec, beam_search_gpt
-from zenlm.errors import ConfigError
+from zenlm.errors import CheckpointError, ConfigError
 from zenlm.models.registry import get_architecture
 from zenlm.rundir import LoadedRun, load_run
 from zenlm.tokenizer import Tokenizer
@@ -86,12 +86,27 @@ class Seq2SeqLM:
         if settings is None:
             raise ConfigError(f"{run.run_dir} was not trained on source/target pairs (config.yaml has no seq2seq "
                               "section); train one with `zenlm finetune seq2seq`.")
+        _check_settings(settings, run.run_dir / "config.yaml", run.tokenizer.vocab_size)
         return cls(run.model, run.tokenizer, settings, run.run_dir)
+
+
+def _check_settings(settings: dict[str, Any], path: Path, vocab_size: int) -> None:
+    """The ``seq2seq`` section of a run's config.yaml: the lengths and token ids decoding reads must be whole
+    numbers (ids inside the vocabulary); CheckpointError naming the file and the field otherwise."""
+    for key in ("max_source_tokens", "max_target_tokens", "bos_id", "eos_id", "pad_id", "sep_id"):
+        value = settings.get(key)
+        if value is None and key in ("bos_id", "pad_id", "sep_id"):
+            continue  # what the design does not use may be missing
+        limit = vocab_size if key.endswith("_id") else None
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0 or (limit and value >= limit):
+            what = f"a token id below {limit}" if limit else "a whole number >= 0"
+            raise CheckpointError(f"{path}: seq2seq.{key} must be {what}, got {value!r}; the file is damaged "
+                                  "or was edited by hand.")
 
 
 def load(run_dir: str | Path, *, device: str = "auto", dtype: str = "fp32") -> Seq2SeqLM:
     """Load a run directory written by ``zenlm finetune seq2seq`` as a :class:`Seq2SeqLM` (an encoder-decoder,
-    or a decoder-only model trained on pairs, which ``zenlm.load`` opens as a plain LM)."""
+    or a decoder-only model trained on pairs); ``zenlm.load`` gives the same for such a run."""
     return Seq2SeqLM.from_run(load_run(run_dir, device=device, dtype=dtype))
 
 

@@ -22,13 +22,17 @@ from zenlm.fileio import atomic_path
 
 
 def read_metrics(path: str | Path) -> list[dict]:
-    """The records of a metrics.jsonl file (lines that are not JSON are skipped)."""
+    """The records of a metrics.jsonl file: JSON objects with a whole-number "step" (other lines, cut short by a
+    crash or broken by an edit, are skipped)."""
     out = []
-    for line in Path(path).read_text(encoding="utf-8").splitlines():
+    for line in Path(path).read_text(encoding="utf-8", errors="replace").splitlines():
         try:
-            out.append(json.loads(line))
+            record = json.loads(line)
         except json.JSONDecodeError:
             continue
+        step = record.get("step") if isinstance(record, dict) else None
+        if isinstance(step, int) and not isinstance(step, bool):
+            out.append(record)
     return out
 
 

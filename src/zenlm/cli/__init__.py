@@ -25,9 +25,16 @@ import time
 from pathlib import Path
 from typing import Any, Literal
 
-from zenlm.cli.common import TerminalProgress, launch_rank, print_train_result, shape_params
+from zenlm.cli.common import (
+    TerminalProgress,
+    launch_rank,
+    lora_config,
+    lora_params,
+    print_train_result,
+    shape_params,
+)
 from zenlm.clikit import Param, VerbParser, add_verb, call_verb, params_of
-from zenlm.errors import TrainingError, ZenlmError
+from zenlm.errors import ConfigError, TrainingError, ZenlmError
 
 # ---------------------------------------------------------------------------------------------- verbs
 
@@ -115,6 +122,12 @@ def prepare(
 # pretrain settings whose command-line default is "whatever the --recipe says" (None)
 _FROM_RECIPE = ("objective", "model", "batch_size", "seq_len", "grad_accum", "max_steps", "precision", "compile")
 _OPTIM_FLAGS = ("name", "lr", "min_lr", "warmup_steps", "schedule", "weight_decay", "grad_clip", "muon_lr")
+# TrainConfig fields with a pretrain flag; --resume continues with the run's own value of each except the ones
+# that describe this machine or this invocation (max_seconds, device, threads)
+_TRAIN_FLAGS = ("max_steps", "max_seconds", "grad_accum", "eval_every", "log_every", "ckpt_every", "seed", "device",
+                "precision", "compile", "threads", "strategy")
+_NOT_RESUMED = ("max_seconds", "device", "threads", "strategy")
+_SHAPE_FLAGS = ("model", "n_layer", "n_head", "n_embd", "block_size", "dropout")
 
 
 def _pretrain_params() -> list[Param]:
@@ -131,7 +144,7 @@ def _pretrain_params() -> list[Param]:
         Param("recipe", str | None, None),
         *params_of(recipe, only=("objective", "model"), defaults=from_recipe),
         *params_of(TrainConfig, only=("max_steps", "max_seconds"), defaults=from_recipe),
-        *params_of(recipe, only=("resume", "batch_size", "seq_len"), defaults=from_recipe),
+        *params_of(recipe, only=("resume", "overwrite", "batch_size", "seq_len"), defaults=from_recipe),
         *params_of(TrainConfig, only=("grad_accum",), defaults=from_recipe),
         *params_of(OptimConfig, only=_OPTIM_FLAGS, defaults=from_recipe, rename={"name": "optimizer"},
                    types={"name": Literal["adamw", "muon"], "schedule": Literal["cosine", "linear", "constant", "wsd"]}),
@@ -140,10 +153,12 @@ def _pretrain_params() -> list[Param]:
         *params_of(TrainConfig, only=("log_every", "ckpt_every", "seed", "device", "precision", "compile", "threads",
                                       "strategy"), defaults=from_recipe, types={"precision": Precision}),
         *shape_params(),
+        *params_of(recipe, only=("init",)),
+        *lora_params(),
     ]
 
 
-def pretrain(**flags: Any) -> None:
+def pretrain(*, _given: frozenset[str] = frozenset(), **flags: Any) -> None:
     """Pretrain a GPT with next-token prediction, or a BERT encoder with masked-LM (--objective mlm).
 
     Settings not given on the command line come from the --recipe (see docs/training-speed.md); without
@@ -163,6 +178,12 @@ def pretrain(**flags: Any) -> None:
         zenlm prepare --corpus TEXT --objective mlm --out DATA        # WordPiece trained on TEXT
         zenlm pretrain --objective mlm --data DATA --out RUN
 
+    Continued pretraining starts from a trained run (its model and tokenizer), with every weight or with LoRA
+    adapters on the frozen run (docs/lora.md):
+
+        zenlm prepare --corpus MORE_TEXT --tokenizer RUN --out DATA2
+        zenlm pretrain --data DATA2 --init RUN --lora --out RUN2
+
     Args:
         data: data directory made by `zenlm prepare`
         out: run directory to create (config.yaml, checkpoints, metrics.jsonl, model.safetensors, plots)
@@ -175,7 +196,9 @@ def pretrain(**flags: Any) -> None:
             mlp-small, lstm-small, gru-small, ... for the ladder); default from the recipe
         max_steps: optimiser steps in all
         max_seconds: wall-time budget; the learning rate decays over whichever budget ends first
-        resume: continue the run in --out from its newest checkpoint
+        resume: continue the run in --out from its newest checkpoint, with its own settings (seed, batch,
+            optimiser, schedule, evaluation and checkpoint intervals ...); flags given here win, with a note
+        overwrite: start again from scratch in an --out that holds a run (its checkpoints are deleted)
         batch_size: sequences per micro-batch
         seq_len: tokens per sequence (default: the model's context length)
         grad_accum: micro-batches per optimiser step, counted over all processes under torchrun (a multiple
@@ -205,47 +228,62 @@ def pretrain(**flags: Any) -> None:
         n_embd: override the preset's width (d_model of a BERT)
         block_size: override the preset's context length (max_len of a BERT)
         dropout: override the preset's dropout
+        init: continued pretraining: start from this run's weights, model and objective (the model flags are then
+            ignored; prepare the data with its tokenizer: zenlm prepare --tokenizer RUN)
     """
     import dataclasses
 
     from zenlm.models.registry import find_preset
     from zenlm.recipes.pretrain import pretrain as run_pretrain
+    from zenlm.recipes.pretrain import saved_settings
     from zenlm.recipes.registry import default_recipe, recipe_settings
-    from zenlm.rundir import read_run_config
-    from zenlm.train.loop import TrainConfig
+    from zenlm.train.loop import TrainConfig, config_to_dict
     from zenlm.train.optim import OptimConfig
 
-    def given(*names: str) -> dict[str, Any]:
-        return {k: flags[k] for k in names if flags[k] is not None}
+    given = set(_given)
+    out, resume = Path(flags["out"]), flags["resume"]
+    lora = lora_config(flags)
+    own = saved_settings(out) if resume and (out / "config.yaml").is_file() else None
+    objective = flags["objective"] or (own.objective if own else None)  # continue with the run's own objective
+    if own is None and flags["init"] is not None and objective is None:  # what the init run's model learns
+        from zenlm.rundir import read_run_config, run_architecture
 
-    out, objective, resume = Path(flags["out"]), flags["objective"], flags["resume"]
-    saved: dict = {}
-    if resume and (out / "config.yaml").is_file():
-        saved = read_run_config(out)
-        objective = objective or saved.get("objective", "causal-lm")  # continue with the run's own defaults
+        objective = "causal-lm" if run_architecture(read_run_config(flags["init"])).can("causal-lm") else "mlm"
     recipe = flags["recipe"] or default_recipe(objective or "causal-lm", flags["model"])
-    s = recipe_settings(recipe, **given(*(k for k in _FROM_RECIPE if k != "objective")))
+    s = recipe_settings(recipe, **{k: flags[k] for k in _FROM_RECIPE if k != "objective" and k in given})
     objective = objective or s["objective"]
-    if saved and flags["recipe"] is None:  # --resume: the run's own optimiser and loop settings, not a recipe's
-        s["optim"] = {**s["optim"], **(saved.get("optim") or {})}
-        st = saved.get("train") or {}
-        s.update({k: st[k] for k in ("max_steps", "precision", "compile", "grad_accum") if k in st and
-                  flags[k] is None})
-    optim = {("name" if k == "optimizer" else k): v for k, v in given("optimizer", *_OPTIM_FLAGS[1:]).items()}
-    s["optim"].update(optim)
-    if "min_lr" not in optim and "lr" in optim:
-        s["optim"]["min_lr"] = min(s["optim"]["min_lr"], optim["lr"] / 10)
+    train = {k: s[k] for k in ("max_steps", "grad_accum", "precision", "compile")}
+    train.update({k: flags[k] for k in _TRAIN_FLAGS if k not in _FROM_RECIPE})  # the library's defaults
+    optim = dict(s["optim"])
+    batch: dict[str, Any] = {"batch_size": s["batch_size"], "seq_len": s["seq_len"],
+                             "eval_tokens": flags["eval_tokens"] or None}
+    if own is not None:  # --resume: the run's own settings, except what an explicit --recipe sets
+        from_recipe = {"max_steps", "grad_accum", "precision", "compile", "batch_size", "seq_len", "optim"} \
+            if flags["recipe"] else set()
+        saved_train = config_to_dict(own.train)
+        train.update({k: v for k, v in saved_train.items() if k not in from_recipe and k not in _NOT_RESUMED})
+        if "optim" not in from_recipe:
+            optim = config_to_dict(own.optim)
+        batch.update({k: v for k, v in own.batch.items() if k not in from_recipe})
+    train.update({k: flags[k] for k in _TRAIN_FLAGS if k in given})  # flags given explicitly win
+    explicit_optim = {("name" if k == "optimizer" else k): flags[k] for k in ("optimizer", *_OPTIM_FLAGS[1:])
+                      if k in given}
+    optim.update(explicit_optim)
+    if "min_lr" not in explicit_optim and "lr" in explicit_optim:
+        optim["min_lr"] = min(optim["min_lr"], explicit_optim["lr"] / 10)
+    batch.update({k: (flags[k] or None) if k == "eval_tokens" else flags[k]
+                  for k in ("batch_size", "seq_len", "eval_tokens") if k in given})
+    if own is not None:
+        _resume_notes(own, train, optim, batch, given)
     s["model_overrides"].update(find_preset(s["model"])[0].shape_overrides(
         **{k: flags[k] for k in ("n_layer", "n_head", "n_embd", "block_size", "dropout")}))
     progress = TerminalProgress()
     result = run_pretrain(
         flags["data"], out, objective=objective, model=s["model"], model_overrides=s["model_overrides"],
-        resume=resume, batch_size=s["batch_size"], seq_len=s["seq_len"], eval_tokens=flags["eval_tokens"] or None,
-        init_embeddings=flags["init_embeddings"],
-        train=TrainConfig(max_steps=s["max_steps"], grad_accum=s["grad_accum"], precision=s["precision"],
-                          compile=s["compile"], **given("max_seconds", "eval_every", "log_every", "ckpt_every",
-                                                        "seed", "device", "threads", "strategy")),
-        optim=OptimConfig(**s["optim"]),
+        resume=resume, overwrite=flags["overwrite"], batch_size=batch["batch_size"], seq_len=batch["seq_len"],
+        eval_tokens=batch["eval_tokens"], eval_seq_len=batch.get("eval_seq_len"),
+        eval_batch_size=batch.get("eval_batch_size"), init_embeddings=flags["init_embeddings"],
+        train=TrainConfig(**train), optim=OptimConfig(**optim), init=flags["init"], lora=lora,
         progress=progress,
     )
     progress.close()
@@ -263,6 +301,27 @@ def pretrain(**flags: Any) -> None:
         v = result.val
         print(f"masked-LM validation loss {v['val_loss']:.4f} nats/masked token  |  perplexity "
               f"{v['val_mlm_ppl']:.2f}  |  masked-token accuracy {v['val_masked_acc']:.1%}")
+
+
+def _resume_notes(own: Any, train: dict[str, Any], optim: dict[str, Any], batch: dict[str, Any],
+                  given: set[str]) -> None:
+    """On --resume, say which flags given explicitly replace the run's saved settings, and which are ignored
+    (the model is the run's own)."""
+    from zenlm.train.loop import config_to_dict
+
+    saved = {**config_to_dict(own.train), **config_to_dict(own.optim), **own.batch}
+    now = {**train, **optim, **batch}
+    changed = []
+    for flag in sorted(given):
+        key = "name" if flag == "optimizer" else flag
+        if key in saved and key in now and now[key] != saved[key]:
+            changed.append(f"--{flag.replace('_', '-')} {now[key]} (the run's: {saved[key]})")
+    if changed:
+        print(f"note: --resume continues with the run's own settings, except these flags given here: "
+              f"{', '.join(changed)}", file=sys.stderr)
+    ignored = [f"--{f.replace('_', '-')}" for f in _SHAPE_FLAGS if f in given]
+    if ignored:
+        print(f"note: {', '.join(ignored)} ignored: a resumed run keeps its own model", file=sys.stderr)
 
 
 def generate(
@@ -287,7 +346,7 @@ def generate(
         prompt: text to continue
         max_new_tokens: most tokens to generate
         temperature: 0 for greedy decoding; higher is more random
-        top_k: sample only among the K most likely tokens
+        top_k: sample only among the K most likely tokens (0: no limit)
         top_p: sample only among the most likely tokens whose probabilities sum to P
         repetition_penalty: > 1 discourages tokens already in the text
         stop: stop when any of these strings is produced (not printed)
@@ -300,11 +359,17 @@ def generate(
             loads in about a second afterwards
     """
     import zenlm
+    from zenlm.cli.common import check_run_fits, show_log_notes
 
+    check_run_fits(run, "generate")  # a classifier or an encoder: say which verb fits, before loading it
+    if top_k is not None and top_k < 0:
+        raise ConfigError(f"--top-k must be >= 0 (0: no limit), got {top_k}.")
+    if compile:  # building the program takes a while the first time: say so when it happens
+        show_log_notes("zenlm.compiled")
     lm = zenlm.load(run, device=device, dtype=dtype)
     sys.stdout.write(prompt)
     sys.stdout.flush()
-    for piece in lm.stream(prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+    for piece in lm.stream(prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k or None,
                            top_p=top_p, repetition_penalty=repetition_penalty, stop=list(stop or []),
                            seed=seed, use_cache=cache, compile=compile):
         sys.stdout.write(piece)
@@ -353,19 +418,23 @@ def convert_from_hf(
     revision: str | None = None,
     dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto",
     overwrite: bool = False,
+    base: str | None = None,
 ) -> None:
-    """Convert a Hugging Face checkpoint (GPT-2, Llama, Mistral, Qwen2, Qwen3; BERT) into a zenlm run.
+    """Convert a Hugging Face checkpoint (GPT-2, Llama, Mistral, Qwen2, Qwen3; BERT) into a zenlm run, or a PEFT
+    LoRA adapter for such a model into a zenlm LoRA run (give the imported base with --base).
 
     Args:
         src: local Hugging Face model directory (config.json, safetensors or pytorch_model.bin,
-            tokenizer.json)
+            tokenizer.json), or a PEFT adapter directory (adapter_config.json, adapter_model.safetensors)
         out: run directory to write (open it with `zenlm generate OUT` or zenlm.load)
         from_hub: download this Hugging Face Hub repository (needs network) instead of reading SRC
         revision: branch, tag or commit of --from-hub
         dtype: auto keeps the stored dtype; fp32, bf16 or fp16 converts the weights
         overwrite: replace an existing run in --out
+        base: for a PEFT adapter: the zenlm run of its base model (e.g. made by `zenlm convert from-hf BASE_DIR`)
     """
     from zenlm.convert.hf import download_from_hub, import_hf
+    from zenlm.convert.peft import import_peft, is_peft_adapter
     from zenlm.errors import ConfigError
 
     if (src is None) == (from_hub is None):
@@ -373,6 +442,15 @@ def convert_from_hf(
     if from_hub is not None:
         src = str(download_from_hub(from_hub, revision))
     assert src is not None
+    if is_peft_adapter(src):
+        if base is None:
+            raise ConfigError(f"{src} is a PEFT adapter; give the zenlm run of its base model with --base RUN "
+                              "(import the base first: zenlm convert from-hf BASE_DIR --out RUN).")
+        print(f"imported the LoRA adapter {src} onto {base} -> {import_peft(src, base, out, overwrite=overwrite)}")
+        return
+    if base is not None:
+        raise ConfigError(f"--base is for PEFT adapter directories; {src} is not one (it has no adapter_config.json "
+                          "with a peft_type, or it has a config.json).")
     progress = TerminalProgress()
     path = import_hf(src, out, dtype=dtype, overwrite=overwrite, progress=progress)
     progress.close()
@@ -385,18 +463,32 @@ def convert_to_hf(
     out: str,
     dtype: Literal["fp32", "bf16", "fp16"] = "fp32",
     overwrite: bool = False,
+    base_model: str | None = None,
 ) -> None:
     """Export a zenlm run directory as a Hugging Face model directory (GPT-2, Llama, Qwen2, Qwen3; BERT and
-    BERT classifiers; encoder-decoders of the Blenderbot layout).
+    BERT classifiers; encoder-decoders of the Blenderbot layout); a LoRA run as a PEFT adapter directory (load it
+    with peft.PeftModel.from_pretrained on the exported base).
 
     Args:
         run: run directory (made by `zenlm pretrain`, `zenlm finetune` or `zenlm convert from-hf`)
         out: directory to write config.json, model.safetensors, generation_config.json and the tokenizer files
+            (for a LoRA run: adapter_config.json and adapter_model.safetensors)
         dtype: dtype of the written weights
         overwrite: replace an existing export in --out
+        base_model: LoRA runs: the base_model_name_or_path to record (a Hub name, or the directory of the base
+            exported with `zenlm convert to-hf BASE`); default: where the base was imported from, else its run
     """
     import json
 
+    from zenlm.rundir import read_run_config
+
+    if read_run_config(run).get("lora"):
+        from zenlm.convert.peft import export_peft
+
+        path = export_peft(run, out, base_model=base_model, dtype=dtype, overwrite=overwrite)
+        print(f"exported the LoRA adapters of {run} -> {path} (load them with peft.PeftModel.from_pretrained("
+              "AutoModelForCausalLM.from_pretrained(BASE), OUT), BASE = the base exported with zenlm convert to-hf)")
+        return
     from zenlm.convert.hf import export_hf
 
     progress = TerminalProgress()
@@ -449,6 +541,19 @@ def quantize(run: str, out: str) -> None:
           f"Load it like any run: zenlm generate {r.out} \"...\"")
 
 
+def merge_lora(run: str, out: str) -> None:
+    """Merge a LoRA run's adapters into its base (W + alpha/r * B A) and write a plain run directory.
+
+    Args:
+        run: LoRA run directory (trained with --lora, or imported from a PEFT adapter)
+        out: run directory to write (must not exist); an int8 base comes out in float32
+    """
+    from zenlm.adapter import merge_lora_run
+
+    path = merge_lora_run(run, out)
+    print(f"merged {run} -> {path} (a plain run: zenlm generate {path} \"...\", zenlm convert to-hf {path} ...)")
+
+
 # what each capability's presets are trained with, for the headings of `zenlm presets`
 _PRESET_USE = {"causal-lm": "zenlm pretrain --model NAME", "masked-lm": "zenlm pretrain --objective mlm --model NAME",
                "seq2seq": "zenlm finetune seq2seq --model NAME"}
@@ -485,6 +590,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_verb(sub, "demo", demo, params=_demo_params)
     add_verb(sub, "presets", presets)
     add_verb(sub, "quantize", quantize, positional=("run",))
+    add_verb(sub, "merge-lora", merge_lora, positional=("run",))
     conv = sub.add_parser("convert", help="convert models to and from Hugging Face format and to GGUF "
                                           "(from-hf, to-hf, to-gguf)")
     conv_sub = conv.add_subparsers(dest="convverb", metavar="ACTION")
@@ -525,9 +631,8 @@ def main(argv: list[str] | None = None) -> int:
 
         print(__version__)
         return 0
-    if not hasattr(ns, "_fn"):
-        (parser if ns.verb not in ("tokenizer", "convert", "wordvec")
-         else parser._subparsers._group_actions[0].choices[ns.verb]).print_help()
+    if not hasattr(ns, "_fn"):  # no verb, or a verb with actions (tokenizer, convert, finetune, wordvec) but none
+        (parser._subparsers._group_actions[0].choices[ns.verb] if ns.verb else parser).print_help()
         return 2
     try:
         call_verb(ns, argv)

@@ -1,7 +1,9 @@
-"""What the verbs share: progress bars on the terminal, the summary of a training run, the shape flags."""
+"""What the verbs share: progress bars on the terminal, the summary of a training run, the shape flags, and
+the check that a run can do what a verb asks of it."""
 
 from __future__ import annotations
 
+import logging
 import sys
 from pathlib import Path
 from typing import Any
@@ -62,6 +64,23 @@ class TerminalProgress:
                 bar.close()  # type: ignore[attr-defined]
 
 
+class _Notes(logging.Handler):
+    """Prints a logger's records as one-line notes on stderr."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        print(f"note: {record.getMessage()}", file=sys.stderr, flush=True)
+
+
+def show_log_notes(name: str) -> None:
+    """Show the INFO records of the library logger ``name`` on the terminal as one-line notes: what a long
+    silent step is doing (building the compiled decode step), which the CLI otherwise keeps quiet."""
+    logger = logging.getLogger(name)
+    if not any(isinstance(h, _Notes) for h in logger.handlers):
+        logger.addHandler(_Notes())
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+
+
 def _fmt(v: object) -> str:
     if isinstance(v, float):
         if v >= 1000:
@@ -89,3 +108,86 @@ def shape_params() -> list[Param]:
             Param("n_embd", int | None, None, "override the preset's width"),
             Param("block_size", int | None, None, "override the preset's context length"),
             Param("dropout", float | None, None, "override the preset's dropout")]
+
+
+LORA_FIELDS = ("rank", "alpha", "dropout", "targets", "qkv")
+
+
+def lora_params() -> list[Param]:
+    """--lora and the settings of zenlm.models.lora.LoRAConfig as --lora-rank, --lora-alpha, --lora-dropout,
+    --lora-targets and --lora-qkv: what a recipe's ``lora`` argument takes (see :func:`lora_config`)."""
+    from typing import Literal
+
+    from zenlm.clikit import params_of
+    from zenlm.models.lora import QKV_MODES, LoRAConfig
+
+    return [Param("lora", bool | None, None, "train LoRA adapters on the frozen base instead of every weight (the "
+                  "run saves adapter.safetensors; an int8 base from `zenlm quantize` is allowed)"),
+            *params_of(LoRAConfig, only=LORA_FIELDS, rename={k: f"lora_{k}" for k in LORA_FIELDS},
+                       types={"targets": list[str], "qkv": Literal[QKV_MODES]})]  # type: ignore[valid-type]
+
+
+def lora_config(flags: dict[str, Any]) -> Any:
+    """The LoRAConfig that --lora and the --lora-* flags describe (removed from ``flags``), or None without
+    --lora; a --lora-* setting changed without --lora is a mistake, refused."""
+    from zenlm.errors import ConfigError
+    from zenlm.models.lora import LoRAConfig
+
+    lora, settings = flags.pop("lora"), {k: flags.pop(f"lora_{k}") for k in LORA_FIELDS}
+    if lora:
+        return LoRAConfig(**settings)
+    default = LoRAConfig()
+    changed = [f"--lora-{k}" for k, v in settings.items() if LoRAConfig(**{k: v}).to_dict()[k] != default.to_dict()[k]]
+    if changed:
+        raise ConfigError(f"{', '.join(changed)} set(s) how LoRA adapters are trained; add --lora to train them.")
+    return None
+
+
+# What a run is used through, by what it is (see run_kind): the uses it fits (a verb, or evaluate with --data /
+# --tasks) and the command that fits it best.
+_KINDS: dict[str, tuple[frozenset[str], str]] = {
+    "classifier": (frozenset({"predict", "embed", "evaluate --data"}), 'zenlm predict {run} "some text"'),
+    "seq2seq": (frozenset({"generate", "evaluate --data"}), 'zenlm generate {run} "source text"'),
+    "language-model": (frozenset({"generate", "embed", "evaluate --tasks"}), 'zenlm generate {run} "a prompt"'),
+    "encoder": (frozenset({"embed"}), 'zenlm embed {run} "some text"'),
+}
+_EVALUATE = {"evaluate --data": "zenlm evaluate {run} --data FILE", "evaluate --tasks": "zenlm evaluate {run} --tasks NAMES"}
+_DOES = {"generate": "writes text", "predict": "labels texts with a classifier", "embed": "turns texts into vectors",
+         "evaluate --data": "scores a classifier or a source -> target model on a file of examples",
+         "evaluate --tasks": "runs lm-eval tasks on a language model"}
+
+
+def run_kind(saved: dict[str, Any]) -> tuple[str, str]:
+    """What a run is, from its config.yaml (the architecture registry's capabilities, the run's task, a
+    seq2seq section): (kind, how a message describes it); kind is a key of _KINDS, or "other"."""
+    from zenlm.rundir import run_architecture, run_task
+
+    arch = run_architecture(saved)
+    if run_task(saved) == "classify":
+        labels = (saved.get("task") or {}).get("labels") or []
+        return "classifier", f"a {arch.title} classifier (labels: {', '.join(map(str, labels[:5]))})"
+    if arch.can("seq2seq") or saved.get("seq2seq"):
+        return "seq2seq", f"a {arch.title} trained on source -> target pairs"
+    if arch.can("causal-lm") and arch.can("generate"):
+        return "language-model", f"a {arch.title} language model"
+    if arch.can("embed"):
+        return "encoder", f"a {arch.title} (a classifier is made from it with `zenlm finetune classify --base`)"
+    return "other", f"a {arch.title} model"
+
+
+def check_run_fits(run: str, use: str) -> dict[str, Any]:
+    """Refuse, in one line (ConfigError), a ``use`` (a verb, or "evaluate --data" / "evaluate --tasks") that the
+    run in ``run`` cannot serve, naming the command that fits it; returns the run's config.yaml. Reads only
+    config.yaml, so the refusal comes before any weights are loaded."""
+    from zenlm.errors import ConfigError
+    from zenlm.rundir import read_run_config
+
+    saved = read_run_config(run)
+    kind, what = run_kind(saved)
+    uses, fits = _KINDS.get(kind, (frozenset(), ""))
+    if use in uses:
+        return saved
+    if use.startswith("evaluate"):  # the other way to evaluate, when the run has one
+        fits = next((_EVALUATE[u] for u in sorted(uses) if u.startswith("evaluate")), fits)
+    hint = f"; try `{fits.format(run=run)}`" if fits else ""
+    raise ConfigError(f"`zenlm {use}` {_DOES[use]}, and {run} is {what}{hint}.")

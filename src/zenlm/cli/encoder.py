@@ -22,12 +22,13 @@ _TRAIN_FLAGS = ("max_seconds", "seed", "device", "precision", "grad_accum", "str
 def finetune_classify_params() -> list[Param]:
     """The flags: zenlm.recipes.finetune_classify.finetune_classify's own parameters and the TrainConfig
     fields above."""
+    from zenlm.cli.common import lora_params
     from zenlm.device import Precision
     from zenlm.recipes.finetune_classify import finetune_classify as recipe
     from zenlm.train.loop import TrainConfig
 
-    return [*params_of(recipe, skip=("train", "progress")),
-            *params_of(TrainConfig, only=_TRAIN_FLAGS, types={"precision": Precision})]
+    return [*params_of(recipe, skip=("train", "lora", "progress")),
+            *params_of(TrainConfig, only=_TRAIN_FLAGS, types={"precision": Precision}), *lora_params()]
 
 
 def finetune_classify(**flags: Any) -> None:
@@ -47,7 +48,8 @@ def finetune_classify(**flags: Any) -> None:
         dropout: dropout before the classification head
         batch_size: texts per micro-batch (a step reads --grad-accum of them)
         epochs: passes over the training data
-        lr: peak AdamW learning rate (warm-up over 10% of the steps, then linear decay)
+        lr: peak AdamW learning rate (warm-up over 10% of the steps, then linear decay); default 5e-5, or 5e-4
+            with --lora
         weight_decay: AdamW weight decay
         patience: stop after this many evaluations (two per epoch) without a better macro-F1; 0 = never
         max_seconds: wall-time cap
@@ -55,14 +57,15 @@ def finetune_classify(**flags: Any) -> None:
         device: auto, cpu, cuda or mps
         precision: auto, fp32, bf16 or fp16
     """
-    from zenlm.cli.common import TerminalProgress
+    from zenlm.cli.common import TerminalProgress, lora_config
     from zenlm.recipes.finetune_classify import finetune_classify as run
     from zenlm.train.loop import TrainConfig
 
     train = {k: flags.pop(k) for k in _TRAIN_FLAGS}
+    lora = lora_config(flags)
     out = flags["out"]
     progress = TerminalProgress()
-    res = run(**flags, train=TrainConfig(**train, tensorboard=False), progress=progress)
+    res = run(**flags, train=TrainConfig(**train, tensorboard=False), lora=lora, progress=progress)
     progress.close()
     print(f"\nstopped by {res.train.stopped_by} at step {res.train.step} after {res.train.elapsed_s:.1f} s; "
           f"kept the weights of step {res.train.best_step}\n")
@@ -104,12 +107,10 @@ def predict(
         device: auto, cpu, cuda or mps
     """
     import zenlm
+    from zenlm.cli.common import check_run_fits
 
+    check_run_fits(run, "predict")
     lm = zenlm.load(run, device=device)
-    if not getattr(lm, "is_classifier", False):
-        from zenlm.errors import ConfigError
-
-        raise ConfigError(f"{run} is not a classifier; make one with `zenlm finetune classify --base {run}`.")
     items = _texts(texts, file)
     for text, r in zip(items, lm.classify(items, batch_size=batch_size), strict=True):  # type: ignore[attr-defined]
         top = sorted(r["probs"].items(), key=lambda kv: -kv[1])[: max(top_k, 1)]
@@ -129,7 +130,8 @@ def embed(
     """Sentence embeddings (mean of the last hidden states): one JSON object per text ({"text", "embedding"}).
 
     Args:
-        run: a BERT run (`zenlm pretrain --objective mlm`, `zenlm convert from-hf`) or a classifier run
+        run: a BERT run (`zenlm pretrain --objective mlm`, `zenlm convert from-hf`), a classifier run, or a GPT
+            language model (the mean of its last hidden states, as the server's /v1/embeddings)
         texts: texts to embed
         file: a file with one text per line (added after the texts)
         normalize: L2-normalise each vector (--no-normalize keeps the raw mean)
@@ -138,13 +140,13 @@ def embed(
         device: auto, cpu, cuda or mps
     """
     import zenlm
+    from zenlm.cli.common import check_run_fits
     from zenlm.encoder import EncoderLM
 
+    check_run_fits(run, "embed")
     lm = zenlm.load(run, device=device)
-    if not isinstance(lm, EncoderLM):
-        from zenlm.errors import ConfigError
-
-        raise ConfigError(f"{run} is a text generator; `zenlm embed` needs a BERT or classifier run.")
+    if not isinstance(lm, EncoderLM):  # a GPT language model: the same mean of its hidden states
+        lm = EncoderLM(lm.model, lm.tokenizer, Path(run))  # type: ignore[union-attr]
     items = _texts(texts, file)
     vecs = lm.embed(items, normalize=normalize, batch_size=batch_size)
     lines = [json.dumps({"text": t, "embedding": [round(x, 6) for x in v.tolist()]}, ensure_ascii=False)
@@ -159,9 +161,10 @@ def embed(
 
 
 def evaluate_classify(run: str, data: str, out: str | None = None, batch_size: int = 32,
-                      device: str = "auto") -> None:
+                      device: str = "auto", text_field: str | None = None, label_field: str | None = None) -> None:
     """Score a classifier run on a labelled file (called by `zenlm evaluate` for classifier runs): a JSON
-    report (default RUN/eval-DATA.json), a confusion-matrix PNG beside it, and a printed table."""
+    report (default RUN/eval-DATA.json), a confusion-matrix PNG beside it, and a printed table. ``text_field``
+    and ``label_field`` name the file's fields (None: the ones the classifier was trained with)."""
     import zenlm
     from zenlm.data.classify import read_labelled
     from zenlm.evaluate import classification_report_from_names
@@ -170,7 +173,8 @@ def evaluate_classify(run: str, data: str, out: str | None = None, batch_size: i
 
     task = read_run_config(run).get("task") or {}
     lm = zenlm.load(run, device=device)
-    examples = read_labelled(data, task.get("text_field", "text"), task.get("label_field", "label"))
+    examples = read_labelled(data, text_field or task.get("text_field", "text"),
+                             label_field or task.get("label_field", "label"))
     preds = lm.classify([t for t, _ in examples], batch_size=batch_size)  # type: ignore[attr-defined]
     rep = classification_report_from_names([lb for _, lb in examples], [p["label"] for p in preds],
                                            task["labels"])

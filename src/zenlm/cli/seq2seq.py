@@ -23,16 +23,16 @@ _SHAPE_FLAGS = ("n_layer", "n_embd", "dropout")
 def finetune_seq2seq_params() -> list[Param]:
     """The flags: zenlm.recipes.finetune_seq2seq.finetune_seq2seq's own parameters, the TrainConfig and
     OptimConfig fields above with the recipe's defaults (DEFAULT_TRAIN, DEFAULT_OPTIM), and shape overrides."""
-    from zenlm.cli.common import shape_params
+    from zenlm.cli.common import lora_params, shape_params
     from zenlm.device import Precision
     from zenlm.recipes import finetune_seq2seq as recipe
     from zenlm.train.loop import TrainConfig
     from zenlm.train.optim import OptimConfig
 
-    return [*params_of(recipe.finetune_seq2seq, skip=("model_overrides", "train", "optim", "progress")),
+    return [*params_of(recipe.finetune_seq2seq, skip=("model_overrides", "train", "optim", "lora", "progress")),
             *params_of(TrainConfig, only=_TRAIN_FLAGS, defaults=recipe.DEFAULT_TRAIN, types={"precision": Precision}),
             *params_of(OptimConfig, only=_OPTIM_FLAGS, defaults=recipe.DEFAULT_OPTIM),
-            *(p for p in shape_params() if p.name in _SHAPE_FLAGS)]
+            *(p for p in shape_params() if p.name in _SHAPE_FLAGS), *lora_params()]
 
 
 def finetune_seq2seq(**flags: Any) -> None:
@@ -51,7 +51,7 @@ def finetune_seq2seq(**flags: Any) -> None:
             (default demo)
         tokenizer: tokenizer directory; by default a byte-level BPE is trained on the training texts
         vocab_size: size of that BPE vocabulary
-        init: start from this run directory's weights and tokenizer
+        init: start from this run directory's weights and tokenizer (with --lora: the frozen run to adapt)
         val: validation pairs file (default: the last --val-fraction of --data)
         val_fraction: share of --data held out for validation when --val is not given
         source_field: JSON field holding the source text
@@ -74,7 +74,7 @@ def finetune_seq2seq(**flags: Any) -> None:
         n_embd: override the preset's width
         dropout: override the preset's dropout
     """
-    from zenlm.cli.common import TerminalProgress
+    from zenlm.cli.common import TerminalProgress, lora_config
     from zenlm.models.registry import get_architecture
     from zenlm.recipes import finetune_seq2seq as recipe
     from zenlm.train.loop import TrainConfig
@@ -83,13 +83,14 @@ def finetune_seq2seq(**flags: Any) -> None:
     train = {k: flags.pop(k) for k in _TRAIN_FLAGS}
     optim = {k: flags.pop(k) for k in _OPTIM_FLAGS}
     shape = {k: flags.pop(k) for k in _SHAPE_FLAGS}
+    lora = lora_config(flags)
     out = flags["out"]
     progress = TerminalProgress()
     result = recipe.finetune_seq2seq(
         **flags, model_overrides=get_architecture(flags["arch"]).shape_overrides(**shape),
         train=TrainConfig(**{**recipe.DEFAULT_TRAIN, **train}),
         optim=OptimConfig(**{**recipe.DEFAULT_OPTIM, **optim, "min_lr": optim["lr"] / 10}),
-        progress=progress,
+        lora=lora, progress=progress,
     )
     progress.close()
     print(f"\nstopped by {result.stopped_by} at step {result.step} after {result.elapsed_s:.1f} s; "
@@ -117,6 +118,8 @@ def evaluate(
     limit: int | None = None,
     source_field: str = "source",
     target_field: str = "target",
+    text_field: str | None = None,
+    label_field: str | None = None,
     device: str = "auto",
     dtype: Literal["fp32", "bf16", "fp16"] = "fp32",
     log_samples: bool = False,
@@ -148,18 +151,22 @@ def evaluate(
         limit: score only the first N pairs (with --tasks: the first N items of each task)
         source_field: JSON field holding the source text
         target_field: JSON field holding the reference text
+        text_field: (classifier runs) field holding the text; default: the one the classifier was trained with
+        label_field: (classifier runs) field holding the label; default: the one the classifier was trained with
         device: auto, cpu, cuda or mps
         dtype: weights for inference with --tasks: fp32, bf16 or fp16 (an int8 run stays int8)
         log_samples: with --tasks, keep every item's requests and answers in the report
         bootstrap_iters: with --tasks, resamples for the standard errors lm-eval bootstraps (0: none)
     """
+    from zenlm.cli.common import check_run_fits
     from zenlm.errors import ConfigError
-    from zenlm.rundir import read_run_config, run_task
+    from zenlm.rundir import run_task
 
     if tasks:
         if data is not None:
             raise ConfigError("give either --data FILE (seq2seq and classifier runs) or --tasks NAMES "
                               "(lm-eval on a language model), not both.")
+        check_run_fits(run, "evaluate --tasks")
         from zenlm.cli.lmeval import evaluate_lm_eval
 
         evaluate_lm_eval(run, tasks, include_path=include_path, limit=limit, num_fewshot=num_fewshot,
@@ -170,10 +177,11 @@ def evaluate(
         raise ConfigError("nothing to evaluate: give --data FILE (seq2seq and classifier runs) or --tasks "
                           "NAMES (lm-eval tasks on a language model run).")
 
-    if run_task(read_run_config(run)) == "classify":  # a classifier: labels, not text
+    if run_task(check_run_fits(run, "evaluate --data")) == "classify":  # a classifier: labels, not text
         from zenlm.cli.encoder import evaluate_classify
 
-        return evaluate_classify(run, data, out, batch_size=batch_size, device=device)
+        return evaluate_classify(run, data, out, batch_size=batch_size, device=device, text_field=text_field,
+                                 label_field=label_field)
     import zenlm.seq2seq as s2s
     from zenlm.cli.common import TerminalProgress
     from zenlm.data.seq2seq import read_pairs

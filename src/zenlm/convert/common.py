@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from zenlm.convert.outdir import check_out_dir
 from zenlm.device import resolve_dtype
 from zenlm.errors import CheckpointError, ConfigError, DataError
 from zenlm.fileio import atomic_write_text, read_json_object
@@ -65,8 +66,15 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
     atomic_write_text(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
 
 
-def prepare_out(out: Path, marker: str, overwrite: bool) -> None:
-    if (out / marker).exists() and not overwrite:
+def prepare_out(out: Path, marker: str, overwrite: bool, source: Path | None = None) -> None:
+    """Make ``out`` ready for a conversion result whose marker file is ``marker``: a run directory
+    (config.yaml) or a Hugging Face directory (config.json) goes through
+    :func:`zenlm.convert.outdir.check_out_dir` (never its own ``source``, never another kind of directory);
+    any other result (a PEFT adapter) is refused over an existing one without ``overwrite``."""
+    if marker in ("config.yaml", "config.json"):
+        check_out_dir(out, writes="run" if marker == "config.yaml" else "hf", sources=[source] if source else [],
+                      overwrite=overwrite)
+    elif (out / marker).exists() and not overwrite:
         raise ConfigError(f"{out} already holds {marker}; choose another --out or pass --overwrite.")
     out.mkdir(parents=True, exist_ok=True)
 

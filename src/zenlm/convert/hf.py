@@ -56,8 +56,10 @@ from zenlm.convert.common import (
     theirs_state,
     write_json,
 )
+from zenlm.convert.outdir import check_out_dir
 from zenlm.device import DTYPES, resolve_dtype
 from zenlm.errors import ConfigError, DataError
+from zenlm.fileio import atomic_path, write_safetensors
 from zenlm.progress import ProgressFn, report
 from zenlm.tokenizer import Tokenizer
 
@@ -442,6 +444,7 @@ def import_hf(
     src, out = Path(src_dir), Path(out_dir)
     if not src.is_dir():
         raise DataError(f"{src} is not a directory; give the folder that holds config.json and the weights.")
+    check_out_dir(out, writes="run", sources=[src], overwrite=overwrite)
     config_file = src / "config.json"
     c = read_json(config_file, "a Hugging Face model directory has a config.json")
     if c.get("model_type") == "bert":
@@ -457,7 +460,6 @@ def import_hf(
     cfg = arch.to_config(c, config_file)
     rules = arch.weight_map(cfg)
     shapes = _check_rules(cfg, rules)
-    prepare_out(out, "config.yaml", overwrite)
 
     weights = HFWeights(src, arch.prefix)
     used: set[str] = set()
@@ -480,21 +482,27 @@ def import_hf(
                         f"{len(unexpected) - 1} more) has no place in a {arch.name} built from config.json; "
                         "the checkpoint and config.json disagree.")
 
-    tok = _import_tokenizer(src, out, c)
-    if tok.vocab_size > cfg.vocab_size:
-        raise DataError(f"{src / 'tokenizer.json'} has {tok.vocab_size} tokens but the model only "
-                        f"{cfg.vocab_size} embeddings (config.json vocab_size).")
     from zenlm import __version__
     from zenlm.rundir import write_run_config
 
-    save_file(ours, str(out / "model.safetensors"), metadata={"format": "pt"})
-    run_config = {
-        "zenlm_version": __version__,
-        "model": cfg.to_dict(),
-        "source": {"format": "huggingface", "architecture": arch.name, "dir": str(src.resolve())},
-        "objective": "causal-lm",
-    }
-    write_run_config(out, run_config)
+    # Everything is written into a temporary folder beside --out and swapped in at the end: a failure (a
+    # tokenizer that does not fit, a full disk) leaves a previous run in --out as it was, never its old weights
+    # beside the new tokenizer.
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out) as tmp:
+        tmp.mkdir()
+        tok = _import_tokenizer(src, tmp, c)
+        if tok.vocab_size > cfg.vocab_size:
+            raise DataError(f"{src / 'tokenizer.json'} has {tok.vocab_size} tokens but the model only "
+                            f"{cfg.vocab_size} embeddings (config.json vocab_size).")
+        write_safetensors(ours, tmp / "model.safetensors", metadata={"format": "pt"})
+        run_config = {
+            "zenlm_version": __version__,
+            "model": cfg.to_dict(),
+            "source": {"format": "huggingface", "architecture": arch.name, "dir": str(src.resolve())},
+            "objective": "causal-lm",
+        }
+        write_run_config(tmp, run_config)
     return out
 
 
@@ -567,6 +575,9 @@ def export_hf(
     run, out = Path(run_dir), Path(out_dir)
     torch_dtype = resolve_dtype(dtype)
     saved = read_run_config(run)
+    if saved.get("lora"):
+        raise ConfigError(f"{run} is a LoRA run: export its adapters as a PEFT adapter (zenlm convert to-hf does, "
+                          "through zenlm.convert.peft.export_peft), or merge it first (zenlm merge-lora).")
     ours = run_architecture(saved)
     other = HF_EXPORTERS.get("classify" if run_task(saved) == "classify" else ours.name)
     if other is not None:  # encoders, classifiers and encoder-decoders have exporters of their own
@@ -579,7 +590,7 @@ def export_hf(
     model, tok = load_gpt_run(run, cfg)
     rules = arch.weight_map(cfg)
     _check_rules(cfg, rules)
-    prepare_out(out, "config.json", overwrite)
+    prepare_out(out, "config.json", overwrite, source=run)
 
     save_file(theirs_state(model, rules, dtype, progress), str(out / "model.safetensors"),
               metadata={"format": "pt"})

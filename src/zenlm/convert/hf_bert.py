@@ -50,6 +50,7 @@ from zenlm.convert.common import (
     theirs_state,
     write_json,
 )
+from zenlm.convert.outdir import check_out_dir
 from zenlm.device import DTYPES
 from zenlm.errors import CheckpointError, ConfigError, DataError
 from zenlm.fileio import atomic_path, atomic_write_text
@@ -220,10 +221,7 @@ def import_bert(src_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str]
     from zenlm.rundir import write_run_config
 
     src, out = Path(src_dir), Path(out_dir)
-    if (out / "config.yaml").exists() and not overwrite:
-        raise CheckpointError(f"{out} already holds a run; choose another --out or pass --overwrite.")
-    if out.is_dir() and any(out.iterdir()) and not (out / "config.yaml").exists():
-        raise CheckpointError(f"{out} exists and is not a zenlm run directory; choose another --out.")
+    check_out_dir(out, writes="run", sources=[src], overwrite=overwrite)
     cfg_file = src / "config.json"
     cfg = bert_config_from_hf(json.loads(cfg_file.read_text(encoding="utf-8")), str(cfg_file))
     report(progress, "convert", message=f"BERT: {cfg.n_layer} layers x {cfg.d_model} wide, vocab {cfg.vocab_size}")
@@ -316,7 +314,7 @@ def export_bert(run_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str]
     load_run_weights(run, model)
     tok = load_run_tokenizer(run, cfg.vocab_size)
     tokenizer_json = encoder_tokenizer_json(tok)
-    prepare_out(out, "config.json", overwrite)
+    prepare_out(out, "config.json", overwrite, source=run)
 
     save_file(theirs_state(model, rules, dtype, progress), str(out / "model.safetensors"),
               metadata={"format": "pt"})

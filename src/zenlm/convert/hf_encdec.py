@@ -174,7 +174,7 @@ def export_encdec(run_dir: str | os.PathLike[str], out_dir: str | os.PathLike[st
     load_run_weights(run, model)
     tok = load_run_tokenizer(run, cfg.vocab_size)
     ids = {role: int(settings.get(f"{role}_id", getattr(tok, f"{role}_id"))) for role in ("bos", "eos", "pad")}
-    prepare_out(out, "config.json", overwrite)
+    prepare_out(out, "config.json", overwrite, source=run)
 
     theirs = theirs_state(model, blenderbot_weight_map(cfg), dtype, progress)
     for stack in ("encoder", "decoder"):  # one position count for both stacks: pad the shorter table

@@ -123,7 +123,7 @@ class EncodedPairs:
 def encode_pairs(pairs: Sequence[Pair], tokenizer: _Encoder, max_source_tokens: int, max_target_tokens: int,
                  *, progress: ProgressFn | None = None) -> EncodedPairs:
     """Tokenise the pairs; keep at most ``max_source_tokens`` / ``max_target_tokens`` ids of each (the
-    beginning). Truncation is counted and reported with a warning (and a progress message)."""
+    beginning). Truncation is counted and reported through ``progress`` (a warning when there is none)."""
     if max_source_tokens < 1 or max_target_tokens < 1:
         raise DataError(f"the length limits leave no room for text ({max_source_tokens} source / "
                         f"{max_target_tokens} target tokens); raise the model's context lengths.")
@@ -140,8 +140,10 @@ def encode_pairs(pairs: Sequence[Pair], tokenizer: _Encoder, max_source_tokens: 
         if n:
             msg = (f"{n} of {len(pairs)} {what} are longer than {limit} tokens and were truncated "
                    f"(kept the first {limit}).")
-            warnings.warn(msg, stacklevel=2)
-            report(progress, "data", message=msg)
+            if progress is None:  # a caller without a progress callback still hears of it
+                warnings.warn(msg, stacklevel=2)
+            else:  # (once: a warning too would print the same line again)
+                report(progress, "data", message=msg)
     return EncodedPairs([s[:max_source_tokens] for s in src], [t[:max_target_tokens] for t in tgt], n_src, n_tgt)
 
 

@@ -28,6 +28,7 @@ current shard.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import re
@@ -42,7 +43,7 @@ import numpy as np
 
 from zenlm.data.corpus import Corpus
 from zenlm.errors import DataError, write_error
-from zenlm.fileio import atomic_write_text, read_json_object
+from zenlm.fileio import atomic_write_text, file_sha256, read_json_object
 from zenlm.progress import ProgressFn, report
 from zenlm.tokenizer import CUT_POINTS, Tokenizer
 
@@ -288,6 +289,18 @@ def load_index(data_dir: str | os.PathLike[str]) -> dict[str, Any]:
     return index
 
 
+def data_fingerprint(data_dir: str | os.PathLike[str]) -> dict[str, str]:
+    """What identifies the token ids of a data directory: the SHA-256 of its tokenizer.json and of its index.json
+    (without the time it was written). A copy of the directory, or the same corpus prepared again with the same
+    tokenizer, has the same fingerprint; other text or another tokenizer has another one. Cheap: the shards
+    themselves are not read (their names, sizes and token counts are in the index)."""
+    d = Path(data_dir)
+    index = load_index(d)
+    index = {k: v for k, v in index.items() if k != "created"}
+    return {"tokenizer_sha256": file_sha256(d / "tokenizer.json"),
+            "index_sha256": hashlib.sha256(json.dumps(index, sort_keys=True).encode("utf-8")).hexdigest()}
+
+
 def _check_index(index: dict[str, Any], path: Path) -> None:
     """Refuse an index.json whose entries have the wrong types (a hand edit or a damaged file), naming the
     entry, instead of failing later with a traceback."""
@@ -422,4 +435,4 @@ class TokenShards:
         return ids
 
 
-__all__ = ["prepare", "load_index", "TokenShards", "HEADER_BYTES", "MAGIC", "VERSION"]
+__all__ = ["prepare", "load_index", "data_fingerprint", "TokenShards", "HEADER_BYTES", "MAGIC", "VERSION"]

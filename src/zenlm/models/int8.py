@@ -19,6 +19,11 @@ the product is written as a multiply-and-sum over the int8 matrix (:func:`~zenlm
 compiler widens q to float inside its loop, so the int8 bytes are all that is read.
 A tied embedding/output head becomes one int8 matrix with a scale per vocabulary row, used for both the
 lookup and the head; an untied embedding stays in full precision (a lookup reads only a few rows).
+
+Training through a frozen int8 layer (LoRA on an int8 base, :mod:`zenlm.models.lora`) needs only the gradient
+with respect to the input, ``dL/dx = (dL/dy * s) @ q``. :class:`_Int8Matmul` computes it from the int8 matrix
+again, so the backward pass keeps no full-precision copy of any weight alive (the plain expression would save
+the expanded matrix of every layer until the backward pass reaches it: the memory of an fp32 model).
 """
 
 from __future__ import annotations
@@ -34,6 +39,22 @@ _PACK_MM = getattr(torch, "_weight_int8pack_mm", None)
 # The int8 kernel is built for matrix-vector work: past a few rows (prompt prefill, large batches) expanding
 # the weight to bf16 and using the dense product is faster.
 PACK_MAX_ROWS = 16
+
+
+class _Int8Matmul(torch.autograd.Function):
+    """``y = (x @ q^T) * s`` whose backward re-expands q: saves the int8 matrix, not a float copy of it."""
+
+    @staticmethod
+    def forward(ctx: torch.autograd.function.FunctionCtx, x_MK: Tensor, q_NK: Tensor, s_N: Tensor) -> Tensor:
+        ctx.save_for_backward(q_NK, s_N)
+        ctx.x_dtype = x_MK.dtype  # type: ignore[attr-defined]
+        return F.linear(x_MK, q_NK.to(x_MK.dtype)).mul_(s_N.to(x_MK.dtype))
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, g_MN: Tensor) -> tuple[Tensor, None, None]:
+        q_NK, s_N = ctx.saved_tensors  # type: ignore[attr-defined]
+        g_MK = (g_MN * s_N.to(g_MN.dtype)) @ q_NK.to(g_MN.dtype)  # dL/dx = (dL/dy * s) @ q
+        return g_MK.to(ctx.x_dtype), None, None  # type: ignore[attr-defined]
 
 
 class Int8Linear(nn.Module):
@@ -71,6 +92,8 @@ class Int8Linear(nn.Module):
         tracing = torch.compiler.is_compiling() or torch.compiler.is_exporting()
         if tracing and x_MK.shape[0] == 1:  # see zenlm.compiled: fused, reads int8
             y_MN = matvec(x_MK, self.weight_int8) * self.scale.to(x.dtype)
+        elif x.requires_grad and torch.is_grad_enabled():  # training through a frozen int8 layer (LoRA)
+            y_MN = _Int8Matmul.apply(x_MK, self.weight_int8, self.scale)
         elif (x.dtype == torch.bfloat16 and x.device.type == "cpu" and _PACK_MM is not None
                 and x_MK.shape[0] <= PACK_MAX_ROWS):
             y_MN = _PACK_MM(x_MK.contiguous(), self.weight_int8, self.scale.to(torch.bfloat16))
@@ -148,4 +171,31 @@ def quantize_int8(model: nn.Module, *, empty: bool = False) -> nn.Module:
     return model
 
 
-__all__ = ["Int8Linear", "Int8Embedding", "quantize_int8", "METHOD"]
+def dequantize_int8(model: nn.Module) -> nn.Module:
+    """Undo :func:`quantize_int8` structurally, in place: every ``Int8Linear`` becomes an ``nn.Linear`` and an
+    ``Int8Embedding`` an ``nn.Embedding`` holding ``q * s`` in float32 (a tied head becomes ``lm_head = None``
+    again). The rounding of the quantisation stays; returns ``model``."""
+    emb, head = getattr(model, "tok_emb", None), getattr(model, "lm_head", None)
+    tied = isinstance(emb, Int8Embedding) and isinstance(head, Int8Linear) and \
+        head.weight_int8.data_ptr() == emb.weight_int8.data_ptr()
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, Int8Linear):
+                lin = nn.Linear(child.in_features, child.out_features, bias=child.bias is not None,
+                                device=child.scale.device)
+                with torch.no_grad():
+                    lin.weight.copy_(child.dequantized())
+                    if child.bias is not None:
+                        lin.bias.copy_(child.bias)
+                setattr(module, name, lin)
+            elif isinstance(child, Int8Embedding):
+                e = nn.Embedding(child.num_embeddings, child.embedding_dim, device=child.scale.device)
+                with torch.no_grad():
+                    e.weight.copy_(child.weight_int8.float() * child.scale[:, None])
+                setattr(module, name, e)
+    if tied:
+        model.lm_head = None
+    return model
+
+
+__all__ = ["Int8Linear", "Int8Embedding", "quantize_int8", "dequantize_int8", "METHOD"]

@@ -188,17 +188,79 @@ def config_from_dict(d: Mapping[str, Any]) -> Any:
     return get_architecture(d.get("arch", "gpt")).config_from_dict(d)
 
 
-def build_model(config: Any) -> nn.Module:
-    """A model with freshly initialised weights for ``config`` (any registered family)."""
+def build_model(config: Any, *, check_memory: bool = True) -> nn.Module:
+    """A model with freshly initialised weights for ``config`` (any registered family). With ``check_memory``
+    a config whose weights and buffers would not fit in the memory there is (a hand-edited ``block_size:
+    1000000000000`` asks for terabytes) is refused first (:func:`check_model_fits`)."""
+    if check_memory:
+        check_model_fits(config)
     return architecture_of(config).build(config)
+
+
+def _meta_sizes(config: Any) -> tuple[int, int]:
+    """(parameters, bytes of parameters and buffers) of the model ``config`` describes, built on the meta
+    device: shapes only, nothing allocated. Shared weights are counted once."""
+    with torch.device("meta"):
+        model = architecture_of(config).build(config)
+    params = {id(p): p for p in model.parameters()}
+    buffers = {id(b): b for b in model.buffers()}
+    n_bytes = sum(t.numel() * t.element_size() for t in [*params.values(), *buffers.values()])
+    return sum(p.numel() for p in params.values()), n_bytes
+
+
+def _layer_fields(config: Any) -> tuple[str, ...]:
+    """The fields of ``config`` that count repeated layers (the generic n_layer of its family)."""
+    arch = architecture_of(config)
+    names = {f.name for f in dataclasses.fields(config)}
+    return tuple(n for n in arch.shape_names.get("n_layer", ("n_layer",)) if n in names)
+
+
+def model_sizes(config: Any) -> tuple[int, int]:
+    """(parameters, bytes of parameters and buffers as built) of the model ``config`` describes, without
+    allocating it. A deep stack is counted from copies of the config with one and two layers (a layer adds the
+    same every time), so even an absurd layer count is counted at once."""
+    layers = {n: getattr(config, n) for n in _layer_fields(config)}
+    if all(v <= 2 for v in layers.values()):
+        return _meta_sizes(config)
+    base_p, base_b = _meta_sizes(dataclasses.replace(config, **dict.fromkeys(layers, 1)))
+    total_p, total_b = base_p, base_b
+    for name, count in layers.items():
+        p2, b2 = _meta_sizes(dataclasses.replace(config, **{**dict.fromkeys(layers, 1), name: 2}))
+        total_p += (count - 1) * (p2 - base_p)
+        total_b += (count - 1) * (b2 - base_b)
+    return total_p, total_b
+
+
+def check_model_fits(config: Any, device: str = "cpu") -> None:
+    """Refuse (ConfigError) a config whose parameters and buffers need more bytes than ``device`` has free
+    (zenlm.device.available_memory), before anything is allocated; the message names the config's largest
+    sizes, which is where a damaged or hand-edited config goes wrong."""
+    from zenlm.device import available_memory
+
+    _, need = model_sizes(config)
+    free = available_memory(device)
+    if free is None or need <= free:
+        return
+    sizes = sorted(((getattr(config, f.name), f.name) for f in dataclasses.fields(config)
+                    if isinstance(getattr(config, f.name), int) and not isinstance(getattr(config, f.name), bool)),
+                   reverse=True)[:3]
+    raise ConfigError(f"this {architecture_of(config).title} model needs {_human_bytes(need)} for its weights and "
+                      f"buffers, more than the {_human_bytes(free)} of memory free on {device}; its largest sizes "
+                      f"are {', '.join(f'{n}={v}' for v, n in sizes)}. Check the model's settings.")
+
+
+def _human_bytes(n: float) -> str:
+    for unit in ("bytes", "KB", "MB", "GB", "TB", "PB"):
+        if abs(n) < 1000 or unit == "PB":
+            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} PB"  # pragma: no cover
 
 
 def num_params(config: Any) -> int:
     """Parameters of the model ``config`` describes (shared weights counted once), counted on the meta device
     so nothing is allocated."""
-    with torch.device("meta"):
-        model = build_model(config)
-    return sum(p.numel() for p in model.parameters())
+    return model_sizes(config)[0]
 
 
 def find_preset(name: str) -> tuple[Architecture, Preset]:
@@ -223,5 +285,5 @@ def list_presets(capability: str | None = None) -> dict[str, str]:
 
 
 __all__ = ["CAPABILITIES", "Architecture", "Capability", "Preset", "architecture_of", "architectures",
-           "build_model", "config_from_dict", "find_preset", "get_architecture", "list_presets", "num_params",
-           "preset_config", "register", "unregister"]
+           "build_model", "check_model_fits", "config_from_dict", "find_preset", "get_architecture",
+           "list_presets", "model_sizes", "num_params", "preset_config", "register", "unregister"]

@@ -4,6 +4,9 @@
     logits = W_c pool(backbone(ids)) + b_c                 (zenlm.models.classifier.SequenceClassifier)
     loss   = cross_entropy(logits, label)                  every weight is trained, backbone included
 
+With ``lora`` the backbone stays frozen and only LoRA adapters on its linear layers and the head are trained
+(:mod:`zenlm.models.lora`); the run then saves ``adapter.safetensors`` (adapters + head) and records the base.
+
 Validation after every half epoch reports loss, accuracy and macro-F1; the weights of the best macro-F1
 are kept (``model.safetensors``) and training stops early when it has not improved for ``patience``
 evaluations. The run directory also gets ``report.json`` (accuracy, macro P/R/F1, per-class report,
@@ -23,16 +26,20 @@ import torch.nn.functional as F
 from torch import nn
 
 from zenlm import __version__
+from zenlm.adapter import finish_lora_run, load_base, lora_section
 from zenlm.data.classify import ClassBatches, encode_for_model, pad_batch, read_labelled, stratified_split
 from zenlm.device import resolve_device
 from zenlm.errors import CheckpointError, ConfigError, DataError
 from zenlm.evaluate import ClassificationReport, classification_report
 from zenlm.fileio import atomic_write_text
 from zenlm.models.classifier import POOLINGS, SequenceClassifier
+from zenlm.models.lora import LoRAConfig, apply_lora, describe_lora, weights_fingerprint
 from zenlm.progress import ProgressFn, report
 from zenlm.rundir import (
     build_model_from_run,
     copy_tokenizer_files,
+    read_run_config,
+    refuse_foreign_out,
     run_architecture,
     run_task,
     write_run_config,
@@ -52,23 +59,23 @@ class ClassifyResult:
     labels: list[str]
 
 
-def load_backbone(base: str | Path) -> tuple[nn.Module, Tokenizer]:
+def load_backbone(base: str | Path, *, lora: bool = False) -> tuple[nn.Module, Tokenizer]:
     """The trained backbone (GPT or BERT: an architecture that can ``classify``) of run directory ``base`` and
-    its tokenizer."""
+    its tokenizer (``lora``: an int8 base is allowed, to carry LoRA adapters)."""
     base = Path(base)
-    model, _, saved = build_model_from_run(base)
+    saved = read_run_config(base)
     arch = run_architecture(saved)
     if not arch.can("classify"):
         raise ConfigError(f"{base} holds a {arch.title} model, which cannot carry a classification head; fine-tune "
                           "a BERT or GPT run for classification.")
     if run_task(saved) == "classify":
         raise ConfigError(f"{base} is already a classifier; give the run it was fine-tuned from.")
-    if saved.get("quantization"):
-        raise ConfigError(f"{base} holds int8 weights for inference; fine-tune the full-precision run.")
-    weights = base / "model.safetensors"
-    if not weights.is_file():
+    if saved.get("quantization") and not lora:
+        raise ConfigError(f"{base} holds int8 weights for inference; fine-tune the full-precision run, or train "
+                          "LoRA adapters on it (--lora).")
+    if not (base / "model.safetensors").is_file() and not saved.get("lora"):
         raise CheckpointError(f"{base} has no model.safetensors; finish (or convert) the run first.")
-    load_model_weights(model, weights)
+    model, _ = load_base(base, lora=lora)  # a LoRA run is refused there: merge it first
     return model, Tokenizer.load(base)
 
 
@@ -110,12 +117,13 @@ def finetune_classify(
     dropout: float = 0.1,
     batch_size: int = 16,
     epochs: float = 3.0,
-    lr: float = 5e-5,
+    lr: float | None = None,
     weight_decay: float = 0.01,
     warmup_frac: float = 0.1,
     patience: int = 2,
     evals_per_epoch: int = 2,
     train: TrainConfig | None = None,
+    lora: LoRAConfig | None = None,
     progress: ProgressFn | None = None,
 ) -> ClassifyResult:
     """Fine-tune the BERT or GPT in run directory ``base`` to classify the texts of ``data``; writes ``out``.
@@ -126,19 +134,25 @@ def finetune_classify(
     pooling:          auto (BERT: mean of the hidden states; GPT: last token), cls (BERT's pooler), mean, last
     epochs:           passes over the training texts (``train.max_steps`` is ignored; ``train.max_seconds``
                       still caps the run)
-    lr:               peak AdamW learning rate (linear warm-up over ``warmup_frac``, then linear decay to 0)
+    lr:               peak AdamW learning rate (linear warm-up over ``warmup_frac``, then linear decay to 0);
+                      None = 5e-5, or 5e-4 with ``lora`` (adapters start from zero and need larger steps)
     warmup_frac:      share of the steps spent warming the learning rate up
     patience:         stop after this many evaluations without a better validation macro-F1 (0 = never)
     evals_per_epoch:  validations per pass over the training texts
+    lora:             train LoRA adapters on the frozen backbone (and the head) instead of every weight; the
+                      base may then be an int8 run
     """
     train = train or TrainConfig()
     world = apply_process_settings(train)  # with torchrun: joins the other processes of the run
     base, out = Path(base), Path(out)
+    refuse_foreign_out(out)  # a folder of other files is never written into
     if (out / "config.yaml").exists():
         raise ConfigError(f"{out} already holds a run; choose another --out.")
     if epochs <= 0 or batch_size < 1 or evals_per_epoch < 1:
         raise ConfigError("epochs must be > 0, batch_size and evals_per_epoch >= 1.")
-    backbone, tok = load_backbone(base)
+    lr = lr if lr is not None else (5e-4 if lora is not None else 5e-5)
+    backbone, tok = load_backbone(base, lora=lora is not None)
+    fingerprint = weights_fingerprint(backbone) if lora is not None else ""
     is_encoder = hasattr(backbone, "pool")
     pooling = ("mean" if is_encoder else "last") if pooling == "auto" else pooling
     if pooling not in POOLINGS:
@@ -168,6 +182,10 @@ def finetune_classify(
     device = resolve_device(train.device)
     torch.manual_seed(train.seed)
     model = SequenceClassifier(backbone, len(labels), pooling, dropout).to(device)  # type: ignore[arg-type]
+    lora_run = None
+    if lora is not None:
+        modules = apply_lora(backbone, lora)
+        lora_run = lora_section(lora, modules, base, fingerprint, read_run_config(base))
     batches = ClassBatches(x_train, y_train, batch_size, pad_id, seed=train.seed)
     steps_per_epoch = max(1, batches.steps_per_epoch // train.grad_accum)  # a step reads grad_accum batches
     max_steps = max(1, math.ceil(epochs * steps_per_epoch))
@@ -186,6 +204,8 @@ def finetune_classify(
                   "train": config_to_dict(train), "optim": config_to_dict(optim), "objective": "classify"}
     if world.is_main:
         copy_tokenizer_files(base, out)
+        if lora_run is not None:
+            run_config["lora"] = lora_run
         write_run_config(out, run_config)
 
     def get_batch(step: int, micro: int) -> tuple[torch.Tensor, ...]:
@@ -202,6 +222,8 @@ def finetune_classify(
     n_params = sum(p.numel() for p in model.parameters())
     report(progress, "train", message=f"{type(backbone).__name__} backbone, {n_params / 1e6:.1f}M parameters, "
            f"pooling {pooling}; {max_steps} steps ({epochs:g} epochs of {steps_per_epoch})")
+    if lora is not None:
+        report(progress, "train", message=describe_lora(model) + " (LoRA adapters and the head)")
     result = fit(model, get_batch, loss_fn, out, train, optim, evaluate=evaluate, best_metric="val_f1",
                  patience=patience or None, progress=progress)
     report_dict = None
@@ -216,6 +238,8 @@ def finetune_classify(
 
         plot_loss_curve(out / "metrics.jsonl", out / "plots" / "loss.png", per="example")
         report_dict = rep.to_dict()
+        if lora_run is not None:
+            finish_lora_run(out, lora_run)
     rep = ClassificationReport(**world.share(report_dict))
     return ClassifyResult(run_dir=out, train=result, report=rep, labels=labels)
 

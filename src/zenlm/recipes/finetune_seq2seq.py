@@ -16,7 +16,8 @@ tokens of the whole step, so every target token weighs the same however the rows
 
 ``objective="denoise"`` pretrains an encoder-decoder without pairs: spans of plain text are hidden (BART text
 infilling, :func:`zenlm.data.seq2seq.infill_noise`) and the model restores the text. ``init=RUN_DIR`` starts
-from the weights (and tokenizer) of an earlier run, e.g. a denoising or causal-LM pretraining run.
+from the weights (and tokenizer) of an earlier run, e.g. a denoising or causal-LM pretraining run; with ``lora``
+that run stays frozen and only LoRA adapters on its linear layers are trained (:mod:`zenlm.models.lora`).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from zenlm import __version__
+from zenlm.adapter import finish_lora_run, load_base, lora_section
 from zenlm.data.batches import IGNORE_INDEX
 from zenlm.data.seq2seq import (
     DenoisingBatches,
@@ -48,17 +50,18 @@ from zenlm.data.seq2seq import (
 from zenlm.device import resolve_device
 from zenlm.errors import ConfigError
 from zenlm.evaluate import perplexity
-from zenlm.models.registry import get_architecture
+from zenlm.models.lora import LoRAConfig, apply_lora, describe_lora, weights_fingerprint
+from zenlm.models.registry import build_model, get_architecture
 from zenlm.progress import ProgressFn, report
 from zenlm.rundir import (
-    build_model_from_run,
     copy_tokenizer_files,
+    read_run_config,
+    refuse_foreign_out,
     run_architecture,
-    weights_file,
     write_run_config,
 )
 from zenlm.tokenizer import Tokenizer, train_tokenizer
-from zenlm.train.checkpoint import list_checkpoints, load_model_weights
+from zenlm.train.checkpoint import list_checkpoints
 from zenlm.train.loop import TrainConfig, TrainResult, apply_process_settings, config_to_dict, fit
 from zenlm.train.optim import OptimConfig
 from zenlm.train.step import LossOutput
@@ -148,7 +151,7 @@ def _build_model(arch: Arch, model: str | None, overrides: dict[str, Any], vocab
     """A fresh model of preset ``model`` (None: the architecture's default preset)."""
     architecture = get_architecture(arch)
     cfg = architecture.config(model, vocab_size=vocab_size, **overrides)
-    return architecture.build(cfg), cfg
+    return build_model(cfg), cfg  # (refuses a shape that would not fit in memory, before allocating)
 
 
 def _length_limits(arch: Arch, cfg: Any, max_source_len: int | None, max_target_len: int | None) -> tuple[int, int]:
@@ -187,6 +190,7 @@ def finetune_seq2seq(
     noise_density: float = 0.3,
     train: TrainConfig | None = None,
     optim: OptimConfig | None = None,
+    lora: LoRAConfig | None = None,
     progress: ProgressFn | None = None,
 ) -> TrainResult:
     """Train a model on source -> target pairs (or denoise plain text) and write a run directory ``out``.
@@ -203,6 +207,8 @@ def finetune_seq2seq(
                      with a warning and a count
     label_smoothing: eps of the smoothed cross-entropy (training only; validation reports the plain loss)
     noise_density:   share of the tokens hidden by the denoising objective (BART text infilling)
+    lora:            train LoRA adapters on the frozen ``init`` model instead of every weight (``init`` may then
+                     be an int8 run); the run saves adapter.safetensors and records the base run
     """
     data, out = Path(data), Path(out)
     train = train or TrainConfig(**DEFAULT_TRAIN)
@@ -221,8 +227,11 @@ def finetune_seq2seq(
         raise ConfigError(f"val_fraction must be in [0, 1), got {val_fraction}.")
     if batch_size < 1:
         raise ConfigError(f"batch_size must be >= 1, got {batch_size}.")
+    refuse_foreign_out(out)  # a folder of other files is never written into
     if (out / "config.yaml").exists() or list_checkpoints(out / "checkpoints"):
         raise ConfigError(f"{out} already holds a run; choose another --out.")
+    if lora is not None and init is None:
+        raise ConfigError("LoRA adapts a trained model: give the run to adapt with --init RUN.")
 
     # ---- examples -------------------------------------------------------------------------------------
     if objective == "pairs":
@@ -242,17 +251,22 @@ def finetune_seq2seq(
     # ---- tokenizer and model --------------------------------------------------------------------------
     device = resolve_device(train.device)
     torch.manual_seed(train.seed)
+    lora_run = None
     if init is not None:
         init = Path(init)
-        net, cfg, saved = build_model_from_run(init)
+        saved = read_run_config(init)
         init_arch = run_architecture(saved).name
         if init_arch != arch:
             raise ConfigError(f"--init {init} holds a {init_arch} model but --arch is {arch}; make them agree.")
-        if saved.get("task") or saved.get("quantization"):
+        if saved.get("task") or (saved.get("quantization") and lora is None):
             raise ConfigError(f"--init {init} is a classifier or holds int8 weights; start from the full-precision "
-                              "run it was made from.")
-        load_model_weights(net, weights_file(init))
+                              "run it was made from (int8 weights can carry LoRA adapters: --lora).")
+        net, saved = load_base(init, lora=lora is not None)
+        cfg = net.config
         tok = Tokenizer.load(init)
+        if lora is not None:
+            fingerprint = weights_fingerprint(net)
+            lora_run = lora_section(lora, apply_lora(net, lora), init, fingerprint, saved)
     else:
         if isinstance(tokenizer, Tokenizer):
             tok = tokenizer
@@ -271,7 +285,8 @@ def finetune_seq2seq(
     # ---- batches --------------------------------------------------------------------------------------
     if objective == "pairs":
         enc = encode_pairs(pairs, tok, src_len, tgt_len, progress=progress)
-        val_batches = _val_batches(arch, encode_pairs(val_pairs, tok, src_len, tgt_len), batch_size, ids) \
+        val_batches = _val_batches(arch, encode_pairs(val_pairs, tok, src_len, tgt_len, progress=progress),
+                                   batch_size, ids) \
             if val_pairs else []
         if _reads_source(arch):
             batches: Any = Seq2SeqBatches(enc, batch_size, bos_id=ids["bos"], eos_id=ids["eos"], pad_id=ids["pad"],
@@ -310,6 +325,8 @@ def finetune_seq2seq(
         "data": {"path": str(data.resolve()), "examples": n_train,
                  "val_path": str(Path(val).resolve()) if val else None},
     }
+    if lora_run is not None:
+        run_config["lora"] = lora_run
     if world.is_main:
         tok.save(out)
         if init is not None:
@@ -325,6 +342,8 @@ def finetune_seq2seq(
     n_params = sum(p.numel() for p in net.parameters())
     report(progress, "train", message=f"{arch} model, {n_params / 1e6:.2f}M parameters; {n_train:,} training "
            f"examples; batch {batch_size}x{train.grad_accum}; device {device}")
+    if lora is not None:
+        report(progress, "train", message=describe_lora(net))
     loss_fn = functools.partial(seq2seq_loss if _reads_source(arch) else prompt_completion_loss,
                                 label_smoothing=label_smoothing)
     result = fit(net, get_batch, loss_fn, out, train, optim, evaluate=evaluate if val_batches else None,
@@ -337,6 +356,8 @@ def finetune_seq2seq(
         plot_loss_curve(out / "metrics.jsonl", out / "plots" / "loss.png", per="target token")
     except ImportError:  # pragma: no cover - matplotlib is a declared dependency
         pass
+    if lora_run is not None:
+        finish_lora_run(out, lora_run)
     return result
 
 

@@ -35,6 +35,9 @@ def quantize_run(run: str | Path, out: str | Path) -> QuantizeResult:
     if out.exists():
         raise ConfigError(f"{out} already exists; choose a new --out for the quantised run.")
     saved = read_run_config(run)
+    if saved.get("lora"):
+        raise ConfigError(f"{run} is a LoRA run; merge it first (zenlm merge-lora {run} --out MERGED), then "
+                          "quantise MERGED.")
     if saved.get("quantization"):
         raise ConfigError(f"{run} is already quantised ({saved['quantization'].get('method')}).")
     arch = run_architecture(saved)

@@ -91,6 +91,8 @@ RECIPES: dict[str, Recipe] = {
             "4 layers (classic depth) instead of 2": dict(model_overrides=dict(n_layer=4)),
             "batch 12 (classic) instead of 32": dict(batch_size=12),
             "+ torch.compile": dict(compile=True),
+            "SwiGLU MLP instead of squared ReLU (the Qwen3 layout: exports to transformers and llama.cpp)":
+                dict(model_overrides=dict(mlp="swiglu")),
         },
     ),
     "five-min": Recipe(

@@ -43,6 +43,7 @@ from torch import nn
 
 from zenlm.errors import CheckpointError, write_error
 from zenlm.fileio import atomic_path, read_json_object, write_safetensors
+from zenlm.models.lora import adapter_state_dict, has_lora
 
 log = logging.getLogger(__name__)
 
@@ -67,8 +68,13 @@ def tied_names(model: nn.Module) -> dict[str, str]:
 
 
 def saved_names(model: nn.Module) -> list[str]:
-    """The names a weights file of ``model`` holds: its state dict with every shared tensor once."""
-    return [name for name, saved in tied_names(model).items() if name == saved]
+    """The names a weights file of ``model`` holds: its state dict with every shared tensor once. A model with
+    LoRA adapters saves only what it trains (the adapters, a task head): its frozen base stays in the base run."""
+    names = [name for name, saved in tied_names(model).items() if name == saved]
+    if has_lora(model):
+        trained = set(adapter_state_dict(model))
+        names = [name for name in names if name in trained]
+    return names
 
 
 def _is_dtensor(t: torch.Tensor) -> bool:

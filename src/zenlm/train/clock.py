@@ -5,9 +5,12 @@ A run may be stopped and resumed; its times continue across invocations::
     elapsed_s = elapsed before this invocation + wall time of this invocation
     train_s   = train time before this invocation + wall time of this invocation - time spent evaluating
 
-The learning-rate schedule decays over whichever budget runs out first, steps or seconds::
+The learning-rate schedule warms up and decays over whichever budget runs out first, steps or seconds::
 
     progress = max(step / decay_steps, seconds of this invocation / max_seconds)
+
+(under a time budget warm-up ends after warmup_steps steps or its share of the time, whichever comes first:
+zenlm.train.optim.lr_factor).
 """
 
 from __future__ import annotations

@@ -48,11 +48,13 @@ import torch
 import yaml
 from torch import nn
 
+from zenlm.config import check_dataclass
 from zenlm.device import HardwareChoices, autocast, hardware_choices, resolve_device, synchronize
-from zenlm.errors import ConfigError
+from zenlm.errors import ConfigError, TrainingError
 from zenlm.fileio import atomic_write_text
 from zenlm.progress import ProgressFn, report
 from zenlm.train.best import BestWeights
+from zenlm.train.checkpoint import list_checkpoints
 from zenlm.train.clock import RunClock
 from zenlm.train.distributed import (
     STRATEGIES,
@@ -66,8 +68,10 @@ from zenlm.train.distributed import (
     resolve_strategy,
 )
 from zenlm.train.metrics import MetricsLog
-from zenlm.train.optim import OptimConfig, build_optimizers, lr_factor, set_lr
+from zenlm.train.optim import OptimConfig, build_optimizers, lr_factor, set_lr, warmup_share
 from zenlm.train.step import Batch, CountFn, LossFn, LossOutput, TrainStep, count_labels, local_denominator
+
+SEED_LIMIT = 2**32  # the data order is drawn from generators seeded with 32 bits of the seed
 
 
 @dataclass
@@ -84,7 +88,7 @@ class TrainConfig:
     log_every:      write a metrics line every N steps
     ckpt_every:     save a checkpoint every N steps (0 = only at the end / on interrupt)
     keep_checkpoints: how many checkpoints to keep on disk
-    seed:           seeds weight init, dropout and the data order
+    seed:           seeds weight init, dropout and the data order; 0 .. 2**32-1 (the data order reads 32 bits)
     device:         auto | cpu | cuda | cuda:N | mps
     precision:      auto | fp32 | bf16 | fp16 (autocast for the forward pass; weights stay fp32)
     compile:        run the model through ``torch.compile``
@@ -115,6 +119,9 @@ class TrainConfig:
     dist_timeout: float = 600.0
 
     def __post_init__(self) -> None:
+        if isinstance(self.seed, int) and not isinstance(self.seed, bool) and not 0 <= self.seed < SEED_LIMIT:
+            raise ConfigError(f"seed must be a whole number in 0..2**32-1, got {self.seed}.")
+        check_dataclass(self)  # types first: 2.7 steps, nan seconds or "7" as a seed are refused by name
         if self.max_steps < 1:
             raise ConfigError(f"max_steps must be >= 1, got {self.max_steps}.")
         if self.max_seconds is not None and self.max_seconds <= 0:
@@ -130,6 +137,8 @@ class TrainConfig:
             raise ConfigError(f"strategy {self.strategy!r} is not supported; choose one of: {', '.join(STRATEGIES)}.")
         if self.dist_timeout <= 0:
             raise ConfigError(f"dist_timeout must be > 0 seconds, got {self.dist_timeout}.")
+        if self.threads is not None and self.threads < 1:
+            raise ConfigError(f"threads must be >= 1 (or left out for PyTorch's choice), got {self.threads}.")
 
 
 @dataclass
@@ -230,6 +239,16 @@ def _model_device(model: nn.Module, cfg: TrainConfig) -> torch.device:
     if device.type != want.type or (want.index is not None and device.index != want.index):
         raise ConfigError(f"model is on {device} but the config asks for {cfg.device}; move it first.")
     return device
+
+
+def _how_to_go_on(run_dir: Path) -> str:
+    """After a failed step: what to run next, given the checkpoints the run has."""
+    ckpts = list_checkpoints(run_dir / "checkpoints")
+    if ckpts:
+        return (f"Then continue from {ckpts[-1].name} with --resume (flags given then win over the run's saved "
+                "settings), or start again from scratch with --overwrite.")
+    return ("No checkpoint was saved yet: run the same command again with those changes (a run that stopped "
+            "before its first checkpoint is started again).")
 
 
 def _record_resolved(run_dir: Path, choices: HardwareChoices) -> None:
@@ -341,11 +360,20 @@ def _train(par: ParallelModel, optimizers: list[torch.optim.Optimizer], get_batc
 
     clock = RunClock(cfg.max_steps, cfg.decay_steps or cfg.max_steps, cfg.max_seconds,
                      elapsed_before=start.elapsed_s, train_before=start.train_s)
+    # with a time budget, warm-up ends after warmup_steps steps or its share of the time, whichever comes first
+    warmup_fraction = warmup_share(optim.warmup_steps, clock.decay_steps) if cfg.max_seconds is not None else None
+    if optim.warmup_steps >= cfg.max_steps > start.step:
+        report(progress, "train", message=f"warning: the run ends inside its learning-rate warm-up (warmup_steps "
+               f"{optim.warmup_steps} >= max_steps {cfg.max_steps}): the learning rate never reaches its peak; "
+               "give fewer --warmup-steps or more --max-steps")
     step, tokens, tokens_per_s, lr = start.step, 0, 0.0, 0.0
     train_loss: float | None = None
     val: dict[str, float] = {}
     stopped_by = "max_steps"
     model.train()
+    # the progress bar from the start (step 0, or where a resumed run stands), not from the first logged step
+    report(progress, "train", done=round(100 * clock.done_fraction(start.step), 2), total=100, unit="%",
+           info={"step": start.step})
     with StopFlag() as stop, MetricsLog(run_dir, start.step if resume else None, cfg.tensorboard,
                                         write=world.is_main) as metrics:
         while step < cfg.max_steps:
@@ -355,8 +383,11 @@ def _train(par: ParallelModel, optimizers: list[torch.optim.Optimizer], get_batc
             if clock.out_of_time() or signalled:
                 stopped_by = "max_seconds" if not signalled else "signal"
                 break
-            lr = set_lr(optimizers, lr_factor(optim, step, clock.schedule_progress(step)))
-            out = train_step([get_batch(step, micro) for micro in micros], step + 1, micros)
+            lr = set_lr(optimizers, lr_factor(optim, step, clock.schedule_progress(step), warmup_fraction))
+            try:
+                out = train_step([get_batch(step, micro) for micro in micros], step + 1, micros)
+            except TrainingError as e:  # say how to go on from what is on disk
+                raise TrainingError(f"{e} {_how_to_go_on(run_dir)}") from None
             step, tokens, train_loss = step + 1, tokens + out.n_tokens, out.loss
 
             is_last = step == cfg.max_steps

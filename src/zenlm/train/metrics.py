@@ -35,12 +35,14 @@ class MetricsLog:
     def _open(self, resume_step: int | None, tensorboard: bool) -> None:
         if resume_step is not None and self.path.exists():
             keep = []
-            for line in self.path.read_text(encoding="utf-8").splitlines():
+            for line in self.path.read_text(encoding="utf-8", errors="replace").splitlines():
                 try:
-                    if json.loads(line).get("step", 0) <= resume_step:
-                        keep.append(line)
+                    record = json.loads(line)
                 except json.JSONDecodeError:
                     continue  # a line cut short by a crash
+                step = record.get("step") if isinstance(record, dict) else None
+                if isinstance(step, int) and not isinstance(step, bool) and step <= resume_step:
+                    keep.append(line)  # (a line that is not a step's record is dropped)
             tmp = self.path.with_suffix(".jsonl.tmp")
             tmp.write_text("".join(k + "\n" for k in keep), encoding="utf-8")
             os.replace(tmp, self.path)

@@ -38,6 +38,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from zenlm.config import check_dataclass
 from zenlm.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -53,7 +54,8 @@ class OptimConfig:
     lr:            peak learning rate of AdamW parameters
     min_lr:        learning rate at the end of the schedule (as an absolute value for AdamW params;
                    Muon params follow the same relative curve)
-    warmup_steps:  linear warm-up from 0 to the peak
+    warmup_steps:  linear warm-up from 0 to the peak (with a time budget: at most the same share of the time,
+                   see :func:`lr_factor`)
     schedule:      "cosine" (warm-up then cosine decay to min_lr), "linear" (linear decay), "constant",
                    or "wsd" (warm-up, stable, then linear decay over the last ``cooldown_frac``)
     cooldown_frac: fraction of training spent decaying, for "wsd"
@@ -81,6 +83,7 @@ class OptimConfig:
     fused: bool | None = None
 
     def __post_init__(self) -> None:
+        check_dataclass(self)  # types first: nan, "1e-3" (YAML text) or a list where a number belongs
         if self.name not in ("adamw", "muon"):
             raise ConfigError(f"optimizer {self.name!r} is not supported; choose 'adamw' or 'muon'.")
         if self.schedule not in ("cosine", "linear", "constant", "wsd"):
@@ -93,17 +96,46 @@ class OptimConfig:
             raise ConfigError(f"warmup_steps must be >= 0, got {self.warmup_steps}.")
         if not 0.0 < self.cooldown_frac <= 1.0:
             raise ConfigError(f"cooldown_frac must be in (0, 1], got {self.cooldown_frac}.")
-        self.betas = (float(self.betas[0]), float(self.betas[1]))
+        for name in ("weight_decay", "grad_clip"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}.")
+        if not (self.muon_lr > 0 and self.eps > 0):
+            raise ConfigError(f"muon_lr and eps must be > 0, got muon_lr={self.muon_lr}, eps={self.eps}.")
+        if not all(0.0 <= b < 1.0 for b in (*self.betas, self.muon_momentum)):
+            raise ConfigError(f"betas and muon_momentum must be in [0, 1), got betas={self.betas}, "
+                              f"muon_momentum={self.muon_momentum}.")
 
 
-def lr_factor(cfg: OptimConfig, step: int, progress: float) -> float:
+MIN_WARMUP_SHARE = 0.1  # under a time budget warm-up may take a tenth of the time (see warmup_share)
+
+
+def warmup_share(warmup_steps: int, decay_steps: int) -> float:
+    """The largest share of a time budget that warm-up may take: its share of the step budget, warmup_steps /
+    decay_steps, but at least a tenth (a run whose step budget is only a nominal upper bound, 1,000,000 steps
+    under a five-minute budget, would otherwise get no warm-up at all)."""
+    return max(warmup_steps / decay_steps, MIN_WARMUP_SHARE)
+
+
+def lr_factor(cfg: OptimConfig, step: int, progress: float, warmup_fraction: float | None = None) -> float:
     """Multiplier of the peak learning rate at ``step`` (0-based) and training ``progress`` in [0, 1].
 
-    Warm-up is counted in steps; decay is counted in progress, so a time-budgeted run (where progress is
-    elapsed / budget) still anneals to ``min_lr`` by the end of its budget.
+    Warm-up and decay count the same budget::
+
+        warm-up:  factor = max((step + 1) / warmup_steps, progress / warmup_fraction)
+                  for the first warmup_steps steps, and while progress < warmup_fraction
+        decay:    factor = schedule(progress)                          (cosine, linear, wsd: down to min_lr)
+
+    ``progress`` is how much of the budget is used: steps, or seconds under a time budget (zenlm.train.clock),
+    whichever runs out first. ``warmup_fraction`` (None: steps only) caps warm-up at that share of the budget:
+    under a step budget warm-up is simply the first warmup_steps steps; under a time budget
+    (:func:`warmup_share`) it also ends when its share of the time is used, however slow the steps are. Without
+    that cap, 100 warm-up steps of 0.9 s each would use up a 90-second budget, and the decay, counted in seconds,
+    would then drop the rate from its peak to the floor within the last few steps.
     """
     if cfg.warmup_steps and step < cfg.warmup_steps:
-        return (step + 1) / cfg.warmup_steps
+        by_share = progress / warmup_fraction if warmup_fraction else 0.0
+        if by_share < 1.0:  # (under a step budget by_share = step / warmup_steps: always < 1 here)
+            return max((step + 1) / cfg.warmup_steps, by_share)
     floor = cfg.min_lr / cfg.lr
     p = min(max(progress, 0.0), 1.0)
     if cfg.schedule == "constant":

@@ -206,7 +206,7 @@ class TrainStep:
             raise TrainingError(
                 f"the training loss became {loss_value} at step {step_number}; the weights were not "
                 "updated. Lower the learning rate (--lr), enable gradient clipping (--grad-clip) or "
-                "use --precision fp32 / bf16, then resume from the last checkpoint with --resume."
+                "use --precision fp32 / bf16."
             )
         self._update()
         return StepOutput(loss_value, n_targets, n_tokens)
