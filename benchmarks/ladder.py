@@ -3,7 +3,7 @@
     python benchmarks/ladder.py --out runs/ladder               # everything: about an hour on 2 cores (40 min
                                                                 # of it the training budgets)
     python benchmarks/ladder.py --seconds 60 --corpora shakespeare-char --rungs mlp lstm
-    python benchmarks/ladder.py --smoke --out /tmp/ladder       # seconds-long budgets, tiny models
+    python benchmarks/ladder.py --smoke --out /tmp/ladder       # seconds-long budgets, tiny models, one corpus
 
 Every rung is trained the way a user trains it: ``zenlm.recipes.pretrain.pretrain`` (what ``zenlm pretrain``
 calls) with the rung's preset and recipe, on a data directory made by ``zenlm prepare``, and loaded back with
@@ -67,6 +67,8 @@ from zenlm.train.loop import TrainConfig, TrainResult
 from zenlm.train.optim import OptimConfig
 
 EVAL_SEQ = 128  # validation window (the five-min GPT's context)
+LADDER_CORPORA = ("shakespeare-char", "peoples-daily")  # part 1, as characters
+WORDVEC_CORPORA = ("shakespeare", "peoples-daily")  # part 2, as words
 PROMPTS = {"shakespeare-char": "ROMEO:\n", "peoples-daily": "中国"}
 # per trained rung: the preset and the `zenlm pretrain` flags on top of its recipe (ladder, or --gpt-recipe)
 RUNGS: dict[str, dict[str, Any]] = {
@@ -173,7 +175,7 @@ def word_vectors(args: argparse.Namespace) -> list[dict[str, Any]]:
     from zenlm.wordvec import CorpusSentences, Word2VecSettings, evaluate_vectors, train_word2vec
 
     rows = []
-    for corpus in ("shakespeare", "peoples-daily"):
+    for corpus in args.wordvec_corpora:
         sentences = CorpusSentences(corpus)
         for method in ("skipgram", "cbow"):
             settings = Word2VecSettings(method=method, dim=16 if args.smoke else 100,
@@ -252,7 +254,8 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, required=True, help="working directory (data, runs, results.json, plot)")
-    ap.add_argument("--corpora", nargs="+", default=["shakespeare-char", "peoples-daily"])
+    ap.add_argument("--corpora", nargs="+", default=None,
+                    help="ladder corpora (default: shakespeare-char and peoples-daily; with --smoke the first)")
     ap.add_argument("--rungs", nargs="+", default=["ngram", "mlp", "lstm", "gpt"])
     ap.add_argument("--seconds", nargs="+", type=float, default=[60.0, 300.0], help="training budgets")
     ap.add_argument("--ngram-orders", nargs="+", type=int, default=[3, 5])
@@ -261,11 +264,15 @@ def main() -> None:
     ap.add_argument("--word-seconds", type=float, default=120.0, help="budget of each word-level LSTM run")
     ap.add_argument("--parts", nargs="+", default=["ladder", "wordvec", "word-lstm"])
     ap.add_argument("--threads", type=int, default=None, help="CPU threads (default: PyTorch's choice)")
-    ap.add_argument("--smoke", action="store_true", help="tiny models and budgets: check that the script runs")
+    ap.add_argument("--smoke", action="store_true", help="tiny models and budgets, one corpus per part: check that "
+                    "the script runs")
     args = ap.parse_args()
+    args.wordvec_corpora = list(WORDVEC_CORPORA)
     if args.smoke:
         args.seconds, args.word_seconds, args.ngram_orders = [2.0], 2.0, [2, 3]
         args.eval_tokens = args.eval_tokens or 4096
+        args.corpora, args.wordvec_corpora = args.corpora or LADDER_CORPORA[:1], args.wordvec_corpora[:1]
+    args.corpora = args.corpora or list(LADDER_CORPORA)
     if args.threads:
         torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
