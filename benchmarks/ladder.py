@@ -1,17 +1,26 @@
 """The language-model ladder at equal wall time: n-gram, MLP, LSTM and GPT side by side, and word vectors.
 
-    python benchmarks/ladder.py --out runs/ladder               # everything (about an hour on 2 cores)
+    python benchmarks/ladder.py --out runs/ladder               # everything: about an hour on 2 cores (40 min
+                                                                # of it the training budgets)
     python benchmarks/ladder.py --seconds 60 --corpora shakespeare-char --rungs mlp lstm
-    python benchmarks/ladder.py --smoke --out /tmp/ladder       # seconds-long budgets, tiny models
+    python benchmarks/ladder.py --smoke --out /tmp/ladder       # seconds-long budgets, tiny models, one corpus
+
+Every rung is trained the way a user trains it: ``zenlm.recipes.pretrain.pretrain`` (what ``zenlm pretrain``
+calls) with the rung's preset and recipe, on a data directory made by ``zenlm prepare``, and loaded back with
+``zenlm.load`` for its sample. The flags each rung's row stands for are in RUNGS (e.g. ``zenlm pretrain --data D
+--out R --model lstm-small --batch-size 32 --seq-len 128 --max-seconds 60``).
 
 Part 1, the ladder, on shakespeare-char and People's Daily, both as characters (one character vocabulary per
-corpus, first 90% train, last 10% validation). Every neural rung trains through zenlm's training loop for the same
-wall time (--seconds, 60 and 300 by default; the learning rate decays over the budget):
+corpus, first 90% train, last 10% validation). Every trained rung gets the same wall time (--seconds, 60 and 300
+by default; the learning rate decays over the budget):
 
-* ``ngram-N``  interpolated modified Kneser–Ney, counted from the training ids (time = counting time)
-* ``mlp``      the mlp-small preset (Bengio et al.), truncated-BPTT stream batches (its state is the window)
-* ``lstm``     the lstm-small preset, truncated BPTT with the hidden state carried across windows
-* ``gpt``      ``zenlm pretrain`` with the five-min recipe (--gpt-recipe)
+* ``ngram-N``  ``--model ngram-N``: interpolated modified Kneser–Ney, counted from the training ids (time =
+               counting time)
+* ``mlp``      ``--model mlp-small`` (Bengio et al.), the ladder recipe: truncated-BPTT stream batches (its
+               state is the window), AdamW
+* ``lstm``     ``--model lstm-small``, the ladder recipe: truncated BPTT with the hidden state carried across
+               windows, AdamW
+* ``gpt``      ``--recipe five-min`` (--gpt-recipe)
 
 Validation: the same predicted tokens for every rung (the whole validation split in 128-token windows, or
 --eval-tokens). The GPT scores each window from an empty context, as ``zenlm pretrain`` reports; the n-gram,
@@ -23,10 +32,10 @@ Part 2, word vectors: skip-gram and CBOW (100 dimensions, 5 epochs) on shakespea
 and People's Daily (segmented words): Google analogy accuracy (over the questions in the vocabulary), WordSim-353
 and SimLex-999 Spearman rho, nearest neighbours.
 
-Part 3, a word-level LSTM (lstm-small on shakespeare's words, word tokenizer) trained for --word-seconds twice
-with the same seed: embeddings initialised at random, and from skip-gram vectors trained on the same training
-split (scaled to the initial embeddings' standard deviation). The difference in validation loss is reported as
-it comes out.
+Part 3, a word-level LSTM (``--model lstm-small`` on shakespeare's words, word tokenizer) trained for
+--word-seconds twice with the same seed: embeddings initialised at random, and with ``--init-embeddings`` from
+skip-gram vectors trained on the same training split (scaled to the initial embeddings' standard deviation).
+The difference in validation loss is reported as it comes out.
 
 Writes results.json and ladder.png (validation bits per byte against the budget) into --out and prints markdown
 tables. The machine must be otherwise idle for the timings to mean anything.
@@ -38,81 +47,69 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 
+import zenlm
 from zenlm.data.corpus import open_corpus
-from zenlm.data.shards import TokenShards, load_index, prepare
-from zenlm.generate import GenerationConfig
-from zenlm.models.ngram import NGramConfig, NGramLM
-from zenlm.models.rnn import build_model, get_rnn_preset
-from zenlm.recipes.ladder import (
-    StateCarrier,
-    evaluate_ngram,
-    evaluate_stateful_lm,
-    generate_stateful,
-    save_lm_weights,
-    stream_task,
-    tbptt_loss,
-)
+from zenlm.data.shards import prepare
+from zenlm.models.registry import preset_config
 from zenlm.recipes.pretrain import pretrain
-from zenlm.recipes.registry import recipe_settings
-from zenlm.tokenizer import Tokenizer, train_tokenizer
-from zenlm.train.loop import TrainConfig, TrainResult, fit
+from zenlm.recipes.registry import default_recipe, recipe_settings
+from zenlm.tokenizer import train_tokenizer
+from zenlm.train.loop import TrainConfig, TrainResult
 from zenlm.train.optim import OptimConfig
 
 EVAL_SEQ = 128  # validation window (the five-min GPT's context)
+LADDER_CORPORA = ("shakespeare-char", "peoples-daily")  # part 1, as characters
+WORDVEC_CORPORA = ("shakespeare", "peoples-daily")  # part 2, as words
 PROMPTS = {"shakespeare-char": "ROMEO:\n", "peoples-daily": "中国"}
-# per rung: preset, streams x window, optimiser (AdamW, cosine over the budget)
-STATEFUL = {
-    "mlp": dict(preset="mlp-small", batch_size=64, seq_len=64,
-                optim=dict(name="adamw", lr=3e-3, min_lr=3e-4, warmup_steps=50, weight_decay=0.01)),
-    "lstm": dict(preset="lstm-small", batch_size=32, seq_len=128,
-                 optim=dict(name="adamw", lr=3e-3, min_lr=3e-4, warmup_steps=50, weight_decay=0.01)),
+# per trained rung: the preset and the `zenlm pretrain` flags on top of its recipe (ladder, or --gpt-recipe)
+RUNGS: dict[str, dict[str, Any]] = {
+    "mlp": dict(model="mlp-small", batch_size=64, seq_len=64),
+    "lstm": dict(model="lstm-small", batch_size=32, seq_len=128),
 }
-SMOKE_MODELS = {"mlp": dict(n_hidden=64), "lstm": dict(n_embd=32, n_hidden=32, n_layer=1)}
+SMOKE_MODELS = {"mlp": dict(n_hidden=64), "lstm": dict(n_embd=32, n_hidden=32, n_layer=1),
+                "gpt": dict(n_layer=1, n_embd=64)}
 
 
 # ---------------------------------------------------------------------------------------------- training
-def train_stateful(lm: torch.nn.Module, data: Path, run_dir: Path, seconds: float, *, batch_size: int,
-                   seq_len: int, optim: dict[str, Any], eval_tokens: int | None, seed: int = 1337,
-                   threads: int | None = None) -> TrainResult:
-    """Train a stateful LM (MLP or LSTM) with truncated BPTT through zenlm's training loop for ``seconds``.
-
-    The one place that calls :func:`zenlm.train.loop.fit` for the lower rungs (adapt it here when the loop's
-    signature or loss contract changes).
-    """
-    run_dir.mkdir(parents=True, exist_ok=True)
-    train, val = TokenShards.open(data, "train"), TokenShards.open(data, "val")
-    val_info = load_index(data)["splits"]["val"]
-    bytes_per_token = val_info["bytes"] / val_info["tokens"]
-    carrier = StateCarrier(lm, batch_size)
-
-    def evaluate(model: torch.nn.Module) -> dict[str, float]:
-        return evaluate_stateful_lm(model, val, 16, EVAL_SEQ, eval_tokens, bytes_per_token)
-
-    cfg = TrainConfig(max_steps=10**9, max_seconds=seconds, eval_every=0, log_every=50, ckpt_every=0, seed=seed,
-                      device="cpu", precision="fp32", tensorboard=False, threads=threads)
-    result = fit(carrier, stream_task(train, batch_size, seq_len, seed=seed), tbptt_loss, run_dir, cfg,
-                 OptimConfig(**optim), evaluate=evaluate)
-    save_lm_weights(carrier, run_dir / "model.safetensors")
-    return result
-
-
-def train_gpt(data: Path, run_dir: Path, seconds: float, recipe: str, eval_tokens: int | None,
-              overrides: dict[str, Any] | None = None, threads: int | None = None) -> TrainResult:
-    """The GPT rung: ``zenlm pretrain`` with a recipe, for ``seconds`` of wall time."""
-    s = recipe_settings(recipe, **(overrides or {}))
+def train_rung(data: Path, run: Path, seconds: float | None, *, model: str | None = None, recipe: str | None = None,
+               eval_tokens: int | None, eval_batch_size: int = 16, threads: int | None = None,
+               init_embeddings: Path | None = None, **overrides: Any) -> TrainResult:
+    """One rung as ``zenlm pretrain --data DATA --out RUN [--recipe R] [--model M] --max-seconds S`` with the
+    recipe's settings and ``overrides`` (recipe settings: batch_size, seq_len, model_overrides, ...) on top.
+    An n-gram preset is counted (``seconds`` does not apply). A previous run in ``run`` is replaced."""
+    if run.exists():
+        shutil.rmtree(run)
+    s = recipe_settings(recipe or default_recipe("causal-lm", model), **({"model": model} if model else {}),
+                        **overrides)
     train = TrainConfig(max_steps=10**9, max_seconds=seconds, eval_every=0, log_every=50, ckpt_every=0,
                         device="cpu", precision=s["precision"], compile=s["compile"], grad_accum=s["grad_accum"],
                         tensorboard=False, seed=1337, threads=threads)
-    return pretrain(data, run_dir, model=s["model"], model_overrides=s["model_overrides"],
-                    batch_size=s["batch_size"], seq_len=s["seq_len"], eval_tokens=eval_tokens,
-                    eval_seq_len=EVAL_SEQ, eval_batch_size=64, train=train, optim=OptimConfig(**s["optim"]))
+    return pretrain(data, run, model=s["model"], model_overrides=s["model_overrides"], batch_size=s["batch_size"],
+                    seq_len=s["seq_len"], eval_tokens=eval_tokens, eval_seq_len=EVAL_SEQ,
+                    eval_batch_size=eval_batch_size, init_embeddings=init_embeddings, train=train,
+                    optim=OptimConfig(**s["optim"]))
+
+
+def size_of(run: Path) -> int:
+    """Trained parameters of a run, or the table entries of a counted (n-gram) run."""
+    counted = (yaml.safe_load((run / "config.yaml").read_text(encoding="utf-8")) or {}).get("counted")
+    if counted:
+        return int(counted["table_entries"])
+    return sum(p.numel() for p in zenlm.load(run, device="cpu").model.parameters())
+
+
+def sample_text(run: Path, prompt: str) -> str:
+    """200 tokens from the run loaded as a user loads it (temperature 0.8, seed 0)."""
+    return prompt + zenlm.load(run, device="cpu").generate(prompt, max_new_tokens=200, temperature=0.8, seed=0)
 
 
 def char_data(corpus: str, root: Path) -> Path:
@@ -124,58 +121,36 @@ def char_data(corpus: str, root: Path) -> Path:
     return out
 
 
-def sample_text(lm: torch.nn.Module, tok: Tokenizer, prompt: str) -> str:
-    cfg = GenerationConfig(max_new_tokens=200, temperature=0.8, seed=0)
-    return prompt + tok.decode(generate_stateful(lm, tok.encode(prompt), cfg, eos_id=tok.eos_id))
-
-
 # ---------------------------------------------------------------------------------------------- part 1
 def ladder(corpus: str, root: Path, args: argparse.Namespace) -> list[dict[str, Any]]:
     data = char_data(corpus, root)
-    tok = Tokenizer.load(data)
-    index = load_index(data)
-    vocab = int(index["vocab_size"])
-    val_info = index["splits"]["val"]
-    bytes_per_token = val_info["bytes"] / val_info["tokens"]
-    train, val = TokenShards.open(data, "train"), TokenShards.open(data, "val")
     prompt = PROMPTS[corpus]
     rows: list[dict[str, Any]] = []
+
+    def row(rung: str, run: Path, res: TrainResult, budget: float | None) -> None:
+        rows.append({"corpus": corpus, "rung": rung, "budget_s": budget, "train_s": res.train_s,
+                     "tokens_per_s": res.tokens / max(res.train_s, 1e-9), "params": size_of(run),
+                     "steps": res.step or None, **res.val, "sample": sample_text(run, prompt)})
+        print(_row(rows[-1]), flush=True)
+
     if "ngram" in args.rungs:
         for n in args.ngram_orders:
-            t0 = time.perf_counter()
-            m = NGramLM.from_shards(train, NGramConfig(vocab_size=vocab, order=n))
-            count_s = time.perf_counter() - t0
-            v = evaluate_ngram(m, val, EVAL_SEQ, args.eval_tokens, bytes_per_token)
-            rows.append({"corpus": corpus, "rung": f"ngram-{n}", "budget_s": None, "train_s": count_s,
-                         "tokens_per_s": len(train) / count_s, "params": m.num_entries(), "steps": None, **v,
-                         "sample": sample_text(m, tok, prompt)})
-            print(_row(rows[-1]), flush=True)
+            run = root / f"{corpus}-ngram-{n}"
+            row(f"ngram-{n}", run, train_rung(data, run, None, model=f"ngram-{n}", eval_tokens=args.eval_tokens),
+                None)
     for seconds in args.seconds:
-        for rung in [r for r in ("mlp", "lstm") if r in args.rungs]:
-            s = STATEFUL[rung]
-            torch.manual_seed(1337)
-            lm = build_model(get_rnn_preset(s["preset"], vocab_size=vocab,
-                                            **(SMOKE_MODELS[rung] if args.smoke else {})))
-            res = train_stateful(lm, data, root / f"{corpus}-{rung}-{seconds:g}", seconds,
-                                 batch_size=s["batch_size"], seq_len=s["seq_len"], optim=s["optim"],
-                                 eval_tokens=args.eval_tokens, threads=args.threads)
-            rows.append({"corpus": corpus, "rung": rung, "budget_s": seconds, "train_s": res.train_s,
-                         "tokens_per_s": res.tokens / max(res.train_s, 1e-9), "params": lm.num_params(),
-                         "steps": res.step, **res.val, "sample": sample_text(lm, tok, prompt)})
-            print(_row(rows[-1]), flush=True)
+        for rung in [r for r in RUNGS if r in args.rungs]:
+            run = root / f"{corpus}-{rung}-{seconds:g}"
+            smoke = {"model_overrides": SMOKE_MODELS[rung]} if args.smoke else {}
+            res = train_rung(data, run, seconds, eval_tokens=args.eval_tokens, threads=args.threads,
+                             **RUNGS[rung], **smoke)
+            row(rung, run, res, seconds)
         if "gpt" in args.rungs:
-            import zenlm
-
             run = root / f"{corpus}-gpt-{seconds:g}"
-            res = train_gpt(data, run, seconds, args.gpt_recipe, args.eval_tokens,
-                            overrides={"model_overrides": {"n_layer": 1, "n_embd": 64}} if args.smoke else None,
-                            threads=args.threads)
-            lm = zenlm.load(run, device="cpu")
-            rows.append({"corpus": corpus, "rung": f"gpt ({args.gpt_recipe})", "budget_s": seconds,
-                         "train_s": res.train_s, "tokens_per_s": res.tokens / max(res.train_s, 1e-9),
-                         "params": sum(p.numel() for p in lm.model.parameters()), "steps": res.step, **res.val,
-                         "sample": prompt + lm.generate(prompt, max_new_tokens=200, temperature=0.8, seed=0)})
-            print(_row(rows[-1]), flush=True)
+            smoke = {"model_overrides": SMOKE_MODELS["gpt"]} if args.smoke else {}
+            res = train_rung(data, run, seconds, recipe=args.gpt_recipe, eval_tokens=args.eval_tokens,
+                             eval_batch_size=64, threads=args.threads, **smoke)
+            row(f"gpt ({args.gpt_recipe})", run, res, seconds)
     return rows
 
 
@@ -200,7 +175,7 @@ def word_vectors(args: argparse.Namespace) -> list[dict[str, Any]]:
     from zenlm.wordvec import CorpusSentences, Word2VecSettings, evaluate_vectors, train_word2vec
 
     rows = []
-    for corpus in ("shakespeare", "peoples-daily"):
+    for corpus in args.wordvec_corpora:
         sentences = CorpusSentences(corpus)
         for method in ("skipgram", "cbow"):
             settings = Word2VecSettings(method=method, dim=16 if args.smoke else 100,
@@ -222,28 +197,29 @@ def _f(v: float | None, fmt: str) -> str:
 
 
 def word_lstm(root: Path, args: argparse.Namespace) -> list[dict[str, Any]]:
-    from zenlm.wordvec import CorpusSentences, Word2VecSettings, init_embeddings, train_word2vec
+    from zenlm.wordvec import CorpusSentences, Word2VecSettings, save_vectors, train_word2vec
 
-    corpus = open_corpus("shakespeare")
-    tok = train_tokenizer(corpus.texts("train"), kind="word", vocab_size=8192, min_frequency=2)
     data = root / "data-shakespeare-words"
-    prepare(corpus, tok, data)
+    if not (data / "index.json").is_file():
+        corpus = open_corpus("shakespeare")
+        prepare(corpus, train_tokenizer(corpus.texts("train"), kind="word", vocab_size=8192, min_frequency=2), data)
     overrides = {"n_embd": 16, "n_hidden": 16, "n_layer": 1} if args.smoke else {}
-    cfg = get_rnn_preset("lstm-small", vocab_size=tok.vocab_size, **overrides)
+    dim = preset_config("lstm-small", **overrides).n_embd  # the vectors' width = the embeddings'
     t0 = time.perf_counter()
     kv = train_word2vec(CorpusSentences("shakespeare"), Word2VecSettings(
-        dim=cfg.n_embd, min_count=2, epochs=1 if args.smoke else 5, threads=args.threads or 1))
+        dim=dim, min_count=2, epochs=1 if args.smoke else 5, threads=args.threads or 1))
     w2v_s = time.perf_counter() - t0
+    vectors = save_vectors(kv, root / "vectors-shakespeare", {"dim": dim, "train_s": w2v_s})
     rows = []
     for init in ("random", "word2vec"):
-        torch.manual_seed(1337)
-        lm = build_model(cfg)
-        coverage = init_embeddings(lm.emb.weight, tok, kv) if init == "word2vec" else None
-        res = train_stateful(lm, data, root / f"words-{init}", args.word_seconds, batch_size=32, seq_len=32,
-                             optim=STATEFUL["lstm"]["optim"], eval_tokens=args.eval_tokens, threads=args.threads)
+        run = root / f"words-{init}"
+        res = train_rung(data, run, args.word_seconds, model="lstm-small", eval_tokens=args.eval_tokens,
+                         threads=args.threads, init_embeddings=vectors if init == "word2vec" else None,
+                         batch_size=32, seq_len=32, model_overrides=overrides)
+        coverage = yaml.safe_load((run / "config.yaml").read_text(encoding="utf-8")).get("init_embeddings")
         rows.append({"init": init, "steps": res.step, "tokens_per_s": res.tokens / max(res.train_s, 1e-9),
-                     "coverage": coverage.to_dict() if coverage else None, "word2vec_s": w2v_s, **res.val})
-        cov = f"{coverage.fraction:.1%} of {coverage.words:,} words" if coverage else "-"
+                     "coverage": coverage, "word2vec_s": w2v_s, **res.val})
+        cov = f"{coverage['fraction']:.1%} of {coverage['words']:,} words" if coverage else "-"
         print(f"| {init} | {args.word_seconds:g} s | {res.step} | {res.val['val_loss']:.4f} | "
               f"{res.val['val_ppl']:.1f} | {res.val['val_bpb']:.4f} | {cov} |", flush=True)
     diff = rows[1]["val_loss"] - rows[0]["val_loss"]
@@ -278,7 +254,8 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, required=True, help="working directory (data, runs, results.json, plot)")
-    ap.add_argument("--corpora", nargs="+", default=["shakespeare-char", "peoples-daily"])
+    ap.add_argument("--corpora", nargs="+", default=None,
+                    help="ladder corpora (default: shakespeare-char and peoples-daily; with --smoke the first)")
     ap.add_argument("--rungs", nargs="+", default=["ngram", "mlp", "lstm", "gpt"])
     ap.add_argument("--seconds", nargs="+", type=float, default=[60.0, 300.0], help="training budgets")
     ap.add_argument("--ngram-orders", nargs="+", type=int, default=[3, 5])
@@ -287,11 +264,15 @@ def main() -> None:
     ap.add_argument("--word-seconds", type=float, default=120.0, help="budget of each word-level LSTM run")
     ap.add_argument("--parts", nargs="+", default=["ladder", "wordvec", "word-lstm"])
     ap.add_argument("--threads", type=int, default=None, help="CPU threads (default: PyTorch's choice)")
-    ap.add_argument("--smoke", action="store_true", help="tiny models and budgets: check that the script runs")
+    ap.add_argument("--smoke", action="store_true", help="tiny models and budgets, one corpus per part: check that "
+                    "the script runs")
     args = ap.parse_args()
+    args.wordvec_corpora = list(WORDVEC_CORPORA)
     if args.smoke:
         args.seconds, args.word_seconds, args.ngram_orders = [2.0], 2.0, [2, 3]
         args.eval_tokens = args.eval_tokens or 4096
+        args.corpora, args.wordvec_corpora = args.corpora or LADDER_CORPORA[:1], args.wordvec_corpora[:1]
+    args.corpora = args.corpora or list(LADDER_CORPORA)
     if args.threads:
         torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)

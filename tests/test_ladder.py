@@ -1,5 +1,6 @@
-"""Truncated BPTT on zenlm's training loop: consecutive windows, the carried state, exact resume, evaluation,
-sampling and the losses of the MLP and LSTM rungs falling."""
+"""Truncated BPTT on zenlm's training loop: consecutive windows, the carried state, exact resume, evaluation and
+the losses of the MLP and LSTM rungs falling (the library pieces; tests/test_ladder_cli.py runs the rungs
+through `zenlm pretrain`)."""
 
 from __future__ import annotations
 
@@ -15,13 +16,11 @@ from zenlm.data.batches import eval_batches
 from zenlm.data.shards import TokenShards
 from zenlm.data.streams import StreamBatches
 from zenlm.errors import ConfigError, DataError
-from zenlm.generate import GenerationConfig
 from zenlm.models.rnn import MLPLM, RNNLM, MLPLMConfig, RNNLMConfig
 from zenlm.recipes.ladder import (
     StateCarrier,
     eval_targets,
     evaluate_stateful_lm,
-    generate_stateful,
     save_lm_weights,
     stream_task,
     tbptt_loss,
@@ -163,24 +162,3 @@ def test_stateful_evaluation_scores_the_same_tokens_as_the_gpt_evaluation(char_d
     carrier.carry_0.fill_(1.0)
     assert evaluate_stateful_lm(carrier, val, 3, 64, 1000, 2.0) == pytest.approx(r)  # the carry is left alone
     assert carrier.carry_0.eq(1.0).all()
-
-
-def test_generation_feeds_the_state_and_equals_recomputing() -> None:
-    torch.manual_seed(0)
-    lm = RNNLM(RNNLMConfig(vocab_size=40, n_embd=8, n_hidden=16, n_layer=2, dropout=0.5))
-    greedy = generate_stateful(lm, [1, 2, 3], GenerationConfig(max_new_tokens=12, temperature=0))
-    assert lm.training  # the mode is restored
-    ids = [1, 2, 3]
-    lm.eval()
-    for _ in range(12):  # greedy by recomputing the whole sequence every step
-        ids.append(int(lm(torch.tensor([ids]))[0][0, -1].argmax()))
-    assert greedy == ids[3:]
-    cfg = GenerationConfig(max_new_tokens=20, temperature=1.0, top_k=5, seed=1)
-    assert generate_stateful(lm, [4], cfg) == generate_stateful(lm, [4], cfg)
-    stop = greedy[2]
-    assert generate_stateful(lm, [1, 2, 3], GenerationConfig(max_new_tokens=12, temperature=0),
-                             eos_id=stop) == greedy[:greedy.index(stop)]
-    with pytest.raises(ConfigError, match="at least one prompt token"):
-        generate_stateful(lm, [], cfg)
-    with pytest.raises(ConfigError, match="0..39"):
-        generate_stateful(lm, [40], cfg)

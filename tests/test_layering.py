@@ -22,7 +22,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("models", ("zenlm.models", "zenlm.presets")),
     ("train", ("zenlm.train",)),
     ("inference", ("zenlm", "zenlm.api", "zenlm.rundir", "zenlm.adapter", "zenlm.encoder", "zenlm.seq2seq",
-                   "zenlm.generate", "zenlm.compiled", "zenlm.beam", "zenlm.convert", "zenlm.vae")),
+                   "zenlm.generate", "zenlm.stateful", "zenlm.compiled", "zenlm.beam", "zenlm.convert", "zenlm.vae")),
     ("apps", ("zenlm.recipes", "zenlm.serve", "zenlm.lmeval")),
     ("cli", ("zenlm.cli", "zenlm.clikit", "zenlm.__main__")),
 ]

@@ -42,6 +42,8 @@ def test_the_built_in_families_and_what_they_can_do() -> None:
     assert {"causal-lm", "generate"} <= can["gpt"] and "seq2seq" not in can["gpt"]
     assert {"masked-lm", "embed", "classify"} <= can["bert"] and "generate" not in can["bert"]
     assert {"seq2seq", "generate"} <= can["encdec"] and "classify" not in can["encdec"]
+    for rung in ("ngram", "mlp", "rnn"):  # the ladder: causal LMs called with a state, no context window
+        assert can[rung] == {"causal-lm", "stateful", "generate"}
 
 
 @pytest.mark.parametrize("arch", architectures(), ids=lambda a: a.name)
@@ -74,8 +76,9 @@ def test_presets_are_one_table_with_unique_names() -> None:
         find_preset("nope")
     with pytest.raises(ConfigError, match="unknown BERT encoder preset 'tiny'"):
         get_architecture("bert").config("tiny")
-    with pytest.raises(ConfigError, match="unknown model architecture 'rnn'.*'gpt', 'bert', 'encdec'"):
-        config_from_dict({"arch": "rnn"})
+    with pytest.raises(ConfigError, match="unknown model architecture 'transformer-xl'.*'gpt', 'bert', 'encdec', "
+                                          "'vae', 'ngram', 'mlp', 'rnn'"):
+        config_from_dict({"arch": "transformer-xl"})
     assert config_from_dict({"n_layer": 1, "n_head": 1, "n_embd": 8}).n_layer == 1  # no arch: a GPT
 
 

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from zenlm.data.shards import TokenShards
 from zenlm.errors import CheckpointError, ConfigError, DataError
-from zenlm.generate import GenerationConfig
+from zenlm.generate import GenerationConfig, generate_ids
 from zenlm.models.ngram import (
     MIN_DISCOUNT,
     NGRAM_PRESETS,
@@ -22,13 +22,8 @@ from zenlm.models.ngram import (
     estimate_discounts,
     get_ngram_preset,
 )
-from zenlm.recipes.ladder import (
-    evaluate_ngram,
-    evaluate_stateful_lm,
-    generate_stateful,
-    load_ngram,
-    save_ngram,
-)
+from zenlm.recipes.ladder import evaluate_ngram, evaluate_stateful_lm
+from zenlm.rundir import load_run, save_run
 
 V = 9
 RNG = np.random.default_rng(0)
@@ -141,11 +136,13 @@ def test_feeding_in_pieces_with_the_state_equals_feeding_whole() -> None:
     torch.testing.assert_close(lp.float(), whole[0, :-1].gather(1, idx[0, 1:, None])[:, 0])
 
 
-def test_save_and_load_round_trip(tmp_path: Path) -> None:
+def test_save_and_load_round_trip(tmp_path: Path, char_tok) -> None:
+    """A run directory like any other (the registry builds the model from the tables of its weights file)."""
     m = NGramLM.from_ids(TEXT, NGramConfig(vocab_size=V, order=3, modified=True))
-    save_ngram(m, tmp_path / "ng")
-    back = load_ngram(tmp_path / "ng")
-    assert back.config == m.config and back.num_entries() == m.num_entries()
+    save_run(tmp_path / "ng", m, char_tok)
+    back = load_run(tmp_path / "ng", device="cpu", dtype="bf16").model  # the tables keep their dtypes
+    assert isinstance(back, NGramLM) and back.config == m.config and back.num_entries() == m.num_entries()
+    assert back.order3.alpha.dtype == torch.float64 and not back.training
     ctx = torch.from_numpy(RNG.integers(-1, V, size=(30, 2)))
     assert torch.equal(back.probs(ctx), m.probs(ctx))
     saved = yaml.safe_load((tmp_path / "ng" / "config.yaml").read_text())
@@ -153,23 +150,30 @@ def test_save_and_load_round_trip(tmp_path: Path) -> None:
     assert not list((tmp_path / "ng").glob("*.tmp*"))
 
 
-def test_bad_saved_models_are_refused(tmp_path: Path) -> None:
+def test_bad_saved_models_are_refused(tmp_path: Path, char_tok) -> None:
     m = NGramLM.from_ids(TEXT, NGramConfig(vocab_size=V, order=3))
-    d = save_ngram(m, tmp_path / "ng")
+    d = save_run(tmp_path / "ng", m, char_tok)
     assert set(load_file(str(d / "model.safetensors"))) == set(m.tables()) and "order3.alpha" in m.tables()
     with pytest.raises(CheckpointError, match="no config.yaml"):
-        load_ngram(tmp_path)
+        load_run(tmp_path)
     cfg = yaml.safe_load((d / "config.yaml").read_text())
     (d / "config.yaml").write_text(yaml.safe_dump({**cfg, "model": {**cfg["model"], "order": 4}}))
     with pytest.raises(CheckpointError, match="order-4 model"):
-        load_ngram(d)
-    (d / "config.yaml").write_text(yaml.safe_dump({"model": {"arch": "gpt"}}))
-    with pytest.raises(CheckpointError, match="arch: ngram"):
-        load_ngram(d)
+        load_run(d)
     (d / "config.yaml").write_text(yaml.safe_dump(cfg))
     (d / "model.safetensors").write_bytes(b"not safetensors")
     with pytest.raises(CheckpointError, match="not a readable safetensors"):
-        load_ngram(d)
+        load_run(d)
+
+
+def test_the_uniform_model_before_counting() -> None:
+    """What the registry builds before anything is counted: every history unseen, P(w) = 1/V, on any device."""
+    m = NGramLM.uniform(NGramConfig(vocab_size=V, order=3))
+    logits, state = m(torch.tensor([[1, 2, 3, 4]]))
+    torch.testing.assert_close(logits.exp(), torch.full((1, 4, V), 1 / V))
+    assert state[0].tolist() == [[3, 4]] and m.num_entries() == 1
+    with torch.device("meta"):  # built without memory, as the registry counts parameters
+        assert NGramLM.uniform(NGramConfig(vocab_size=V, order=5)).order5.alpha.is_meta
 
 
 def test_config_and_data_errors() -> None:
@@ -203,5 +207,5 @@ def test_evaluation_and_sampling_on_shards(char_data: Path) -> None:
         losses[n] = r["val_loss"]
     assert losses[4] < losses[2] < np.log(vocab)  # longer histories help on real text
     cfg = GenerationConfig(max_new_tokens=30, temperature=0.8, seed=3)
-    a = generate_stateful(m, [5, 6], cfg)
-    assert a == generate_stateful(m, [5, 6], cfg) and len(a) == 30 and max(a) < vocab
+    a = list(generate_ids(m, [5, 6], cfg))
+    assert a == list(generate_ids(m, [5, 6], cfg)) and len(a) == 30 and max(a) < vocab

@@ -5,7 +5,9 @@ runs/data, runs/gpt ...), calling ``zenlm`` in this process. What a CI machine c
 network is changed in the open, command by command, by :func:`adapt`:
 
 * budgets:  pretraining and fine-tuning get ``--max-steps 2`` and a one-layer, 32-wide model of the same preset
-            (``--n-layer 1 --n-embd 32``: the preset's own layout, just smaller); ``finetune classify`` one epoch;
+            (``--n-layer 1 --n-embd 32``: the preset's own layout, just smaller; one layer only when the
+            embeddings come from word vectors, whose width they keep; an n-gram model is counted as written);
+            ``finetune classify`` one epoch;
             lm-eval tasks ``--limit 2``;
 * corpora:  ``--corpus shakespeare`` reads 60,000 characters of the same plays from a local file;
 * files the README assumes you have: ``train.jsonl``, ``test.jsonl``, ``reviews.jsonl``, ``my.txt``, ``more.txt``
@@ -98,7 +100,11 @@ def adapt(argv: list[str], local_hf: str) -> list[str]:
         i = args.index("--from-hub")
         args[i : i + 2] = [local_hf]
     verb = " ".join(args[1:3])
-    if args[1] == "pretrain" or verb == "finetune seq2seq":
+    if args[1] == "pretrain" and "--model" in args and args[args.index("--model") + 1].startswith("ngram-"):
+        pass  # an n-gram model is counted in one pass: no steps, no shape to shrink
+    elif "--init-embeddings" in args:  # the embeddings keep the word vectors' width
+        args += ["--max-steps", "2", "--n-layer", "1"]
+    elif args[1] == "pretrain" or verb == "finetune seq2seq":
         args += ["--max-steps", "2", *SHRINK]
     if verb == "finetune classify":
         args += ["--epochs", "1"]

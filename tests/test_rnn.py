@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from zenlm.errors import ConfigError
+from zenlm.models.registry import build_model, config_from_dict
 from zenlm.models.rnn import (
     MLP_PRESETS,
     MLPLM,
@@ -13,8 +14,6 @@ from zenlm.models.rnn import (
     RNNLM,
     MLPLMConfig,
     RNNLMConfig,
-    build_model,
-    config_from_dict,
     get_rnn_preset,
     gru_cell,
     lstm_cell,
@@ -67,8 +66,8 @@ def test_nn_lstm_computes_the_gate_formulas() -> None:
             inp = h[layer]
         outs.append(model.head(inp))
     torch.testing.assert_close(torch.stack(outs, 1), logits)
-    torch.testing.assert_close(torch.stack(h), h_n)
-    torch.testing.assert_close(torch.stack(c), c_n)
+    torch.testing.assert_close(torch.stack(h, 1), h_n)  # the state is batch first: [B, L, H]
+    torch.testing.assert_close(torch.stack(c, 1), c_n)
     # the forget gate starts open: its bias rows H..2H of layer 0 hold forget_bias
     assert torch.all(model.rnn.bias_ih_l0[9:18] == 0.5) and torch.all(model.rnn.bias_hh_l0[9:18] == 0)
 
@@ -84,7 +83,7 @@ def test_nn_gru_computes_the_gate_formulas() -> None:
                      model.rnn.bias_hh_l0)
         outs.append(model.head(h))
     torch.testing.assert_close(torch.stack(outs, 1), logits)
-    torch.testing.assert_close(h[None], h_n)
+    torch.testing.assert_close(h[:, None], h_n)
 
 
 def test_mlp_sees_exactly_its_window() -> None:
@@ -129,11 +128,9 @@ def test_config_mistakes_are_refused() -> None:
         MLPLMConfig(dropout=1.0)
     with pytest.raises(ConfigError, match="context"):
         MLPLMConfig(context=0)
-    with pytest.raises(ConfigError, match="unknown model preset"):
+    with pytest.raises(ConfigError, match="unknown recurrent LM preset"):
         get_rnn_preset("lstm-huge")
     with pytest.raises(ConfigError, match="unknown model settings"):
         get_rnn_preset("lstm-small", n_head=4)
     with pytest.raises(ConfigError, match="unknown RNNLMConfig fields"):
         config_from_dict({"arch": "rnn", "n_heads": 2})
-    with pytest.raises(ConfigError, match="'mlp' or 'rnn'"):
-        config_from_dict({"arch": "gpt"})

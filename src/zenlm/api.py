@@ -23,6 +23,7 @@ from zenlm.generate import GenerationConfig, generate_text, generate_text_batch
 from zenlm.models.gpt import GPT
 from zenlm.rundir import LoadedRun, load_run
 from zenlm.seq2seq import Seq2SeqLM
+from zenlm.stateful import is_stateful, sum_nll
 from zenlm.tokenizer import Tokenizer
 
 
@@ -65,14 +66,16 @@ class LM:
         """Summed negative log-likelihood (nats), token count and UTF-8 byte count of ``texts``.
 
         Each text is scored on its own, conditioned on an end-of-text token in front (as documents follow
-        one another in pretraining); texts longer than the context are scored in consecutive windows.
+        one another in pretraining); texts longer than the context are scored in consecutive windows (a
+        stateful model, which has no context limit, reads the whole text with its state carried).
         """
         if isinstance(texts, str):
             texts = [texts]
         if not texts:
             raise ConfigError("perplexity needs at least one non-empty text.")
         start = self.tokenizer.eos_id if self.tokenizer.eos_id is not None else self.tokenizer.bos_id
-        T = self.config.block_size
+        stateful = is_stateful(self.model)
+        T = 0 if stateful else self.config.block_size
         total, n_tok, n_bytes = 0.0, 0, 0
         for text in texts:
             ids = self.tokenizer.encode(text)
@@ -82,11 +85,14 @@ class LM:
             seq = ([start] if start is not None else []) + ids
             if start is None:  # nothing to condition the first token on: it is not scored
                 n_tok -= 1
+            n_tok += len(ids)
+            if stateful:  # the whole text, its state carried from window to window (no context limit)
+                total += sum_nll(self.model, seq)
+                continue
             for i in range(0, len(seq) - 1, T):
                 chunk = torch.tensor(seq[i : i + T + 1], device=self.device)
                 logits = self.model(chunk[None, :-1])[0].float()
                 total += F.cross_entropy(logits, chunk[1:], reduction="sum").item()
-            n_tok += len(ids)
         if n_tok <= 0:
             raise ConfigError("perplexity needs at least one non-empty text.")
         return total, n_tok, n_bytes

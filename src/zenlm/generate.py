@@ -15,6 +15,9 @@ Many prompts of different lengths at once (:func:`generate_batch`): each prompt 
 row of one preallocated cache; then every step feeds each row's newest token at that row's own position in
 one batched ``decode_step`` (the step of the serving engine too), and each row picks its token with its own
 :class:`~zenlm.sampling.Sampler` (its own seeded generator).
+
+A stateful model (n-gram, MLP, LSTM: no KV cache, a state carried instead) is decoded by :mod:`zenlm.stateful`:
+:func:`generate_ids` and :func:`generate_batch` hand it over after checking their arguments.
 """
 
 from __future__ import annotations
@@ -31,6 +34,9 @@ from zenlm.errors import ConfigError
 from zenlm.models.cache import KVCache
 from zenlm.models.gpt import GPT
 from zenlm.sampling import Sampler, SamplingConfig, apply_repetition_penalty, pick_token
+from zenlm.stateful import generate_batch as generate_batch_stateful
+from zenlm.stateful import generate_ids as generate_ids_stateful
+from zenlm.stateful import is_stateful
 
 
 @dataclass
@@ -145,6 +151,8 @@ def generate_ids(
     vocab_size = model.config.vocab_size
     if min(prompt_ids) < 0 or max(prompt_ids) >= vocab_size:
         raise ConfigError(f"prompt token ids must be in 0..{vocab_size - 1} (the model's vocabulary).")
+    if is_stateful(model):
+        return generate_ids_stateful(model, prompt_ids, cfg, eos_id)
     return _generate_ids(model, prompt_ids, cfg, eos_id)
 
 
@@ -244,10 +252,11 @@ def generate_batch(
                           "generate_batch runs eagerly: drop compile=True.")
     if not rows or cfg.max_new_tokens == 0:
         return [[] for _ in rows]
+    decode = generate_batch_stateful if is_stateful(model) else _generate_batch
     was_training = model.training
     model.eval()
     try:
-        return _generate_batch(model, rows, cfg, eos_id, on_token)
+        return decode(model, rows, cfg, eos_id, on_token)
     finally:
         model.train(was_training)
 

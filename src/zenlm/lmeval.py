@@ -13,7 +13,9 @@ lm-eval turns every benchmark into three kinds of request, and a model answers e
     loglikelihood:  requests sorted longest first; a batch is right-padded to its longest row and run once
                     through the model's blocks (causal attention: padding after a row cannot change it);
                     the head is applied only at the positions that predict continuation tokens, and the
-                    log-softmax is taken in float32 (:func:`zenlm.scoring.score_tokens`)
+                    log-softmax is taken in float32 (:func:`zenlm.scoring.score_tokens`). A stateful model
+                    (n-gram, MLP, LSTM) reads the padded batch from its start state, which padding after a row
+                    cannot change either, and has no context limit of its own (``max_length`` 2048 by default)
     rolling:        each text is cut into windows of at most ``max_length`` predicted tokens (lm-eval's
                     own windowing, the first conditioned on the prefix token); windows of all texts are
                     scored together as loglikelihood requests, then summed per text
@@ -50,8 +52,13 @@ from zenlm.errors import ConfigError
 from zenlm.generate import GenerationConfig, generate_text_batch
 from zenlm.progress import ProgressFn, report
 from zenlm.scoring import score_tokens
+from zenlm.stateful import is_stateful
 
 log = logging.getLogger("zenlm.lmeval")
+
+# Tokens a stateful model (n-gram, MLP, LSTM) reads at once: it has no context limit, so this bounds the memory
+# of one forward pass ([batch, tokens, vocabulary] logits) and the length of lm-eval's rolling windows.
+STATEFUL_MAX_LENGTH = 2048
 
 try:  # the base class comes from lm-eval; without it the module still imports and says what to install
     from lm_eval.api.model import TemplateLM
@@ -71,7 +78,8 @@ class ZenlmLM(TemplateLM):
     as an lm-eval model (see the module docstring for how each request is answered).
 
     batch_size: requests per forward pass (loglikelihood) or per decoded batch (generate_until).
-    max_length: tokens the model sees at once (default: its block_size); longer inputs keep their end.
+    max_length: tokens the model sees at once (default: its block_size, or STATEFUL_MAX_LENGTH for a stateful
+    model, which has none); longer inputs keep their end.
     max_gen_toks: generated tokens when a task does not say (lm-eval's default, 256).
     seed: sampling seed for tasks that sample (greedy tasks do not draw).
     """
@@ -89,7 +97,11 @@ class ZenlmLM(TemplateLM):
             raise ConfigError(f"batch_size must be >= 1, got {batch_size}.")
         self.lm, self.model, self.zen_tokenizer = lm, lm.model.eval(), lm.tokenizer
         self.batch_size = batch_size
-        self.max_length = min(max_length or lm.config.block_size, lm.config.block_size)
+        self.stateful = is_stateful(lm.model)  # model(ids, state) -> (logits, state); no block_size
+        if self.stateful:
+            self.max_length = max_length or STATEFUL_MAX_LENGTH
+        else:
+            self.max_length = min(max_length or lm.config.block_size, lm.config.block_size)
         self.max_gen_toks = max_gen_toks
         self.seed = seed
         self.progress = progress
@@ -145,11 +157,13 @@ class ZenlmLM(TemplateLM):
             ids_BT = torch.zeros(len(batch), T, dtype=torch.long)  # right padding with id 0
             for b, i in enumerate(batch):
                 ids_BT[b, : len(rows[i][0])] = torch.tensor(rows[i][0])
-            hidden_BTC = self.model.features(ids_BT.to(device))
-            # the head only where a target is predicted: positions len-n .. len-1 of each row
-            picked = [hidden_BTC[b, len(rows[i][0]) - len(rows[i][1]) : len(rows[i][0])]
-                      for b, i in enumerate(batch)]
-            logits_NV = self.model.head(torch.cat(picked)[None])[0]
+            if self.stateful:  # logits at every position, read from the start state
+                out_BTX = self.model(ids_BT.to(device))[0]
+            else:  # hidden states: the head only where a target is predicted
+                out_BTX = self.model.features(ids_BT.to(device))
+            # positions len-n .. len-1 of each row
+            picked = [out_BTX[b, len(rows[i][0]) - len(rows[i][1]) : len(rows[i][0])] for b, i in enumerate(batch)]
+            logits_NV = torch.cat(picked) if self.stateful else self.model.head(torch.cat(picked)[None])[0]
             targets_N = torch.tensor([t for i in batch for t in rows[i][1]], device=device)
             scores = score_tokens(logits_NV, targets_N)
             at = 0

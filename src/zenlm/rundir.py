@@ -38,7 +38,7 @@ from zenlm.fileio import atomic_write_text
 from zenlm.models.lora import LoRAConfig, apply_lora, merge_and_unload, weights_fingerprint
 from zenlm.models.registry import Architecture, build_model, get_architecture
 from zenlm.tokenizer import Tokenizer
-from zenlm.train.checkpoint import list_checkpoints, load_model_weights, save_model
+from zenlm.train.checkpoint import list_checkpoints, load_model_weights, read_weights, save_model
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 ADAPTER_WEIGHTS = "adapter.safetensors"  # what a LoRA run trained, in place of model.safetensors
@@ -312,6 +312,9 @@ def load_run(run_dir: str | Path, *, device: str = "auto", dtype: str = "fp32", 
            as fast as the base), unless its base is int8 (they then stay beside the int8 layers) or ``merge`` is
            False (the LoRA layers are kept)."""
     run_dir = Path(run_dir)
+    saved = read_run_config(run_dir)
+    if run_architecture(saved).from_tensors is not None:
+        return _load_from_tensors(run_dir, saved, device)
     torch_dtype: torch.dtype = resolve_dtype(dtype)
     model, _, saved = build_model_from_run(run_dir)
     try:
@@ -326,6 +329,16 @@ def load_run(run_dir: str | Path, *, device: str = "auto", dtype: str = "fp32", 
     tokenizer = load_run_tokenizer(run_dir)
     model = model.to(resolve_device(device), dtype=torch_dtype).eval()
     return LoadedRun(run_dir, saved, run_architecture(saved), model, tokenizer)
+
+
+def _load_from_tensors(run_dir: Path, saved: dict[str, Any], device: str) -> LoadedRun:
+    """A family whose tensor shapes come from the data (the n-gram model's count tables) is built from the
+    tensors of its weights file (``Architecture.from_tensors``, which checks them), in the dtypes they are
+    stored in."""
+    arch = run_architecture(saved)
+    assert arch.from_tensors is not None
+    model = arch.from_tensors(arch.config_from_dict(saved["model"]), read_weights(weights_file(run_dir)))
+    return LoadedRun(run_dir, saved, arch, model.to(resolve_device(device)).eval(), load_run_tokenizer(run_dir))
 
 
 __all__ = ["ADAPTER_WEIGHTS", "RUN_OPTIONS", "SECTIONS", "TOKENIZER_FILES", "LoadedRun", "build_model_from_run",

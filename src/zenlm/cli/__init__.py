@@ -149,7 +149,7 @@ def _pretrain_params() -> list[Param]:
         *params_of(OptimConfig, only=_OPTIM_FLAGS, defaults=from_recipe, rename={"name": "optimizer"},
                    types={"name": Literal["adamw", "muon"], "schedule": Literal["cosine", "linear", "constant", "wsd"]}),
         *params_of(TrainConfig, only=("eval_every",)),
-        *params_of(recipe, only=("eval_tokens",)),
+        *params_of(recipe, only=("eval_tokens", "init_embeddings")),
         *params_of(TrainConfig, only=("log_every", "ckpt_every", "seed", "device", "precision", "compile", "threads",
                                       "strategy"), defaults=from_recipe, types={"precision": Precision}),
         *shape_params(),
@@ -164,6 +164,11 @@ def pretrain(*, _given: frozenset[str] = frozenset(), **flags: Any) -> None:
     Settings not given on the command line come from the --recipe (see docs/training-speed.md); without
     --recipe, causal-lm uses the "default" recipe and mlm the "mlm" recipe (bert-mini, rows of 128 tokens,
     AdamW 5e-4 with 100 warm-up steps, linear decay, weight decay 0.01).
+
+    The lower rungs of the language-model ladder train with the same command (docs/ladder.md): --model
+    lstm-small, lstm-medium, gru-small, mlp-small or mlp-direct read the text as consecutive windows with the
+    state carried across them (truncated BPTT; the "ladder" recipe), and --model ngram-2 .. ngram-5 counts an
+    n-gram model from the training split in one pass.
 
     Masked-LM pretraining hides 15% of the tokens of each row ([CLS] text [SEP]) and learns to predict them;
     it needs a tokenizer with the <|mask|>, <|bos|> ([CLS]) and <|eos|> ([SEP]) tokens, which every tokenizer
@@ -183,11 +188,12 @@ def pretrain(*, _given: frozenset[str] = frozenset(), **flags: Any) -> None:
         data: data directory made by `zenlm prepare`
         out: run directory to create (config.yaml, checkpoints, metrics.jsonl, model.safetensors, plots)
         recipe: default (demo model, Muon + AdamW, bf16), fast, five-min, classic (the classic small-GPT
-            recipe with AdamW and fp32), or mlm (masked LM); default: the objective's recipe
+            recipe with AdamW and fp32), mlm (masked LM) or ladder (n-gram, MLP and LSTM rungs); default: the
+            objective's recipe, ladder for a ladder preset
         objective: causal-lm (GPT, next-token prediction) or mlm (BERT, masked tokens); default: the
             recipe's, and on --resume the run's own
-        model: model preset (see `zenlm presets`; BERT presets bert-tiny, bert-mini, ... for mlm); default
-            from the recipe
+        model: model preset (see `zenlm presets`; BERT presets bert-tiny, bert-mini, ... for mlm; ngram-5,
+            mlp-small, lstm-small, gru-small, ... for the ladder); default from the recipe
         max_steps: optimiser steps in all
         max_seconds: wall-time budget; the learning rate decays over whichever budget ends first
         resume: continue the run in --out from its newest checkpoint, with its own settings (seed, batch,
@@ -207,6 +213,9 @@ def pretrain(*, _given: frozenset[str] = frozenset(), **flags: Any) -> None:
         muon_lr: peak learning rate of the Muon parameters
         eval_every: validate every N steps
         eval_tokens: validation tokens per evaluation (0 for the whole split)
+        init_embeddings: word vectors (word2vec text or binary, fastText .vec, GloVe, or a `zenlm wordvec
+            train` directory) to initialise the token embeddings of a new word-level model with; the share of
+            the vocabulary they cover is reported
         log_every: write metrics every N steps
         ckpt_every: save a checkpoint every N steps
         seed: random seed (weights, dropout, data order)
@@ -227,7 +236,7 @@ def pretrain(*, _given: frozenset[str] = frozenset(), **flags: Any) -> None:
     from zenlm.models.registry import find_preset
     from zenlm.recipes.pretrain import pretrain as run_pretrain
     from zenlm.recipes.pretrain import saved_settings
-    from zenlm.recipes.registry import DEFAULT_RECIPE, recipe_settings
+    from zenlm.recipes.registry import default_recipe, recipe_settings
     from zenlm.train.loop import TrainConfig, config_to_dict
     from zenlm.train.optim import OptimConfig
 
@@ -240,7 +249,7 @@ def pretrain(*, _given: frozenset[str] = frozenset(), **flags: Any) -> None:
         from zenlm.rundir import read_run_config, run_architecture
 
         objective = "causal-lm" if run_architecture(read_run_config(flags["init"])).can("causal-lm") else "mlm"
-    recipe = flags["recipe"] or DEFAULT_RECIPE[objective or "causal-lm"]
+    recipe = flags["recipe"] or default_recipe(objective or "causal-lm", flags["model"])
     s = recipe_settings(recipe, **{k: flags[k] for k in _FROM_RECIPE if k != "objective" and k in given})
     objective = objective or s["objective"]
     train = {k: s[k] for k in ("max_steps", "grad_accum", "precision", "compile")}
@@ -273,11 +282,17 @@ def pretrain(*, _given: frozenset[str] = frozenset(), **flags: Any) -> None:
         flags["data"], out, objective=objective, model=s["model"], model_overrides=s["model_overrides"],
         resume=resume, overwrite=flags["overwrite"], batch_size=batch["batch_size"], seq_len=batch["seq_len"],
         eval_tokens=batch["eval_tokens"], eval_seq_len=batch.get("eval_seq_len"),
-        eval_batch_size=batch.get("eval_batch_size"), train=TrainConfig(**train), optim=OptimConfig(**optim),
-        init=flags["init"], lora=lora,
+        eval_batch_size=batch.get("eval_batch_size"), init_embeddings=flags["init_embeddings"],
+        train=TrainConfig(**train), optim=OptimConfig(**optim), init=flags["init"], lora=lora,
         progress=progress,
     )
     progress.close()
+    if result.stopped_by == "counted":  # an n-gram model: one pass over the training split
+        v = result.val
+        print(f"\ncounted {result.tokens:,} training tokens in {result.train_s:.1f} s\nvalidation loss "
+              f"{v['val_loss']:.4f} nats/token  |  perplexity {v['val_ppl']:.2f}  |  {v['val_bpb']:.4f} bits/byte\n"
+              f"run directory: {out}")
+        return
     if objective != "mlm":
         print_train_result(result, out)
         return
@@ -554,7 +569,8 @@ def presets() -> None:
         print(f"  {'name':<14} {'params':>9}  shape")
         for name, preset in arch.presets.items():
             n = num_params(arch.config(name, vocab_size=8192))
-            print(f"  {name:<14} {n / 1e6:>8.2f}M  {preset.description}")
+            size = "counted" if arch.count is not None else f"{n / 1e6:.2f}M"  # an n-gram's size is its data's
+            print(f"  {name:<14} {size:>9}  {preset.description}")
 
 
 # ------------------------------------------------------------------------------------------------ main

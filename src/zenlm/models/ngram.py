@@ -187,6 +187,16 @@ def count_ngrams(ids: np.ndarray, config: NGramConfig) -> dict[str, np.ndarray]:
 
 
 # ---------------------------------------------------------------------------------------------- the model
+def _find(sorted_keys: Tensor, key_M: Tensor) -> tuple[Tensor, Tensor]:
+    """Binary search of M keys in a sorted 1-D tensor -> (position [M], found [M] bool); where not found the
+    position is a valid index (or 0 for an empty table) that the caller masks."""
+    if len(sorted_keys) == 0:
+        zeros = torch.zeros_like(key_M)
+        return zeros, zeros.bool()
+    pos = torch.searchsorted(sorted_keys, key_M).clamp(max=len(sorted_keys) - 1)
+    return pos, sorted_keys[pos] == key_M
+
+
 class NGramLM(nn.Module):
     """Interpolated Kneser–Ney n-gram LM over the tables made by :func:`count_ngrams` (see the module docstring).
 
@@ -213,19 +223,43 @@ class NGramLM(nn.Module):
             getattr(self, group).register_buffer(field, t.double() if t.is_floating_point() else t.long())
         sizes = [1] + [len(self._t(f"context{j}.keys")) for j in range(1, n)]
         for k in range(1, n + 1):
-            off = self._t(f"order{k}.offsets")
-            if len(off) != sizes[k - 1] + 1 or int(off[-1]) != len(self._t(f"order{k}.next")) or \
-                    len(self._t(f"order{k}.gamma")) != sizes[k - 1]:
+            off, nxt = self._t(f"order{k}.offsets"), self._t(f"order{k}.next")
+            if len(off) != sizes[k - 1] + 1 or len(self._t(f"order{k}.gamma")) != sizes[k - 1] or \
+                    (not off.is_meta and int(off[-1]) != len(nxt)):
                 raise CheckpointError(f"n-gram order {k}: the offsets, entries and histories disagree in size.")
             # key of each entry (history id, next token), sorted: finds P(w | h) for one w by binary search
-            hist = torch.repeat_interleave(torch.arange(sizes[k - 1]), torch.diff(off))
+            hist = torch.repeat_interleave(torch.arange(sizes[k - 1], device=off.device), torch.diff(off),
+                                           output_size=len(nxt))
             getattr(self, f"order{k}").register_buffer(
-                "entry_keys", hist * config.vocab_size + self._t(f"order{k}.next"), persistent=False)
+                "entry_keys", hist * config.vocab_size + nxt, persistent=False)
+
+    def _apply(self, fn: Any, recurse: bool = True) -> NGramLM:
+        """``.to()``, ``.cuda()``, ``.float()`` ...: the tables move between devices but keep their dtypes (float64
+        probabilities cast to bf16 would no longer sum to 1, and ids must stay integers)."""
+        probe = torch.zeros((), dtype=torch.float64)
+        moved = fn(probe)
+        if moved.dtype == probe.dtype:
+            return super()._apply(fn, recurse)
+        return super()._apply(lambda t: t.to(moved.device), recurse)
 
     def _t(self, name: str) -> Tensor:
         return self.get_buffer(name)
 
     # ------------------------------------------------------------------------------------------ building
+    @classmethod
+    def uniform(cls, config: NGramConfig) -> NGramLM:
+        """The model before anything is counted: no history ever seen, so every order passes the uniform
+        ``P_0(w) = 1/V`` on unchanged (what a freshly built model of the registry is; counting replaces it)."""
+        n = config.order
+        tables: dict[str, np.ndarray] = {f"context{j}.keys": np.zeros(0, np.int64) for j in range(1, n)}
+        for k in range(1, n + 1):
+            histories = 1 if k == 1 else 0  # only the empty history exists
+            tables.update({f"order{k}.offsets": np.zeros(histories + 1, np.int64),
+                           f"order{k}.next": np.zeros(0, np.int64), f"order{k}.count": np.zeros(0, np.int64),
+                           f"order{k}.alpha": np.zeros(0), f"order{k}.gamma": np.ones(histories),
+                           f"order{k}.discount": np.zeros(3)})
+        return cls(config, tables)
+
     @classmethod
     def from_ids(cls, ids: np.ndarray, config: NGramConfig) -> NGramLM:
         """Count ``ids`` (1-D integer array) into a model of ``config``."""
@@ -268,14 +302,16 @@ class NGramLM(nn.Module):
             keys = self._t(f"context{j}.keys")
             tok = ctx_MJ[:, n - 1 - j]  # the j-th most recent token
             key = hid * V + tok
-            pos = torch.searchsorted(keys, key).clamp(max=len(keys) - 1)
-            found = (hid >= 0) & (tok >= 0) & (keys[pos] == key)
-            hid = torch.where(found, pos, -1)
+            pos, found = _find(keys, key)
+            hid = torch.where(found & (hid >= 0) & (tok >= 0), pos, -1)
             out.append(hid)
         return out
 
     def _gamma(self, k: int, hid: Tensor) -> Tensor:
-        return torch.where(hid >= 0, self._t(f"order{k}.gamma")[hid.clamp(min=0)], 1.0)
+        gamma = self._t(f"order{k}.gamma")
+        if len(gamma) == 0:  # no history of this length was ever seen
+            return torch.ones(hid.shape, dtype=torch.float64, device=hid.device)
+        return torch.where(hid >= 0, gamma[hid.clamp(min=0)], 1.0)
 
     def probs(self, ctx_MJ: Tensor) -> Tensor:
         """Next-token distributions for M contexts: ctx_MJ [M, n−1] (see :meth:`history_ids`) -> [M, V] float64.
@@ -287,6 +323,8 @@ class NGramLM(nn.Module):
         p_MV = torch.full((M, V), 1.0 / V, dtype=torch.float64, device=ctx_MJ.device)
         for k in range(1, self.config.order + 1):
             hid = hids[k - 1]
+            if len(self._t(f"order{k}.gamma")) == 0:  # no history of this length was seen: nothing to add
+                continue
             p_MV *= self._gamma(k, hid)[:, None]
             off = self._t(f"order{k}.offsets")
             lo = off[hid.clamp(min=0)]
@@ -305,11 +343,8 @@ class NGramLM(nn.Module):
         p_M = torch.full(next_M.shape, 1.0 / V, dtype=torch.float64, device=next_M.device)
         for k in range(1, self.config.order + 1):
             hid = hids[k - 1]
-            keys = self._t(f"order{k}.entry_keys")
-            key = hid.clamp(min=0) * V + next_M
-            pos = torch.searchsorted(keys, key).clamp(max=len(keys) - 1)
-            hit = (hid >= 0) & (keys[pos] == key)
-            alpha = torch.where(hit, self._t(f"order{k}.alpha")[pos], 0.0)
+            pos, hit = _find(self._t(f"order{k}.entry_keys"), hid.clamp(min=0) * V + next_M)
+            alpha = torch.where(hit & (hid >= 0), self._t(f"order{k}.alpha")[pos], 0.0) if hit.any() else 0.0
             p_M = self._gamma(k, hid) * p_M + alpha
         return p_M
 

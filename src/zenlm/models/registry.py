@@ -11,12 +11,29 @@ on "whatever model this is" asks the registry instead of testing names::
 An :class:`Architecture` is one record: its ``arch`` name, its config class, a builder, its named presets (one
 :class:`~zenlm.config.Preset` format for every family) and its capabilities, drawn from
 
-    causal-lm   predicts the next token: model(ids_BT) -> logits_BTV                    (zenlm pretrain)
+    causal-lm   predicts the next token from the ones before it                        (zenlm pretrain)
+                    model(ids_BT) -> logits_BTV                   a window of context (GPT), or with "stateful":
+    stateful        logits_BTV, state = model(ids_BT, state)      state: what the model carries from the text
+                    state = model.init_state(B)                   read so far (None = the start of a text)
     masked-lm   predicts hidden tokens from both sides: model.mlm_logits(hidden)         (--objective mlm)
     seq2seq     writes a target from a source: model(src_BS, tgt_BT, src_mask_BS) -> logits_BTV
     classify    has per-token hidden states a classification head can pool             (finetune classify)
     embed       gives a vector per text (the mean of its hidden states)                  (zenlm embed)
-    generate    produces text token by token (generation, beam search, the server)
+    generate    produces text token by token (generation, the server; beam search for GPT and seq2seq)
+
+A **stateful** causal LM (the n-gram, MLP and LSTM/GRU rungs of the ladder, ``models/ngram.py`` and ``rnn.py``)
+has no context window and no KV cache: a state tuple, every tensor of it batch first, holds all it keeps of the
+text read so far, and feeding a text in pieces (passing the state on) equals feeding it whole. That one protocol
+serves every use: scoring reads a text whole (or window by window, passing the state on), generation feeds one
+token at a time with the state instead of a KV cache (:mod:`zenlm.stateful`), the server keeps one state row
+per sequence (:mod:`zenlm.serve.stateful_engine`), and pretraining reads consecutive windows with the state
+carried across them (truncated BPTT, :mod:`zenlm.recipes.ladder`). Everything that runs a causal LM asks
+``can("stateful")`` once, at the entry point, and takes the stateful path; a GPT's path is unchanged.
+
+A family whose model is **counted** rather than trained (the n-gram model) names ``count``: ``zenlm pretrain``
+then counts the training split once instead of running the training loop. When the size of its tensors
+depends on the data (count tables), ``from_tensors`` builds a loaded model from its weights file; ``build``
+still gives the model before anything is counted (uniform next-token probabilities).
 
 Adding a model family is one new file in ``zenlm/models/`` (its config dataclass with ``to_dict`` /
 ``from_dict``, its ``nn.Module``, its presets) plus one ``register(Architecture(...))`` in
@@ -26,12 +43,14 @@ Adding a model family is one new file in ``zenlm/models/`` (its config dataclass
 * ``from_dict(d)`` (a classmethod) rebuilds it, ignoring ``arch`` and refusing unknown fields;
 * validation happens in ``__post_init__`` and raises :class:`~zenlm.errors.ConfigError`;
 * ``vocab_size`` is a field; ``n_embd`` (the width of the hidden states) and ``block_size`` (the longest input)
-  are readable when the family can ``classify`` or ``embed``, since the heads and the encoders read them.
+  are readable when the family can ``classify`` or ``embed``, since the heads and the encoders read them. A
+  causal LM that is not stateful has a ``block_size``; a stateful one has none (it reads any length).
 
 What a run adds on top of its architecture (a classification head, int8 weights) is not an architecture:
 :func:`zenlm.rundir.build_model_from_run` applies those options after ``arch.build``. Which Python object
 ``zenlm.load`` returns is decided by capability in :mod:`zenlm.api` (``Architecture.api`` overrides it for a
-family whose users need an object of their own).
+family whose users need an object of their own); every causal LM, stateful or not, loads as a
+:class:`zenlm.api.LM`.
 """
 
 from __future__ import annotations
@@ -47,8 +66,8 @@ from torch import nn
 from zenlm.config import Preset, config_from_preset
 from zenlm.errors import ConfigError
 
-Capability = Literal["causal-lm", "masked-lm", "seq2seq", "classify", "embed", "generate"]
-CAPABILITIES: tuple[str, ...] = ("causal-lm", "masked-lm", "seq2seq", "classify", "embed", "generate")
+Capability = Literal["causal-lm", "stateful", "masked-lm", "seq2seq", "classify", "embed", "generate"]
+CAPABILITIES: tuple[str, ...] = ("causal-lm", "stateful", "masked-lm", "seq2seq", "classify", "embed", "generate")
 
 
 @dataclass(frozen=True)
@@ -67,6 +86,10 @@ class Architecture:
                     so one ``--n-layer`` / ``--n-embd`` / ``--block-size`` flag works for every family
     api:            "module:function" that turns a loaded run into what ``zenlm.load`` returns, for a family
                     that needs its own user-facing object; None: chosen by capability (zenlm.api)
+    count:          for a family learned by counting (the n-gram model): ``count(ids_N, config) -> model``
+                    from the training split's ids (a 1-D integer array); None: trained by the training loop
+    from_tensors:   for a family whose tensor shapes depend on the data: ``from_tensors(config, tensors) ->
+                    model`` from the tensors of its weights file; None: ``build`` and load the weights
     """
 
     name: str
@@ -79,10 +102,14 @@ class Architecture:
     default_preset: str | None = None
     shape_names: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     api: str | None = None
+    count: Callable[[Any, Any], nn.Module] | None = None
+    from_tensors: Callable[[Any, dict[str, torch.Tensor]], nn.Module] | None = None
 
     def __post_init__(self) -> None:
         unknown = sorted(set(self.capabilities) - set(CAPABILITIES))
         assert not unknown, f"{self.name}: unknown capabilities {unknown}; known: {CAPABILITIES}"
+        assert "stateful" not in self.capabilities or "causal-lm" in self.capabilities, \
+            f"{self.name}: 'stateful' describes how a causal LM is called; add 'causal-lm'"
         assert self.default_preset is None or self.default_preset in self.presets, self.default_preset
         fields = {f.name for f in dataclasses.fields(self.config_class)}
         for generic, names in self.shape_names.items():

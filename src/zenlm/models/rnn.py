@@ -30,14 +30,16 @@ between layers, output). One LSTM layer at time t, with input x_t, previous hidd
     n_t = tanh(W_in x_t + b_in + r_t ⊙ (W_hn h_{t−1} + b_hn))
     h_t = (1 − z_t) ⊙ n_t + z_t ⊙ h_{t−1}
 
-Both models speak one **stateful protocol** (shared with :class:`zenlm.models.ngram.NGramLM`)::
+Both models speak one **stateful protocol** (shared with :class:`zenlm.models.ngram.NGramLM`; the architecture
+registry calls it the "stateful" capability, see :mod:`zenlm.models.registry`)::
 
     logits_BTV, state = model(idx_BT, state=None)   # state: a tuple of tensors; None = start of a text
     state = model.init_state(batch_size)            # the start state, explicitly
 
-so generation feeds one token at a time with the returned state (instead of a KV cache), truncated
-back-propagation through time carries the state from one window into the next, and feeding a text in pieces
-gives the same logits as feeding it whole.
+Every state tensor has the batch first (the LSTM's (h, c) are kept as [B, L, H], not nn.LSTM's [L, B, H]), so
+rows of any family's state are selected, stacked and reset alike (``t[rows]``). Generation feeds one token at a
+time with the returned state (instead of a KV cache), truncated back-propagation through time carries the state
+from one window into the next, and feeding a text in pieces gives the same logits as feeding it whole.
 """
 
 from __future__ import annotations
@@ -186,7 +188,7 @@ class RNNLMConfig(ModelConfig):
 
 
 class RNNLM(nn.Module):
-    """Embedding -> nn.LSTM / nn.GRU -> head; state = (h, c) for an LSTM, (h,) for a GRU, each [L, B, H]."""
+    """Embedding -> nn.LSTM / nn.GRU -> head; state = (h, c) for an LSTM, (h,) for a GRU, each [B, L, H]."""
 
     param_roles = {"head": "head"}  # zenlm.train.optim; the recurrent matrices are "hidden"
 
@@ -213,21 +215,24 @@ class RNNLM(nn.Module):
                     getattr(self.rnn, f"bias_hh_l{layer}")[H:2 * H].zero_()
 
     def init_state(self, batch_size: int, device: torch.device | str | None = None) -> State:
-        """The start state: zeros, (h_LBH, c_LBH) for an LSTM, (h_LBH,) for a GRU."""
+        """The start state: zeros, (h_BLH, c_BLH) for an LSTM, (h_BLH,) for a GRU."""
         c = self.config
         device = device if device is not None else self.emb.weight.device
-        shape = (c.n_layer, batch_size, c.n_hidden)
+        shape = (batch_size, c.n_layer, c.n_hidden)
         n = 2 if c.cell == "lstm" else 1
         return tuple(torch.zeros(shape, device=device, dtype=self.emb.weight.dtype) for _ in range(n))
 
     def forward(self, idx_BT: Tensor, state: State | None = None) -> tuple[Tensor, State]:
         """idx_BT [B, T] int64, state from the previous call (None = zeros) -> (logits_BTV, new state)."""
         x_BTE = self.drop(self.emb(idx_BT))
-        if state is not None and self.config.cell == "gru":
-            state = state[0]  # nn.GRU takes h alone
-        out_BTH, new = self.rnn(x_BTE, state)
+        hx = None
+        if state is not None:  # batch first -> nn.LSTM's [L, B, H]; nn.GRU takes h alone
+            hx_LBH = tuple(t.transpose(0, 1).contiguous() for t in state)
+            hx = hx_LBH if self.config.cell == "lstm" else hx_LBH[0]
+        out_BTH, new = self.rnn(x_BTE, hx)
         logits_BTV = self.head(self.drop(out_BTH))
-        return logits_BTV, (tuple(new) if isinstance(new, tuple) else (new,))
+        new_LBH = new if isinstance(new, tuple) else (new,)
+        return logits_BTV, tuple(t.transpose(0, 1) for t in new_LBH)
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
@@ -274,33 +279,14 @@ RNN_PRESETS: dict[str, Preset] = {
         "2-layer GRU, 200 units, no dropout: lstm-small with the two-gate cell.",
         dict(cell="gru", n_embd=200, n_hidden=200, n_layer=2)),
 }
-_FAMILIES: dict[str, tuple[type[MLPLMConfig] | type[RNNLMConfig], type[MLPLM] | type[RNNLM], dict[str, Preset]]] = {
-    "mlp": (MLPLMConfig, MLPLM, MLP_PRESETS),
-    "rnn": (RNNLMConfig, RNNLM, RNN_PRESETS),
-}
-
-
 def get_rnn_preset(name: str, **overrides: Any) -> MLPLMConfig | RNNLMConfig:
     """The config of preset ``name`` (one of :data:`MLP_PRESETS` or :data:`RNN_PRESETS`) with any config fields in
-    ``overrides`` changed; e.g. ``get_rnn_preset("lstm-small", vocab_size=tok.vocab_size, dropout=0.2)``."""
-    for cls, _, presets in _FAMILIES.values():
-        if name in presets:
-            return config_from_preset(cls, presets, name, overrides)
-    raise ConfigError(f"unknown model preset {name!r}; choose one of: {', '.join([*MLP_PRESETS, *RNN_PRESETS])}.")
-
-
-def build_model(config: MLPLMConfig | RNNLMConfig) -> MLPLM | RNNLM:
-    """The model of a config (MLPLMConfig -> MLPLM, RNNLMConfig -> RNNLM)."""
-    return _FAMILIES[config.ARCH][1](config)  # type: ignore[arg-type]
-
-
-def config_from_dict(d: dict[str, Any]) -> MLPLMConfig | RNNLMConfig:
-    """Rebuild a config from its ``to_dict()`` ("arch" = "mlp" or "rnn")."""
-    arch = d.get("arch")
-    if arch not in _FAMILIES:
-        raise ConfigError(f"arch {arch!r} is not a recurrent or MLP language model ('mlp' or 'rnn').")
-    return _FAMILIES[arch][0].from_dict(d)
+    ``overrides`` changed; e.g. ``get_rnn_preset("lstm-small", vocab_size=tok.vocab_size, dropout=0.2)``.
+    (Any family's preset: :func:`zenlm.models.registry.preset_config`.)"""
+    if name in MLP_PRESETS:
+        return config_from_preset(MLPLMConfig, MLP_PRESETS, name, overrides, "MLP LM")
+    return config_from_preset(RNNLMConfig, RNN_PRESETS, name, overrides, "recurrent LM")
 
 
 __all__ = ["MLPLMConfig", "MLPLM", "RNNLMConfig", "RNNLM", "lstm_cell", "gru_cell", "MLP_PRESETS", "RNN_PRESETS",
-           "get_rnn_preset", "build_model", "config_from_dict", "State"]
+           "get_rnn_preset", "State"]

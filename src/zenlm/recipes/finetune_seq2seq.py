@@ -216,7 +216,8 @@ def finetune_seq2seq(
     world = apply_process_settings(train)  # with torchrun: joins the other processes of the run
     if objective not in OBJECTIVES:
         raise ConfigError(f"objective {objective!r} is not supported; choose pairs or denoise.")
-    if not (get_architecture(arch).can("seq2seq") or get_architecture(arch).can("causal-lm")):
+    family = get_architecture(arch)  # a stateful LM (n-gram, MLP, LSTM) is not trained on prompt-masked pairs
+    if not (family.can("seq2seq") or (family.can("causal-lm") and not family.can("stateful"))):
         raise ConfigError(f"arch {arch!r} cannot learn source -> target pairs; choose encdec or gpt.")
     if objective == "denoise" and not _reads_source(arch):
         raise ConfigError("the denoising objective trains encoder-decoders; use --arch encdec.")

@@ -31,37 +31,51 @@ All three models speak one stateful protocol, ``logits_BTV, state = model(idx_BT
   model reads them as B consecutive streams carrying its state (:func:`evaluate_stateful_lm`); the n-gram model
   gives every token its full n−1-token history (:func:`evaluate_ngram`).
 
-* **Sampling**: :func:`generate_stateful` feeds one token at a time with the returned state, through the same
-  sampling rules as the GPT (temperature, top-k, top-p, repetition penalty, seeds).
+* **Pretraining** (:func:`zenlm.recipes.pretrain.pretrain` hands a stateful model over to this module): the
+  neural rungs train through :func:`zenlm.train.loop.fit` with :func:`stateful_task` (stream batches, the TBPTT
+  loss, the stateful evaluation) on a :class:`StateCarrier`; the n-gram rung is counted by
+  :func:`count_run` (no optimiser, no steps: one pass over the training ids) and written as a run directory
+  like any other. ``--init-embeddings`` copies word vectors into a new model's embeddings
+  (:func:`init_from_vectors`).
+
+Generation and scoring of a trained rung are not here: ``zenlm.load(RUN)`` gives an :class:`zenlm.api.LM`
+whose ``generate``, ``stream`` and ``perplexity`` go through :mod:`zenlm.stateful`.
 """
 
 from __future__ import annotations
 
-import itertools
-import os
-from collections.abc import Sequence
+import json
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from safetensors import SafetensorError
-from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from zenlm.data.batches import IGNORE_INDEX, eval_window_count
 from zenlm.data.shards import TokenShards
 from zenlm.data.streams import StreamBatches
-from zenlm.errors import CheckpointError, ConfigError
+from zenlm.device import model_device
+from zenlm.errors import ConfigError, DataError
 from zenlm.evaluate import bits_per_byte, perplexity
-from zenlm.generate import GenerationConfig
-from zenlm.models.ngram import NGramConfig, NGramLM
+from zenlm.fileio import atomic_write_text
+from zenlm.models.ngram import NGramLM
+from zenlm.models.registry import Architecture
+from zenlm.progress import ProgressFn, report
 from zenlm.rundir import read_run_config, write_run_config
-from zenlm.sampling import Sampler
+from zenlm.tokenizer import Tokenizer
 from zenlm.train.checkpoint import save_model
+from zenlm.train.loop import TrainResult
 from zenlm.train.step import LossOutput
 
 StatefulBatch = tuple[Tensor, bool, Tensor]
+# (get_batch, loss function, count_targets, evaluate): what fit needs from an objective (as in recipes.pretrain)
+Task = tuple[Callable[[int, int], Any], Callable[[nn.Module, Any], LossOutput], Callable[[Any], int],
+             Callable[[nn.Module], dict[str, float]]]
+
+STATEFUL_SEQ_LEN = 64  # the TBPTT window when neither --seq-len nor a recipe gives one
 
 
 # ---------------------------------------------------------------------------------------------- training
@@ -76,7 +90,7 @@ class StateCarrier(nn.Module):
     def __init__(self, lm: nn.Module, batch_size: int) -> None:
         super().__init__()
         self.lm = lm
-        start = lm.init_state(batch_size, _device(lm))
+        start = lm.init_state(batch_size, model_device(lm))
         self.n_state = len(start)
         for i, t in enumerate(start):
             self.register_buffer(f"carry_{i}", t.clone())
@@ -105,6 +119,11 @@ def tbptt_loss(model: nn.Module, batch: StatefulBatch) -> LossOutput:
     return LossOutput(loss_sum, y_BT.numel(), x_BT.numel())
 
 
+def tbptt_targets(batch: StatefulBatch) -> int:
+    """The targets of a TBPTT window, B*T (read from the shape)."""
+    return batch[2].numel()
+
+
 def stream_task(shards: TokenShards, batch_size: int, seq_len: int, *, grad_accum: int = 1, seed: int = 0,
                 device: torch.device | str = "cpu") -> Any:
     """``get_batch(step, micro) -> (x_BT, reset, y_BT)`` on ``device``, for :func:`zenlm.train.loop.fit`."""
@@ -117,6 +136,35 @@ def stream_task(shards: TokenShards, batch_size: int, seq_len: int, *, grad_accu
     return get_batch
 
 
+def stateful_task(data: Path, index: dict[str, Any], batch_size: int, seq_len: int, eval_batch_size: int,
+                  eval_seq_len: int, eval_tokens: int | None, seed: int, device: torch.device,
+                  grad_accum: int = 1) -> Task:
+    """What :func:`zenlm.train.loop.fit` needs to pretrain a stateful LM (wrapped in a :class:`StateCarrier` of
+    ``batch_size`` streams) on the shards in ``data``: TBPTT windows of ``seq_len`` from the training split, the
+    summed next-token loss, and the validation metrics of :func:`evaluate_stateful_lm` (``eval_batch_size``
+    streams read ``eval_seq_len`` tokens at a time) over the tokens the GPT's evaluation scores."""
+    val = TokenShards.open(data, "val")
+    val_info = index["splits"]["val"]
+    bytes_per_token = max(val_info["bytes"], 1) / max(val_info["tokens"], 1)
+    get_batch = stream_task(TokenShards.open(data, "train"), batch_size, seq_len, grad_accum=grad_accum, seed=seed,
+                            device=device)
+    eval_targets(val, eval_seq_len, eval_tokens)  # raises now, before anything is written, when val is too small
+
+    def evaluate(m: nn.Module) -> dict[str, float]:
+        return evaluate_stateful_lm(m, val, eval_batch_size, eval_seq_len, eval_tokens, bytes_per_token, device)
+
+    return get_batch, tbptt_loss, tbptt_targets, evaluate
+
+
+def check_one_process(world_size: int) -> None:
+    """Truncated BPTT carries the state from one window into the next on one process: the windows of a step's
+    micro-batches are consecutive only there (under torchrun process r would read windows r, r+W, ...)."""
+    if world_size > 1:
+        raise ConfigError(f"the n-gram, MLP and LSTM rungs train on one process (truncated BPTT carries each "
+                          f"stream's state from window to window), not {world_size}; run `zenlm pretrain` "
+                          "without torchrun, with --grad-accum for larger batches.")
+
+
 def save_lm_weights(model: nn.Module, path: str | Path) -> None:
     """Write the weights of the LM inside ``model`` (unwrapping a :class:`StateCarrier` or a compiled module),
     without the carried state, to ``path`` (safetensors, atomically)."""
@@ -127,30 +175,6 @@ def unwrap_lm(model: nn.Module) -> nn.Module:
     """The stateful LM inside ``model``: through ``torch.compile``'s wrapper and a :class:`StateCarrier`."""
     model = getattr(model, "_orig_mod", model)
     return model.lm if isinstance(model, StateCarrier) else model
-
-
-# ---------------------------------------------------------------------------------------------- n-gram files
-def save_ngram(model: NGramLM, out_dir: str | os.PathLike[str]) -> Path:
-    """Write an n-gram model as a run-style directory: ``model.safetensors`` (its tables, the module's state
-    dict) and ``config.yaml`` (``model:`` = the config, and the discounts), each written atomically."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    save_model(model, out / "model.safetensors")
-    write_run_config(out, {"model": model.config.to_dict(), "discounts": model.discounts()})
-    return out
-
-
-def load_ngram(run_dir: str | os.PathLike[str]) -> NGramLM:
-    """Load a directory written by :func:`save_ngram`; CheckpointError when it is not one or is damaged."""
-    saved = read_run_config(run_dir)
-    if not isinstance(saved["model"], dict) or saved["model"].get("arch") != "ngram":
-        raise CheckpointError(f"{run_dir} does not hold an n-gram model (its config.yaml has no arch: ngram).")
-    weights = Path(run_dir) / "model.safetensors"
-    try:
-        tables = load_file(str(weights))
-    except (SafetensorError, OSError) as e:
-        raise CheckpointError(f"{weights} is not a readable safetensors file ({e}).") from None
-    return NGramLM(NGramConfig.from_dict(saved["model"]), tables)
 
 
 # ---------------------------------------------------------------------------------------------- evaluation
@@ -201,7 +225,7 @@ def evaluate_ngram(model: NGramLM, shards: TokenShards, seq_len: int, max_tokens
     """Validation metrics of an n-gram model over the tokens :func:`eval_targets` names, each predicted from its
     n−1 preceding ids in the split (fewer at the very start)."""
     M = eval_targets(shards, seq_len, max_tokens)
-    ids = torch.from_numpy(shards.window(0, M + 1)).to(_device(model))
+    ids = torch.from_numpy(shards.window(0, M + 1)).to(model_device(model))
     J = model.config.order - 1
     total = 0.0
     for lo in range(0, M, chunk):  # targets lo+1 .. hi, with up to J ids of history before each
@@ -212,43 +236,70 @@ def evaluate_ngram(model: NGramLM, shards: TokenShards, seq_len: int, max_tokens
     return lm_metrics(total, M, bytes_per_token)
 
 
-# ---------------------------------------------------------------------------------------------- sampling
-def _device(model: nn.Module) -> torch.device:
-    t = next(itertools.chain(model.parameters(), model.buffers()), None)
-    return t.device if t is not None else torch.device("cpu")
+# ---------------------------------------------------------------------------------------------- counting
+def count_run(arch: Architecture, cfg: Any, data: Path, index: dict[str, Any], out: Path, *, eval_seq_len: int,
+              eval_tokens: int | None, resume: bool = False, progress: ProgressFn | None = None) -> TrainResult:
+    """The "training" of a counted family (``arch.count``: the n-gram model): count the whole training split
+    once, evaluate it with the same definitions as a trained model (:func:`evaluate_ngram`), and write what a
+    training run writes: ``model.safetensors`` (the count tables), ``metrics.jsonl`` (one record, step 0),
+    ``plots/loss.png`` and, in config.yaml, the discounts. ``config.yaml`` and the tokenizer files are written
+    by the caller. There is nothing to resume: ``resume`` is refused."""
+    assert arch.count is not None
+    if resume:
+        raise ConfigError(f"{out} holds an {arch.title} run, which is counted in one pass, not trained in "
+                          "steps: there is nothing to resume. Count it again into another --out.")
+    train = TokenShards.open(data, "train")
+    val = TokenShards.open(data, "val")
+    val_info = index["splits"]["val"]
+    bytes_per_token = max(val_info["bytes"], 1) / max(val_info["tokens"], 1)
+    eval_targets(val, eval_seq_len, eval_tokens)  # a validation split too small is refused before counting
+    report(progress, "count", message=f"{arch.title}: counting {len(train):,} training tokens")
+    t0 = time.perf_counter()
+    model = arch.count(train.window(0, len(train)), cfg)
+    count_s = time.perf_counter() - t0
+    assert isinstance(model, NGramLM), "the counted family is the n-gram model"
+    val_metrics = evaluate_ngram(model, val, eval_seq_len, eval_tokens, bytes_per_token)
+    elapsed = time.perf_counter() - t0
+    save_model(model, out / "model.safetensors")
+    tokens_per_s = len(train) / max(count_s, 1e-9)
+    record = {"step": 0, "elapsed_s": round(elapsed, 3), "train_s": round(count_s, 3), "tokens": len(train),
+              "tokens_per_s": round(tokens_per_s, 1), **val_metrics}
+    atomic_write_text(out / "metrics.jsonl", json.dumps(record) + "\n")
+    counted = {"tokens": len(train), "seconds": round(count_s, 3), "table_entries": model.num_entries()}
+    write_run_config(out, {**read_run_config(out), "counted": counted, "discounts": model.discounts()})
+    return TrainResult(step=0, elapsed_s=elapsed, tokens=len(train), stopped_by="counted", train_loss=None,
+                       val=val_metrics, tokens_per_s=tokens_per_s, train_s=count_s)
 
 
-@torch.inference_mode()
-def generate_stateful(model: nn.Module, prompt_ids: Sequence[int], cfg: GenerationConfig, *,
-                      eos_id: int | None = None) -> list[int]:
-    """New token ids continuing ``prompt_ids`` (non-empty) with a stateful LM: the prompt is read in one call,
-    then every drawn token is fed alone with the returned state. Sampling follows ``cfg`` (temperature, top-k,
-    top-p, repetition penalty, seed); stops after ``cfg.max_new_tokens`` or at ``eos_id`` (not returned)."""
-    lm = unwrap_lm(model)
-    prompt = [int(i) for i in prompt_ids]
-    V = lm.config.vocab_size
-    if not prompt:
-        raise ConfigError("generation needs at least one prompt token (for example the tokenizer's eos id).")
-    if min(prompt) < 0 or max(prompt) >= V:
-        raise ConfigError(f"prompt token ids must be in 0..{V - 1} (the model's vocabulary).")
-    device = _device(lm)
-    sampler = Sampler(cfg.sampling(), V, device=device, prompt_ids=prompt)  # the seeded pipeline of zenlm.sampling
-    was_training = lm.training
-    lm.eval()
-    try:
-        logits_BTV, state = lm(torch.tensor([prompt], device=device))
-        out: list[int] = []
-        for _ in range(cfg.max_new_tokens):
-            token = sampler.choose(logits_BTV[0, -1]).token
-            if cfg.stop_at_eos and eos_id is not None and token == eos_id:
-                break
-            out.append(token)
-            logits_BTV, state = lm(torch.tensor([[token]], device=device), state)
-    finally:
-        lm.train(was_training)
-    return out
+# ---------------------------------------------------------------------------------------------- word vectors
+def input_embedding(model: nn.Module, vocab_size: int) -> nn.Embedding:
+    """The token embedding of ``model``: its first ``nn.Embedding`` with a row for every id (a GPT's
+    ``tok_emb``, the rungs' ``emb``)."""
+    for module in model.modules():
+        if isinstance(module, nn.Embedding) and module.num_embeddings >= vocab_size:
+            return module
+    raise ConfigError(f"{type(model).__name__} has no token embedding to initialise from word vectors.")
 
 
-__all__ = ["StateCarrier", "tbptt_loss", "stream_task", "save_lm_weights", "unwrap_lm", "save_ngram", "load_ngram",
-           "lm_metrics",
-           "eval_targets", "evaluate_stateful_lm", "evaluate_ngram", "generate_stateful"]
+def init_from_vectors(model: nn.Module, tokenizer: Tokenizer, vectors: str | Path) -> dict[str, Any]:
+    """Copy the vectors in the file ``vectors`` (word2vec text or binary, fastText .vec, GloVe; see
+    :func:`zenlm.wordvec.read_vectors`) into the token embedding of a new ``model``, one row per vocabulary entry
+    found (scaled to the rows' initial spread, :func:`zenlm.wordvec.init_embeddings`). Returns what config.yaml
+    records: the file and the vocabulary coverage. DataError when the vectors cover no entry at all."""
+    from zenlm.wordvec import init_embeddings, read_vectors
+
+    path = Path(vectors)
+    if path.is_dir() and (path / "vectors.bin").is_file():  # a directory made by `zenlm wordvec train`
+        path = path / "vectors.bin"
+    kv = read_vectors(path)
+    coverage = init_embeddings(input_embedding(model, tokenizer.vocab_size).weight, tokenizer, kv)
+    if coverage.found == 0:
+        raise DataError(f"the vectors in {path} cover none of the tokenizer's {coverage.words:,} vocabulary entries "
+                        "(e.g. a character tokenizer and word vectors); use a word tokenizer (`zenlm tokenizer "
+                        "train --kind word`) or vectors of its vocabulary.")
+    return {"file": str(path.resolve()), "line": coverage.line(), **coverage.to_dict()}
+
+
+__all__ = ["StateCarrier", "tbptt_loss", "tbptt_targets", "stream_task", "stateful_task", "check_one_process",
+           "save_lm_weights", "unwrap_lm", "lm_metrics", "eval_targets", "evaluate_stateful_lm", "evaluate_ngram",
+           "count_run", "input_embedding", "init_from_vectors", "STATEFUL_SEQ_LEN"]

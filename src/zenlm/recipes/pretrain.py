@@ -22,6 +22,10 @@ original token at each of them, seeing the whole row in both directions::
 Only the |M| (about 0.15*B*T) rows of hidden states are sent through the vocabulary-sized output head.
 Validation reports that loss, its perplexity ``exp(loss)`` (val_mlm_ppl) and the masked-token accuracy
 (val_masked_acc: how often the arg-max prediction is the original token).
+
+A stateful causal LM (the registry's "stateful" capability: the MLP and LSTM / GRU rungs) learns the same
+next-token objective from consecutive windows with its state carried across them (truncated BPTT), and the
+n-gram rung is counted instead of trained; both are wired in :mod:`zenlm.recipes.ladder`.
 """
 
 from __future__ import annotations
@@ -46,9 +50,10 @@ from zenlm.errors import CheckpointError, ConfigError, DataError
 from zenlm.evaluate import bits_per_byte, perplexity
 from zenlm.fileio import file_sha256
 from zenlm.models.lora import LoRAConfig, apply_lora, describe_lora, weights_fingerprint
-from zenlm.models.registry import build_model, config_from_dict, find_preset, list_presets
+from zenlm.models.registry import architecture_of, build_model, config_from_dict, find_preset, list_presets
 from zenlm.progress import ProgressFn, report
-from zenlm.recipes.registry import DEFAULT_RECIPE, recipe_settings
+from zenlm.recipes import ladder
+from zenlm.recipes.registry import DEFAULT_RECIPE, default_recipe, recipe_settings
 from zenlm.rundir import (
     build_model_from_run,
     clear_run_dir,
@@ -344,6 +349,7 @@ def pretrain(
     eval_tokens: int | None = 65536,
     eval_seq_len: int | None = None,
     eval_batch_size: int | None = None,
+    init_embeddings: str | Path | None = None,
     train: TrainConfig | None = None,
     optim: OptimConfig | None = None,
     init: str | Path | None = None,
@@ -360,8 +366,9 @@ def pretrain(
                      with mask, bos and eos tokens). None = "causal-lm" for a new run, and the saved objective
                      on resume (read from config.yaml; giving another one is an error).
     model:           a preset name (``zenlm presets``) of an architecture that can learn the objective: a GPT
-                     preset for causal-lm, a BERT preset for mlm; None = the objective's default recipe's
-                     ("demo" / "bert-mini"). Ignored on resume: the saved config is used.
+                     preset for causal-lm (or a lower rung of the ladder: ngram-N, mlp-*, lstm-*, gru-*), a BERT
+                     preset for mlm; None = the objective's default recipe's ("demo" / "bert-mini"). Ignored on
+                     resume: the saved config is used.
     model_overrides: config fields to change on top of the preset (GPTConfig or BertConfig, e.g. {"n_layer": 6})
     resume:          continue the run in ``out`` from its newest checkpoint: the data must be the run's (same
                      tokenizer and shards, checked by their fingerprint in config.yaml); settings left at None
@@ -369,11 +376,15 @@ def pretrain(
     overwrite:       start again from scratch in an ``out`` that holds a run (its checkpoints are deleted)
     batch_size:      sequences per micro-batch (None = 16, or the run's own on resume); tokens per step =
                      batch_size * seq_len * grad_accum
-    seq_len:         training context (None = the model's block_size / max_len, or the run's own on resume); an
-                     MLM row of seq_len tokens holds [CLS], seq_len - 2 tokens of text and [SEP]
+    seq_len:         training context (None = the model's block_size / max_len, or the run's own on resume; for a
+                     stateful model, which has none, the truncated-BPTT window, 64); an MLM row of seq_len tokens
+                     holds [CLS], seq_len - 2 tokens of text and [SEP]
     eval_tokens:     validation tokens per evaluation (None = the whole split)
     eval_seq_len:    window length for validation (None = seq_len); fix it to compare runs fairly
     eval_batch_size: windows per validation batch (None = batch_size)
+    init_embeddings: a word-vector file (word2vec text or binary, fastText .vec, GloVe; or a `zenlm wordvec
+                     train` directory) whose vectors initialise a new model's token embeddings, one row per
+                     vocabulary entry found; the coverage is reported and saved in config.yaml
     train:           the loop's settings (None = TrainConfig(), or the run's own on resume)
     optim:           None = the objective's default recipe's optimiser (Muon + AdamW for causal-lm; AdamW
                      5e-4, linear decay, weight decay 0.01 for mlm; see :mod:`zenlm.recipes.registry`), or the
@@ -467,18 +478,23 @@ def pretrain(
             lora_run = lora_section(lora, apply_lora(net, lora), init, fingerprint, init_saved)
     elif not resume:
         cfg = _model_config(objective, model, vocab_size, model_overrides or {}, tok.pad_id if mlm else None)
-    optim = optim or OptimConfig(**recipe_settings(DEFAULT_RECIPE[objective])["optim"])
+    arch = architecture_of(cfg)
+    if arch.can("stateful"):  # the n-gram, MLP and LSTM rungs (recipes.ladder)
+        ladder.check_one_process(world.size)
+    stateful = arch.can("stateful") and arch.count is None  # trained with truncated BPTT
+    optim = optim or OptimConfig(**recipe_settings(default_recipe(objective, model))["optim"])
     if lora_run is not None and optim.name == "muon":  # nothing for Muon to train: A and B are AdamW's (optim.py)
         optim = dataclasses.replace(optim, name="adamw")
     batch_size = batch_size or 16
     if cfg.vocab_size < vocab_size:
         raise ConfigError(f"model vocab_size {cfg.vocab_size} is smaller than the data's {vocab_size}.")
     context = "max_len" if mlm else "block_size"
-    seq_len = seq_len or cfg.block_size
-    if seq_len > cfg.block_size:
-        raise ConfigError(f"seq_len {seq_len} exceeds the model's {context} {cfg.block_size}.")
-    if eval_seq_len is not None and eval_seq_len > cfg.block_size:
-        raise ConfigError(f"eval_seq_len {eval_seq_len} exceeds the model's {context} {cfg.block_size}.")
+    limit = getattr(cfg, "block_size", None)  # a stateful model has no context limit
+    seq_len = seq_len or limit or ladder.STATEFUL_SEQ_LEN
+    if limit is not None and seq_len > limit:
+        raise ConfigError(f"seq_len {seq_len} exceeds the model's {context} {limit}.")
+    if limit is not None and eval_seq_len is not None and eval_seq_len > limit:
+        raise ConfigError(f"eval_seq_len {eval_seq_len} exceeds the model's {context} {limit}.")
     if batch_size < 1:
         raise ConfigError(f"batch_size must be >= 1, got {batch_size}.")
 
@@ -487,9 +503,13 @@ def pretrain(
     task_args = (data, index, batch_size, seq_len, eval_batch_size or batch_size, eval_seq_len or seq_len,
                  eval_tokens, train.seed, device)
     get_batch, loss_fn, count_targets, evaluate = _mlm_task(*task_args, token_ids) if mlm else \
-        _causal_lm_task(*task_args)
+        ladder.stateful_task(*task_args, train.grad_accum) if stateful else _causal_lm_task(*task_args)
     torch.manual_seed(train.seed)
     net = (net or build_model(cfg)).to(device)
+    vectors = ladder.init_from_vectors(net, tok, init_embeddings) if init_embeddings is not None and not resume \
+        else None
+    if stateful:
+        net = ladder.StateCarrier(net, batch_size)  # the state carried from window to window, saved in checkpoints
 
     batch = {"batch_size": batch_size, "seq_len": seq_len, "eval_tokens": eval_tokens,
              "eval_seq_len": eval_seq_len, "eval_batch_size": eval_batch_size}
@@ -501,16 +521,26 @@ def pretrain(
             out.mkdir(parents=True, exist_ok=True)
             extra = {"init": str(Path(init).resolve())} if init is not None else {}
             _start_run_dir(out, data, index, objective, cfg.to_dict(), batch, train, optim,
-                           extra={**extra, **({"lora": lora_run} if lora_run else {})})
+                           extra={**extra, **({"lora": lora_run} if lora_run else {}),
+                                  **({"init_embeddings": vectors} if vectors else {})})
         else:  # what the run continues with now is what a later --resume continues with
             write_run_config(out, {**saved, "batch": batch, "train": config_to_dict(train),
                                    "optim": config_to_dict(optim), "data": {**(saved.get("data") or {}),
                                                                             **data_fingerprint(data)}})
     world.barrier()
+    if vectors is not None:
+        report(progress, "train", message=f"embeddings from {init_embeddings}: {vectors['line']}")
+    if arch.count is not None:  # the n-gram model: counted from the training split, not trained
+        result = ladder.count_run(arch, cfg, data, index, out, eval_seq_len=eval_seq_len or seq_len,
+                                  eval_tokens=eval_tokens, resume=resume and not restart, progress=progress)
+        _plot_loss(out, "token")
+        return result
 
     n_train = index["splits"]["train"]["tokens"]
+    shape = f"{cfg.n_layer} layers, {cfg.n_embd} wide" if hasattr(cfg, "n_layer") and hasattr(cfg, "n_embd") \
+        else arch.title
     report(progress, "train", message=(
-        f"{'BERT encoder (masked LM)' if mlm else 'model'}: {cfg.n_layer} layers, {cfg.n_embd} wide, "
+        f"{'BERT encoder (masked LM)' if mlm else 'model'}: {shape}, "
         f"{sum(p.numel() for p in net.parameters()) / 1e6:.2f}M parameters; {n_train:,} training tokens; "
         f"{batch_size}x{seq_len}x{train.grad_accum} tokens/step; device {device}"))
     if lora_run is not None:
@@ -519,16 +549,21 @@ def pretrain(
                  progress=progress, count_targets=count_targets)
     if not world.is_main:
         return result
-    try:
-        from zenlm.viz import plot_loss_curve
-
-        per = "masked token" if mlm else "token"
-        plot_loss_curve(out / "metrics.jsonl", out / "plots" / "loss.png", per=per)
-    except ImportError:  # pragma: no cover - matplotlib is a declared dependency
-        pass
+    if stateful:  # model.safetensors holds the model's own weights, not the state carried in training
+        ladder.save_lm_weights(net, out / "model.safetensors")
+    _plot_loss(out, "masked token" if mlm else "token")
     if lora_run is not None:
         finish_lora_run(out, lora_run)
     return result
+
+
+def _plot_loss(out: Path, per: str) -> None:
+    try:
+        from zenlm.viz import plot_loss_curve
+
+        plot_loss_curve(out / "metrics.jsonl", out / "plots" / "loss.png", per=per)
+    except ImportError:  # pragma: no cover - matplotlib is a declared dependency
+        pass
 
 
 __all__ = ["pretrain", "saved_settings", "RunSettings", "causal_lm_loss", "causal_lm_targets", "evaluate_causal_lm", "masked_lm_loss",

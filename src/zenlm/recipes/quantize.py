@@ -29,8 +29,8 @@ class QuantizeResult:
 def quantize_run(run: str | Path, out: str | Path) -> QuantizeResult:
     """Write an int8 weight-only copy of run directory ``run`` to ``out`` (which must not exist yet).
 
-    Supported: language-model runs (an architecture that can ``causal-lm``, not a classifier), which is what
-    int8 decoding (zenlm.generate, zenlm.compiled) is for."""
+    Supported: Transformer language-model runs (an architecture that can ``causal-lm`` and is not stateful, not a
+    classifier), which is what int8 decoding (zenlm.generate, zenlm.compiled) is for."""
     run, out = Path(run), Path(out)
     if out.exists():
         raise ConfigError(f"{out} already exists; choose a new --out for the quantised run.")
@@ -41,8 +41,8 @@ def quantize_run(run: str | Path, out: str | Path) -> QuantizeResult:
     if saved.get("quantization"):
         raise ConfigError(f"{run} is already quantised ({saved['quantization'].get('method')}).")
     arch = run_architecture(saved)
-    if not arch.can("causal-lm") or saved.get("task"):
-        lms = [a.name for a in architectures() if a.can("causal-lm")]
+    if not arch.can("causal-lm") or arch.can("stateful") or saved.get("task"):  # int8 linear layers: Transformers
+        lms = [a.name for a in architectures() if a.can("causal-lm") and not a.can("stateful")]
         raise ConfigError(f"quantisation supports language-model runs ({', '.join(lms)}); {run} holds a "
                           f"{arch.name!r} model{' fine-tuned as a classifier' if saved.get('task') else ''}.")
     model = quantize_int8(load_run(run, device="cpu", dtype="fp32").model)

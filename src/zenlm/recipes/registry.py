@@ -17,7 +17,15 @@ from ``RECIPES`` (whose entries are all causal-LM GPT recipes):
 * ``mlm``      what ``zenlm pretrain --objective mlm`` uses: bert-mini, rows of 128 tokens, AdamW 5e-4 with
                100 warm-up steps, linear decay to 0 and weight decay 0.01 (the BERT / RoBERTa optimiser).
 
-``DEFAULT_RECIPE`` names the recipe each objective starts from when no --recipe is given.
+The lower rungs of the ladder (n-gram, MLP, LSTM / GRU presets) start from ``LADDER_RECIPES``:
+
+* ``ladder``   what ``zenlm pretrain --model lstm-small`` (or any MLP, LSTM, GRU or n-gram preset) uses: 32
+               streams read in 64-token windows (truncated BPTT), AdamW 3e-3 with 50 warm-up steps and cosine
+               decay to 3e-4, weight decay 0.01, fp32. (An n-gram model is counted: only its batch settings,
+               which set the validation windows, apply.)
+
+``DEFAULT_RECIPE`` names the recipe each objective starts from when no --recipe is given;
+:func:`default_recipe` also looks at the model, so a ladder preset starts from ``ladder``.
 """
 
 from __future__ import annotations
@@ -109,7 +117,35 @@ MLM_RECIPES: dict[str, Recipe] = {
     ),
 }
 
+# AdamW for the recurrent and feed-forward rungs (benchmarks/ladder.py trains them with it); the Muon settings of
+# the recipes above were tuned on the Transformer.
+LADDER_OPTIM = dict(name="adamw", lr=3e-3, min_lr=3e-4, warmup_steps=50, schedule="cosine", weight_decay=0.01,
+                    betas=(0.9, 0.99), grad_clip=1.0)
+
+LADDER_RECIPES: dict[str, Recipe] = {
+    "ladder": Recipe(
+        "the n-gram, MLP and LSTM rungs: 32 streams x 64-token windows (truncated BPTT), AdamW 3e-3, cosine, fp32",
+        model="lstm-small", batch_size=32, seq_len=64, max_steps=2000, precision="fp32", compile=False,
+        optim=LADDER_OPTIM,
+    ),
+}
+
 DEFAULT_RECIPE: dict[str, str] = {"causal-lm": "default", "mlm": "mlm"}
+LADDER_ARCHS = ("ngram", "mlp", "rnn")  # architectures whose presets start from the ladder recipe
+
+
+def default_recipe(objective: str, model: str | None = None) -> str:
+    """The recipe a run starts from when none is named: ``ladder`` for a preset of the lower rungs (n-gram, MLP,
+    LSTM / GRU), else the objective's (:data:`DEFAULT_RECIPE`)."""
+    if model is not None and objective == "causal-lm":
+        from zenlm.models.registry import find_preset
+
+        try:
+            if find_preset(model)[0].name in LADDER_ARCHS:
+                return "ladder"
+        except ConfigError:
+            pass  # an unknown preset is reported where the model is built
+    return DEFAULT_RECIPE[objective]
 
 
 def recipe_settings(name: str, **overrides: Any) -> dict[str, Any]:
@@ -117,7 +153,7 @@ def recipe_settings(name: str, **overrides: Any) -> dict[str, Any]:
 
     Override keys are Recipe fields; ``optim`` and ``model_overrides`` are merged key by key.
     """
-    known = {**RECIPES, **MLM_RECIPES}
+    known = {**RECIPES, **MLM_RECIPES, **LADDER_RECIPES}
     if name not in known:
         raise ConfigError(f"unknown recipe {name!r}; choose one of: {', '.join(known)}.")
     r = known[name]

@@ -68,6 +68,8 @@ from zenlm.serve.schema import (
     parse_tokenize,
 )
 from zenlm.serve.server import Limits, ServerThread
+from zenlm.serve.stateful_engine import StatefulEngine
+from zenlm.stateful import is_stateful
 from zenlm.tokenizer import Tokenizer, render_chat, template_tokens
 
 log = logging.getLogger("zenlm.serve")
@@ -172,7 +174,8 @@ def create_app(
     :func:`zenlm.serve.chat.model_kind`) is shown on the chat page, with a hint for a base model."""
     limits = limits or Limits()
     metrics = Metrics()
-    engine = Engine(model, tokenizer, max_concurrency=max_concurrency, max_queue=max_queue, metrics=metrics)
+    engine_class = StatefulEngine if is_stateful(model) else Engine  # n-gram, MLP, LSTM: a state row per sequence
+    engine = engine_class(model, tokenizer, max_concurrency=max_concurrency, max_queue=max_queue, metrics=metrics)
     created = int(time.time())
     app = FastAPI(title="zenlm", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.engine = engine
@@ -511,6 +514,8 @@ def create_app(
             engine.submit_embeddings(job)
         except Overloaded as e:
             raise _busy(engine, e) from None
+        except ConfigError as e:  # a model that gives no embeddings (a stateful LM)
+            raise APIError(400, str(e), param="input", code="invalid_value") from None
         try:
             while not fut.done():
                 await asyncio.wait([fut], timeout=0.25)

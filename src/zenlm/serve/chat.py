@@ -40,8 +40,9 @@ def model_kind(saved: dict[str, Any]) -> str:
 def reply_stream(model: GPT, tokenizer: Tokenizer, messages: list[dict[str, str]], cfg: GenerationConfig):
     """Yield the assistant's reply to ``messages`` as text pieces (ends at the end-of-text token)."""
     ids = tokenizer.encode(render_chat(tokenizer, messages), allow_special=True)
-    block = model.config.block_size
-    ids = ids[-(block - 1):]  # keep the most recent turns when the history outgrows the context
+    block = getattr(model.config, "block_size", None)  # None: a stateful model, no context limit
+    if block is not None:
+        ids = ids[-(block - 1):]  # keep the most recent turns when the history outgrows the context
     decoder = tokenizer.stream_decoder(skip_special=True)
     for token in generate_ids(model, ids, cfg, eos_id=tokenizer.eos_id):
         piece = decoder.push(token)
