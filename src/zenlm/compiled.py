@@ -73,6 +73,7 @@ import logging
 import os
 import platform
 import queue
+import shutil
 import subprocess
 import sys
 import threading
@@ -171,15 +172,10 @@ def _source_digest() -> str:
 
 @functools.lru_cache(maxsize=1)
 def compiler_available() -> bool:
-    """True when the C++ compiler that Inductor uses on CPU (g++ or clang++, or ``$CXX``) is installed;
-    checked once per process."""
-    try:
-        from torch._inductor.cpp_builder import get_cpp_compiler
-
-        get_cpp_compiler()
-    except Exception:  # noqa: BLE001 - any failure to find one means: no compiler
-        return False
-    return True
+    """True when the C++ compiler that Inductor uses on CPU is installed: ``$CXX``, else g++ (clang++ on
+    macOS); checked once per process. (Asking Inductor itself would import it, seconds before a first token.)"""
+    name = os.environ.get("CXX") or ("clang++" if sys.platform == "darwin" else "g++")
+    return shutil.which(name) is not None
 
 
 def compile_by_default() -> bool:
@@ -325,7 +321,7 @@ class CompiledDecoder:
         self.backend = backend
         self.background = background
         self._model = weakref.ref(model)  # the cache below must not keep the model alive
-        self._compiled = torch.compile(_step, options=_options())
+        self._compiled: Any = None  # torch.compile(_step), made on first use (importing it takes seconds)
         self._programs: dict[tuple[ProgramShape, bool], object] = {}
         self._pending: dict[tuple[ProgramShape, bool], _Job] = {}
         self._failed: set[tuple[ProgramShape, bool]] = set()
@@ -376,6 +372,8 @@ class CompiledDecoder:
             return self.model.decode_step(tokens_B, pos_B, k_layers, v_layers, row_attention=batched)
         keys_S = torch.arange(S, device=tokens_B.device)
         torch._dynamo.maybe_mark_dynamic(keys_S, 0)
+        if self._compiled is None:
+            self._compiled = torch.compile(_step, options=_options())
         try:
             return self._compiled(self.model, tokens_B, pos_B, keys_S, k_layers, v_layers, batched)
         except torch._dynamo.exc.BackendCompilerFailed as e:
@@ -432,7 +430,7 @@ class CompiledDecoder:
         """Where the program of ``key`` is kept: named by a digest of everything it depends on."""
         digest = hashlib.sha256(repr((
             key, sorted((n, str(t.dtype), tuple(t.shape)) for n, t in self._weights.items()),
-            dataclasses.asdict(self.model.config), sorted(_options().items()), torch.__version__,
+            dataclasses.asdict(self.model.config), sorted(_INDUCTOR_OPTIONS.items()), torch.__version__,
             sys.version_info[:2], platform.machine(), torch.backends.cpu.get_cpu_capability(),
             torch.get_num_threads(), _source_digest(),
         )).encode()).hexdigest()[:32]
