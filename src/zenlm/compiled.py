@@ -90,6 +90,7 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
 from zenlm.config import GPTConfig
+from zenlm.device import meta_build
 from zenlm.errors import ConfigError
 from zenlm.models.cache import KVCache
 from zenlm.models.gpt import GPT
@@ -617,7 +618,7 @@ def decoder_for(model: GPT, compile: bool | None) -> CompiledDecoder | None:
 def _rebuild(spec: dict[str, Any]) -> GPT | None:
     """The model a spec describes, with empty tensors of the right names, dtypes and shapes (a program reads
     none of their values while it is built); None when the result differs from the spec's signature."""
-    with torch.device("meta"):
+    with meta_build():
         model = GPT(GPTConfig.from_dict(spec["config"]))
         if spec["int8"]:
             quantize_int8(model, empty=True)

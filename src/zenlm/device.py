@@ -19,10 +19,12 @@ from __future__ import annotations
 import contextlib
 import functools
 import platform
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
+from torch.overrides import TorchFunctionMode
 
 from zenlm.errors import ConfigError
 
@@ -324,6 +326,31 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
         return contextlib.nullcontext()
     dtype = torch.bfloat16 if precision == "bf16" else torch.float16
     return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+_NORMAL_INITS = (torch.Tensor.normal_, torch.nn.init.normal_, torch.nn.init.trunc_normal_)
+
+
+class _NoRandomInitOnMeta(TorchFunctionMode):
+    """``Tensor.normal_`` on a meta tensor does nothing (a meta tensor holds no values); run, it would import
+    PyTorch's Python reference kernels (sympy and some 800 modules: ~75 MB and seconds) for nothing."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
+        kwargs = kwargs or {}
+        if func in _NORMAL_INITS:
+            t = args[0] if args else kwargs.get("tensor")  # nn.init passes its tensor by keyword
+            if isinstance(t, torch.Tensor) and t.is_meta:
+                return t
+        return func(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def meta_build() -> Iterator[None]:
+    """Build modules inside this block on the meta device: shapes and dtypes without memory or initialisation,
+    to load weights into afterwards (lean loading, zenlm.rundir). Tensors a module computes rather than
+    learns (rotary tables) must be made on an explicit device."""
+    with torch.device("meta"), _NoRandomInitOnMeta():
+        yield
 
 
 def synchronize(device: torch.device) -> None:

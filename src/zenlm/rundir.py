@@ -33,7 +33,14 @@ import torch
 import yaml
 from torch import Tensor, nn
 
-from zenlm.device import DTYPE_NAMES, DTYPES, InferencePrecision, inference_precision, resolve_device
+from zenlm.device import (
+    DTYPE_NAMES,
+    DTYPES,
+    InferencePrecision,
+    inference_precision,
+    meta_build,
+    resolve_device,
+)
 from zenlm.errors import CheckpointError, ConfigError
 from zenlm.fileio import atomic_write_text
 from zenlm.models.gpt import GPT
@@ -347,7 +354,7 @@ def load_run(run_dir: str | Path, *, device: str = "auto", dtype: str = "auto", 
     path = weights_file(run_dir)
     index = weights_index(path)
     precision = inference_precision(dtype, dev, _stored_precision(index, saved))
-    with torch.device("meta"):
+    with meta_build():
         model, _, saved = build_model_from_run(run_dir)
     own = model.state_dict(keep_vars=True)
     check_layout(own, set(_first_names(own)), {n: (e.shape, e.dtype) for n, e in index.items()}, path)
@@ -419,11 +426,11 @@ def _apply_precision(model: nn.Module, saved: dict[str, Any], run_dir: Path,
         if not isinstance(model, GPT):
             raise ConfigError(f"--dtype int8 quantises language models (GPT runs); {run_dir} holds a "
                               f"{type(model).__name__}. Use --dtype auto, fp32 or bf16.")
-        with torch.device("meta"):
+        with meta_build():
             quantize_int8(model, empty=True)
     if precision.weights != precision.activations and precision.weights != "int8":
         if isinstance(model, GPT):
-            with torch.device("meta"):
+            with meta_build():
                 narrow_linears(model)
         else:
             precision = dataclasses.replace(precision, activations=precision.weights,
