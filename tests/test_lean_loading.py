@@ -31,7 +31,7 @@ from zenlm.train.checkpoint import save_model
 # process that started this one: the test runner's).
 PEAK = """
 import json, sys
-import zenlm
+import torch, zenlm, zenlm.api, zenlm.rundir  # everything loading runs, imported before the baseline
 
 def hwm():
     with open("/proc/self/status") as fh:
