@@ -52,7 +52,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from zenlm.compiled import decoder_for
+from zenlm.compiled import bucket_for, decoder_for
 from zenlm.errors import ConfigError
 from zenlm.generate import split_at_stop
 from zenlm.models.cache import KVCache
@@ -269,6 +269,20 @@ class Engine:
                 raise Overloaded("the server is busy: too many embedding requests wait; retry shortly.")
             self.embed_jobs.append(job)
             self.wake.notify()
+
+    @torch.inference_mode()
+    def prepare(self) -> None:
+        """Make the compiled programs of every batch size this engine can step (1, 2, 4, ... up to its slots)
+        ready now rather than on first need, as a server start may (like capturing CUDA graphs): built or
+        loaded in the background unless ``compile=True``; ``engine.decoder.wait()`` waits for them. The
+        warm-up steps write into free slots only; call it before submitting. A no-op when decoding eagerly."""
+        if self.decoder is None:
+            return
+        sizes = sorted({bucket_for(rows, self.max_concurrency) for rows in range(1, self.max_concurrency + 1)})
+        with self.model_lock:
+            for rows in sizes:
+                ones_B = torch.ones(rows, dtype=torch.long, device=self.device)
+                self.decoder(ones_B, ones_B, self.pool.k, self.pool.v, batched=True)
 
     def embed(self, batch: list[list[int]]) -> list[list[float]]:
         """Embed ``batch`` through the queue and wait: one vector of n_embd floats per id list."""
