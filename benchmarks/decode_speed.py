@@ -294,12 +294,17 @@ def make_run(layout: str, args: argparse.Namespace, root: Path) -> tuple[Path, P
     return run, hf
 
 
-# The converter as a module, told that the tokenizer's pre-tokenizer is GPT-2's (it only knows released ones).
+# The converter as a module, told that the tokenizer's pre-tokenizer is GPT-2's (it only knows released ones)
+# and that there is no SentencePiece model (the export's tokenizer is byte-level BPE; the Llama converter tries
+# SentencePiece first, and fails on a missing `sentencepiece` package before it looks for the file).
 CONVERT = r"""
 import sys
 sys.path.insert(0, sys.argv[1])
 import conversion.base as base
 base.TextModel.get_vocab_base_pre = lambda self, tokenizer: "gpt-2"
+def no_sentencepiece(self):
+    raise FileNotFoundError("no tokenizer.model")
+base.TextModel._set_vocab_sentencepiece = no_sentencepiece
 import convert_hf_to_gguf as convert
 sys.argv = ["convert_hf_to_gguf.py", *sys.argv[2:]]
 convert.main()
@@ -406,6 +411,7 @@ def main() -> None:
                         r["step_bytes"] = gguf_step_bytes(Path(spec["gguf"]), Path(args.gguf_converter))
                     r["read_bw"] = read_bw
                     results[engine] = r
+                for engine, r in results.items():  # after the group: every row can be set against the others
                     print(table_row(layout, B, dtype, engine, r, results, args), flush=True)
                 agreement(layout, B, dtype, results, notes)
     print()
