@@ -642,7 +642,9 @@ def _rebuild(spec: dict[str, Any]) -> GPT | None:
 def _build_main(argv: list[str]) -> int:
     """``python -m zenlm.compiled SPEC.json``: build the program a spec describes (see
     :meth:`CompiledDecoder._build_elsewhere`) -> exit status 0, or 3 when the model cannot be rebuilt."""
-    spec = json.loads(Path(argv[0]).read_text(encoding="utf-8"))
+    spec_file = Path(argv[0])
+    spec = json.loads(spec_file.read_text(encoding="utf-8"))
+    spec_file.unlink(missing_ok=True)  # read: the process that asked may exit before this one ends
     try:
         os.nice(10)  # the process that waits for this one is decoding meanwhile: it goes first
     except (AttributeError, OSError):
@@ -652,7 +654,7 @@ def _build_main(argv: list[str]) -> int:
     if model is None:
         return _CANNOT_REBUILD
     build_program(model, Path(spec["path"]), ProgramShape.from_json(spec["shape"]))
-    Path(spec["log"]).unlink(missing_ok=True)  # nothing to report (the parent may have exited)
+    Path(spec["log"]).unlink(missing_ok=True)  # nothing to report
     return 0
 
 

@@ -365,17 +365,20 @@ def generate(
     """
     import zenlm
     from zenlm.cli.common import check_run_fits, show_inference_notes
+    from zenlm.generate import GenerationConfig
 
     check_run_fits(run, "generate")  # a classifier or an encoder: say which verb fits, before loading it
     if top_k is not None and top_k < 0:
         raise ConfigError(f"--top-k must be >= 0 (0: no limit), got {top_k}.")
+    settings = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k or None, top_p=top_p,
+                    repetition_penalty=repetition_penalty, stop=list(stop or []), seed=seed, use_cache=cache,
+                    compile=compile)
+    GenerationConfig(**settings)  # a bad setting is refused before the model loads
     lm = zenlm.load(run, device=device, dtype=dtype)
     show_inference_notes(lm)  # what was chosen, and the compiled step's notes (a build, no compiler)
     sys.stdout.write(prompt)
     sys.stdout.flush()
-    for piece in lm.stream(prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k or None,
-                           top_p=top_p, repetition_penalty=repetition_penalty, stop=list(stop or []),
-                           seed=seed, use_cache=cache, compile=compile):
+    for piece in lm.stream(prompt, **settings):
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")

@@ -14,10 +14,12 @@ row's outliers. The rounding error of one weight is at most s_n / 2.
 How it runs: on a CPU with at most ``PACK_MAX_ROWS`` rows (decoding a few sequences), PyTorch's
 ``_weight_int8pack_mm`` multiplies by the int8 matrix directly (about 2.5x faster than a dense bf16 product at
 batch 1 for a 768x2304 matrix here). That kernel is fast for bf16 inputs only (fp32 inputs take a path about
-15x slower), so fp32 activations enter it rounded to bf16 and its sums come back in fp32, scaled there: without
-this an int8 model with fp32 activations decoded at a fifth of the speed of its bf16 twin. In every other
-case (prompt prefill, GPUs) the int8 matrix is expanded to the activation dtype first (correct everywhere, no
-faster). Under ``torch.compile`` with one row (:mod:`zenlm.compiled`)
+15x slower). With fp32 activations the eager layer stays exact: the int8 matrix is expanded to fp32 for each
+product, which makes eager int8 decoding with fp32 activations slow (a fifth of its bf16 twin's speed); the
+compiled decode steps avoid it (:mod:`zenlm.compiled`, the default): one sequence reads int8 in its fused
+multiply-and-sum loops (fp32 sums), and a batched step passes its rows through the int8 kernel rounded to bf16,
+its sums scaled in fp32. In every other case (prompt prefill, GPUs) the int8 matrix is expanded to the
+activation dtype first (exact in that dtype, no faster). Under ``torch.compile`` with one row (:mod:`zenlm.compiled`)
 the product is written as a multiply-and-sum over the int8 matrix (:func:`~zenlm.models.layers.matvec`): the
 compiler widens q to float inside its loop, so the int8 bytes are all that is read.
 A tied embedding/output head becomes one int8 matrix with a scale per vocabulary row, used for both the
@@ -42,6 +44,10 @@ _PACK_MM = getattr(torch, "_weight_int8pack_mm", None)
 # The int8 kernel is built for matrix-vector work: past a few rows (prompt prefill, large batches) expanding
 # the weight to bf16 and using the dense product is faster.
 PACK_MAX_ROWS = 16
+
+
+def _tracing() -> bool:
+    return torch.compiler.is_compiling() or torch.compiler.is_exporting()
 
 
 class _Int8Matmul(torch.autograd.Function):
@@ -98,7 +104,8 @@ class Int8Linear(nn.Module):
             y_MN = _Int8Matmul.apply(x_MK, self.weight_int8, self.scale)
         elif x.dtype == torch.bfloat16 and self._packable(x_MK):
             y_MN = _PACK_MM(x_MK.contiguous(), self.weight_int8, self.scale.to(torch.bfloat16))
-        elif x.dtype == torch.float32 and self._packable(x_MK):  # the bf16 kernel, scaled in fp32 (see above)
+        elif x.dtype == torch.float32 and _tracing() and self._packable(x_MK):
+            # a batched compiled decode step: the bf16 kernel, scaled in fp32 (see above)
             ones_N = torch.ones(self.out_features, dtype=torch.bfloat16, device=x.device)
             y_MN = _PACK_MM(x_MK.to(torch.bfloat16), self.weight_int8, ones_N).float() * self.scale.float()
         else:
