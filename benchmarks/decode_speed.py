@@ -2,12 +2,13 @@
 process per row.
 
     # the whole table (GPT-2 and Llama layouts of GPT-2-small's size; fp32 / bf16 / int8 weights; batch 1 and 8)
-    python benchmarks/decode_speed.py --threads 2 \\
-        --llama-cpp-python /work/llamacpp-venv/bin/python \\
+    python benchmarks/decode_speed.py --threads 2 --llama-cpp-python /work/llamacpp-venv/bin/python
+    # the same, the GGUF files written by llama.cpp's own converter instead of zenlm convert to-gguf
+    python benchmarks/decode_speed.py --threads 2 --llama-cpp-python /work/llamacpp-venv/bin/python \\
         --gguf-converter /work/llamacpp-src/llama_cpp_python-0.3.36/vendor/llama.cpp/convert_hf_to_gguf.py
     # a quick check that everything runs (tiny settings; the numbers mean nothing)
     python benchmarks/decode_speed.py --n-layer 2 --vocab 4096 --new-tokens 8 --prefill-tokens 32 --repeats 1 \\
-        --batches 1 --threads 2 --llama-cpp-python ... --gguf-converter ...
+        --batches 1 --threads 2 --llama-cpp-python /work/llamacpp-venv/bin/python
 
 What is compared, for each layout (``gpt2``: learned positions, LayerNorm, GELU, tied head, 50257 tokens;
 ``llama``: rotary, RMSNorm, SwiGLU, 12 query / 4 key-value heads, untied head, 32000 tokens; both 12 x 768):
@@ -19,11 +20,11 @@ What is compared, for each layout (``gpt2``: learned positions, LayerNorm, GELU,
 - ``transformers`` -- ``AutoModelForCausalLM.from_pretrained`` of the run exported by ``zenlm convert to-hf``,
   ``generate()`` greedy with its KV cache (fp32 and bf16; it has no int8 counterpart here);
 - ``llama.cpp`` -- ``llama-cpp-python`` (run by ``--llama-cpp-python``, a Python that has it, in its own
-  process) on GGUF files that llama.cpp's own ``convert_hf_to_gguf.py`` (``--gguf-converter``, from the
-  llama-cpp-python source package) writes from the same export: f32, bf16 and q8_0 opposite zenlm's fp32,
-  bf16 and int8. The converter runs with this Python (it needs torch and transformers) and its own bundled
-  ``gguf-py``; the model's tokenizer is trained here, so the converter is told its pre-tokenizer is GPT-2's
-  (the benchmark feeds token ids; the tokenizer does not take part).
+  process) on GGUF files of the same weights, f32, bf16 and q8_0 opposite zenlm's fp32, bf16 and int8, written
+  by ``zenlm convert to-gguf`` or, with ``--gguf-converter``, by llama.cpp's own ``convert_hf_to_gguf.py`` (from
+  the llama-cpp-python source package) from the Hugging Face export. That converter runs with this Python (it
+  needs torch and transformers) and its own bundled ``gguf-py``; the model's tokenizer is trained here, so the
+  converter is told its pre-tokenizer is GPT-2's (the benchmark feeds token ids; the tokenizer takes no part).
 
 Every row decodes ``--new-tokens`` tokens greedily after a ``--prompt-tokens`` prompt of random ids, the
 fastest of ``--repeats`` runs (tokens/s of all sequences; time to first token = prefill + one token), then the
@@ -99,9 +100,11 @@ def step_bytes(model: torch.nn.Module) -> int:
     return total
 
 
-def gguf_step_bytes(path: Path, converter: Path) -> int:
-    """The same for a GGUF file: its tensors' bytes, less the position table (read with the converter's gguf)."""
-    sys.path.insert(0, str(converter.parent / "gguf-py"))
+def gguf_step_bytes(path: Path, converter: str | None) -> int:
+    """The same for a GGUF file: its tensors' bytes, less the position table (read with the `gguf` package, the
+    converter's own when there is one)."""
+    if converter:
+        sys.path.insert(0, str(Path(converter).parent / "gguf-py"))
     import gguf
 
     reader = gguf.GGUFReader(str(path))
@@ -311,8 +314,16 @@ convert.main()
 """
 
 
-def make_gguf(hf: Path, outtype: str, args: argparse.Namespace) -> Path:
-    """llama.cpp's own converter on the Hugging Face export -> the GGUF file (made once)."""
+def make_gguf(run: Path, hf: Path, outtype: str, args: argparse.Namespace) -> Path:
+    """The GGUF file of the run (made once): by ``zenlm convert to-gguf``, or, with ``--gguf-converter``, by
+    llama.cpp's own converter from the Hugging Face export."""
+    if not args.gguf_converter:
+        from zenlm.convert.gguf import export_gguf
+
+        out = run.with_name(f"{run.name}-zenlm-{outtype}.gguf")
+        if not out.is_file():
+            export_gguf(run, out, outtype=outtype)
+        return out
     out = hf.with_name(f"{hf.name}-{outtype}.gguf")
     if not out.is_file():
         conv = Path(args.gguf_converter)
@@ -348,15 +359,16 @@ def main() -> None:
     ap.add_argument("--n-layer", type=int, default=None, help="blocks (default: 12)")
     ap.add_argument("--vocab", type=int, default=None, help="vocabulary (default: the layout's)")
     ap.add_argument("--llama-cpp-python", default=None, help="a Python with llama_cpp (llama-cpp-python)")
-    ap.add_argument("--gguf-converter", default=None, help="llama.cpp's convert_hf_to_gguf.py")
+    ap.add_argument("--gguf-converter", default=None, help="llama.cpp's convert_hf_to_gguf.py, to write the GGUF "
+                    "files with it (default: zenlm convert to-gguf)")
     ap.add_argument("--workdir", default=None, help="where the runs, exports and GGUF files go (kept); "
                     "default: a temporary directory")
     ap.add_argument("--row-timeout", type=int, default=3600)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     engines = [e.strip() for e in args.engines.split(",")]
-    if "llama.cpp" in engines and not (args.llama_cpp_python and args.gguf_converter):
-        print("(no --llama-cpp-python / --gguf-converter: the llama.cpp rows are left out)", file=sys.stderr)
+    if "llama.cpp" in engines and not args.llama_cpp_python:
+        print("(no --llama-cpp-python: the llama.cpp rows are left out)", file=sys.stderr)
         engines.remove("llama.cpp")
     root = Path(args.workdir or tempfile.mkdtemp(prefix="zenlm-decode-bench-"))
     root.mkdir(parents=True, exist_ok=True)
@@ -393,7 +405,7 @@ def main() -> None:
                     spec = {**base, "engine": engine}
                     if engine == "llama.cpp":
                         try:
-                            gguf_path = make_gguf(hf, GGUF_TYPES[dtype], args)
+                            gguf_path = make_gguf(run, hf, GGUF_TYPES[dtype], args)
                         except RuntimeError as e:
                             notes.append(f"{layout} {dtype}: {e}")
                             continue
@@ -408,7 +420,7 @@ def main() -> None:
                         notes.append(f"{layout} batch {B} {dtype} {engine}: failed: {r['error']}")
                         continue
                     if engine == "llama.cpp":
-                        r["step_bytes"] = gguf_step_bytes(Path(spec["gguf"]), Path(args.gguf_converter))
+                        r["step_bytes"] = gguf_step_bytes(Path(spec["gguf"]), args.gguf_converter)
                     r["read_bw"] = read_bw
                     results[engine] = r
                 for engine, r in results.items():  # after the group: every row can be set against the others
