@@ -95,7 +95,7 @@ from zenlm.errors import ConfigError
 from zenlm.models.cache import KVCache
 from zenlm.models.gpt import GPT
 from zenlm.models.int8 import Int8Linear, quantize_int8
-from zenlm.models.layers import NarrowLinear, matrix_products, matvec, narrow_linears
+from zenlm.models.layers import NarrowLinear, compute_buffers, matrix_products, matvec, narrow_linears
 
 # Inductor settings of the compiled step (names checked against the installed torch, see _options):
 # realize_opcount_threshold 0: compute each intermediate vector once (point 2 above);
@@ -624,6 +624,7 @@ def _rebuild(spec: dict[str, Any]) -> GPT | None:
             quantize_int8(model, empty=True)
         if spec["narrow"]:
             narrow_linears(model)
+    compute_buffers(model)  # rotary tables: real values, as the model being decoded has
     wanted = {e[0]: (getattr(torch, e[1].removeprefix("torch.")), tuple(e[2])) for e in spec["signature"]
               if len(e) == 3}
     made: dict[int, Tensor] = {}

@@ -347,8 +347,8 @@ class _NoRandomInitOnMeta(TorchFunctionMode):
 @contextlib.contextmanager
 def meta_build() -> Iterator[None]:
     """Build modules inside this block on the meta device: shapes and dtypes without memory or initialisation,
-    to load weights into afterwards (lean loading, zenlm.rundir). Tensors a module computes rather than
-    learns (rotary tables) must be made on an explicit device."""
+    to load weights into afterwards (lean loading, zenlm.rundir). Buffers a module computes rather than loads
+    (rotary tables) are meta too: :func:`zenlm.models.layers.compute_buffers` computes them afterwards."""
     with torch.device("meta"), _NoRandomInitOnMeta():
         yield
 

@@ -445,6 +445,7 @@ def _load_streaming(model: nn.Module, path: Path, index: dict[str, StoredTensor]
     scales) in the activations' dtype, int8 buffers as stored; an int8 layer of a float file is quantised
     while its rows are read. Non-finite values are a CheckpointError naming the tensor."""
     from zenlm.models.int8 import Int8Embedding, Int8Linear, quantize_rows
+    from zenlm.models.layers import compute_buffers
 
     act = DTYPES[precision.activations]
     matrix = DTYPES.get(precision.weights, act)
@@ -473,6 +474,7 @@ def _load_streaming(model: nn.Module, path: Path, index: dict[str, StoredTensor]
             for name in names:  # setattr: a module that keeps views of its weights (nn.LSTM) renews them
                 owner, _, attr = name.rpartition(".")
                 setattr(model.get_submodule(owner), attr, value)
+    compute_buffers(model)  # rotary tables: computed, not loaded
     left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     assert not left, f"tensors the weights file did not fill: {left[:3]}"
 

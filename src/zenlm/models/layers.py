@@ -85,10 +85,15 @@ class Rotary(nn.Module):
         self, head_dim: int, max_len: int, theta: float = 10000.0, scaling: dict | None = None
     ) -> None:
         super().__init__()
-        # On the CPU even when the model is built on the meta device (lean loading, zenlm.rundir): the tables
-        # are computed here, not loaded from a checkpoint; .to(device) moves them with the model.
-        inv_freq_D2 = rope_frequencies(head_dim, theta, scaling)
-        t_T = torch.arange(max_len, dtype=torch.float64, device="cpu")
+        self.head_dim, self.max_len, self.theta, self.scaling = head_dim, max_len, theta, scaling
+        self.reset_buffers()
+
+    def reset_buffers(self, device: torch.device | str | None = None) -> None:
+        """Compute the tables (on ``device``; default: the default device). A model built on the meta device
+        gets meta tables, shapes only; lean loading (zenlm.rundir) computes them afterwards, on the CPU,
+        as :func:`compute_buffers` does for every module that computes its buffers rather than loads them."""
+        inv_freq_D2 = rope_frequencies(self.head_dim, self.theta, self.scaling, device=device)
+        t_T = torch.arange(self.max_len, dtype=torch.float64, device=device)
         angles_TD2 = torch.outer(t_T, inv_freq_D2)
         angles_TD = torch.cat([angles_TD2, angles_TD2], dim=-1)
         self.register_buffer("cos", angles_TD.cos().float(), persistent=False)  # [max_len, D]
@@ -103,7 +108,16 @@ class Rotary(nn.Module):
         return self.cos[pos_B][:, None, None], self.sin[pos_B][:, None, None]
 
 
-def rope_frequencies(head_dim: int, theta: float, scaling: dict | None = None) -> Tensor:
+def compute_buffers(model: nn.Module, device: torch.device | str = "cpu") -> None:
+    """Compute, on ``device``, the buffers that modules of ``model`` compute rather than load (those with a
+    ``reset_buffers`` method, such as :class:`Rotary`) where they are still on the meta device."""
+    for module in model.modules():
+        if hasattr(module, "reset_buffers") and any(b.is_meta for b in module.buffers(recurse=False)):
+            module.reset_buffers(device)
+
+
+def rope_frequencies(head_dim: int, theta: float, scaling: dict | None = None,
+                     device: torch.device | str | None = None) -> Tensor:
     """The D/2 rotation frequencies ``theta ** (-2i / D)`` (float64), optionally rescaled for longer contexts:
 
     "linear":  every frequency divided by ``factor`` (positions interpolated);
@@ -111,7 +125,7 @@ def rope_frequencies(head_dim: int, theta: float, scaling: dict | None = None) -
                low_freq_factor`` are divided by ``factor``, those shorter than ``... / high_freq_factor`` are
                kept, and the band in between blends the two smoothly.
     """
-    inv_freq_D2 = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64, device="cpu") / head_dim))
+    inv_freq_D2 = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64, device=device) / head_dim))
     if scaling is None:
         return inv_freq_D2
     factor = float(scaling["factor"])
@@ -280,6 +294,7 @@ __all__ = [
     "RMSNorm",
     "make_norm",
     "Rotary",
+    "compute_buffers",
     "rope_frequencies",
     "rotate_half",
     "apply_rotary",
