@@ -276,13 +276,14 @@ class Engine:
         ready now rather than on first need, as a server start may (like capturing CUDA graphs): built or
         loaded in the background unless ``compile=True``; ``engine.decoder.wait()`` waits for them. The
         warm-up steps write into free slots only; call it before submitting. A no-op when decoding eagerly."""
-        if self.decoder is None:
+        decoder = getattr(self, "decoder", None)  # an engine of another kind (stateful models) has none
+        if decoder is None:
             return
         sizes = sorted({bucket_for(rows, self.max_concurrency) for rows in range(1, self.max_concurrency + 1)})
         with self.model_lock:
             for rows in sizes:
                 ones_B = torch.ones(rows, dtype=torch.long, device=self.device)
-                self.decoder(ones_B, ones_B, self.pool.k, self.pool.v, batched=True)
+                decoder(ones_B, ones_B, self.pool.k, self.pool.v, batched=True)
 
     def embed(self, batch: list[list[int]]) -> list[list[float]]:
         """Embed ``batch`` through the queue and wait: one vector of n_embd floats per id list."""
