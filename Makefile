@@ -28,7 +28,7 @@ demo: install
 	$(VENV)/bin/zenlm demo
 
 test: install
-	$(PY) -m pytest -q -n 2 --dist loadgroup
+	$(PY) -m pytest -q -n 2 --dist loadgroup --durations=25
 
 lint: install
 	$(VENV)/bin/ruff check src tests benchmarks

@@ -76,8 +76,8 @@ def vae_part(root: Path, args: argparse.Namespace) -> tuple[list[dict[str, Any]]
         for tag, name, remedies in VAE_SETTINGS:
             out = root / f"vae-{corpus}-{tag}"
             res = train_vae(corpus, out, model="vae-tiny" if args.smoke else "vae-small",
-                            kl_anneal_steps=args.vae_anneal_steps, batch_size=32, eval_sentences=1000,
-                            max_sentences=2000 if args.smoke else None,
+                            kl_anneal_steps=args.vae_anneal_steps, batch_size=32,
+                            eval_sentences=100 if args.smoke else 1000, max_sentences=500 if args.smoke else None,
                             train=_train(args.vae_seconds, args, eval_every=0, log_every=100), **lengths, **remedies)
             v = res.val
             rows.append({"corpus": corpus, "remedies": name, "steps": res.train.step, "elbo": v["val_elbo"],
@@ -107,8 +107,8 @@ def seqgan_part(root: Path, args: argparse.Namespace) -> list[dict[str, Any]]:
     from zenlm.cli.generative import seqgan_table
 
     out = []
-    smoke = dict(n_train=500, n_test=100, batch_size=16, mle_steps=20, d_pretrain_steps=4, adv_rounds=2,
-                 rollouts=2, eval_samples=50) if args.smoke else {}
+    smoke = dict(n_train=200, n_test=50, batch_size=16, mle_steps=4, d_pretrain_steps=2, adv_rounds=1,
+                 rollouts=2, eval_samples=20) if args.smoke else {}
     for data in ("oracle", "shakespeare"):
         s = SeqGANSettings(**{"data": data, "mle_steps": args.mle_steps, "adv_rounds": args.adv_rounds,
                               "n_train": 10000 if data == "oracle" else None,
@@ -156,8 +156,8 @@ def distill_classify_part(task: str, root: Path, args: argparse.Namespace) -> li
     from zenlm.recipes.finetune_classify import finetune_classify
 
     examples = bbc_examples() if task == "bbc" else sentiment_examples(args.n_sentiment)
-    if args.smoke:  # a dozen texts of each class
-        examples = [ex for lb in sorted({lb for _, lb in examples}) for ex in [e for e in examples if e[1] == lb][:12]]
+    if args.smoke:  # six texts of each class
+        examples = [ex for lb in sorted({lb for _, lb in examples}) for ex in [e for e in examples if e[1] == lb][:6]]
     train, test = stratified_split(examples, 0.2, seed=0)
     labels = sorted({lb for _, lb in examples})
     data = write_jsonl(root / f"{task}-train.jsonl", train)
@@ -172,7 +172,7 @@ def distill_classify_part(task: str, root: Path, args: argparse.Namespace) -> li
     rows = [_classifier_row("teacher: minilm-l6 (fine-tuned)", teacher, test, labels,
                             f"fine-tuned in {time.perf_counter() - t0:.0f} s")]
     print(f"[distill {task}] {rows[-1]}", file=sys.stderr, flush=True)
-    for student in ("bert-tiny", "bert-mini"):
+    for student in ("bert-tiny",) if args.smoke else ("bert-tiny", "bert-mini"):
         for alpha in (0.0, 0.5):
             out = root / f"{task}-{student}-alpha{alpha:g}"
             res = distill_classifier(teacher, student, out, data=data, settings=DistillSettings(alpha=alpha,
@@ -199,7 +199,7 @@ def distill_lm_part(root: Path, args: argparse.Namespace) -> list[dict[str, Any]
     if not (data / "index.json").exists():
         prepare(corpus, tok, data)
     shape = {"n_layer": 1, "n_embd": 32} if args.smoke else {}
-    seq, n_eval = 64, 16_384 if args.smoke else 131_072
+    seq, n_eval = 64, 2048 if args.smoke else 131_072
     teacher = root / "lm-teacher"
     t = pretrain(data, teacher, model="demo", model_overrides=shape, batch_size=16, seq_len=seq, eval_tokens=n_eval,
                  train=_train(args.lm_teacher_seconds, args, eval_every=0, log_every=50))
@@ -216,7 +216,7 @@ def distill_lm_part(root: Path, args: argparse.Namespace) -> list[dict[str, Any]
     out_rows = []
     for name, run, bpb, note in rows:
         lm = zenlm.load(run, device="cpu")
-        ids = [torch.randint(0, lm.config.vocab_size, (1, seq)) for _ in range(50)]
+        ids = [torch.randint(0, lm.config.vocab_size, (1, seq)) for _ in range(8 if args.smoke else 50)]
         with torch.inference_mode():
             ms = latency_ms(lambda x: lm.model(x), ids)  # noqa: B023
         out_rows.append({"model": name, "params": sum(p.numel() for p in lm.model.parameters()),
@@ -255,8 +255,8 @@ def main() -> None:
     ap.add_argument("--smoke", action="store_true", help="tiny models and budgets: check that the script runs")
     args = ap.parse_args()
     if args.smoke:
-        args.vae_seconds, args.vae_anneal_steps, args.student_seconds = 5.0, 20, 4.0
-        args.lm_teacher_seconds, args.lm_student_seconds, args.max_len, args.n_sentiment = 5.0, 4.0, 64, 200
+        args.vae_seconds, args.vae_anneal_steps, args.student_seconds = 0.5, 20, 0.5
+        args.lm_teacher_seconds, args.lm_student_seconds, args.max_len, args.n_sentiment = 1.0, 0.5, 32, 100
     if args.threads:
         torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)

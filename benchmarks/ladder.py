@@ -269,8 +269,8 @@ def main() -> None:
     args = ap.parse_args()
     args.wordvec_corpora = list(WORDVEC_CORPORA)
     if args.smoke:
-        args.seconds, args.word_seconds, args.ngram_orders = [2.0], 2.0, [2, 3]
-        args.eval_tokens = args.eval_tokens or 4096
+        args.seconds, args.word_seconds, args.ngram_orders = [1.0], 1.0, [2]
+        args.eval_tokens = args.eval_tokens or 2048
         args.corpora, args.wordvec_corpora = args.corpora or LADDER_CORPORA[:1], args.wordvec_corpora[:1]
     args.corpora = args.corpora or list(LADDER_CORPORA)
     if args.threads:

@@ -432,9 +432,10 @@ def test_a_rank_that_dies_makes_the_other_exit_with_a_clear_error(tmp_path: Path
     once) and exits 2 with a message that says what happened, well within a bounded time."""
     run, logs = tmp_path / "run", tmp_path / "logs"
     logs.mkdir()
-    procs = start(2, cli, pretrain_args(char_data, run), logs, errs=tmp_path / "e")
+    args = pretrain_args(char_data, run, "--grad-accum", "2", "--max-steps", "100000", "--ckpt-every", "2")
+    procs = start(2, cli, args, logs, errs=tmp_path / "e")
     try:
-        wait_for_steps(run, 3)
+        wait_for_steps(run, 3)  # step 2's checkpoint is written before step 3 is logged
         os.kill(procs[1].pid, signal.SIGKILL)
         t = time.monotonic()
         procs[0].join(60)
@@ -446,7 +447,7 @@ def test_a_rank_that_dies_makes_the_other_exit_with_a_clear_error(tmp_path: Path
     assert procs[0].exitcode == 2 and waited < 60
     err = (logs / "rank0.stderr").read_text()
     assert "zenlm: error (rank 0): process 0 of 2 lost contact with the other processes" in err, err[-2000:]
-    assert f"newest checkpoint in {run / 'checkpoints'}" in err and "Traceback" not in err
+    assert f"newest checkpoint in {run / 'checkpoints'}" in err and "Traceback" not in err, err[-2000:]
 
 
 def test_grad_accum_is_shared_evenly_or_explained() -> None:

@@ -62,6 +62,7 @@ from torch import nn
 from zenlm.errors import CheckpointError, ConfigError, TrainingError
 from zenlm.train.checkpoint import (
     apply_checkpoint,
+    list_checkpoints,
     model_tensors,
     optimizer_tensors,
     read_latest_checkpoint,
@@ -278,11 +279,18 @@ def is_comm_failure(e: BaseException) -> bool:
 def comm_failure(world: World, e: BaseException, ckpt_root: Path | None = None) -> LostProcess:
     """The error a surviving process stops with when another one is gone."""
     first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    where = f"The newest checkpoint in {ckpt_root} is complete; continue" if ckpt_root else "Continue"
+    saved = list_checkpoints(ckpt_root) if ckpt_root is not None and ckpt_root.is_dir() else []
+    if saved:
+        where = (f"The newest checkpoint in {ckpt_root} ({saved[-1].name}) is complete; continue from it with "
+                 "--resume (on any number of processes that divides --grad-accum).")
+    elif ckpt_root is not None:
+        where = ("No checkpoint was saved yet: run the same command again (a run that stopped before its first "
+                 "checkpoint is started again).")
+    else:
+        where = "Continue with --resume (on any number of processes that divides --grad-accum)."
     return LostProcess(
         f"{world.describe()} lost contact with the other processes: one of them stopped or its machine failed "
-        f"(see that process's own output). PyTorch said: {first[:300]}. {where} with --resume (on any number of "
-        "processes that divides --grad-accum).")
+        f"(see that process's own output). PyTorch said: {first[:300]}. {where}")
 
 
 # ------------------------------------------------------------------------------------------- the model

@@ -58,6 +58,7 @@ from zenlm.train.checkpoint import list_checkpoints
 from zenlm.train.clock import RunClock
 from zenlm.train.distributed import (
     STRATEGIES,
+    LostProcess,
     ParallelModel,
     Strategy,
     World,
@@ -386,6 +387,8 @@ def _train(par: ParallelModel, optimizers: list[torch.optim.Optimizer], get_batc
             lr = set_lr(optimizers, lr_factor(optim, step, clock.schedule_progress(step), warmup_fraction))
             try:
                 out = train_step([get_batch(step, micro) for micro in micros], step + 1, micros)
+            except LostProcess:  # another process is gone: comm_errors below says where to continue from
+                raise
             except TrainingError as e:  # say how to go on from what is on disk
                 raise TrainingError(f"{e} {_how_to_go_on(run_dir)}") from None
             step, tokens, train_loss = step + 1, tokens + out.n_tokens, out.loss
