@@ -110,7 +110,7 @@ def test_generate_ids_compiled_gives_the_eager_greedy_tokens_through_cache_refil
 
 def test_compiled_int8_model_reads_its_int8_weights_and_matches_eager():
     torch.manual_seed(3)
-    model = quantize_int8(GPT(gpt2_like()).eval()).to(torch.bfloat16)
+    model = quantize_int8(GPT(gpt2_like(n_layer=1)).eval()).to(torch.bfloat16)
     prompt = torch.randint(0, V, (1, 6), generator=torch.Generator().manual_seed(4))
     eager, fast = model.make_cache(1), model.make_cache(1)
     decoder = compiled_decoder(model)
@@ -209,11 +209,11 @@ def test_a_model_that_cannot_be_exported_falls_back_to_dynamo(monkeypatch):
 # ------------------------------------------------------------------------------------- batched programs
 
 
-def batch_model(tok, dtype: torch.dtype = torch.float32) -> GPT:
+def batch_model(tok, dtype: torch.dtype = torch.float32, n_layer: int = 2) -> GPT:
     """A ``llama_like`` model for the batched tests (the vocabulary of the char tokenizer, so that the engine
     test shares their programs), whose end-of-text logit is 0: rows run to max_new_tokens."""
     torch.manual_seed(11)
-    model = GPT(llama_like(vocab_size=tok.vocab_size, tie_embeddings=False, init_std=0.3)).eval()
+    model = GPT(llama_like(vocab_size=tok.vocab_size, tie_embeddings=False, init_std=0.3, n_layer=n_layer)).eval()
     with torch.no_grad():
         model.lm_head.weight[tok.eos_id] = 0
     return model.to(dtype)
@@ -245,7 +245,7 @@ def test_batched_program_rows_do_not_depend_on_the_other_rows_in_bf16(char_tok):
     """The invariance of test_generate_batch (other rows never change a row) through the batched programs of
     batch 2 and 4, in bf16, where a sum that splits differently would show: bit-equal rows give equal tokens
     however long the rows beside them are."""
-    model = batch_model(char_tok, torch.bfloat16)
+    model = batch_model(char_tok, torch.bfloat16, n_layer=1)  # one layer: two programs to build, half the size
     short, a, b = [5, 9, 14], [20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31], [40]
     cfg = GenerationConfig(max_new_tokens=10, temperature=0, compile=True)
     runs = [generate_batch(model, batch, cfg) for batch in ([short, a], [short, b], [b, short, a, a])]
