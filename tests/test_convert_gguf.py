@@ -329,7 +329,7 @@ def test_q8_0_file_dequantises_close_to_the_weights(runs, tmp_path: Path) -> Non
 def test_models_llama_cpp_cannot_run_are_refused_naming_the_field(runs, tok, tmp_path: Path) -> None:
     from zenlm.presets import get_preset
 
-    demo = get_preset("demo", vocab_size=V, n_layer=1, n_embd=64)
+    demo = get_preset("demo-relu2", vocab_size=V, n_layer=1, n_embd=64)
     cases = [(dict(demo.to_dict()), "mlp='relu2'"),
              (dict(CONFIGS["qwen3"][0], rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                                                        "high_freq_factor": 4.0,

@@ -70,3 +70,19 @@ def test_overrides_and_errors():
         get_preset("tiny", n_layers=3)
     with pytest.raises(ConfigError, match="divisible"):
         get_preset("tiny", n_embd=65)
+
+
+@pytest.mark.parametrize("name", ["tiny", "demo"])
+def test_the_default_presets_have_a_transformers_twin(name: str) -> None:
+    """What `zenlm pretrain` trains by default leaves zenlm: the Qwen3 layout (rotary, RMSNorm, SwiGLU, qk-norm)."""
+    from zenlm.convert.hf import architecture_for_config
+
+    assert architecture_for_config(get_preset(name, vocab_size=100)).name == "Qwen3ForCausalLM"
+
+
+def test_the_squared_relu_preset_says_it_does_not_export() -> None:
+    from zenlm.convert.hf import architecture_for_config
+
+    assert "NOT exportable" in list_presets()["demo-relu2"]
+    with pytest.raises(ConfigError, match="mlp='relu2'"):
+        architecture_for_config(get_preset("demo-relu2", vocab_size=100))

@@ -19,12 +19,19 @@ _GPT2 = dict(vocab_size=50257, block_size=1024, pos="learned", norm="layernorm",
 
 PRESETS: dict[str, Preset] = {
     "tiny": Preset(
-        "2 layers x 64 wide, context 64: the modern recipe at toy size, for tests and smoke runs.",
-        dict(n_layer=2, n_head=2, n_embd=64, block_size=64, pos="rope", norm="rmsnorm", mlp="relu2",
+        "2 layers x 64 wide, context 64: the modern recipe at toy size, for tests and smoke runs (Qwen3 layout).",
+        dict(n_layer=2, n_head=2, n_embd=64, block_size=64, pos="rope", norm="rmsnorm", mlp="swiglu",
              bias=False, tie_embeddings=False, qk_norm=True, zero_init_proj=True),
     ),
     "demo": Preset(
-        "4 layers x 256 wide, context 256: rotary, RMSNorm, squared ReLU, qk-norm; minutes on a CPU.",
+        "4 layers x 256 wide, context 256: rotary, RMSNorm, SwiGLU, qk-norm (the Qwen3 layout: exports to "
+        "transformers and GGUF); minutes on a CPU.",
+        dict(n_layer=4, n_head=4, n_embd=256, block_size=256, pos="rope", norm="rmsnorm", mlp="swiglu",
+             bias=False, tie_embeddings=False, qk_norm=True, zero_init_proj=True),
+    ),
+    "demo-relu2": Preset(
+        "the demo model with a squared-ReLU MLP (the earlier default, as fast to a loss on the fast recipe's "
+        "race); NOT exportable: no transformers or llama.cpp counterpart.",
         dict(n_layer=4, n_head=4, n_embd=256, block_size=256, pos="rope", norm="rmsnorm", mlp="relu2",
              bias=False, tie_embeddings=False, qk_norm=True, zero_init_proj=True),
     ),

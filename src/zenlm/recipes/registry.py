@@ -75,7 +75,7 @@ RECIPES: dict[str, Recipe] = {
         optim=CLASSIC_OPTIM,
     ),
     "fast": Recipe(
-        "zenlm's fast recipe: 2x128, rotary, RMSNorm, relu^2, qk-norm, zero-init projections, Muon + AdamW, bf16 where native",
+        "zenlm's fast recipe: 2x128, rotary, RMSNorm, SwiGLU, qk-norm, zero-init projections, Muon + AdamW, bf16 where native",
         model="tiny", model_overrides=dict(n_layer=2, n_head=4, n_embd=128, block_size=64),
         batch_size=32, seq_len=64, max_steps=200, precision="auto", compile=False,
         optim=FAST_OPTIM,
@@ -91,8 +91,8 @@ RECIPES: dict[str, Recipe] = {
             "4 layers (classic depth) instead of 2": dict(model_overrides=dict(n_layer=4)),
             "batch 12 (classic) instead of 32": dict(batch_size=12),
             "+ torch.compile": dict(compile=True),
-            "SwiGLU MLP instead of squared ReLU (the Qwen3 layout: exports to transformers and llama.cpp)":
-                dict(model_overrides=dict(mlp="swiglu")),
+            "squared-ReLU MLP instead of SwiGLU (the earlier default; no transformers counterpart)":
+                dict(model_overrides=dict(mlp="relu2")),
         },
     ),
     "five-min": Recipe(
