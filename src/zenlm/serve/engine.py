@@ -180,7 +180,11 @@ class Engine:
     for a slot (default: max_concurrency); beyond both, :meth:`submit` raises :class:`Overloaded`.
     max_len: positions per slot (default: the model's block_size). max_prefill_tokens: prompt tokens admitted
     per loop before the running sequences take their next step (default: max_len; at least one prompt).
+    A sequence stops at the tokenizer's end-of-text token and at any of ``stop_ids`` (the chat template's
+    end-of-turn token, set by the app).
     """
+
+    stop_ids: frozenset[int] = frozenset()
 
     def __init__(
         self, model: GPT, tokenizer: Tokenizer, *, max_concurrency: int = 8, max_queue: int | None = None,
@@ -517,7 +521,7 @@ class Engine:
             lp = -9999.0  # JSON has no -inf
 
         eos = self.tokenizer.eos_id
-        if eos is not None and token == eos:
+        if (eos is not None and token == eos) or token in self.stop_ids:
             seq.emit(TokenEvent(token, "", lp, top))
             self._finish(seq, "stop")
             return
