@@ -246,6 +246,13 @@ class Tokenizer:
             out.append(ids)
         return out
 
+    def encode_offsets(self, texts: Sequence[str]) -> list[tuple[list[int], list[tuple[int, int]]]]:
+        """For each text: its ids with special-token strings as their ids (``encode(text, allow_special=True)``)
+        and, per id, the (start, end) characters of the text it stands for (what a chat template's
+        ``{% generation %}`` spans are matched against)."""
+        encoded = self.hf.encode_batch([_clean(t) for t in texts], add_special_tokens=False)
+        return [(list(e.ids), list(e.offsets)) for e in encoded]
+
     def min_tokens(self, text: str) -> int:
         """A lower bound on ``len(self.encode(text, allow_special=...))``, found without tokenising, so a text
         certainly too long for a context can be refused before the work of encoding it (0: no bound known).
