@@ -363,3 +363,15 @@ def test_chat_runs_export_and_are_refused_as_other_tasks(tmp_path: Path, chat_ru
     assert cfg["chat_template"] == CHAT_TEMPLATE
     saved = yaml.safe_load((chat_run / "config.yaml").read_text())
     assert saved["objective"] == "chat"
+
+
+def test_generation_marks_removed_for_llama_cpp_render_the_same_text() -> None:
+    from zenlm.chat_template import without_generation_marks
+
+    plain = without_generation_marks(CHAT_TEMPLATE)
+    assert "{% generation" not in plain and "endgeneration" not in plain and plain.count("{% if true %}") == 1
+    tokens = {"bos_token": "<|bos|>", "eos_token": "<|eos|>"}
+    for gen in (False, True):
+        ours = render_spans(compile_template(CHAT_TEMPLATE, 1 << 20), CONVERSATION, gen, tokens, 1 << 20)[0]
+        assert render_spans(compile_template(plain, 1 << 20), CONVERSATION, gen, tokens, 1 << 20) == (ours, [])
+    assert without_generation_marks("a{%- generation -%}b{%- endgeneration %}") == "a{%- if true -%}b{%- endif %}"

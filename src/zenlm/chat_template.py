@@ -80,6 +80,16 @@ class _GenerationMarks(jinja2.ext.Extension):
         return text
 
 
+_MARK_TAG = re.compile(r"\{%(-?)\s*(end)?generation\s*(-?)%\}")
+
+
+def without_generation_marks(template: str) -> str:
+    """``template`` with each ``{% generation %}`` / ``{% endgeneration %}`` tag replaced by ``{% if true %}`` /
+    ``{% endif %}`` (whitespace control kept): the same output, for template engines that do not know the marks
+    (llama.cpp's)."""
+    return _MARK_TAG.sub(lambda m: "{%" + m[1] + (" endif " if m[2] else " if true ") + m[3] + "%}", template)
+
+
 class _BoundedEnvironment(jinja2.sandbox.ImmutableSandboxedEnvironment):
     """The immutable sandbox with the size checks of the module docstring on ``*``, ``**`` and ``%``, the
     ``{% generation %}`` marks and the loop controls (``{% break %}``, ``{% continue %}``) that Hugging Face's
