@@ -1,19 +1,22 @@
-"""Load test of `zenlm serve`: 1, 4, 16 and 32 concurrent streaming clients against one server.
+"""Load test of `zenlm serve`, compiled and eager engines: 1, 4 and 16 concurrent streaming clients.
 
-    python benchmarks/serve_load.py                       # GPT-2-small shape, CPU
-    python benchmarks/serve_load.py --dtype bf16            # bf16 weights and KV cache
-    python benchmarks/serve_load.py --device cuda --levels 1,4,16,32,64
+    python benchmarks/serve_load.py                            # GPT-2-small shape, CPU, fp32 weights
+    python benchmarks/serve_load.py --dtype int8 --levels 1,16,32
+    python benchmarks/serve_load.py --n-layer 2 --levels 1,4 --requests 1 --max-tokens 8   # a quick check
 
 The model is GPT-2-small-shaped (12 layers, 12 heads, width 768, learned positions, context 1024) with random
 weights and a byte-level BPE tokenizer trained here on Shakespeare (vocabulary --vocab, default 8192; GPT-2's is
-50257). Its end-of-text embedding is zeroed so that replies run to max_tokens. Everything is loopback:
-the server runs in this process (uvicorn on a thread, 127.0.0.1), each client is the official async `openai`
-client streaming chat completions with `stream_options.include_usage`.
+50257), written as a run directory and loaded as `zenlm serve` loads it (``zenlm.load(RUN, dtype=--dtype)``).
+Its end-of-text embedding is zeroed so that replies run to max_tokens. Everything is loopback: the server runs
+in this process (uvicorn on a thread, 127.0.0.1), each client is the official async `openai` client streaming
+chat completions with `stream_options.include_usage`.
 
-Per level: every client sends --requests requests one after another. Reported: requests/s, output tokens/s
-(from the exact usage counts), p50/p99 time to first token (request sent -> first text chunk) and p50/p99
-inter-token latency (gaps between text chunks), and errors. The single-client row is the baseline; the last
-column is each row's output tokens/s divided by it.
+Engines (--engines): ``compiled``, the default of `zenlm serve` (batched compiled decode programs; here all
+batch sizes are built before the clients start, as a server that has run before finds them on disk; the build
+time is printed apart), and ``eager`` (`zenlm serve --no-compile`). Per level: every client sends --requests
+requests one after another. Reported: requests/s, output tokens/s (from the exact usage counts), p50/p99 time
+to first token (request sent -> first text chunk), p50/p99 inter-token latency (gaps between text chunks), and
+errors. Each engine's single-client row is its baseline; the last column is each row's output tokens/s over it.
 """
 
 from __future__ import annotations
@@ -22,15 +25,21 @@ import argparse
 import asyncio
 import os
 import platform
+import tempfile
 import time
+from pathlib import Path
 
 import openai
 import torch
+import yaml
 
+import zenlm
 from zenlm.config import GPTConfig
+from zenlm.device import cpu_features
 from zenlm.models.gpt import GPT
 from zenlm.serve.app import ServerThread, create_app
 from zenlm.tokenizer import train_tokenizer
+from zenlm.train.checkpoint import save_model
 
 
 def pct(xs: list[float], q: float) -> float:
@@ -76,52 +85,84 @@ def run_level(url: str, clients: int, n_req: int, max_tokens: int, prompt: str) 
     return stats
 
 
+def write_run(root: Path, args: argparse.Namespace, text: str) -> Path:
+    """A GPT-2-small-shaped run directory with random weights (end-of-text embedding zeroed)."""
+    tok = train_tokenizer([text], kind="bpe", vocab_size=args.vocab)
+    cfg = GPTConfig(vocab_size=tok.vocab_size, block_size=1024, n_layer=args.n_layer, n_head=12, n_embd=768)
+    torch.manual_seed(0)
+    model = GPT(cfg)
+    with torch.no_grad():
+        model.tok_emb.weight[tok.eos_id] = 0
+    run = root / "run"
+    run.mkdir(parents=True, exist_ok=True)
+    (run / "config.yaml").write_text(yaml.safe_dump({"model": cfg.to_dict()}, sort_keys=False))
+    tok.save(run)
+    save_model(model, run / "model.safetensors")
+    return run
+
+
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--levels", default="1,4,16,32")
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--levels", default="1,4,16")
+    ap.add_argument("--engines", default="compiled,eager")
     ap.add_argument("--requests", type=int, default=2, help="requests per client")
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--vocab", type=int, default=8192)
+    ap.add_argument("--n-layer", type=int, default=12)
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="weights and KV cache")
+    ap.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16", "int8"],
+                    help="weights, as `zenlm serve --dtype` (the run is written in fp32)")
+    ap.add_argument("--threads", type=int, default=None)
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     levels = [int(x) for x in args.levels.split(",")]
+    root = Path(tempfile.mkdtemp(prefix="zenlm-serve-bench-"))
+    os.environ["ZENLM_CACHE_DIR"] = str(root / "cache")  # programs built here, for this run only
+    os.environ.pop("ZENLM_COMPILE", None)
 
     from zenlm.data.corpus import shakespeare_char_text
 
     text = shakespeare_char_text()
-    tok = train_tokenizer([text], kind="bpe", vocab_size=args.vocab)
-    cfg = GPTConfig(vocab_size=tok.vocab_size, block_size=1024, n_layer=12, n_head=12, n_embd=768)
-    torch.manual_seed(0)
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
-    model = GPT(cfg).to(args.device, dtype=dtype).eval()
-    with torch.no_grad():
-        model.tok_emb.weight[tok.eos_id] = 0
+    lm = zenlm.load(write_run(root, args, text), device=args.device, dtype=args.dtype)
     prompt = text[1000:1150]
-    app = create_app(model, tok, model_id="bench", max_concurrency=max(levels), max_queue=max(levels))
-    rows = []
-    with ServerThread(app) as srv:
-        run_level(srv.url, 1, 1, 8, prompt)  # warm-up
-        for c in levels:
-            s = run_level(srv.url, c, args.requests, args.max_tokens, prompt)
-            rows.append((c, s))
+    rows, notes = [], []
+    for engine in args.engines.split(","):
+        app = create_app(lm.model, lm.tokenizer, model_id="bench", max_concurrency=max(levels),
+                         max_queue=max(levels), compile=None if engine == "compiled" else False)
+        eng = app.state.engine
+        if engine == "compiled":
+            t0 = time.perf_counter()
+            eng.prepare()  # every batch size, built in the background ...
+            if eng.decoder is None or not eng.decoder.wait():  # ... and waited for
+                notes.append("compiled: no compiled programs (no C++ compiler?); the engine decoded eagerly")
+            notes.append(f"compiled: programs for batch sizes up to {max(levels)} built in "
+                         f"{time.perf_counter() - t0:.0f} s")
+        with ServerThread(app) as srv:
+            run_level(srv.url, 1, 1, 8, prompt)  # warm-up
+            for c in levels:
+                rows.append((engine, c, run_level(srv.url, c, args.requests, args.max_tokens, prompt)))
 
-    print(f"\nzenlm serve load test — GPT-2-small shape ({model.num_params() / 1e6:.0f}M params, vocab "
-          f"{tok.vocab_size}), {args.device} {args.dtype}, {args.requests} requests/client x {args.max_tokens} tokens, "
-          f"prompt {len(tok.encode(prompt))} tokens + chat template")
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch "
+    feats = cpu_features()
+    print(f"\nzenlm serve load test -- {time.strftime('%Y-%m-%d %H:%M')} -- GPT-2-small shape "
+          f"({lm.model.num_params() / 1e6:.0f}M params, {args.n_layer} layers, vocab {lm.tokenizer.vocab_size}), "
+          f"{args.device}, {lm.precision.line() if lm.precision else args.dtype}; {args.requests} requests/client x "
+          f"{args.max_tokens} tokens, prompt {len(lm.tokenizer.encode(prompt))} tokens + chat template")
+    print(f"machine: {feats.name} ({feats.describe()}), {os.cpu_count()} CPUs, {platform.machine()}, torch "
           f"{torch.__version__}, {torch.get_num_threads()} threads"
           + (f", {torch.cuda.get_device_name()}" if args.device.startswith("cuda") else ""))
-    print("\n| clients | requests/s | output tokens/s | p50 TTFT (s) | p99 TTFT (s) | p50 ITL (ms) | "
+    print("\n| engine | clients | requests/s | output tokens/s | p50 TTFT (s) | p99 TTFT (s) | p50 ITL (ms) | "
           "p99 ITL (ms) | errors | tokens/s vs 1 client |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-    base = None
-    for c, s in rows:
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    base: dict[str, float] = {}
+    for engine, c, s in rows:
         tps = s["tokens"] / s["wall"]
-        base = base or tps
-        print(f"| {c} | {s['done'] / s['wall']:.2f} | {tps:.1f} | {pct(s['ttft'], 50):.3f} | "
+        base.setdefault(engine, tps)
+        print(f"| {engine} | {c} | {s['done'] / s['wall']:.2f} | {tps:.1f} | {pct(s['ttft'], 50):.3f} | "
               f"{pct(s['ttft'], 99):.3f} | {1000 * pct(s['itl'], 50):.1f} | {1000 * pct(s['itl'], 99):.1f} | "
-              f"{s['errors']} | {tps / base:.2f}x |")
+              f"{s['errors']} | {tps / base[engine]:.2f}x |")
+    for note in notes:
+        print(f"<!-- {note} -->")
 
 
 if __name__ == "__main__":

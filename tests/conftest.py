@@ -26,6 +26,10 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 # Built decode programs (zenlm.compiled) go to a fresh directory, so tests build them rather than load what an
 # earlier run left in ~/.cache (CLI subprocesses inherit it).
 os.environ["ZENLM_CACHE_DIR"] = tempfile.mkdtemp(prefix="zenlm-test-cache-")
+# Eager decoding is the default in the suite: with the compiled default, every test's model shape would start a
+# 15-60 s program build in the background. The compiled paths and the default itself (background builds, the
+# missing-compiler notice) are tested on purpose in test_compiled.py and test_compiled_default.py, which unset this.
+os.environ["ZENLM_COMPILE"] = "0"
 
 # Nothing reaches the Hugging Face Hub, and the `datasets` cache (lm-eval's local task files) is a fresh
 # directory. The `datasets` package reads these when it is imported, so they are set before any test runs.

@@ -1,21 +1,25 @@
 """The compiled decode step (zenlm.compiled): same logits and tokens as eager decoding, one program for all
 positions, int8 weights, the model's own tensors, and clear refusals. Both backends: "aot" (AOTInductor, the
-CPU default) and "dynamo" (torch.compile).
+CPU default) and "dynamo" (torch.compile). The batched programs (generate_batch, the server's engine): the
+tokens of eager decoding, and rows that do not depend on the other rows.
 
 Building a program takes 15-30 s here, so the tests share them: built programs go to a fresh directory per test
-session (conftest), the fp32 tests all use models of one shape (``llama_like()``), whose program the session
-fixture ``llama_program`` builds once, and every later model of that shape loads it from disk (each with its
-own weights). Only the int8 model needs a second program. The tests run in one xdist worker (one directory).
+session (conftest), the one-sequence fp32 tests all use models of one shape (``llama_like()``), whose program
+the session fixture ``llama_program`` builds once, and every later model of that shape loads it from disk (each
+with its own weights). The int8 model needs a second program; the batched tests three more (fp32 at batch 4,
+bf16 at batches 2 and 4), which the engine test shares. The tests run in one xdist worker (one directory).
 """
 
 from __future__ import annotations
+
+import threading
 
 import pytest
 import torch
 from torch import nn
 from torch._dynamo.utils import counters
 
-from zenlm.compiled import CompiledDecoder, cache_dir, compiled_decoder
+from zenlm.compiled import CompiledDecoder, ProgramShape, cache_dir, compiled_decoder
 from zenlm.config import GPTConfig
 from zenlm.errors import ConfigError
 from zenlm.generate import GenerationConfig, generate_batch, generate_ids
@@ -125,9 +129,8 @@ def test_compiled_int8_model_reads_its_int8_weights_and_matches_eager():
 def test_compile_is_refused_where_it_does_not_apply():
     with pytest.raises(ConfigError, match="use_cache"):
         GenerationConfig(compile=True, use_cache=False)
+    GenerationConfig(use_cache=False)  # the default (compile=None) simply decodes eagerly there
     model = GPT(gpt2_like()).eval()
-    with pytest.raises(ConfigError, match="one sequence at a time"):
-        generate_batch(model, [[1, 2], [3]], GenerationConfig(max_new_tokens=2, compile=True))
     cache = model.make_cache(2)
     with pytest.raises(ConfigError, match="batch-1"):
         compiled_decoder(model).next_logits(1, cache)
@@ -201,3 +204,83 @@ def test_a_model_that_cannot_be_exported_falls_back_to_dynamo(monkeypatch):
             got = decoder.next_logits(3, fast)
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
     assert decoder.backend == "dynamo"
+
+
+# ------------------------------------------------------------------------------------- batched programs
+
+
+def batch_model(tok, dtype: torch.dtype = torch.float32) -> GPT:
+    """A ``llama_like`` model for the batched tests (the vocabulary of the char tokenizer, so that the engine
+    test shares their programs), whose end-of-text logit is 0: rows run to max_new_tokens."""
+    torch.manual_seed(11)
+    model = GPT(llama_like(vocab_size=tok.vocab_size, tie_embeddings=False, init_std=0.3)).eval()
+    with torch.no_grad():
+        model.lm_head.weight[tok.eos_id] = 0
+    return model.to(dtype)
+
+
+@pytest.fixture(scope="session")
+def batch4_program(char_tok) -> None:
+    """Build the fp32 batched program of batch 4 for ``batch_model``'s shape and 24 cache slots, once."""
+    model = batch_model(char_tok)
+    generate_batch(model, [[1], [2], [3], [4, 5, 6]], GenerationConfig(max_new_tokens=14, temperature=0,
+                                                                      compile=True))
+    assert compiled_decoder(model).programs_built == 1
+
+
+def test_batched_programs_give_the_eager_tokens_of_each_prompt_alone(char_tok, batch4_program):
+    model = batch_model(char_tok)
+    prompts = [[5, 9, 14], [7], [20, 21, 22, 23, 24, 25, 26, 27, 28], [30, 31]]  # longest + 12 > 16: 24 slots
+    cfg = dict(max_new_tokens=12, temperature=0)
+    got = generate_batch(model, prompts, GenerationConfig(**cfg, compile=True))
+    eager = generate_batch(model, prompts, GenerationConfig(**cfg, compile=False))
+    alone = [list(generate_ids(model, p, GenerationConfig(**cfg, compile=False))) for p in prompts]
+    assert got == eager == alone
+    assert len({t for ids in got for t in ids}) > 5  # not stuck on one token
+    decoder = compiled_decoder(model)
+    assert decoder.backend == "aot" and decoder.programs_built == 0  # the session's batch-4 program, no fallback
+
+
+def test_batched_program_rows_do_not_depend_on_the_other_rows_in_bf16(char_tok):
+    """The invariance of test_generate_batch (other rows never change a row) through the batched programs of
+    batch 2 and 4, in bf16, where a sum that splits differently would show: bit-equal rows give equal tokens
+    however long the rows beside them are."""
+    model = batch_model(char_tok, torch.bfloat16)
+    short, a, b = [5, 9, 14], [20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31], [40]
+    cfg = GenerationConfig(max_new_tokens=10, temperature=0, compile=True)
+    runs = [generate_batch(model, batch, cfg) for batch in ([short, a], [short, b], [b, short, a, a])]
+    assert runs[0][0] == runs[1][0] == runs[2][1]  # the short prompt, beside a long, a short and three others
+    assert runs[0][1] == runs[2][2] == runs[2][3] and runs[1][1] == runs[2][0]
+    assert compiled_decoder(model).backend == "aot"
+
+
+def test_engine_steps_through_the_batched_programs(char_tok, batch4_program):
+    from zenlm.serve.engine import Engine, FinishEvent, SamplingParams, Sequence, TokenEvent
+
+    model = batch_model(char_tok)
+    prompts = [char_tok.encode(t) for t in ("Hamlet", "To be", "or not to", "Q")]
+    engine = Engine(model, char_tok, max_concurrency=4, compile=True)  # 24 positions per slot, as above
+    outs: list[list[int]] = [[] for _ in prompts]
+    done = threading.Semaphore(0)
+
+    def emit_for(i: int):
+        def emit(ev) -> None:
+            if isinstance(ev, TokenEvent):
+                outs[i].append(ev.token_id)
+            elif isinstance(ev, FinishEvent):
+                done.release()
+        return emit
+
+    try:
+        engine.submit([Sequence(p, SamplingParams(max_tokens=12, temperature=0), emit_for(i))
+                       for i, p in enumerate(prompts)])
+        for _ in prompts:
+            assert done.acquire(timeout=300)
+    finally:
+        engine.close()
+    want = [list(generate_ids(model, p, GenerationConfig(max_new_tokens=12, temperature=0, compile=False)))
+            for p in prompts]
+    assert outs == want
+    shape = ProgramShape(True, 4, tuple(engine.pool.k[0].shape[1:]), "torch.float32", "cpu")
+    assert engine.decoder is not None and engine.decoder.ready(shape)  # the steps ran the batch-4 program
+    assert engine.decoder.programs_built == 0  # the session's program of this shape, loaded

@@ -129,7 +129,7 @@ def test_int8_base_with_lora_trains_loads_and_merges(tmp_path: Path, char_data: 
     losses = _losses(out)
     assert losses[-1] < losses[0], losses
     assert yaml.safe_load((out / "config.yaml").read_text())["lora"]["base"]["quantization"] == "int8-weight-only"
-    lm = zenlm.load(out, device="cpu")  # adapters stay beside the int8 layers
+    lm = zenlm.load(out, device="cpu", dtype="fp32")  # adapters stay beside the int8 layers; fp32 activations
     assert all(isinstance(layer.base, Int8Linear) for _, layer in lora_layers(lm.model))
     ids = torch.randint(0, 60, (1, 16), generator=torch.Generator().manual_seed(1))
     merged = zenlm.load(merge_lora_run(out, tmp_path / "merged"), device="cpu")

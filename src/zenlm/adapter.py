@@ -121,7 +121,7 @@ def merge_lora_run(run: str | Path, out: str | Path) -> Path:
     saved = read_run_config(run)
     if not saved.get("lora"):
         raise ConfigError(f"{run} is not a LoRA run (config.yaml has no lora section); nothing to merge.")
-    model = load_run(run, device="cpu", merge=False).model
+    model = load_run(run, device="cpu", dtype="fp32", merge=False).model  # merged in float32
     merge_and_unload(model)
     dequantize_int8(getattr(model, "backbone", model))  # a classifier's int8 backbone, or the model
     assert not has_lora(model)

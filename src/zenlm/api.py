@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from zenlm.config import GPTConfig
-from zenlm.device import model_device
+from zenlm.device import InferencePrecision, model_device
 from zenlm.encoder import EncoderLM
 from zenlm.errors import ConfigError
 from zenlm.evaluate import bits_per_byte, perplexity
@@ -30,10 +30,12 @@ from zenlm.tokenizer import Tokenizer
 class LM:
     """A trained language model with its tokenizer, ready to generate and score text."""
 
-    def __init__(self, model: GPT, tokenizer: Tokenizer, run_dir: Path | None = None) -> None:
+    def __init__(self, model: GPT, tokenizer: Tokenizer, run_dir: Path | None = None,
+                 precision: InferencePrecision | None = None) -> None:
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.run_dir = run_dir
+        self.precision = precision  # how zenlm.load chose the weights' and activations' dtypes (None: not loaded)
 
     @property
     def config(self) -> GPTConfig:
@@ -108,13 +110,18 @@ class LM:
         return bits_per_byte(total / n_tok, max(n_bytes, 1) / n_tok)
 
 
-def load(run_dir: str | Path, *, device: str = "auto", dtype: str = "fp32") -> LM | EncoderLM | Seq2SeqLM:
+def load(run_dir: str | Path, *, device: str = "auto", dtype: str = "auto") -> LM | EncoderLM | Seq2SeqLM:
     """Load a run directory (config.yaml, tokenizer.json, model.safetensors) as the object its model is used
     through: an :class:`LM` (text generators), an :class:`~zenlm.encoder.EncoderLM` (encoders, classifiers) or a
     :class:`~zenlm.seq2seq.Seq2SeqLM` (encoder-decoders); see :func:`user_object`.
 
     When ``model.safetensors`` is absent (a run that was stopped hard) the newest checkpoint is used.
-    dtype: fp32 | bf16 | fp16 — the dtype of the weights for inference.
+    dtype: auto | fp32 | bf16 | fp16 | int8 — the weights for inference. "auto" keeps the weights' own
+    precision (lossless); bf16 halves and int8 quarters the bytes of an fp32 run (int8: linear layers
+    quantised per output channel while loading). The activations follow the hardware: bf16 and int8 weights
+    compute in bf16 where the CPU (or GPU) has native bf16, in fp32 elsewhere (``lm.precision`` says what was
+    chosen, see :func:`zenlm.device.inference_precision`). Loading reads each tensor once, straight into its
+    final dtype (:func:`zenlm.rundir.load_run`).
     """
     return user_object(load_run(run_dir, device=device, dtype=dtype))
 
@@ -139,7 +146,7 @@ def user_object(run: LoadedRun) -> Any:
     if run.arch.can("seq2seq") or run.saved.get("seq2seq"):  # `finetune seq2seq --arch gpt` writes a target too
         return Seq2SeqLM.from_run(run)
     if run.arch.can("causal-lm"):
-        return LM(run.model, run.tokenizer, run.run_dir)
+        return LM(run.model, run.tokenizer, run.run_dir, run.precision)
     if run.arch.can("embed"):
         return EncoderLM(run.model, run.tokenizer, run.run_dir)
     raise ConfigError(f"{run.run_dir} holds a {run.arch.title} model, which zenlm.load cannot open: it can "

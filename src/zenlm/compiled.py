@@ -33,49 +33,82 @@ with five choices that decide its speed:
    own tensors where they are, so it is kept on disk (:func:`cache_dir`) and reused by later processes and
    by other models of the same architecture and dtypes.
 
-Rows: the multiply-and-sum form reads W once per input row, so it is used only when there is one row
-(generating one sequence). With several rows the products stay matrix products (each weight is read once
-for all rows), which is what a batch needs. A program is specialised to the batch size and to the cache's
-length and dtype; another batch size or cache length compiles again.
+Batches (``batched=True``: :func:`zenlm.generate.generate_batch` and the server). The multiply-and-sum form
+reads W once per input row, so it serves one sequence only; a batch keeps every product a matrix product (each
+weight read once for all rows). A batched program is built for a few batch sizes only, the powers of two (1, 2,
+4, 8, 16, 32, ...) up to the size of the cache pool, and a step of R rows runs the next size up, its spare rows
+fed token 0 at position 0 of cache rows nobody uses. What a row gets must not depend on the other rows (the
+batch-invariance tests hold the compiled path to it, as the eager one): in the batched family every product is
+a matrix product for every batch size, 1 included (a row's sums then run as at any other batch size, as eager
+``F.linear`` on CPU), and the attention's sums over keys must not split differently when the longest row is
+longer. The attention Inductor generates here kept them apart in our tests whatever the lengths (rows were
+bit-equal alone and at batch 2, 3 and 4 with 5 to 40 keys, in bf16 and int8); as a safeguard against a
+vectorised loop that would treat its last partial block of keys on its own, a step reads its key slots in whole
+blocks of :data:`KEY_BLOCK` (S rounded up, the extra slots masked out). The one-sequence programs (``generate``, ``chat``) use the faster multiply-and-sum form and may differ from a batch
+row in the last bits. A program is specialised to its batch size and to the cache's length and dtype; another
+cache length compiles again.
 
 Costs: building a program takes about 25-45 s for a GPT-2-small model on 2 CPU cores (export ~6 s,
 AOTInductor ~20-40 s); loading it from the disk cache in a later process takes about a second. (The
-``"dynamo"`` backend compiles in 20-30 s, 5-15 s from Inductor's disk cache, in every new process.)
-Compiling pays off for long generations; a short answer is faster eager. Compiling needs a C++ compiler
-on CPU (gcc or clang) and Triton on a GPU. Outputs: fp32 logits agree with eager decoding to about 1e-5
-(the sums run in another order), so greedy tokens are the same except at near-ties. The first and the
-last key slot of a cache (one key; a full cache) are outside the program's range and run eagerly.
+``"dynamo"`` backend compiles in 20-30 s, 5-15 s from Inductor's disk cache, in every new process.) So by
+default (``compile=None`` in :class:`~zenlm.generate.GenerationConfig`, the server, the CLI) a program that is
+not on disk yet is built in the background by a separate low-priority process while the tokens are decoded
+eagerly, and the step switches to the program when it is ready (:func:`decoder_for`); the build finishes even
+if the process that asked for it ends first, so the next run starts compiled. ``compile=True`` waits for the
+build instead, ``compile=False`` (``--no-compile``) never compiles, and ``ZENLM_COMPILE=0`` in the environment
+makes eager the default. Compiling needs a C++ compiler on CPU (gcc or clang; without one the default decodes
+eagerly after a one-line notice) and Triton on a GPU (where the default decodes eagerly). Outputs: fp32 logits
+agree with eager decoding to about 1e-5 (the sums run in another order), so greedy tokens are the same except at
+near-ties. The first and the last key slot of a cache (one key; a full cache) are outside the program's range
+and run eagerly.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
+import json
 import logging
 import os
 import platform
+import queue
+import shutil
+import subprocess
 import sys
+import threading
 import uuid
 import warnings
 import weakref
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
+from zenlm.config import GPTConfig
+from zenlm.device import meta_build
 from zenlm.errors import ConfigError
 from zenlm.models.cache import KVCache
 from zenlm.models.gpt import GPT
-from zenlm.models.layers import matvec
+from zenlm.models.int8 import Int8Linear, quantize_int8
+from zenlm.models.layers import NarrowLinear, compute_buffers, matrix_products, matvec, narrow_linears
 
 # Inductor settings of the compiled step (names checked against the installed torch, see _options):
 # realize_opcount_threshold 0: compute each intermediate vector once (point 2 above);
 # size_asserts / alignment_asserts off: the generated Python wrapper otherwise checks the shape, strides and
 # alignment of each of its ~150 inputs (every weight) on every call, ~0.6 ms of a 7 ms int8 GPT-2 step.
 _INDUCTOR_OPTIONS = {"realize_opcount_threshold": 0, "size_asserts": False, "alignment_asserts": False}
+
+# A step reads its key slots in whole blocks of this many: S is rounded up (the extra slots are masked out), so
+# that no loop over keys has a partial last block whose length depends on the other rows ("Batches" above).
+KEY_BLOCK = 16
+# Setting this environment variable to 0 (or off / false / no) makes eager decoding the default (compile=None).
+ENV_SWITCH = "ZENLM_COMPILE"
+_CANNOT_REBUILD = 3  # exit status of a build process that cannot rebuild the model from its description
 
 
 class _LinearsAsReductions(TorchFunctionMode):
@@ -97,8 +130,8 @@ class _LinearsAsReductions(TorchFunctionMode):
 
 
 def _step(model: GPT, tokens_B: Tensor, pos_B: Tensor, keys_S: Tensor, k_layers: list[Tensor],
-          v_layers: list[Tensor]) -> Tensor:
-    with _LinearsAsReductions():
+          v_layers: list[Tensor], batched: bool = False) -> Tensor:
+    with matrix_products() if batched else _LinearsAsReductions():
         return model.decode_step(tokens_B, pos_B, k_layers, v_layers, keys_S=keys_S)
 
 
@@ -127,6 +160,7 @@ def cache_dir() -> Path:
     return Path(root) / "decode-programs"
 
 
+@functools.lru_cache(maxsize=1)
 def _source_digest() -> str:
     """A digest of zenlm's model and decoding code: a program built by another version is not reused."""
     h = hashlib.sha256()
@@ -137,24 +171,125 @@ def _source_digest() -> str:
     return h.hexdigest()
 
 
+@functools.lru_cache(maxsize=1)
+def compiler_available() -> bool:
+    """True when the C++ compiler that Inductor uses on CPU is installed: ``$CXX``, else g++ (clang++ on
+    macOS); checked once per process. (Asking Inductor itself would import it, seconds before a first token.)"""
+    name = os.environ.get("CXX") or ("clang++" if sys.platform == "darwin" else "g++")
+    return shutil.which(name) is not None
+
+
+def compile_by_default() -> bool:
+    """Whether ``compile=None`` (the default) compiles: yes, unless ``$ZENLM_COMPILE`` is 0, off, false or no."""
+    return os.environ.get(ENV_SWITCH, "").strip().lower() not in ("0", "off", "false", "no")
+
+
+def bucket_for(rows: int, pool_rows: int) -> int:
+    """The batch size of the batched program that decodes ``rows`` rows of a cache of ``pool_rows`` rows: the
+    next power of two (1, 2, 4, 8, ...), or the whole cache when that is smaller."""
+    return min(1 << max(0, rows - 1).bit_length(), pool_rows)
+
+
+@dataclasses.dataclass(frozen=True)
+class ProgramShape:
+    """What one program is specialised to, besides the model's tensors (names, dtypes, shapes).
+
+    batched: the batched family (every product a matrix product, see "Batches") or the one-sequence form
+    rows:    the batch size B of the program (its caches are the first B rows of a cache pool)
+    cache:   (n_kv_head, max_len, head_dim) of each layer's cache, and its dtype
+    """
+
+    batched: bool
+    rows: int
+    cache: tuple[int, int, int]
+    dtype: str
+    device: str
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> ProgramShape:
+        return cls(bool(d["batched"]), int(d["rows"]), tuple(d["cache"]), str(d["dtype"]), str(d["device"]))
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return getattr(torch, self.dtype.removeprefix("torch."))
+
+
 class _StepModule(torch.nn.Module):
     """The step as a module, for ``torch.export`` (the model's tensors become the program's constants)."""
 
-    def __init__(self, model: GPT) -> None:
+    def __init__(self, model: GPT, batched: bool) -> None:
         super().__init__()
         self.model = model
+        self.batched = batched
 
     def forward(self, tokens_B: Tensor, pos_B: Tensor, keys_S: Tensor, k_layers: list[Tensor],
                 v_layers: list[Tensor]) -> Tensor:
-        return _step(self.model, tokens_B, pos_B, keys_S, k_layers, v_layers)
+        return _step(self.model, tokens_B, pos_B, keys_S, k_layers, v_layers, self.batched)
+
+
+def _tensors(model: nn.Module) -> dict[str, Tensor]:
+    """Every tensor a program reads from the model, by name (tied ones under each of their names)."""
+    weights = dict(model.named_parameters(remove_duplicate=False))
+    weights.update(model.named_buffers(remove_duplicate=False))
+    return weights
+
+
+def _signature(model: nn.Module) -> list[list[Any]]:
+    """Names, dtypes and shapes of the model's tensors, then its module types: what a program depends on."""
+    tensors = sorted([n, str(t.dtype), list(t.shape)] for n, t in _tensors(model).items())
+    return [*tensors, *sorted([n, type(m).__qualname__] for n, m in model.named_modules())]
+
+
+def build_program(model: GPT, path: Path, shape: ProgramShape) -> None:
+    """Export the step of ``model`` for ``shape`` (S dynamic in [2, max_len - 1]), compile it with
+    AOTInductor, and write the package to ``path`` whole (through a temporary file of this builder's own, so
+    that two processes building the same program at once both succeed and one whole file remains)."""
+    import torch._inductor
+
+    n_layer = len(model.blocks)
+    K, L, D = shape.cache
+    device = torch.device(shape.device)
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)  # compiled code: private to the user
+    fresh = [torch.zeros(shape.rows, K, L, D, dtype=shape.torch_dtype, device=device) for _ in range(2 * n_layer)]
+    B = shape.rows
+    example = (torch.zeros(B, dtype=torch.long, device=device), torch.ones(B, dtype=torch.long, device=device),
+               torch.arange(2, device=device), fresh[:n_layer], fresh[n_layer:])
+    S = torch.export.Dim("S", min=2, max=L - 1)
+    tmp = path.with_name(f"{path.stem}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp.pt2")  # one per builder
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # torch's own deprecation notes while tracing
+            exported = torch.export.export(_StepModule(model, shape.batched), example, strict=False,
+                                           dynamic_shapes=(None, None, {0: S}, [None] * n_layer, [None] * n_layer))
+            torch._inductor.aoti_compile_and_package(exported, package_path=str(tmp), inductor_configs={
+                **_options(), "aot_inductor.package_constants_in_so": False})
+        os.replace(tmp, path)  # whole or not at all: a half-written package is never loaded
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+@dataclasses.dataclass
+class _Job:
+    """One program to make ready in the background for one decoder."""
+
+    decoder: weakref.ref
+    key: tuple[ProgramShape, bool]
+    path: Path
+    weights: dict[str, Tensor]
+    weights_key: tuple[object, ...]
+    done: threading.Event = dataclasses.field(default_factory=threading.Event)
 
 
 class CompiledDecoder:
     """:meth:`GPT.decode_step <zenlm.models.gpt.GPT.decode_step>` for one model, compiled on the first call.
 
     ``decoder(tokens_B, pos_B, k_layers, v_layers)`` -> logits [B, V] (float32), the arguments and result
-    of ``model.decode_step`` (rows attend over their own keys). :meth:`next_logits` feeds one token to a batch-1
-    :class:`KVCache` and advances it, as ``model(token, cache=cache)`` would.
+    of ``model.decode_step`` (rows attend over their own keys). ``batched=True`` takes the batched family of
+    programs (generate_batch, the server: see "Batches" in the module docstring). :meth:`next_logits` feeds one
+    token to a batch-1 :class:`KVCache` and advances it, as ``model(token, cache=cache)`` would.
 
     Two ways to run the compiled step (``backend``):
 
@@ -168,24 +303,32 @@ class CompiledDecoder:
     - ``"dynamo"`` (the default elsewhere): ``torch.compile``, which traces the step on each new shape and
       checks its guards on every call.
 
+    background: False: the first call for a new shape waits for its program (building it when no earlier
+    process did). True (``compile=None``, the default of generation and the server): a missing program is
+    made ready on a background thread -- built by a separate, low-priority process, then loaded -- while the
+    calls decode eagerly with the same formulas; :meth:`wait` waits for it.
+
     The weights are read where they are. Changing them in place (``load_state_dict``, an optimiser step) is
     seen at once; after replacing tensors or modules (``model.to(dtype)``, quantising), call
     :func:`compiled_decoder` again (``generate`` does so for every generation), which re-reads them.
     If a model cannot be exported, the decoder warns once and uses ``"dynamo"``.
     """
 
-    def __init__(self, model: GPT, backend: str | None = None) -> None:
+    def __init__(self, model: GPT, backend: str | None = None, *, background: bool = False) -> None:
         device = next(iter(model.parameters())).device
         backend = backend or ("aot" if device.type == "cpu" else "dynamo")
         if backend not in ("aot", "dynamo"):
             raise ConfigError(f"unknown compile backend {backend!r}: use 'aot' or 'dynamo'.")
         self.backend = backend
+        self.background = background
         self._model = weakref.ref(model)  # the cache below must not keep the model alive
-        self._compiled = torch.compile(_step, options=_options())
-        self._programs: dict[tuple[object, ...], object] = {}
+        self._compiled: Any = None  # torch.compile(_step), made on first use (importing it takes seconds)
+        self._programs: dict[tuple[ProgramShape, bool], object] = {}
+        self._pending: dict[tuple[ProgramShape, bool], _Job] = {}
+        self._failed: set[tuple[ProgramShape, bool]] = set()
         self._weights: dict[str, Tensor] = {}
         self._weights_key: tuple[object, ...] = ()
-        self.programs_built = 0  # AOT programs compiled by this decoder (not loaded from disk)
+        self.programs_built = 0  # AOT programs compiled for this decoder (not loaded from disk)
         self.refresh()
 
     @property
@@ -197,113 +340,181 @@ class CompiledDecoder:
 
     def refresh(self) -> None:
         """Re-read the model's tensors (after replacing some: ``model.to(dtype)``, new modules)."""
-        model = self.model
-        weights = dict(model.named_parameters(remove_duplicate=False))
-        weights.update(model.named_buffers(remove_duplicate=False))
+        weights = _tensors(self.model)
         key = tuple((n, t.dtype, tuple(t.shape), t.data_ptr()) for n, t in weights.items())
         if key != self._weights_key:
             # the loaded programs point at the old tensors; they are reloaded on their next call
             self._weights, self._weights_key, self._programs = weights, key, {}
+            self._failed = set()
+
+    def ready(self, shape: ProgramShape) -> bool:
+        """Whether the program of ``shape`` is loaded (its calls no longer decode eagerly)."""
+        return (shape, self.model.training) in self._programs
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Wait for the programs being made ready in the background; True when none is left."""
+        for job in list(self._pending.values()):
+            if not job.done.wait(timeout):
+                return False
+        return not self._pending
 
     @torch.inference_mode()
     def __call__(self, tokens_B: Tensor, pos_B: Tensor | int, k_layers: Sequence[Tensor],
-                 v_layers: Sequence[Tensor]) -> Tensor:
+                 v_layers: Sequence[Tensor], *, batched: bool = False) -> Tensor:
         if isinstance(pos_B, int):  # one position for all rows: the program takes one per row
             pos_B = torch.full((tokens_B.shape[0],), pos_B, device=tokens_B.device)
         S = int(pos_B.max()) + 1
-        keys_S = torch.arange(S, device=tokens_B.device)
         k_layers, v_layers = list(k_layers), list(v_layers)
         if self.backend == "aot":
-            # one program covers 2 <= S < cache length; the first and the last key slot run eagerly
-            program = self._program(tokens_B.shape[0], k_layers[0]) if 2 <= S < k_layers[0].shape[2] else None
-            if program is not None:
-                return program(tokens_B.long(), pos_B.long(), keys_S, k_layers, v_layers)  # type: ignore[operator]
-            if self.backend == "aot":  # not switched to "dynamo" by a failed export
-                return self.model.decode_step(tokens_B, pos_B, k_layers, v_layers, keys_S=keys_S)
+            logits_BV = self._run_program(tokens_B, pos_B, S, k_layers, v_layers, batched)
+            if logits_BV is not None:
+                return logits_BV
+        if self.backend == "aot" or self.background:  # no program (yet), or no blocking torch.compile
+            return self.model.decode_step(tokens_B, pos_B, k_layers, v_layers, row_attention=batched)
+        keys_S = torch.arange(S, device=tokens_B.device)
         torch._dynamo.maybe_mark_dynamic(keys_S, 0)
+        if self._compiled is None:
+            self._compiled = torch.compile(_step, options=_options())
         try:
-            return self._compiled(self.model, tokens_B, pos_B, keys_S, k_layers, v_layers)
+            return self._compiled(self.model, tokens_B, pos_B, keys_S, k_layers, v_layers, batched)
         except torch._dynamo.exc.BackendCompilerFailed as e:
             raise ConfigError(
                 f"compiling the decode step failed: {e.inner_exception!r}. torch.compile needs a working C++ "
                 "compiler on CPU (install gcc or clang) and Triton on a GPU; or generate without compile."
             ) from e
 
-    def _program(self, B: int, k_cache: Tensor) -> object | None:
-        """The AOT program for batch size B and this cache layout, loaded (or built) on first use."""
-        model = self.model
-        key = (B, tuple(k_cache.shape[1:]), k_cache.dtype, k_cache.device.type, model.training)
-        program = self._programs.get(key)
+    def _run_program(self, tokens_B: Tensor, pos_B: Tensor, S: int, k_layers: list[Tensor],
+                     v_layers: list[Tensor], batched: bool) -> Tensor | None:
+        """The step through the AOT program of its shape -> logits [B, V], or None when it runs eagerly (the
+        program is not ready, or S is outside its range: the first and the last key slot of a cache)."""
+        B, pool_rows, L = tokens_B.shape[0], k_layers[0].shape[0], k_layers[0].shape[2]
+        rows = bucket_for(B, pool_rows) if batched else B
+        S_read = min(-(-S // KEY_BLOCK) * KEY_BLOCK, L - 1)  # whole blocks of key slots
+        if not 2 <= S <= S_read:
+            return None
+        k = k_layers[0]
+        shape = ProgramShape(batched, rows, tuple(k.shape[1:]), str(k.dtype), k.device.type)  # type: ignore[arg-type]
+        program = self._program(shape)
         if program is None:
-            try:
-                program = self._programs[key] = self._load(key, B, k_cache)
-            except Exception as e:  # noqa: BLE001 - any export/compile failure: fall back, say why
-                if isinstance(e, ConfigError):
-                    raise
-                warnings.warn(f"zenlm.compiled: this model could not be compiled ahead of time ({e!r:.300}); "
-                              "using torch.compile instead.", RuntimeWarning, stacklevel=3)
-                self.backend = "dynamo"
-                return None
+            return None
+        if rows > B:  # the bucket's spare rows: token 0 at position 0 of cache rows no sequence uses
+            tokens_B = torch.cat([tokens_B, tokens_B.new_zeros(rows - B)])
+            pos_B = torch.cat([pos_B, pos_B.new_zeros(rows - B)])
+        if rows < pool_rows:  # the program's caches are the first rows of the pool (views: written in place)
+            k_layers, v_layers = [t[:rows] for t in k_layers], [t[:rows] for t in v_layers]
+        keys_S = torch.arange(S_read, device=tokens_B.device)
+        logits = program(tokens_B.long(), pos_B.long(), keys_S, k_layers, v_layers)  # type: ignore[operator]
+        return logits[:B]
+
+    def _program(self, shape: ProgramShape) -> object | None:
+        """The AOT program of ``shape``, loaded (or built) on first use; None while it is made ready in the
+        background, or when that failed."""
+        key = (shape, self.model.training)
+        program = self._programs.get(key)
+        if program is not None or key in self._failed:
+            return program
+        if self.background:
+            self._start(key)
+            return None
+        try:
+            program = self._programs[key] = self._load(key)
+        except Exception as e:  # noqa: BLE001 - any export/compile failure: fall back, say why
+            if isinstance(e, ConfigError):
+                raise
+            warnings.warn(f"zenlm.compiled: this model could not be compiled ahead of time ({e!r:.300}); "
+                          "using torch.compile instead.", RuntimeWarning, stacklevel=4)
+            self.backend = "dynamo"
+            return None
         return program
 
-    def _load(self, key: tuple[object, ...], B: int, k_cache: Tensor) -> object:
-        """The program for ``key`` from the disk cache (built first if missing), reading the model's tensors."""
-        import torch._inductor
-
-        model = self.model
+    def _path(self, key: tuple[ProgramShape, bool]) -> Path:
+        """Where the program of ``key`` is kept: named by a digest of everything it depends on."""
         digest = hashlib.sha256(repr((
             key, sorted((n, str(t.dtype), tuple(t.shape)) for n, t in self._weights.items()),
-            dataclasses.asdict(model.config), sorted(_options().items()), torch.__version__, sys.version_info[:2],
-            platform.machine(), torch.backends.cpu.get_cpu_capability(), torch.get_num_threads(), _source_digest(),
+            dataclasses.asdict(self.model.config), sorted(_INDUCTOR_OPTIONS.items()), torch.__version__,
+            sys.version_info[:2], platform.machine(), torch.backends.cpu.get_cpu_capability(),
+            torch.get_num_threads(), _source_digest(),
         )).encode()).hexdigest()[:32]
-        path = cache_dir() / f"step-{digest}.pt2"
+        return cache_dir() / f"step-{digest}.pt2"
+
+    def _load(self, key: tuple[ProgramShape, bool]) -> object:
+        """The program for ``key`` from the disk cache (built here first if missing), reading the model's
+        tensors."""
+        path = self._path(key)
         built = False
         if not path.exists():
             _log.info("building the decode program (once per model shape; kept in %s)", path.parent)
-            self._build(path, B, k_cache)
+            build_program(self.model, path, key[0])
             self.programs_built, built = self.programs_built + 1, True
         try:
-            runner = torch._inductor.aoti_load_package(str(path))
+            return _open(path, self._weights)
         except Exception:
             if built:
                 raise
             _log.warning("the decode program %s could not be loaded; building it again", path)
             path.unlink(missing_ok=True)  # damaged or from an incompatible build: replace it
-            self._build(path, B, k_cache)
+            build_program(self.model, path, key[0])
             self.programs_built += 1
-            runner = torch._inductor.aoti_load_package(str(path))
-        names = runner.get_constant_fqns()
-        missing = [n for n in names if n.removeprefix("model.") not in self._weights]
-        if missing:
-            raise RuntimeError(f"the program needs tensors the model does not have: {missing[:3]}")
-        # user_managed: the program reads the model's own tensors (no copy); self._weights keeps them alive
-        runner.load_constants({n: self._weights[n.removeprefix("model.")] for n in names},
-                              check_full_update=True, user_managed=True)
-        return runner
+            return _open(path, self._weights)
 
-    def _build(self, path: Path, B: int, k_cache: Tensor) -> None:
-        """Export the step with example inputs (S dynamic in [2, L-1]), compile it with AOTInductor, and
-        write the package to ``path`` whole (through a temporary file)."""
-        import torch._inductor
+    # ------------------------------------------------------------------------------------ in the background
+    def _start(self, key: tuple[ProgramShape, bool]) -> None:
+        """Queue ``key``'s program to be made ready on the builder thread (once)."""
+        if key in self._pending:
+            return
+        path = self._path(key)
+        job = _Job(weakref.ref(self), key, path, self._weights, self._weights_key)
+        self._pending[key] = job
+        if not path.exists():
+            _log.info("compiling the decode step for this model shape in the background (once; 20-60 s for "
+                      "GPT-2-small, kept in %s); decoding eagerly until it is ready", path.parent)
+        _builder().put(job)
 
+    def _finish(self, job: _Job) -> None:
+        """On the builder thread: build ``job``'s program in a separate process unless it is on disk, then load
+        it for this decoder (unless the model's tensors were replaced meanwhile)."""
+        built = not job.path.exists()
+        if built:
+            self._build_elsewhere(job)
+            self.programs_built += 1
+        runner = _open(job.path, job.weights)
+        if self._weights_key == job.weights_key:
+            self._programs[job.key] = runner
+        if built:
+            _log.info("the compiled decode step is ready (batch %d)", job.key[0].rows)
+
+    def _build_elsewhere(self, job: _Job) -> None:
+        """Build ``job``'s program in a child process (``python -m zenlm.compiled SPEC``), which rebuilds the
+        model from its config with empty tensors of the same names, dtypes and shapes, at a lower priority, so
+        that eager decoding here keeps a core and the GIL. A model the child cannot rebuild (a subclass, other
+        modules) is exported here instead."""
         model = self.model
-        n_layer, L, device = len(model.blocks), k_cache.shape[2], k_cache.device
-        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)  # compiled code: private to the user
-        fresh = [torch.zeros_like(k_cache) for _ in range(2 * n_layer)]  # tracing must not touch the real cache
-        example = (torch.zeros(B, dtype=torch.long, device=device), torch.ones(B, dtype=torch.long, device=device),
-                   torch.arange(2, device=device), fresh[:n_layer], fresh[n_layer:])
-        S = torch.export.Dim("S", min=2, max=L - 1)
-        tmp = path.with_name(f"{path.stem}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp.pt2")  # one per builder
-        try:
-            with torch.no_grad(), warnings.catch_warnings():
-                warnings.simplefilter("ignore", FutureWarning)  # torch's own deprecation notes while tracing
-                exported = torch.export.export(_StepModule(model), example, strict=False, dynamic_shapes=(
-                    None, None, {0: S}, [None] * n_layer, [None] * n_layer))
-                torch._inductor.aoti_compile_and_package(exported, package_path=str(tmp), inductor_configs={
-                    **_options(), "aot_inductor.package_constants_in_so": False})
-            os.replace(tmp, path)  # whole or not at all: a half-written package is never loaded
-        finally:
-            tmp.unlink(missing_ok=True)
+        if type(model) is not GPT:
+            build_program(model, job.path, job.key[0])
+            return
+        spec = {"path": str(job.path), "shape": job.key[0].to_json(), "config": model.config.to_dict(),
+                "int8": any(isinstance(m, Int8Linear) for m in model.modules()),
+                "narrow": any(isinstance(m, NarrowLinear) for m in model.modules()),
+                "signature": _signature(model), "threads": torch.get_num_threads()}
+        tag = f"{os.getpid()}.{uuid.uuid4().hex[:8]}"
+        spec_file = job.path.with_name(f"{job.path.stem}.{tag}.spec.json")
+        log_file = job.path.with_name(f"{job.path.stem}.{tag}.log")
+        spec["log"] = str(log_file)
+        job.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        spec_file.write_text(json.dumps(spec), encoding="utf-8")
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+        with open(log_file, "wb") as log:
+            proc = subprocess.Popen([sys.executable, "-m", "zenlm.compiled", str(spec_file)], stdin=subprocess.DEVNULL,
+                                    stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        rc = proc.wait()
+        spec_file.unlink(missing_ok=True)
+        if rc == _CANNOT_REBUILD:
+            log_file.unlink(missing_ok=True)
+            build_program(model, job.path, job.key[0])
+        elif rc != 0 or not job.path.exists():
+            raise RuntimeError(f"the build process failed (exit status {rc}); its output is in {log_file}")
+        else:
+            log_file.unlink(missing_ok=True)
 
     def next_logits(self, token: int, cache: KVCache) -> Tensor:
         """Feed ``token`` at position ``cache.pos`` of a batch-1 cache -> logits [V]; ``cache.pos`` += 1."""
@@ -317,21 +528,140 @@ class CompiledDecoder:
         return logits_1V[0]
 
 
+def _open(path: Path, weights: dict[str, Tensor]) -> object:
+    """Load the program at ``path`` so that it reads ``weights`` (the model's own tensors, not copies)."""
+    import torch._inductor
+
+    runner = torch._inductor.aoti_load_package(str(path))
+    names = runner.get_constant_fqns()
+    missing = [n for n in names if n.removeprefix("model.") not in weights]
+    if missing:
+        raise RuntimeError(f"the program needs tensors the model does not have: {missing[:3]}")
+    # user_managed: the program reads the model's own tensors (no copy); the decoder keeps them alive
+    runner.load_constants({n: weights[n.removeprefix("model.")] for n in names},
+                          check_full_update=True, user_managed=True)
+    return runner
+
+
 _log = logging.getLogger(__name__)
 _DECODERS: weakref.WeakKeyDictionary[GPT, CompiledDecoder] = weakref.WeakKeyDictionary()
+_JOBS: queue.Queue[_Job] | None = None
+_JOBS_LOCK = threading.Lock()
+_NOTICE_GIVEN = threading.Event()
 
 
-def compiled_decoder(model: GPT, backend: str | None = None) -> CompiledDecoder:
+def _builder() -> queue.Queue[_Job]:
+    """The queue of the one builder thread (started on first use): programs are made ready one at a time."""
+    global _JOBS
+    with _JOBS_LOCK:
+        if _JOBS is None:
+            _JOBS = queue.Queue()
+            threading.Thread(target=_build_loop, args=(_JOBS,), name="zenlm-decode-builder", daemon=True).start()
+        return _JOBS
+
+
+def _build_loop(jobs: queue.Queue[_Job]) -> None:
+    while True:
+        job = jobs.get()
+        decoder = job.decoder()
+        try:
+            if decoder is not None:
+                decoder._finish(job)
+        except Exception as e:  # noqa: BLE001 - whatever went wrong: this shape decodes eagerly, say why
+            if decoder is not None:
+                decoder._failed.add(job.key)
+            _log.warning("the compiled decode step could not be built (%s); decoding eagerly", f"{e!r:.300}")
+        finally:
+            if decoder is not None:
+                decoder._pending.pop(job.key, None)
+            job.done.set()
+
+
+def compiled_decoder(model: GPT, backend: str | None = None, *, background: bool = False) -> CompiledDecoder:
     """The model's :class:`CompiledDecoder`, made on the first call for that model and reused afterwards
     (re-reading the model's tensors, see :meth:`CompiledDecoder.refresh`). ``backend``: ``"aot"`` or
     ``"dynamo"`` (default: ``"aot"`` on CPU, else ``"dynamo"``); asking for another backend than the
-    existing decoder's makes a new decoder."""
+    existing decoder's makes a new decoder. ``background``: see :class:`CompiledDecoder` (set on every call)."""
     decoder = _DECODERS.get(model)
     if decoder is None or (backend is not None and backend != decoder.backend):
-        decoder = _DECODERS[model] = CompiledDecoder(model, backend)
+        decoder = _DECODERS[model] = CompiledDecoder(model, backend, background=background)
     else:
         decoder.refresh()
+        decoder.background = background
     return decoder
 
 
-__all__ = ["CompiledDecoder", "cache_dir", "compiled_decoder"]
+def decoder_for(model: GPT, compile: bool | None) -> CompiledDecoder | None:
+    """What generation and the server decode with for a ``compile`` setting: False -> None (eager);
+    True -> the model's decoder, each new shape waiting for its program; None (the default) -> the model's
+    decoder with programs made ready in the background, when the model is on the CPU, a C++ compiler is
+    installed and ``$ZENLM_COMPILE`` does not say 0 -- else None. Without a compiler it logs a one-line
+    notice (once per process)."""
+    if compile is True:
+        return compiled_decoder(model)
+    if compile is False or not compile_by_default():
+        return None
+    if next(iter(model.parameters())).device.type != "cpu":
+        return None
+    if not compiler_available():
+        if not _NOTICE_GIVEN.is_set():
+            _NOTICE_GIVEN.set()
+            _log.warning("no C++ compiler found (g++ or clang++): decoding eagerly. Install gcc or clang for the "
+                         "compiled decode step, several times faster per token on a CPU.")
+        return None
+    return compiled_decoder(model, "aot", background=True)
+
+
+# ----------------------------------------------------------------------------------- the build process
+
+
+def _rebuild(spec: dict[str, Any]) -> GPT | None:
+    """The model a spec describes, with empty tensors of the right names, dtypes and shapes (a program reads
+    none of their values while it is built); None when the result differs from the spec's signature."""
+    with meta_build():
+        model = GPT(GPTConfig.from_dict(spec["config"]))
+        if spec["int8"]:
+            quantize_int8(model, empty=True)
+        if spec["narrow"]:
+            narrow_linears(model)
+    compute_buffers(model)  # rotary tables: real values, as the model being decoded has
+    wanted = {e[0]: (getattr(torch, e[1].removeprefix("torch.")), tuple(e[2])) for e in spec["signature"]
+              if len(e) == 3}
+    made: dict[int, Tensor] = {}
+    for name, t in _tensors(model).items():
+        dtype, shape = wanted.get(name, (t.dtype, tuple(t.shape)))
+        if id(t) not in made:  # tied tensors stay one tensor
+            real = t.to(dtype) if not t.is_meta else torch.empty(shape, dtype=dtype)
+            made[id(t)] = nn.Parameter(real, requires_grad=False) if isinstance(t, nn.Parameter) else real
+        owner, _, attr = name.rpartition(".")
+        module = model.get_submodule(owner)
+        (module._parameters if attr in module._parameters else module._buffers)[attr] = made[id(t)]
+    model.eval()
+    return model if json.loads(json.dumps(_signature(model))) == spec["signature"] else None
+
+
+def _build_main(argv: list[str]) -> int:
+    """``python -m zenlm.compiled SPEC.json``: build the program a spec describes (see
+    :meth:`CompiledDecoder._build_elsewhere`) -> exit status 0, or 3 when the model cannot be rebuilt."""
+    spec_file = Path(argv[0])
+    spec = json.loads(spec_file.read_text(encoding="utf-8"))
+    spec_file.unlink(missing_ok=True)  # read: the process that asked may exit before this one ends
+    try:
+        os.nice(10)  # the process that waits for this one is decoding meanwhile: it goes first
+    except (AttributeError, OSError):
+        pass
+    torch.set_num_threads(int(spec["threads"]))
+    model = _rebuild(spec)
+    if model is None:
+        return _CANNOT_REBUILD
+    build_program(model, Path(spec["path"]), ProgramShape.from_json(spec["shape"]))
+    Path(spec["log"]).unlink(missing_ok=True)  # nothing to report
+    return 0
+
+
+__all__ = ["CompiledDecoder", "ProgramShape", "KEY_BLOCK", "bucket_for", "build_program", "cache_dir",
+           "compile_by_default", "compiled_decoder", "compiler_available", "decoder_for"]
+
+
+if __name__ == "__main__":
+    sys.exit(_build_main(sys.argv[1:]))

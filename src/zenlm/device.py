@@ -19,10 +19,12 @@ from __future__ import annotations
 import contextlib
 import functools
 import platform
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
+from torch.overrides import TorchFunctionMode
 
 from zenlm.errors import ConfigError
 
@@ -30,6 +32,10 @@ Precision = Literal["auto", "fp32", "bf16", "fp16"]
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 # Weight dtypes for inference (``zenlm.load(RUN, dtype=...)``, ``--dtype``), by name.
 DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# What ``--dtype`` accepts for inference: "auto" keeps the weights' own precision; int8 quantises the linear
+# layers when the run is loaded (per output channel, see zenlm.models.int8).
+WEIGHT_DTYPES = ("auto", "fp32", "bf16", "fp16", "int8")
+DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -261,12 +267,90 @@ def hardware_choices(device: torch.device, precision: str) -> HardwareChoices:
                            threads=threads, hardware=hardware, note=note)
 
 
+@dataclass(frozen=True)
+class InferencePrecision:
+    """How a loaded model keeps its weights and what it computes in.
+
+    weights:     "fp32" | "bf16" | "fp16" | "int8": the dtype of the large matrices (linear layers, token
+                 embedding); int8 means int8 matrices with one float scale per output channel
+    activations: "fp32" | "bf16" | "fp16": the dtype the layers compute in and the KV cache is kept in; the
+                 small tensors (norms, biases, scales) are kept in it too
+    requested:   what was asked for (``--dtype``), "auto" included
+    why:         a few words on how the activations were chosen, for the one line the CLI prints
+    """
+
+    weights: str
+    activations: str
+    requested: str
+    why: str
+
+    def line(self) -> str:
+        """One line, e.g. ``weights bf16 (--dtype bf16), activations fp32: this CPU has no native bf16``."""
+        how = "the weights' own precision, --dtype auto" if self.requested == "auto" else f"--dtype {self.requested}"
+        return f"weights {self.weights} ({how}), activations {self.activations}: {self.why}"
+
+
+def inference_precision(requested: str, device: torch.device, stored: str) -> InferencePrecision:
+    """Decide the weights' and activations' precision for inference on ``device``.
+
+    requested: "auto" (default: the weights stay as stored -- nothing is rounded that the file did not round),
+               "fp32", "bf16", "fp16" or "int8" (see WEIGHT_DTYPES); stored: the weights' dtype in the file
+               ("fp32", "bf16", "fp16", or "int8" for a quantised run, whose weights stay int8: a float dtype
+               asked for then names the activations).
+
+    The activations follow the hardware, through :func:`resolve_precision`: fp32 and fp16 weights compute in
+    their own dtype; bf16 and int8 weights compute in bf16 only where bf16 runs natively (a CPU with
+    AVX-512 BF16 / AMX / ARM BF16, a CUDA GPU with bf16), else in fp32. On a CPU that only emulates bf16,
+    bf16 activations make every matrix product that is not a one-row decode step (prompt prefill, batches)
+    about twice as slow as fp32, while bf16 *weights* still halve the bytes each decode step reads.
+    """
+    if requested not in WEIGHT_DTYPES:
+        raise ConfigError(f"dtype {requested!r} is not supported; choose one of {', '.join(WEIGHT_DTYPES)}.")
+    weights = stored if requested == "auto" else requested
+    if stored == "int8" and weights != "int8":  # int8 weights stay int8; a float dtype names the activations
+        return InferencePrecision("int8", weights, requested, f"--dtype {requested} on an int8 run")
+    if weights == "fp16" and device.type == "cpu":
+        raise ConfigError("fp16 weights are for GPUs; on a CPU use --dtype bf16 (or int8, or fp32).")
+    if weights in ("fp32", "fp16"):
+        return InferencePrecision(weights, weights, requested, "the weights' dtype")
+    native = resolve_precision("auto", device) == "bf16"
+    where = "this CPU" if device.type == "cpu" else str(device)
+    why = (f"{where} computes bf16 natively" if native else
+           f"{where} has no native bf16 (bf16 arithmetic would be emulated, about half the fp32 speed)")
+    return InferencePrecision(weights, "bf16" if native else "fp32", requested, why)
+
+
 def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
     """Context manager for the forward pass in ``precision`` (a no-op for fp32)."""
     if precision == "fp32":
         return contextlib.nullcontext()
     dtype = torch.bfloat16 if precision == "bf16" else torch.float16
     return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+_NORMAL_INITS = (torch.Tensor.normal_, torch.nn.init.normal_, torch.nn.init.trunc_normal_)
+
+
+class _NoRandomInitOnMeta(TorchFunctionMode):
+    """``Tensor.normal_`` on a meta tensor does nothing (a meta tensor holds no values); run, it would import
+    PyTorch's Python reference kernels (sympy and some 800 modules: ~75 MB and seconds) for nothing."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
+        kwargs = kwargs or {}
+        if func in _NORMAL_INITS:
+            t = args[0] if args else kwargs.get("tensor")  # nn.init passes its tensor by keyword
+            if isinstance(t, torch.Tensor) and t.is_meta:
+                return t
+        return func(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def meta_build() -> Iterator[None]:
+    """Build modules inside this block on the meta device: shapes and dtypes without memory or initialisation,
+    to load weights into afterwards (lean loading, zenlm.rundir). Buffers a module computes rather than loads
+    (rotary tables) are meta too: :func:`zenlm.models.layers.compute_buffers` computes them afterwards."""
+    with torch.device("meta"), _NoRandomInitOnMeta():
+        yield
 
 
 def synchronize(device: torch.device) -> None:

@@ -29,7 +29,7 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
-from zenlm.compiled import compiled_decoder
+from zenlm.compiled import bucket_for, decoder_for
 from zenlm.errors import ConfigError
 from zenlm.models.cache import KVCache
 from zenlm.models.gpt import GPT
@@ -54,10 +54,12 @@ class GenerationConfig:
     use_cache:          reuse past keys/values (fast); False recomputes the whole context each step
     stop_at_eos:        end when the model emits the end-of-text token (which is not returned)
     compile:            decode with the compiled step (:mod:`zenlm.compiled`; ahead of time with AOTInductor
-                        on CPU): near the memory-bandwidth limit. The first use for a model shape builds the
-                        program (25-45 s for GPT-2-small on 2 CPU cores), which is kept on disk and loads in
-                        about a second afterwards. One sequence at a time with the cache (not generate_batch,
-                        not use_cache=False)
+                        on CPU), near the memory-bandwidth limit. None (the default): wherever it can be built
+                        (a CPU with a C++ compiler, ``$ZENLM_COMPILE`` not 0); a program not built yet for
+                        this model shape is built in the background (25-45 s for GPT-2-small on 2 CPU cores)
+                        while the first tokens are decoded eagerly, and kept on disk for later processes, which
+                        load it in about a second. True: always, waiting for a missing program (and refusing
+                        use_cache=False). False: decode eagerly
     """
 
     max_new_tokens: int = 128
@@ -69,7 +71,7 @@ class GenerationConfig:
     seed: int | None = None
     use_cache: bool = True
     stop_at_eos: bool = True
-    compile: bool = False
+    compile: bool | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int):
@@ -77,7 +79,7 @@ class GenerationConfig:
         if self.max_new_tokens < 0:
             raise ConfigError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}.")
         self.sampling()  # validates temperature, top_k, top_p, repetition_penalty and seed
-        if self.compile and not self.use_cache:
+        if self.compile is True and not self.use_cache:
             raise ConfigError("compile decodes with the KV cache; drop use_cache=False (or compile).")
         if isinstance(self.stop, str):
             self.stop = [self.stop]
@@ -170,7 +172,7 @@ def _generate_ids(
     try:
         ids = list(prompt_ids)
         cache = model.make_cache(1) if cfg.use_cache else None
-        step = compiled_decoder(model) if cfg.compile else model.decode_step
+        step = (decoder_for(model, cfg.compile) if cfg.use_cache else None) or model.decode_step
         logits_V = _last_logits(model, ids[-block_size:], cache, device)  # prefill
         for n in range(cfg.max_new_tokens):
             token = sampler.choose(logits_V).token
@@ -227,6 +229,12 @@ def generate_batch(
     alike (tested on CPU). On a GPU the batched matrix products may sum in another order than at batch 1,
     so a near-tie between the two best logits could go the other way there.
 
+    Compiled (``cfg.compile``, see :class:`GenerationConfig`): the steps run the batched programs of
+    :mod:`zenlm.compiled` (built for batch sizes 1, 2, 4, 8, ...; the pool gets a power-of-two number of rows
+    and of positions, so that few programs serve every call). There too a row's logits do not depend on the
+    other rows (bit for bit in bf16 and int8 on CPU; fp32 matrix products may round a row differently at
+    another batch size), and greedy rows give the tokens of the eager path except at near-ties.
+
     Longer than the context: as :func:`generate_ids` with the cache — a prompt is cropped to its last
     ``block_size`` tokens, and a row whose cache is full is refilled from its last ``block_size // 2``
     tokens. The model is in eval mode while generating; its mode is restored afterwards.
@@ -247,9 +255,6 @@ def generate_batch(
     if not cfg.use_cache:
         raise ConfigError("generate_batch always decodes with the KV cache; leave use_cache=True (the tokens "
                           "are the same) or call generate_ids for a full recompute per step.")
-    if cfg.compile:
-        raise ConfigError("compile applies to one sequence at a time (generate_ids / generate_text); "
-                          "generate_batch runs eagerly: drop compile=True.")
     if not rows or cfg.max_new_tokens == 0:
         return [[] for _ in rows]
     decode = generate_batch_stateful if is_stateful(model) else _generate_batch
@@ -274,7 +279,10 @@ def _generate_batch(
                 for i, ids in enumerate(prompts)]
 
     max_len = min(block_size, max(len(p) for p in prompts) + cfg.max_new_tokens)
-    pool = model.make_cache(N, max_len)
+    decoder = decoder_for(model, cfg.compile)
+    if decoder is not None:  # shapes the compiled programs are built for: few, so that they are reused
+        max_len = min(block_size, 1 << (max_len - 1).bit_length())  # a power of two
+    pool = model.make_cache(N if decoder is None else bucket_for(N, 1 << 30), max_len)
     history = [list(p) for p in prompts]  # prompt + new ids of each prompt (for cache refills)
     out: list[list[int]] = [[] for _ in prompts]
 
@@ -317,8 +325,11 @@ def _generate_batch(
                     model(torch.tensor([ctx[:-1]], device=device), cache=row)
                 pos[r] = len(ctx) - 1
         tokens_R = torch.tensor([history[i][-1] for i in live], device=device)
-        logits_RV = model.decode_step(tokens_R, torch.tensor(pos, device=device), pool.k, pool.v,
-                                      row_attention=True)
+        pos_R = torch.tensor(pos, device=device)
+        if decoder is not None:  # the batched family: a row's logits do not depend on the other rows
+            logits_RV = decoder(tokens_R, pos_R, pool.k, pool.v, batched=True)
+        else:
+            logits_RV = model.decode_step(tokens_R, pos_R, pool.k, pool.v, row_attention=True)
         pos = [p + 1 for p in pos]
     return out
 

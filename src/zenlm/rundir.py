@@ -21,6 +21,7 @@ then fills the A and B matrices (and a classifier's head), and :func:`load_run` 
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import shutil
 from collections.abc import Callable
@@ -30,15 +31,34 @@ from typing import Any, Literal
 
 import torch
 import yaml
-from torch import nn
+from torch import Tensor, nn
 
-from zenlm.device import resolve_device, resolve_dtype
+from zenlm.device import (
+    DTYPE_NAMES,
+    DTYPES,
+    InferencePrecision,
+    inference_precision,
+    meta_build,
+    resolve_device,
+)
 from zenlm.errors import CheckpointError, ConfigError
 from zenlm.fileio import atomic_write_text
+from zenlm.models.gpt import GPT
 from zenlm.models.lora import LoRAConfig, apply_lora, merge_and_unload, weights_fingerprint
 from zenlm.models.registry import Architecture, build_model, get_architecture
 from zenlm.tokenizer import Tokenizer
-from zenlm.train.checkpoint import list_checkpoints, load_model_weights, read_weights, save_model
+from zenlm.train.checkpoint import (
+    StoredTensor,
+    check_finite,
+    check_layout,
+    list_checkpoints,
+    load_model_weights,
+    read_blocks,
+    read_tensor,
+    read_weights,
+    save_model,
+    weights_index,
+)
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 ADAPTER_WEIGHTS = "adapter.safetensors"  # what a LoRA run trained, in place of model.safetensors
@@ -294,44 +314,172 @@ def copy_tokenizer_files(src: str | Path, dst: str | Path) -> None:
 
 @dataclass
 class LoadedRun:
-    """A run directory read back: its config, architecture, model (weights loaded, in eval mode) and tokenizer."""
+    """A run directory read back: its config, architecture, model (weights loaded, in eval mode), tokenizer,
+    and the precision it was loaded in."""
 
     run_dir: Path
     saved: dict[str, Any]
     arch: Architecture
     model: nn.Module
     tokenizer: Tokenizer
+    precision: InferencePrecision | None = None
 
     @property
     def task(self) -> str | None:
         return run_task(self.saved)
 
 
-def load_run(run_dir: str | Path, *, device: str = "auto", dtype: str = "fp32", merge: bool = True) -> LoadedRun:
-    """Build the model of ``run_dir``, load its weights (:func:`weights_file`) and tokenizer, and move it to
-    ``device`` with weights in ``dtype`` (fp32 | bf16 | fp16).
+def load_run(run_dir: str | Path, *, device: str = "auto", dtype: str = "auto", merge: bool = True) -> LoadedRun:
+    """Build the model of ``run_dir``, load its weights (:func:`weights_file`) and tokenizer, on ``device``.
+
+    dtype: "auto" (the weights' own precision: nothing is rounded that the file did not round), "fp32",
+    "bf16", "fp16" or "int8" (linear layers quantised per output channel while loading, for language-model
+    runs); the activations follow the hardware (:func:`zenlm.device.inference_precision`), which is recorded
+    in ``LoadedRun.precision``.
+
+    Lean: the model is built on the meta device (no memory, no random initialisation), the file's table of
+    contents is checked against it, and then each tensor is read from the file straight into its final dtype,
+    one at a time (converted or quantised a block of rows at a time): the process holds the weights once, in
+    the chosen dtype, never a second full copy.
 
     merge: a LoRA run's adapters are folded into the base weights, ``W + (alpha / r) B A`` (an ordinary model,
            as fast as the base), unless its base is int8 (they then stay beside the int8 layers) or ``merge`` is
-           False (the LoRA layers are kept)."""
+           False (the LoRA layers are kept). A LoRA run is loaded whole (base, then adapters) and then put in
+           the chosen precision, computing in its weights' dtype.
+    """
     run_dir = Path(run_dir)
+    dev = resolve_device(device)
     saved = read_run_config(run_dir)
     if run_architecture(saved).from_tensors is not None:
         return _load_from_tensors(run_dir, saved, device)
-    torch_dtype: torch.dtype = resolve_dtype(dtype)
+    if saved.get("lora"):
+        return _load_lora_run(run_dir, saved, dev, dtype, merge)
+    path = weights_file(run_dir)
+    index = weights_index(path)
+    precision = inference_precision(dtype, dev, _stored_precision(index, saved))
+    with meta_build():
+        model, _, saved = build_model_from_run(run_dir)
+    own = model.state_dict(keep_vars=True)
+    check_layout(own, set(_first_names(own)), {n: (e.shape, e.dtype) for n, e in index.items()}, path)
+    precision = _apply_precision(model, saved, run_dir, precision)
+    _load_streaming(model, path, index, precision)
+    tokenizer = load_run_tokenizer(run_dir)
+    model = model.to(dev).eval()
+    return LoadedRun(run_dir, saved, run_architecture(saved), model, tokenizer, precision)
+
+
+def _load_lora_run(run_dir: Path, saved: dict[str, Any], dev: torch.device, dtype: str,
+                   merge: bool) -> LoadedRun:
+    """A LoRA run (see :func:`load_run`): the base run's model with its weights, the LoRA layers filled from
+    adapter.safetensors, merged unless asked not to or on an int8 base; then in the precision asked for."""
+    from zenlm.models.int8 import quantize_int8
+
     model, _, saved = build_model_from_run(run_dir)
     try:
         load_run_weights(run_dir, model)
-    except CheckpointError as e:
-        if saved.get("lora"):  # a tensor of the adapter does not fit the base
-            raise CheckpointError(f"{e} The adapter does not fit the base run {saved['lora']['base']['run']}.") \
-                from None
-        raise
-    if merge and saved.get("lora") and not saved["lora"]["base"].get("quantization"):
+    except CheckpointError as e:  # a tensor of the adapter does not fit the base
+        raise CheckpointError(f"{e} The adapter does not fit the base run {saved['lora']['base']['run']}.") \
+            from None
+    int8_base = bool(saved["lora"]["base"].get("quantization"))
+    if merge and not int8_base:
         merge_and_unload(model)
-    tokenizer = load_run_tokenizer(run_dir)
-    model = model.to(resolve_device(device), dtype=torch_dtype).eval()
-    return LoadedRun(run_dir, saved, run_architecture(saved), model, tokenizer)
+    precision = inference_precision(dtype, dev, "int8" if int8_base else "fp32")
+    if precision.weights == "int8" and not int8_base:
+        if not (merge and isinstance(model, GPT)):
+            raise ConfigError(f"--dtype int8 quantises a merged LoRA language model; {run_dir} is not one. "
+                              "Use --dtype auto, fp32 or bf16.")
+        quantize_int8(model)
+    compute = precision.weights if precision.weights != "int8" else precision.activations
+    precision = dataclasses.replace(precision, activations=compute, why="a LoRA run computes in its weights' dtype"
+                                    if precision.weights != "int8" else precision.why)
+    model = model.to(dev, dtype=DTYPES[compute]).eval()
+    return LoadedRun(run_dir, saved, run_architecture(saved), model, load_run_tokenizer(run_dir), precision)
+
+
+def _stored_precision(index: dict[str, StoredTensor], saved: dict[str, Any]) -> str:
+    """The precision of a run's weights file: "int8" for a quantised run, else the float dtype holding the
+    most bytes ("fp32", "bf16" or "fp16")."""
+    if saved.get("quantization"):
+        return "int8"
+    by_dtype: dict[torch.dtype, int] = {}
+    for e in index.values():
+        if e.dtype.is_floating_point:
+            by_dtype[e.dtype] = by_dtype.get(e.dtype, 0) + e.end - e.start
+    return DTYPE_NAMES.get(max(by_dtype, key=by_dtype.__getitem__), "fp32") if by_dtype else "fp32"
+
+
+def _first_names(own: dict[str, Tensor]) -> dict[str, list[str]]:
+    """Each tensor of a state dict (``keep_vars``) under its first name -> all its names (a tied matrix has
+    several; a weights file holds it once, under the first)."""
+    groups: dict[int, list[str]] = {}
+    for name, t in own.items():
+        groups.setdefault(id(t), []).append(name)
+    return {names[0]: names for names in groups.values()}
+
+
+def _apply_precision(model: nn.Module, saved: dict[str, Any], run_dir: Path,
+                     precision: InferencePrecision) -> InferencePrecision:
+    """Change the structure of the (meta) model for ``precision`` before its weights are read: int8 layers to
+    quantise into, or linear layers that take weights narrower than their input. Models other than a GPT
+    compute in their weights' dtype (the precision returned says so)."""
+    from zenlm.models.int8 import quantize_int8
+    from zenlm.models.layers import narrow_linears
+
+    if precision.weights == "int8" and not saved.get("quantization"):
+        if not isinstance(model, GPT):
+            raise ConfigError(f"--dtype int8 quantises language models (GPT runs); {run_dir} holds a "
+                              f"{type(model).__name__}. Use --dtype auto, fp32 or bf16.")
+        with meta_build():
+            quantize_int8(model, empty=True)
+    if precision.weights != precision.activations and precision.weights != "int8":
+        if isinstance(model, GPT):
+            with meta_build():
+                narrow_linears(model)
+        else:
+            precision = dataclasses.replace(precision, activations=precision.weights,
+                                            why=f"a {type(model).__name__} computes in its weights' dtype")
+    return precision
+
+
+def _load_streaming(model: nn.Module, path: Path, index: dict[str, StoredTensor],
+                    precision: InferencePrecision) -> None:
+    """Read every tensor of a meta-device ``model`` from ``path`` into its final dtype, one at a time: the
+    large matrices (linear layers, the token embedding) in the weights' dtype, the rest (norms, biases,
+    scales) in the activations' dtype, int8 buffers as stored; an int8 layer of a float file is quantised
+    while its rows are read. Non-finite values are a CheckpointError naming the tensor."""
+    from zenlm.models.int8 import Int8Embedding, Int8Linear, quantize_rows
+    from zenlm.models.layers import compute_buffers
+
+    act = DTYPES[precision.activations]
+    matrix = DTYPES.get(precision.weights, act)
+    own = model.state_dict(keep_vars=True)
+    matrices = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, nn.Linear)} | {"tok_emb.weight"}
+    made: dict[str, Tensor] = {}
+    with open(path, "rb") as fh:
+        for prefix, m in model.named_modules():
+            src = index.get(f"{prefix}.weight")
+            if isinstance(m, (Int8Linear, Int8Embedding)) and src is not None:  # quantise rows as they come
+                q = torch.empty(src.shape, dtype=torch.int8)
+                scale = torch.empty(src.shape[0], dtype=torch.float32)
+                for r, rows in read_blocks(fh, src):
+                    check_finite(f"{prefix}.weight", rows, path)
+                    q[r : r + len(rows)], scale[r : r + len(rows)] = quantize_rows(rows)
+                made[f"{prefix}.weight_int8"], made[f"{prefix}.scale"] = q, scale.to(act)
+        for first, names in _first_names(own).items():
+            meta = own[first]
+            if first in made:
+                t = made.pop(first)
+            else:
+                want = meta.dtype if not meta.is_floating_point() else matrix if first in matrices else act
+                t = read_tensor(fh, index[first], want)
+                check_finite(first, t, path)
+            value = nn.Parameter(t, requires_grad=meta.requires_grad) if isinstance(meta, nn.Parameter) else t
+            for name in names:  # setattr: a module that keeps views of its weights (nn.LSTM) renews them
+                owner, _, attr = name.rpartition(".")
+                setattr(model.get_submodule(owner), attr, value)
+    compute_buffers(model)  # rotary tables: computed, not loaded
+    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    assert not left, f"tensors the weights file did not fill: {left[:3]}"
 
 
 def _load_from_tensors(run_dir: Path, saved: dict[str, Any], device: str) -> LoadedRun:
@@ -344,7 +492,7 @@ def _load_from_tensors(run_dir: Path, saved: dict[str, Any], device: str) -> Loa
     return LoadedRun(run_dir, saved, arch, model.to(resolve_device(device)).eval(), load_run_tokenizer(run_dir))
 
 
-__all__ = ["ADAPTER_WEIGHTS", "LM_TASKS", "RUN_OPTIONS", "SECTIONS", "TOKENIZER_FILES", "LoadedRun", "build_model_from_run",
-           "clear_run_dir", "config_error", "copy_tokenizer_files", "load_run", "load_run_tokenizer",
-           "load_run_weights", "read_run_config", "refuse_foreign_out", "run_architecture", "run_dir_state",
+__all__ = ["ADAPTER_WEIGHTS", "LM_TASKS", "RUN_OPTIONS", "SECTIONS", "TOKENIZER_FILES", "LoadedRun",
+           "build_model_from_run", "clear_run_dir", "config_error", "copy_tokenizer_files", "load_run",
+           "load_run_tokenizer", "load_run_weights", "read_run_config", "refuse_foreign_out", "run_architecture", "run_dir_state",
            "run_task", "save_run", "weights_file", "write_run_config"]

@@ -595,7 +595,7 @@ def test_serve_says_the_port_is_taken_before_saying_it_serves(capsys):
 
 
 def test_chat_compile_says_it_compiles_before_the_first_reply(monkeypatch, capsys):
-    import zenlm.generate
+    import zenlm.compiled
 
     calls = []
 
@@ -605,7 +605,7 @@ def test_chat_compile_says_it_compiles_before_the_first_reply(monkeypatch, capsy
             return model.decode_step(*args, **kwargs)
         return step
 
-    monkeypatch.setattr(zenlm.generate, "compiled_decoder", fake_compiled_decoder)
+    monkeypatch.setattr(zenlm.compiled, "compiled_decoder", fake_compiled_decoder)
     monkeypatch.setattr("sys.stdin", io.StringIO("the cat\n/quit\n"))
     assert main(["chat", str(FIXTURE_GPT), "--compile", "--max-new-tokens", "3", "--device", "cpu"]) == 0
     out = capsys.readouterr().out

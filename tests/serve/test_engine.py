@@ -163,3 +163,45 @@ def test_sampling_limits_are_handled_per_sequence(char_tok):
         assert tiny == greedy
     finally:
         engine.close()
+
+
+def test_a_long_prompt_is_prefilled_in_chunks_between_the_steps_of_a_running_sequence(char_tok):
+    """Chunked prefill: a prompt longer than the loop's prefill budget goes in chunks of at most the budget,
+    one per loop, each followed by a decode step of the running sequence; both sequences get the tokens they
+    get alone."""
+    cfg = GPTConfig(vocab_size=char_tok.vocab_size, block_size=96, n_layer=2, n_head=2, n_embd=32, init_std=0.5)
+    torch.manual_seed(0)
+    model = GPT(cfg).eval()
+    with torch.no_grad():
+        model.tok_emb.weight[char_tok.eos_id] = 0  # tied head: eos logit 0, sequences run to max_tokens
+    engine = Engine(model, char_tok, max_concurrency=2, max_prefill_tokens=8)
+    running, long_ = char_tok.encode("Hamlet"), char_tok.encode("To be, or not to be, that is the question:")
+    assert len(running) <= 8 < len(long_)
+    widths: list[int] = []  # tokens per row of every forward pass (the prefills; steps use decode_step)
+    hook = model.register_forward_pre_hook(lambda _m, args: widths.append(args[0].shape[1]))
+    outs: list[list[int]] = [[], []]
+    first_at: list[int] = []
+    done = threading.Semaphore(0)
+
+    def emit_for(i: int):
+        def emit(ev) -> None:
+            if isinstance(ev, TokenEvent):
+                if i == 1 and not outs[1]:
+                    first_at.append(engine.steps)
+                outs[i].append(ev.token_id)
+            elif isinstance(ev, FinishEvent):
+                done.release()
+        return emit
+
+    try:
+        engine.submit([Sequence(running, SamplingParams(max_tokens=30, temperature=0), emit_for(0)),
+                       Sequence(long_, SamplingParams(max_tokens=10, temperature=0), emit_for(1))])
+        for _ in range(2):
+            assert done.acquire(timeout=60)
+    finally:
+        engine.close()
+        hook.remove()
+    assert max(widths) <= 8 and sum(widths) == len(running) + len(long_)  # every prompt token once
+    assert first_at[0] >= (len(long_) - 2) // 8  # the running sequence stepped while the prompt went in
+    for prompt, ids, n in ((running, outs[0], 30), (long_, outs[1], 10)):
+        assert ids == list(generate_ids(model, prompt, GenerationConfig(max_new_tokens=n, temperature=0)))

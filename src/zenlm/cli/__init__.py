@@ -7,7 +7,7 @@ verbs that run a recipe (pretrain, demo, finetune ...), from the recipe's own pa
     zenlm pretrain --data DATA_DIR --out RUN_DIR [--objective causal-lm|mlm] [--model PRESET] [--max-steps N]
                    [--max-seconds S] [--resume]
     zenlm generate RUN_DIR "prompt" [--max-new-tokens N] [--temperature T] [--top-k K] [--top-p P] [--seed S]
-                   [--dtype fp32|bf16] [--compile]
+                   [--dtype auto|fp32|bf16|int8] [--no-compile]
     zenlm demo [--lang en|zh] [--max-seconds S]
     zenlm presets
     zenlm convert from-hf HF_DIR --out RUN_DIR  |  zenlm convert to-hf RUN_DIR --out HF_DIR
@@ -335,9 +335,9 @@ def generate(
     stop: list[str] | None = None,
     seed: int | None = None,
     device: str = "auto",
-    dtype: Literal["fp32", "bf16", "fp16"] = "fp32",
+    dtype: Literal["auto", "fp32", "bf16", "fp16", "int8"] = "auto",
     cache: bool = True,
-    compile: bool = False,
+    compile: bool | None = None,
 ) -> None:
     """Continue a prompt with a trained model, streaming the text to the terminal.
 
@@ -352,26 +352,33 @@ def generate(
         stop: stop when any of these strings is produced (not printed)
         seed: random seed for reproducible sampling
         device: auto, cpu, cuda or mps
-        dtype: weights for inference: fp32, bf16 (half the memory, faster on recent CPUs and GPUs) or fp16
+        dtype: the weights for inference: auto keeps the run's own precision (lossless); bf16 halves the
+            bytes of fp32 weights, int8 quarters them (linear layers quantised per output channel while
+            loading, about 1% perplexity or less); fp16 is for GPUs. bf16 and int8 compute in bf16 where the
+            CPU has native bf16 (AVX-512 BF16, AMX, ARM BF16), else in fp32; the first line on stderr says
+            what was chosen
         cache: use the KV cache (--no-cache recomputes the whole context each step)
-        compile: decode with the compiled step: 2-3x faster per token on a CPU. The first use for a model
-            shape compiles for 25-45 s (needs a C++ compiler); the program is kept in ~/.cache/zenlm and
-            loads in about a second afterwards
+        compile: decode with the compiled step, 2-4x faster per token on a CPU (default: yes where a C++
+            compiler is installed and ZENLM_COMPILE is not 0). The first run for a model shape builds it in
+            the background (20-60 s) while the tokens come eagerly; later runs load it from ~/.cache/zenlm
+            in about a second. --no-compile: eager; --compile: wait for the build
     """
     import zenlm
-    from zenlm.cli.common import check_run_fits, show_log_notes
+    from zenlm.cli.common import check_run_fits, show_inference_notes
+    from zenlm.generate import GenerationConfig
 
     check_run_fits(run, "generate")  # a classifier or an encoder: say which verb fits, before loading it
     if top_k is not None and top_k < 0:
         raise ConfigError(f"--top-k must be >= 0 (0: no limit), got {top_k}.")
-    if compile:  # building the program takes a while the first time: say so when it happens
-        show_log_notes("zenlm.compiled")
+    settings = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k or None, top_p=top_p,
+                    repetition_penalty=repetition_penalty, stop=list(stop or []), seed=seed, use_cache=cache,
+                    compile=compile)
+    GenerationConfig(**settings)  # a bad setting is refused before the model loads
     lm = zenlm.load(run, device=device, dtype=dtype)
+    show_inference_notes(lm)  # what was chosen, and the compiled step's notes (a build, no compiler)
     sys.stdout.write(prompt)
     sys.stdout.flush()
-    for piece in lm.stream(prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k or None,
-                           top_p=top_p, repetition_penalty=repetition_penalty, stop=list(stop or []),
-                           seed=seed, use_cache=cache, compile=compile):
+    for piece in lm.stream(prompt, **settings):
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")

@@ -89,6 +89,15 @@ def _fmt(v: object) -> str:
     return str(v)
 
 
+def show_inference_notes(lm: Any) -> None:
+    """On stderr: how a loaded model keeps its weights and computes (``lm.precision``), and from now on the
+    one-line notes of the compiled decode step (a build in the background, no C++ compiler found)."""
+    precision = getattr(lm, "precision", None)
+    if precision is not None:
+        print(f"note: {precision.line()}", file=sys.stderr, flush=True)
+    show_log_notes("zenlm.compiled")
+
+
 def print_train_result(result: Any, out: Path) -> None:
     """How a pretraining run ended (a zenlm.train.loop.TrainResult), its validation scores and where it is."""
     val = result.val

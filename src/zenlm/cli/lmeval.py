@@ -16,7 +16,7 @@ from pathlib import Path
 
 def evaluate_lm_eval(
     run: str, tasks: list[str], *, include_path: str | None = None, limit: float | None = None,
-    num_fewshot: int | None = None, batch_size: int = 16, dtype: str = "fp32", device: str = "auto",
+    num_fewshot: int | None = None, batch_size: int = 16, dtype: str = "auto", device: str = "auto",
     out: str | None = None, log_samples: bool = False, bootstrap_iters: int = 1000,
 ) -> Path:
     """Run lm-eval ``tasks`` on the causal LM in ``run``; write the JSON report and print the table."""

@@ -121,7 +121,7 @@ def evaluate(
     text_field: str | None = None,
     label_field: str | None = None,
     device: str = "auto",
-    dtype: Literal["fp32", "bf16", "fp16"] = "fp32",
+    dtype: Literal["auto", "fp32", "bf16", "fp16", "int8"] = "auto",
     log_samples: bool = False,
     bootstrap_iters: int = 1000,
 ) -> None:
@@ -154,7 +154,8 @@ def evaluate(
         text_field: (classifier runs) field holding the text; default: the one the classifier was trained with
         label_field: (classifier runs) field holding the label; default: the one the classifier was trained with
         device: auto, cpu, cuda or mps
-        dtype: weights for inference with --tasks: fp32, bf16 or fp16 (an int8 run stays int8)
+        dtype: weights for inference with --tasks: auto (the run's own), fp32, bf16, fp16 or int8, as for
+            `zenlm generate` (an int8 run stays int8; a float dtype then sets its activations)
         log_samples: with --tasks, keep every item's requests and answers in the report
         bootstrap_iters: with --tasks, resamples for the standard errors lm-eval bootstraps (0: none)
     """

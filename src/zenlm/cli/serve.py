@@ -64,7 +64,8 @@ def serve(
     max_queue: int | None = None,
     model_id: str | None = None,
     device: str = "auto",
-    dtype: str = "fp32",
+    dtype: Literal["auto", "fp32", "bf16", "fp16", "int8"] = "auto",
+    compile: bool | None = None,
     public_metrics: bool = False,
     max_request_bytes: int = 4 << 20,
     request_timeout: float = 30.0,
@@ -84,7 +85,13 @@ def serve(
         model_id: the model name clients send (default: the run directory's name; for a demo, the demo
             folder's, e.g. demo-en)
         device: auto, cpu, cuda or mps
-        dtype: fp32, bf16 or fp16 weights
+        dtype: the weights: auto keeps the run's own precision (lossless); bf16 or int8 (quantised while
+            loading) for less memory and faster decoding; fp16 on GPUs. bf16 and int8 compute in bf16 where the
+            CPU has native bf16, else in fp32 (the first line on stderr says what was chosen)
+        compile: decode with the batched compiled programs (default: yes where a C++ compiler is installed;
+            each batch size 1, 2, 4, ... is built in the background the first time it is needed, 20-60 s
+            each for GPT-2-small, while the steps run eagerly, and kept in ~/.cache/zenlm for later starts).
+            --no-compile: eager; --compile: a batch size's first step waits for its build
         public_metrics: leave GET /metrics open without the API key (for a Prometheus scraper)
         max_request_bytes: largest request body; a larger one is answered 413 without being read
         request_timeout: seconds a client has to send a request's headers, and again its body (then 408)
@@ -95,6 +102,7 @@ def serve(
     import os
 
     import zenlm
+    from zenlm.cli.common import show_inference_notes
     from zenlm.serve.app import create_app
     from zenlm.serve.chat import model_kind
     from zenlm.serve.server import Limits, bind, make_server
@@ -106,9 +114,10 @@ def serve(
     sock = bind(host, port)  # a port in use is refused before the model loads
     try:
         lm = zenlm.load(run_dir, device=device, dtype=dtype)
+        show_inference_notes(lm)
         app = create_app(lm.model, lm.tokenizer, model_id=model_id or name, api_key=api_key,
                          max_concurrency=max_concurrency, max_queue=max_queue, public_metrics=public_metrics,
-                         limits=limits, model_kind=model_kind(saved))
+                         limits=limits, model_kind=model_kind(saved), compile=compile)
         logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
         logging.getLogger("zenlm.serve").setLevel(logging.INFO)
         port = sock.getsockname()[1]
@@ -127,8 +136,8 @@ def chat(
     seed: int | None = None,
     system: str | None = None,
     device: str = "auto",
-    dtype: Literal["fp32", "bf16", "fp16"] = "fp32",
-    compile: bool = False,
+    dtype: Literal["auto", "fp32", "bf16", "fp16", "int8"] = "auto",
+    compile: bool | None = None,
 ) -> None:
     """Chat with a model in the terminal: replies stream as they are generated; /reset, /quit.
 
@@ -140,17 +149,22 @@ def chat(
         seed: random seed for reproducible replies
         system: an optional system message that starts every conversation
         device: auto, cpu, cuda or mps
-        dtype: weights for inference: fp32, bf16 or fp16
-        compile: decode with the compiled step (2-3x faster per token on a CPU; the first reply for a new
-            model shape waits 25-45 s for the compile, later ones load it from ~/.cache/zenlm in about a
-            second; needs a C++ compiler)
+        dtype: the weights: auto keeps the run's own precision (lossless); bf16 or int8 (quantised while
+            loading) for less memory and faster replies; fp16 on GPUs. bf16 and int8 compute in bf16 where the
+            CPU has native bf16, else in fp32 (the first line on stderr says what was chosen)
+        compile: decode with the compiled step, 2-4x faster per token on a CPU (default: yes where a C++
+            compiler is installed; the first time for a model shape it is built in the background, 20-60 s,
+            while the first replies come eagerly, and kept in ~/.cache/zenlm). --no-compile: eager;
+            --compile: the first reply waits for the build
     """
     import zenlm
+    from zenlm.cli.common import show_inference_notes
     from zenlm.generate import GenerationConfig, generate_ids
     from zenlm.serve.chat import chat_loop, model_kind
 
     run_dir, name, saved = served_run(run, "chat")
     lm = zenlm.load(run_dir, device=device, dtype=dtype)
+    show_inference_notes(lm)
     cfg = GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
                            compile=compile)
     if compile:  # build (or load) the compiled step now, saying so, rather than inside the first reply

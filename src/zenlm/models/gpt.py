@@ -22,7 +22,6 @@ from typing import ClassVar
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -30,7 +29,7 @@ from zenlm.config import GPTConfig
 from zenlm.errors import ConfigError
 from zenlm.models.attention import Attention, cached_causal_mask
 from zenlm.models.cache import KVCache, LayerCache
-from zenlm.models.layers import Rotary, init_normal_, make_mlp, make_norm
+from zenlm.models.layers import Rotary, init_normal_, make_mlp, make_norm, mixed_linear
 
 # In eval mode (generation, scoring) every call may have a new length. cuDNN's attention builds a plan per
 # new shape (tens of ms each on recent GPUs), so eval uses the flash / memory-efficient / math kernels;
@@ -211,9 +210,11 @@ class GPT(nn.Module):
         head_dim] (a :class:`KVCache`'s ``k`` and ``v``; rows past B are left alone). Row b writes its key/value
         at ``pos_B[b]`` and attends over its own keys ``0 .. pos_B[b]`` only. The caller advances its positions.
 
-        keys_S: ``arange(S)`` with S = ``max(pos_B) + 1``, the keys the longest row sees (made here when None).
-        A tensor rather than an int so that a compiled step (:mod:`zenlm.compiled`) can treat S as a dynamic
-        size: one program for every position instead of one per length.
+        keys_S: ``arange(S)`` with S >= ``max(pos_B) + 1``, the key slots the call reads (made here, with S =
+        ``max(pos_B) + 1``, when None). A tensor rather than an int so that a compiled step
+        (:mod:`zenlm.compiled`) can treat S as a dynamic size: one program for every position instead of one per
+        length. Given, it may reach past every row's position (the compiled step rounds S up to a block of
+        keys, see :data:`zenlm.compiled.KEY_BLOCK`): each row's keys past its position are masked out.
 
         row_attention: False: one attention call for all rows over the longest row's keys, the others' extra
         keys masked out. True: one attention call per row over exactly its own keys. Same formula, but the
@@ -230,12 +231,13 @@ class GPT(nn.Module):
         if isinstance(pos_B, int):
             S = pos_B + 1
         else:
+            padded = keys_S is not None  # possibly more key slots than the longest row has
             if keys_S is None:
                 keys_S = torch.arange(int(pos_B.max()) + 1, device=tokens_B.device)
             S, rows_B = keys_S.shape[0], torch.arange(B, device=tokens_B.device)
             if row_attention and B > 1:
                 row_keys = (pos_B + 1).tolist()  # row b attends over its first row_keys[b] keys
-            elif B > 1:
+            elif B > 1 or padded:
                 mask_B11S = (keys_S[None, :] <= pos_B[:, None])[:, None, None]
         layers = [LayerCache(k, v, pos_B, S, rows_B) for k, v in zip(k_layers, v_layers, strict=True)]
         x_B1C = self._run_blocks(x_B1C, rope, layers, mask=mask_B11S, row_keys=row_keys)
@@ -277,7 +279,9 @@ class GPT(nn.Module):
     def _embed(self, idx_BT: Tensor, pos: int | Tensor) -> tuple[Tensor, tuple[Tensor, Tensor] | None]:
         """Token (+ learned position) embeddings [B, T, C] and the rotary (cos, sin) of the positions.
         pos: an int (the tokens take positions pos .. pos+T-1) or pos_B [B] (T == 1, one position per row)."""
-        x_BTC = self.tok_emb(idx_BT)
+        # in the activations' dtype (that of the norms), also when the embedding is kept narrower (bf16 weights,
+        # fp32 activations) or in int8
+        x_BTC = self.tok_emb(idx_BT).to(self.norm_f.weight.dtype)
         rope = None
         if isinstance(pos, int):
             T = idx_BT.shape[1]
@@ -305,7 +309,7 @@ class GPT(nn.Module):
     def head(self, x_BTC: Tensor) -> Tensor:
         """Normalised hidden states [B, T, C] -> logits [B, T, V] (float32), soft-capped when configured."""
         if self.lm_head is None:
-            logits_BTV = F.linear(x_BTC, self.tok_emb.weight).float()  # tied: W_head = tok_emb.weight
+            logits_BTV = mixed_linear(x_BTC, self.tok_emb.weight).float()  # tied: W_head = tok_emb.weight
         else:
             logits_BTV = self.lm_head(x_BTC).float()
         if self.config.logit_softcap is not None:

@@ -11,10 +11,15 @@ For a weight matrix W [N, K] (N outputs), each row n gets its own scale::
 Per-channel scales keep the error small: a row with small weights is not forced onto a scale set by another
 row's outliers. The rounding error of one weight is at most s_n / 2.
 
-How it runs: with bf16 activations on a CPU and at most ``PACK_MAX_ROWS`` rows (decoding a few sequences),
-PyTorch's ``_weight_int8pack_mm`` multiplies by the int8 matrix directly (about 2.5x faster than a dense bf16
-product at batch 1 for a 768x2304 matrix here); in every other case the int8 matrix is expanded to the
-activation dtype first (correct everywhere, no faster). Under ``torch.compile`` with one row (:mod:`zenlm.compiled`)
+How it runs: on a CPU with at most ``PACK_MAX_ROWS`` rows (decoding a few sequences), PyTorch's
+``_weight_int8pack_mm`` multiplies by the int8 matrix directly (about 2.5x faster than a dense bf16 product at
+batch 1 for a 768x2304 matrix here). That kernel is fast for bf16 inputs only (fp32 inputs take a path about
+15x slower). With fp32 activations the eager layer stays exact: the int8 matrix is expanded to fp32 for each
+product, which makes eager int8 decoding with fp32 activations slow (a fifth of its bf16 twin's speed); the
+compiled decode steps avoid it (:mod:`zenlm.compiled`, the default): one sequence reads int8 in its fused
+multiply-and-sum loops (fp32 sums), and a batched step passes its rows through the int8 kernel rounded to bf16,
+its sums scaled in fp32. In every other case (prompt prefill, GPUs) the int8 matrix is expanded to the
+activation dtype first (exact in that dtype, no faster). Under ``torch.compile`` with one row (:mod:`zenlm.compiled`)
 the product is written as a multiply-and-sum over the int8 matrix (:func:`~zenlm.models.layers.matvec`): the
 compiler widens q to float inside its loop, so the int8 bytes are all that is read.
 A tied embedding/output head becomes one int8 matrix with a scale per vocabulary row, used for both the
@@ -32,13 +37,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from zenlm.models.layers import matvec
+from zenlm.models.layers import matvec, one_row_as_sum
 
 METHOD = "int8-weight-only"
 _PACK_MM = getattr(torch, "_weight_int8pack_mm", None)
 # The int8 kernel is built for matrix-vector work: past a few rows (prompt prefill, large batches) expanding
 # the weight to bf16 and using the dense product is faster.
 PACK_MAX_ROWS = 16
+
+
+def _tracing() -> bool:
+    return torch.compiler.is_compiling() or torch.compiler.is_exporting()
 
 
 class _Int8Matmul(torch.autograd.Function):
@@ -73,10 +82,10 @@ class Int8Linear(nn.Module):
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> Int8Linear:
         """Quantise an ``nn.Linear`` (its weight is read in fp32)."""
-        w_NK = linear.weight.detach().float()
+        w_NK = linear.weight.detach()
         q = cls(linear.in_features, linear.out_features, linear.bias is not None).to(w_NK.device)
-        scale_N = (w_NK.abs().amax(dim=1) / 127.0).clamp_min(1e-12)
-        q.weight_int8.copy_(torch.round(w_NK / scale_N[:, None]).clamp_(-127, 127).to(torch.int8))
+        q_NK, scale_N = quantize_rows(w_NK)
+        q.weight_int8.copy_(q_NK)
         q.scale.copy_(scale_N)
         if linear.bias is not None:
             q.bias.data.copy_(linear.bias.detach())  # type: ignore[union-attr]
@@ -89,19 +98,27 @@ class Int8Linear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """x: [..., in_features] -> [..., out_features] in x's dtype."""
         x_MK = x.reshape(-1, self.in_features)
-        tracing = torch.compiler.is_compiling() or torch.compiler.is_exporting()
-        if tracing and x_MK.shape[0] == 1:  # see zenlm.compiled: fused, reads int8
+        if one_row_as_sum(x_MK.shape[0]):  # see zenlm.compiled: fused, reads int8
             y_MN = matvec(x_MK, self.weight_int8) * self.scale.to(x.dtype)
         elif x.requires_grad and torch.is_grad_enabled():  # training through a frozen int8 layer (LoRA)
             y_MN = _Int8Matmul.apply(x_MK, self.weight_int8, self.scale)
-        elif (x.dtype == torch.bfloat16 and x.device.type == "cpu" and _PACK_MM is not None
-                and x_MK.shape[0] <= PACK_MAX_ROWS):
+        elif x.dtype == torch.bfloat16 and self._packable(x_MK):
             y_MN = _PACK_MM(x_MK.contiguous(), self.weight_int8, self.scale.to(torch.bfloat16))
+        elif x.dtype == torch.float32 and _tracing() and self._packable(x_MK):
+            # a batched compiled decode step: the bf16 kernel, scaled in fp32 (see above)
+            ones_N = torch.ones(self.out_features, dtype=torch.bfloat16, device=x.device)
+            y_MN = _PACK_MM(x_MK.to(torch.bfloat16), self.weight_int8, ones_N).float() * self.scale.float()
         else:
             y_MN = F.linear(x_MK, self.weight_int8.to(x.dtype)) * self.scale.to(x.dtype)
         if self.bias is not None:
             y_MN = y_MN + self.bias.to(y_MN.dtype)
         return y_MN.reshape(*x.shape[:-1], self.out_features)
+
+    def _packable(self, x_MK: Tensor) -> bool:
+        """Whether the int8 kernel takes these rows: on a CPU, few rows, and in_features a multiple of 16 (the
+        kernel reads 16 at a time; other widths crash it or give wrong sums, in torch 2.13)."""
+        return (x_MK.device.type == "cpu" and _PACK_MM is not None and x_MK.shape[0] <= PACK_MAX_ROWS
+                and self.in_features % 16 == 0)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
@@ -134,6 +151,15 @@ class Int8Embedding(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}"
+
+
+def quantize_rows(w_NK: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-row int8 quantisation: w [N, K] (any float dtype) -> (q [N, K] int8, scale [N] float32), with
+    ``scale_n = max_k |w[n, k]| / 127`` and ``q = round(w / scale)``. Rows are independent, so a large matrix
+    can be quantised a block of rows at a time (lean loading does, see zenlm.rundir)."""
+    w_NK = w_NK.float()
+    scale_N = (w_NK.abs().amax(dim=1) / 127.0).clamp_min(1e-12)
+    return torch.round(w_NK / scale_N[:, None]).clamp_(-127, 127).to(torch.int8), scale_N
 
 
 def _as_linear(weight: Tensor) -> nn.Linear:
@@ -198,4 +224,4 @@ def dequantize_int8(model: nn.Module) -> nn.Module:
     return model
 
 
-__all__ = ["Int8Linear", "Int8Embedding", "quantize_int8", "dequantize_int8", "METHOD"]
+__all__ = ["Int8Linear", "Int8Embedding", "quantize_int8", "quantize_rows", "dequantize_int8", "METHOD"]

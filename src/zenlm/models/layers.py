@@ -10,8 +10,10 @@ Each piece is a small ``nn.Module`` that does one thing, sized by explicit argum
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn as nn
@@ -83,8 +85,15 @@ class Rotary(nn.Module):
         self, head_dim: int, max_len: int, theta: float = 10000.0, scaling: dict | None = None
     ) -> None:
         super().__init__()
-        inv_freq_D2 = rope_frequencies(head_dim, theta, scaling)
-        t_T = torch.arange(max_len, dtype=torch.float64)
+        self.head_dim, self.max_len, self.theta, self.scaling = head_dim, max_len, theta, scaling
+        self.reset_buffers()
+
+    def reset_buffers(self, device: torch.device | str | None = None) -> None:
+        """Compute the tables (on ``device``; default: the default device). A model built on the meta device
+        gets meta tables, shapes only; lean loading (zenlm.rundir) computes them afterwards, on the CPU,
+        as :func:`compute_buffers` does for every module that computes its buffers rather than loads them."""
+        inv_freq_D2 = rope_frequencies(self.head_dim, self.theta, self.scaling, device=device)
+        t_T = torch.arange(self.max_len, dtype=torch.float64, device=device)
         angles_TD2 = torch.outer(t_T, inv_freq_D2)
         angles_TD = torch.cat([angles_TD2, angles_TD2], dim=-1)
         self.register_buffer("cos", angles_TD.cos().float(), persistent=False)  # [max_len, D]
@@ -99,7 +108,16 @@ class Rotary(nn.Module):
         return self.cos[pos_B][:, None, None], self.sin[pos_B][:, None, None]
 
 
-def rope_frequencies(head_dim: int, theta: float, scaling: dict | None = None) -> Tensor:
+def compute_buffers(model: nn.Module, device: torch.device | str = "cpu") -> None:
+    """Compute, on ``device``, the buffers that modules of ``model`` compute rather than load (those with a
+    ``reset_buffers`` method, such as :class:`Rotary`) where they are still on the meta device."""
+    for module in model.modules():
+        if hasattr(module, "reset_buffers") and any(b.is_meta for b in module.buffers(recurse=False)):
+            module.reset_buffers(device)
+
+
+def rope_frequencies(head_dim: int, theta: float, scaling: dict | None = None,
+                     device: torch.device | str | None = None) -> Tensor:
     """The D/2 rotation frequencies ``theta ** (-2i / D)`` (float64), optionally rescaled for longer contexts:
 
     "linear":  every frequency divided by ``factor`` (positions interpolated);
@@ -107,7 +125,7 @@ def rope_frequencies(head_dim: int, theta: float, scaling: dict | None = None) -
                low_freq_factor`` are divided by ``factor``, those shorter than ``... / high_freq_factor`` are
                kept, and the band in between blends the two smoothly.
     """
-    inv_freq_D2 = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+    inv_freq_D2 = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64, device=device) / head_dim))
     if scaling is None:
         return inv_freq_D2
     factor = float(scaling["factor"])
@@ -138,6 +156,28 @@ def apply_rotary(x_BHTD: Tensor, cos_TD: Tensor, sin_TD: Tensor) -> Tensor:
 # ------------------------------------------------------------------------------------------------ MLPs
 
 
+# While a compiled step is traced (zenlm.compiled), products with one row become multiply-and-sum loops
+# (:func:`matvec`), unless the step is one of the batched family, whose rows must be computed exactly as at any
+# other batch size: there every product stays a matrix product (see zenlm.compiled, "Batches").
+_ONE_ROW_AS_SUM: contextvars.ContextVar[bool] = contextvars.ContextVar("zenlm_one_row_as_sum", default=True)
+
+
+def one_row_as_sum(rows: int) -> bool:
+    """True while a compiled one-sequence step is traced and a product has ``rows == 1``: use :func:`matvec`."""
+    return (rows == 1 and _ONE_ROW_AS_SUM.get()
+            and (torch.compiler.is_compiling() or torch.compiler.is_exporting()))
+
+
+@contextlib.contextmanager
+def matrix_products() -> Iterator[None]:
+    """Within this block, a traced step keeps every product a matrix product, one row included."""
+    token = _ONE_ROW_AS_SUM.set(False)
+    try:
+        yield
+    finally:
+        _ONE_ROW_AS_SUM.reset(token)
+
+
 def matvec(x: Tensor, w: Tensor) -> Tensor:
     """``x @ w^T`` for one row, written as a multiply-and-sum: x [..., K] (one row in all), w [N, K] of any
     dtype (int8 too) -> [..., N] in x's dtype, summed in fp32.
@@ -147,6 +187,52 @@ def matvec(x: Tensor, w: Tensor) -> Tensor:
     registers: a matrix-vector product at memory speed (see :mod:`zenlm.compiled`).
     """
     return (x.float().unsqueeze(-2) * w.float()).sum(-1).to(x.dtype)
+
+
+# Up to this many rows, a product with weights narrower than the activations rounds the rows to the weights'
+# dtype (reading the narrow weights once); past it (prompt prefill) the weights are widened once instead.
+NARROW_MAX_ROWS = 16
+
+
+def mixed_linear(x: Tensor, w: Tensor, b: Tensor | None = None) -> Tensor:
+    """``x @ w^T + b`` where w may be kept in a narrower float dtype than x (bf16 weights, fp32 activations on a
+    CPU without native bf16, see :func:`zenlm.device.inference_precision`) -> [..., N] in x's dtype.
+
+    Same dtypes: ``F.linear``. Otherwise: one row in a compiled step: :func:`matvec` (fp32 sums, w widened in
+    registers); up to ``NARROW_MAX_ROWS`` rows eagerly: the rows rounded to w's dtype (the product reads the
+    narrow weights, which is what decoding pays for); more rows (a prompt): w widened to x's dtype once for the
+    whole product.
+    """
+    if w.dtype == x.dtype:
+        return F.linear(x, w, b)
+    rows = x.numel() // x.shape[-1]
+    if one_row_as_sum(rows):
+        y = matvec(x, w)
+    elif rows <= NARROW_MAX_ROWS:
+        y = F.linear(x.to(w.dtype), w).to(x.dtype)
+    else:
+        y = F.linear(x, w.to(x.dtype))
+    return y if b is None else y + b.to(y.dtype)
+
+
+class NarrowLinear(nn.Linear):
+    """An ``nn.Linear`` (same parameters, same state-dict names) whose weight may be kept in a narrower float
+    dtype than its input: ``y = x @ W^T + b`` through :func:`mixed_linear`. Loading a run with bf16 weights
+    for fp32 activations swaps these in (zenlm.rundir)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return mixed_linear(x, self.weight, self.bias)
+
+
+def narrow_linears(model: nn.Module) -> nn.Module:
+    """Replace every plain ``nn.Linear`` inside ``model`` by a :class:`NarrowLinear` of the same shape, on the
+    same device, in place (the weights are not copied: call it before loading them); returns ``model``."""
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if type(child) is nn.Linear:
+                setattr(module, name, NarrowLinear(child.in_features, child.out_features, child.bias is not None,
+                                                   device=child.weight.device, dtype=child.weight.dtype))
+    return model
 
 
 def gelu_tanh(x: Tensor) -> Tensor:
@@ -208,6 +294,7 @@ __all__ = [
     "RMSNorm",
     "make_norm",
     "Rotary",
+    "compute_buffers",
     "rope_frequencies",
     "rotate_half",
     "apply_rotary",
@@ -217,4 +304,10 @@ __all__ = [
     "gelu_tanh",
     "relu_squared",
     "matvec",
+    "one_row_as_sum",
+    "matrix_products",
+    "mixed_linear",
+    "NarrowLinear",
+    "narrow_linears",
+    "NARROW_MAX_ROWS",
 ]

@@ -53,6 +53,7 @@ from zenlm.fileio import atomic_write_text, read_json_object
 from zenlm.models.lora import LoRAConfig, apply_lora, describe_lora, weights_fingerprint
 from zenlm.progress import ProgressFn, report
 from zenlm.rundir import (
+    LM_TASKS,
     copy_tokenizer_files,
     read_run_config,
     refuse_foreign_out,
@@ -113,7 +114,7 @@ def _check_base(base: Path, lora: bool) -> dict[str, Any]:
     if not (arch.can("causal-lm") and arch.can("generate")) or arch.can("stateful"):
         raise ConfigError(f"{base} holds a {arch.title} model; chat fine-tuning trains a decoder-only Transformer "
                           "(a GPT run from `zenlm pretrain`, `zenlm demo` or `zenlm convert from-hf`).")
-    if run_task(saved) not in (None, "chat") or saved.get("seq2seq"):
+    if run_task(saved) not in LM_TASKS or saved.get("seq2seq"):
         raise ConfigError(f"{base} was fine-tuned for another task ({run_task(saved) or 'source -> target pairs'}); "
                           "start from the language-model run it was made from.")
     if saved.get("quantization") and not lora:

@@ -4,17 +4,23 @@ Continuous batching, in the simplest form that is still correct:
 
     slots:   a pool of ``max_concurrency`` KV-cache rows, k/v [n_layer, slots, n_kv_head, max_len, head_dim]
     admit:   a waiting request takes the lowest free slot; its prompt is run through ``GPT.forward`` with a
-             cache that is a view of that slot (prefill), and its first token is sampled. One loop admits
-             prompts worth at most ``max_prefill_tokens`` (always at least one), so a burst of long prompts
-             is spread over several loops with a decode step for the running sequences in between
+             cache that is a view of that slot (prefill), and its first token is sampled. One loop prefills
+             at most ``max_prefill_tokens`` prompt tokens (always at least one prompt's worth), so a burst of
+             prompts is spread over several loops with a decode step for the running sequences in between
+    chunks:  a prompt longer than what is left of that budget is prefilled in chunks, one per loop, each
+             written into its slot after the ones before (chunked prefill): the running sequences take a
+             decode step between the chunks, so a long prompt does not stall their tokens
     score:   a sequence with ``prompt_logprobs`` set keeps the logits of every prompt position from that
              same prefill and receives each prompt token's log-prob (and the k best) in a
              :class:`PromptEvent` before its first token; with ``max_tokens=0`` it ends right there
              (this is how ``echo`` + ``logprobs`` score a text, as evaluation harnesses ask)
     step:    every running sequence feeds its newest token at its own position in one batched forward
              pass (:meth:`GPT.decode_step <zenlm.models.gpt.GPT.decode_step>`): each row writes its key/value at its own position
-             and attends only to its own positions ``0 .. pos_b`` (a per-row mask), so sequences of
-             different lengths share one matrix multiply per layer
+             and attends only to its own positions ``0 .. pos_b``, so sequences of different lengths share
+             one matrix multiply per layer. By default (``compile=None``) the step runs the batched compiled
+             programs of :mod:`zenlm.compiled` (batch sizes 1, 2, 4, 8, ... up to the slots; each built in
+             the background the first time it is needed, eager steps until then); either way a sequence's
+             tokens do not depend on which others share its steps
     retire:  a finished or cancelled sequence frees its slot at once; a waiting request takes it on the
              next loop
     embed:   embedding requests (:class:`EmbedJob`) wait in their own queue; each loop embeds inputs worth
@@ -46,6 +52,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from zenlm.compiled import bucket_for, decoder_for
 from zenlm.errors import ConfigError
 from zenlm.generate import split_at_stop
 from zenlm.models.cache import KVCache
@@ -56,6 +63,11 @@ from zenlm.serve.metrics import Metrics
 from zenlm.tokenizer import Tokenizer
 
 log = logging.getLogger("zenlm.serve.engine")
+
+# Prompt tokens prefilled per loop by default: prefill runs at a few hundred tokens/s per core for a
+# GPT-2-small model, so a chunk of this many keeps the pause it causes in the running streams to a fraction of
+# a second (chunked prefill, see the module docstring).
+PREFILL_CHUNK = 256
 
 # Scoring a prompt keeps the logits of all its positions, [rows, T, V] floats: prompts of one length are
 # scored in forward passes of as many rows as keep that under this many floats (256 MiB), at least one row.
@@ -162,6 +174,8 @@ class Sequence:
         self.n_generated = 0
         self.last_token = 0
         self.next_logits: Tensor | None = None
+        self.prefilled = 0  # prompt positions already in the cache row (a prompt prefilled in chunks)
+        self.prefilling = False  # True while a chunked prefill is under way (no decode steps yet)
         self.sampler: Sampler | None = None
         self.decoder = None
         self.pending = ""
@@ -178,8 +192,11 @@ class Engine:
 
     max_concurrency: sequences decoded together (KV-cache slots); max_queue: sequences allowed to wait
     for a slot (default: max_concurrency); beyond both, :meth:`submit` raises :class:`Overloaded`.
-    max_len: positions per slot (default: the model's block_size). max_prefill_tokens: prompt tokens admitted
-    per loop before the running sequences take their next step (default: max_len; at least one prompt).
+    max_len: positions per slot (default: the model's block_size). max_prefill_tokens: prompt tokens prefilled
+    per loop before the running sequences take their next step (default: ``PREFILL_CHUNK``; at least one
+    prompt's worth; a longer prompt is prefilled in chunks of it). compile: how decode steps run (see
+    :func:`zenlm.compiled.decoder_for`): None (default) the batched compiled programs, built in the
+    background; True the same, each waiting for its build on first use; False eager.
     A sequence stops at the tokenizer's end-of-text token and at any of ``stop_ids`` (the chat template's
     end-of-turn token, set by the app).
     """
@@ -189,6 +206,7 @@ class Engine:
     def __init__(
         self, model: GPT, tokenizer: Tokenizer, *, max_concurrency: int = 8, max_queue: int | None = None,
         max_len: int | None = None, metrics: Metrics | None = None, max_prefill_tokens: int | None = None,
+        compile: bool | None = None,
     ) -> None:
         if max_concurrency < 1:
             raise ConfigError(f"max_concurrency must be >= 1, got {max_concurrency}.")
@@ -199,7 +217,10 @@ class Engine:
         if self.max_queue < 0:
             raise ConfigError(f"max_queue must be >= 0, got {self.max_queue}.")
         self.max_len = model.config.block_size if max_len is None else min(max_len, model.config.block_size)
-        self.max_prefill_tokens = self.max_len if max_prefill_tokens is None else max_prefill_tokens
+        self.max_prefill_tokens = PREFILL_CHUNK if max_prefill_tokens is None else max_prefill_tokens
+        if self.max_prefill_tokens < 1:
+            raise ConfigError(f"max_prefill_tokens must be >= 1, got {self.max_prefill_tokens}.")
+        self.decoder = decoder_for(self.model, compile)  # None: eager steps
         self.metrics = metrics or Metrics()
         self.pool = model.make_cache(max_concurrency, self.max_len)  # row i = slot i
         self.device = self.pool.device
@@ -253,6 +274,21 @@ class Engine:
             self.embed_jobs.append(job)
             self.wake.notify()
 
+    @torch.inference_mode()
+    def prepare(self) -> None:
+        """Make the compiled programs of every batch size this engine can step (1, 2, 4, ... up to its slots)
+        ready now rather than on first need, as a server start may (like capturing CUDA graphs): built or
+        loaded in the background unless ``compile=True``; ``engine.decoder.wait()`` waits for them. The
+        warm-up steps write into free slots only; call it before submitting. A no-op when decoding eagerly."""
+        decoder = getattr(self, "decoder", None)  # an engine of another kind (stateful models) has none
+        if decoder is None:
+            return
+        sizes = sorted({bucket_for(rows, self.max_concurrency) for rows in range(1, self.max_concurrency + 1)})
+        with self.model_lock:
+            for rows in sizes:
+                ones_B = torch.ones(rows, dtype=torch.long, device=self.device)
+                decoder(ones_B, ones_B, self.pool.k, self.pool.v, batched=True)
+
     def embed(self, batch: list[list[int]]) -> list[list[float]]:
         """Embed ``batch`` through the queue and wait: one vector of n_embd floats per id list."""
         result: list = []
@@ -282,17 +318,9 @@ class Engine:
                     jobs = list(self.embed_jobs)
                     self.embed_jobs.clear()
                     break
-                admit: list[Sequence] = []
-                budget = self.max_prefill_tokens  # prompt tokens this loop may prefill (at least one prompt)
-                for i in range(self.max_concurrency):
-                    if self.slots[i] is None and self.waiting:
-                        if admit and len(self.waiting[0].prompt_ids) > budget:
-                            break
-                        budget -= len(self.waiting[0].prompt_ids)
-                        seq = self.waiting.popleft()
-                        seq.slot = i
-                        self.slots[i] = seq
-                        admit.append(seq)
+                chunks = self._plan_chunks()  # prompts already under way first
+                admit, chunked = self._admit(self.max_prefill_tokens - sum(n for _, n in chunks))
+                chunks += chunked
                 self.metrics.set_gauge("zenlm_queue_depth", len(self.waiting))
             try:
                 with self.model_lock:
@@ -303,6 +331,9 @@ class Engine:
                             by_len.setdefault(key, []).append(seq)
                     for group in by_len.values():
                         self._prefill(group)
+                    for seq, n in chunks:
+                        if not seq.cancelled.is_set():
+                            self._isolated(seq, self._prefill_chunk, seq, n)
                     self._embed_some()
                     self._retire_cancelled()
                     if self.running:
@@ -369,6 +400,44 @@ class Engine:
             hook.remove()
         return [out[i] for i in range(len(inputs))]
 
+    def _plan_chunks(self) -> list[tuple[Sequence, int]]:
+        """The next chunk of each prompt whose chunked prefill is under way, oldest first, within one loop's
+        budget of prompt tokens -> [(sequence, tokens)]. Called with the lock held."""
+        budget, out = self.max_prefill_tokens, []
+        for seq in sorted((s for s in self.slots if s is not None and s.prefilling), key=lambda s: s.submitted):
+            if budget <= 0:
+                break
+            n = min(len(seq.prompt_ids) - seq.prefilled, budget)
+            out.append((seq, n))
+            budget -= n
+        return out
+
+    def _admit(self, budget: int) -> tuple[list[Sequence], list[tuple[Sequence, int]]]:
+        """Give waiting sequences free slots while ``budget`` prompt tokens are left (the first one of a loop
+        in any case) -> (prompts prefilled whole, [(prompt, first chunk)] prefilled in chunks). A prompt that is
+        scored keeps its logits and is prefilled whole; another longer than the budget left starts a chunked
+        prefill. Called with the lock held."""
+        first = budget == self.max_prefill_tokens  # nothing prefilled yet in this loop
+        whole: list[Sequence] = []
+        chunked: list[tuple[Sequence, int]] = []
+        for i in range(self.max_concurrency):
+            if self.slots[i] is not None or not self.waiting or (budget <= 0 and not first):
+                continue
+            seq = self.waiting[0]
+            T, scored = len(seq.prompt_ids), seq.params.prompt_logprobs is not None
+            if T > budget and scored and not first:
+                break
+            self.waiting.popleft()
+            seq.slot, self.slots[i] = i, seq
+            if T <= budget or scored:
+                whole.append(seq)
+            else:
+                seq.prefilling = True
+                chunked.append((seq, max(1, budget)))
+            budget -= T
+            first = False
+        return whole, chunked
+
     def _retire_cancelled(self) -> None:
         with self.lock:
             for i, seq in enumerate(self.slots):
@@ -404,6 +473,28 @@ class Engine:
         with self.lock:
             if 0 <= seq.slot < len(self.slots) and self.slots[seq.slot] is seq:
                 self.slots[seq.slot] = None
+
+    @torch.inference_mode()
+    def _prefill_chunk(self, seq: Sequence, n: int) -> None:
+        """Prefill the next ``n`` prompt tokens of ``seq`` into its slot, after the ``seq.prefilled`` already
+        there; after the last chunk, sample its first token (it joins the decode steps). The work of ``seq``
+        alone: the loop runs it isolated (an exception fails only this sequence)."""
+        if seq.prefilled == 0:
+            if seq.params.max_tokens == 0:  # nothing to generate (a scored prompt never comes here)
+                seq.prefilling = False
+                self._start(seq)
+                self._finish(seq, "length")
+                return
+            self._start(seq)
+        start, T = seq.prefilled, len(seq.prompt_ids)
+        cache = self.pool.row(seq.slot)
+        cache.pos = start
+        ids_1N = torch.tensor([seq.prompt_ids[start : start + n]], device=self.device)
+        logits_1NV = self.model(ids_1N, cache=cache, last_only=True)
+        seq.prefilled = start + ids_1N.shape[1]
+        if seq.prefilled == T:
+            seq.prefilling, seq.pos = False, T
+            self._advance(seq, logits_1NV[0, -1])
 
     @torch.inference_mode()
     def _prefill(self, group: list[Sequence]) -> None:
@@ -484,21 +575,33 @@ class Engine:
     @torch.inference_mode()
     def _decode(self) -> None:
         hi = max(i for i, s in enumerate(self.slots) if s is not None) + 1  # rows 0..hi-1 (free rows idle)
-        active = [(i, s) for i, s in enumerate(self.slots[:hi]) if s is not None]
+        active = [(i, s) for i, s in enumerate(self.slots[:hi]) if s is not None and not s.prefilling]
+        if not active:
+            return
         tokens = [0] * hi
         positions = [0] * hi
+        for i, s in enumerate(self.slots[:hi]):
+            if s is not None and s.prefilling:  # idle this step: write where its next chunk writes over
+                positions[i] = s.prefilled
         for i, s in active:
             tokens[i], positions[i] = s.last_token, s.pos
         tokens_B = torch.tensor(tokens, device=self.device)
         pos_B = torch.tensor(positions, device=self.device)
-        # row_attention: each row attends over exactly its own keys, so what a request gets does not depend on
-        # which other requests share the step (in bf16 it would, in the last bits, with one masked call)
-        logits_BV = self.model.decode_step(tokens_B, pos_B, self.pool.k, self.pool.v, row_attention=True)
+        logits_BV = self._step(tokens_B, pos_B)
         self.steps += 1
         self.max_batch_seen = max(self.max_batch_seen, len(active))
         for i, s in active:
             s.pos += 1
             self._isolated(s, self._advance, s, logits_BV[i])
+
+    def _step(self, tokens_B: Tensor, pos_B: Tensor) -> Tensor:
+        """One decode step of pool rows 0..B-1 -> logits [B, V]: through the batched compiled programs (eager
+        until the one for this batch size is ready), or eagerly. Either way each row attends over exactly its
+        own keys and its logits do not depend on the other rows, so what a request gets does not depend on
+        which requests share its steps (with one masked eager call, bf16 rows would differ in the last bits)."""
+        if self.decoder is not None:
+            return self.decoder(tokens_B, pos_B, self.pool.k, self.pool.v, batched=True)
+        return self.model.decode_step(tokens_B, pos_B, self.pool.k, self.pool.v, row_attention=True)
 
     def _advance(self, seq: Sequence, logits_V: Tensor) -> None:
         """Sample the next token of ``seq`` from logits_V [V], emit it, and finish the sequence if done."""

@@ -31,10 +31,10 @@ import math
 import os
 import re
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 from safetensors import SafetensorError
@@ -117,27 +117,138 @@ def check_weights(model: nn.Module, tensors: dict[str, torch.Tensor], path: Path
     """Refuse ``tensors`` (read from ``path``) unless they fit ``model``: the same names (tied weights once),
     the same shapes, a dtype of the same kind (floating point for floating parameters, the integer type
     of quantised buffers), and finite values — NaN or Inf weights would load silently and generate garbage."""
-    own = model.state_dict()
-    missing = sorted(set(saved_names(model)) - set(tensors))
-    unexpected = sorted(set(tensors) - set(own))
+    check_layout(model.state_dict(), set(saved_names(model)),
+                 {n: (tuple(t.shape), t.dtype) for n, t in tensors.items()}, path)
+    for name, t in tensors.items():
+        check_finite(name, t, path)
+
+
+def check_layout(own: dict[str, torch.Tensor], names: set[str],
+                 stored: dict[str, tuple[tuple[int, ...], torch.dtype]], path: Path) -> None:
+    """The part of :func:`check_weights` that needs no values: ``stored`` (name -> (shape, dtype) of the file's
+    tensors) has exactly the names ``names`` that the model's state dict ``own`` saves (tied weights once), with
+    their shapes and a dtype of the same kind. ``own`` may hold meta tensors."""
+    missing = sorted(names - set(stored))
+    unexpected = sorted(set(stored) - set(own))
     if missing or unexpected:
         raise CheckpointError(
             f"{path} does not match the model: missing keys {missing[:5]}, unexpected keys {unexpected[:5]}. "
             "Was it written for a different config?"
         )
-    for name, t in tensors.items():
+    for name, (shape, dtype) in stored.items():
         want = own[name]
-        if want.shape != t.shape:
+        if tuple(want.shape) != shape:
             raise CheckpointError(
-                f"{path}: tensor {name!r} has shape {tuple(t.shape)} but the model expects {tuple(want.shape)}."
+                f"{path}: tensor {name!r} has shape {shape} but the model expects {tuple(want.shape)}."
             )
-        if want.is_floating_point() != t.is_floating_point() or (
-                not want.is_floating_point() and want.dtype != t.dtype):
-            raise CheckpointError(f"{path}: tensor {name!r} is {t.dtype} but the model expects {want.dtype}; "
+        if want.is_floating_point() != dtype.is_floating_point or (
+                not want.is_floating_point() and want.dtype != dtype):
+            raise CheckpointError(f"{path}: tensor {name!r} is {dtype} but the model expects {want.dtype}; "
                                   "the file was not written for this model.")
-        if t.is_floating_point() and t.numel() and not bool(torch.isfinite(t).all()):
-            raise CheckpointError(f"{path}: tensor {name!r} holds NaN or Inf values; the weights are damaged "
-                                  "(an earlier checkpoint may still be good).")
+
+
+def check_finite(name: str, t: torch.Tensor, path: Path) -> None:
+    """CheckpointError when float tensor ``t`` (``name`` in ``path``) holds NaN or Inf."""
+    # the extremes are finite exactly when every value is (NaN propagates through min and max), and finding
+    # them allocates no mask as large as the tensor
+    if t.is_floating_point() and t.numel() and not all(bool(torch.isfinite(x)) for x in torch.aminmax(t)):
+        raise CheckpointError(f"{path}: tensor {name!r} holds NaN or Inf values; the weights are damaged "
+                              "(an earlier checkpoint may still be good).")
+
+
+# ---------------------------------------------------------------------------- lean loading, tensor by tensor
+
+# safetensors dtype names -> torch dtypes (the ones zenlm writes and reads)
+_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+              "BOOL": torch.bool}
+READ_BLOCK_BYTES = 1 << 20  # a tensor that is converted on the way in is read this many bytes at a time
+
+
+@dataclass(frozen=True)
+class StoredTensor:
+    """Where one tensor lies in a safetensors file: its dtype, its shape and its bytes ``start .. end``."""
+
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    start: int
+    end: int
+
+
+def weights_index(path: Path) -> dict[str, StoredTensor]:
+    """The table of contents of a safetensors file, read from its header alone (no tensor data):
+    8 bytes (little-endian length N), then N bytes of JSON ``{name: {dtype, shape, data_offsets: [a, b]}}``,
+    then the data, each tensor at bytes ``a .. b`` after the header. CheckpointError naming the file when the
+    header is unreadable or points outside the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"weights file {path} does not exist.")
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as fh:
+            n = int.from_bytes(fh.read(8), "little")
+            if size < 8 or not 2 <= n <= size - 8:
+                raise ValueError("the header length is out of range")
+            header = json.loads(fh.read(n))
+        index = {}
+        for name, e in header.items():
+            if name == "__metadata__":
+                continue
+            a, b = (8 + n + int(x) for x in e["data_offsets"])
+            dtype, shape = _ST_DTYPES[e["dtype"]], tuple(int(d) for d in e["shape"])
+            if not (8 + n <= a <= b <= size and b - a == math.prod(shape) * dtype.itemsize):
+                raise ValueError(f"tensor {name!r} lies outside the file or has the wrong size")
+            index[name] = StoredTensor(dtype, shape, a, b)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise CheckpointError(f"{path} is not a readable safetensors file ({e}).") from e
+    return index
+
+
+def read_blocks(fh: BinaryIO, entry: StoredTensor, block_bytes: int = READ_BLOCK_BYTES
+                ) -> Iterator[tuple[int, torch.Tensor]]:
+    """Yield ``(first_row, rows)`` blocks of a stored tensor read from ``fh``, a few rows (about
+    ``block_bytes``) at a time: rows [r, *shape[1:]] in the stored dtype, a view of one reused buffer that the
+    next block overwrites. A 0- or 1-dimensional tensor comes as one block."""
+    rows = entry.shape[0] if len(entry.shape) >= 2 else 1
+    row_shape = entry.shape[1:] if len(entry.shape) >= 2 else entry.shape
+    row_bytes = math.prod(row_shape) * entry.dtype.itemsize
+    per_block = max(1, block_bytes // max(1, row_bytes))
+    buf = torch.empty(min(rows, per_block) * row_bytes, dtype=torch.uint8)
+    fh.seek(entry.start)
+    for r in range(0, rows, per_block):
+        n = min(per_block, rows - r)
+        view = buf[: n * row_bytes]
+        _read_exactly(fh, view)
+        block = view.view(entry.dtype)
+        yield r, block.reshape(n, *row_shape) if len(entry.shape) >= 2 else block.reshape(entry.shape)
+
+
+def _read_exactly(fh: BinaryIO, into: torch.Tensor) -> None:
+    """Fill uint8 tensor ``into`` from ``fh`` (readinto writes straight into the tensor's memory)."""
+    mv, done = memoryview(into.numpy()), 0
+    while done < len(mv):
+        got = fh.readinto(mv[done:])
+        if not got:
+            raise CheckpointError(f"{getattr(fh, 'name', 'the weights file')} ended early; it is truncated.")
+        done += got
+
+
+def read_tensor(fh: BinaryIO, entry: StoredTensor, dtype: torch.dtype) -> torch.Tensor:
+    """One stored tensor as a new CPU tensor of ``dtype``: read straight into it when the dtypes match, else
+    converted a block of rows at a time (never a second full copy in the stored dtype)."""
+    out = torch.empty(entry.shape, dtype=dtype)
+    if entry.dtype == dtype:
+        if out.numel():
+            fh.seek(entry.start)
+            _read_exactly(fh, out.view(-1).view(torch.uint8))
+        return out
+    flat = out if len(entry.shape) >= 2 else out.view(entry.shape)
+    for r, block in read_blocks(fh, entry):
+        if len(entry.shape) >= 2:
+            flat[r : r + block.shape[0]] = block
+        else:
+            flat.copy_(block)
+    return out
 
 
 def copy_weights(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
