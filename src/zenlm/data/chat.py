@@ -291,12 +291,13 @@ def encode_conversations(
             spans_of.append(spans)
         for c, spans, (ids, offsets) in zip(convs[s : s + block], spans_of, tokenizer.encode_offsets(texts),
                                              strict=True):
-            cuts = [k for k in _cut_points(offsets, spans) if k <= max_tokens]
+            ends = _cut_points(offsets, spans)
+            cuts = [k for k in ends if k <= max_tokens]
             if not cuts:  # not even the first reply fits
                 out.dropped += 1
                 continue
             n = cuts[-1]  # the row ends with the last reply that fits (a trailing user turn scores nothing)
-            out.truncated += n < _cut_points(offsets, spans)[-1]
+            out.truncated += n < ends[-1]
             out.ids.append(np.asarray(ids[:n], dtype=np.int64))
             out.scored.append(assistant_mask(offsets[:n], spans))
             out.where.append(c.where)
