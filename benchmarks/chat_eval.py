@@ -44,7 +44,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from lora_memory import _mem_mb, _reset_peak  # noqa: E402  # the same RSS measurement
+from lora_memory import _count, _mem_mb, training_peaks  # noqa: E402  # the same counts and RSS measurement
 
 CONFIGS = ("base", "full", "lora", "int8+lora", "full-zh")
 GOAL = 0.99
@@ -212,7 +212,6 @@ def worker(args: argparse.Namespace) -> dict:
     """Train (or, for "base", only evaluate) one configuration in this process and return its measurements."""
     baseline = _mem_mb("VmRSS")
     from zenlm.models.lora import LoRAConfig
-    from zenlm.progress import Progress
     from zenlm.recipes.finetune_chat import finetune_chat
     from zenlm.train.loop import TrainConfig
 
@@ -223,16 +222,7 @@ def worker(args: argparse.Namespace) -> dict:
     out = work / f"run-{name.replace('+', '-')}"
     shutil.rmtree(out, ignore_errors=True)
     lora = LoRAConfig(rank=args.rank, alpha=args.alpha) if "lora" in name else None
-    peaks: list[float] = []
-
-    def progress(p: Progress) -> None:
-        if p.task != "train":
-            return
-        if not peaks:  # the first report comes once the model is built: the training phase starts here
-            _reset_peak()
-            peaks.append(_mem_mb("VmHWM"))
-        elif p.done:
-            peaks.append(_mem_mb("VmHWM"))
+    peaks, progress = training_peaks()
 
     t0 = time.perf_counter()
     result = finetune_chat(work / ("base-int8" if name == "int8+lora" else "base"), data, out,
@@ -253,19 +243,6 @@ def worker(args: argparse.Namespace) -> dict:
             "baseline_mb": round(baseline, 1), "step_s": round(sum(step_s) / len(step_s), 4),
             "val_loss": round(result.val.get("val_loss", float("nan")), 4), "wall_s": round(wall, 1),
             **stop_rate(out, data, args)}
-
-
-def _count(path: Path) -> int:
-    from safetensors import safe_open
-
-    n = 0
-    with safe_open(str(path), "pt") as f:
-        for k in f.keys():
-            size = 1
-            for d in f.get_slice(k).get_shape():
-                size *= d
-            n += size
-    return n
 
 
 # ------------------------------------------------------------------------------------------------ parent
