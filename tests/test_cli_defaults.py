@@ -33,6 +33,7 @@ def _sources() -> dict[str, list[Any]]:
     from zenlm.encoder import EncoderLM
     from zenlm.generate import GenerationConfig
     from zenlm.models.lora import LoRAConfig
+    from zenlm.recipes import finetune_chat as chat
     from zenlm.recipes import finetune_seq2seq as s2s
     from zenlm.recipes.demo import demo
     from zenlm.recipes.distill import DistillSettings, distill_classifier, distill_lm
@@ -65,6 +66,7 @@ def _sources() -> dict[str, list[Any]]:
         "finetune seq2seq": [s2s.finetune_seq2seq, TrainConfig(**s2s.DEFAULT_TRAIN), OptimConfig(**s2s.DEFAULT_OPTIM),
                              lora],
         "finetune classify": [finetune_classify, TrainConfig(), lora],
+        "finetune chat": [chat.finetune_chat, TrainConfig(**chat.DEFAULT_TRAIN), lora],
         "predict": [load, EncoderLM.classify],
         "embed": [load, EncoderLM.embed],
         "evaluate": [load, Seq2SeqLM.generate, evaluate_generation, read_pairs, evaluate_lm_eval, evaluate_classify],

@@ -17,6 +17,7 @@ import pytest
 import torch
 import yaml
 
+from zenlm.chat_template import without_generation_marks
 from zenlm.cli import main
 from zenlm.config import GPTConfig
 from zenlm.convert.gguf import (
@@ -241,7 +242,7 @@ def test_tokenizer_arrays_equal_ours(runs, tok, tmp_path: Path) -> None:
     assert field(reader, "tokenizer.ggml.eos_token_id") == tok.eos_id
     assert field(reader, "tokenizer.ggml.padding_token_id") == tok.pad_id
     assert field(reader, "tokenizer.ggml.add_bos_token") is False
-    assert field(reader, "tokenizer.chat_template") == tok.chat_template
+    assert field(reader, "tokenizer.chat_template") == without_generation_marks(tok.chat_template)
 
 
 def test_tokenizers_llama_cpp_cannot_take_are_refused(runs, tmp_path: Path) -> None:

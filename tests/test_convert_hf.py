@@ -408,7 +408,7 @@ def test_export_loads_in_transformers_with_same_logits_and_ids(tmp_path: Path, k
     assert hf_tok.eos_token == "<|eos|>" and hf_tok.eos_token_id == lm.tokenizer.eos_id
     assert hf_tok.bos_token_id == lm.tokenizer.bos_id and hf_tok.pad_token_id == lm.tokenizer.pad_id
     assert hf_tok.apply_chat_template(CHAT, tokenize=False) == \
-        "<|bos|>user: Hello there<|eos|>\nassistant: Hi!<|eos|>\n"
+        "<|bos|>user:\nHello there<|eos|>\nassistant:\nHi!<|eos|>\n"
     assert theirs.generation_config.eos_token_id == lm.tokenizer.eos_id
     assert hf_tok.model_max_length == lm.config.block_size
 

@@ -7,11 +7,11 @@ network is changed in the open, command by command, by :func:`adapt`:
 * budgets:  pretraining and fine-tuning get ``--max-steps 2`` and a one-layer, 32-wide model of the same preset
             (``--n-layer 1 --n-embd 32``: the preset's own layout, just smaller; one layer only when the
             embeddings come from word vectors, whose width they keep; an n-gram model is counted as written);
-            ``finetune classify`` one epoch;
-            lm-eval tasks ``--limit 2``;
+            ``finetune classify`` one epoch; ``finetune chat`` ``--max-steps 2``; lm-eval tasks ``--limit 2``;
 * corpora:  ``--corpus shakespeare`` reads 60,000 characters of the same plays from a local file;
-* files the README assumes you have: ``train.jsonl``, ``test.jsonl``, ``reviews.jsonl``, ``my.txt``, ``more.txt``
-            and the
+            ``--data chitchat`` (12 MB of conversations to tokenise) the smaller built-in ``chatterbot-en``;
+* files the README assumes you have: ``train.jsonl``, ``test.jsonl``, ``reviews.jsonl``, ``chats.jsonl``,
+            ``my.txt``, ``more.txt`` and the
             Hugging Face directories ``path/to/hf-model`` (a GPT-2 exported from a random run) and
             ``path/to/minilm`` (a two-layer BERT with random weights) are made first (:func:`_inputs`);
 * network:  ``--from-hub NAME`` converts the local ``path/to/hf-model`` instead (a download needs network);
@@ -115,6 +115,10 @@ def adapt(argv: list[str], local_hf: str) -> list[str]:
                  "--batch-size", "8", "--eval-samples", "16", "--temperatures", "1.0"]
     if args[1] == "distill":
         args += ["--max-steps", "2"]
+    if verb == "finetune chat":
+        if args[args.index("--data") + 1] == "chitchat":
+            args[args.index("--data") + 1] = "chatterbot-en"
+        args += ["--max-steps", "2"]
     if args[1] == "evaluate" and "--tasks" in args:
         args += ["--limit", "2"]
     return args
@@ -163,6 +167,11 @@ def _inputs(root: Path, sample_text: str, char_tok, wordpiece_tok) -> None:
     # test.jsonl serves two blocks: pairs for the seq2seq run, labelled texts for the classifier
     (root / "test.jsonl").write_text("".join(json.dumps({**p, **r}) + "\n" for p, r in zip(pairs[:8], reviews[:8],
                                                                                            strict=True)))
+    chats = [{"messages": [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": w},
+                           {"role": "assistant", "content": f"{w}, you say."}]} for w in words[:20]]
+    chats += [{"conversations": [{"from": "human", "value": w}, {"from": "gpt", "value": "Indeed."}]}
+              for w in words[20:40]]
+    (root / "chats.jsonl").write_text("".join(json.dumps(c) + "\n" for c in chats), encoding="utf-8")
     # path/to/hf-model: a GPT-2 (random weights), written by zenlm's own export
     torch.manual_seed(0)
     cfg = GPTConfig(vocab_size=char_tok.vocab_size, block_size=64, n_layer=1, n_head=2, n_embd=32)

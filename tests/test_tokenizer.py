@@ -241,7 +241,7 @@ def test_transformers_loads_the_files_unchanged(tok: Tokenizer, tmp_path: Path) 
     assert (hf.bos_token_id, hf.eos_token_id, hf.pad_token_id, hf.unk_token_id, hf.mask_token_id) == (
         tok.bos_id, tok.eos_id, tok.pad_id, tok.unk_id, tok.mask_id)
     chat = hf.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
-    assert chat == "<|bos|>user: hi<|eos|>\nassistant: "
+    assert chat == "<|bos|>user:\nhi<|eos|>\nassistant:\n"
 
 
 # ---------------------------------------------------------------------------------------------- streaming

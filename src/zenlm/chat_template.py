@@ -14,6 +14,10 @@ asks for 10 GB. Rendering here is bounded three ways:
     memory   that process runs under an address-space limit (``memory_bytes``), so an allocation the size
              checks did not foresee (a filter's huge width, say) fails there with MemoryError
 
+``{% generation %} ... {% endgeneration %}`` marks what the assistant writes (Hugging Face's convention for
+assistant-only training, which TRL reads too): :func:`render` can return the character spans of the marked
+output, and a template that uses the marks renders the same text as one that does not.
+
 This module imports only the standard library and jinja2, so the worker (``python -I THIS_FILE``) starts in a
 fraction of a second; it is the one place that builds the template environment, for both ways of rendering.
 The worker speaks JSON lines over its stdin and stdout (no pickle).
@@ -29,9 +33,12 @@ import subprocess
 import sys
 import threading
 import time
+from contextvars import ContextVar
 from typing import Any
 
 import jinja2
+import jinja2.ext
+import jinja2.nodes
 import jinja2.sandbox
 
 MAX_POWER_BITS = 4096  # a ** b whose result would need more bits than this is refused
@@ -47,13 +54,52 @@ class TemplateError(Exception):
         self.kind = kind
 
 
+# While :func:`render` tracks spans: [characters yielded so far], and the (start, end) list it fills
+_TRACKING: ContextVar[tuple[list[int], list[tuple[int, int]]] | None] = ContextVar("zenlm_generation_spans",
+                                                                                    default=None)
+
+
+class _GenerationMarks(jinja2.ext.Extension):
+    """``{% generation %}BODY{% endgeneration %}`` renders BODY unchanged and, while :func:`render` tracks
+    spans, records where in the output it went: from the characters produced before it to that plus
+    ``len(BODY)`` (the rule Hugging Face's ``apply_chat_template(return_assistant_tokens_mask=True)`` uses)."""
+
+    tags = {"generation"}
+
+    def parse(self, parser: Any) -> jinja2.nodes.Node:
+        lineno = next(parser.stream).lineno
+        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+        return jinja2.nodes.CallBlock(self.call_method("_mark"), [], [], body).set_lineno(lineno)
+
+    def _mark(self, caller: Any) -> str:
+        text = caller()
+        tracking = _TRACKING.get()
+        if tracking is not None:
+            produced, spans = tracking
+            spans.append((produced[0], produced[0] + len(text)))
+        return text
+
+
+_MARK_TAG = re.compile(r"\{%(-?)\s*(end)?generation\s*(-?)%\}")
+
+
+def without_generation_marks(template: str) -> str:
+    """``template`` with each ``{% generation %}`` / ``{% endgeneration %}`` tag replaced by ``{% if true %}`` /
+    ``{% endif %}`` (whitespace control kept): the same output, for template engines that do not know the marks
+    (llama.cpp's)."""
+    return _MARK_TAG.sub(lambda m: "{%" + m[1] + (" endif " if m[2] else " if true ") + m[3] + "%}", template)
+
+
 class _BoundedEnvironment(jinja2.sandbox.ImmutableSandboxedEnvironment):
-    """The immutable sandbox with the size checks of the module docstring on ``*``, ``**`` and ``%``."""
+    """The immutable sandbox with the size checks of the module docstring on ``*``, ``**`` and ``%``, the
+    ``{% generation %}`` marks and the loop controls (``{% break %}``, ``{% continue %}``) that Hugging Face's
+    template environment has too."""
 
     intercepted_binops = frozenset({"*", "**", "%"})
 
     def __init__(self, max_chars: int) -> None:
-        super().__init__(trim_blocks=True, lstrip_blocks=True)
+        super().__init__(trim_blocks=True, lstrip_blocks=True,
+                         extensions=[_GenerationMarks, jinja2.ext.loopcontrols])
         self.max_chars = max_chars
 
     def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
@@ -93,12 +139,22 @@ def render(tpl: jinja2.Template, messages: list[dict[str, str]], add_generation_
            tokens: dict[str, str], max_chars: int) -> str:
     """The prompt text of ``messages``; the template sees the special tokens (``bos_token`` ...) as
     variables. TemplateError when it refuses, fails, or its output passes ``max_chars`` characters."""
+    return render_spans(tpl, messages, add_generation_prompt, tokens, max_chars, track=False)[0]
+
+
+def render_spans(tpl: jinja2.Template, messages: list[dict[str, str]], add_generation_prompt: bool,
+                 tokens: dict[str, str], max_chars: int, *, track: bool = True
+                 ) -> tuple[str, list[tuple[int, int]]]:
+    """:func:`render`, and the ``(start, end)`` character spans of the output that ``{% generation %}`` marks
+    (what the assistant writes; empty when the template has no marks or ``track`` is False)."""
     out: list[str] = []
-    size = 0
+    produced = [0]
+    spans: list[tuple[int, int]] = []
+    token = _TRACKING.set((produced, spans) if track else None)
     try:
         for piece in tpl.generate(messages=messages, add_generation_prompt=add_generation_prompt, **tokens):
-            size += len(piece)
-            if size > max_chars:
+            produced[0] += len(piece)
+            if produced[0] > max_chars:
                 raise TemplateError(f"the chat template's output passed {max_chars} characters", "limit")
             out.append(piece)
     except TemplateError:
@@ -107,7 +163,9 @@ def render(tpl: jinja2.Template, messages: list[dict[str, str]], add_generation_
         raise TemplateError(f"the chat template ran out of room ({type(e).__name__})", "limit") from None
     except Exception as e:  # jinja2.TemplateError, or whatever a filter raised (TypeError, ValueError ...)
         raise TemplateError(f"the chat template failed on these messages ({e}).") from None
-    return "".join(out)
+    finally:
+        _TRACKING.reset(token)
+    return "".join(out), spans
 
 
 class TemplateWorker:

@@ -127,8 +127,11 @@ def run_architecture(saved: dict[str, Any]) -> Architecture:
 
 
 def run_task(saved: dict[str, Any]) -> str | None:
-    """What the run was fine-tuned for on top of its architecture ("classify"), or None."""
+    """What the run was fine-tuned for on top of its architecture ("classify", "chat"), or None."""
     return (saved.get("task") or {}).get("kind")
+
+
+LM_TASKS = (None, "chat")  # tasks after which the model is still a plain language model (same weights, same head)
 
 
 def _classifier_head(model: nn.Module, saved: dict[str, Any], run_dir: Path) -> nn.Module:
@@ -489,7 +492,7 @@ def _load_from_tensors(run_dir: Path, saved: dict[str, Any], device: str) -> Loa
     return LoadedRun(run_dir, saved, arch, model.to(resolve_device(device)).eval(), load_run_tokenizer(run_dir))
 
 
-__all__ = ["ADAPTER_WEIGHTS", "RUN_OPTIONS", "SECTIONS", "TOKENIZER_FILES", "LoadedRun", "build_model_from_run",
-           "clear_run_dir", "config_error", "copy_tokenizer_files", "load_run", "load_run_tokenizer",
-           "load_run_weights", "read_run_config", "refuse_foreign_out", "run_architecture", "run_dir_state",
+__all__ = ["ADAPTER_WEIGHTS", "LM_TASKS", "RUN_OPTIONS", "SECTIONS", "TOKENIZER_FILES", "LoadedRun",
+           "build_model_from_run", "clear_run_dir", "config_error", "copy_tokenizer_files", "load_run",
+           "load_run_tokenizer", "load_run_weights", "read_run_config", "refuse_foreign_out", "run_architecture", "run_dir_state",
            "run_task", "save_run", "weights_file", "write_run_config"]

@@ -51,8 +51,22 @@ KINDS = ("bpe", "wordpiece", "char", "word")
 ROLES = {"bos": "<|bos|>", "eos": "<|eos|>", "pad": "<|pad|>", "unk": "<|unk|>", "mask": "<|mask|>"}
 # transformers' "no limit" value for model_max_length
 UNLIMITED_LENGTH = int(1e30)
-# A deliberately small chat template: <|bos|>, then "role: content<|eos|>\n" per message.
+# zenlm's chat template: <|bos|>, then per message "role:\n" + its text + the end-of-turn token (<|eos|>) + "\n";
+# the prompt for a reply ends with "assistant:\n". What the assistant writes, its end-of-turn token included, is
+# marked {% generation %} (the span that fine-tuning scores). The text is trimmed and every header ends in a
+# newline, so the ids of a prompt are exactly the first ids of the conversation that continues it (a reply starts
+# a new pre-token; no trailing space or newline of the prompt merges with its first characters).
 CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}{{ message['role'] + ':\\n' }}"
+    "{% if message['role'] == 'assistant' %}"
+    "{% generation %}{{ message['content'] | trim }}{{ eos_token }}{% endgeneration %}"
+    "{% else %}{{ message['content'] | trim }}{{ eos_token }}{% endif %}{{ '\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'assistant:\\n' }}{% endif %}"
+)
+# The template of earlier versions ("role: content<|eos|>\n", prompt "assistant: "): runs made with it chat with
+# it; chat fine-tuning replaces it by CHAT_TEMPLATE (it has no {% generation %} marks, and its prompt's trailing
+# space is a token of its own that a reply never starts with).
+LEGACY_CHAT_TEMPLATE = (
     "{{ bos_token }}{% for message in messages %}"
     "{{ message['role'] }}: {{ message['content'] }}{{ eos_token }}\n"
     "{% endfor %}{% if add_generation_prompt %}assistant: {% endif %}"
@@ -232,6 +246,13 @@ class Tokenizer:
             out.append(ids)
         return out
 
+    def encode_offsets(self, texts: Sequence[str]) -> list[tuple[list[int], list[tuple[int, int]]]]:
+        """For each text: its ids with special-token strings as their ids (``encode(text, allow_special=True)``)
+        and, per id, the (start, end) characters of the text it stands for (what a chat template's
+        ``{% generation %}`` spans are matched against)."""
+        encoded = self.hf.encode_batch([_clean(t) for t in texts], add_special_tokens=False)
+        return [(list(e.ids), list(e.offsets)) for e in encoded]
+
     def min_tokens(self, text: str) -> int:
         """A lower bound on ``len(self.encode(text, allow_special=...))``, found without tokenising, so a text
         certainly too long for a context can be refused before the work of encoding it (0: no bound known).
@@ -376,6 +397,42 @@ def render_chat(tokenizer: Tokenizer, messages: list[dict[str, str]], add_genera
         return render(tpl, messages, add_generation_prompt, template_tokens(tokenizer), max_chars)
     except TemplateError as e:
         raise DataError(f"{e}.".replace("..", ".")) from None
+
+
+# A reply that cannot occur in a template's own text, to find what the template writes right after a reply
+END_PROBE = "zq7xv1"
+END_PROBE_MESSAGES = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": END_PROBE}]
+
+
+def end_of_turn_in(tokenizer: Tokenizer, probe_text: str) -> int | None:
+    """The id of the special token a chat template writes right after an assistant's text, read from
+    ``probe_text`` (the template's rendering of :data:`END_PROBE_MESSAGES` without a generation prompt), or None
+    when no special token follows it there."""
+    at = probe_text.find(END_PROBE)
+    if at < 0 or tokenizer._special_re is None:
+        return None
+    m = tokenizer._special_re.match(probe_text, at + len(END_PROBE))
+    return tokenizer.token_to_id(m.group()) if m else None
+
+
+def end_of_turn_id(tokenizer: Tokenizer) -> int | None:
+    """The end-of-turn token of the tokenizer's chat template: the special token it writes right after what the
+    assistant says (``<|eos|>`` for zenlm's template, ``<|im_end|>`` for ChatML, ``<|eot_id|>`` for Llama 3). A
+    chat-tuned model ends its reply with it, so chat replies stop there. None when the template puts no special
+    token there or refuses the probe conversation. (The server renders the probe in its template worker and
+    calls :func:`end_of_turn_in`.)"""
+    try:
+        return end_of_turn_in(tokenizer, render_chat(tokenizer, END_PROBE_MESSAGES, add_generation_prompt=False,
+                                                     max_chars=1 << 16))
+    except DataError:
+        return None
+
+
+def chat_stop_ids(tokenizer: Tokenizer, end_of_turn: int | None = None) -> frozenset[int]:
+    """The ids a chat reply stops at: the end-of-turn token (``end_of_turn``, else :func:`end_of_turn_id`) and
+    the end-of-text token."""
+    eot = end_of_turn if end_of_turn is not None else end_of_turn_id(tokenizer)
+    return frozenset(i for i in (eot, tokenizer.eos_id) if i is not None)
 
 
 def template_tokens(tokenizer: Tokenizer) -> dict[str, str]:

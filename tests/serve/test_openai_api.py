@@ -110,7 +110,7 @@ def test_chat_uses_template_and_max_completion_tokens(server, lm):
     r = c.chat.completions.create(model="tiny", messages=msgs, max_completion_tokens=7, temperature=0,
                                   logprobs=True, top_logprobs=2)
     prompt = render_chat(lm.tokenizer, msgs)
-    assert prompt.endswith("assistant: ") and "system: Be brief.<|eos|>" in prompt
+    assert prompt.endswith("assistant:\n") and "system:\nBe brief.<|eos|>" in prompt
     ids = lm.tokenizer.encode(prompt, allow_special=True)
     assert r.usage.prompt_tokens == len(ids)
     want = reference(lm, ids, 7)

@@ -28,7 +28,7 @@ def test_chat_loop_keeps_history_and_resets(lm):
 
 def test_reply_uses_the_chat_template(lm):
     msgs = [{"role": "user", "content": "hi"}]
-    assert render_chat(lm.tokenizer, msgs) == "<|bos|>user: hi<|eos|>\nassistant: "
+    assert render_chat(lm.tokenizer, msgs) == "<|bos|>user:\nhi<|eos|>\nassistant:\n"
 
 
 def test_cli_chat_verb(run_dir, monkeypatch, capsys):

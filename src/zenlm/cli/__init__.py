@@ -12,7 +12,7 @@ verbs that run a recipe (pretrain, demo, finetune ...), from the recipe's own pa
     zenlm presets
     zenlm convert from-hf HF_DIR --out RUN_DIR  |  zenlm convert to-hf RUN_DIR --out HF_DIR
     zenlm convert to-gguf RUN_DIR --out model.gguf [--outtype f32|f16|bf16|q8_0]
-    zenlm finetune seq2seq | classify ...   zenlm predict / embed / evaluate RUN ...   zenlm serve / chat RUN
+    zenlm finetune seq2seq | classify | chat ...   zenlm predict / embed / evaluate RUN ...   zenlm serve / chat RUN
 """
 
 from __future__ import annotations
@@ -604,13 +604,15 @@ def build_parser() -> argparse.ArgumentParser:
     add_verb(conv_sub, "from-hf", convert_from_hf, positional=("src",))
     add_verb(conv_sub, "to-hf", convert_to_hf, positional=("run",))
     add_verb(conv_sub, "to-gguf", convert_to_gguf, positional=("run",))
+    from zenlm.cli import chat as cli_chat  # multi-turn chat fine-tuning
     from zenlm.cli import encoder as cli_encoder  # texts -> labels or vectors
     from zenlm.cli import seq2seq as cli_seq2seq  # source -> target verbs live in their own module
 
-    ft = sub.add_parser("finetune", help="fine-tuning commands (seq2seq, classify)")
+    ft = sub.add_parser("finetune", help="fine-tuning commands (seq2seq, classify, chat)")
     ft_sub = ft.add_subparsers(dest="ftverb", metavar="TASK")
     add_verb(ft_sub, "seq2seq", cli_seq2seq.finetune_seq2seq, params=cli_seq2seq.finetune_seq2seq_params)
     add_verb(ft_sub, "classify", cli_encoder.finetune_classify, params=cli_encoder.finetune_classify_params)
+    add_verb(ft_sub, "chat", cli_chat.finetune_chat, params=cli_chat.finetune_chat_params)
     add_verb(sub, "predict", cli_encoder.predict, positional=("run", "texts"))
     add_verb(sub, "embed", cli_encoder.embed, positional=("run", "texts"))
     add_verb(sub, "evaluate", cli_seq2seq.evaluate, positional=("run",))

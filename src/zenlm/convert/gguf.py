@@ -41,6 +41,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from zenlm.chat_template import without_generation_marks
 from zenlm.config import GPTConfig
 from zenlm.errors import ConfigError
 from zenlm.progress import ProgressFn, report
@@ -239,7 +240,8 @@ def tokenizer_fields(tok: Tokenizer, vocab_size: int, where: Path) -> dict[str, 
                           "BPE tokenizer needs them: train the tokenizer with a larger --vocab-size.")
     ids = {"bos": tok.bos_id, "eos": tok.eos_id, "pad": tok.pad_id, "unk": tok.unk_id}
     return {"model": "gpt2", "pre": pre, "tokens": tokens, "types": types, "merges": merges,
-            "ids": {k: v for k, v in ids.items() if v is not None}, "chat_template": tok.chat_template}
+            "ids": {k: v for k, v in ids.items() if v is not None},
+            "chat_template": without_generation_marks(tok.chat_template)}  # llama.cpp renders no marks
 
 
 def _add_tokenizer(writer: Any, fields: dict[str, Any]) -> None:

@@ -612,14 +612,14 @@ def export_hf(
 def gpt_run_config(run: Path, what: str) -> GPTConfig:
     """The model config of a decoder-only language-model run, for an export. Runs that are something else (an
     encoder, a classifier, an int8 copy) are refused, naming ``what`` was attempted and what to do instead."""
-    from zenlm.rundir import read_run_config, run_architecture, run_task
+    from zenlm.rundir import LM_TASKS, read_run_config, run_architecture, run_task
 
     saved = read_run_config(run)
     ours = run_architecture(saved)
     if ours.name not in EXPORTABLE:
         raise ConfigError(f"{run} holds a {ours.title} model; {what} supports decoder-only GPT runs "
                           "(GPT-2 and Llama-family layouts).")
-    if run_task(saved):
+    if run_task(saved) not in LM_TASKS:
         raise ConfigError(f"{run} is a {run_task(saved)!r} run (task.kind in config.yaml); {what} "
                           "supports language-model runs.")
     if saved.get("quantization"):

@@ -47,7 +47,7 @@ from zenlm.convert.hf import Architecture, architecture_for_config
 from zenlm.errors import ConfigError, DataError
 from zenlm.fileio import save_safetensors
 from zenlm.models.lora import FUSED_PARTS, LoRAConfig, linear_layers, weights_fingerprint
-from zenlm.rundir import read_run_config, run_architecture, weights_file
+from zenlm.rundir import LM_TASKS, read_run_config, run_architecture, run_task, weights_file
 
 PREFIX = "base_model.model."
 PEFT_CONFIG = "adapter_config.json"
@@ -112,7 +112,7 @@ def export_peft(run_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str]
     section = saved.get("lora")
     if not section:
         raise ConfigError(f"{run} is not a LoRA run; export a whole model with export_hf.")
-    if (saved.get("task") or {}).get("kind") or saved["model"].get("arch", "gpt") != "gpt":
+    if run_task(saved) not in LM_TASKS or saved["model"].get("arch", "gpt") != "gpt":
         raise ConfigError(f"{run}: PEFT export covers LoRA runs of decoder-only language models (causal LM); merge "
                           f"this one instead: zenlm merge-lora {run} --out MERGED.")
     cfg = run_architecture(saved).config_from_dict(saved["model"])

