@@ -41,6 +41,9 @@ def test_per_channel_scales_and_rounding_error() -> None:
         torch.testing.assert_close(y16.float(), q(rows), rtol=0.05, atol=0.05)
 
 
+pytestmark = pytest.mark.xdist_group("int8")  # one worker: the trained run below is made once
+
+
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
     root = tmp_path_factory.mktemp("int8")
