@@ -62,7 +62,8 @@ INTERPOLATE = {"shakespeare": ("i will not hurt him .", "what is your pleasure ,
                "peoples-daily": ("经济发展很快。", "今天天气很好。")}
 
 
-def _train(seconds: float, args: argparse.Namespace, **kw: Any) -> TrainConfig:
+def _train(seconds: float | None, args: argparse.Namespace, **kw: Any) -> TrainConfig:
+    """The loop's settings of one run: a wall-time budget (None: the run's own step counts decide)."""
     return TrainConfig(max_steps=10**9, max_seconds=seconds, seed=0, device="cpu", precision=args.precision,
                        tensorboard=False, threads=args.threads, **kw)
 
@@ -114,7 +115,7 @@ def seqgan_part(root: Path, args: argparse.Namespace) -> list[dict[str, Any]]:
                               "n_train": 10000 if data == "oracle" else None,
                               "n_test": 2000 if data == "oracle" else 1000,
                               "eval_samples": 1000 if data == "oracle" else 500, **smoke})
-        res = train_seqgan(root / f"seqgan-{data}", settings=s, train=_train(1.0, args, eval_every=0, log_every=50))
+        res = train_seqgan(root / f"seqgan-{data}", settings=s, train=_train(None, args, eval_every=0, log_every=50))  # steps decide
         out.append({"data": data, "rows": res.rows, "verdict": res.verdict, "mle": res.mle, "gan": res.gan,
                     "table": seqgan_table(res.rows)})
         print(f"[seqgan] {data}: {res.verdict}", file=sys.stderr, flush=True)
