@@ -17,9 +17,13 @@ Steps (each trained configuration in its own Python process, so that its peak re
    tokens, and the padding share per batch.
 1. base: a byte-level BPE tokenizer and a GPT (--model, default demo) pretrained for --base-steps on the text of
    the built-in conversations (chitchat, chatterbot-en, chatterbot-zh: every message, one per line). It has
-   seen the language, never the chat template.
+   seen the language, never the chat template. With --zh, a second base for the Chinese run (full-zh) gets its
+   own tokenizer and the same pretraining on People's Daily (--zh-chars characters) and the chatterbot-zh
+   messages.
 2. full, lora, int8+lora: ``zenlm finetune chat`` of that base on --data (default chitchat) with the same
-   batches and steps; int8+lora adapts the int8 copy of the base (``zenlm quantize``). Reported: trainable
+   batches and steps; int8+lora adapts the int8 copy of the base (``zenlm quantize``). LoRA trains the rows of
+   the special tokens the conversations use beside the adapters (``--lora-tokens auto``); ``--configs
+   lora-no-tokens`` adds LoRA without them (``--lora-tokens none``), for contrast. Reported: trainable
    parameters, peak RSS while training (reset once the model is built, as benchmarks/lora_memory.py does), mean
    step time, and the validation loss (nats per assistant token) on the held-out conversations.
 3. stop rate: the first user message (after the system message, if any) of --replies held-out conversations,
@@ -46,50 +50,82 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from lora_memory import _count, _mem_mb, training_peaks  # noqa: E402  # the same counts and RSS measurement
 
-CONFIGS = ("base", "full", "lora", "int8+lora", "full-zh")
+CONFIGS = ("base", "full", "lora", "lora-no-tokens", "int8+lora", "full-zh")
 GOAL = 0.99
 
 
 # ------------------------------------------------------------------------------------------- preparation
 
 
+def _text_to_data(lines: list[str], text: Path, out: Path, vocab_size: int) -> None:
+    """``lines`` written to ``text`` (one per line), a byte-level BPE tokenizer trained on them, and the text as
+    token shards in ``out`` (the tokenizer saved beside them)."""
+    from zenlm.data.corpus import open_corpus
+    from zenlm.data.shards import prepare
+    from zenlm.tokenizer import train_tokenizer
+
+    text.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    corpus = open_corpus(str(text), val_fraction=0.02)
+    tok = train_tokenizer(corpus.texts("train"), kind="bpe", vocab_size=vocab_size)
+    shutil.rmtree(out, ignore_errors=True)
+    prepare(corpus, tok, out)
+
+
+def _pretrain_base(args: argparse.Namespace, data: Path, base: Path) -> None:
+    """A GPT (--model) pretrained on ``data`` for --base-steps, written to ``base``."""
+    from zenlm.recipes.pretrain import pretrain
+    from zenlm.train.loop import TrainConfig
+    from zenlm.train.optim import OptimConfig
+
+    shutil.rmtree(base, ignore_errors=True)
+    pretrain(data, base, model=args.model, model_overrides=json.loads(args.model_overrides),
+             batch_size=16, train=TrainConfig(max_steps=args.base_steps, eval_every=0, ckpt_every=0,
+                                              threads=args.threads, tensorboard=False, seed=args.seed),
+             optim=OptimConfig(name="adamw", lr=2e-3, min_lr=2e-4, warmup_steps=min(50, args.base_steps // 5)))
+
+
 def prepare_data(args: argparse.Namespace, work: Path) -> None:
     """work/data: a byte-level BPE tokenizer trained on the text of the built-in conversations (every message, one
     per line) and that text as token shards (the tokenizer is saved beside them)."""
     from zenlm.data.chat import read_builtin
-    from zenlm.data.corpus import open_corpus
-    from zenlm.data.shards import prepare
-    from zenlm.tokenizer import train_tokenizer
 
     if (work / "data" / "index.json").is_file():
         return
     lines = [m["content"].strip() for name in ("chitchat", "chatterbot-en", "chatterbot-zh")
              for c in read_builtin(name) for m in c.messages]
-    text = work / "chat-text.txt"
-    text.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    corpus = open_corpus(str(text), val_fraction=0.02)
-    tok = train_tokenizer(corpus.texts("train"), kind="bpe", vocab_size=args.vocab_size)
-    shutil.rmtree(work / "data", ignore_errors=True)
-    prepare(corpus, tok, work / "data")
+    _text_to_data(lines, work / "chat-text.txt", work / "data", args.vocab_size)
 
 
 def prepare_base(args: argparse.Namespace, work: Path) -> None:
     """work/base: a GPT pretrained on work/data (it has seen the language, never the chat template);
     work/base-int8: its int8 copy."""
-    from zenlm.recipes.pretrain import pretrain
     from zenlm.recipes.quantize import quantize_run
-    from zenlm.train.loop import TrainConfig
-    from zenlm.train.optim import OptimConfig
 
     base = work / "base"
     if not (base / "model.safetensors").is_file():
-        shutil.rmtree(base, ignore_errors=True)
-        pretrain(work / "data", base, model=args.model, model_overrides=json.loads(args.model_overrides),
-                 batch_size=16, train=TrainConfig(max_steps=args.base_steps, eval_every=0, ckpt_every=0,
-                                                  threads=args.threads, tensorboard=False, seed=args.seed),
-                 optim=OptimConfig(name="adamw", lr=2e-3, min_lr=2e-4, warmup_steps=min(50, args.base_steps // 5)))
+        _pretrain_base(args, work / "data", base)
     if not (work / "base-int8").exists():
         quantize_run(base, work / "base-int8")
+
+
+def prepare_zh(args: argparse.Namespace, work: Path) -> None:
+    """work/data-zh and work/base-zh, the base of the Chinese chat run: a byte-level BPE tokenizer and the same GPT
+    preset pretrained for --base-steps on People's Daily (January 1998, at most --zh-chars characters) and the
+    chatterbot-zh messages. The English base saw too little Chinese to write it."""
+    from zenlm.data.chat import read_builtin
+    from zenlm.data.corpus import open_corpus
+
+    if (work / "base-zh" / "model.safetensors").is_file():
+        return
+    lines = [m["content"].strip() for c in read_builtin("chatterbot-zh") for m in c.messages]
+    chars = sum(map(len, lines))
+    for line in "".join(open_corpus("peoples-daily").texts("train")).splitlines():
+        if chars >= args.zh_chars:
+            break
+        lines.append(line)
+        chars += len(line)
+    _text_to_data(lines, work / "chat-text-zh.txt", work / "data-zh", args.vocab_size)
+    _pretrain_base(args, work / "data-zh", work / "base-zh")
 
 
 # ----------------------------------------------------------------------------- batching: padding vs packing
@@ -217,15 +253,18 @@ def worker(args: argparse.Namespace) -> dict:
 
     work, name = Path(args.work), args.worker
     data = "chatterbot-zh" if name == "full-zh" else args.data
+    base = work / {"int8+lora": "base-int8", "full-zh": "base-zh"}.get(name, "base")
     if name == "base":
-        return {"config": name, "data": data, **stop_rate(work / "base", data, args)}
+        return {"config": name, "data": data, **stop_rate(base, data, args)}
     out = work / f"run-{name.replace('+', '-')}"
     shutil.rmtree(out, ignore_errors=True)
-    lora = LoRAConfig(rank=args.rank, alpha=args.alpha) if "lora" in name else None
+    # lora-no-tokens: adapters only, the end-of-turn token's embedding and head rows frozen (--lora-tokens none)
+    lora = LoRAConfig(rank=args.rank, alpha=args.alpha, tokens="none" if name == "lora-no-tokens" else "auto") \
+        if "lora" in name else None
     peaks, progress = training_peaks()
 
     t0 = time.perf_counter()
-    result = finetune_chat(work / ("base-int8" if name == "int8+lora" else "base"), data, out,
+    result = finetune_chat(base, data, out,
                            val_fraction=args.val_fraction, batch_size=args.batch_size, max_len=args.max_len,
                            train=TrainConfig(max_steps=args.steps, eval_every=args.steps, ckpt_every=0, log_every=1,
                                              keep_checkpoints=1, device="cpu", precision=args.precision,
@@ -236,8 +275,8 @@ def worker(args: argparse.Namespace) -> dict:
     train_s = [r["train_s"] for r in rows if "train_s" in r]
     step_s = [b - a for a, b in zip(train_s, train_s[1:], strict=False)][1:] or [train_s[-1]]
     weights = out / ("adapter.safetensors" if lora else "model.safetensors")
-    return {"config": name, "data": data, "trainable": _count(weights), "total": _count(work / "base" /
-                                                                                       "model.safetensors"),
+    return {"config": name, "data": data, "trainable": _count(weights),
+            "total": _count(work / ("base-zh" if name == "full-zh" else "base") / "model.safetensors"),
             "peak_train_mb": round(max(peaks), 1),
             "peak_total_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
             "baseline_mb": round(baseline, 1), "step_s": round(sum(step_s) / len(step_s), 4),
@@ -255,7 +294,9 @@ def main() -> None:
     ap.add_argument("--vocab-size", type=int, default=8192, help="BPE tokenizer trained on the conversations' text")
     ap.add_argument("--base-steps", type=int, default=1500, help="pretraining steps of the base")
     ap.add_argument("--data", default="chitchat", help="conversations to fine-tune on (built-in name or .jsonl)")
-    ap.add_argument("--zh", action="store_true", help="also fine-tune on chatterbot-zh (for Chinese samples)")
+    ap.add_argument("--zh", action="store_true", help="also fine-tune on chatterbot-zh (for Chinese samples), from a "
+                    "base pretrained on People's Daily and the chatterbot-zh messages")
+    ap.add_argument("--zh-chars", type=int, default=2_000_000, help="People's Daily characters for the Chinese base")
     ap.add_argument("--steps", type=int, default=300, help="chat fine-tuning steps of every configuration")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--max-len", type=int, default=None, help="tokens per conversation (default: the context)")
@@ -280,7 +321,7 @@ def main() -> None:
         return
     if args.smoke:
         args.model, args.base_steps, args.steps, args.replies, args.max_new_tokens = "tiny", 20, 6, 10, 16
-        args.vocab_size, args.batch_size, args.max_len = 512, 4, 64
+        args.vocab_size, args.batch_size, args.max_len, args.zh_chars = 512, 4, 64, 20_000
         args.model_overrides = json.dumps({"n_layer": 1, "n_embd": 32, "n_head": 2, "block_size": 64})
     configs = args.configs.split(",") + (["full-zh"] if args.zh else [])
     for c in configs:
@@ -304,6 +345,8 @@ def bench(args: argparse.Namespace, work: Path, configs: list[str]) -> None:
         print_batching(batching)
         return
     prepare_base(args, work)
+    if "full-zh" in configs:
+        prepare_zh(args, work)
     print(f"base ready in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
     rows = []
     for config in configs:
@@ -332,7 +375,7 @@ def bench(args: argparse.Namespace, work: Path, configs: list[str]) -> None:
                      f"{r['step_s']:.3f}", f"{r['val_loss']:.4f}"]
         print(f"| {r['config']} | {r['data']} | {' | '.join(cells)} | {r['stop_rate']:.1%} | "
               f"{r['mean_reply_tokens']:.1f} |")
-    tuned = [r for r in rows if r["config"] != "base"]
+    tuned = [r for r in rows if r["config"] not in ("base", "lora-no-tokens")]  # the contrasts have no goal
     if tuned:
         worst = min(r["stop_rate"] for r in tuned)
         print(f"\nlowest stop rate of the chat-tuned models: {worst:.1%} (goal >= {GOAL:.0%}): "

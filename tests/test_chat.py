@@ -323,6 +323,13 @@ def test_lora_chat_run_end_to_end_through_the_cli_chat_and_the_openai_client(
     assert (out / "adapter.safetensors").is_file() and not (out / "model.safetensors").exists()
     saved = read_run_config(out)
     assert saved["task"]["kind"] == "chat" and saved["lora"]["rank"] == 4
+    # --lora-tokens auto: the rows of the special tokens the conversations use train too, end of turn first
+    eot = Tokenizer.load(out).token_to_id(saved["task"]["end_of_turn"])
+    assert saved["lora"]["tokens"][0] == eot
+    from safetensors.torch import load_file
+
+    adapter = load_file(str(out / "adapter.safetensors"))
+    assert adapter["tok_emb.rows"].shape[0] == len(saved["lora"]["tokens"])
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert all(r["val_loss"] < 0.5 for r in rows if "val_loss" in r)
     capsys.readouterr()
@@ -342,7 +349,7 @@ def test_lora_chat_run_end_to_end_through_the_cli_chat_and_the_openai_client(
 
 def test_int8_base_with_lora(tmp_path: Path, chat_base: Path, chats: Path) -> None:
     from zenlm.models.int8 import Int8Linear
-    from zenlm.models.lora import LoRAConfig
+    from zenlm.models.lora import LoRAConfig, TokenRows
     from zenlm.recipes.quantize import quantize_run
 
     int8 = quantize_run(chat_base, tmp_path / "int8").out
@@ -352,6 +359,10 @@ def test_int8_base_with_lora(tmp_path: Path, chat_base: Path, chats: Path) -> No
     finetune_chat(int8, chats, out, lora=LoRAConfig(rank=2), train=_train(3))
     lm = zenlm.load(out, device="cpu")
     assert any(isinstance(m, Int8Linear) for m in lm.model.modules())
+    assert isinstance(lm.model.tok_emb, TokenRows)  # an int8 base keeps its layers: the token rows stay beside
+    ids = lm.tokenizer.encode(render_chat(lm.tokenizer, [{"role": "user", "content": "hi"}]), allow_special=True)
+    assert len(list(generate_ids(lm.model, ids, GenerationConfig(max_new_tokens=3, temperature=0.0),
+                                 eos_id=None))) == 3
     assert read_run_config(out)["lora"]["base"]["quantization"] == "int8-weight-only"
 
 

@@ -200,3 +200,40 @@ def test_split_adapters_cannot_become_gpt2s_single_c_attn_pair(tmp_path: Path, b
     with pytest.raises(ConfigError, match="one LoRA pair per part.*qkv='fused'"):
         export_peft(run, tmp_path / "x")
     assert not (tmp_path / "x").exists()
+
+
+def test_trainable_token_rows_round_trip_through_peft(layout: str, base: tuple[Path, Path], tmp_path: Path) -> None:
+    """LoRA with trainable token rows is PEFT's trainable_token_indices: exported, PEFT computes our logits
+    (the chosen tokens in the input and in the output), merges to our merge-lora, and the import gives the
+    same tensors back."""
+    base_run, base_hf = base
+    tokens = (1, 5, 9)
+    run = _trained_lora_run(base_run, tmp_path / "lora", LoRAConfig(rank=4, alpha=8, targets=OUR_TARGETS[layout],
+                                                                     tokens=tokens))
+    out = export_peft(run, tmp_path / "peft", base_model=str(base_hf))
+    config = json.loads((out / "adapter_config.json").read_text())
+    tied = layout == "gpt2"
+    assert config["trainable_token_indices"] == (
+        list(tokens) if tied else {"embed_tokens": list(tokens), "lm_head": list(tokens)})
+    ids = _ids()
+    ids[:, ::4] = 5  # a chosen token in the input
+    model = peft.PeftModel.from_pretrained(_hf(base_hf), out).eval()
+    with torch.no_grad():
+        theirs = model(ids).logits
+    torch.testing.assert_close(_ours(run, ids), theirs)
+    merged_theirs = model.merge_and_unload()
+    merge_lora_run(run, tmp_path / "merged")
+    with torch.no_grad():
+        torch.testing.assert_close(_ours(tmp_path / "merged", ids), merged_theirs(ids).logits)
+    back = import_peft(out, base_run, tmp_path / "back")
+    assert yaml.safe_load((back / "config.yaml").read_text())["lora"]["tokens"] == list(tokens)
+    torch.testing.assert_close(_ours(back, ids), theirs)
+    export_peft(back, tmp_path / "again", base_model=str(base_hf))
+    a, b = load_file(str(out / "adapter_model.safetensors")), load_file(str(tmp_path / "again" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert any("trainable_tokens_delta" in k for k in a)
+    # the ids name tokens the tensors do not fit: refused, naming the field
+    bad = _edit(out, tmp_path / "bad", trainable_token_indices=[1, 5])
+    with pytest.raises(DataError, match="trainable token rows"):
+        import_peft(bad, base_run, tmp_path / "out")
+    assert not (tmp_path / "out").exists()

@@ -119,12 +119,12 @@ def shape_params() -> list[Param]:
             Param("dropout", float | None, None, "override the preset's dropout")]
 
 
-LORA_FIELDS = ("rank", "alpha", "dropout", "targets", "qkv")
+LORA_FIELDS = ("rank", "alpha", "dropout", "targets", "qkv", "tokens")
 
 
 def lora_params() -> list[Param]:
     """--lora and the settings of zenlm.models.lora.LoRAConfig as --lora-rank, --lora-alpha, --lora-dropout,
-    --lora-targets and --lora-qkv: what a recipe's ``lora`` argument takes (see :func:`lora_config`)."""
+    --lora-targets, --lora-qkv and --lora-tokens: what a recipe's ``lora`` argument takes (see :func:`lora_config`)."""
     from typing import Literal
 
     from zenlm.clikit import params_of
@@ -133,7 +133,7 @@ def lora_params() -> list[Param]:
     return [Param("lora", bool | None, None, "train LoRA adapters on the frozen base instead of every weight (the "
                   "run saves adapter.safetensors; an int8 base from `zenlm quantize` is allowed)"),
             *params_of(LoRAConfig, only=LORA_FIELDS, rename={k: f"lora_{k}" for k in LORA_FIELDS},
-                       types={"targets": list[str], "qkv": Literal[QKV_MODES]})]  # type: ignore[valid-type]
+                       types={"targets": list[str], "qkv": Literal[QKV_MODES], "tokens": list[str]})]  # type: ignore[valid-type]
 
 
 def lora_config(flags: dict[str, Any]) -> Any:

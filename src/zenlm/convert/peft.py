@@ -23,6 +23,15 @@ across as they are. A single pair on a fused q/k/v layer exports to Llama's sepa
 gets A and its rows of B); separate pairs cannot become GPT-2's single ``c_attn`` pair, and are refused there.
 PEFT's ``use_rslora`` (scale alpha / sqrt(r)) imports as alpha' = alpha * sqrt(r); DoRA, trained biases, extra
 modules and per-layer ranks are refused with the field named.
+
+Trainable token rows (``LoRAConfig.tokens``) are PEFT's ``trainable_token_indices``. PEFT stores the rows
+themselves (not a difference to the base rows) as ``trainable_tokens_delta``::
+
+    tok_emb.rows   [n, C]   model.embed_tokens.token_adapter.trainable_tokens_delta    (transformer.wte... for GPT-2)
+    lm_head.rows   [n, C]   lm_head.token_adapter.trainable_tokens_delta               (untied heads only)
+
+A tied model lists the ids (``[1, 0]``: PEFT ties the head's rows to the embedding's); an untied one names both
+layers (``{"embed_tokens": [1, 0], "lm_head": [1, 0]}``).
 """
 
 from __future__ import annotations
@@ -52,6 +61,8 @@ from zenlm.rundir import LM_TASKS, read_run_config, run_architecture, run_task, 
 PREFIX = "base_model.model."
 PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
+_TOKENS_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.token_adapter\.trainable_tokens_delta"
+                         r"(?:\.[A-Za-z0-9_-]+)?$")
 _KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.[A-Za-z0-9_-]+)?\.weight$")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -70,6 +81,13 @@ def _linear_rules(cfg: GPTConfig, arch: Architecture) -> dict[str, tuple[WeightR
 
 def _module(weight_name: str) -> str:
     return weight_name.removesuffix(".weight")
+
+
+def _token_modules(cfg: GPTConfig, arch: Architecture) -> tuple[str, str]:
+    """Their names of the token embedding and the output head (``model.embed_tokens``, ``lm_head``)."""
+    rules = {r.ours: r for r in arch.weight_map(cfg)}
+    head = rules.get("lm_head.weight")
+    return _module(rules["tok_emb.weight"].theirs[0]), _module(head.theirs[0]) if head else "lm_head"
 
 
 def _target_modules(adapted: list[str], every: list[str]) -> list[str]:
@@ -153,6 +171,16 @@ def export_peft(run_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str]
         for name, a, b in pairs:
             theirs[f"{PREFIX}{name}.lora_A.weight"], theirs[f"{PREFIX}{name}.lora_B.weight"] = a, b
             adapted.append(name)
+    token_ids = list(LoRAConfig.from_dict(section).token_ids)
+    trainable_tokens: list[int] | dict[str, list[int]] | None = None
+    if token_ids:
+        emb_name, head_name = _token_modules(cfg, arch)
+        theirs[f"{PREFIX}{emb_name}.token_adapter.trainable_tokens_delta"] = take("tok_emb.rows")
+        if cfg.tie_embeddings:
+            trainable_tokens = token_ids
+        else:
+            theirs[f"{PREFIX}{head_name}.token_adapter.trainable_tokens_delta"] = take("lm_head.rows")
+            trainable_tokens = {emb_name.rsplit(".", 1)[-1]: token_ids, head_name: token_ids}
     extra = sorted(set(ours) - used)
     if extra:
         raise ConfigError(f"{weights} also holds {extra[:3]}, which a PEFT LoRA adapter cannot carry; merge the run "
@@ -165,6 +193,7 @@ def export_peft(run_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str]
         "fan_in_fan_out": fan_in_fan_out, "bias": "none", "use_rslora": False, "use_dora": False,
         "modules_to_save": None, "init_lora_weights": True, "inference_mode": True, "rank_pattern": {},
         "alpha_pattern": {}, "layers_to_transform": None, "layers_pattern": None, "revision": None,
+        "trainable_token_indices": trainable_tokens,
     }
     prepare_out(out, PEFT_CONFIG, overwrite)
     save_safetensors(theirs, out / PEFT_WEIGHTS[0], metadata={"format": "pt"})
@@ -195,7 +224,6 @@ def _check_peft_config(c: dict[str, Any], where: Path) -> tuple[int, float, floa
                        ("alpha_pattern", "zenlm's LoRA uses one alpha for every layer"),
                        ("target_parameters", "zenlm adapts linear layers (target_modules) only"),
                        ("layer_replication", "zenlm does not replicate layers"),
-                       ("trainable_token_indices", "zenlm does not train single embedding rows"),
                        ("alora_invocation_tokens", "activated LoRA is not supported"),
                        ("use_qalora", "QA-LoRA is not supported")]:
         if c.get(field):
@@ -208,6 +236,69 @@ def _check_peft_config(c: dict[str, Any], where: Path) -> tuple[int, float, floa
     dropout = c.get("lora_dropout") or 0.0
     # rsLoRA scales by alpha / sqrt(r); the same update in our convention (alpha / r) needs alpha * sqrt(r)
     return r, float(alpha) * math.sqrt(r) if c.get("use_rslora") else float(alpha), float(dropout)
+
+
+def _import_token_rows(c: dict[str, Any], rows: dict[str, Tensor], net: Any, cfg: GPTConfig, arch: Architecture,
+                       ours: dict[str, Tensor], where: Path, weights_file: Path) -> list[int]:
+    """PEFT's ``trainable_token_indices`` and their ``trainable_tokens_delta`` tensors -> our ``tok_emb.rows`` and
+    ``lm_head.rows`` (added to ``ours``); returns the ids. A layer that trained no rows keeps the base's."""
+    spec = c.get("trainable_token_indices")
+    if not spec:
+        if rows:
+            raise DataError(f"{weights_file} holds trainable token rows ({sorted(rows)[0]}), but {where} has no "
+                            "trainable_token_indices saying which tokens they are.")
+        return []
+    emb_name, head_name = _token_modules(cfg, arch)
+
+    def ours_of(layer: str) -> str | None:
+        for name, mine in ((emb_name, "tok_emb"), (head_name, "lm_head")):
+            if name == layer or name.endswith("." + layer) or layer.endswith("." + name) or \
+                    arch.prefix + layer == name:
+                return mine
+        return None
+
+    by_layer: dict[str, list[int]] = {}
+    if isinstance(spec, list):
+        by_layer["tok_emb"] = spec
+    elif isinstance(spec, dict):
+        for layer, ids in spec.items():
+            mine = ours_of(layer)
+            if mine is None:
+                raise ConfigError(f"{where}: trainable_token_indices names {layer!r}, which is neither the token "
+                                  f"embedding ({emb_name}) nor the output head ({head_name}) of the {arch.name} base.")
+            by_layer[mine] = ids
+    else:
+        raise ConfigError(f"{where}: trainable_token_indices={spec!r} is neither a list of token ids nor a dict of "
+                          "layer -> ids.")
+    lists = list(by_layer.values())
+    if any(not isinstance(ids, list) or not all(isinstance(i, int) and 0 <= i < cfg.vocab_size for i in ids)
+           for ids in lists) or not lists[0]:
+        raise ConfigError(f"{where}: trainable_token_indices={spec!r} must list token ids below the vocabulary size "
+                          f"{cfg.vocab_size}.")
+    if any(ids != lists[0] for ids in lists[1:]):
+        raise ConfigError(f"{where}: trainable_token_indices={spec!r} trains different tokens in the embedding and "
+                          "the head; zenlm trains one list of tokens in both.")
+    ids = lists[0]
+    if len(set(ids)) != len(ids):
+        raise ConfigError(f"{where}: trainable_token_indices={spec!r} lists a token twice.")
+    found: dict[str, Tensor] = {}
+    for layer, t in rows.items():
+        mine = ours_of(layer)
+        if mine is None or mine not in by_layer and not (mine == "lm_head" and cfg.tie_embeddings):
+            raise DataError(f"{weights_file}: trainable token rows for {layer!r}, which trainable_token_indices does "
+                            "not name.")
+        if tuple(t.shape) != (len(ids), cfg.n_embd):
+            raise DataError(f"{weights_file}: the trainable token rows of {layer} have shape {tuple(t.shape)}, but "
+                            f"{len(ids)} tokens of the base need {(len(ids), cfg.n_embd)}.")
+        found[mine] = t.float()
+    index = torch.tensor(ids)
+    with torch.no_grad():
+        ours["tok_emb.rows"] = found.get("tok_emb", net.tok_emb(index).float())  # a float or int8 table
+        if not cfg.tie_embeddings:  # an untied head that trained no rows keeps its own
+            head = net.lm_head
+            w = head.dequantized(torch.float32) if hasattr(head, "dequantized") else head.weight.float()
+            ours["lm_head.rows"] = found.get("lm_head", w[index])
+    return ids
 
 
 def _read_peft_weights(src: Path) -> tuple[dict[str, Tensor], Path]:
@@ -266,11 +357,17 @@ def import_peft(src_dir: str | os.PathLike[str], base_run: str | os.PathLike[str
             where_theirs[_module(t)] = (ours_name, i)
 
     pairs: dict[str, dict[str, Tensor]] = {}
+    token_rows: dict[str, Tensor] = {}  # their module -> its trained rows
     for key, t in tensors.items():
+        tm = _TOKENS_KEY.match(key)
+        if tm is not None:
+            token_rows[tm["module"]] = t
+            continue
         m = _KEY.match(key)
         if m is None:
-            raise DataError(f"{weights_file}: tensor {key!r} is not a LoRA A or B matrix of a linear layer; zenlm "
-                            "imports plain LoRA adapters (no embedding adapters, DoRA vectors or biases).")
+            raise DataError(f"{weights_file}: tensor {key!r} is not a LoRA A or B matrix of a linear layer or a "
+                            "trainable token row; zenlm imports LoRA adapters with trainable tokens (no embedding "
+                            "adapters, DoRA vectors or biases).")
         module = m["module"]
         if module not in where_theirs and arch.prefix + module in where_theirs:  # saved from the base model class
             module = arch.prefix + module
@@ -305,8 +402,10 @@ def import_peft(src_dir: str | os.PathLike[str], base_run: str | os.PathLike[str
     order = list(linear)
     modules = {n: (sorted(p, key=FUSED_PARTS[n.rsplit(".", 1)[-1]].index) if p is not None else None)
                for n, p in sorted(modules.items(), key=lambda kv: order.index(kv[0]))}
+    token_ids = _import_token_rows(c, token_rows, net, cfg, arch, ours, where, weights_file)
     qkv = "split" if any(r.split for r, _ in linear.values()) else "fused"  # the reference layout's own
-    lora = LoRAConfig(rank=rank, alpha=alpha, dropout=dropout, targets=tuple(modules), qkv=qkv)
+    lora = LoRAConfig(rank=rank, alpha=alpha, dropout=dropout, targets=tuple(modules), qkv=qkv,
+                      tokens=tuple(token_ids) or ("none",))
     section = lora_section(lora, modules, base, weights_fingerprint(net), base_saved)
     section["source"] = {"format": "peft", "dir": str(src.resolve()), "target_modules": c.get("target_modules"),
                          "lora_alpha": c.get("lora_alpha"), "use_rslora": bool(c.get("use_rslora"))}

@@ -31,10 +31,23 @@ separate adapters do not import into one shared pair. :class:`SplitLoRALinear` k
 v, or any subset: PEFT's default Llama targets are q and v) on the fused layer, which is exactly PEFT's
 separate adapters in both directions. ``LoRAConfig.qkv = "auto"`` uses it for every model except GPT-2-style
 ones (learned positions), whose reference layout is the fused pair.
+
+**Trainable token rows.** A chat template brings tokens that pretraining hardly used, above all the end-of-turn
+token. Their output-head rows were trained only to keep them unlikely, and adapters on the hidden matrices can
+reach them only by steering every hidden state towards a row that points away. ``LoRAConfig.tokens`` names a
+few token ids whose embedding row and output-head row are trained directly (PEFT's ``trainable_token_indices``)::
+
+    E'[i] = R_emb[k]    W_head'[i] = R_head[k]      for the k-th chosen id i;  every other row stays frozen
+
+R starts as a copy of the base rows (an exact no-op). A tied model has one R for both uses. The embedding looks
+the ids up as usual and puts R's row in where one of the ids occurs; the head computes its logits as usual and
+replaces the chosen ids' logits by ``h R_head^T``: no [V, C] copy of the table is made, and only the n x C rows
+get gradients and optimiser state.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import re
 from collections.abc import Iterator, Sequence
@@ -79,6 +92,10 @@ class LoRAConfig:
     qkv:     ``split`` gives each part of a fused q/k/v projection its own A and B (Llama / PEFT layout),
              ``fused`` one pair for the whole projection (GPT-2 layout); ``auto`` picks ``fused`` for models with
              learned positions (GPT-2 style) and ``split`` for all others
+    tokens:  tokens whose embedding and output-head rows are trained beside the adapters (decoder-only models):
+             ``auto`` (the recipe's choice: ``finetune chat`` takes the special tokens its conversations use, such
+             as the end-of-turn token; other recipes none), ``none``, or token ids and token strings
+             (``<|eos|>``); a recipe resolves the strings with its tokenizer before the adapters are made
     """
 
     rank: int = 8
@@ -86,6 +103,7 @@ class LoRAConfig:
     dropout: float = 0.0
     targets: tuple[str, ...] = ("all",)
     qkv: str = "auto"
+    tokens: tuple[str, ...] = ("auto",)
 
     def __post_init__(self) -> None:
         if isinstance(self.targets, str):
@@ -103,6 +121,28 @@ class LoRAConfig:
             raise ConfigError(f"LoRA qkv={self.qkv!r} is not supported; choose one of {', '.join(QKV_MODES)}.")
         self.alpha = float(self.alpha)
         self.dropout = float(self.dropout)
+        if isinstance(self.tokens, (str, int)):
+            self.tokens = (self.tokens,)
+        tokens = []
+        for t in self.tokens:
+            for part in (str(t).replace(",", " ").split() if isinstance(t, str) else [t]):
+                tokens.append(int(part) if isinstance(part, int) or part.lstrip("-").isdigit() else part)
+        self.tokens = tuple(tokens)  # type: ignore[assignment]
+        if any(isinstance(t, int) and t < 0 for t in self.tokens):
+            raise ConfigError(f"LoRA token ids must be >= 0, got {list(self.tokens)}.")
+        if len(self.tokens) > 1 and ({"auto", "none"} & {str(t) for t in self.tokens}):
+            raise ConfigError(f"LoRA tokens {list(self.tokens)}: 'auto' and 'none' stand alone.")
+
+    @property
+    def token_ids(self) -> tuple[int, ...]:
+        """The resolved token ids (empty for ``auto`` and ``none``); ConfigError while a token string is left."""
+        if self.tokens in (("auto",), ("none",), ()):
+            return ()
+        names = [t for t in self.tokens if not isinstance(t, int)]
+        if names:
+            raise ConfigError(f"LoRA tokens {names} are token strings; this recipe has no tokenizer to read them "
+                              "with, give their ids instead.")
+        return tuple(dict.fromkeys(self.tokens))  # type: ignore[arg-type]
 
     @property
     def scale(self) -> float:
@@ -110,11 +150,35 @@ class LoRAConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return {"rank": self.rank, "alpha": self.alpha, "dropout": self.dropout, "targets": list(self.targets),
-                "qkv": self.qkv}
+                "qkv": self.qkv, "tokens": list(self.tokens)}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> LoRAConfig:
-        return cls(**{k: d[k] for k in ("rank", "alpha", "dropout", "targets", "qkv") if k in d})
+        # a run saved before trainable token rows existed has no "tokens": it trained none
+        return cls(**{k: d[k] for k in ("rank", "alpha", "dropout", "targets", "qkv") if k in d},
+                   tokens=tuple(d.get("tokens") or ("none",)))
+
+    def with_tokens(self, tok: Any, auto: Sequence[int] = ()) -> LoRAConfig:
+        """This config with ``tokens`` resolved to ids by tokenizer ``tok`` (:class:`zenlm.tokenizer.Tokenizer`):
+        ``auto`` becomes ``auto`` (the recipe's choice, e.g. the special tokens a chat template writes), ``none``
+        no ids; a token string must be one token of ``tok``."""
+        if self.tokens == ("none",) or not self.tokens:
+            return dataclasses.replace(self, tokens=())
+        if self.tokens == ("auto",):
+            return dataclasses.replace(self, tokens=tuple(int(i) for i in auto))
+        ids: list[int] = []
+        for t in self.tokens:
+            if isinstance(t, int):
+                i: int | None = t
+            else:
+                i = tok.token_to_id(t)
+                if i is None:
+                    raise ConfigError(f"LoRA token {t!r} is not one token of this tokenizer; give a token it has "
+                                      "(e.g. its end-of-turn token) or a token id.")
+            if not 0 <= i < tok.vocab_size:
+                raise ConfigError(f"LoRA token id {i} is outside the tokenizer's {tok.vocab_size} ids.")
+            ids.append(i)
+        return dataclasses.replace(self, tokens=tuple(dict.fromkeys(ids)))
 
 
 # ------------------------------------------------------------------------------------------------ layers
@@ -273,6 +337,164 @@ class SplitLoRALinear(_LoRABase):
 LORA_LAYERS = (LoRALinear, SplitLoRALinear)
 
 
+class TokenRows(nn.Module):
+    """A frozen token embedding whose rows for a few ids are trained: ``emb(i) = R[k]`` when ``i = ids[k]``,
+    else the base row.
+
+    base: an ``nn.Embedding`` or ``Int8Embedding`` [V, C] (left frozen)
+    rows: R [n, C], a parameter that starts as the base's rows of ``ids`` (so the layer starts as a no-op)
+    """
+
+    param_roles: ClassVar[dict[str, str]] = {"rows": "adapter"}
+
+    def __init__(self, base: nn.Embedding | Int8Embedding, ids: Sequence[int]) -> None:
+        super().__init__()
+        self.base = base
+        V = base.num_embeddings
+        bad = [i for i in ids if not 0 <= int(i) < V]
+        if bad or not ids:
+            raise ConfigError(f"trainable token ids {bad or list(ids)} are not ids of this {V}-row embedding.")
+        dev = base.scale.device if isinstance(base, Int8Embedding) else base.weight.device
+        ids_n = torch.tensor([int(i) for i in ids], dtype=torch.long, device=dev)
+        slot_v = torch.full((V,), -1, dtype=torch.long, device=dev)
+        slot_v[ids_n] = torch.arange(len(ids_n), device=dev)
+        self.register_buffer("ids", ids_n, persistent=False)    # [n] the chosen ids
+        self.register_buffer("slot", slot_v, persistent=False)  # [V] id -> its row of R, or -1
+        with torch.no_grad():
+            self.rows = nn.Parameter(base(ids_n).detach().clone().float()
+                                     if isinstance(base, Int8Embedding) else base.weight[ids_n].detach().clone())
+        self.num_embeddings, self.embedding_dim = V, base.embedding_dim
+
+    @property
+    def weight(self) -> Tensor:
+        """The table this layer looks up, [V, C] (a copy with R's rows in place: for inspection and export, not
+        for the forward pass)."""
+        w = self.base.weight if isinstance(self.base, nn.Embedding) else self.base.weight_int8.float() * \
+            self.base.scale.float()[:, None]
+        return w.detach().index_copy(0, self.ids, self.rows.detach().to(w.dtype))
+
+    def forward(self, idx: Tensor) -> Tensor:
+        """idx: [...] token ids -> [..., C]: the base's rows, R's for the chosen ids."""
+        x = self.base(idx)
+        k = self.slot[idx]  # [...] the row of R, or -1
+        return torch.where((k >= 0).unsqueeze(-1), self.rows[k.clamp(min=0)].to(x.dtype), x)
+
+    def merged_embedding(self) -> nn.Embedding:
+        """A plain ``nn.Embedding`` holding the table this layer computes with (an int8 base expanded to float32)."""
+        w = self.weight
+        out = nn.Embedding(self.num_embeddings, self.embedding_dim, device=w.device, dtype=w.dtype)
+        with torch.no_grad():
+            out.weight.copy_(w)
+        return out
+
+    def extra_repr(self) -> str:
+        return f"ids={self.ids.tolist()}"
+
+
+class TokenRowsHead(nn.Module):
+    """An output head whose rows for the ids of a :class:`TokenRows` are trained: ``z = h W^T`` with the
+    chosen ids' logits replaced by ``h R^T`` ([..., C] -> [..., V]).
+
+    base:  the head layer (``nn.Linear`` or ``Int8Linear``), or None when the head is the embedding's own
+           table (a tied model with a float table)
+    rows:  an own R [n, C] for an untied head (starts as the head's rows); a tied head uses the embedding's R
+    """
+
+    param_roles: ClassVar[dict[str, str]] = {"rows": "adapter"}
+
+    def __init__(self, base: Linearish | None, emb: TokenRows, tied: bool) -> None:
+        super().__init__()
+        self.base = base
+        self._emb = [emb]  # not a submodule: its parameters are the embedding's, saved under tok_emb
+        self.tied = tied
+        self.register_buffer("ids", emb.ids.clone(), persistent=False)
+        if tied:
+            self.rows = None
+        else:
+            assert base is not None
+            w = _base_weight(base)
+            self.rows = nn.Parameter(w[self.ids].detach().clone().to(
+                base.weight.dtype if isinstance(base, nn.Linear) else torch.float32))
+        self.in_features, self.out_features = emb.embedding_dim, emb.num_embeddings
+
+    def head_rows(self) -> Tensor:
+        """R of this head: [n, C]."""
+        return self._emb[0].rows if self.rows is None else self.rows
+
+    @property
+    def weight(self) -> Tensor:
+        """The head matrix this layer computes with, [V, C] (a copy, for inspection and export)."""
+        w = self._emb[0].base.weight if self.base is None else _base_weight(self.base)
+        return w.detach().index_copy(0, self.ids, self.head_rows().detach().to(w.dtype))
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x: [..., C] -> logits [..., V]."""
+        from zenlm.models.layers import mixed_linear
+
+        z = mixed_linear(x, self._emb[0].base.weight) if self.base is None else self.base(x)
+        z_rows = mixed_linear(x, self.head_rows())  # [..., n] the chosen ids' logits
+        return z.index_copy(-1, self.ids, z_rows.to(z.dtype))
+
+    def merged_linear(self) -> nn.Linear:
+        """A plain ``nn.Linear`` (no bias) holding the head matrix this layer computes with."""
+        w = self.weight
+        out = nn.Linear(self.in_features, self.out_features, bias=False, device=w.device, dtype=w.dtype)
+        with torch.no_grad():
+            out.weight.copy_(w)
+        return out
+
+    def extra_repr(self) -> str:
+        return f"ids={self.ids.tolist()}, tied={self.tied}"
+
+
+TOKEN_LAYERS = (TokenRows, TokenRowsHead)
+
+
+def apply_token_rows(model: nn.Module, ids: Sequence[int]) -> None:
+    """Train the embedding and output-head rows of token ``ids`` of decoder ``model`` (``tok_emb`` and
+    ``lm_head``, or the table alone when tied), in place; the rest of both tables stays frozen."""
+    from zenlm.models.gpt import GPT
+
+    emb = getattr(model, "tok_emb", None)
+    if not isinstance(model, GPT) or not isinstance(emb, (nn.Embedding, Int8Embedding)):
+        raise ConfigError(f"trainable token rows are for decoder-only language models; this "
+                          f"{type(model).__name__} has no token embedding and output head to train rows of. Use "
+                          "--lora-tokens none.")
+    head = model.lm_head
+    if isinstance(head, LORA_LAYERS):
+        raise ConfigError("the output head carries a LoRA adapter already; train either LoRA on lm_head or its "
+                          "token rows (--lora-tokens none), not both.")
+    for p in emb.parameters():
+        p.requires_grad_(False)
+    rows = TokenRows(emb, ids)
+    model.tok_emb = rows
+    if head is None:  # tied, float table
+        model.lm_head = TokenRowsHead(None, rows, tied=True)
+    else:  # an own head, or an int8 head that shares the int8 table (tied)
+        for p in head.parameters():
+            p.requires_grad_(False)
+        shared = isinstance(head, Int8Linear) and isinstance(emb, Int8Embedding) and \
+            head.weight_int8.data_ptr() == emb.weight_int8.data_ptr()
+        model.lm_head = TokenRowsHead(head, rows, tied=shared)
+
+
+def token_rows(model: nn.Module) -> TokenRows | None:
+    """The model's :class:`TokenRows` embedding, if its token rows are trained."""
+    emb = getattr(model, "tok_emb", None)
+    return emb if isinstance(emb, TokenRows) else None
+
+
+def _unload_token_rows(model: nn.Module) -> None:
+    """Put plain layers back in place of the token-row layers, holding what they compute."""
+    emb = token_rows(model)
+    if emb is None:
+        return
+    head = model.lm_head
+    model.tok_emb = emb.merged_embedding()
+    if isinstance(head, TokenRowsHead):
+        model.lm_head = None if head.tied else head.merged_linear()
+
+
 # --------------------------------------------------------------------------------------------- targets
 
 
@@ -284,7 +506,8 @@ def _matches(pattern: str, name: str) -> bool:
 
 def linear_layers(model: nn.Module) -> dict[str, Linearish]:
     """Every linear layer of ``model`` that LoRA can adapt, by module name (adapter internals excluded)."""
-    inside = {id(m) for lora in model.modules() if isinstance(lora, LORA_LAYERS) for m in lora.modules()}
+    inside = {id(m) for lora in model.modules() if isinstance(lora, LORA_LAYERS + TOKEN_LAYERS)
+              for m in lora.modules()}
     # an int8 head tied to the int8 embedding (zenlm.models.int8.quantize_int8) is the embedding: not a layer
     tied = {m.weight_int8.data_ptr() for m in model.modules() if isinstance(m, Int8Embedding)}
     return {n: m for n, m in model.named_modules() if isinstance(m, (nn.Linear, Int8Linear)) and id(m) not in inside
@@ -374,8 +597,9 @@ def apply_lora(model: nn.Module, cfg: LoRAConfig, modules: dict[str, list[str] |
 
     modules: the layers to adapt as returned by :func:`resolve_targets` (name -> parts or None); None resolves
              ``cfg.targets``. A saved run passes its own list, so it rebuilds exactly the layers it trained.
-    Returns the module map. Only the new A and B matrices require gradients afterwards (a task head built
-    around ``model``, e.g. a classifier's, is not touched).
+    Returns the module map. Only the new A and B matrices (and the rows of ``cfg.token_ids``, see
+    :func:`apply_token_rows`) require gradients afterwards (a task head built around ``model``, e.g. a
+    classifier's, is not touched).
     """
     if has_lora(model):
         raise ConfigError("this model already has LoRA adapters; merge them first (merge_and_unload).")
@@ -398,6 +622,8 @@ def apply_lora(model: nn.Module, cfg: LoRAConfig, modules: dict[str, list[str] |
                 raise ConfigError(f"{name} is not a fused projection; it has no parts {parts}.")
             new = SplitLoRALinear(base, _part_sizes(parent, leaf, base), parts, cfg.rank, cfg.alpha, cfg.dropout)
         setattr(parent, leaf, new)
+    if cfg.token_ids:
+        apply_token_rows(model, cfg.token_ids)
     return dict(modules)
 
 
@@ -409,7 +635,7 @@ def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoRALinear | SplitLoRAL
 
 
 def has_lora(model: nn.Module) -> bool:
-    return any(True for _ in lora_layers(model))
+    return any(True for _ in lora_layers(model)) or token_rows(model) is not None
 
 
 def adapter_state_dict(model: nn.Module) -> dict[str, Tensor]:
@@ -458,6 +684,7 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     for name, layer in list(lora_layers(model)):
         parent, leaf = _parent(model, name)
         setattr(parent, leaf, layer.merged_linear())
+    _unload_token_rows(model)
     return model
 
 
@@ -465,10 +692,13 @@ def describe_lora(model: nn.Module) -> str:
     """One line for progress messages: which layers carry adapters and how many parameters are trained."""
     names = [n for n, _ in lora_layers(model)]
     trainable, total = count_parameters(model)
-    return (f"LoRA on {len(names)} layers ({_layer_summary(names)}): {trainable:,} trainable of {total:,} "
+    rows = token_rows(model)
+    tokens = f"; embedding and head rows of token ids {rows.ids.tolist()}" if rows is not None else ""
+    return (f"LoRA on {len(names)} layers ({_layer_summary(names)}){tokens}: {trainable:,} trainable of {total:,} "
             f"parameters ({trainable / max(total, 1):.2%})")
 
 
 __all__ = ["LoRAConfig", "LoRALinear", "SplitLoRALinear", "LORA_LAYERS", "GROUPS", "FUSED_PARTS", "apply_lora",
            "resolve_targets", "linear_layers", "lora_layers", "has_lora", "adapter_state_dict", "count_parameters",
-           "merge_lora", "unmerge_lora", "merge_and_unload", "describe_lora", "weights_fingerprint"]
+           "merge_lora", "unmerge_lora", "merge_and_unload", "describe_lora", "weights_fingerprint", "TokenRows",
+           "TokenRowsHead", "apply_token_rows", "token_rows"]

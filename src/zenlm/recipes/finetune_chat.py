@@ -27,6 +27,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -137,6 +138,16 @@ def chat_template_for(tok: Tokenizer, chat_template: str | Path | None) -> tuple
     return tok.chat_template, "zenlm" if tok.chat_template == CHAT_TEMPLATE else "base"
 
 
+def template_special_ids(enc: EncodedChats, tok: Tokenizer, eot: int) -> list[int]:
+    """The special-token ids (padding aside) that the encoded conversations contain, the end-of-turn id first:
+    what ``--lora-tokens auto`` trains the rows of."""
+    special = set(tok.special_ids) - {tok.pad_id}
+    seen: set[int] = set()
+    for ids in enc.ids:
+        seen.update(int(i) for i in np.unique(ids) if int(i) in special)
+    return [eot, *sorted(seen - {eot})]
+
+
 def check_end_of_turn(tok: Tokenizer, max_tokens: int) -> int:
     """The end-of-turn id of ``tok``'s chat template, checked: a special token other than padding, scored as
     the last token of a reply (inside the ``{% generation %}`` span). ConfigError saying what is wrong."""
@@ -244,6 +255,9 @@ def finetune_chat(
                           f"{tok.vocab_size}.")
     lora_run = None
     if lora is not None:
+        # ``auto``: the rows of the special tokens the conversations use (the end-of-turn token above all: the
+        # base has learned to keep it unlikely, and adapters alone move it slowly; see zenlm.models.lora)
+        lora = lora.with_tokens(tok, auto=template_special_ids(enc, tok, eot))
         fingerprint = weights_fingerprint(net)
         lora_run = lora_section(lora, apply_lora(net, lora), base, fingerprint, saved)
     net = net.to(device)
@@ -303,4 +317,5 @@ def finetune_chat(
 
 
 __all__ = ["DEFAULT_TRAIN", "FULL_LR", "LORA_LR", "chat_loss", "chat_template_for", "check_end_of_turn",
+           "template_special_ids",
            "evaluate_chat", "finetune_chat"]

@@ -184,6 +184,7 @@ def finetune_classify(
     model = SequenceClassifier(backbone, len(labels), pooling, dropout).to(device)  # type: ignore[arg-type]
     lora_run = None
     if lora is not None:
+        lora = lora.with_tokens(tok)
         modules = apply_lora(backbone, lora)
         lora_run = lora_section(lora, modules, base, fingerprint, read_run_config(base))
     batches = ClassBatches(x_train, y_train, batch_size, pad_id, seed=train.seed)

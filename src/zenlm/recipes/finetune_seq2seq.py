@@ -266,6 +266,7 @@ def finetune_seq2seq(
         tok = Tokenizer.load(init)
         if lora is not None:
             fingerprint = weights_fingerprint(net)
+            lora = lora.with_tokens(tok)
             lora_run = lora_section(lora, apply_lora(net, lora), init, fingerprint, saved)
     else:
         if isinstance(tokenizer, Tokenizer):

@@ -474,6 +474,7 @@ def pretrain(
         cfg = net.config  # type: ignore[assignment]
         if lora is not None:
             fingerprint = weights_fingerprint(net)
+            lora = lora.with_tokens(tok)
             lora_run = lora_section(lora, apply_lora(net, lora), init, fingerprint, init_saved)
     elif not resume:
         cfg = _model_config(objective, model, vocab_size, model_overrides or {}, tok.pad_id if mlm else None)
