@@ -121,15 +121,11 @@ class LoRAConfig:
             raise ConfigError(f"LoRA qkv={self.qkv!r} is not supported; choose one of {', '.join(QKV_MODES)}.")
         self.alpha = float(self.alpha)
         self.dropout = float(self.dropout)
-        if isinstance(self.tokens, (str, int)):
-            self.tokens = (self.tokens,)
-        tokens = []
-        for t in self.tokens:
-            for part in (str(t).replace(",", " ").split() if isinstance(t, str) else [t]):
-                tokens.append(int(part) if isinstance(part, int) or part.lstrip("-").isdigit() else part)
-        self.tokens = tuple(tokens)  # type: ignore[assignment]
-        if any(isinstance(t, int) and t < 0 for t in self.tokens):
-            raise ConfigError(f"LoRA token ids must be >= 0, got {list(self.tokens)}.")
+        # one string is a comma/space separated list (the Python API); list entries are taken whole, so a
+        # token such as "," can be named from the command line; digits are ids
+        raw = self.tokens.replace(",", " ").split() if isinstance(self.tokens, str) else \
+            [self.tokens] if isinstance(self.tokens, int) else list(self.tokens)
+        self.tokens = tuple(int(t) if isinstance(t, int) or str(t).isdigit() else str(t) for t in raw)  # type: ignore[assignment]
         if len(self.tokens) > 1 and ({"auto", "none"} & {str(t) for t in self.tokens}):
             raise ConfigError(f"LoRA tokens {list(self.tokens)}: 'auto' and 'none' stand alone.")
 
