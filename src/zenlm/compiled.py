@@ -39,8 +39,9 @@ weight read once for all rows). A batched program is built for a few batch sizes
 4, 8, 16, 32, ...) up to the size of the cache pool, and a step of R rows runs the next size up, its spare rows
 fed token 0 at position 0 of cache rows nobody uses. What a row gets must not depend on the other rows (the
 batch-invariance tests hold the compiled path to it, as the eager one): in the batched family every product is
-a matrix product for every batch size, 1 included (a row's sums then run as at any other batch size, as eager
-``F.linear`` on CPU), and the attention's sums over keys must not split differently when the longest row is
+a matrix product for every batch size, 1 included (in fp32 on a CPU through oneDNN, as eager inference does,
+:func:`~zenlm.models.layers.inference_products`: it computes a row the same for any number of rows, a single
+row being sent as two copies of itself; it also reads the weights 2-3x faster than the BLAS at 2-16 rows), and the attention's sums over keys must not split differently when the longest row is
 longer. The attention Inductor generates here kept them apart in our tests whatever the lengths (rows were
 bit-equal alone and at batch 2, 3 and 4 with 5 to 40 keys, in bf16 and int8); as a safeguard against a
 vectorised loop that would treat its last partial block of keys on its own, a step reads its key slots in whole
@@ -95,7 +96,15 @@ from zenlm.errors import ConfigError
 from zenlm.models.cache import KVCache
 from zenlm.models.gpt import GPT
 from zenlm.models.int8 import Int8Linear, quantize_int8
-from zenlm.models.layers import NarrowLinear, compute_buffers, matrix_products, matvec, narrow_linears
+from zenlm.models.layers import (
+    NarrowLinear,
+    compute_buffers,
+    inference_products,
+    matrix_products,
+    matvec,
+    narrow_linears,
+    onednn_products,
+)
 
 # Inductor settings of the compiled step (names checked against the installed torch, see _options):
 # realize_opcount_threshold 0: compute each intermediate vector once (point 2 above);
@@ -131,7 +140,11 @@ class _LinearsAsReductions(TorchFunctionMode):
 
 def _step(model: GPT, tokens_B: Tensor, pos_B: Tensor, keys_S: Tensor, k_layers: list[Tensor],
           v_layers: list[Tensor], batched: bool = False) -> Tensor:
-    with matrix_products() if batched else _LinearsAsReductions():
+    if not batched:
+        with _LinearsAsReductions():
+            return model.decode_step(tokens_B, pos_B, k_layers, v_layers, keys_S=keys_S)
+    w = model.norm_f.weight  # the batched family: fp32 products through oneDNN where eager decoding uses it
+    with matrix_products(), inference_products(w.device, w.dtype):
         return model.decode_step(tokens_B, pos_B, k_layers, v_layers, keys_S=keys_S)
 
 
@@ -433,7 +446,7 @@ class CompiledDecoder:
             key, sorted((n, str(t.dtype), tuple(t.shape)) for n, t in self._weights.items()),
             dataclasses.asdict(self.model.config), sorted(_INDUCTOR_OPTIONS.items()), torch.__version__,
             sys.version_info[:2], platform.machine(), torch.backends.cpu.get_cpu_capability(),
-            torch.get_num_threads(), _source_digest(),
+            torch.get_num_threads(), _source_digest(), onednn_products(),
         )).encode()).hexdigest()[:32]
         return cache_dir() / f"step-{digest}.pt2"
 
@@ -528,11 +541,30 @@ class CompiledDecoder:
         return logits_1V[0]
 
 
+class _Program:
+    """A built decode program, loaded: the library's own C++ loader (``torch._C._aoti``), called with the step's
+    inputs flattened in their traced order (tokens, positions, key slots, each layer's keys, each layer's
+    values) -> logits. ``torch._inductor.aoti_load_package`` returns the same runner behind a wrapper that
+    imports the whole of Inductor (about 70 MB of resident memory, a second of start-up) and re-reads the
+    input layout from JSON on every call; neither is needed to run a program."""
+
+    def __init__(self, path: Path) -> None:
+        self.loader = torch._C._aoti.AOTIModelPackageLoader(str(path), "model", False, 1, -1)
+
+    def get_constant_fqns(self) -> list[str]:
+        return self.loader.get_constant_fqns()
+
+    def load_constants(self, constants: dict[str, Tensor], *, check_full_update: bool, user_managed: bool) -> None:
+        self.loader.load_constants(constants, False, check_full_update, user_managed, False)
+
+    def __call__(self, tokens_B: Tensor, pos_B: Tensor, keys_S: Tensor, k_layers: Sequence[Tensor],
+                 v_layers: Sequence[Tensor]) -> Tensor:
+        return self.loader.boxed_run([tokens_B, pos_B, keys_S, *k_layers, *v_layers])[0]
+
+
 def _open(path: Path, weights: dict[str, Tensor]) -> object:
     """Load the program at ``path`` so that it reads ``weights`` (the model's own tensors, not copies)."""
-    import torch._inductor
-
-    runner = torch._inductor.aoti_load_package(str(path))
+    runner = _Program(path)
     names = runner.get_constant_fqns()
     missing = [n for n in names if n.removeprefix("model.") not in weights]
     if missing:

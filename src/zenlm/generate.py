@@ -158,6 +158,21 @@ def generate_ids(
     return _generate_ids(model, prompt_ids, cfg, eos_id)
 
 
+# The shortest KV cache generate_ids allocates (see cache_length).
+MIN_CACHE_LENGTH = 256
+
+
+def cache_length(block_size: int, needed: int) -> int:
+    """The positions of the KV cache for one sequence that needs ``needed`` of them (prompt + new tokens): the
+    next power of two from MIN_CACHE_LENGTH up, or the whole context (``block_size``) when that is shorter or
+    more is needed (generation then refills the cache from the recent half of the context when it is full).
+    A cache of the whole context would cost its full size whatever the request (75 MB in fp32 for GPT-2-small,
+    half of it in bf16); the few sizes keep the compiled programs, which are built per cache length, few."""
+    if needed > block_size:
+        return block_size
+    return min(block_size, max(MIN_CACHE_LENGTH, 1 << max(0, needed - 1).bit_length()))
+
+
 def _generate_ids(
     model: GPT, prompt_ids: list[int], cfg: GenerationConfig, eos_id: int | None
 ) -> Generator[int, None, None]:
@@ -171,7 +186,9 @@ def _generate_ids(
     model.eval()
     try:
         ids = list(prompt_ids)
-        cache = model.make_cache(1) if cfg.use_cache else None
+        cache = None
+        if cfg.use_cache:
+            cache = model.make_cache(1, cache_length(block_size, len(ids) + cfg.max_new_tokens))
         step = (decoder_for(model, cfg.compile) if cfg.use_cache else None) or model.decode_step
         logits_V = _last_logits(model, ids[-block_size:], cache, device)  # prefill
         for n in range(cfg.max_new_tokens):

@@ -29,7 +29,7 @@ from zenlm.config import GPTConfig
 from zenlm.errors import ConfigError
 from zenlm.models.attention import Attention, cached_causal_mask
 from zenlm.models.cache import KVCache, LayerCache
-from zenlm.models.layers import Rotary, init_normal_, make_mlp, make_norm, mixed_linear
+from zenlm.models.layers import Rotary, inference_products, init_normal_, make_mlp, make_norm, mixed_linear
 
 # In eval mode (generation, scoring) every call may have a new length. cuDNN's attention builds a plan per
 # new shape (tens of ms each on recent GPUs), so eval uses the flash / memory-efficient / math kernels;
@@ -185,17 +185,27 @@ class GPT(nn.Module):
         last_only: return logits for the last position only, [B, 1, V] (saves the head's work in
                    generation prefill).
         """
-        x_BTC = self._hidden(idx_BT, cache)
-        if last_only:
-            x_BTC = x_BTC[:, -1:]
-        return self.head(self.norm_f(x_BTC))
+        with self._products():
+            x_BTC = self._hidden(idx_BT, cache)
+            if last_only:
+                x_BTC = x_BTC[:, -1:]
+            return self.head(self.norm_f(x_BTC))
 
     def features(self, idx_BT: Tensor) -> Tensor:
         """Final hidden states (after ``norm_f``) without the head: idx_BT [B, T] -> [B, T, C].
 
         Position t has seen tokens 0..t only (causal), so a right-padded batch gives each sequence the same
         features as alone up to its last real token: read sequence b at position ``len_b - 1``."""
-        return self.norm_f(self._hidden(idx_BT, None))
+        with self._products():
+            return self.norm_f(self._hidden(idx_BT, None))
+
+    def _products(self) -> AbstractContextManager:
+        """fp32 inference on a CPU: products through oneDNN (:func:`~zenlm.models.layers.inference_products`).
+        Not while a step is being compiled: :mod:`zenlm.compiled` chooses the products of its programs itself."""
+        if torch.compiler.is_compiling() or torch.compiler.is_exporting():
+            return nullcontext()
+        w = self.norm_f.weight
+        return inference_products(w.device, w.dtype)
 
     def decode_step(
         self, tokens_B: Tensor, pos_B: Tensor | int, k_layers: Sequence[Tensor], v_layers: Sequence[Tensor], *,
@@ -240,8 +250,9 @@ class GPT(nn.Module):
             elif B > 1 or padded:
                 mask_B11S = (keys_S[None, :] <= pos_B[:, None])[:, None, None]
         layers = [LayerCache(k, v, pos_B, S, rows_B) for k, v in zip(k_layers, v_layers, strict=True)]
-        x_B1C = self._run_blocks(x_B1C, rope, layers, mask=mask_B11S, row_keys=row_keys)
-        return self.head(self.norm_f(x_B1C)[:, 0])
+        with self._products():
+            x_B1C = self._run_blocks(x_B1C, rope, layers, mask=mask_B11S, row_keys=row_keys)
+            return self.head(self.norm_f(x_B1C)[:, 0])
 
     def _hidden(self, idx_BT: Tensor, cache: KVCache | None) -> Tensor:
         """Token ids [B, T] -> hidden states after the last block [B, T, C] (before ``norm_f``), with or

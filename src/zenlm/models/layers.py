@@ -12,13 +12,16 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import math
+import os
 from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
+from torch.overrides import TorchFunctionMode
 
 # ---------------------------------------------------------------------------------------------- norms
 
@@ -187,6 +190,67 @@ def matvec(x: Tensor, w: Tensor) -> Tensor:
     registers: a matrix-vector product at memory speed (see :mod:`zenlm.compiled`).
     """
     return (x.float().unsqueeze(-2) * w.float()).sum(-1).to(x.dtype)
+
+
+# ------------------------------------------------------------------------- fp32 products at inference (CPU)
+# PyTorch's CPU ``F.linear`` in fp32 calls the BLAS it was built with (MKL in the PyPI wheels). With the few rows
+# of decoding that is far from the machine's speed on some CPUs: on our 2-core AMD EPYC test machine it reads a
+# GPT-2 weight matrix at 5-6 GB/s for 2-16 rows (13 GB/s for one), where oneDNN's matrix product (the library
+# behind PyTorch's bf16 products, ``torch.ops.mkldnn._linear_pointwise``) reads it at 11-21 GB/s (27 for one),
+# and is 1.1-1.4x faster on prompt-sized products too (benchmarks/decode_speed.py, docs/BENCHMARKS.md). It also
+# computes a row the same, bit for bit, whatever the number of rows from 2 up (the BLAS does not), so a batch
+# row equals the same sequence decoded alone. One row is therefore sent as two copies of itself.
+_ONEDNN_ENV = "ZENLM_ONEDNN"
+
+
+@functools.lru_cache(maxsize=1)
+def onednn_products() -> bool:
+    """Whether fp32 products at inference on CPU go through oneDNN (see above): when this PyTorch has it,
+    unless ``$ZENLM_ONEDNN`` is 0 / off / false / no."""
+    if os.environ.get(_ONEDNN_ENV, "").strip().lower() in ("0", "off", "false", "no"):
+        return False
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+def onednn_linear(x: Tensor, w: Tensor, b: Tensor | None = None) -> Tensor:
+    """``x @ w^T + b`` by oneDNN: x [..., K], w [N, K], b [N] or None, all fp32 on CPU -> [..., N]. No autograd
+    (inference only). One row is computed as two equal rows (see above)."""
+    x_MK = x.reshape(-1, x.shape[-1])
+    one = x_MK.shape[0] == 1
+    if one:
+        x_MK = x_MK.expand(2, -1)
+    y_MN = torch.ops.mkldnn._linear_pointwise(x_MK.contiguous(), w, b, "none", [], "")
+    return (y_MN[:1] if one else y_MN).reshape(*x.shape[:-1], w.shape[0])
+
+
+class _OneDNNProducts(TorchFunctionMode):
+    """While active, every fp32 CPU ``F.linear`` that needs no gradient runs through :func:`onednn_linear`
+    (not under autocast, which picks its own dtype; a one-row product of a compiled one-sequence step is left
+    to :func:`matvec`)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
+        kwargs = kwargs or {}
+        if func is F.linear:
+            x, w = args[0], args[1]
+            b = args[2] if len(args) > 2 else kwargs.get("bias")
+            if (x.dtype == torch.float32 and w.dtype == torch.float32 and x.device.type == "cpu"
+                    and w.dim() == 2 and w.is_contiguous() and x.dim() >= 1
+                    and (b is None or (b.dtype == torch.float32 and b.dim() == 1))
+                    and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad
+                                                          or (b is not None and b.requires_grad)))
+                    and not torch.is_autocast_enabled("cpu")  # autocast chooses its own dtype
+                    and not one_row_as_sum(x.numel() // max(1, x.shape[-1]))):
+                return onednn_linear(x, w, b)
+        return func(*args, **kwargs)
+
+
+def inference_products(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractContextManager:
+    """The context an inference pass runs its products in: :class:`_OneDNNProducts` for fp32 on a CPU when
+    :func:`onednn_products` and no gradient is recorded, else nothing."""
+    if (device.type == "cpu" and dtype == torch.float32 and not torch.is_grad_enabled()
+            and not torch.is_autocast_enabled("cpu") and onednn_products()):
+        return _OneDNNProducts()
+    return contextlib.nullcontext()
 
 
 # Up to this many rows, a product with weights narrower than the activations rounds the rows to the weights'

@@ -1,0 +1,113 @@
+"""fp32 products at inference on a CPU go through oneDNN (zenlm.models.layers): the same numbers as F.linear to
+rounding, a row computed the same whatever the other rows, never under autograd or autocast, and a switch to
+turn it off. And the short KV cache of generate_ids (zenlm.generate.cache_length)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from zenlm.config import GPTConfig
+from zenlm.generate import MIN_CACHE_LENGTH, GenerationConfig, cache_length, generate_ids
+from zenlm.models import layers
+from zenlm.models.gpt import GPT
+
+pytestmark = pytest.mark.skipif(not layers.onednn_products(), reason="this PyTorch has no oneDNN (mkldnn)")
+
+
+def test_onednn_linear_equals_f_linear_to_rounding():
+    g = torch.Generator().manual_seed(0)
+    w, b = torch.randn(48, 32, generator=g), torch.randn(48, generator=g)
+    for shape in ((1, 32), (2, 32), (5, 32), (3, 4, 32), (32,)):
+        x = torch.randn(*shape, generator=g)
+        got = layers.onednn_linear(x, w, b)
+        assert got.shape == F.linear(x, w, b).shape
+        torch.testing.assert_close(got, F.linear(x, w, b), atol=1e-5, rtol=1e-5)
+
+
+def test_a_row_is_computed_the_same_alone_and_among_others():
+    """Bit for bit: one row (sent as two copies of itself) and the same row among 2..9 others."""
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(300, 96, generator=g)
+    x = torch.randn(10, 96, generator=g)
+    alone = layers.onednn_linear(x[:1], w)
+    for m in (2, 3, 7, 10):
+        assert torch.equal(layers.onednn_linear(x[:m], w)[:1], alone)
+
+
+def test_inference_uses_onednn_only_without_gradients_or_autocast(monkeypatch):
+    calls: list[int] = []
+    real = layers.onednn_linear
+
+    def spy(x, w, b=None):
+        calls.append(x.shape[0])
+        return real(x, w, b)
+
+    monkeypatch.setattr(layers, "onednn_linear", spy)
+    model = GPT(GPTConfig(vocab_size=64, block_size=16, n_layer=1, n_head=2, n_embd=32)).eval()
+    idx = torch.randint(0, 64, (2, 5))
+    with torch.no_grad():
+        fast = model(idx)
+    assert calls, "fp32 inference did not use oneDNN"
+    calls.clear()
+    slow = model(idx)  # gradients recorded: the autograd path
+    assert not calls
+    torch.testing.assert_close(fast, slow.detach(), atol=1e-5, rtol=1e-5)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        model(idx)
+    assert not calls  # autocast picks its own dtype
+
+
+def test_decode_step_rows_do_not_depend_on_the_batch():
+    """Eager decoding: a sequence's logits are bit-equal alone and as row 0 of a batch of three."""
+    torch.manual_seed(3)
+    model = GPT(GPTConfig(vocab_size=64, block_size=16, n_layer=2, n_head=2, n_embd=32)).eval()
+    prompts = torch.randint(0, 64, (3, 6))
+    with torch.inference_mode():
+        one, three = model.make_cache(1), model.make_cache(3)
+        model(prompts[:1], cache=one)
+        model(prompts, cache=three)
+        pos = torch.tensor([6])
+        alone = model.decode_step(torch.tensor([7]), pos, one.k, one.v, row_attention=True)
+        batch = model.decode_step(torch.tensor([7, 8, 9]), pos.repeat(3), three.k, three.v, row_attention=True)
+    assert torch.equal(alone[0], batch[0])
+
+
+def test_the_switch_turns_it_off(monkeypatch):
+    monkeypatch.setenv("ZENLM_ONEDNN", "0")
+    layers.onednn_products.cache_clear()
+    try:
+        assert not layers.onednn_products()
+        with torch.no_grad():
+            assert not isinstance(layers.inference_products(torch.device("cpu"), torch.float32),
+                                  layers._OneDNNProducts)
+    finally:
+        monkeypatch.delenv("ZENLM_ONEDNN")
+        layers.onednn_products.cache_clear()
+    assert layers.onednn_products()
+
+
+def test_cache_length_is_a_power_of_two_that_fits_or_the_whole_context():
+    assert cache_length(1024, 160) == MIN_CACHE_LENGTH == 256
+    assert cache_length(1024, 257) == 512
+    assert cache_length(1024, 1024) == 1024
+    assert cache_length(1024, 5000) == 1024  # more than the context: generation refills the cache
+    assert cache_length(24, 10) == 24  # a short context: the whole of it
+
+
+def test_generate_ids_allocates_a_short_cache_with_the_same_tokens(monkeypatch):
+    torch.manual_seed(4)
+    model = GPT(GPTConfig(vocab_size=64, block_size=1024, n_layer=1, n_head=2, n_embd=32)).eval()
+    lengths: list[int] = []
+    real = model.make_cache
+
+    def spy(batch_size, max_len=None, **kw):
+        lengths.append(max_len)
+        return real(batch_size, max_len, **kw)
+
+    monkeypatch.setattr(model, "make_cache", spy)
+    prompt = [5, 6, 7, 8]
+    got = list(generate_ids(model, prompt, GenerationConfig(max_new_tokens=20, temperature=0, compile=False)))
+    want = list(generate_ids(model, prompt, GenerationConfig(max_new_tokens=20, temperature=0, use_cache=False)))
+    assert lengths == [256] and got == want
