@@ -1,0 +1,66 @@
+"""fp32 matrix products with few rows on this CPU: PyTorch's default ``F.linear`` (the BLAS of the wheel)
+against oneDNN's (``zenlm.models.layers.onednn_linear``, what zenlm's inference uses for fp32 on a CPU).
+
+Decoding multiplies a few rows (one per sequence) by every weight matrix, so what counts is how fast a product
+reads the weights: GB/s of weights for 1, 2, 4, 8 and 16 rows, and GFLOP/s for prompt-sized products (32 to 512
+rows). Matrices of a GPT-2-small model: the tied head (50,257 x 768) and the 12 layers' weights as one
+(147,456 x 768, so that nothing stays in the caches between calls). Both sides run in this process, alternating,
+fastest of 3; the table's last column is oneDNN's speed over F.linear's.
+
+    python benchmarks/cpu_products.py [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import time
+
+import torch
+import torch.nn.functional as F
+
+from zenlm.device import cpu_features
+from zenlm.models.layers import onednn_linear, onednn_products
+
+
+def best_time(fn, repeats: int = 3, calls: int = 5) -> float:
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        best = min(best, (time.perf_counter() - t0) / calls)
+    return best
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    if not onednn_products():
+        raise SystemExit("this PyTorch has no oneDNN (mkldnn): nothing to compare")
+    print(f"# cpu_products -- {time.strftime('%Y-%m-%d %H:%M', time.gmtime())} UTC -- {cpu_features().name} ({cpu_features().describe()}), "
+          f"{platform.machine()}, {args.threads} threads, torch {torch.__version__}\n")
+    print("| matrix (N x K) | rows | F.linear | oneDNN | oneDNN vs F.linear |")
+    print("|---|---:|---:|---:|---:|")
+    g = torch.Generator().manual_seed(0)
+    for name, (N, K) in (("head", (50257, 768)), ("12 layers", (147456, 768))):
+        W = torch.randn(N, K, generator=g)
+        gb = W.numel() * 4 / 1e9
+        for rows in (1, 2, 4, 8, 16, 32, 128, 512):
+            if rows > 16 and name == "head":
+                continue
+            x = torch.randn(rows, K, generator=g)
+            a = best_time(lambda: F.linear(x, W))  # noqa: B023
+            b = best_time(lambda: onednn_linear(x, W))  # noqa: B023
+            if rows <= 16:
+                cells = f"{gb / a:.1f} GB/s | {gb / b:.1f} GB/s"
+            else:
+                cells = f"{2 * rows * N * K / a / 1e9:.0f} GFLOP/s | {2 * rows * N * K / b / 1e9:.0f} GFLOP/s"
+            print(f"| {name} ({N:,} x {K}) | {rows} | {cells} | {a / b:.2f}x |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
