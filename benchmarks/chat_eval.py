@@ -244,6 +244,22 @@ def stop_rate(run: Path, data: str, args: argparse.Namespace) -> dict:
             "mean_reply_tokens": sum(len(o) for o in outs) / len(outs), "examples": examples}
 
 
+def long_replies(work: Path, data: str, limit: int) -> float:
+    """The share of ``data``'s replies to a first user message (the replies the stop rate samples) that are
+    longer than ``limit`` tokens, end-of-turn token included, with the fine-tuning tokenizer."""
+    from zenlm.data.chat import read_conversations
+    from zenlm.tokenizer import Tokenizer
+
+    tok = Tokenizer.load(work / ("data-zh" if data == "chatterbot-zh" else "data"))
+    lengths = []
+    for c in read_conversations(data):
+        roles = [m["role"] for m in c.messages]
+        first = roles.index("user") if "user" in roles else None
+        if first is not None and first + 1 < len(roles) and roles[first + 1] == "assistant":
+            lengths.append(len(tok.encode(c.messages[first + 1]["content"])) + 1)
+    return sum(n > limit for n in lengths) / max(1, len(lengths))
+
+
 def worker(args: argparse.Namespace) -> dict:
     """Train (or, for "base", only evaluate) one configuration in this process and return its measurements."""
     baseline = _mem_mb("VmRSS")
@@ -257,6 +273,8 @@ def worker(args: argparse.Namespace) -> dict:
     if name == "base":
         return {"config": name, "data": data, **stop_rate(base, data, args)}
     out = work / f"run-{name.replace('+', '-')}"
+    if args.stop_only:
+        return {"config": name, "data": data, **stop_rate(out, data, args)}
     shutil.rmtree(out, ignore_errors=True)
     # lora-no-tokens: adapters only, the end-of-turn token's embedding and head rows frozen (--lora-tokens none)
     lora = LoRAConfig(rank=args.rank, alpha=args.alpha, tokens="none" if name == "lora-no-tokens" else "auto") \
@@ -304,7 +322,12 @@ def main() -> None:
     ap.add_argument("--rank", type=int, default=8)
     ap.add_argument("--alpha", type=float, default=16.0)
     ap.add_argument("--replies", type=int, default=200, help="sampled replies per model for the stop rate")
-    ap.add_argument("--max-new-tokens", type=int, default=64, help="token limit of a reply")
+    ap.add_argument("--max-new-tokens", type=int, default=256,
+                    help="token limit of a reply (default 256: about 2%% of chitchat's own replies to a first "
+                         "message are longer than 64 tokens, 0.2%% longer than 256)")
+    ap.add_argument("--stop-only", action="store_true",
+                    help="measure only the stop rates again, of the runs already in --work (their training rows "
+                         "are read from --json, which is rewritten)")
     ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--seed", type=int, default=1337)
@@ -344,20 +367,30 @@ def bench(args: argparse.Namespace, work: Path, configs: list[str]) -> None:
     if args.batching_only:
         print_batching(batching)
         return
-    prepare_base(args, work)
-    if "full-zh" in configs:
-        prepare_zh(args, work)
-    print(f"base ready in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+    before: dict[str, dict] = {}
+    if args.stop_only:
+        if not (args.json and Path(args.json).is_file()):
+            sys.exit("--stop-only needs --json FILE: the results of the run that trained the configurations")
+        before = {r["config"]: r for r in json.loads(Path(args.json).read_text(encoding="utf-8"))["runs"]}
+        missing = [c for c in configs if c not in before]
+        if missing:
+            sys.exit(f"--stop-only: {args.json} has no results for {', '.join(missing)}")
+    else:
+        prepare_base(args, work)
+        if "full-zh" in configs:
+            prepare_zh(args, work)
+        print(f"base ready in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
     rows = []
     for config in configs:
         cmd = [sys.executable, __file__, "--worker", config, "--work", str(work)] + [
             a for k, v in vars(args).items()
-            if k not in ("worker", "work", "json", "smoke", "configs", "zh", "batching_only") and v is not None
-            for a in (f"--{k.replace('_', '-')}", str(v))]
+            if k not in ("worker", "work", "json", "smoke", "configs", "zh", "batching_only", "stop_only")
+            and v is not None for a in (f"--{k.replace('_', '-')}", str(v))] + (["--stop-only"] if args.stop_only
+                                                                                else [])
         proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ))
         if proc.returncode != 0:
             sys.exit(f"{config} failed:\n{proc.stderr[-3000:]}")
-        rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+        rows.append({**before.get(config, {}), **json.loads(proc.stdout.strip().splitlines()[-1])})
         print(f"{config}: done", file=sys.stderr)
 
     print(f"\nbase: {args.model} pretrained {args.base_steps} steps on the built-in conversations' text; chat "
@@ -375,6 +408,10 @@ def bench(args: argparse.Namespace, work: Path, configs: list[str]) -> None:
                      f"{r['step_s']:.3f}", f"{r['val_loss']:.4f}"]
         print(f"| {r['config']} | {r['data']} | {' | '.join(cells)} | {r['stop_rate']:.1%} | "
               f"{r['mean_reply_tokens']:.1f} |")
+    for data in sorted({r["data"] for r in rows}):
+        share = long_replies(work, data, args.max_new_tokens)
+        print(f"\n{data}'s own replies to a first message: {share:.1%} are longer than {args.max_new_tokens} tokens "
+              f"(a model that imitated them exactly would stop at most {1 - share:.1%} of the time).")
     tuned = [r for r in rows if r["config"] not in ("base", "lora-no-tokens")]  # the contrasts have no goal
     if tuned:
         worst = min(r["stop_rate"] for r in tuned)
