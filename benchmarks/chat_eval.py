@@ -30,6 +30,9 @@ Steps (each trained configuration in its own Python process, so that its peak re
    rendered with the run's chat template, answered at temperature 0.8 with at most --max-new-tokens tokens; a
    reply "stops" when it ends with the template's end-of-turn token within that limit. The base model gets the
    same prompts for contrast (it was never taught to end a turn). Goal: >= 99% for the chat-tuned models.
+   The limit (default 256) must leave room for the data itself: the script prints the share of the data's own
+   replies that are longer, the most a model that imitates them exactly could fail to stop. ``--stop-only``
+   measures the stop rates again (e.g. at another limit) on the runs a previous call left in --work.
 """
 
 from __future__ import annotations
