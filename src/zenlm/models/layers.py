@@ -196,8 +196,8 @@ def matvec(x: Tensor, w: Tensor) -> Tensor:
 # PyTorch's CPU ``F.linear`` in fp32 calls the BLAS it was built with (MKL in the PyPI wheels). With the few rows
 # of decoding that is far from the machine's speed on some CPUs: on our 2-core AMD EPYC test machine it reads a
 # GPT-2 weight matrix at 5-6 GB/s for 2-16 rows (13 GB/s for one), where oneDNN's matrix product (the library
-# behind PyTorch's bf16 products, ``torch.ops.mkldnn._linear_pointwise``) reads it at 11-21 GB/s (27 for one),
-# and is 1.1-1.4x faster on prompt-sized products too (benchmarks/decode_speed.py, docs/BENCHMARKS.md). It also
+# behind PyTorch's bf16 products, ``torch.ops.mkldnn._linear_pointwise``) reads it at 12-22 GB/s (21 for one),
+# and is 1.3-2x faster on prompt-sized products too (benchmarks/cpu_products.py, docs/BENCHMARKS.md). It also
 # computes a row the same, bit for bit, whatever the number of rows from 2 up (the BLAS does not), so a batch
 # row equals the same sequence decoded alone. One row is therefore sent as two copies of itself.
 _ONEDNN_ENV = "ZENLM_ONEDNN"
@@ -234,7 +234,7 @@ class _OneDNNProducts(TorchFunctionMode):
             x, w = args[0], args[1]
             b = args[2] if len(args) > 2 else kwargs.get("bias")
             if (x.dtype == torch.float32 and w.dtype == torch.float32 and x.device.type == "cpu"
-                    and w.dim() == 2 and w.is_contiguous() and x.dim() >= 1
+                    and w.dim() == 2 and w.is_contiguous() and x.dim() >= 1 and x.numel() > 0
                     and (b is None or (b.dtype == torch.float32 and b.dim() == 1))
                     and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad
                                                           or (b is not None and b.requires_grad)))
