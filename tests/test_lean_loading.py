@@ -28,10 +28,13 @@ from zenlm.tokenizer import train_tokenizer
 from zenlm.train.checkpoint import save_model
 
 # VmHWM, the peak resident memory of this process's own address space (ru_maxrss would start at the peak of the
-# process that started this one: the test runner's).
+# process that started this one: the test runner's). VmHWM counts the pages of libtorch's code as well, and a
+# first load pages in ~20 MB of it (the conversion and quantisation kernels, which differ from CPU to CPU): a
+# small run is loaded the same way first, so the baseline has them and the difference is the weights alone.
 PEAK = """
 import json, sys
 import torch, zenlm, zenlm.api, zenlm.rundir  # everything loading runs, imported before the baseline
+zenlm.load(sys.argv[3], device="cpu", dtype=sys.argv[2])  # the same code paths, on a tiny run
 
 def hwm():
     with open("/proc/self/status") as fh:
@@ -62,10 +65,12 @@ def write_run(root: Path, cfg: GPTConfig, seed: int = 0) -> GPT:
 
 @pytest.fixture(scope="module")
 def big_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A run of ~240 MB of fp32 weights (59M parameters: vocabulary 8192, width 1024, 4 layers)."""
-    root = tmp_path_factory.mktemp("lean") / "run"
-    write_run(root, GPTConfig(vocab_size=8192, block_size=256, n_layer=4, n_head=8, n_embd=1024))
-    return root
+    """A run of ~240 MB of fp32 weights (59M parameters: vocabulary 8192, width 1024, 4 layers), and beside it
+    (``warm``) a tiny run of the same design that the peak-memory script loads first."""
+    root = tmp_path_factory.mktemp("lean")
+    write_run(root / "warm", GPTConfig(vocab_size=256, block_size=64, n_layer=1, n_head=2, n_embd=64))
+    write_run(root / "run", GPTConfig(vocab_size=8192, block_size=256, n_layer=4, n_head=8, n_embd=1024))
+    return root / "run"
 
 
 @pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="reads VmHWM from Linux's /proc")
@@ -74,13 +79,13 @@ def test_loading_holds_the_weights_once(big_run: Path, dtype: str) -> None:
     """The memory a process gains while loading stays within 1.2x the loaded weights' bytes (plus a little
     for Python objects): a second full copy (a random initialisation, the file read whole, fp32 tensors kept
     beside the converted ones) would need 2x and more."""
-    res = subprocess.run([sys.executable, "-c", PEAK, str(big_run), dtype], capture_output=True, text=True,
-                         timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    res = subprocess.run([sys.executable, "-c", PEAK, str(big_run), dtype, str(big_run.parent / "warm")],
+                         capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert res.returncode == 0, res.stderr
     r = json.loads(res.stdout.strip().splitlines()[-1])
     file_bytes = (big_run / "model.safetensors").stat().st_size
     assert r["weights"] == pytest.approx(file_bytes / {"auto": 1, "bf16": 2, "int8": 4}[dtype], rel=0.05)
-    assert r["extra"] <= 1.2 * r["weights"] + 25e6, (r, file_bytes)
+    assert r["extra"] <= 1.2 * r["weights"] + 10e6, (r, file_bytes)
 
 
 @pytest.fixture(scope="module")
