@@ -83,6 +83,35 @@ def test_other_rows_never_change_a_row(precision):
         assert all(ids == solo for p, ids in zip(batch, out, strict=True) if p == short)
 
 
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "int8"])
+def test_prompts_of_one_length_are_prefilled_together_and_decode_as_alone(precision, monkeypatch):
+    """Prompts of the same length go through the model in one pass (PREFILL_TOKENS at most; an int8 model's
+    short prompts only as many as the int8 kernel takes) and still give, row for row, what each gives alone."""
+    import zenlm.generate
+
+    model = make_model("gpt2", precision)
+    prompts = prompts_of((6, 11, 6, 6, 11, 2), seed=5)
+    cfg = GenerationConfig(max_new_tokens=16, temperature=0)
+    want = alone(model, prompts, cfg)
+    passes: list[tuple[int, int]] = []
+    forward = GPT.forward
+
+    def spy(self, idx, *args, **kwargs):
+        passes.append(tuple(idx.shape))
+        return forward(self, idx, *args, **kwargs)
+
+    monkeypatch.setattr(GPT, "forward", spy)
+    assert generate_batch(model, prompts, cfg) == want
+    if precision == "int8":  # at most PACK_MAX_ROWS = 16 rows a pass, where the int8 kernel takes a prompt alone
+        assert passes == [(1, 2), (2, 6), (1, 6), (1, 11), (1, 11)]
+    else:
+        assert passes == [(1, 2), (3, 6), (2, 11)]  # shortest first, one pass per length
+    passes.clear()
+    monkeypatch.setattr(zenlm.generate, "PREFILL_TOKENS", 12)  # two 6-token prompts a pass; 11 tokens: one
+    assert generate_batch(model, prompts, cfg) == want
+    assert passes == [(1, 2), (2, 6), (1, 6), (1, 11), (1, 11)]
+
+
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_past_the_context_length_rows_refill_like_generate_ids(family, precision):

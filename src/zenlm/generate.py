@@ -160,6 +160,9 @@ def generate_ids(
 
 # The shortest KV cache generate_ids allocates (see cache_length).
 MIN_CACHE_LENGTH = 256
+# generate_batch prefills prompts of the same length together, up to this many tokens a forward pass (a bound
+# on the activations' memory; one prompt longer than this still goes through in one pass).
+PREFILL_TOKENS = 4096
 
 
 def cache_length(block_size: int, needed: int) -> int:
@@ -230,8 +233,9 @@ def generate_batch(
 
     How: a cache pool (a :class:`KVCache` of N rows) with ``max_len = min(block_size,
     longest prompt + max_new_tokens)``, in the dtype :meth:`GPT.make_cache` picks (the autocast dtype when
-    autocast is on, else the weights'). Prompt i is prefilled alone into row i (``GPT.forward`` on a view of
-    that row), then each step runs :meth:`GPT.decode_step` over the unfinished rows, each at its own position.
+    autocast is on, else the weights'). The rows are ordered by prompt length and the prompts of one length
+    are prefilled together (``GPT.forward`` on a view of their rows, up to ``PREFILL_TOKENS`` tokens a pass;
+    a row attends over its own keys only), then each step runs :meth:`GPT.decode_step` over the unfinished rows, each at its own position.
     A finished row leaves the batch at once: the rows still running are moved up (their cache rows copied),
     so the batch shrinks and finished rows cost nothing more.
 
@@ -283,6 +287,23 @@ def generate_batch(
         model.train(was_training)
 
 
+def _prefill_limit(model: GPT) -> Callable[[int], int]:
+    """How many tokens one prefill pass of generate_batch may take for prompts of a given length: up to
+    PREFILL_TOKENS (at least one prompt). An int8 model's products of at most ``PACK_MAX_ROWS`` rows take the
+    int8 kernel and larger ones the widened weights, which round differently: prompts that short are grouped
+    only as far as the kernel still takes them, so that every row is computed as it is alone."""
+    from zenlm.models.int8 import PACK_MAX_ROWS, Int8Linear
+
+    int8 = any(isinstance(m, Int8Linear) for m in model.modules())
+
+    def limit(length: int) -> int:
+        if int8 and length <= PACK_MAX_ROWS:
+            return PACK_MAX_ROWS
+        return max(PREFILL_TOKENS, length)
+
+    return limit
+
+
 @torch.inference_mode()
 def _generate_batch(
     model: GPT, prompts: list[list[int]], cfg: GenerationConfig, eos_id: int | None,
@@ -303,16 +324,23 @@ def _generate_batch(
     history = [list(p) for p in prompts]  # prompt + new ids of each prompt (for cache refills)
     out: list[list[int]] = [[] for _ in prompts]
 
-    # Prefill: prompt i alone into cache row i. Row r of the batch holds prompt live[r], pos[r] positions.
-    live = list(range(N))
-    pos: list[int] = []
+    # Prefill. Row r of the batch holds prompt live[r], pos[r] positions. The rows are ordered by prompt length,
+    # so that prompts of the same length sit side by side and go through the model together (up to
+    # PREFILL_TOKENS tokens a pass): each row still attends over its own keys only.
+    ctxs = [ids[-block_size:] for ids in prompts]
+    live = sorted(range(N), key=lambda i: len(ctxs[i]))
+    pos = [len(ctxs[i]) for i in live]
     logits: list[Tensor] = []
-    for i, ids in enumerate(prompts):
-        ctx = ids[-block_size:]
-        logits.append(model(torch.tensor([ctx], device=device), cache=pool.row(i),
-                            last_only=True)[0, -1])
-        pos.append(len(ctx))
-    logits_RV = torch.stack(logits)
+    limit = _prefill_limit(model)
+    r = 0
+    while r < N:
+        end = r + 1
+        while end < N and pos[end] == pos[r] and (end - r + 1) * pos[r] <= limit(pos[r]):
+            end += 1
+        ids_BT = torch.tensor([ctxs[i] for i in live[r:end]], device=device)
+        logits.append(model(ids_BT, cache=pool.rows(r, end), last_only=True)[:, -1])
+        r = end
+    logits_RV = torch.cat(logits)
 
     for n in range(cfg.max_new_tokens):
         if sampling.argmax_only:  # one argmax over the whole batch

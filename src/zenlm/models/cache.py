@@ -109,9 +109,14 @@ class KVCache:
     def row(self, b: int) -> KVCache:
         """An empty batch-1 cache whose buffers are views of row b of this one (a forward pass through it
         writes into row b): prefill one sequence of a batch on its own."""
+        return self.rows(b, b + 1)
+
+    def rows(self, start: int, stop: int) -> KVCache:
+        """An empty cache whose buffers are views of rows ``start .. stop-1`` of this one: prefill several
+        prompts of the same length in one forward pass."""
         view = KVCache.__new__(KVCache)
-        view.k = [t[b : b + 1] for t in self.k]
-        view.v = [t[b : b + 1] for t in self.v]
+        view.k = [t[start:stop] for t in self.k]
+        view.v = [t[start:stop] for t in self.v]
         view.pos = 0
         return view
 
