@@ -4,6 +4,8 @@ turn it off. And the short KV cache of generate_ids (zenlm.generate.cache_length
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -13,7 +15,17 @@ from zenlm.generate import MIN_CACHE_LENGTH, GenerationConfig, cache_length, gen
 from zenlm.models import layers
 from zenlm.models.gpt import GPT
 
-pytestmark = pytest.mark.skipif(not layers.onednn_products(), reason="this PyTorch has no oneDNN (mkldnn)")
+pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="this PyTorch has no oneDNN")
+
+
+@pytest.fixture(autouse=True)
+def onednn_on(monkeypatch):
+    """The oneDNN products on whatever CPU runs the tests (by default an Intel CPU keeps the wheel's BLAS)."""
+    monkeypatch.setenv("ZENLM_ONEDNN", "1")
+    layers.onednn_products.cache_clear()
+    yield
+    monkeypatch.undo()
+    layers.onednn_products.cache_clear()
 
 
 def test_onednn_linear_equals_f_linear_to_rounding():
@@ -77,15 +89,32 @@ def test_decode_step_rows_do_not_depend_on_the_batch():
 def test_the_switch_turns_it_off(monkeypatch):
     monkeypatch.setenv("ZENLM_ONEDNN", "0")
     layers.onednn_products.cache_clear()
-    try:
-        assert not layers.onednn_products()
-        with torch.no_grad():
-            assert not isinstance(layers.inference_products(torch.device("cpu"), torch.float32),
-                                  layers._OneDNNProducts)
-    finally:
+    assert not layers.onednn_products()
+    with torch.no_grad():
+        assert not isinstance(layers.inference_products(torch.device("cpu"), torch.float32),
+                              layers._OneDNNProducts)
+
+
+@pytest.mark.parametrize(("vendor", "setting", "on"), [
+    ("AuthenticAMD", None, True), ("GenuineIntel", None, False), ("", None, True),
+    ("GenuineIntel", "1", True), ("AuthenticAMD", "off", False),
+])
+def test_by_default_every_cpu_but_intels_uses_it(monkeypatch, vendor, setting, on):
+    """Intel CPUs keep the wheel's BLAS (MKL, faster there for one or two rows); the setting decides either way."""
+    monkeypatch.setattr(layers, "_cpu_vendor", lambda: vendor)
+    if setting is None:
         monkeypatch.delenv("ZENLM_ONEDNN")
-        layers.onednn_products.cache_clear()
-    assert layers.onednn_products()
+    else:
+        monkeypatch.setenv("ZENLM_ONEDNN", setting)
+    layers.onednn_products.cache_clear()
+    assert layers.onednn_products() is on
+
+
+def test_the_vendor_is_read_from_this_machine():
+    vendor = layers._cpu_vendor()
+    assert isinstance(vendor, str)
+    if Path("/proc/cpuinfo").is_file() and "vendor_id" in Path("/proc/cpuinfo").read_text():
+        assert vendor
 
 
 def test_cache_length_is_a_power_of_two_that_fits_or_the_whole_context():

@@ -200,16 +200,38 @@ def matvec(x: Tensor, w: Tensor) -> Tensor:
 # and is 1.3-2x faster on prompt-sized products too (benchmarks/cpu_products.py, docs/BENCHMARKS.md). It also
 # computes a row the same, bit for bit, whatever the number of rows from 2 up (the BLAS does not), so a batch
 # row equals the same sequence decoded alone. One row is therefore sent as two copies of itself.
+# MKL's fast kernels are Intel's own: on a 2-core Intel Xeon (AMX) the BLAS reads the weights 1.4x faster than
+# oneDNN for one or two rows, and the two are level from 16 rows up (oneDNN wins at 4-8 rows). So by default
+# oneDNN takes the products on every CPU but Intel's; $ZENLM_ONEDNN = 1 or 0 decides it either way.
 _ONEDNN_ENV = "ZENLM_ONEDNN"
+
+
+def _cpu_vendor() -> str:
+    """The CPU's vendor string ("GenuineIntel", "AuthenticAMD", ...; /proc/cpuinfo), or "" where unknown."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as fh:
+            for line in fh:
+                key, _, value = line.partition(":")
+                if key.strip() == "vendor_id":
+                    return value.strip()
+    except OSError:
+        pass
+    return ""
 
 
 @functools.lru_cache(maxsize=1)
 def onednn_products() -> bool:
-    """Whether fp32 products at inference on CPU go through oneDNN (see above): when this PyTorch has it,
-    unless ``$ZENLM_ONEDNN`` is 0 / off / false / no."""
-    if os.environ.get(_ONEDNN_ENV, "").strip().lower() in ("0", "off", "false", "no"):
+    """Whether fp32 products at inference on CPU go through oneDNN (see above): when this PyTorch has it and
+    the CPU is not an Intel one, unless ``$ZENLM_ONEDNN`` says otherwise (1 / on / true / yes: on wherever
+    oneDNN exists; 0 / off / false / no: off)."""
+    if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")):
         return False
-    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+    setting = os.environ.get(_ONEDNN_ENV, "").strip().lower()
+    if setting in ("0", "off", "false", "no"):
+        return False
+    if setting in ("1", "on", "true", "yes"):
+        return True
+    return _cpu_vendor() != "GenuineIntel"
 
 
 def onednn_linear(x: Tensor, w: Tensor, b: Tensor | None = None) -> Tensor:
