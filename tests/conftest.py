@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -23,9 +25,17 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ["OMP_NUM_THREADS"] = str(_threads)
     torch.set_num_threads(_threads)
 
+
+def _scratch_dir(prefix: str) -> str:
+    """A fresh temporary directory, removed when this process exits (each test process makes its own)."""
+    path = tempfile.mkdtemp(prefix=prefix)
+    atexit.register(shutil.rmtree, path, True)
+    return path
+
+
 # Built decode programs (zenlm.compiled) go to a fresh directory, so tests build them rather than load what an
 # earlier run left in ~/.cache (CLI subprocesses inherit it).
-os.environ["ZENLM_CACHE_DIR"] = tempfile.mkdtemp(prefix="zenlm-test-cache-")
+os.environ["ZENLM_CACHE_DIR"] = _scratch_dir("zenlm-test-cache-")
 # Eager decoding is the default in the suite: with the compiled default, every test's model shape would start a
 # 15-60 s program build in the background. The compiled paths and the default itself (background builds, the
 # missing-compiler notice) are tested on purpose in test_compiled.py and test_compiled_default.py, which unset this.
@@ -35,7 +45,7 @@ os.environ["ZENLM_COMPILE"] = "0"
 # directory. The `datasets` package reads these when it is imported, so they are set before any test runs.
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
-os.environ["HF_DATASETS_CACHE"] = tempfile.mkdtemp(prefix="zenlm-test-datasets-")
+os.environ["HF_DATASETS_CACHE"] = _scratch_dir("zenlm-test-datasets-")
 
 EXTRA = "中文文本，人民日报。Ünïcödé façade — “quotes” 😀🚀\n"
 
