@@ -120,16 +120,26 @@ def _cpuinfo_flags() -> set[str]:
     return set()
 
 
-def _cpu_name() -> str:
+def _cpuinfo_field(*keys: str) -> str:
+    """The first value of one of ``keys`` in /proc/cpuinfo, or "" where there is none."""
     try:
         with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as fh:
             for line in fh:
                 key, _, value = line.partition(":")
-                if key.strip() in ("model name", "Model", "Hardware"):
+                if key.strip() in keys:
                     return value.strip()
     except OSError:
         pass
-    return platform.processor() or platform.machine()
+    return ""
+
+
+def _cpu_name() -> str:
+    return _cpuinfo_field("model name", "Model", "Hardware") or platform.processor() or platform.machine()
+
+
+def cpu_vendor() -> str:
+    """The CPU's vendor string ("GenuineIntel", "AuthenticAMD", ...; /proc/cpuinfo), or "" where unknown."""
+    return _cpuinfo_field("vendor_id")
 
 
 @dataclass(frozen=True)

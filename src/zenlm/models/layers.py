@@ -207,16 +207,9 @@ _ONEDNN_ENV = "ZENLM_ONEDNN"
 
 
 def _cpu_vendor() -> str:
-    """The CPU's vendor string ("GenuineIntel", "AuthenticAMD", ...; /proc/cpuinfo), or "" where unknown."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as fh:
-            for line in fh:
-                key, _, value = line.partition(":")
-                if key.strip() == "vendor_id":
-                    return value.strip()
-    except OSError:
-        pass
-    return ""
+    from zenlm.device import cpu_vendor  # imported here: zenlm.device is not needed to build a model
+
+    return cpu_vendor()
 
 
 @functools.lru_cache(maxsize=1)
