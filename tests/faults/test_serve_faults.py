@@ -458,6 +458,37 @@ def test_a_client_that_disconnects_is_not_a_500_nor_a_traceback(srv, caplog):
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
 
 
+def test_a_server_leaves_the_process_logging_alone(fault_lm, capsys):
+    """A server started in a process that has its own logging (a notebook, an application, a test with its
+    output captured) neither closes nor replaces its handlers. uvicorn's default logging setup closes every
+    handler of the process; a handler such as absl's, which closes its stream unless it is the current
+    sys.stderr, then closed a file that was still in use (under pytest: the capture file of every later test)."""
+
+    class Recording(logging.StreamHandler):
+        closed_times = 0
+
+        def close(self) -> None:
+            Recording.closed_times += 1
+            super().close()
+
+    handler = Recording(io.StringIO())
+    log = logging.getLogger("zenlm.tests.host")
+    log.addHandler(handler)
+    root_handlers = list(logging.getLogger().handlers)
+    try:
+        app = create_app(fault_lm.model, fault_lm.tokenizer, model_id="tiny", max_concurrency=1, max_queue=1)
+        with ServerThread(app) as s:
+            assert httpx.get(s.url + "/v1/models", timeout=10).status_code == 200
+        assert Recording.closed_times == 0
+        assert log.handlers == [handler] and logging.getLogger().handlers == root_handlers
+        log.warning("still here")
+        assert handler.stream.getvalue() == "still here\n"
+        print("captured")
+        assert capsys.readouterr().out == "captured\n"
+    finally:
+        log.removeHandler(handler)
+
+
 # ------------------------------------------------------------- 22. a hostile chat template is bounded
 
 

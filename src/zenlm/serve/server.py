@@ -189,8 +189,11 @@ def make_server(app: Any, limits: Limits, *, log_level: str = "warning") -> uvic
         uvicorn_log.addFilter(_OncePerInterval())
     protocol = type("GuardedH11", (_GuardedH11,), {"max_open": connection_limit(limits),
                                                    "header_timeout": limits.request_timeout})
+    # log_config=None: uvicorn's default would run logging.config.dictConfig, which closes every logging
+    # handler of the process (a notebook's, an application's, or one whose stream is a redirected
+    # sys.stderr); uvicorn's records go to the root logger's handlers instead (`zenlm serve` sets those up)
     config = uvicorn.Config(
-        app, http=protocol, log_level=log_level, access_log=False, lifespan="on",
+        app, http=protocol, log_config=None, log_level=log_level, access_log=False, lifespan="on",
         timeout_keep_alive=KEEP_ALIVE_S, timeout_graceful_shutdown=SHUTDOWN_GRACE_S,
         h11_max_incomplete_event_size=MAX_HEADER_BYTES, backlog=BACKLOG,
     )
