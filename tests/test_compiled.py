@@ -284,3 +284,36 @@ def test_engine_steps_through_the_batched_programs(char_tok, batch4_program):
     shape = ProgramShape(True, 4, tuple(engine.pool.k[0].shape[1:]), "torch.float32", "cpu")
     assert engine.decoder is not None and engine.decoder.ready(shape)  # the steps ran the batch-4 program
     assert engine.decoder.programs_built == 0  # the session's program of this shape, loaded
+
+
+def test_loading_a_program_does_not_import_inductor(llama_program, tmp_path):
+    """A later process runs a built program without importing Inductor (about 70 MB of resident memory): the
+    program's library is loaded by torch's own C++ loader, and its logits are the eager step's."""
+    import os
+    import subprocess
+    import sys
+
+    script = tmp_path / "run.py"
+    script.write_text(
+        "import sys, torch\n"
+        "from zenlm.compiled import compiled_decoder\n"
+        "from zenlm.config import GPTConfig\n"
+        "from zenlm.models.gpt import GPT\n"
+        "torch.manual_seed(7)\n"
+        f"model = GPT(GPTConfig(**{llama_like().__dict__!r})).eval()\n"
+        "decoder = compiled_decoder(model, 'aot')\n"
+        "fast, eager = model.make_cache(1), model.make_cache(1)\n"
+        "with torch.inference_mode():\n"
+        "    for c in (fast, eager):\n"
+        "        model(torch.tensor([[1, 2, 3]]), cache=c)\n"
+        "    got = decoder.next_logits(4, fast)\n"
+        "    want = model(torch.tensor([[4]]), cache=eager)[0, -1]\n"
+        "torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)\n"
+        "assert decoder.programs_built == 0, 'the program was built again'\n"
+        "print('inductor' if 'torch._inductor' in sys.modules else 'lean')\n"
+    )
+    env = {**os.environ, "ZENLM_CACHE_DIR": str(cache_dir().parent)}
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env,
+                         cwd=os.path.dirname(os.path.dirname(__file__)), timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "lean"

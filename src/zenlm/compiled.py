@@ -542,11 +542,30 @@ class CompiledDecoder:
         return logits_1V[0]
 
 
+class _Program:
+    """A built decode program, loaded: the library's own C++ loader (``torch._C._aoti``), called with the step's
+    inputs flattened in their traced order (tokens, positions, key slots, each layer's keys, each layer's
+    values) -> logits. ``torch._inductor.aoti_load_package`` returns the same runner behind a wrapper that
+    imports the whole of Inductor (about 70 MB of resident memory, a second of start-up) and re-reads the
+    input layout from JSON on every call; neither is needed to run a program."""
+
+    def __init__(self, path: Path) -> None:
+        self.loader = torch._C._aoti.AOTIModelPackageLoader(str(path), "model", False, 1, -1)
+
+    def get_constant_fqns(self) -> list[str]:
+        return self.loader.get_constant_fqns()
+
+    def load_constants(self, constants: dict[str, Tensor], *, check_full_update: bool, user_managed: bool) -> None:
+        self.loader.load_constants(constants, False, check_full_update, user_managed, False)
+
+    def __call__(self, tokens_B: Tensor, pos_B: Tensor, keys_S: Tensor, k_layers: Sequence[Tensor],
+                 v_layers: Sequence[Tensor]) -> Tensor:
+        return self.loader.boxed_run([tokens_B, pos_B, keys_S, *k_layers, *v_layers])[0]
+
+
 def _open(path: Path, weights: dict[str, Tensor]) -> object:
     """Load the program at ``path`` so that it reads ``weights`` (the model's own tensors, not copies)."""
-    import torch._inductor
-
-    runner = torch._inductor.aoti_load_package(str(path))
+    runner = _Program(path)
     names = runner.get_constant_fqns()
     missing = [n for n in names if n.removeprefix("model.") not in weights]
     if missing:
