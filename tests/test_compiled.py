@@ -317,3 +317,34 @@ def test_loading_a_program_does_not_import_inductor(llama_program, tmp_path):
                          cwd=os.path.dirname(os.path.dirname(__file__)), timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().splitlines()[-1] == "lean"
+
+
+@pytest.mark.parametrize("blas", [True, False])
+def test_one_row_fp32_products_are_blas_calls_or_loops_and_match_eager(blas, monkeypatch):
+    """In the one-sequence step, fp32 one-row products stay calls to the BLAS where the BLAS takes fp32
+    products (Intel CPUs) and become multiply-and-sum loops elsewhere; bf16 ones are loops everywhere. Either
+    way the step gives the eager logits."""
+    import zenlm.compiled as compiled
+
+    monkeypatch.setattr(compiled, "onednn_products", lambda: not blas)
+    assert compiled.blas_takes_fp32_rows() is blas
+    x, w = torch.randn(1, 8), torch.randn(4, 8)
+    assert compiled.one_row_as_loop(x, w, blas) is not blas
+    assert compiled.one_row_as_loop(x.bfloat16(), w.bfloat16(), blas)  # bf16: a loop either way
+    assert not compiled.one_row_as_loop(torch.randn(2, 8), w, blas)  # two rows: a matrix product
+    loops = []
+    real = compiled.matvec
+    monkeypatch.setattr(compiled, "matvec", lambda *a: loops.append(a[1].shape) or real(*a))
+    torch._dynamo.reset()
+    torch.manual_seed(3)
+    model = GPT(llama_like()).eval()
+    decoder = compiled_decoder(model, "dynamo")
+    eager, fast = model.make_cache(1), model.make_cache(1)
+    with torch.inference_mode():
+        model(torch.tensor([[1, 2, 3]]), cache=eager)
+        model(torch.tensor([[1, 2, 3]]), cache=fast)
+        for token in (4, 5, 6):
+            want = model(torch.tensor([[token]]), cache=eager)[0, -1]
+            torch.testing.assert_close(decoder.next_logits(token, fast), want, atol=1e-4, rtol=1e-4)
+    assert decoder.backend == "dynamo"
+    assert bool(loops) is not blas  # the head and every block's products, traced as loops, or none
