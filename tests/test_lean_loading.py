@@ -169,3 +169,17 @@ def save_model_dict(tensors: dict[str, torch.Tensor], path: Path) -> None:
     from safetensors.torch import save_file
 
     save_file(tensors, str(path))
+
+
+@pytest.mark.parametrize("dtype", ["auto", "int8"])
+def test_loading_does_not_import_the_compiler(small_run, dtype: str) -> None:
+    """Building the model on the meta device computes nothing: computing the rotary tables there went through
+    PyTorch's Python reference kernels, which import the compiler (~75 MB of resident memory, a second)."""
+    script = ("import sys, zenlm\n"
+              "lm = zenlm.load(sys.argv[1], device='cpu', dtype=sys.argv[2])\n"
+              "assert lm.model.rotary.cos.device.type == 'cpu'\n"
+              "print(sorted(m for m in ('torch._dynamo', 'torch._inductor', 'sympy') if m in sys.modules))\n")
+    res = subprocess.run([sys.executable, "-c", script, str(small_run[0]), dtype], capture_output=True, text=True,
+                         timeout=300, env={**os.environ, "ZENLM_COMPILE": "0"})
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout.strip().splitlines()[-1] == "[]"

@@ -95,6 +95,11 @@ class Rotary(nn.Module):
         """Compute the tables (on ``device``; default: the default device). A model built on the meta device
         gets meta tables, shapes only; lean loading (zenlm.rundir) computes them afterwards, on the CPU,
         as :func:`compute_buffers` does for every module that computes its buffers rather than loads them."""
+        where = torch.device(device) if device is not None else torch.get_default_device()
+        if where.type == "meta":  # shapes only: computing them on meta would import PyTorch's Python reference
+            for name in ("cos", "sin"):  # kernels and the compiler (~75 MB, a second) for nothing
+                self.register_buffer(name, torch.empty(self.max_len, self.head_dim, device=where), persistent=False)
+            return
         inv_freq_D2 = rope_frequencies(self.head_dim, self.theta, self.scaling, device=device)
         t_T = torch.arange(self.max_len, dtype=torch.float64, device=device)
         angles_TD2 = torch.outer(t_T, inv_freq_D2)
