@@ -87,12 +87,22 @@ def read_bandwidth(mb: int = 256, reps: int = 10, trials: int = 3) -> float:
     return best
 
 
+# Token embedding tables: a step reads one row of them, unless the output head is the same matrix (tied)
+EMBEDDINGS = ("tok_emb.", "transformer.wte.", "model.embed_tokens.")
+
+
 def step_bytes(model: torch.nn.Module) -> int:
-    """Bytes of weights one decode step reads: every parameter/buffer once, except position tables."""
+    """Bytes of weights one decode step reads: every parameter/buffer once, except position tables and an untied
+    token embedding (one row of it is read)."""
+    named = [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
+    heads = {t.data_ptr() for k, t in named if not k.startswith(EMBEDDINGS)}  # transformers: a tied head is a name
+    tied = bool(getattr(getattr(model, "config", None), "tie_embeddings", False))  # zenlm: the config says it
     seen: set[int] = set()
     total = 0
-    for k, t in [*model.named_parameters(), *model.named_buffers()]:
+    for k, t in named:
         if k.startswith(("pos_emb", "transformer.wpe", "rotary")) or k.endswith(("attn.bias", "masked_bias")):
+            continue
+        if k.startswith(EMBEDDINGS) and not tied and t.data_ptr() not in heads:
             continue
         if t.data_ptr() not in seen:  # a tied output head reads the embedding matrix once
             seen.add(t.data_ptr())
@@ -101,14 +111,17 @@ def step_bytes(model: torch.nn.Module) -> int:
 
 
 def gguf_step_bytes(path: Path, converter: str | None) -> int:
-    """The same for a GGUF file: its tensors' bytes, less the position table (read with the `gguf` package, the
+    """The same for a GGUF file: its tensors' bytes, less the position table and an untied token embedding (read with the `gguf` package, the
     converter's own when there is one)."""
     if converter:
         sys.path.insert(0, str(Path(converter).parent / "gguf-py"))
     import gguf
 
     reader = gguf.GGUFReader(str(path))
-    return sum(int(t.n_bytes) for t in reader.tensors if not t.name.startswith("position_embd"))
+    names = {t.name for t in reader.tensors}
+    untied = "output.weight" in names  # without an output matrix the head is the token embedding
+    return sum(int(t.n_bytes) for t in reader.tensors
+               if not t.name.startswith("position_embd") and not (untied and t.name.startswith("token_embd")))
 
 
 def peak_mb() -> float:
