@@ -299,3 +299,35 @@ def test_chat_and_serve_a_lora_run(lora_run: Path, monkeypatch, capsys) -> None:
         client = openai.OpenAI(base_url=srv.url + "/v1", api_key="x", max_retries=0, timeout=30)
         got = client.completions.create(model="lora", prompt="ROMEO:", max_tokens=8, temperature=0)
     assert got.choices[0].text == want
+
+
+def test_a_lora_run_is_reproducible_and_two_fsdp_processes_compute_it(tmp_path: Path) -> None:
+    """The adapters start from the run's seed (their random A matrices were drawn before the run seeded the
+    generator: the same command gave different adapters), and two FSDP2 processes compute the very run of one,
+    trained token rows included."""
+    import os
+    import subprocess
+    import sys
+
+    from zenlm.data.corpus import shakespeare_char_text
+
+    fixture = Path(__file__).parent / "fixtures" / "runs" / "gpt"
+    (tmp_path / "c.txt").write_text(shakespeare_char_text()[:60_000], encoding="utf-8")
+    assert main(["prepare", "--corpus", str(tmp_path / "c.txt"), "--tokenizer", str(fixture),
+                 "--out", str(tmp_path / "data")]) == 0
+    args = ["pretrain", "--data", str(tmp_path / "data"), "--init", str(fixture), "--lora", "--lora-tokens",
+            "<|eos|>", "--grad-accum", "2", "--max-steps", "4", "--batch-size", "4", "--device", "cpu",
+            "--threads", "1"]
+    for name in ("one", "again"):
+        assert main([*args, "--out", str(tmp_path / name)]) == 0
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "zenlm",
+                          *args, "--strategy", "fsdp", "--out", str(tmp_path / "fsdp")], capture_output=True,
+                         text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert res.returncode == 0, res.stderr[-3000:]
+    want = load_file(str(tmp_path / "one" / "adapter.safetensors"))
+    assert {"tok_emb.rows", "lm_head.rows"} <= set(want)
+    for name in ("again", "fsdp"):
+        got = load_file(str(tmp_path / name / "adapter.safetensors"))
+        assert got.keys() == want.keys()
+        for k in want:
+            torch.testing.assert_close(got[k], want[k], rtol=0, atol=1e-6, msg=lambda m, k=k, n=name: f"{n} {k}: {m}")

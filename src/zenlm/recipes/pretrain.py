@@ -475,6 +475,7 @@ def pretrain(
         if lora is not None:
             fingerprint = weights_fingerprint(net)
             lora = lora.with_tokens(tok)
+            torch.manual_seed(train.seed)  # the adapters' random A matrices: the same run gives the same start
             lora_run = lora_section(lora, apply_lora(net, lora), init, fingerprint, init_saved)
     elif not resume:
         cfg = _model_config(objective, model, vocab_size, model_overrides or {}, tok.pad_id if mlm else None)
