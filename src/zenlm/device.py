@@ -109,15 +109,7 @@ def _torch_check(name: str) -> bool:
 
 def _cpuinfo_flags() -> set[str]:
     """The feature flags of the first CPU in /proc/cpuinfo ("flags" on x86, "Features" on ARM); empty elsewhere."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as fh:
-            for line in fh:
-                key, _, value = line.partition(":")
-                if key.strip() in ("flags", "Features"):
-                    return set(value.split())
-    except OSError:
-        pass
-    return set()
+    return set(_cpuinfo_field("flags", "Features").split())
 
 
 def _cpuinfo_field(*keys: str) -> str:

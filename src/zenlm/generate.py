@@ -235,7 +235,8 @@ def generate_batch(
     longest prompt + max_new_tokens)``, in the dtype :meth:`GPT.make_cache` picks (the autocast dtype when
     autocast is on, else the weights'). The rows are ordered by prompt length and the prompts of one length
     are prefilled together (``GPT.forward`` on a view of their rows, up to ``PREFILL_TOKENS`` tokens a pass;
-    a row attends over its own keys only), then each step runs :meth:`GPT.decode_step` over the unfinished rows, each at its own position.
+    a row attends over its own keys only), then each step runs :meth:`GPT.decode_step` over the unfinished
+    rows, each at its own position.
     A finished row leaves the batch at once: the rows still running are moved up (their cache rows copied),
     so the batch shrinks and finished rows cost nothing more.
 

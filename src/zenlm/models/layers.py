@@ -98,7 +98,8 @@ class Rotary(nn.Module):
         where = torch.device(device) if device is not None else torch.get_default_device()
         if where.type == "meta":  # shapes only: computing them on meta would import PyTorch's Python reference
             for name in ("cos", "sin"):  # kernels and the compiler (~75 MB, a second) for nothing
-                self.register_buffer(name, torch.empty(self.max_len, self.head_dim, device=where), persistent=False)
+                self.register_buffer(name, torch.empty(self.max_len, self.head_dim, dtype=torch.float32, device=where),
+                                     persistent=False)
             return
         inv_freq_D2 = rope_frequencies(self.head_dim, self.theta, self.scaling, device=device)
         t_T = torch.arange(self.max_len, dtype=torch.float64, device=device)
