@@ -625,6 +625,13 @@ def test_serve_says_the_port_is_taken_before_saying_it_serves(capsys):
                                     "there or pick another with --port.")
 
 
+@pytest.mark.parametrize("port", ["99999", "-1"])
+def test_serve_refuses_a_port_outside_the_tcp_range_in_one_line(port, capsys):
+    assert main(["serve", str(FIXTURE_GPT), "--port", port]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"zenlm: error: --port {port} is not a TCP port: give one from 1 to 65535 (0: any free one)."
+
+
 def test_chat_compile_says_it_compiles_before_the_first_reply(monkeypatch, capsys):
     import zenlm.compiled
 

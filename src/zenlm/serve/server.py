@@ -206,6 +206,8 @@ def bind(host: str, port: int) -> socket.socket:
     # IPPROTO_TCP named explicitly: asyncio turns Nagle's algorithm off (TCP_NODELAY) only on connections of
     # a socket whose protocol says TCP; with proto 0 every answer on a kept-alive connection waited ~40 ms
     # for the client's delayed ACK between its header and body writes
+    if not 0 <= port <= 65535:
+        raise ConfigError(f"--port {port} is not a TCP port: give one from 1 to 65535 (0: any free one).")
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
