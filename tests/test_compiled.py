@@ -319,19 +319,11 @@ def test_loading_a_program_does_not_import_inductor(llama_program, tmp_path):
     assert out.stdout.strip().splitlines()[-1] == "lean"
 
 
-@pytest.mark.parametrize("blas", [True, False])
-def test_one_row_fp32_products_are_blas_calls_or_loops_and_match_eager(blas, monkeypatch):
-    """In the one-sequence step, fp32 one-row products stay calls to the BLAS where the BLAS takes fp32
-    products (Intel CPUs) and become multiply-and-sum loops elsewhere; bf16 ones are loops everywhere. Either
-    way the step gives the eager logits."""
+def test_one_row_products_are_loops_and_match_eager(monkeypatch):
+    """In the one-sequence step every one-row product becomes a multiply-and-sum loop (fp32 included, on any
+    CPU), and the step gives the eager logits."""
     import zenlm.compiled as compiled
 
-    monkeypatch.setattr(compiled, "onednn_products", lambda: not blas)
-    assert compiled.blas_takes_fp32_rows() is blas
-    x, w = torch.randn(1, 8), torch.randn(4, 8)
-    assert compiled.one_row_as_loop(x, w, blas) is not blas
-    assert compiled.one_row_as_loop(x.bfloat16(), w.bfloat16(), blas)  # bf16: a loop either way
-    assert not compiled.one_row_as_loop(torch.randn(2, 8), w, blas)  # two rows: a matrix product
     loops = []
     real = compiled.matvec
     monkeypatch.setattr(compiled, "matvec", lambda *a: loops.append(a[1].shape) or real(*a))
@@ -347,4 +339,31 @@ def test_one_row_fp32_products_are_blas_calls_or_loops_and_match_eager(blas, mon
             want = model(torch.tensor([[token]]), cache=eager)[0, -1]
             torch.testing.assert_close(decoder.next_logits(token, fast), want, atol=1e-4, rtol=1e-4)
     assert decoder.backend == "dynamo"
-    assert bool(loops) is not blas  # the head and every block's products, traced as loops, or none
+    n_layer = model.config.n_layer
+    assert len(loops) >= 4 * n_layer + 1  # every block's products and the head, traced as loops
+
+
+@pytest.mark.parametrize("x_dtype,w_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
+                                             (torch.bfloat16, torch.int8), (torch.float16, torch.float16),
+                                             (torch.float32, torch.bfloat16), (torch.float32, torch.int8)])
+@pytest.mark.parametrize("n_rows", [50, 203, 384])
+def test_a_compiled_one_row_product_sums_fp32_products(x_dtype, w_dtype, n_rows):
+    """The one-row product under the compiler (8 row blocks, narrow activations read in their own dtype) sums
+    the fp32 products of x and W in fp32: within float rounding of a float64 product, where products rounded
+    to bf16 or fp16 would be ~1e-3 off. Rows left over after the blocks (203 = 8 x 25 + 3) are summed too,
+    and 50 rows (too few for blocks) are one product."""
+    from zenlm.models.layers import matvec, matvec_sums
+
+    torch.manual_seed(0)
+    K = 96
+    x = torch.randn(1, K).to(x_dtype)
+    w = (torch.randint(-127, 128, (n_rows, K), dtype=torch.int8) if w_dtype == torch.int8
+         else torch.randn(n_rows, K).to(w_dtype))
+    want = (x.double() @ w.double().T)[0]
+    torch._dynamo.reset()
+    sums = torch.compile(matvec_sums, fullgraph=True)(x, w)
+    assert sums.dtype == torch.float32 and sums.shape == (1, n_rows)
+    assert ((sums[0].double() - want).abs().max() / want.abs().max()).item() < 1e-5
+    y = torch.compile(matvec, fullgraph=True)(x, w)
+    assert y.dtype == x_dtype
+    torch.testing.assert_close(y, sums.to(x_dtype), atol=0, rtol=0)

@@ -16,6 +16,7 @@ from zenlm.models.gpt import GPT
 from zenlm.sampling import (
     Sampler,
     SamplingConfig,
+    draw,
     make_generator,
     pick_token,
     presence_frequency_penalty,
@@ -47,6 +48,26 @@ def test_a_small_but_finite_temperature_still_samples_by_probability():
     logits = torch.tensor([0.0, 1e-6, -5.0])  # at T=1e-7 the two best are e^10 apart: nearly always token 1
     draws = [pick_token(logits, SamplingConfig(temperature=1e-7), make_generator(s)) for s in range(20)]
     assert set(draws) <= {0, 1} and draws.count(1) >= 19
+
+
+def test_a_draw_follows_the_probabilities_and_never_picks_an_impossible_token():
+    probs = torch.tensor([0.1, 0.0, 0.6, 0.0, 0.3, 0.0])
+    g = make_generator(0)
+    counts = torch.bincount(torch.tensor([draw(probs, g) for _ in range(6000)]), minlength=6)
+    assert counts[1] == counts[3] == counts[5] == 0  # the impossible tokens, the last one too
+    share = counts.double() / counts.sum()
+    assert torch.allclose(share, probs.double(), atol=0.025)  # ~4 standard deviations at n=6000
+    assert [draw(probs, make_generator(7)) for _ in range(3)] == [draw(probs, make_generator(7)) for _ in range(3)]
+    one_hot = torch.zeros(50)
+    one_hot[37] = 1.0
+    assert {draw(one_hot, g) for _ in range(50)} == {37}
+
+
+def test_a_uniform_number_that_rounds_up_to_the_total_takes_the_last_possible_token(monkeypatch):
+    import zenlm.sampling as sampling
+
+    monkeypatch.setattr(sampling.torch, "rand", lambda *a, **k: torch.ones(1, dtype=torch.float64))
+    assert draw(torch.tensor([0.25, 0.5, 0.25, 0.0])) == 2
 
 
 @pytest.mark.parametrize("seed", [-1, 2**64, 2**70, 1.5, True, "3"])

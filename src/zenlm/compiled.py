@@ -9,12 +9,14 @@ about 250 separate operator calls. :class:`CompiledDecoder` compiles the model's
 with five choices that decide its speed:
 
 1. **Matrix-vector products as multiply-and-sum.** While tracing, every ``F.linear`` whose input has one row
-   is rewritten ``y = (x[None, :] * W).sum(-1)``, in fp32 and cast back to x's dtype
-   (:func:`~zenlm.models.layers.matvec`). Inductor, the compiler, emits that as one loop per output row
-   that streams the row of W once with vector instructions, the rows split across threads: 22–25 GB/s here
-   for fp32, bf16 and int8 weights alike. :class:`~zenlm.models.int8.Int8Linear` does the same with its
-   int8 matrix, so the widening to float happens in registers, and its per-channel scale multiplies the sums.
-   On Intel CPUs fp32 products stay calls to the wheel's BLAS (MKL), faster there (:func:`blas_takes_fp32_rows`).
+   is rewritten ``y = (x[None, :] * W).sum(-1)``, products and sums in fp32, cast back to x's dtype
+   (:func:`~zenlm.models.layers.matvec`). Inductor, the compiler, emits that as a loop that streams W's rows
+   once with vector instructions, widening bf16 or int8 weights to fp32 in registers, the rows split across
+   threads. :class:`~zenlm.models.int8.Int8Linear` does the same with its int8 matrix, and its per-channel
+   scale multiplies the sums. Two details of how it is written make that loop fast: it walks 8 rows of W at
+   once (8 independent sums), and it reads bf16 activations as bf16. On a 2-core Xeon the loops beat the
+   wheel's BLAS (MKL) in fp32 too (a GPT-2 step 17 against 20 ms), and read bf16 and int8 weights at 25-27
+   GB/s, close to the memory's speed.
 2. **No recomputation inside those loops.** Left to itself, Inductor folds cheap producers into their
    consumers. For a product that means recomputing, e.g., the layer norm of x once per output row (3,072
    times for GPT-2's MLP). ``realize_opcount_threshold = 0`` makes it compute every such vector once.
@@ -112,7 +114,10 @@ from zenlm.models.layers import (
 # realize_opcount_threshold 0: compute each intermediate vector once (point 2 above);
 # size_asserts / alignment_asserts off: the generated Python wrapper otherwise checks the shape, strides and
 # alignment of each of its ~150 inputs (every weight) on every call, ~0.6 ms of a 7 ms int8 GPT-2 step.
-_INDUCTOR_OPTIONS = {"realize_opcount_threshold": 0, "size_asserts": False, "alignment_asserts": False}
+# emulate_precision_casts off (Inductor's default, pinned): a fused expression is computed in fp32 and rounded
+# only where stored, which the narrow form of matvec relies on for fp32 products (zenlm.models.layers.matvec).
+_INDUCTOR_OPTIONS = {"realize_opcount_threshold": 0, "size_asserts": False, "alignment_asserts": False,
+                     "emulate_precision_casts": False}
 
 # A step reads its key slots in whole blocks of this many: S is rounded up (the extra slots are masked out), so
 # that no loop over keys has a partial last block whose length depends on the other rows ("Batches" above).
@@ -122,52 +127,28 @@ ENV_SWITCH = "ZENLM_COMPILE"
 _CANNOT_REBUILD = 3  # exit status of a build process that cannot rebuild the model from its description
 
 
-def blas_takes_fp32_rows() -> bool:
-    """Whether the fp32 one-row products of the one-sequence step stay calls to the BLAS instead of becoming
-    :func:`matvec` loops: where the wheel's BLAS takes fp32 products (Intel CPUs, see
-    :func:`~zenlm.models.layers.onednn_products`). On a 2-core Xeon (AMX), MKL's one-row product read GPT-2's
-    per-step matrices at 27 GB/s against the loop's 21, and the compiled step was 8-11% faster with it (GPT-2
-    44 -> 48 tokens/s, Llama layout 60 -> 67); in bf16 the loop won (62 against 53 tokens/s with oneDNN's
-    product), and on the AMD machine the loop wins in fp32 too. Decided before tracing (a constant of the
-    program; the program cache's key holds ``onednn_products()``)."""
-    return not onednn_products()
-
-
-def one_row_as_loop(x: Tensor, w: Tensor, blas_fp32: bool) -> bool:
-    """Whether ``F.linear(x, w)`` in the one-sequence step becomes :func:`matvec`: x has one row, unless it is
-    an fp32 product on a CPU and ``blas_fp32`` (:func:`blas_takes_fp32_rows`)."""
-    if x.numel() != x.shape[-1]:
-        return False
-    return not (blas_fp32 and x.dtype == torch.float32 and w.dtype == torch.float32 and w.device.type == "cpu")
-
-
 class _LinearsAsReductions(TorchFunctionMode):
-    """While active, ``F.linear(x, W, b)`` with one row in x becomes ``(x[None, :] * W).sum(-1) + b``
-    (see :func:`one_row_as_loop`).
+    """While active, ``F.linear(x, W, b)`` with one row in x becomes :func:`matvec` ``+ b``.
 
     Only under ``torch.compile`` is this faster (it fuses into one streaming loop); run eagerly, it would
     materialise the whole product ``x * W``.
     """
-
-    def __init__(self, blas_fp32: bool) -> None:
-        super().__init__()
-        self.blas_fp32 = blas_fp32
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
         kwargs = kwargs or {}
         if func is F.linear:
             x, w = args[0], args[1]
             b = args[2] if len(args) > 2 else kwargs.get("bias")
-            if one_row_as_loop(x, w, self.blas_fp32):
+            if x.numel() == x.shape[-1]:
                 y = matvec(x, w)
                 return y if b is None else y + b.to(y.dtype)
         return func(*args, **kwargs)
 
 
 def _step(model: GPT, tokens_B: Tensor, pos_B: Tensor, keys_S: Tensor, k_layers: list[Tensor],
-          v_layers: list[Tensor], batched: bool = False, blas_fp32: bool = False) -> Tensor:
+          v_layers: list[Tensor], batched: bool = False) -> Tensor:
     if not batched:
-        with _LinearsAsReductions(blas_fp32):
+        with _LinearsAsReductions():
             return model.decode_step(tokens_B, pos_B, k_layers, v_layers, keys_S=keys_S)
     w = model.norm_f.weight  # the batched family: fp32 products through oneDNN where eager decoding uses it
     with matrix_products(), inference_products(w.device, w.dtype):
@@ -263,11 +244,10 @@ class _StepModule(torch.nn.Module):
         super().__init__()
         self.model = model
         self.batched = batched
-        self.blas_fp32 = blas_takes_fp32_rows()
 
     def forward(self, tokens_B: Tensor, pos_B: Tensor, keys_S: Tensor, k_layers: list[Tensor],
                 v_layers: list[Tensor]) -> Tensor:
-        return _step(self.model, tokens_B, pos_B, keys_S, k_layers, v_layers, self.batched, self.blas_fp32)
+        return _step(self.model, tokens_B, pos_B, keys_S, k_layers, v_layers, self.batched)
 
 
 def _tensors(model: nn.Module) -> dict[str, Tensor]:
@@ -416,8 +396,7 @@ class CompiledDecoder:
         if self._compiled is None:
             self._compiled = torch.compile(_step, options=_options())
         try:
-            return self._compiled(self.model, tokens_B, pos_B, keys_S, k_layers, v_layers, batched,
-                                  blas_takes_fp32_rows())
+            return self._compiled(self.model, tokens_B, pos_B, keys_S, k_layers, v_layers, batched)
         except torch._dynamo.exc.BackendCompilerFailed as e:
             raise ConfigError(
                 f"compiling the decode step failed: {e.inner_exception!r}. torch.compile needs a working C++ "

