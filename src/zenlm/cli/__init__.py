@@ -358,7 +358,7 @@ def generate(
             CPU has native bf16 (AVX-512 BF16, AMX, ARM BF16), else in fp32; the first line on stderr says
             what was chosen
         cache: use the KV cache (--no-cache recomputes the whole context each step)
-        compile: decode with the compiled step, 2-4x faster per token on a CPU (default: yes where a C++
+        compile: decode with the compiled step, 1.4-3x faster per token on a CPU (default: yes where a C++
             compiler is installed and ZENLM_COMPILE is not 0). The first run for a model shape builds it in
             the background (20-60 s) while the tokens come eagerly; later runs load it from ~/.cache/zenlm
             in about a second. --no-compile: eager; --compile: wait for the build

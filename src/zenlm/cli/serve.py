@@ -152,7 +152,7 @@ def chat(
         dtype: the weights: auto keeps the run's own precision (lossless); bf16 or int8 (quantised while
             loading) for less memory and faster replies; fp16 on GPUs. bf16 and int8 compute in bf16 where the
             CPU has native bf16, else in fp32 (the first line on stderr says what was chosen)
-        compile: decode with the compiled step, 2-4x faster per token on a CPU (default: yes where a C++
+        compile: decode with the compiled step, 1.4-3x faster per token on a CPU (default: yes where a C++
             compiler is installed; the first time for a model shape it is built in the background, 20-60 s,
             while the first replies come eagerly, and kept in ~/.cache/zenlm). --no-compile: eager;
             --compile: the first reply waits for the build

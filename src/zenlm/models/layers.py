@@ -198,8 +198,9 @@ def matvec(x: Tensor, w: Tensor) -> Tensor:
     Eagerly this is slower than ``F.linear`` (it builds the whole [N, K] product); it exists for
     ``torch.compile``, which fuses it into one loop that streams each row of w once and widens it to fp32 in
     registers: a matrix-vector product at memory speed (see :mod:`zenlm.compiled`). Two ways of writing it
-    decide how fast that loop is; on a 2-core Xeon they made the compiled bf16 step 1.45x (GPT-2) and 1.75x
-    (Llama layout) faster, and the int8 one 1.4x:
+    decide how fast that loop is. With both, compiled decoding on a 2-core Xeon went from 62 to 105 tokens/s
+    (GPT-2, bf16), 78 to 128 (Llama layout, bf16), 103 to 156 and 150 to 219 (int8), and fp32 from MKL's one-row
+    product to the loops (docs/BENCHMARKS.md, decode runs C and D):
 
     1. **Eight rows at a time.** Inductor sums a row of W in one vector accumulator, so each step of the sum
        waits for the one before (an add takes 4 cycles). W's rows are therefore cut into
@@ -213,13 +214,16 @@ def matvec(x: Tensor, w: Tensor) -> Tensor:
        products are the fp32 ones all the same (``tests/test_compiled.py`` checks it). Written
        ``x.float() * w.float()``, the compiler stores a widened copy of x first, and a loop that reads an fp32
        x beside bf16 or int8 weights is vectorised 16 lanes wide; reading x narrow it runs 32 lanes wide.
+
+    Both are for Inductor's C++ loops (CPU); on a GPU the product keeps its plain form.
     """
     return matvec_sums(x, w).to(x.dtype)
 
 
 def matvec_sums(x: Tensor, w: Tensor) -> Tensor:
     """The fp32 sums of :func:`matvec`, before the cast back to x's dtype -> [..., N] float32."""
-    if not (torch.compiler.is_compiling() or torch.compiler.is_exporting()):
+    if not (torch.compiler.is_compiling() or torch.compiler.is_exporting()) or w.device.type != "cpu":
+        # eagerly, and on a GPU (where neither detail was measured): the plain form
         return (x.float().unsqueeze(-2) * w.float()).sum(-1)
     narrow = x.dtype in (torch.bfloat16, torch.float16)
 
