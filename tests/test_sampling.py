@@ -57,7 +57,8 @@ def test_a_draw_follows_the_probabilities_and_never_picks_an_impossible_token():
     assert counts[1] == counts[3] == counts[5] == 0  # the impossible tokens, the last one too
     share = counts.double() / counts.sum()
     assert torch.allclose(share, probs.double(), atol=0.025)  # ~4 standard deviations at n=6000
-    assert [draw(probs, make_generator(7)) for _ in range(3)] == [draw(probs, make_generator(7)) for _ in range(3)]
+    g1, g2 = make_generator(7), make_generator(7)  # the same seed: the same sequence of draws
+    assert [draw(probs, g1) for _ in range(20)] == [draw(probs, g2) for _ in range(20)]
     one_hot = torch.zeros(50)
     one_hot[37] = 1.0
     assert {draw(one_hot, g) for _ in range(50)} == {37}

@@ -139,7 +139,7 @@ class _LinearsAsReductions(TorchFunctionMode):
         if func is F.linear:
             x, w = args[0], args[1]
             b = args[2] if len(args) > 2 else kwargs.get("bias")
-            if x.numel() == x.shape[-1]:
+            if x.numel() == x.shape[-1]:  # one row
                 y = matvec(x, w)
                 return y if b is None else y + b.to(y.dtype)
         return func(*args, **kwargs)
