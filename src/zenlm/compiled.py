@@ -116,8 +116,12 @@ from zenlm.models.layers import (
 # alignment of each of its ~150 inputs (every weight) on every call, ~0.6 ms of a 7 ms int8 GPT-2 step.
 # emulate_precision_casts off (Inductor's default, pinned): a fused expression is computed in fp32 and rounded
 # only where stored, which the narrow form of matvec relies on for fp32 products (zenlm.models.layers.matvec).
+# always_keep_tensor_constants on: Inductor otherwise writes the values of 1-d weights of at most 8 entries (the
+# q/k-norm gains of a model with 8-wide heads, a tiny model's biases) into the program's code, so that a program
+# built in a background process (empty tensors) or for another model of the same shape would decode with those
+# values, not the model's own (a program reads the model's tensors where they are, see point 5 above).
 _INDUCTOR_OPTIONS = {"realize_opcount_threshold": 0, "size_asserts": False, "alignment_asserts": False,
-                     "emulate_precision_casts": False}
+                     "emulate_precision_casts": False, "always_keep_tensor_constants": True}
 
 # A step reads its key slots in whole blocks of this many: S is rounded up (the extra slots are masked out), so
 # that no loop over keys has a partial last block whose length depends on the other rows ("Batches" above).
@@ -378,6 +382,21 @@ class CompiledDecoder:
                 return False
         return not self._pending
 
+    def prepare(self, k_layers: Sequence[Tensor], rows: int = 1, *, batched: bool = False) -> None:
+        """Start making ready, in the background, the program that steps of ``rows`` rows over caches like
+        ``k_layers`` will run (or load it when it is on disk), before the first step asks for it: so that the
+        one-line note of a build comes before a reply's text, not inside it. Only for the ``"aot"`` backend
+        in background mode; elsewhere the first step does it as before."""
+        if self.backend == "aot" and self.background:
+            self._program(self._shape(rows, k_layers, batched))
+
+    @staticmethod
+    def _shape(B: int, k_layers: Sequence[Tensor], batched: bool) -> ProgramShape:
+        """The program shape a step of ``B`` rows over the caches ``k_layers`` runs."""
+        k = k_layers[0]
+        rows = bucket_for(B, k.shape[0]) if batched else B
+        return ProgramShape(batched, rows, tuple(k.shape[1:]), str(k.dtype), k.device.type)  # type: ignore[arg-type]
+
     @torch.inference_mode()
     def __call__(self, tokens_B: Tensor, pos_B: Tensor | int, k_layers: Sequence[Tensor],
                  v_layers: Sequence[Tensor], *, batched: bool = False) -> Tensor:
@@ -408,12 +427,11 @@ class CompiledDecoder:
         """The step through the AOT program of its shape -> logits [B, V], or None when it runs eagerly (the
         program is not ready, or S is outside its range: the first and the last key slot of a cache)."""
         B, pool_rows, L = tokens_B.shape[0], k_layers[0].shape[0], k_layers[0].shape[2]
-        rows = bucket_for(B, pool_rows) if batched else B
         S_read = min(-(-S // KEY_BLOCK) * KEY_BLOCK, L - 1)  # whole blocks of key slots
         if not 2 <= S <= S_read:
             return None
-        k = k_layers[0]
-        shape = ProgramShape(batched, rows, tuple(k.shape[1:]), str(k.dtype), k.device.type)  # type: ignore[arg-type]
+        shape = self._shape(B, k_layers, batched)
+        rows = shape.rows
         program = self._program(shape)
         if program is None:
             return None
