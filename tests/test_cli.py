@@ -172,6 +172,60 @@ def test_compile_says_what_it_is_doing_while_it_builds(capsys: pytest.CaptureFix
     assert "note: building the decode program (once per model shape; kept in X)" in err
 
 
+def test_notes_do_not_land_inside_the_streamed_text(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a terminal stdout and stderr share the screen. A note of the compiled step was printed after the
+    echoed prompt, mid-line. Now the prompt is echoed once the first token is there (the note is logged before
+    the prefill), and a note that still comes while a line of text is open starts a line of its own."""
+    import io
+    import logging
+
+    from zenlm.cli import common
+
+    def stream(self, prompt: str, **kw):
+        logging.getLogger("zenlm.compiled").info("building in the background")  # asked for before the prefill
+        yield " one"
+        yield " two"
+        logging.getLogger("zenlm.compiled").warning("the program could not be loaded")  # a late note
+        yield " three"
+
+    screen = io.StringIO()  # stdout and stderr on one terminal
+    monkeypatch.setattr(sys, "stdout", screen)
+    monkeypatch.setattr(sys, "stderr", screen)
+    monkeypatch.setattr(common._Text, "mid_line", False)
+    monkeypatch.setattr(zenlm.LM, "stream", stream)
+    assert main(["generate", str(FIXTURE_GPT), "ab", "--device", "cpu"]) == 0
+    lines = screen.getvalue().splitlines()
+    assert lines[-4:] == ["note: building in the background", "ab one two",
+                          "note: the program could not be loaded", " three"], lines
+    assert not common._Text.mid_line  # the text ended with its newline
+
+
+def test_chat_warm_up_builds_the_program_the_first_reply_runs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`zenlm chat --compile` built its decode program for a one-token prompt and 3 new tokens (a 256-slot
+    cache), while the first reply (its template, max_new_tokens 256) runs a 512-slot one: the reply then waited
+    for a second build. The shapes asked for are recorded here instead of built."""
+    from zenlm.compiled import CompiledDecoder
+    from zenlm.config import GPTConfig
+    from zenlm.generate import GenerationConfig
+    from zenlm.models.gpt import GPT
+    from zenlm.serve.chat import chat_loop, warm_up
+
+    asked: list[object] = []
+    monkeypatch.setattr(CompiledDecoder, "_program", lambda self, shape: asked.append(shape))  # None: eager
+    monkeypatch.setattr("zenlm.compiled.compiler_available", lambda: True)
+    tok = zenlm.load(FIXTURE_GPT, device="cpu").tokenizer
+    model = GPT(GPTConfig(vocab_size=tok.vocab_size, block_size=2048, n_layer=1, n_head=2, n_embd=16)).eval()
+    for max_new in (256, 100, 600):
+        cfg = GenerationConfig(max_new_tokens=max_new, temperature=0, compile=True)
+        asked.clear()
+        warm_up(model, tok, cfg, system="Be brief.")
+        warmed = set(asked)
+        asked.clear()
+        lines = iter(["Hello there, how are you today?", None])
+        chat_loop(model, tok, lines.__next__, lambda text: None, cfg, system="Be brief.")
+        assert warmed and set(asked) <= warmed, (max_new, warmed, set(asked))
+
+
 def test_the_training_bar_starts_at_step_zero(tmp_path: Path) -> None:
     """Issue 14.11: the bar appeared only at the first logged step (10 steps in)."""
     import torch

@@ -29,7 +29,7 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
-from zenlm.compiled import bucket_for, decoder_for
+from zenlm.compiled import CompiledDecoder, bucket_for, decoder_for
 from zenlm.errors import ConfigError
 from zenlm.models.cache import KVCache
 from zenlm.models.gpt import GPT
@@ -193,6 +193,8 @@ def _generate_ids(
         if cfg.use_cache:
             cache = model.make_cache(1, cache_length(block_size, len(ids) + cfg.max_new_tokens))
         step = (decoder_for(model, cfg.compile) if cfg.use_cache else None) or model.decode_step
+        if isinstance(step, CompiledDecoder) and cache is not None and cfg.max_new_tokens > 1:
+            step.prepare(cache.k)  # a note about its build comes now, before the first token
         logits_V = _last_logits(model, ids[-block_size:], cache, device)  # prefill
         for n in range(cfg.max_new_tokens):
             token = sampler.choose(logits_V).token

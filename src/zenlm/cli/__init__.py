@@ -364,7 +364,7 @@ def generate(
             in about a second. --no-compile: eager; --compile: wait for the build
     """
     import zenlm
-    from zenlm.cli.common import check_run_fits, show_inference_notes
+    from zenlm.cli.common import check_run_fits, show_inference_notes, write_text
     from zenlm.generate import GenerationConfig
 
     check_run_fits(run, "generate")  # a classifier or an encoder: say which verb fits, before loading it
@@ -376,12 +376,12 @@ def generate(
     GenerationConfig(**settings)  # a bad setting is refused before the model loads
     lm = zenlm.load(run, device=device, dtype=dtype)
     show_inference_notes(lm)  # what was chosen, and the compiled step's notes (a build, no compiler)
-    sys.stdout.write(prompt)
-    sys.stdout.flush()
-    for piece in lm.stream(prompt, **settings):
-        sys.stdout.write(piece)
-        sys.stdout.flush()
-    sys.stdout.write("\n")
+    pieces = lm.stream(prompt, **settings)
+    first = next(pieces, "")  # the prompt is read first: a note about the compiled step comes before the text
+    write_text(prompt + first)
+    for piece in pieces:
+        write_text(piece)
+    write_text("\n")
 
 
 def demo(**flags: Any) -> None:

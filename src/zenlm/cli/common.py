@@ -64,11 +64,29 @@ class TerminalProgress:
                 bar.close()  # type: ignore[attr-defined]
 
 
+class _Text:
+    """Whether the text the CLI streams to stdout (:func:`write_text`) stops mid-line right now."""
+
+    mid_line = False
+
+
+def write_text(text: str) -> None:
+    """Write streamed text (a prompt, a reply's pieces) to stdout at once, remembering whether it ends
+    mid-line: a note printed meanwhile then starts on a line of its own."""
+    sys.stdout.write(text)
+    sys.stdout.flush()
+    if text:
+        _Text.mid_line = not text.endswith("\n")
+
+
 class _Notes(logging.Handler):
-    """Prints a logger's records as one-line notes on stderr."""
+    """Prints a logger's records as one-line notes on stderr (on a new line when streamed text on stdout has
+    stopped mid-line: both usually share one terminal)."""
 
     def emit(self, record: logging.LogRecord) -> None:
-        print(f"note: {record.getMessage()}", file=sys.stderr, flush=True)
+        lead = "\n" if _Text.mid_line else ""
+        _Text.mid_line = False
+        print(f"{lead}note: {record.getMessage()}", file=sys.stderr, flush=True)
 
 
 def show_log_notes(name: str) -> None:

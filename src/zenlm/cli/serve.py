@@ -158,9 +158,9 @@ def chat(
             --compile: the first reply waits for the build
     """
     import zenlm
-    from zenlm.cli.common import show_inference_notes
-    from zenlm.generate import GenerationConfig, generate_ids
-    from zenlm.serve.chat import chat_loop, model_kind
+    from zenlm.cli.common import show_inference_notes, write_text
+    from zenlm.generate import GenerationConfig
+    from zenlm.serve.chat import chat_loop, model_kind, warm_up
 
     run_dir, name, saved = served_run(run, "chat")
     lm = zenlm.load(run_dir, device=device, dtype=dtype)
@@ -171,9 +171,7 @@ def chat(
         print("compiling the decode step for this model shape (25-45 s the first time; later runs load it from "
               "the cache in about a second) ...", end="", flush=True)
         t0 = time.perf_counter()
-        start = lm.tokenizer.eos_id if lm.tokenizer.eos_id is not None else 0
-        for _ in generate_ids(lm.model, [start], GenerationConfig(max_new_tokens=3, temperature=0, compile=True)):
-            pass
+        warm_up(lm.model, lm.tokenizer, cfg, system)  # the shape of the first reply (its cache length)
         print(f" ready in {time.perf_counter() - t0:.0f} s", flush=True)
 
     def read() -> str | None:
@@ -182,8 +180,4 @@ def chat(
         except EOFError:
             return None
 
-    def write(text: str) -> None:
-        sys.stdout.write(text)
-        sys.stdout.flush()
-
-    chat_loop(lm.model, lm.tokenizer, read, write, cfg, system=system, name=name, kind=model_kind(saved))
+    chat_loop(lm.model, lm.tokenizer, read, write_text, cfg, system=system, name=name, kind=model_kind(saved))

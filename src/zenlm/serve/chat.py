@@ -7,6 +7,7 @@ drive it without one).
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 
@@ -58,6 +59,24 @@ def reply_stream(model: GPT, tokenizer: Tokenizer, messages: list[dict[str, str]
         yield tail
 
 
+def warm_up(model: GPT, tokenizer: Tokenizer, cfg: GenerationConfig, system: str | None = None,
+            tokens: int = 3) -> None:
+    """Decode the first ``tokens`` tokens of a reply to a short first message and drop them, so that the
+    compiled decode step the first real reply runs is built (or loaded) now (``zenlm chat --compile``). A
+    program is specialised to the cache length, which follows from the prompt's length plus
+    ``cfg.max_new_tokens`` (rounded up to a power of two): so the warm-up prompt is a first turn rendered by
+    the chat template, and ``cfg.max_new_tokens`` is kept."""
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": "Hi"}]
+    ids = tokenizer.encode(render_chat(tokenizer, messages), allow_special=True)
+    block = getattr(model.config, "block_size", None)
+    if block is not None:
+        ids = ids[-(block - 1):]
+    greedy = dataclasses.replace(cfg, temperature=0.0, stop_at_eos=False)
+    for n, _ in enumerate(generate_ids(model, ids, greedy, eos_id=None), 1):
+        if n >= tokens:
+            break
+
+
 def chat_loop(
     model: GPT, tokenizer: Tokenizer, read: Callable[[], str | None], write: Callable[[str], None],
     cfg: GenerationConfig, system: str | None = None, *, name: str | None = None, kind: str | None = None,
@@ -85,9 +104,10 @@ def chat_loop(
             write("(history cleared)\n")
             continue
         history.append({"role": "user", "content": line})
-        reply = []
-        write("assistant: ")
-        for piece in reply_stream(model, tokenizer, history, cfg, stop_ids):
+        pieces = reply_stream(model, tokenizer, history, cfg, stop_ids)
+        reply = [next(pieces, "")]  # the prompt is read first: a note about the compiled step comes before
+        write("assistant: " + reply[0])
+        for piece in pieces:
             reply.append(piece)
             write(piece)
         write("\n")
