@@ -367,3 +367,20 @@ def test_a_compiled_one_row_product_sums_fp32_products(x_dtype, w_dtype, n_rows)
     y = torch.compile(matvec, fullgraph=True)(x, w)
     assert y.dtype == x_dtype
     torch.testing.assert_close(y, sums.to(x_dtype), atol=0, rtol=0)
+
+
+def test_a_program_that_holds_weight_values_in_its_code_is_refused(tmp_path, monkeypatch) -> None:
+    """A program must read every weight the step uses from the model's tensors (it is reused by other models
+    of the shape, and built in the background from empty tensors). Inductor writes 1-d tensors of at most 8
+    entries into the code unless ``always_keep_tensor_constants`` is on; with it off, the 8-wide q/k-norm gains
+    here are written in, and the build refuses the program and leaves no file."""
+    import zenlm.compiled
+    from zenlm.compiled import build_program
+
+    monkeypatch.setitem(zenlm.compiled._INDUCTOR_OPTIONS, "always_keep_tensor_constants", False)
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=32, block_size=32, n_layer=1, n_head=2, n_embd=16, qk_norm=True)).eval()
+    shape = ProgramShape(False, 1, (2, 32, 8), "torch.float32", "cpu")
+    with pytest.raises(RuntimeError, match="q_norm.weight"):
+        build_program(model, tmp_path / "p.pt2", shape)
+    assert not list(tmp_path.iterdir())  # no program, no temporary file

@@ -290,9 +290,25 @@ def build_program(model: GPT, path: Path, shape: ProgramShape) -> None:
                                            dynamic_shapes=(None, None, {0: S}, [None] * n_layer, [None] * n_layer))
             torch._inductor.aoti_compile_and_package(exported, package_path=str(tmp), inductor_configs={
                 **_options(), "aot_inductor.package_constants_in_so": False})
+        _check_reads_its_tensors(exported, tmp)
         os.replace(tmp, path)  # whole or not at all: a half-written package is never loaded
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _check_reads_its_tensors(exported: torch.export.ExportedProgram, package: Path) -> None:
+    """Refuse a built program that does not read, at run time, every model tensor the step uses: one whose
+    values the compiler wrote into the code would decode another model, or the same model after training, with
+    the values it was built from (RuntimeError naming them; the decoder then falls back, see ``_program``)."""
+    from torch.export.graph_signature import InputKind
+
+    users = {n.name: len(n.users) for n in exported.graph_module.graph.nodes if n.op == "placeholder"}
+    used = {spec.target for spec in exported.graph_signature.input_specs
+            if spec.kind in (InputKind.PARAMETER, InputKind.BUFFER) and users.get(getattr(spec.arg, "name", ""), 0)}
+    missing = sorted(used - set(_Program(package).get_constant_fqns()))  # type: ignore[arg-type]
+    if missing:
+        raise RuntimeError(f"the compiled program holds the values of {missing[:4]} in its code instead of "
+                           "reading the model's tensors; it is not used")
 
 
 @dataclasses.dataclass
