@@ -399,11 +399,11 @@ class CompiledDecoder:
         return not self._pending
 
     def prepare(self, k_layers: Sequence[Tensor], rows: int = 1, *, batched: bool = False) -> None:
-        """Start making ready, in the background, the program that steps of ``rows`` rows over caches like
-        ``k_layers`` will run (or load it when it is on disk), before the first step asks for it: so that the
-        one-line note of a build comes before a reply's text, not inside it. Only for the ``"aot"`` backend
-        in background mode; elsewhere the first step does it as before."""
-        if self.backend == "aot" and self.background:
+        """Make ready the program that steps of ``rows`` rows over caches like ``k_layers`` will run before the
+        first step asks for it (in the background, or here when not ``background``), so that the one-line note
+        of a build comes before a reply's text, not inside it. For the ``"aot"`` backend; the ``"dynamo"`` one
+        compiles on the first step."""
+        if self.backend == "aot":
             self._program(self._shape(rows, k_layers, batched))
 
     @staticmethod
@@ -497,7 +497,8 @@ class CompiledDecoder:
         path = self._path(key)
         built = False
         if not path.exists():
-            _log.info("building the decode program (once per model shape; kept in %s)", path.parent)
+            _log.info("building the decode program (once per model shape, 20-60 s for GPT-2-small; kept in %s)",
+                      path.parent)
             build_program(self.model, path, key[0])
             self.programs_built, built = self.programs_built + 1, True
         try:

@@ -167,12 +167,10 @@ def chat(
     show_inference_notes(lm)
     cfg = GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
                            compile=compile)
-    if compile:  # build (or load) the compiled step now, saying so, rather than inside the first reply
-        print("compiling the decode step for this model shape (25-45 s the first time; later runs load it from "
-              "the cache in about a second) ...", end="", flush=True)
+    if compile:  # build (or load) the compiled step now rather than inside the first reply; a build says so
         t0 = time.perf_counter()
         warm_up(lm.model, lm.tokenizer, cfg, system)  # the shape of the first reply (its cache length)
-        print(f" ready in {time.perf_counter() - t0:.0f} s", flush=True)
+        print(f"compiled decode step ready in {time.perf_counter() - t0:.0f} s", flush=True)
 
     def read() -> str | None:
         try:
