@@ -7,13 +7,16 @@
 The model is GPT-2-small-shaped (12 layers, 12 heads, width 768, learned positions, context 1024) with random
 weights and a byte-level BPE tokenizer trained here on Shakespeare (vocabulary --vocab, default 8192; GPT-2's is
 50257), written as a run directory and loaded as `zenlm serve` loads it (``zenlm.load(RUN, dtype=--dtype)``).
-Its end-of-text embedding is zeroed so that replies run to max_tokens. Everything is loopback: the server runs
-in this process (uvicorn on a thread, 127.0.0.1), each client is the official async `openai` client streaming
-chat completions with `stream_options.include_usage`.
+Its end-of-text embedding is zeroed so that replies run to max_tokens. Everything is loopback (127.0.0.1). The
+server is `zenlm serve RUN` in a process of its own (--server process, the default), as it is deployed, or
+uvicorn on a thread of this process (--server thread), where the clients share its interpreter lock. Each client
+is the official async `openai` client streaming chat completions with `stream_options.include_usage`; all of
+them run in this process.
 
 Engines (--engines): ``compiled``, the default of `zenlm serve` (batched compiled decode programs; here all
 batch sizes are built before the clients start, as a server that has run before finds them on disk; the build
-time is printed apart), and ``eager`` (`zenlm serve --no-compile`). Per level: every client sends --requests
+time is printed apart; a server process loads them at its start and the clients wait until GET /health counts
+them all ready), and ``eager`` (`zenlm serve --no-compile`). Per level: every client sends --requests
 requests one after another. Reported: requests/s, output tokens/s (from the exact usage counts), p50/p99 time
 to first token (request sent -> first text chunk), p50/p99 inter-token latency (gaps between text chunks), and
 errors. Each engine's single-client row is its baseline; the last column is each row's output tokens/s over it.
@@ -25,10 +28,15 @@ import argparse
 import asyncio
 import os
 import platform
+import signal
+import socket
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
 
+import httpx
 import openai
 import torch
 import yaml
@@ -101,6 +109,46 @@ def write_run(root: Path, args: argparse.Namespace, text: str) -> Path:
     return run
 
 
+class ServerProcess:
+    """`zenlm serve RUN` in a process of its own on a free loopback port, started when entered, ready once GET
+    /health answers (and counts ``programs`` compiled programs ready, when given), stopped with Ctrl+C's signal
+    when left. Its output goes to ``log``."""
+
+    def __init__(self, run: Path, args: list[str], log: Path, programs: int | None) -> None:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            self.port = sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.cmd = [sys.executable, "-m", "zenlm", "serve", str(run), "--port", str(self.port), *args]
+        self.log, self.programs = log, programs
+
+    def __enter__(self) -> ServerProcess:
+        env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}  # the programs' thread count
+        self.proc = subprocess.Popen(self.cmd, stdout=self.log.open("w"), stderr=subprocess.STDOUT, env=env)
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise SystemExit(f"zenlm serve exited ({self.proc.returncode}); see {self.log}")
+            try:
+                health = httpx.get(self.url + "/health", timeout=5).json()
+                progs = health.get("decode_programs") or {}
+                if self.programs is None or (progs.get("ready", 0) >= self.programs and not progs.get("pending")):
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        self.__exit__()
+        raise SystemExit(f"zenlm serve was not ready in 600 s; see {self.log}")
+
+    def __exit__(self, *exc: object) -> None:
+        self.proc.send_signal(signal.SIGINT)
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--levels", default="1,4,16")
@@ -113,6 +161,8 @@ def main() -> None:
     ap.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16", "int8"],
                     help="weights, as `zenlm serve --dtype` (the run is written in fp32)")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--server", default="process", choices=["process", "thread"],
+                    help="zenlm serve in a process of its own (as deployed), or on a thread of this process")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -124,21 +174,33 @@ def main() -> None:
     from zenlm.data.corpus import shakespeare_char_text
 
     text = shakespeare_char_text()
-    lm = zenlm.load(write_run(root, args, text), device=args.device, dtype=args.dtype)
+    run = write_run(root, args, text)
+    lm = zenlm.load(run, device=args.device, dtype=args.dtype)
     prompt = text[1000:1150]
     rows, notes = [], []
     for engine in args.engines.split(","):
         app = create_app(lm.model, lm.tokenizer, model_id="bench", max_concurrency=max(levels),
                          max_queue=max(levels), compile=None if engine == "compiled" else False)
         eng = app.state.engine
+        programs = None
         if engine == "compiled":
             t0 = time.perf_counter()
             eng.prepare()  # every batch size, built in the background ...
             if eng.decoder is None or not eng.decoder.wait():  # ... and waited for
                 notes.append("compiled: no compiled programs (no C++ compiler?); the engine decoded eagerly")
+            else:
+                programs = eng.decoder.status()["ready"]
             notes.append(f"compiled: programs for batch sizes up to {max(levels)} built in "
                          f"{time.perf_counter() - t0:.0f} s")
-        with ServerThread(app) as srv:
+        if args.server == "process":
+            eng.close()  # the programs are on disk now, for the server process
+            server = ServerProcess(run, ["--model-id", "bench", "--max-concurrency", str(max(levels)),
+                                         "--max-queue", str(max(levels)), "--dtype", args.dtype,
+                                         "--device", args.device] + ([] if engine == "compiled" else ["--no-compile"]),
+                                   root / f"serve-{engine}.log", programs)
+        else:
+            server = ServerThread(app)
+        with server as srv:
             run_level(srv.url, 1, 1, 8, prompt)  # warm-up
             for c in levels:
                 rows.append((engine, c, run_level(srv.url, c, args.requests, args.max_tokens, prompt)))
@@ -149,7 +211,8 @@ def main() -> None:
           f"{args.device}, {lm.precision.line() if lm.precision else args.dtype}; {args.requests} requests/client x "
           f"{args.max_tokens} tokens, prompt {len(lm.tokenizer.encode(prompt))} tokens + chat template")
     print(f"machine: {feats.name} ({feats.describe()}), {os.cpu_count()} CPUs, {platform.machine()}, torch "
-          f"{torch.__version__}, {torch.get_num_threads()} threads"
+          f"{torch.__version__}, {torch.get_num_threads()} threads; server: "
+          f"{'zenlm serve in its own process' if args.server == 'process' else 'a thread of the clients process'}"
           + (f", {torch.cuda.get_device_name()}" if args.device.startswith("cuda") else ""))
     print("\n| engine | clients | requests/s | output tokens/s | p50 TTFT (s) | p99 TTFT (s) | p50 ITL (ms) | "
           "p99 ITL (ms) | errors | tokens/s vs 1 client |")

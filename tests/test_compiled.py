@@ -284,6 +284,7 @@ def test_engine_steps_through_the_batched_programs(char_tok, batch4_program):
     shape = ProgramShape(True, 4, tuple(engine.pool.k[0].shape[1:]), "torch.float32", "cpu")
     assert engine.decoder is not None and engine.decoder.ready(shape)  # the steps ran the batch-4 program
     assert engine.decoder.programs_built == 0  # the session's program of this shape, loaded
+    assert engine.decoder.status() == {"ready": 1, "pending": 0}  # what GET /health reports
 
 
 def test_loading_a_program_does_not_import_inductor(llama_program, tmp_path):

@@ -391,6 +391,10 @@ class CompiledDecoder:
         """Whether the program of ``shape`` is loaded (its calls no longer decode eagerly)."""
         return (shape, self.model.training) in self._programs
 
+    def status(self) -> dict[str, int]:
+        """How many programs are loaded (their steps run compiled) and how many are being made ready."""
+        return {"ready": len(self._programs), "pending": len(self._pending)}
+
     def wait(self, timeout: float | None = None) -> bool:
         """Wait for the programs being made ready in the background; True when none is left."""
         for job in list(self._pending.values()):

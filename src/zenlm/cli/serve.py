@@ -89,9 +89,10 @@ def serve(
             loading) for less memory and faster decoding; fp16 on GPUs. bf16 and int8 compute in bf16 where the
             CPU has native bf16, else in fp32 (the first line on stderr says what was chosen)
         compile: decode with the batched compiled programs (default: yes where a C++ compiler is installed;
-            each batch size 1, 2, 4, ... is built in the background the first time it is needed, 20-60 s
-            each for GPT-2-small, while the steps run eagerly, and kept in ~/.cache/zenlm for later starts).
-            --no-compile: eager; --compile: a batch size's first step waits for its build
+            at start the program of each batch size 1, 2, 4, ... up to --max-concurrency is loaded from
+            ~/.cache/zenlm, or built in the background the first time, 20-60 s each for GPT-2-small, while
+            the steps run eagerly; GET /health counts them). --no-compile: eager; --compile: the server
+            starts once every program is built
         public_metrics: leave GET /metrics open without the API key (for a Prometheus scraper)
         max_request_bytes: largest request body; a larger one is answered 413 without being read
         request_timeout: seconds a client has to send a request's headers, and again its body (then 408)
@@ -118,6 +119,7 @@ def serve(
         app = create_app(lm.model, lm.tokenizer, model_id=model_id or name, api_key=api_key,
                          max_concurrency=max_concurrency, max_queue=max_queue, public_metrics=public_metrics,
                          limits=limits, model_kind=model_kind(saved), compile=compile)
+        app.state.engine.prepare()  # every batch size's program made ready now (loaded, or built in the background)
         logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
         logging.getLogger("zenlm.serve").setLevel(logging.INFO)
         port = sock.getsockname()[1]

@@ -238,7 +238,9 @@ def create_app(
     # ----------------------------------------------------------------------------------- plain routes
     @app.get("/health")
     async def health() -> dict[str, Any]:
-        return {"status": "ok", "model": model_id, "running": engine.running, "waiting": len(engine.waiting)}
+        decoder = getattr(engine, "decoder", None)  # None: eager steps (or a stateful model's engine)
+        return {"status": "ok", "model": model_id, "running": engine.running, "waiting": len(engine.waiting),
+                "decode_programs": decoder.status() if decoder is not None else None}
 
     @app.get("/metrics")
     async def metrics_route() -> PlainTextResponse:
