@@ -525,8 +525,10 @@ class CompiledDecoder:
         job = _Job(weakref.ref(self), key, path, self._weights, self._weights_key)
         self._pending[key] = job
         if not path.exists():
-            _log.info("compiling the decode step for this model shape in the background (once; 20-60 s for "
-                      "GPT-2-small, kept in %s); decoding eagerly until it is ready", path.parent)
+            shape = key[0]
+            which = f"batches of {shape.rows}" if shape.batched else "this model shape"
+            _log.info("compiling the decode step for %s in the background (once; 20-60 s for GPT-2-small, kept in "
+                      "%s); decoding eagerly until it is ready", which, path.parent)
         _builder().put(job)
 
     def _finish(self, job: _Job) -> None:
