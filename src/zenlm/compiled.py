@@ -44,8 +44,10 @@ fed token 0 at position 0 of cache rows nobody uses. What a row gets must not de
 batch-invariance tests hold the compiled path to it, as the eager one): in the batched family every product is
 a matrix product for every batch size, 1 included (in fp32 on a CPU through oneDNN, as eager inference does,
 :func:`~zenlm.models.layers.inference_products`: it computes a row the same for any number of rows, a single
-row being sent as two copies of itself; it also reads the weights 2-3x faster than the BLAS at 2-16 rows),
-and the attention's sums over keys must not split differently when the longest row is
+row being sent as two copies of itself; it also reads the weights 2-3x faster than the BLAS at 2-16 rows on
+AMD. Intel CPUs keep the BLAS, MKL, which is faster there for a lone row but rounds a row differently at
+another number of rows at GPT-2 widths: there fp32 rows may differ in the last bits, and ``ZENLM_ONEDNN=1``
+makes them bit-equal), and the attention's sums over keys must not split differently when the longest row is
 longer. The attention Inductor generates here kept them apart in our tests whatever the lengths (rows were
 bit-equal alone and at batch 2, 3 and 4 with 5 to 40 keys, in bf16 and int8); as a safeguard against a
 vectorised loop that would treat its last partial block of keys on its own, a step reads its key slots in whole

@@ -251,8 +251,11 @@ def matvec_sums(x: Tensor, w: Tensor) -> Tensor:
 # computes a row the same, bit for bit, whatever the number of rows from 2 up (the BLAS does not), so a batch
 # row equals the same sequence decoded alone. One row is therefore sent as two copies of itself.
 # MKL's fast kernels are Intel's own: on a 2-core Intel Xeon (AMX) the BLAS reads the weights 1.4x faster than
-# oneDNN for one or two rows, and the two are level from 16 rows up (oneDNN wins at 4-8 rows). So by default
-# oneDNN takes the products on every CPU but Intel's; $ZENLM_ONEDNN = 1 or 0 decides it either way.
+# oneDNN for one or two rows, and oneDNN wins at 4-16 rows (1.3-2x). So by default oneDNN takes the products on
+# every CPU but Intel's, where a lone stream keeps MKL's speed; the price is that there a batch row is not bit
+# for bit the same sequence alone (MKL rounds row 0 of GPT-2's matrices differently at 1-8 rows than at 16; in
+# the server with oneDNN instead, one stream decoded 32% slower and 16 streams 5% faster). $ZENLM_ONEDNN = 1 or
+# 0 decides it either way.
 _ONEDNN_ENV = "ZENLM_ONEDNN"
 
 

@@ -598,7 +598,9 @@ class Engine:
         """One decode step of pool rows 0..B-1 -> logits [B, V]: through the batched compiled programs (eager
         until the one for this batch size is ready), or eagerly. Either way each row attends over exactly its
         own keys and its logits do not depend on the other rows, so what a request gets does not depend on
-        which requests share its steps (with one masked eager call, bf16 rows would differ in the last bits)."""
+        which requests share its steps (with one masked eager call, bf16 rows would differ in the last bits).
+        Except fp32 on an Intel CPU, whose products are MKL's (faster for a lone stream): a row's last bits
+        there change with the number of rows; ``ZENLM_ONEDNN=1`` makes them bit-equal (zenlm.models.layers)."""
         if self.decoder is not None:
             return self.decoder(tokens_B, pos_B, self.pool.k, self.pool.v, batched=True)
         return self.model.decode_step(tokens_B, pos_B, self.pool.k, self.pool.v, row_attention=True)
