@@ -385,3 +385,23 @@ def test_a_program_that_holds_weight_values_in_its_code_is_refused(tmp_path, mon
     with pytest.raises(RuntimeError, match="q_norm.weight"):
         build_program(model, tmp_path / "p.pt2", shape)
     assert not list(tmp_path.iterdir())  # no program, no temporary file
+
+
+def test_a_batched_int8_program_with_fp32_activations_builds_and_matches_eager():
+    """int8 weights with fp32 activations (a CPU without native bf16) through the batched family: the int8
+    kernel there got a constant scale of ones, which Inductor could not hand it, so every build failed and
+    the server and generate_batch decoded such models eagerly (or raised, with compile=True)."""
+    torch.manual_seed(5)
+    model = quantize_int8(GPT(gpt2_like(n_layer=1)).eval())  # fp32 activations
+    decoder = CompiledDecoder(model, backend="aot")
+    prompts = torch.randint(0, V, (2, 5), generator=torch.Generator().manual_seed(6))
+    eager, fast = model.make_cache(2, 20), model.make_cache(2, 20)
+    with torch.inference_mode():
+        model(prompts, cache=eager)
+        model(prompts, cache=fast)
+        tokens, pos = torch.tensor([7, 9]), torch.tensor([5, 5])
+        want = model.decode_step(tokens, pos, eager.k, eager.v, row_attention=True)
+        got = decoder(tokens, pos, fast.k, fast.v, batched=True)
+    assert decoder.backend == "aot" and decoder.ready(ProgramShape(True, 2, (4, 20, 16), "torch.float32", "cpu"))
+    # the kernel rounds each row's sums to bf16 before the fp32 scale: agreement to bf16's precision
+    torch.testing.assert_close(got, want, atol=0.02, rtol=0.02)

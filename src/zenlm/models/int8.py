@@ -105,9 +105,12 @@ class Int8Linear(nn.Module):
         elif x.dtype == torch.bfloat16 and self._packable(x_MK):
             y_MN = _PACK_MM(x_MK.contiguous(), self.weight_int8, self.scale.to(torch.bfloat16))
         elif x.dtype == torch.float32 and _tracing() and self._packable(x_MK):
-            # a batched compiled decode step: the bf16 kernel, scaled in fp32 (see above)
-            ones_N = torch.ones(self.out_features, dtype=torch.bfloat16, device=x.device)
-            y_MN = _PACK_MM(x_MK.to(torch.bfloat16), self.weight_int8, ones_N).float() * self.scale.float()
+            # a batched compiled decode step: the bf16 kernel, scaled in fp32 (see above). The kernel takes the
+            # scale rounded to bf16 and the fp32 factor s / bf16(s) corrects it. (A constant scale of ones
+            # instead is not a buffer Inductor hands the kernel: building the program failed.)
+            s_N = self.scale.float()
+            s16_N = s_N.to(torch.bfloat16)
+            y_MN = _PACK_MM(x_MK.to(torch.bfloat16), self.weight_int8, s16_N).float() * (s_N / s16_N.float())
         else:
             y_MN = F.linear(x_MK, self.weight_int8.to(x.dtype)) * self.scale.to(x.dtype)
         if self.bias is not None:
