@@ -206,8 +206,11 @@ def main() -> None:
                 rows.append((engine, c, run_level(srv.url, c, args.requests, args.max_tokens, prompt)))
 
     feats = cpu_features()
+    # weights however stored (int8 ones are buffers, not parameters), a tied matrix once, int8 scales left out
+    n_weights = sum({t.data_ptr(): t.numel() for n, t in lm.model.state_dict().items()
+                     if not n.endswith(".scale")}.values())
     print(f"\nzenlm serve load test -- {time.strftime('%Y-%m-%d %H:%M')} -- GPT-2-small shape "
-          f"({lm.model.num_params() / 1e6:.0f}M params, {args.n_layer} layers, vocab {lm.tokenizer.vocab_size}), "
+          f"({n_weights / 1e6:.0f}M weights, {args.n_layer} layers, vocab {lm.tokenizer.vocab_size}), "
           f"{args.device}, {lm.precision.line() if lm.precision else args.dtype}; {args.requests} requests/client x "
           f"{args.max_tokens} tokens, prompt {len(lm.tokenizer.encode(prompt))} tokens + chat template")
     print(f"machine: {feats.name} ({feats.describe()}), {os.cpu_count()} CPUs, {platform.machine()}, torch "
