@@ -161,6 +161,8 @@ def main() -> None:
     ap.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16", "int8"],
                     help="weights, as `zenlm serve --dtype` (the run is written in fp32)")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--batch-invariant", action=argparse.BooleanOptionalAction, default=True,
+                    help="as `zenlm serve --no-batch-invariant`: a lone stream takes the one-sequence program")
     ap.add_argument("--server", default="process", choices=["process", "thread"],
                     help="zenlm serve in a process of its own (as deployed), or on a thread of this process")
     args = ap.parse_args()
@@ -180,7 +182,8 @@ def main() -> None:
     rows, notes = [], []
     for engine in args.engines.split(","):
         app = create_app(lm.model, lm.tokenizer, model_id="bench", max_concurrency=max(levels),
-                         max_queue=max(levels), compile=None if engine == "compiled" else False)
+                         max_queue=max(levels), compile=None if engine == "compiled" else False,
+                         invariant=args.batch_invariant)
         eng = app.state.engine
         programs = None
         if engine == "compiled":
@@ -196,7 +199,9 @@ def main() -> None:
             eng.close()  # the programs are on disk now, for the server process
             server = ServerProcess(run, ["--model-id", "bench", "--max-concurrency", str(max(levels)),
                                          "--max-queue", str(max(levels)), "--dtype", args.dtype,
-                                         "--device", args.device] + ([] if engine == "compiled" else ["--no-compile"]),
+                                         "--device", args.device]
+                                   + ([] if engine == "compiled" else ["--no-compile"])
+                                   + ([] if args.batch_invariant else ["--no-batch-invariant"]),
                                    root / f"serve-{engine}.log", programs)
         else:
             server = ServerThread(app)
@@ -216,6 +221,7 @@ def main() -> None:
     print(f"machine: {feats.name} ({feats.describe()}), {os.cpu_count()} CPUs, {platform.machine()}, torch "
           f"{torch.__version__}, {torch.get_num_threads()} threads; server: "
           f"{'zenlm serve in its own process' if args.server == 'process' else 'a thread of the clients process'}"
+          + ("" if args.batch_invariant else ", --no-batch-invariant")
           + (f", {torch.cuda.get_device_name()}" if args.device.startswith("cuda") else ""))
     print("\n| engine | clients | requests/s | output tokens/s | p50 TTFT (s) | p99 TTFT (s) | p50 ITL (ms) | "
           "p99 ITL (ms) | errors | tokens/s vs 1 client |")

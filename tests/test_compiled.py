@@ -287,6 +287,37 @@ def test_engine_steps_through_the_batched_programs(char_tok, batch4_program):
     assert engine.decoder.status() == {"ready": 1, "pending": 0}  # what GET /health reports
 
 
+def test_a_lone_stream_takes_the_one_sequence_program_when_invariance_is_off(char_tok):
+    """``invariant=False`` (`zenlm serve --no-batch-invariant`): while one stream runs alone, its steps run
+    the one-sequence program of ``generate`` (same program, same cache shape: the same tokens); by default they
+    run the batched program of batch size 1."""
+    from zenlm.serve.engine import Engine, FinishEvent, SamplingParams, Sequence, TokenEvent
+
+    model = batch_model(char_tok, n_layer=1)
+    prompt = char_tok.encode("Hamlet")
+    engine = Engine(model, char_tok, max_concurrency=4, compile=True, invariant=False)
+    out: list[int] = []
+    done = threading.Event()
+
+    def emit(ev) -> None:
+        if isinstance(ev, TokenEvent):
+            out.append(ev.token_id)
+        elif isinstance(ev, FinishEvent):
+            done.set()
+
+    try:
+        engine.submit([Sequence(prompt, SamplingParams(max_tokens=10, temperature=0), emit)])
+        assert done.wait(timeout=300)
+    finally:
+        engine.close()
+    k = engine.pool.k[0]
+    assert engine.decoder is not None
+    assert engine.decoder.ready(ProgramShape(False, 1, tuple(k.shape[1:]), "torch.float32", "cpu"))
+    assert not engine.decoder.ready(ProgramShape(True, 1, tuple(k.shape[1:]), "torch.float32", "cpu"))
+    alone = list(generate_ids(model, prompt, GenerationConfig(max_new_tokens=10, temperature=0, compile=True)))
+    assert out == alone
+
+
 def test_loading_a_program_does_not_import_inductor(llama_program, tmp_path):
     """A later process runs a built program without importing Inductor (about 70 MB of resident memory): the
     program's library is loaded by torch's own C++ loader, and its logits are the eager step's."""

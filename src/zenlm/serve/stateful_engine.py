@@ -59,7 +59,7 @@ class StatefulEngine(Engine):
     def __init__(
         self, model: torch.nn.Module, tokenizer: Tokenizer, *, max_concurrency: int = 8, max_queue: int | None = None,
         max_len: int | None = None, metrics: Metrics | None = None, max_prefill_tokens: int | None = None,
-        compile: bool | None = None,
+        compile: bool | None = None, invariant: bool = True,
     ) -> None:
         # Engine.__init__ is not called: it builds a KV-cache pool and decoding programs this model has no use for.
         if max_concurrency < 1:
