@@ -85,7 +85,7 @@ def _sources() -> dict[str, list[Any]]:
 
 
 # Flags whose library counterpart has another name.
-RENAMED = {("pretrain", "optimizer"): "name", ("generate", "cache"): "use_cache"}
+RENAMED = {("pretrain", "optimizer"): "name", ("generate", "cache"): "use_cache", ("serve", "batch_invariant"): "invariant"}
 # Flags that default to "whatever --recipe says" (None), resolved by zenlm.recipes.registry.recipe_settings.
 FROM_RECIPE = {"pretrain": {"objective", "model", "batch_size", "seq_len", "grad_accum", "max_steps", "precision",
                             "compile", "optimizer", "lr", "min_lr", "warmup_steps", "schedule", "weight_decay",
