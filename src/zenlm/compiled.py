@@ -313,6 +313,11 @@ def _check_reads_its_tensors(exported: torch.export.ExportedProgram, package: Pa
                            "reading the model's tensors; it is not used")
 
 
+def _which(shape: ProgramShape) -> str:
+    """What a program decodes, for the notes: "batches of 4" or "this model shape" (one sequence)."""
+    return f"batches of {shape.rows}" if shape.batched else "this model shape"
+
+
 @dataclasses.dataclass
 class _Job:
     """One program to make ready in the background for one decoder."""
@@ -527,10 +532,8 @@ class CompiledDecoder:
         job = _Job(weakref.ref(self), key, path, self._weights, self._weights_key)
         self._pending[key] = job
         if not path.exists():
-            shape = key[0]
-            which = f"batches of {shape.rows}" if shape.batched else "this model shape"
             _log.info("compiling the decode step for %s in the background (once; 20-60 s for GPT-2-small, kept in "
-                      "%s); decoding eagerly until it is ready", which, path.parent)
+                      "%s); decoding eagerly until it is ready", _which(key[0]), path.parent)
         _builder().put(job)
 
     def _finish(self, job: _Job) -> None:
@@ -544,7 +547,7 @@ class CompiledDecoder:
         if self._weights_key == job.weights_key:
             self._programs[job.key] = runner
         if built:
-            _log.info("the compiled decode step is ready (batch %d)", job.key[0].rows)
+            _log.info("the compiled decode step for %s is ready", _which(job.key[0]))
 
     def _build_elsewhere(self, job: _Job) -> None:
         """Build ``job``'s program in a child process (``python -m zenlm.compiled SPEC``), which rebuilds the
