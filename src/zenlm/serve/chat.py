@@ -38,15 +38,21 @@ def model_kind(saved: dict[str, Any]) -> str:
     return "base"
 
 
+def _prompt_ids(model: GPT, tokenizer: Tokenizer, messages: list[dict[str, str]]) -> list[int]:
+    """The ids of ``messages`` rendered by the chat template, ready for the assistant's reply."""
+    ids = tokenizer.encode(render_chat(tokenizer, messages), allow_special=True)
+    block = getattr(model.config, "block_size", None)  # None: a stateful model, no context limit
+    if block is not None:
+        ids = ids[-(block - 1):]  # keep the most recent turns when the history outgrows the context
+    return ids
+
+
 def reply_stream(model: GPT, tokenizer: Tokenizer, messages: list[dict[str, str]], cfg: GenerationConfig,
                  stop_ids: frozenset[int] | None = None):
     """Yield the assistant's reply to ``messages`` as text pieces. It ends at the template's end-of-turn token
     or the end-of-text token (``stop_ids``, default :func:`zenlm.tokenizer.chat_stop_ids`), not shown."""
     stop_ids = chat_stop_ids(tokenizer) if stop_ids is None else stop_ids
-    ids = tokenizer.encode(render_chat(tokenizer, messages), allow_special=True)
-    block = getattr(model.config, "block_size", None)  # None: a stateful model, no context limit
-    if block is not None:
-        ids = ids[-(block - 1):]  # keep the most recent turns when the history outgrows the context
+    ids = _prompt_ids(model, tokenizer, messages)
     decoder = tokenizer.stream_decoder(skip_special=True)
     for token in generate_ids(model, ids, cfg, eos_id=None):  # stops below, at any of stop_ids
         if token in stop_ids:
@@ -67,12 +73,8 @@ def warm_up(model: GPT, tokenizer: Tokenizer, cfg: GenerationConfig, system: str
     ``cfg.max_new_tokens`` (rounded up to a power of two): so the warm-up prompt is a first turn rendered by
     the chat template, and ``cfg.max_new_tokens`` is kept."""
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": "Hi"}]
-    ids = tokenizer.encode(render_chat(tokenizer, messages), allow_special=True)
-    block = getattr(model.config, "block_size", None)
-    if block is not None:
-        ids = ids[-(block - 1):]
-    greedy = dataclasses.replace(cfg, temperature=0.0, stop_at_eos=False)
-    for n, _ in enumerate(generate_ids(model, ids, greedy, eos_id=None), 1):
+    greedy = dataclasses.replace(cfg, temperature=0.0)
+    for n, _ in enumerate(generate_ids(model, _prompt_ids(model, tokenizer, messages), greedy, eos_id=None), 1):
         if n >= tokens:
             break
 

@@ -228,6 +228,7 @@ class Engine:
         self.invariant = invariant
         self.metrics = metrics or Metrics()
         self.pool = model.make_cache(max_concurrency, self.max_len)  # row i = slot i
+        self.row0 = ([t[:1] for t in self.pool.k], [t[:1] for t in self.pool.v])  # slot 0 alone (views)
         self.device = self.pool.device
         self.slots: list[Sequence | None] = [None] * max_concurrency
         self.waiting: deque[Sequence] = deque()
@@ -294,7 +295,7 @@ class Engine:
                 ones_B = torch.ones(rows, dtype=torch.long, device=self.device)
                 decoder(ones_B, ones_B, self.pool.k, self.pool.v, batched=True)
             if not self.invariant:  # the lone stream's one-sequence program
-                decoder.prepare([t[:1] for t in self.pool.k])
+                decoder.prepare(self.row0[0])
 
     def embed(self, batch: list[list[int]]) -> list[list[float]]:
         """Embed ``batch`` through the queue and wait: one vector of n_embd floats per id list."""
@@ -610,7 +611,7 @@ class Engine:
         there change with the number of rows; ``ZENLM_ONEDNN=1`` makes them bit-equal (zenlm.models.layers)."""
         if self.decoder is not None:
             if not self.invariant and tokens_B.shape[0] == 1:  # one stream, in slot 0: generate's program
-                return self.decoder(tokens_B, pos_B, [t[:1] for t in self.pool.k], [t[:1] for t in self.pool.v])
+                return self.decoder(tokens_B, pos_B, *self.row0)
             return self.decoder(tokens_B, pos_B, self.pool.k, self.pool.v, batched=True)
         return self.model.decode_step(tokens_B, pos_B, self.pool.k, self.pool.v, row_attention=True)
 
