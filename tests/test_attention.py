@@ -1,7 +1,8 @@
 """The one attention (zenlm.models.attention): SDPA held to the formula written out (reference_attention), for
-every way of masking the models use; the module with explicit sizes; and every model's attention going through
+every way of masking the models use; the module with explicit sizes; every model's attention going through
 the one function (GPT with and without its cache and decode step, BERT with padding, the encoder-decoder's
-self- and cross-attention), checked by swapping the formula in for SDPA."""
+self- and cross-attention), checked by swapping the formula in for SDPA; and the written-out attention of a
+compiled decode step (decode_attention): the formula, and a row's result independent of the rest of the call."""
 
 from __future__ import annotations
 
@@ -12,7 +13,13 @@ import torch
 
 import zenlm.models.attention as attention_module
 from zenlm.config import GPTConfig
-from zenlm.models.attention import Attention, attention, cached_causal_mask, reference_attention
+from zenlm.models.attention import (
+    Attention,
+    attention,
+    cached_causal_mask,
+    decode_attention,
+    reference_attention,
+)
 from zenlm.models.bert import Bert, get_bert_preset
 from zenlm.models.encdec import EncoderDecoder, get_encdec_preset
 from zenlm.models.gpt import GPT
@@ -145,3 +152,70 @@ def test_every_model_attends_through_the_one_function(monkeypatch):
     assert len(calls) == 2 * (1 + 1 + 1 + 1 + 1 + 2 + 2 + 1) + 2 + 2 * 3
     for a, b in zip(with_sdpa, with_formula, strict=True):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("H,K", [(4, 4), (4, 2), (4, 1)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_attention_is_the_formula_in_fp32(H, K, dtype):
+    q, k, v = qkv(B=3, H=H, K=K, T=1, S=9, D=8, dtype=dtype)
+    keys = torch.tensor([9, 1, 5])
+    mask_B11S = (torch.arange(9)[None, :] < keys[:, None])[:, None, None]
+    want = reference_attention(q.float(), k.float(), v.float(), mask_B11S)[0].to(dtype)
+    y = decode_attention(q, k, v, mask_B11S)
+    assert y.dtype == dtype and y.shape == q.shape
+    torch.testing.assert_close(y, want, **({"atol": 1e-6, "rtol": 1e-5} if dtype == torch.float32 else {}))
+    torch.testing.assert_close(decode_attention(q, k, v), reference_attention(q.float(), k.float(), v.float())[0]
+                               .to(dtype), **({"atol": 1e-6, "rtol": 1e-5} if dtype == torch.float32 else {}))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_compiled_decode_attention_rows_do_not_depend_on_the_call(dtype):
+    """What the batched decode programs promise (zenlm.compiled, "Batches"): compiled, a row's result is bit for
+    bit the same whatever the other rows are, however many rows share the call, and however many key slots past
+    its own the call reads (those are masked: exact zeros in every sum), in whole blocks of KEY_BLOCK slots as
+    the programs read them."""
+    import torch._dynamo
+
+    from zenlm.compiled import KEY_BLOCK, _options
+
+    torch._dynamo.reset()
+    step = torch.compile(decode_attention, options=_options(), dynamic=True)
+    B, H, K, L, D = 8, 4, 2, 96, 16
+    q, k, v = qkv(B=B, H=H, K=K, T=1, S=L, D=D, dtype=dtype, seed=3)
+    pos = torch.tensor([40, 3, 77, 16, 59, 30, 8, 64])
+
+    def call(rows: slice, S: int) -> torch.Tensor:
+        p = pos[rows]
+        mask = (torch.arange(S)[None, :] <= p[:, None])[:, None, None]
+        with torch.inference_mode():
+            return step(q[rows], k[rows, :, :S], v[rows, :, :S], mask)
+
+    def blocks(n: int) -> int:
+        return -(-n // KEY_BLOCK) * KEY_BLOCK
+
+    full = call(slice(0, B), blocks(int(pos.max()) + 1))
+    torch.testing.assert_close(full, reference_attention(q.float(), k.float(), v.float(), (
+        torch.arange(L)[None, :] <= pos[:, None])[:, None, None])[0].to(dtype), **(
+        {"atol": 1e-5, "rtol": 1e-4} if dtype == torch.float32 else {}))
+    for b in (0, 1, 6):
+        own = blocks(int(pos[b]) + 1)
+        for rows in (slice(b, b + 1), slice(b, b + 2)):
+            for S in (own, own + KEY_BLOCK, L):
+                assert torch.equal(call(rows, S)[0], full[b]), (b, rows, S)
+
+
+@pytest.mark.parametrize("batched", [False, True])
+def test_an_exported_decode_step_attends_through_decode_attention(batched):
+    """The compiled CPU decode step (both families) takes decode_attention, not the fused kernel; eager decoding
+    and every other call keep SDPA (test_every_model_attends_through_the_one_function)."""
+    from zenlm.compiled import _StepModule
+
+    gpt = GPT(GPTConfig(vocab_size=50, block_size=32, n_layer=2, n_head=4, n_kv_head=2, n_embd=32, pos="rope",
+                        qk_norm=True)).eval()
+    cache = gpt.make_cache(2, 32)
+    example = (torch.zeros(2, dtype=torch.long), torch.ones(2, dtype=torch.long), torch.arange(16), cache.k, cache.v)
+    with torch.no_grad():
+        graph = torch.export.export(_StepModule(gpt, batched), example, strict=False).graph_module.graph
+    ops = [str(n.target) for n in graph.nodes if n.op == "call_function"]
+    assert not [op for op in ops if "scaled_dot_product" in op]
+    assert ops.count("aten.amax.default") == 2  # decode_attention's softmax, once per layer

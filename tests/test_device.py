@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
 
+import zenlm
 import zenlm.device as device_mod
 from zenlm.device import cpu_features, hardware_choices, resolve_precision
 from zenlm.errors import ConfigError
@@ -125,3 +130,31 @@ def test_fit_shows_the_choice_and_saves_it_in_config_yaml(fake_cpu, tmp_path: Pa
     assert saved["resolved"]["cpu"]["avx512"] is True and saved["resolved"]["cpu"]["native_bf16"] is False
     assert saved["train"] == {"precision": "auto"}  # what was asked stays as it was
     assert json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 2
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc; GNU OpenMP is torch's runtime on Linux")
+@pytest.mark.parametrize("keep", [False, True])
+def test_release_openmp_workers_lets_the_calling_threads_pool_go(keep):
+    """In a fresh process (its OpenMP state is its own): after a parallel region on 2 threads the main thread
+    keeps one worker thread; release_openmp_workers ends it (and a later region starts one again), unless
+    $ZENLM_KEEP_OPENMP_WORKERS is set."""
+    code = textwrap.dedent("""
+        import os, torch
+        from zenlm.device import release_openmp_workers
+        torch.set_num_threads(2)
+        x = torch.randn(4_000_000)
+        def tasks():
+            return len(os.listdir(f"/proc/{os.getpid()}/task"))
+        x.exp()
+        before = tasks()
+        released = release_openmp_workers()
+        after = tasks()
+        x.exp()
+        print(released, before - after, tasks() - after)
+    """)
+    env = {**os.environ, "PYTHONPATH": str(Path(zenlm.__file__).parents[1])}
+    env.pop("ZENLM_KEEP_OPENMP_WORKERS", None)
+    if keep:
+        env["ZENLM_KEEP_OPENMP_WORKERS"] = "1"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.split() == (["False", "0", "0"] if keep else ["True", "1", "1"])

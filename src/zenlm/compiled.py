@@ -6,7 +6,7 @@ stays well above it. A matrix-vector product ``F.linear`` with one input row rea
 GB/s on our 2-core test machine, whose memory copies run at 25–40 GB/s, and a step of a 12-layer model is
 about 250 separate operator calls. :class:`CompiledDecoder` compiles the model's own step,
 :meth:`GPT.decode_step <zenlm.models.gpt.GPT.decode_step>` (same modules, same formulas), into one program,
-with five choices that decide its speed:
+with six choices that decide its speed:
 
 1. **Matrix-vector products as multiply-and-sum.** While tracing, every ``F.linear`` whose input has one row
    is rewritten ``y = (x[None, :] * W).sum(-1)``, products and sums in fp32, cast back to x's dtype
@@ -35,6 +35,13 @@ with five choices that decide its speed:
    int8 GPT-2 step 15-20% faster here (~6.5 vs ~7.5 ms). The library holds no weights: it reads the model's
    own tensors where they are, so it is kept on disk (:func:`cache_dir`) and reused by later processes and
    by other models of the same architecture and dtypes.
+6. **Attention written out.** The step's attention is :func:`~zenlm.models.attention.decode_attention`: the
+   scores, the softmax and the weighted sum as plain tensor operations in fp32, which Inductor fuses into loops
+   that read a bf16 cache as bf16. The fused attention kernel (SDPA) it replaces attends a bf16 cache in fp32
+   only after copying it, key by key, into a new fp32 tensor on every step: on a 2-core Xeon a 16-row bf16
+   GPT-2 step over 256 keys took 38 ms that way and 29 ms written out (67 against 44 ms over 512 keys; one row
+   over 1,008 keys 14.8 against 12.5 ms). In fp32 the two are within the noise. The loops over keys are planned
+   for :data:`EXAMPLE_KEYS` keys, the length of the example the step is exported with.
 
 Batches (``batched=True``: :func:`zenlm.generate.generate_batch` and the server). The multiply-and-sum form
 reads W once per input row, so it serves one sequence only; a batch keeps every product a matrix product (each
@@ -48,10 +55,11 @@ row being sent as two copies of itself; it also reads the weights 2-3x faster th
 AMD. Intel CPUs keep the BLAS, MKL, which is faster there for a lone row but rounds a row differently at
 another number of rows at GPT-2 widths: there fp32 rows may differ in the last bits, and ``ZENLM_ONEDNN=1``
 makes them bit-equal), and the attention's sums over keys must not split differently when the longest row is
-longer. The attention Inductor generates here kept them apart in our tests whatever the lengths (rows were
-bit-equal alone and at batch 2, 3 and 4 with 5 to 40 keys, in bf16 and int8); as a safeguard against a
-vectorised loop that would treat its last partial block of keys on its own, a step reads its key slots in whole
-blocks of :data:`KEY_BLOCK` (S rounded up, the extra slots masked out). The one-sequence programs (``generate``, ``chat``) use the faster multiply-and-sum form and may differ from a batch
+longer. The attention's loops (point 6) keep them apart: a masked key adds an exact zero to every sum, so a row
+gets the same bits whatever the other rows are and however many key slots the call reads past its own
+(``tests/test_attention.py``), provided the call reads its key slots in whole blocks of :data:`KEY_BLOCK`
+(S rounded up, the extra slots masked out): a vectorised loop treats a last partial block of keys on its own.
+The one-sequence programs (``generate``, ``chat``) use the faster multiply-and-sum form and may differ from a batch
 row in the last bits. A program is specialised to its batch size and to the cache's length and dtype; another
 cache length compiles again.
 
@@ -128,6 +136,9 @@ _INDUCTOR_OPTIONS = {"realize_opcount_threshold": 0, "size_asserts": False, "ali
 # A step reads its key slots in whole blocks of this many: S is rounded up (the extra slots are masked out), so
 # that no loop over keys has a partial last block whose length depends on the other rows ("Batches" above).
 KEY_BLOCK = 16
+# The number of key slots in the example a program is exported with. Inductor plans its loops over the keys (S,
+# a dynamic size) for this many: with 2, it ran the softmax of a 16-row step on one thread.
+EXAMPLE_KEYS = 256
 # Setting this environment variable to 0 (or off / false / no) makes eager decoding the default (compile=None).
 ENV_SWITCH = "ZENLM_COMPILE"
 _CANNOT_REBUILD = 3  # exit status of a build process that cannot rebuild the model from its description
@@ -282,7 +293,7 @@ def build_program(model: GPT, path: Path, shape: ProgramShape) -> None:
     fresh = [torch.zeros(shape.rows, K, L, D, dtype=shape.torch_dtype, device=device) for _ in range(2 * n_layer)]
     B = shape.rows
     example = (torch.zeros(B, dtype=torch.long, device=device), torch.ones(B, dtype=torch.long, device=device),
-               torch.arange(2, device=device), fresh[:n_layer], fresh[n_layer:])
+               torch.arange(min(EXAMPLE_KEYS, L - 1), device=device), fresh[:n_layer], fresh[n_layer:])
     S = torch.export.Dim("S", min=2, max=L - 1)
     tmp = path.with_name(f"{path.stem}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp.pt2")  # one per builder
     try:

@@ -205,3 +205,33 @@ def test_a_long_prompt_is_prefilled_in_chunks_between_the_steps_of_a_running_seq
     assert first_at[0] >= (len(long_) - 2) // 8  # the running sequence stepped while the prompt went in
     for prompt, ids, n in ((running, outs[0], 30), (long_, outs[1], 10)):
         assert ids == list(generate_ids(model, prompt, GenerationConfig(max_new_tokens=n, temperature=0)))
+
+
+def test_the_model_computes_on_the_engine_thread_only(char_tok):
+    """prepare() hands its warm-up steps to the engine's thread (the thread that builds an engine lets go of its
+    OpenMP workers, see zenlm.device.release_openmp_workers, and must not take new ones by computing)."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=char_tok.vocab_size, block_size=32, n_layer=1, n_head=2, n_embd=16))
+    engine = Engine(model, char_tok, max_concurrency=4, compile=False)
+    try:
+        calls: list[tuple[str, int, bool]] = []
+
+        class Recorder:
+            def __call__(self, tokens_B, pos_B, k_layers, v_layers, *, batched=False):
+                calls.append((threading.current_thread().name, tokens_B.shape[0], torch.is_inference_mode_enabled()))
+
+        engine.decoder = Recorder()  # type: ignore[assignment]
+        engine.prepare()
+        assert calls == [("zenlm-engine", 1, True), ("zenlm-engine", 2, True), ("zenlm-engine", 4, True)]
+
+        def fails() -> None:
+            raise ValueError("boom")
+
+        with pytest.raises(ValueError, match="boom"):  # an error of the handed-over work reaches the caller
+            engine._on_engine_thread(fails)
+        engine.decoder = None
+        assert _collect(engine, [[1, 2, 3]], SamplingParams(max_tokens=3, temperature=0.0))[0]  # still serving
+    finally:
+        engine.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        engine._on_engine_thread(lambda: None)

@@ -30,7 +30,7 @@ from collections import deque
 import torch
 from torch import Tensor
 
-from zenlm.device import model_device
+from zenlm.device import model_device, release_openmp_workers
 from zenlm.errors import ConfigError
 from zenlm.serve.engine import EmbedJob, Engine, ErrorEvent, Sequence
 from zenlm.serve.metrics import Metrics
@@ -88,6 +88,7 @@ class StatefulEngine(Engine):
         self.steps = 0
         self.max_batch_seen = 0
         self._stop = False
+        release_openmp_workers()  # the engine's thread is the one that computes (see Engine.__init__)
         self._thread = threading.Thread(target=self._loop, name="zenlm-stateful-engine", daemon=True)
         self._thread.start()
 
