@@ -38,9 +38,9 @@ with six choices that decide its speed:
 6. **Attention written out.** The step's attention is :func:`~zenlm.models.attention.decode_attention`: the
    scores, the softmax and the weighted sum as plain tensor operations in fp32, which Inductor fuses into loops
    that read a bf16 cache as bf16. The fused attention kernel (SDPA) it replaces attends a bf16 cache in fp32
-   only after copying it, key by key, into a new fp32 tensor on every step: on a 2-core Xeon a 16-row bf16
-   GPT-2 step over 256 keys took 38 ms that way and 29 ms written out (67 against 44 ms over 512 keys; one row
-   over 1,008 keys 14.8 against 12.5 ms). In fp32 the two are within the noise. The loops over keys are planned
+   only after copying it into a new fp32 tensor on every step: on a 2-core Xeon a 16-row bf16 GPT-2 step over
+   256 keys took 37.3 ms that way and 29.1 ms written out (105.9 against 42.0 ms over 512 keys;
+   ``benchmarks/batched_step.py``). In fp32 the two are level. The loops over keys are planned
    for :data:`EXAMPLE_KEYS` keys, the length of the example the step is exported with.
 
 Batches (``batched=True``: :func:`zenlm.generate.generate_batch` and the server). The multiply-and-sum form

@@ -96,7 +96,7 @@ def serve(
             starts once every program is built
         batch_invariant: what a request gets does not depend on which requests share its decode steps (the
             default). --no-batch-invariant: while one stream runs alone it takes the faster program of
-            `zenlm generate` (1.1-2x per token on a CPU), whose last bits differ from a batched step's
+            `zenlm generate` (up to 2.3x per token on a CPU), whose last bits differ from a batched step's
         public_metrics: leave GET /metrics open without the API key (for a Prometheus scraper)
         max_request_bytes: largest request body; a larger one is answered 413 without being read
         request_timeout: seconds a client has to send a request's headers, and again its body (then 408)

@@ -40,6 +40,11 @@ from torch import Tensor
 from zenlm.models.cache import LayerCache
 from zenlm.models.layers import RMSNorm, apply_rotary
 
+# Whether a compiled CPU decode step attends through decode_attention (True) or the fused kernel, like every
+# other call (benchmarks/batched_step.py sets it to compare both; a program built with one setting is kept on disk
+# under the same key as the other, so a comparison builds its programs in a directory of its own).
+WRITTEN_DECODE_ATTENTION = True
+
 # ``enable_gqa`` (keys/values shared by groups of query heads, without copying them) arrived in torch 2.5.
 _SDPA_HAS_GQA = tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 5)
 
@@ -103,9 +108,9 @@ def decode_attention(q_BH1D: Tensor, k_BKSD: Tensor, v_BKSD: Tensor, mask: Tenso
 
     The same formula as :func:`attention`, always in fp32 (the result comes back in q's dtype). Only the
     compiled decode step (:mod:`zenlm.compiled`) takes it, where Inductor fuses the fp32 conversion of a bf16
-    cache into its reads; run eagerly it would copy the cache. Measured on a 2-core Xeon (12 heads of 64, one
-    layer, compiled): bf16 caches 1.7-4x faster than the fused kernel at batch 1 and 2-16x at batch 16 (S 128
-    to 1008: the fused kernel's fp32 copies of a bf16 cache cost most at large S), fp32 1.1-1.2x. A row's
+    cache into its reads; run eagerly it would copy the cache. On a 2-core Xeon a 16-row bf16 GPT-2 step was
+    1.14x / 1.28x / 2.5x faster with it than with the fused kernel over 128 / 256 / 512 keys (the kernel's fp32
+    copies of a bf16 cache cost most at large S), an fp32 step level (``benchmarks/batched_step.py``). A row's
     result does not depend on how many key slots the call reads past its own (those add exact zeros), nor on
     the other rows: tests/test_attention.py holds it to that.
 
@@ -256,7 +261,8 @@ class Attention(nn.Module):
         do not depend on how long the other rows are (see :meth:`GPT.decode_step`).
         """
         H, K = self.n_head, self.n_kv_head
-        if (q_BHTD.shape[2] == 1 and row_keys is None and q_BHTD.device.type == "cpu" and not self.training
+        if (WRITTEN_DECODE_ATTENTION and q_BHTD.shape[2] == 1 and row_keys is None and q_BHTD.device.type == "cpu"
+                and not self.training
                 and (mask is None or (mask.dtype == torch.bool and mask.shape[1] == 1))
                 and (torch.compiler.is_compiling() or torch.compiler.is_exporting())):
             return decode_attention(q_BHTD, k_BKSD, v_BKSD, mask)  # a compiled CPU decode step

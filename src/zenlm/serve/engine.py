@@ -200,7 +200,7 @@ class Engine:
     background; True the same, each waiting for its build on first use; False eager. invariant: True (default):
     every step goes through the batched programs, so what a request gets does not depend on which requests share
     its steps; False: a step with one running stream (in slot 0) takes the one-sequence program that
-    ``generate`` uses (its own loops: faster, 1.1-2x on a CPU), whose sums round differently from a batched
+    ``generate`` uses (its own loops: faster, up to 2.3x on a CPU), whose sums round differently from a batched
     step's in the last bits, so a request's tokens can then depend, at near-ties, on whether it ran alone.
     A sequence stops at the tokenizer's end-of-text token and at any of ``stop_ids`` (the chat template's
     end-of-turn token, set by the app).
