@@ -229,6 +229,10 @@ def test_the_model_computes_on_the_engine_thread_only(char_tok):
 
         with pytest.raises(ValueError, match="boom"):  # an error of the handed-over work reaches the caller
             engine._on_engine_thread(fails)
+        nested: list[str] = []  # handed over from the engine thread itself: run there at once, no deadlock
+        engine._on_engine_thread(lambda: engine._on_engine_thread(
+            lambda: nested.append(threading.current_thread().name)))
+        assert nested == ["zenlm-engine"]
         engine.decoder = None
         assert _collect(engine, [[1, 2, 3]], SamplingParams(max_tokens=3, temperature=0.0))[0]  # still serving
     finally:

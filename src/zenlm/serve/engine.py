@@ -308,6 +308,10 @@ class Engine:
     def _on_engine_thread(self, fn: Callable[[], None]) -> None:
         """Run ``fn`` on the engine's thread, between its steps, and wait for it (its exception is raised here):
         the model computes on that thread only (see ``release_openmp_workers`` in ``__init__``)."""
+        if threading.current_thread() is self._thread:  # already there (e.g. from an event callback)
+            with torch.inference_mode():
+                fn()
+            return
         done, error = threading.Event(), []
         with self.lock:
             if self._stop:
