@@ -133,11 +133,11 @@ def test_fit_shows_the_choice_and_saves_it_in_config_yaml(fake_cpu, tmp_path: Pa
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc; GNU OpenMP is torch's runtime on Linux")
-@pytest.mark.parametrize("keep", [False, True])
+@pytest.mark.parametrize("keep", ["", "0", "1"])
 def test_release_openmp_workers_lets_the_calling_threads_pool_go(keep):
     """In a fresh process (its OpenMP state is its own): after a parallel region on 2 threads the main thread
     keeps one worker thread; release_openmp_workers ends it (and a later region starts one again), unless
-    $ZENLM_KEEP_OPENMP_WORKERS is set."""
+    $ZENLM_KEEP_OPENMP_WORKERS says to keep it (1; 0 releases, as unset)."""
     code = textwrap.dedent("""
         import os, torch
         from zenlm.device import release_openmp_workers
@@ -155,6 +155,6 @@ def test_release_openmp_workers_lets_the_calling_threads_pool_go(keep):
     env = {**os.environ, "PYTHONPATH": str(Path(zenlm.__file__).parents[1])}
     env.pop("ZENLM_KEEP_OPENMP_WORKERS", None)
     if keep:
-        env["ZENLM_KEEP_OPENMP_WORKERS"] = "1"
+        env["ZENLM_KEEP_OPENMP_WORKERS"] = keep
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
-    assert out.split() == (["False", "0", "0"] if keep else ["True", "1", "1"])
+    assert out.split() == (["False", "0", "0"] if keep == "1" else ["True", "1", "1"])

@@ -387,9 +387,10 @@ def release_openmp_workers() -> bool:
     against 19 us. With the main thread's workers released first, the second thread runs as fast as the
     main one. The pool comes back if the thread runs a parallel region again. A no-op (False) where the
     runtime is not GNU OpenMP (``omp_pause_resource_all`` releases only the calling thread's pool there), or
-    when ``$ZENLM_KEEP_OPENMP_WORKERS`` is set (to measure what this saves)."""
+    when ``$ZENLM_KEEP_OPENMP_WORKERS`` is 1 / on / true / yes (to measure what this saves)."""
     lib = _gnu_openmp()
-    if lib is None or os.environ.get("ZENLM_KEEP_OPENMP_WORKERS"):
+    keep = os.environ.get("ZENLM_KEEP_OPENMP_WORKERS", "").strip().lower() in ("1", "on", "true", "yes")
+    if lib is None or keep:
         return False
     return lib.omp_pause_resource_all(1) == 0  # omp_pause_soft; fails (-1) inside a parallel region
 
