@@ -70,8 +70,18 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=10, help="steps per timing (fastest of 3 timings)")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     args = ap.parse_args()
+    dtypes = [d.strip() for d in args.dtypes.split(",")]
+    if not dtypes or any(d not in DTYPES for d in dtypes):
+        ap.error(f"--dtypes: a comma-separated list of {', '.join(DTYPES)}, got {args.dtypes!r}")
+    try:
+        keys = [int(k) for k in args.keys.split(",")]
+    except ValueError:
+        ap.error(f"--keys: comma-separated whole numbers, got {args.keys!r}")
+    if any(k < 16 or k % 16 or k > 1008 for k in keys):
+        ap.error(f"--keys: multiples of 16 from 16 to 1008 (the cache holds 1,024 positions), got {args.keys!r}")
+    if args.rows < 1 or args.steps < 1 or args.threads < 1:
+        ap.error("--rows, --steps and --threads must be at least 1")
     torch.set_num_threads(args.threads)
-    keys = [int(k) for k in args.keys.split(",")]
     feats = cpu_features()
     print(f"# batched_step -- {time.strftime('%Y-%m-%d %H:%M')} UTC -- {feats.name} ({feats.describe()}), "
           f"{platform.machine()}, {args.threads} threads, torch {torch.__version__}; {args.rows} rows")
@@ -80,7 +90,7 @@ def main() -> None:
     print("|---|---|---|" + "---:|" * len(keys))
     cfg = GPTConfig(vocab_size=8192, block_size=1024, n_layer=12, n_head=12, n_embd=768)
     root = tempfile.mkdtemp(prefix="zenlm-batched-step-")
-    for name in args.dtypes.split(","):
+    for name in dtypes:
         torch.manual_seed(0)
         model = GPT(cfg).eval().to(DTYPES[name])
         cache = model.make_cache(args.rows, cfg.block_size)
