@@ -163,6 +163,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--batch-invariant", action=argparse.BooleanOptionalAction, default=True,
                     help="as `zenlm serve --no-batch-invariant`: a lone stream takes the one-sequence program")
+    ap.add_argument("--max-prefill-tokens", type=int, default=None,
+                    help="as `zenlm serve --max-prefill-tokens` (default: the server's, 256)")
     ap.add_argument("--server", default="process", choices=["process", "thread"],
                     help="zenlm serve in a process of its own (as deployed), or on a thread of this process")
     args = ap.parse_args()
@@ -183,7 +185,7 @@ def main() -> None:
     for engine in args.engines.split(","):
         app = create_app(lm.model, lm.tokenizer, model_id="bench", max_concurrency=max(levels),
                          max_queue=max(levels), compile=None if engine == "compiled" else False,
-                         invariant=args.batch_invariant)
+                         invariant=args.batch_invariant, max_prefill_tokens=args.max_prefill_tokens)
         eng = app.state.engine
         programs = None
         if engine == "compiled":
@@ -201,7 +203,9 @@ def main() -> None:
                                          "--max-queue", str(max(levels)), "--dtype", args.dtype,
                                          "--device", args.device]
                                    + ([] if engine == "compiled" else ["--no-compile"])
-                                   + ([] if args.batch_invariant else ["--no-batch-invariant"]),
+                                   + ([] if args.batch_invariant else ["--no-batch-invariant"])
+                                   + ([] if args.max_prefill_tokens is None
+                                      else ["--max-prefill-tokens", str(args.max_prefill_tokens)]),
                                    root / f"serve-{engine}.log", programs)
         else:
             server = ServerThread(app)
@@ -222,6 +226,7 @@ def main() -> None:
           f"{torch.__version__}, {torch.get_num_threads()} threads; server: "
           f"{'zenlm serve in its own process' if args.server == 'process' else 'a thread of the clients process'}"
           + ("" if args.batch_invariant else ", --no-batch-invariant")
+          + ("" if args.max_prefill_tokens is None else f", --max-prefill-tokens {args.max_prefill_tokens}")
           + (f", {torch.cuda.get_device_name()}" if args.device.startswith("cuda") else ""))
     print("\n| engine | clients | requests/s | output tokens/s | p50 TTFT (s) | p99 TTFT (s) | p50 ITL (ms) | "
           "p99 ITL (ms) | errors | tokens/s vs 1 client |")

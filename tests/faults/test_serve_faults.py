@@ -148,6 +148,12 @@ def test_generate_cli_refuses_a_70_bit_seed_and_takes_a_tiny_temperature(capsys)
     assert outs[0] == outs[1]  # greedy
 
 
+def test_serve_refuses_a_prefill_budget_below_one_before_loading(capsys):
+    assert main(["serve", str(FIXTURE_GPT), "--max-prefill-tokens", "0", "--port", "0"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("zenlm: error: --max-prefill-tokens must be at least 1") and len(err.splitlines()) == 1
+
+
 # ------------------------------------------------------------- 7. special tokens through the chat role field
 
 

@@ -207,6 +207,27 @@ def test_a_long_prompt_is_prefilled_in_chunks_between_the_steps_of_a_running_seq
         assert ids == list(generate_ids(model, prompt, GenerationConfig(max_new_tokens=n, temperature=0)))
 
 
+def test_a_prompt_that_fits_a_loop_is_never_cut_to_fit_what_is_left_of_one(char_tok):
+    """Three 5-token prompts under a budget of 8 per loop: each goes whole, in a loop of its own (the second one
+    used to go in pieces of 3 and 2, each a forward pass of a few rows), in the order they came."""
+    cfg = GPTConfig(vocab_size=char_tok.vocab_size, block_size=48, n_layer=1, n_head=2, n_embd=16, init_std=0.5)
+    torch.manual_seed(0)
+    model = GPT(cfg).eval()
+    engine = Engine(model, char_tok, max_concurrency=4, max_prefill_tokens=8)
+    prompts = [char_tok.encode(t) for t in ("To be", "or no", "t to ")]
+    assert [len(p) for p in prompts] == [5, 5, 5]
+    widths: list[tuple[int, int]] = []  # (rows, tokens) of every prefill forward pass
+    hook = model.register_forward_pre_hook(lambda _m, args: widths.append(tuple(args[0].shape)))
+    try:
+        outs = _collect(engine, prompts, SamplingParams(max_tokens=6, temperature=0))
+    finally:
+        engine.close()
+        hook.remove()
+    assert widths == [(1, 5), (1, 5), (1, 5)]
+    for prompt, ids in zip(prompts, outs, strict=True):
+        assert ids == list(generate_ids(model, prompt, GenerationConfig(max_new_tokens=6, temperature=0)))
+
+
 def test_the_model_computes_on_the_engine_thread_only(char_tok):
     """prepare() hands its warm-up steps to the engine's thread (the thread that builds an engine lets go of its
     OpenMP workers, see zenlm.device.release_openmp_workers, and must not take new ones by computing)."""

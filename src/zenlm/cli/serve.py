@@ -67,6 +67,7 @@ def serve(
     dtype: Literal["auto", "fp32", "bf16", "fp16", "int8"] = "auto",
     compile: bool | None = None,
     batch_invariant: bool = True,
+    max_prefill_tokens: int | None = None,
     public_metrics: bool = False,
     max_request_bytes: int = 4 << 20,
     request_timeout: float = 30.0,
@@ -97,6 +98,10 @@ def serve(
         batch_invariant: what a request gets does not depend on which requests share its decode steps (the
             default). --no-batch-invariant: while one stream runs alone it takes the faster program of
             `zenlm generate` (up to 2.3x per token on a CPU), whose last bits differ from a batched step's
+        max_prefill_tokens: prompt tokens prefilled between two decode steps of the running streams. Lower
+            keeps their inter-token latency steadier while a burst of requests comes in; higher gets the new
+            requests their first token sooner. A longer prompt goes in pieces of this many, one per step
+            (default: 256 for a Transformer)
         public_metrics: leave GET /metrics open without the API key (for a Prometheus scraper)
         max_request_bytes: largest request body; a larger one is answered 413 without being read
         request_timeout: seconds a client has to send a request's headers, and again its body (then 408)
@@ -108,10 +113,13 @@ def serve(
 
     import zenlm
     from zenlm.cli.common import show_inference_notes
+    from zenlm.errors import ConfigError
     from zenlm.serve.app import create_app
     from zenlm.serve.chat import model_kind
     from zenlm.serve.server import Limits, bind, make_server
 
+    if max_prefill_tokens is not None and max_prefill_tokens < 1:
+        raise ConfigError(f"--max-prefill-tokens must be at least 1, got {max_prefill_tokens}.")
     api_key = api_key or os.environ.get("ZENLM_API_KEY") or None
     limits = Limits(max_request_bytes=max_request_bytes, request_timeout=request_timeout,
                     max_connections=max_connections, max_embedding_inputs=max_embedding_inputs)
@@ -123,7 +131,7 @@ def serve(
         app = create_app(lm.model, lm.tokenizer, model_id=model_id or name, api_key=api_key,
                          max_concurrency=max_concurrency, max_queue=max_queue, public_metrics=public_metrics,
                          limits=limits, model_kind=model_kind(saved), compile=compile,
-                         invariant=batch_invariant)
+                         invariant=batch_invariant, max_prefill_tokens=max_prefill_tokens)
         app.state.engine.prepare()  # every batch size's program made ready now (loaded, or built in the background)
         logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
         logging.getLogger("zenlm.serve").setLevel(logging.INFO)

@@ -172,7 +172,7 @@ def create_app(
     model: GPT, tokenizer: Tokenizer, *, model_id: str = "zenlm", api_key: str | None = None,
     max_concurrency: int = 8, max_queue: int | None = None, public_metrics: bool = False,
     limits: Limits | None = None, model_kind: str | None = None, compile: bool | None = None,
-    invariant: bool = True,
+    invariant: bool = True, max_prefill_tokens: int | None = None,
 ) -> FastAPI:
     """The FastAPI application serving ``model`` under the name ``model_id``.
 
@@ -182,13 +182,13 @@ def create_app(
     the server the others). ``model_kind`` ("chat", "base" or "imported", see
     :func:`zenlm.serve.chat.model_kind`) is shown on the chat page, with a hint for a base model. ``compile``:
     how the engine decodes (None: the batched compiled programs, built in the background; False: eagerly);
-    ``invariant``: False lets a lone stream take the faster one-sequence program; see
-    :class:`~zenlm.serve.engine.Engine`."""
+    ``invariant``: False lets a lone stream take the faster one-sequence program; ``max_prefill_tokens``: prompt
+    tokens prefilled between two decode steps (default ``PREFILL_CHUNK``); see :class:`~zenlm.serve.engine.Engine`."""
     limits = limits or Limits()
     metrics = Metrics()
     engine_class = StatefulEngine if is_stateful(model) else Engine  # n-gram, MLP, LSTM: a state row per sequence
     engine = engine_class(model, tokenizer, max_concurrency=max_concurrency, max_queue=max_queue, metrics=metrics,
-                          compile=compile, invariant=invariant)
+                          compile=compile, invariant=invariant, max_prefill_tokens=max_prefill_tokens)
     created = int(time.time())
     app = FastAPI(title="zenlm", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.engine = engine

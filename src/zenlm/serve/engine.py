@@ -7,9 +7,12 @@ Continuous batching, in the simplest form that is still correct:
              cache that is a view of that slot (prefill), and its first token is sampled. One loop prefills
              at most ``max_prefill_tokens`` prompt tokens (always at least one prompt's worth), so a burst of
              prompts is spread over several loops with a decode step for the running sequences in between
-    chunks:  a prompt longer than what is left of that budget is prefilled in chunks, one per loop, each
-             written into its slot after the ones before (chunked prefill): the running sequences take a
-             decode step between the chunks, so a long prompt does not stall their tokens
+    chunks:  a prompt that fits one loop's budget is prefilled whole, in the first loop with room left for
+             all of it (cut to fit the rest of a budget, its pieces would each run the model for a few rows,
+             several times slower per token); a prompt longer than a whole budget starts in a loop of its own
+             and is prefilled in chunks, one per loop, each written into its slot after the ones before
+             (chunked prefill): the running sequences take a decode step between the chunks, so a long prompt
+             does not stall their tokens
     score:   a sequence with ``prompt_logprobs`` set keeps the logits of every prompt position from that
              same prefill and receives each prompt token's log-prob (and the k best) in a
              :class:`PromptEvent` before its first token; with ``max_tokens=0`` it ends right there
@@ -194,8 +197,8 @@ class Engine:
     max_concurrency: sequences decoded together (KV-cache slots); max_queue: sequences allowed to wait
     for a slot (default: max_concurrency); beyond both, :meth:`submit` raises :class:`Overloaded`.
     max_len: positions per slot (default: the model's block_size). max_prefill_tokens: prompt tokens prefilled
-    per loop before the running sequences take their next step (default: ``PREFILL_CHUNK``; at least one
-    prompt's worth; a longer prompt is prefilled in chunks of it). compile: how decode steps run (see
+    per loop before the running sequences take their next step (default: ``PREFILL_CHUNK``; a prompt that fits
+    it is prefilled whole, in one loop; a longer one in chunks of it, one per loop). compile: how decode steps run (see
     :func:`zenlm.compiled.decoder_for`): None (default) the batched compiled programs, built in the
     background; True the same, each waiting for its build on first use; False eager. invariant: True (default):
     every step goes through the batched programs, so what a request gets does not depend on which requests share
@@ -463,19 +466,21 @@ class Engine:
         return out
 
     def _admit(self, budget: int) -> tuple[list[Sequence], list[tuple[Sequence, int]]]:
-        """Give waiting sequences free slots while ``budget`` prompt tokens are left (the first one of a loop
-        in any case) -> (prompts prefilled whole, [(prompt, first chunk)] prefilled in chunks). A prompt that is
-        scored keeps its logits and is prefilled whole; another longer than the budget left starts a chunked
-        prefill. Called with the lock held."""
+        """Give waiting sequences free slots, in order, while ``budget`` prompt tokens are left -> (prompts
+        prefilled whole, [(prompt, first chunk)] prefilled in chunks). The first prompt of a loop that prefills
+        nothing else is always taken: whole when it fits the budget or is scored (a scored prompt keeps its
+        logits), else in chunks of the budget. After it, a prompt is taken only when all of it fits what is
+        left; the first that does not waits for the next loop, and so do the ones behind it (first come, first
+        served). Called with the lock held."""
         first = budget == self.max_prefill_tokens  # nothing prefilled yet in this loop
         whole: list[Sequence] = []
         chunked: list[tuple[Sequence, int]] = []
         for i in range(self.max_concurrency):
-            if self.slots[i] is not None or not self.waiting or (budget <= 0 and not first):
+            if self.slots[i] is not None or not self.waiting:
                 continue
             seq = self.waiting[0]
             T, scored = len(seq.prompt_ids), seq.params.prompt_logprobs is not None
-            if T > budget and scored and not first:
+            if T > budget and not first:
                 break
             self.waiting.popleft()
             seq.slot, self.slots[i] = i, seq
