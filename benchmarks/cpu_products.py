@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from zenlm.device import cpu_features
-from zenlm.models.layers import onednn_linear, onednn_products
+from zenlm.models.layers import onednn_linear, onednn_min_rows
 
 
 def best_time(fn, repeats: int = 3, calls: int = 5) -> float:
@@ -49,7 +49,9 @@ def main() -> None:
     packs = torch.backends.mkl.is_available() and hasattr(torch.ops.mkl, "_mkl_reorder_linear_weight")
     print(f"# cpu_products -- {time.strftime('%Y-%m-%d %H:%M', time.gmtime())} UTC -- {cpu_features().name} ({cpu_features().describe()}), "
           f"{platform.machine()}, {args.threads} threads, torch {torch.__version__}\n")
-    print(f"zenlm's fp32 products at inference here: {'oneDNN' if onednn_products() else 'F.linear'}\n")
+    least = onednn_min_rows()
+    print("zenlm's fp32 products at inference here: " + ("F.linear" if least is None else "oneDNN" if least == 1 else
+          f"F.linear, and oneDNN for decode steps of {least} rows or more") + "\n")
     print("| matrix (N x K) | rows | F.linear | oneDNN | oneDNN vs F.linear | MKL, packed weights (copy size) |")
     print("|---|---:|---:|---:|---:|---:|")
     g = torch.Generator().manual_seed(0)

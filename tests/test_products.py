@@ -22,10 +22,10 @@ pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason
 def onednn_on(monkeypatch):
     """The oneDNN products on whatever CPU runs the tests (by default an Intel CPU keeps the wheel's BLAS)."""
     monkeypatch.setenv("ZENLM_ONEDNN", "1")
-    layers.onednn_products.cache_clear()
+    layers.onednn_min_rows.cache_clear()
     yield
     monkeypatch.undo()
-    layers.onednn_products.cache_clear()
+    layers.onednn_min_rows.cache_clear()
 
 
 def test_onednn_linear_equals_f_linear_to_rounding():
@@ -90,7 +90,7 @@ def test_decode_step_rows_do_not_depend_on_the_batch():
 
 def test_the_switch_turns_it_off(monkeypatch):
     monkeypatch.setenv("ZENLM_ONEDNN", "0")
-    layers.onednn_products.cache_clear()
+    layers.onednn_min_rows.cache_clear()
     assert not layers.onednn_products()
     with torch.no_grad():
         assert not isinstance(layers.inference_products(torch.device("cpu"), torch.float32),
@@ -108,8 +108,39 @@ def test_by_default_every_cpu_but_intels_uses_it(monkeypatch, vendor, setting, o
         monkeypatch.delenv("ZENLM_ONEDNN")
     else:
         monkeypatch.setenv("ZENLM_ONEDNN", setting)
-    layers.onednn_products.cache_clear()
+    layers.onednn_min_rows.cache_clear()
     assert layers.onednn_products() is on
+
+
+@pytest.mark.parametrize(("vendor", "setting", "least"), [
+    ("GenuineIntel", None, layers.ONEDNN_MIN_ROWS_INTEL), ("AuthenticAMD", None, 1), ("GenuineIntel", "1", 1),
+    ("GenuineIntel", "0", None),
+])
+def test_an_intel_cpu_takes_onednn_for_decode_steps_of_several_rows(monkeypatch, vendor, setting, least):
+    """On Intel, MKL keeps prompts and decode steps of fewer than ONEDNN_MIN_ROWS_INTEL rows, oneDNN takes larger
+    decode steps (eager and compiled alike: zenlm.compiled traces its batched step with the same rule)."""
+    monkeypatch.setattr(layers, "_cpu_vendor", lambda: vendor)
+    if setting is None:
+        monkeypatch.delenv("ZENLM_ONEDNN")
+    else:
+        monkeypatch.setenv("ZENLM_ONEDNN", setting)
+    layers.onednn_min_rows.cache_clear()
+    assert layers.onednn_min_rows() == least
+    calls: list[int] = []
+    real = layers.onednn_linear
+    monkeypatch.setattr(layers, "onednn_linear", lambda x, w, b=None: (calls.append(x.shape[0]), real(x, w, b))[1])
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=64, block_size=16, n_layer=1, n_head=2, n_embd=32)).eval()
+    cache = model.make_cache(8)
+    with torch.inference_mode():
+        model(torch.randint(0, 64, (1, 6)))  # a prompt
+        prompt_calls = len(calls)
+        for rows in (1, 2, 3, 4, 8):
+            calls.clear()
+            model.decode_step(torch.ones(rows, dtype=torch.long), torch.full((rows,), 3), cache.k, cache.v,
+                              row_attention=True)
+            assert bool(calls) == (least is not None and rows >= least), rows
+    assert bool(prompt_calls) == (least == 1)
 
 
 def test_the_vendor_is_read_from_this_machine():

@@ -52,9 +52,11 @@ batch-invariance tests hold the compiled path to it, as the eager one): in the b
 a matrix product for every batch size, 1 included (in fp32 on a CPU through oneDNN, as eager inference does,
 :func:`~zenlm.models.layers.inference_products`: it computes a row the same for any number of rows, a single
 row being sent as two copies of itself; it also reads the weights 2-3x faster than the BLAS at 2-16 rows on
-AMD. Intel CPUs keep the BLAS, MKL, which is faster there for a lone row but rounds a row differently at
-another number of rows at GPT-2 widths: there fp32 rows may differ in the last bits, and ``ZENLM_ONEDNN=1``
-makes them bit-equal), and the attention's sums over keys must not split differently when the longest row is
+AMD. Intel CPUs keep the BLAS, MKL, for steps of fewer than
+:data:`~zenlm.models.layers.ONEDNN_MIN_ROWS_INTEL` rows, where it is faster there, and take oneDNN from that
+many rows up, where oneDNN is; MKL rounds a row differently at another number of rows at GPT-2 widths, and the
+two libraries round differently from each other: there fp32 rows may differ in the last bits, and
+``ZENLM_ONEDNN=1`` makes them bit-equal), and the attention's sums over keys must not split differently when the longest row is
 longer. The attention's loops (point 6) keep them apart: a masked key adds an exact zero to every sum, so a row
 gets the same bits whatever the other rows are and however many key slots the call reads past its own
 (``tests/test_attention.py``), provided the call reads its key slots in whole blocks of :data:`KEY_BLOCK`
@@ -117,7 +119,7 @@ from zenlm.models.layers import (
     matrix_products,
     matvec,
     narrow_linears,
-    onednn_products,
+    onednn_min_rows,
 )
 
 # Inductor settings of the compiled step (names checked against the installed torch, see _options):
@@ -168,7 +170,7 @@ def _step(model: GPT, tokens_B: Tensor, pos_B: Tensor, keys_S: Tensor, k_layers:
         with _LinearsAsReductions():
             return model.decode_step(tokens_B, pos_B, k_layers, v_layers, keys_S=keys_S)
     w = model.norm_f.weight  # the batched family: fp32 products through oneDNN where eager decoding uses it
-    with matrix_products(), inference_products(w.device, w.dtype):
+    with matrix_products(), inference_products(w.device, w.dtype, step_rows=tokens_B.shape[0]):
         return model.decode_step(tokens_B, pos_B, k_layers, v_layers, keys_S=keys_S)
 
 
@@ -509,7 +511,7 @@ class CompiledDecoder:
             key, sorted((n, str(t.dtype), tuple(t.shape)) for n, t in self._weights.items()),
             dataclasses.asdict(self.model.config), sorted(_INDUCTOR_OPTIONS.items()), torch.__version__,
             sys.version_info[:2], platform.machine(), torch.backends.cpu.get_cpu_capability(),
-            torch.get_num_threads(), _source_digest(), onednn_products(),
+            torch.get_num_threads(), _source_digest(), onednn_min_rows(),
         )).encode()).hexdigest()[:32]
         return cache_dir() / f"step-{digest}.pt2"
 

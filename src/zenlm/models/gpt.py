@@ -199,13 +199,14 @@ class GPT(nn.Module):
         with self._products():
             return self.norm_f(self._hidden(idx_BT, None))
 
-    def _products(self) -> AbstractContextManager:
-        """fp32 inference on a CPU: products through oneDNN (:func:`~zenlm.models.layers.inference_products`).
-        Not while a step is being compiled: :mod:`zenlm.compiled` chooses the products of its programs itself."""
+    def _products(self, step_rows: int | None = None) -> AbstractContextManager:
+        """fp32 inference on a CPU: products through oneDNN (:func:`~zenlm.models.layers.inference_products`;
+        ``step_rows``: the rows of a decode step). Not while a step is being compiled: :mod:`zenlm.compiled`
+        chooses the products of its programs itself."""
         if torch.compiler.is_compiling() or torch.compiler.is_exporting():
             return nullcontext()
         w = self.norm_f.weight
-        return inference_products(w.device, w.dtype)
+        return inference_products(w.device, w.dtype, step_rows)
 
     def decode_step(
         self, tokens_B: Tensor, pos_B: Tensor | int, k_layers: Sequence[Tensor], v_layers: Sequence[Tensor], *,
@@ -250,7 +251,7 @@ class GPT(nn.Module):
             elif B > 1 or padded:
                 mask_B11S = (keys_S[None, :] <= pos_B[:, None])[:, None, None]
         layers = [LayerCache(k, v, pos_B, S, rows_B) for k, v in zip(k_layers, v_layers, strict=True)]
-        with self._products():
+        with self._products(B):
             x_B1C = self._run_blocks(x_B1C, rope, layers, mask=mask_B11S, row_keys=row_keys)
             return self.head(self.norm_f(x_B1C)[:, 0])
 

@@ -254,9 +254,15 @@ def matvec_sums(x: Tensor, w: Tensor) -> Tensor:
 # oneDNN for one or two rows, and oneDNN wins at 4-16 rows (1.3-2x). So by default oneDNN takes the products on
 # every CPU but Intel's, where a lone stream keeps MKL's speed; the price is that there a batch row is not bit
 # for bit the same sequence alone (MKL rounds row 0 of GPT-2's matrices differently at 1-8 rows than at 16; in
-# the server with oneDNN instead, one stream decoded 32% slower and 16 streams 5% faster). $ZENLM_ONEDNN = 1 or
-# 0 decides it either way.
+# the server with oneDNN instead, one stream decoded 32% slower and 16 streams 5% faster). Except decode steps
+# of ONEDNN_MIN_ROWS_INTEL rows or more (the server's and generate_batch's batches), which take oneDNN's
+# products there too. $ZENLM_ONEDNN = 1 or 0 decides it either way, for every number of rows.
 _ONEDNN_ENV = "ZENLM_ONEDNN"
+# On an Intel CPU, decode steps of at least this many rows take oneDNN's fp32 products, fewer rows MKL's: on our
+# 2-core Xeon the 48 layer matrices of GPT-2-small took, at 1 / 2 / 4 / 8 / 16 rows, 12.9 / 13.5 / 22.7 / 29.9 /
+# 33.5 ms with MKL and 20.1 / 19.7 / 21.8 / 24.4 / 28.2 ms with oneDNN; in the server, oneDNN's products gave 4
+# streams 14% more tokens/s than MKL's (docs/BENCHMARKS.md).
+ONEDNN_MIN_ROWS_INTEL = 4
 
 
 def _cpu_vendor() -> str:
@@ -266,18 +272,25 @@ def _cpu_vendor() -> str:
 
 
 @functools.lru_cache(maxsize=1)
-def onednn_products() -> bool:
-    """Whether fp32 products at inference on CPU go through oneDNN (see above): when this PyTorch has it and
-    the CPU is not an Intel one, unless ``$ZENLM_ONEDNN`` says otherwise (1 / on / true / yes: on wherever
-    oneDNN exists; 0 / off / false / no: off)."""
+def onednn_min_rows() -> int | None:
+    """The fewest rows from which fp32 products at inference on CPU go through oneDNN (see above), or None for
+    never: 1 when this PyTorch has oneDNN and the CPU is not an Intel one; on an Intel CPU,
+    :data:`ONEDNN_MIN_ROWS_INTEL`, for decode steps only; ``$ZENLM_ONEDNN`` decides otherwise (1 / on / true /
+    yes: 1 wherever oneDNN exists; 0 / off / false / no: None)."""
     if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")):
-        return False
+        return None
     setting = os.environ.get(_ONEDNN_ENV, "").strip().lower()
     if setting in ("0", "off", "false", "no"):
-        return False
+        return None
     if setting in ("1", "on", "true", "yes"):
-        return True
-    return _cpu_vendor() != "GenuineIntel"
+        return 1
+    return ONEDNN_MIN_ROWS_INTEL if _cpu_vendor() == "GenuineIntel" else 1
+
+
+def onednn_products() -> bool:
+    """Whether every fp32 product at inference on CPU goes through oneDNN, whatever its rows (see
+    :func:`onednn_min_rows`)."""
+    return onednn_min_rows() == 1
 
 
 def onednn_linear(x: Tensor, w: Tensor, b: Tensor | None = None) -> Tensor:
@@ -312,11 +325,15 @@ class _OneDNNProducts(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-def inference_products(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractContextManager:
-    """The context an inference pass runs its products in: :class:`_OneDNNProducts` for fp32 on a CPU when
-    :func:`onednn_products` and no gradient is recorded, else nothing."""
+def inference_products(device: torch.device, dtype: torch.dtype,
+                       step_rows: int | None = None) -> contextlib.AbstractContextManager:
+    """The context an inference pass runs its products in: :class:`_OneDNNProducts` for fp32 on a CPU when no
+    gradient is recorded and either :func:`onednn_products`, or the pass is a decode step of ``step_rows`` rows,
+    at least :func:`onednn_min_rows`; else nothing."""
+    least = onednn_min_rows()
     if (device.type == "cpu" and dtype == torch.float32 and not torch.is_grad_enabled()
-            and not torch.is_autocast_enabled("cpu") and onednn_products()):
+            and not torch.is_autocast_enabled("cpu") and least is not None
+            and (least == 1 or (step_rows is not None and step_rows >= least))):
         return _OneDNNProducts()
     return contextlib.nullcontext()
 
