@@ -97,18 +97,23 @@ def test_the_switch_turns_it_off(monkeypatch):
                               layers._OneDNNProducts)
 
 
-@pytest.mark.parametrize(("vendor", "setting", "on"), [
-    ("AuthenticAMD", None, True), ("GenuineIntel", None, False), ("", None, True),
-    ("GenuineIntel", "1", True), ("AuthenticAMD", "off", False),
-])
-def test_by_default_every_cpu_but_intels_uses_it(monkeypatch, vendor, setting, on):
-    """Intel CPUs keep the wheel's BLAS (MKL, faster there for one or two rows); the setting decides either way."""
+def _pretend(monkeypatch, vendor: str, setting: str | None) -> None:
+    """This CPU's vendor as ``vendor`` and $ZENLM_ONEDNN as ``setting`` (None: unset), for onednn_min_rows."""
     monkeypatch.setattr(layers, "_cpu_vendor", lambda: vendor)
     if setting is None:
         monkeypatch.delenv("ZENLM_ONEDNN")
     else:
         monkeypatch.setenv("ZENLM_ONEDNN", setting)
     layers.onednn_min_rows.cache_clear()
+
+
+@pytest.mark.parametrize(("vendor", "setting", "on"), [
+    ("AuthenticAMD", None, True), ("GenuineIntel", None, False), ("", None, True),
+    ("GenuineIntel", "1", True), ("AuthenticAMD", "off", False),
+])
+def test_by_default_every_cpu_but_intels_uses_it(monkeypatch, vendor, setting, on):
+    """Intel CPUs keep the wheel's BLAS (MKL, faster there for one or two rows); the setting decides either way."""
+    _pretend(monkeypatch, vendor, setting)
     assert layers.onednn_products() is on
 
 
@@ -119,12 +124,7 @@ def test_by_default_every_cpu_but_intels_uses_it(monkeypatch, vendor, setting, o
 def test_an_intel_cpu_takes_onednn_for_decode_steps_of_several_rows(monkeypatch, vendor, setting, least):
     """On Intel, MKL keeps prompts and decode steps of fewer than ONEDNN_MIN_ROWS_INTEL rows, oneDNN takes larger
     decode steps (eager and compiled alike: zenlm.compiled traces its batched step with the same rule)."""
-    monkeypatch.setattr(layers, "_cpu_vendor", lambda: vendor)
-    if setting is None:
-        monkeypatch.delenv("ZENLM_ONEDNN")
-    else:
-        monkeypatch.setenv("ZENLM_ONEDNN", setting)
-    layers.onednn_min_rows.cache_clear()
+    _pretend(monkeypatch, vendor, setting)
     assert layers.onednn_min_rows() == least
     calls: list[int] = []
     real = layers.onednn_linear
