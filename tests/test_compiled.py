@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from torch._dynamo.utils import counters
 
-from zenlm.compiled import CompiledDecoder, ProgramShape, cache_dir, compiled_decoder
+from zenlm.compiled import CompiledDecoder, ProgramShape, cache_dir, compiled_decoder, packs_weights
 from zenlm.config import GPTConfig
 from zenlm.errors import ConfigError
 from zenlm.generate import GenerationConfig, generate_batch, generate_ids
@@ -252,6 +252,57 @@ def test_batched_program_rows_do_not_depend_on_the_other_rows_in_bf16(char_tok):
     assert runs[0][0] == runs[1][0] == runs[2][1]  # the short prompt, beside a long, a short and three others
     assert runs[0][1] == runs[2][2] == runs[2][3] and runs[1][1] == runs[2][0]
     assert compiled_decoder(model).backend == "aot"
+
+
+@pytest.mark.skipif(not packs_weights(True, "cpu", torch.bfloat16), reason="oneDNN computes no bf16 on this CPU")
+def test_batched_bf16_programs_read_prepacked_matrices_with_the_same_bits(char_tok, monkeypatch):
+    """A batched bf16 program multiplies by prepacked copies of the layer matrices: the same logits, bit for bit,
+    as the program that reads them as stored ($ZENLM_PACKED_WEIGHTS=0), and a matrix changed in place is packed
+    again before the next step."""
+    model = batch_model(char_tok, torch.bfloat16, n_layer=1)  # the shape of the bf16 test above: its programs
+    cache = model.make_cache(2, 24)
+    for t in cache.k + cache.v:
+        t.normal_()
+    tokens, pos = torch.tensor([3, 7]), torch.tensor([9, 4])
+
+    def step(decoder):
+        with torch.inference_mode():
+            return decoder(tokens, pos, cache.k, cache.v, batched=True)
+
+    packed = CompiledDecoder(model)
+    first = step(packed)
+    linears = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    assert packed._packs is not None and set(packed._packs.packed) == linears and "lm_head.weight" in linears
+    monkeypatch.setenv("ZENLM_PACKED_WEIGHTS", "0")
+    plain = CompiledDecoder(model)
+    assert torch.equal(step(plain), first) and plain._packs is None
+    with torch.no_grad():
+        model.blocks[0].mlp.up.weight.mul_(2)
+    changed = step(plain)  # reads the matrix where it is
+    monkeypatch.delenv("ZENLM_PACKED_WEIGHTS")
+    assert not torch.equal(changed, first)
+    assert torch.equal(step(packed), changed)
+    assert packed.programs_built + plain.programs_built <= 2
+
+
+def test_a_program_that_reads_a_packed_matrix_otherwise_is_refused():
+    """Only a product may read a matrix the program is given prepacked (any other use would read its blocks as
+    a plain matrix): the build refuses a step where one is also added to something."""
+    from zenlm.compiled import _check_packed_products
+
+    class Step(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = nn.Linear(8, 8).to(torch.bfloat16)
+
+        def forward(self, x):
+            w = self.model.weight
+            return torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "") + w[0]
+
+    exported = torch.export.export(Step(), (torch.randn(2, 8, dtype=torch.bfloat16),), strict=False)
+    with pytest.raises(RuntimeError, match="other than as a product's weight"):
+        _check_packed_products(exported, ["weight"])
+    _check_packed_products(exported, [])  # nothing to read prepacked: nothing to refuse
 
 
 def test_engine_steps_through_the_batched_programs(char_tok, batch4_program):
