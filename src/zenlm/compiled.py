@@ -61,8 +61,12 @@ longer. The attention's loops (point 6) keep them apart: a masked key adds an ex
 gets the same bits whatever the other rows are and however many key slots the call reads past its own
 (``tests/test_attention.py``), provided the call reads its key slots in whole blocks of :data:`KEY_BLOCK`
 (S rounded up, the extra slots masked out): a vectorised loop treats a last partial block of keys on its own.
-The one-sequence programs (``generate``, ``chat``) use the faster multiply-and-sum form and may differ from a batch
-row in the last bits. A program is specialised to its batch size and to the cache's length and dtype; another
+In bf16 on a CPU whose oneDNN computes bf16, a batched program's products read prepacked copies of the layer
+matrices (:data:`PACKED_ENV`): oneDNN's bf16 product of a matrix as stored re-blocks it as it goes and reads it
+at about half the memory's speed; prepacked once, the same product gives the same bits about twice as fast. The
+program is traced with the matrices as stored and given the copies when it is loaded (:func:`_open`); the
+build checks that nothing but those products reads them. The one-sequence programs (``generate``, ``chat``) use
+the faster multiply-and-sum form and may differ from a batch row in the last bits. A program is specialised to its batch size and to the cache's length and dtype; another
 cache length compiles again.
 
 Costs: building a program takes about 25-45 s for a GPT-2-small model on 2 CPU cores (export ~6 s,
