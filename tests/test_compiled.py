@@ -255,34 +255,35 @@ def test_batched_program_rows_do_not_depend_on_the_other_rows_in_bf16(char_tok):
 
 
 @pytest.mark.skipif(not packs_weights(True, "cpu", torch.bfloat16), reason="oneDNN computes no bf16 on this CPU")
-def test_batched_bf16_programs_read_prepacked_matrices_with_the_same_bits(char_tok, monkeypatch):
+def test_batched_bf16_programs_read_prepacked_matrices_with_the_same_bits(char_tok):
     """A batched bf16 program multiplies by prepacked copies of the layer matrices: the same logits, bit for bit,
-    as the program that reads them as stored ($ZENLM_PACKED_WEIGHTS=0), and a matrix changed in place is packed
-    again before the next step."""
+    as the same program given the matrices as stored, and a matrix changed in place is packed again before the
+    next step."""
+    from zenlm.compiled import KEY_BLOCK, _open
+
     model = batch_model(char_tok, torch.bfloat16, n_layer=1)  # the shape of the bf16 test above: its programs
     cache = model.make_cache(2, 24)
     for t in cache.k + cache.v:
         t.normal_()
     tokens, pos = torch.tensor([3, 7]), torch.tensor([9, 4])
+    decoder = CompiledDecoder(model)
+    with torch.inference_mode():
+        decoder(tokens, pos, cache.k, cache.v, batched=True)  # built (or loaded) here
+    plain = _open(decoder._path((decoder._shape(2, cache.k, True), False)), decoder._weights)  # no copies
 
-    def step(decoder):
+    def steps():
         with torch.inference_mode():
-            return decoder(tokens, pos, cache.k, cache.v, batched=True)
+            packed = decoder(tokens, pos, cache.k, cache.v, batched=True)
+            return packed, plain(tokens, pos, torch.arange(KEY_BLOCK), cache.k, cache.v)
 
-    packed = CompiledDecoder(model)
-    first = step(packed)
+    first, as_stored = steps()
     linears = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, nn.Linear)}
-    assert packed._packs is not None and set(packed._packs.packed) == linears and "lm_head.weight" in linears
-    monkeypatch.setenv("ZENLM_PACKED_WEIGHTS", "0")
-    plain = CompiledDecoder(model)
-    assert torch.equal(step(plain), first) and plain._packs is None
+    assert decoder._packs is not None and set(decoder._packs.packed) == linears and "lm_head.weight" in linears
+    assert torch.equal(first, as_stored)
     with torch.no_grad():
         model.blocks[0].mlp.up.weight.mul_(2)
-    changed = step(plain)  # reads the matrix where it is
-    monkeypatch.delenv("ZENLM_PACKED_WEIGHTS")
-    assert not torch.equal(changed, first)
-    assert torch.equal(step(packed), changed)
-    assert packed.programs_built + plain.programs_built <= 2
+    changed, as_stored = steps()
+    assert not torch.equal(as_stored, first) and torch.equal(changed, as_stored)
 
 
 def test_a_program_that_reads_a_packed_matrix_otherwise_is_refused():
