@@ -209,13 +209,13 @@ def test_a_model_that_cannot_be_exported_falls_back_to_dynamo(monkeypatch):
 # ------------------------------------------------------------------------------------- batched programs
 
 
-def batch_model(tok, dtype: torch.dtype = torch.float32, n_layer: int = 2) -> GPT:
+def batch_model(tok, dtype: torch.dtype = torch.float32, n_layer: int = 2, tied: bool = False) -> GPT:
     """A ``llama_like`` model for the batched tests (the vocabulary of the char tokenizer, so that the engine
     test shares their programs), whose end-of-text logit is 0: rows run to max_new_tokens."""
     torch.manual_seed(11)
-    model = GPT(llama_like(vocab_size=tok.vocab_size, tie_embeddings=False, init_std=0.3, n_layer=n_layer)).eval()
+    model = GPT(llama_like(vocab_size=tok.vocab_size, tie_embeddings=tied, init_std=0.3, n_layer=n_layer)).eval()
     with torch.no_grad():
-        model.lm_head.weight[tok.eos_id] = 0
+        (model.tok_emb if tied else model.lm_head).weight[tok.eos_id] = 0
     return model.to(dtype)
 
 
@@ -245,7 +245,7 @@ def test_batched_program_rows_do_not_depend_on_the_other_rows_in_bf16(char_tok):
     """The invariance of test_generate_batch (other rows never change a row) through the batched programs of
     batch 2 and 4, in bf16, where a sum that splits differently would show: bit-equal rows give equal tokens
     however long the rows beside them are."""
-    model = batch_model(char_tok, torch.bfloat16, n_layer=1)  # one layer: two programs to build, half the size
+    model = batch_model(char_tok, torch.bfloat16, n_layer=1, tied=True)  # one layer: two programs, half the size
     short, a, b = [5, 9, 14], [20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31], [40]
     cfg = GenerationConfig(max_new_tokens=10, temperature=0, compile=True)
     runs = [generate_batch(model, batch, cfg) for batch in ([short, a], [short, b], [b, short, a, a])]
@@ -259,9 +259,9 @@ def test_batched_bf16_programs_read_prepacked_matrices_with_the_same_bits(char_t
     """A batched bf16 program multiplies by prepacked copies of the layer matrices: the same logits, bit for bit,
     as the same program given the matrices as stored, and a matrix changed in place is packed again before the
     next step."""
-    from zenlm.compiled import KEY_BLOCK, _open
+    from zenlm.compiled import KEY_BLOCK, PACKED_HEAD, _open
 
-    model = batch_model(char_tok, torch.bfloat16, n_layer=1)  # the shape of the bf16 test above: its programs
+    model = batch_model(char_tok, torch.bfloat16, n_layer=1, tied=True)  # the shape of the bf16 test above
     cache = model.make_cache(2, 24)
     for t in cache.k + cache.v:
         t.normal_()
@@ -269,7 +269,8 @@ def test_batched_bf16_programs_read_prepacked_matrices_with_the_same_bits(char_t
     decoder = CompiledDecoder(model)
     with torch.inference_mode():
         decoder(tokens, pos, cache.k, cache.v, batched=True)  # built (or loaded) here
-    plain = _open(decoder._path((decoder._shape(2, cache.k, True), False)), decoder._weights)  # no copies
+    path = decoder._path((decoder._shape(2, cache.k, True), False))
+    plain = _open(path, decoder._weights, {PACKED_HEAD: model.tok_emb.weight})  # every matrix as stored
 
     def steps():
         with torch.inference_mode():
@@ -278,12 +279,14 @@ def test_batched_bf16_programs_read_prepacked_matrices_with_the_same_bits(char_t
 
     first, as_stored = steps()
     linears = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, nn.Linear)}
-    assert decoder._packs is not None and set(decoder._packs.packed) == linears and "lm_head.weight" in linears
+    assert decoder._packs is not None and set(decoder._packs.packed) == linears | {PACKED_HEAD}  # the tied head too
     assert torch.equal(first, as_stored)
-    with torch.no_grad():
-        model.blocks[0].mlp.up.weight.mul_(2)
-    changed, as_stored = steps()
-    assert not torch.equal(as_stored, first) and torch.equal(changed, as_stored)
+    for change in (model.blocks[0].mlp.up.weight, model.tok_emb.weight):  # a layer's matrix, the tied head's
+        with torch.no_grad():
+            change.mul_(2)
+        changed, as_stored = steps()
+        assert not torch.equal(as_stored, first) and torch.equal(changed, as_stored)
+        first = changed
 
 
 def test_a_program_that_reads_a_packed_matrix_otherwise_is_refused():

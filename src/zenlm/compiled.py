@@ -203,21 +203,48 @@ def _packable_modules(model: nn.Module) -> dict[str, nn.Module]:
             and readers[m.weight.data_ptr()] <= linear.keys()}
 
 
+# The name of the separate matrix a packed program reads for a head tied to the token embedding (the embedding
+# itself reads the matrix as stored, so the head's product gets a prepacked copy under a name of its own).
+PACKED_HEAD = "packed_head"
+
+
+def _tied_head(model: nn.Module) -> bool:
+    """Whether ``model``'s head is its token embedding's bf16 matrix (GPT with ``tie_embeddings``)."""
+    emb = getattr(model, "tok_emb", None)
+    return (getattr(model, "lm_head", 0) is None and isinstance(emb, nn.Embedding)
+            and emb.weight.dtype == torch.bfloat16)
+
+
+def _packed_sources(model: nn.Module) -> dict[str, Tensor]:
+    """The matrices a packed program reads prepacked, by the name of the program's constant that holds them
+    (a layer's matrix under its own name, a tied head under :data:`PACKED_HEAD`) -> the model's tensor."""
+    out = {n: m.weight for n, m in _packable_modules(model).items()}
+    if _tied_head(model):
+        out[PACKED_HEAD] = model.tok_emb.weight  # type: ignore[union-attr]
+    return out
+
+
 class _PackedProducts(TorchFunctionMode):
     """While active (tracing a packed program), ``F.linear(x, W, b)`` with W the weight of one of ``modules``
     becomes oneDNN's ``_linear_pointwise(x, W, b)``, the call that reads the prepacked W the program is given
-    when it is loaded (see :func:`_open`)."""
+    when it is loaded (see :func:`_open`); with ``head = (embedding, matrix)``, a product by the embedding's
+    weight (a tied head) reads ``matrix`` instead, a constant of its own."""
 
-    def __init__(self, modules: Sequence[nn.Module]) -> None:
+    def __init__(self, modules: Sequence[nn.Module], head: tuple[nn.Module, Tensor] | None = None) -> None:
         super().__init__()
         self.modules = modules
+        self.head = head
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
         kwargs = kwargs or {}
         if func is F.linear:
             x, w = args[0], args[1]
             b = args[2] if len(args) > 2 else kwargs.get("bias")
-            if x.dtype == w.dtype and any(w is m.weight for m in self.modules):  # the weight as traced now
+            if self.head is not None and w is self.head[0].weight:  # the weights as traced now
+                w = self.head[1]
+            elif not any(w is m.weight for m in self.modules):
+                return func(*args, **kwargs)
+            if x.dtype == w.dtype:
                 y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), w, b, "none", [], "")
                 return y.reshape(*x.shape[:-1], w.shape[0])
         return func(*args, **kwargs)
@@ -245,14 +272,19 @@ def _version(t: Tensor) -> int | None:
 
 
 def _step(model: GPT, tokens_B: Tensor, pos_B: Tensor, keys_S: Tensor, k_layers: list[Tensor],
-          v_layers: list[Tensor], batched: bool = False, packed: Sequence[str] = ()) -> Tensor:
+          v_layers: list[Tensor], batched: bool = False, packed: Sequence[str] = (),
+          packed_head: Tensor | None = None) -> Tensor:
     """The step a program runs: ``model.decode_step`` with the products of its family; ``packed``: the names of
-    the layer matrices the program will read prepacked (a batched program, see :data:`PACKED_ENV`)."""
+    the layer matrices the program will read prepacked (a batched program, see :data:`PACKED_ENV`);
+    ``packed_head``: the constant a tied head's product reads instead of the embedding's matrix."""
     if not batched:
         with _LinearsAsReductions():
             return model.decode_step(tokens_B, pos_B, k_layers, v_layers, keys_S=keys_S)
     w = model.norm_f.weight  # the batched family: fp32 products through oneDNN where eager decoding uses it
-    packing = _PackedProducts([model.get_submodule(n.removesuffix(".weight")) for n in packed]) if packed else nullcontext()
+    packing: Any = nullcontext()
+    if packed:
+        layers = [model.get_submodule(n.removesuffix(".weight")) for n in packed if n != PACKED_HEAD]
+        packing = _PackedProducts(layers, None if packed_head is None else (model.tok_emb, packed_head))
     with matrix_products(), inference_products(w.device, w.dtype, step_rows=tokens_B.shape[0]), packing:
         return model.decode_step(tokens_B, pos_B, k_layers, v_layers, keys_S=keys_S)
 
@@ -347,10 +379,13 @@ class _StepModule(torch.nn.Module):
         self.model = model
         self.batched = batched
         self.packed = list(packed)
+        if PACKED_HEAD in self.packed:  # a tensor of its own: the program's constant for the tied head's product
+            self.register_buffer(PACKED_HEAD, torch.empty_like(model.tok_emb.weight))
 
     def forward(self, tokens_B: Tensor, pos_B: Tensor, keys_S: Tensor, k_layers: list[Tensor],
                 v_layers: list[Tensor]) -> Tensor:
-        return _step(self.model, tokens_B, pos_B, keys_S, k_layers, v_layers, self.batched, self.packed)
+        return _step(self.model, tokens_B, pos_B, keys_S, k_layers, v_layers, self.batched, self.packed,
+                     getattr(self, PACKED_HEAD, None))
 
 
 def _tensors(model: nn.Module) -> dict[str, Tensor]:
@@ -381,7 +416,7 @@ def build_program(model: GPT, path: Path, shape: ProgramShape) -> None:
     example = (torch.zeros(B, dtype=torch.long, device=device), torch.ones(B, dtype=torch.long, device=device),
                torch.arange(min(EXAMPLE_KEYS, L - 1), device=device), fresh[:n_layer], fresh[n_layer:])
     S = torch.export.Dim("S", min=2, max=L - 1)
-    packed = sorted(_packable_modules(model)) if packs_weights(shape.batched, shape.device, shape.torch_dtype) else []
+    packed = sorted(_packed_sources(model)) if packs_weights(shape.batched, shape.device, shape.torch_dtype) else []
     tmp = path.with_name(f"{path.stem}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp.pt2")  # one per builder
     try:
         with torch.no_grad(), warnings.catch_warnings():
@@ -401,8 +436,8 @@ def _check_packed_products(exported: torch.export.ExportedProgram, packed: Seque
     """Refuse a program in which a matrix it is to read prepacked goes anywhere but into the products that read
     that layout (``_linear_pointwise``, as its weight): given the prepacked copy, any other use would read it
     as a plain matrix (RuntimeError; the decoder then falls back, see ``_program``)."""
-    params = exported.graph_signature.inputs_to_parameters
-    wanted = {f"model.{n}" for n in packed}
+    params = {**exported.graph_signature.inputs_to_parameters, **exported.graph_signature.inputs_to_buffers}
+    wanted = {n if n == PACKED_HEAD else f"model.{n}" for n in packed}
     linear = torch.ops.mkldnn._linear_pointwise.default
     for node in exported.graph_module.graph.nodes:
         if node.op == "placeholder" and params.get(node.name) in wanted:
@@ -620,12 +655,12 @@ class CompiledDecoder:
         if not self._packing(shape):
             return None
         if self._packs is None:
-            self._packs = _PackedWeights({n: m.weight for n, m in _packable_modules(self.model).items()})
+            self._packs = _PackedWeights(_packed_sources(self.model))
         return self._packs.packed
 
     def _path(self, key: tuple[ProgramShape, bool]) -> Path:
         """Where the program of ``key`` is kept: named by a digest of everything it depends on."""
-        packed = sorted(_packable_modules(self.model)) if self._packing(key[0]) else None
+        packed = sorted(_packed_sources(self.model)) if self._packing(key[0]) else None
         digest = hashlib.sha256(repr((
             key, sorted((n, str(t.dtype), tuple(t.shape)) for n, t in self._weights.items()),
             dataclasses.asdict(self.model.config), sorted(_INDUCTOR_OPTIONS.items()), torch.__version__,
@@ -753,10 +788,10 @@ def _open(path: Path, weights: dict[str, Tensor], packed: dict[str, Tensor] | No
     named in ``packed`` as their prepacked copies there (a program built to read them so)."""
     runner = _Program(path)
     names = runner.get_constant_fqns()
-    missing = [n for n in names if n.removeprefix("model.") not in weights]
+    use = {**weights, **(packed or {})}
+    missing = [n for n in names if n.removeprefix("model.") not in use]
     if missing:
         raise RuntimeError(f"the program needs tensors the model does not have: {missing[:3]}")
-    use = {**weights, **(packed or {})}
     # user_managed: the program reads the model's own tensors (no copy); the decoder keeps them alive
     runner.load_constants({n: use[n.removeprefix("model.")] for n in names},
                           check_full_update=True, user_managed=True)
