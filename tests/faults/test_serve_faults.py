@@ -148,10 +148,26 @@ def test_generate_cli_refuses_a_70_bit_seed_and_takes_a_tiny_temperature(capsys)
     assert outs[0] == outs[1]  # greedy
 
 
-def test_serve_refuses_a_prefill_budget_below_one_before_loading(capsys):
+def test_serve_takes_a_prefill_budget_and_refuses_one_below_one_before_loading(capsys, monkeypatch):
     assert main(["serve", str(FIXTURE_GPT), "--max-prefill-tokens", "0", "--port", "0"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("zenlm: error: --max-prefill-tokens must be at least 1") and len(err.splitlines()) == 1
+    import zenlm.serve.server as server
+
+    budgets: list[int] = []
+
+    class NoServer:  # the app is built as `zenlm serve` builds it; nothing is served
+        def __init__(self, app, limits) -> None:
+            self.engine = app.state.engine
+
+        def run(self, sockets) -> None:
+            budgets.append(self.engine.max_prefill_tokens)
+            self.engine.close()
+
+    monkeypatch.setattr(server, "make_server", NoServer)
+    monkeypatch.setenv("ZENLM_COMPILE", "0")
+    assert main(["serve", str(FIXTURE_GPT), "--max-prefill-tokens", "48", "--port", "0"]) == 0
+    assert budgets == [48]
 
 
 # ------------------------------------------------------------- 7. special tokens through the chat role field

@@ -89,7 +89,9 @@ def serve(
         device: auto, cpu, cuda or mps
         dtype: the weights: auto keeps the run's own precision (lossless); bf16 or int8 (quantised while
             loading) for less memory and faster decoding; fp16 on GPUs. bf16 and int8 compute in bf16 where the
-            CPU has native bf16, else in fp32 (the first line on stderr says what was chosen)
+            CPU has native bf16, else in fp32 (the first line on stderr says what was chosen). In bf16 the
+            batched steps read prepacked copies of the layer matrices (about twice as fast a product, the
+            matrices' bytes again in memory; ZENLM_PACKED_WEIGHTS=0 turns them off)
         compile: decode with the batched compiled programs (default: yes where a C++ compiler is installed;
             at start the program of each batch size 1, 2, 4, ... up to --max-concurrency is loaded from
             ~/.cache/zenlm, or built in the background the first time, 20-60 s each for GPT-2-small, while
