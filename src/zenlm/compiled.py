@@ -174,7 +174,8 @@ class _LinearsAsReductions(TorchFunctionMode):
 # blocks its bf16 kernel reads (``torch.ops.mkldnn._reorder_linear_weight``): the same values, so the same bits
 # for any number of rows, but read about twice as fast. On our 2-core Xeon the 48 matrices of GPT-2-small took
 # 7.0-7.6 ms for 1-16 rows that way against 15-16 ms as stored (each product re-blocks the matrix as it goes).
-# The copies cost the matrices' bytes again. ``$ZENLM_PACKED_WEIGHTS`` = 0 (off / false / no) turns them off.
+# The copies cost the matrices' bytes again (a tied head's included). ``$ZENLM_PACKED_WEIGHTS`` = 0 (off / false /
+# no) turns them off.
 PACKED_ENV = "ZENLM_PACKED_WEIGHTS"
 
 
@@ -194,7 +195,8 @@ def packs_weights(batched: bool, device: str, dtype: torch.dtype) -> bool:
 def _packable_modules(model: nn.Module) -> dict[str, nn.Module]:
     """The linear layers whose matrix a packed program reads prepacked, by the matrix's name: plain
     ``nn.Linear`` (or :class:`NarrowLinear`) layers with a 2-d bf16 weight that no other module reads (a head
-    tied to the token embedding stays as it is: the embedding reads the same tensor)."""
+    tied to the token embedding, whose matrix the embedding reads as stored, gets a copy under a name of its
+    own instead: :data:`PACKED_HEAD`)."""
     linear = {f"{n}.weight": m for n, m in model.named_modules() if type(m) in (nn.Linear, NarrowLinear)}
     readers: dict[int, set[str]] = {}
     for name, t in _tensors(model).items():
