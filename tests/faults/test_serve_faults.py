@@ -223,6 +223,28 @@ def test_deeply_nested_json_is_a_400(srv, depth):
     assert r.json()["error"]["code"] == "invalid_json"
 
 
+def test_the_nesting_limit_does_not_depend_on_the_recursion_limit():
+    """Compiling a model in the server's process (Inductor) raises Python's recursion limit, which let a body
+    nested 1,000 deep through the parser; the limit is now MAX_JSON_DEPTH either way, strings aside."""
+    import sys
+
+    from zenlm.serve.schema import MAX_JSON_DEPTH, APIError, parse_json
+
+    def nested(depth: int) -> bytes:  # the body's object, then depth - 1 arrays
+        arrays = depth - 1
+        return ('{"prompt": ' + "[" * arrays + "]" * arrays + ', "stop": "' + "[" * 500 + '"}').encode()
+
+    limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(5000)
+    try:
+        assert parse_json(nested(MAX_JSON_DEPTH))["stop"] == "[" * 500
+        with pytest.raises(APIError, match=f"more than {MAX_JSON_DEPTH} deep") as e:
+            parse_json(nested(MAX_JSON_DEPTH + 1))
+    finally:
+        sys.setrecursionlimit(limit)
+    assert e.value.status == 400 and e.value.code == "invalid_json"
+
+
 @pytest.mark.parametrize("inp", [[[True, False]], [[1, True]], [True], [[]], [[1.0]]])
 def test_embedding_ids_must_be_integers(srv, inp):
     r = _post(srv, "/v1/embeddings", {"model": "tiny", "input": inp})

@@ -43,12 +43,38 @@ _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
 
+# Arrays and objects inside each other a request may have (OpenAI requests nest a handful deep; a tool's JSON
+# schema a few more). Deeper bodies are refused before they are parsed: how deep Python's parser goes depends on
+# the process's recursion limit, which compiling a model in the same process raises.
+MAX_JSON_DEPTH = 128
+_JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"')
+_BRACKETS = bytes.maketrans(b"[{]}", b"\x01\x01\xff\xff")
+_NOT_BRACKET = bytes(b for b in range(256) if b not in b"[{]}")
+
+
+def _too_deep(raw: bytes) -> bool:
+    """Whether ``raw`` nests arrays and objects more than MAX_JSON_DEPTH deep (brackets inside strings do not
+    count). Bodies with fewer brackets than that in all are not looked at further."""
+    if raw.count(b"[") + raw.count(b"{") <= MAX_JSON_DEPTH:
+        return False
+    import torch  # the server has it loaded; a running sum over the brackets in C
+
+    steps = _JSON_STRING.sub(b"", raw).translate(None, _NOT_BRACKET).translate(_BRACKETS)
+    if not steps:
+        return False
+    depth = torch.frombuffer(bytearray(steps), dtype=torch.int8).to(torch.int32).cumsum(0)
+    return int(depth.max()) > MAX_JSON_DEPTH
+
+
 def parse_json(raw: bytes) -> dict[str, Any]:
     """The request body as a JSON object (400 when it is not one, or nests too deeply to parse).
 
     Lone surrogates (``"\\ud800"`` without its pair) have no UTF-8 form: the tokenizer reads each as U+FFFD,
     and so does everything else here (they are replaced in every string of the body), so an echoed prompt or
     a model name in an error message can always be sent back."""
+    if _too_deep(raw):
+        raise APIError(400, f"the request body nests JSON arrays or objects more than {MAX_JSON_DEPTH} deep.",
+                       code="invalid_json")
     try:
         body = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
