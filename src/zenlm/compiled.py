@@ -63,7 +63,8 @@ gets the same bits whatever the other rows are and however many key slots the ca
 (S rounded up, the extra slots masked out): a vectorised loop treats a last partial block of keys on its own.
 In bf16 on a CPU whose oneDNN computes bf16, a batched program's products read prepacked copies of the layer
 matrices (:data:`PACKED_ENV`): oneDNN's bf16 product of a matrix as stored re-blocks it as it goes and reads it
-at about half the memory's speed; prepacked once, the same product gives the same bits about twice as fast. The
+at about half the memory's speed; prepacked once, the same product is about twice as fast (with the same bits
+wherever we checked). The
 program is traced with the matrices as stored and given the copies when it is loaded (:func:`_open`); the
 build checks that nothing but those products reads them. The one-sequence programs (``generate``, ``chat``) use
 the faster multiply-and-sum form and may differ from a batch row in the last bits. A program is specialised to its batch size and to the cache's length and dtype; another
@@ -171,9 +172,10 @@ class _LinearsAsReductions(TorchFunctionMode):
 
 # ---------------------------------------------------------------------- prepacked bf16 layer matrices
 # A batched bf16 program on a CPU multiplies by copies of the layer matrices that oneDNN has laid out once in the
-# blocks its bf16 kernel reads (``torch.ops.mkldnn._reorder_linear_weight``): the same values, so the same bits
-# for any number of rows, but read about twice as fast. On our 2-core Xeon the 48 matrices of GPT-2-small took
-# 7.0-7.6 ms for 1-16 rows that way against 15-16 ms as stored (each product re-blocks the matrix as it goes).
+# blocks its bf16 kernel reads (``torch.ops.mkldnn._reorder_linear_weight``): the same values, read about twice
+# as fast. On our 2-core Xeon the 48 matrices of GPT-2-small took 7.0-7.6 ms for 1-16 rows that way against
+# 15-16 ms as stored (each product re-blocks the matrix as it goes), with the same bits at every number of rows
+# we tried (1-240). A batch row stays independent of the other rows either way: every batch size reads the copies.
 # The copies cost the matrices' bytes again (a tied head's included). ``$ZENLM_PACKED_WEIGHTS`` = 0 (off / false /
 # no) turns them off.
 PACKED_ENV = "ZENLM_PACKED_WEIGHTS"
