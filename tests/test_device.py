@@ -158,3 +158,16 @@ def test_release_openmp_workers_lets_the_calling_threads_pool_go(keep):
         env["ZENLM_KEEP_OPENMP_WORKERS"] = keep
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
     assert out.split() == (["False", "0", "0"] if keep == "1" else ["True", "1", "1"])
+
+
+@pytest.mark.parametrize(("value", "want"), [("1", True), (" Yes ", True), ("on", True), ("TRUE", True),
+                                             ("0", False), ("off", False), ("No", False), ("false", False),
+                                             ("", None), ("maybe", None), (None, None)])
+def test_env_switch_reads_the_projects_on_off_spellings(monkeypatch, value, want):
+    from zenlm.device import env_switch
+
+    if value is None:
+        monkeypatch.delenv("ZENLM_TEST_SWITCH", raising=False)
+    else:
+        monkeypatch.setenv("ZENLM_TEST_SWITCH", value)
+    assert env_switch("ZENLM_TEST_SWITCH") is want

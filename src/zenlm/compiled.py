@@ -113,7 +113,7 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
 from zenlm.config import GPTConfig
-from zenlm.device import meta_build
+from zenlm.device import env_switch, meta_build
 from zenlm.errors import ConfigError
 from zenlm.models.cache import KVCache
 from zenlm.models.gpt import GPT
@@ -187,7 +187,7 @@ def packs_weights(batched: bool, device: str, dtype: torch.dtype) -> bool:
     ``$ZENLM_PACKED_WEIGHTS`` says no."""
     if not (batched and device == "cpu" and dtype == torch.bfloat16):
         return False
-    if os.environ.get(PACKED_ENV, "").strip().lower() in ("0", "off", "false", "no"):
+    if env_switch(PACKED_ENV) is False:
         return False
     mkldnn = torch.ops.mkldnn
     return (torch.backends.mkldnn.is_available() and hasattr(mkldnn, "_reorder_linear_weight")
@@ -339,7 +339,7 @@ def compiler_available() -> bool:
 
 def compile_by_default() -> bool:
     """Whether ``compile=None`` (the default) compiles: yes, unless ``$ZENLM_COMPILE`` is 0, off, false or no."""
-    return os.environ.get(ENV_SWITCH, "").strip().lower() not in ("0", "off", "false", "no")
+    return env_switch(ENV_SWITCH) is not False
 
 
 def bucket_for(rows: int, pool_rows: int) -> int:

@@ -357,6 +357,17 @@ def meta_build() -> Iterator[None]:
         yield
 
 
+def env_switch(name: str) -> bool | None:
+    """An on/off setting from the environment variable ``name``: True for 1 / on / true / yes, False for
+    0 / off / false / no (any case, spaces ignored), None when unset or anything else (the default applies)."""
+    value = os.environ.get(name, "").strip().lower()
+    if value in ("1", "on", "true", "yes"):
+        return True
+    if value in ("0", "off", "false", "no"):
+        return False
+    return None
+
+
 @functools.lru_cache(maxsize=1)
 def _gnu_openmp() -> ctypes.CDLL | None:
     """The GNU OpenMP runtime (libgomp) this process has loaded, torch's own on Linux; None elsewhere."""
@@ -389,8 +400,7 @@ def release_openmp_workers() -> bool:
     runtime is not GNU OpenMP (``omp_pause_resource_all`` releases only the calling thread's pool there), or
     when ``$ZENLM_KEEP_OPENMP_WORKERS`` is 1 / on / true / yes (to measure what this saves)."""
     lib = _gnu_openmp()
-    keep = os.environ.get("ZENLM_KEEP_OPENMP_WORKERS", "").strip().lower() in ("1", "on", "true", "yes")
-    if lib is None or keep:
+    if lib is None or env_switch("ZENLM_KEEP_OPENMP_WORKERS"):
         return False
     return lib.omp_pause_resource_all(1) == 0  # omp_pause_soft; fails (-1) inside a parallel region
 

@@ -14,7 +14,6 @@ import contextlib
 import contextvars
 import functools
 import math
-import os
 from collections.abc import Callable, Iterator
 
 import torch
@@ -279,11 +278,11 @@ def onednn_min_rows() -> int | None:
     yes: 1 wherever oneDNN exists; 0 / off / false / no: None)."""
     if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")):
         return None
-    setting = os.environ.get(_ONEDNN_ENV, "").strip().lower()
-    if setting in ("0", "off", "false", "no"):
-        return None
-    if setting in ("1", "on", "true", "yes"):
-        return 1
+    from zenlm.device import env_switch  # imported here, as in _cpu_vendor
+
+    setting = env_switch(_ONEDNN_ENV)
+    if setting is not None:
+        return 1 if setting else None
     return ONEDNN_MIN_ROWS_INTEL if _cpu_vendor() == "GenuineIntel" else 1
 
 

@@ -488,7 +488,7 @@ class Engine:
                 whole.append(seq)
             else:
                 seq.prefilling = True
-                chunked.append((seq, max(1, budget)))
+                chunked.append((seq, budget))  # a whole loop's budget: it is the loop's first
             budget -= T
             first = False
         return whole, chunked

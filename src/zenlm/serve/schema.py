@@ -13,6 +13,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
 from zenlm.sampling import SEED_LIMIT
 from zenlm.serve.engine import SamplingParams
 
@@ -57,12 +59,10 @@ def _too_deep(raw: bytes) -> bool:
     count). Bodies with fewer brackets than that in all are not looked at further."""
     if raw.count(b"[") + raw.count(b"{") <= MAX_JSON_DEPTH:
         return False
-    import torch  # the server has it loaded; a running sum over the brackets in C
-
     steps = _JSON_STRING.sub(b"", raw).translate(None, _NOT_BRACKET).translate(_BRACKETS)
     if not steps:
         return False
-    depth = torch.frombuffer(bytearray(steps), dtype=torch.int8).to(torch.int32).cumsum(0)
+    depth = torch.frombuffer(bytearray(steps), dtype=torch.int8).to(torch.int32).cumsum(0)  # summed in C
     return int(depth.max()) > MAX_JSON_DEPTH
 
 
