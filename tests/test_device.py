@@ -171,3 +171,41 @@ def test_env_switch_reads_the_projects_on_off_spellings(monkeypatch, value, want
     else:
         monkeypatch.setenv("ZENLM_TEST_SWITCH", value)
     assert env_switch("ZENLM_TEST_SWITCH") is want
+
+
+def _anon_kb() -> int:
+    """This process's resident anonymous memory in kB (/proc/self/status)."""
+    return next(int(x.split()[1]) for x in Path("/proc/self/status").read_text().splitlines()
+                if x.startswith("RssAnon:"))
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads Linux's /proc/self/status")
+def test_a_kv_cache_costs_memory_only_for_the_positions_written() -> None:
+    """A CPU cache for a whole context is not resident until written: reading never-written positions (the
+    compiled step reads whole blocks of key slots) costs nothing, and each position written costs its pages."""
+    from zenlm.config import GPTConfig
+    from zenlm.models.gpt import GPT
+
+    model = GPT(GPTConfig(vocab_size=64, block_size=1024, n_layer=2, n_head=4, n_embd=256)).eval()
+    before = _anon_kb()
+    cache = model.make_cache(8, 1024)  # 4 buffers of 8 rows x 4 heads x 1024 positions x 64 floats: 32 MiB
+    assert all(t.dtype == torch.float32 and t.is_contiguous() and t.data_ptr() % 4096 == 0
+               for t in cache.k + cache.v)
+    assert _anon_kb() - before < 4096  # made: (almost) nothing resident
+    assert all(float(t.sum()) == 0.0 for t in cache.k + cache.v)  # zeros, read in full ...
+    assert _anon_kb() - before < 4096  # ... and still (almost) nothing resident
+    with torch.inference_mode():
+        model(torch.randint(0, 64, (8, 10)), cache=cache)
+    # 10 positions of 256 bytes in each of the 32 (row, head) planes of 256 KiB of 4 buffers: one page each
+    assert _anon_kb() - before < 4096
+    assert all(t[:, :, :10].abs().sum() > 0 and t[:, :, 10:].abs().sum() == 0 for t in cache.k + cache.v)
+    small = device_mod.lazy_zeros((4, 4), dtype=torch.bfloat16)  # small tensors: plain torch.zeros
+    assert small.dtype == torch.bfloat16 and small.sum() == 0
+    big = device_mod.lazy_zeros((1 << 20,), dtype=torch.int8)  # a map of its own
+    big[7] = 3  # the tensor keeps its memory alive by itself
+    import gc
+
+    gc.collect()
+    assert int(big.sum()) == 3
+    cache.k[0].fill_(1.0)  # written in full: resident in full (the measure above can see 8 MiB)
+    assert _anon_kb() - before > 8000

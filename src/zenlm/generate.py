@@ -192,6 +192,8 @@ def _generate_ids(
         cache = None
         if cfg.use_cache:
             cache = model.make_cache(1, cache_length(block_size, len(ids) + cfg.max_new_tokens))
+            if isinstance(cache, KVCache):  # memory now, not page by page during the steps
+                cache.reserve(0, 0, min(cache.max_len, len(ids) + cfg.max_new_tokens))
         step = (decoder_for(model, cfg.compile) if cfg.use_cache else None) or model.decode_step
         if isinstance(step, CompiledDecoder) and cache is not None and cfg.max_new_tokens > 1:
             step.prepare(cache.k)  # a note about its build comes now, before the first token
@@ -324,6 +326,8 @@ def _generate_batch(
     if decoder is not None:  # shapes the compiled programs are built for: few, so that they are reused
         max_len = min(block_size, 1 << (max_len - 1).bit_length())  # a power of two
     pool = model.make_cache(N if decoder is None else bucket_for(N, 1 << 30), max_len)
+    if isinstance(pool, KVCache):  # every row may fill it: memory now, not page by page during the steps
+        pool.reserve(slice(None), 0, max_len)
     history = [list(p) for p in prompts]  # prompt + new ids of each prompt (for cache refills)
     out: list[list[int]] = [[] for _ in prompts]
 

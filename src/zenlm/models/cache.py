@@ -18,6 +18,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from zenlm.device import lazy_zeros
+
 
 class LayerCache(NamedTuple):
     """One layer's cache buffers as one attention call uses them.
@@ -77,8 +79,11 @@ class KVCache:
         dtype: torch.dtype | None = None,
     ) -> None:
         shape = (batch_size, n_kv_head, max_len, head_dim)
-        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)]
-        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)]
+        dtype = torch.get_default_dtype() if dtype is None else dtype
+        # zeros that cost memory only as positions are written (a CPU cache for a whole context would
+        # otherwise be resident in full from the start: zenlm.device.lazy_zeros)
+        self.k = [lazy_zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)]
+        self.v = [lazy_zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)]
         self.pos = 0
 
     @property
@@ -96,6 +101,15 @@ class KVCache:
     @property
     def device(self) -> torch.device:
         return self.k[0].device
+
+    def reserve(self, rows: int | slice, start: int, stop: int) -> None:
+        """Write zeros into positions ``start .. stop-1`` of ``rows`` in every layer, to be overwritten: call it
+        only where no sequence still needs what is there. A CPU cache is allocated lazily
+        (:func:`zenlm.device.lazy_zeros`: the OS hands out a page when it is first written); reserving the
+        positions a sequence will fill gives them their memory up front, not page by page during its decode
+        steps, which on our 2-core Xeon ran 5-15% slower in a server when they met those first writes."""
+        for t in self.k + self.v:
+            t[rows, :, start:stop].zero_()
 
     def layers(self, T: int) -> list[LayerCache]:
         """Each layer's view for a call that appends T positions to every row (at ``pos``); the caller

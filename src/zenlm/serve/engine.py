@@ -232,6 +232,11 @@ class Engine:
         self.invariant = invariant
         self.metrics = metrics or Metrics()
         self.pool = model.make_cache(max_concurrency, self.max_len)  # row i = slot i
+        # All of the pool's memory now (a CPU cache takes it only as it is written, KVCache.reserve): a server that
+        # starts can hold every slot it admits, rather than running out of memory under load; and a slot's first
+        # requests do not wait for the OS to hand out its pages (on our 2-core VM they decoded up to 20% slower).
+        if isinstance(self.pool, KVCache):
+            self.pool.reserve(slice(None), 0, self.max_len)
         self.row0 = ([t[:1] for t in self.pool.k], [t[:1] for t in self.pool.v])  # slot 0 alone (views)
         self.device = self.pool.device
         self.slots: list[Sequence | None] = [None] * max_concurrency
