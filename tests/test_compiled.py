@@ -375,6 +375,59 @@ def test_a_lone_stream_takes_the_one_sequence_program_when_invariance_is_off(cha
     assert out == alone
 
 
+@pytest.mark.parametrize("release", [True, False])
+def test_a_program_lets_go_of_the_interpreter_lock_where_asked(llama_program, monkeypatch, release):
+    """With ``$ZENLM_RELEASE_GIL`` on, other Python threads run while a step computes (the server's event loop
+    reads requests and sends tokens meanwhile): the program is called through its library's C interface, which
+    then releases the interpreter lock; off, the lock is kept, as torch's own loader keeps it. With no forced
+    hand-over of the lock (a switch interval of 10 s), the main thread gets to run while the steps are still
+    going only if a step lets go of it. Either way the logits are those of torch's loader."""
+    import sys
+
+    from zenlm.compiled import KEY_BLOCK, RELEASE_GIL_ENV, _LoaderProgram, _Program
+
+    monkeypatch.setenv(RELEASE_GIL_ENV, "1" if release else "0")
+    torch.manual_seed(0)
+    model = GPT(llama_like()).eval()
+    decoder = compiled_decoder(model, "aot")
+    cache = model.make_cache(1)
+    with torch.inference_mode():
+        model(torch.tensor([[1, 2, 3]]), cache=cache)
+        decoder.next_logits(4, cache)  # loads the program
+    (program,) = decoder._programs.values()
+    assert isinstance(program, _Program)
+    S = min(-(-5 // KEY_BLOCK) * KEY_BLOCK, cache.max_len - 1)
+    inputs = (torch.tensor([5]), torch.tensor([4]), torch.arange(S), cache.k, cache.v)
+    ready, done, out = threading.Event(), threading.Event(), []
+
+    def steps() -> None:
+        with torch.inference_mode():
+            ready.set()
+            for _ in range(20):
+                out.append(program(*inputs))
+        done.set()
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(10.0)
+    try:
+        worker = threading.Thread(target=steps)
+        worker.start()
+        ready.wait()
+        ran_meanwhile = not done.is_set()
+        worker.join()
+    finally:
+        sys.setswitchinterval(interval)
+    assert program.release_gil is release
+    assert ran_meanwhile is release, "a step held the interpreter lock" if release else "a step let go of it"
+    loader = _LoaderProgram(decoder._path(next(iter(decoder._programs))))
+    names = loader.get_constant_fqns()
+    assert sorted(names) == sorted(program.get_constant_fqns())
+    loader.load_constants({n: decoder._weights[n.removeprefix("model.")] for n in names},
+                          check_full_update=True, user_managed=True)
+    with torch.inference_mode():
+        assert torch.equal(loader(*inputs), out[-1])
+
+
 def test_loading_a_program_does_not_import_inductor(llama_program, tmp_path):
     """A later process runs a built program without importing Inductor (about 70 MB of resident memory): the
     program's library is loaded by torch's own C++ loader, and its logits are the eager step's."""
@@ -493,3 +546,15 @@ def test_a_batched_int8_program_with_fp32_activations_builds_and_matches_eager()
     assert decoder.backend == "aot" and decoder.ready(ProgramShape(True, 2, (4, 20, 16), "torch.float32", "cpu"))
     # the kernel rounds each row's sums to bf16 before the fp32 scale: agreement to bf16's precision
     torch.testing.assert_close(got, want, atol=0.02, rtol=0.02)
+
+
+def test_a_step_lets_go_of_the_lock_unless_told_not_to(monkeypatch):
+    """By default a compiled step lets go of the interpreter lock; ``$ZENLM_RELEASE_GIL`` = 0 keeps it."""
+    from zenlm.compiled import RELEASE_GIL_ENV, releases_gil
+
+    monkeypatch.delenv(RELEASE_GIL_ENV, raising=False)
+    assert releases_gil()
+    monkeypatch.setenv(RELEASE_GIL_ENV, "off")
+    assert not releases_gil()
+    monkeypatch.setenv(RELEASE_GIL_ENV, "1")
+    assert releases_gil()

@@ -34,7 +34,9 @@ with six choices that decide its speed:
    time by AOTInductor into a shared library with a C++ wrapper; a call goes straight into it. This made an
    int8 GPT-2 step 15-20% faster here (~6.5 vs ~7.5 ms). The library holds no weights: it reads the model's
    own tensors where they are, so it is kept on disk (:func:`cache_dir`) and reused by later processes and
-   by other models of the same architecture and dtypes.
+   by other models of the same architecture and dtypes. A call runs without Python's interpreter lock (the
+   library is called through its C interface, :class:`_Program`), so other threads run during a step: the
+   server's event loop reads requests and sends tokens meanwhile.
 6. **Attention written out.** The step's attention is :func:`~zenlm.models.attention.decode_attention`: the
    scores, the softmax and the weighted sum as plain tensor operations in fp32, which Inductor fuses into loops
    that read a bf16 cache as bf16. The fused attention kernel (SDPA) it replaces attends a bf16 cache in fp32
@@ -87,6 +89,7 @@ and run eagerly.
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import functools
 import hashlib
@@ -98,10 +101,12 @@ import queue
 import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 import uuid
 import warnings
 import weakref
+import zipfile
 from collections.abc import Sequence
 from contextlib import nullcontext
 from pathlib import Path
@@ -179,6 +184,19 @@ class _LinearsAsReductions(TorchFunctionMode):
 # The copies cost the matrices' bytes again (a tied head's included). ``$ZENLM_PACKED_WEIGHTS`` = 0 (off / false /
 # no) turns them off.
 PACKED_ENV = "ZENLM_PACKED_WEIGHTS"
+
+
+# Whether a program's call lets go of Python's interpreter lock (see :class:`_Program`): yes unless
+# ``$ZENLM_RELEASE_GIL`` = 0 (off / false / no).
+RELEASE_GIL_ENV = "ZENLM_RELEASE_GIL"
+
+
+def releases_gil() -> bool:
+    """Whether a compiled step runs without the interpreter lock, so that Python's other threads (the server's
+    event loop) run during it: yes, unless ``$ZENLM_RELEASE_GIL`` says no. Measured on a 2-core Xeon serving
+    16 streams with the step on both cores (docs/BENCHMARKS.md): the p99 time to answer GET /health fell from
+    211 to 23 ms and the p99 inter-token latency from 216 to 135 ms, at the same output tokens/s."""
+    return env_switch(RELEASE_GIL_ENV) is not False
 
 
 def packs_weights(batched: bool, device: str, dtype: torch.dtype) -> bool:
@@ -459,7 +477,7 @@ def _check_reads_its_tensors(exported: torch.export.ExportedProgram, package: Pa
     users = {n.name: len(n.users) for n in exported.graph_module.graph.nodes if n.op == "placeholder"}
     used = {spec.target for spec in exported.graph_signature.input_specs
             if spec.kind in (InputKind.PARAMETER, InputKind.BUFFER) and users.get(getattr(spec.arg, "name", ""), 0)}
-    missing = sorted(used - set(_Program(package).get_constant_fqns()))  # type: ignore[arg-type]
+    missing = sorted(used - set(_load_program(package).get_constant_fqns()))
     if missing:
         raise RuntimeError(f"the compiled program holds the values of {missing[:4]} in its code instead of "
                            "reading the model's tensors; it is not used")
@@ -767,11 +785,130 @@ class CompiledDecoder:
 
 
 class _Program:
-    """A built decode program, loaded: the library's own C++ loader (``torch._C._aoti``), called with the step's
+    """A built decode program, loaded and called through the C interface of its library, without the
+    interpreter lock (unless :func:`releases_gil` says otherwise).
+
+    AOTInductor packages a program as a shared library (in the ``.pt2`` zip) with a small C interface: make a
+    *container*, hand it the weights, run it on the step's tensors. torch's own Python binding of its loader
+    (``torch._C._aoti.AOTIModelPackageLoader``) keeps the interpreter lock for the whole call, so no other
+    Python thread runs during a step: on a 2-core Xeon a thread that wakes every 0.5 ms ran once per 15 ms
+    step. In the server that thread is the event loop, which reads requests and sends tokens; it waited for
+    every step to end. Here the library is opened with ``ctypes``, which releases the lock for the call
+    (``ctypes.PyDLL`` keeps it, with ``$ZENLM_RELEASE_GIL=0``); the tensors cross as the interface's tensor
+    handles (``torch._C._aoti``'s helpers make and take them back).
+    :class:`_LoaderProgram`, torch's loader, is the fallback for a package of another shape (more than one
+    library, or custom operators that need its proxy executor) and for GPUs.
+
+    ``torch._inductor.aoti_load_package`` would wrap the same loader in a module that imports the whole of
+    Inductor (about 70 MB of resident memory, a second of start-up) and re-reads the input layout from JSON on
+    every call; neither is needed to run a program."""
+
+    def __init__(self, library: Path, release_gil: bool = True) -> None:
+        # CDLL's calls let go of the interpreter lock, PyDLL's keep it
+        lib = self.lib = (ctypes.CDLL if release_gil else ctypes.PyDLL)(str(library))
+        self.release_gil = release_gil
+        ptr, size = ctypes.c_void_p, ctypes.c_size_t
+        self._create = _c_function(lib, "AOTInductorModelContainerCreateWithDevice", ctypes.POINTER(ptr), size,
+                                   ctypes.c_char_p, ctypes.c_char_p)
+        self._run = _c_function(lib, "AOTInductorModelContainerRun", ptr, ctypes.POINTER(ptr), size,
+                                ctypes.POINTER(ptr), size, ptr, ptr)
+        self._delete = _c_function(lib, "AOTInductorModelContainerDelete", ptr)
+        self._set_constants = _c_function(lib, "AOTInductorModelContainerUpdateUserManagedConstantBufferPairs",
+                                          ptr, ctypes.POINTER(_ConstantEntry), size, ctypes.c_bool, ctypes.c_bool)
+        count = _c_function(lib, "AOTInductorModelContainerGetNumConstants", ptr, ctypes.POINTER(size))
+        name = _c_function(lib, "AOTInductorModelContainerGetConstantName", ptr, size, ctypes.POINTER(ctypes.c_char_p))
+        fqn = _c_function(lib, "AOTInductorModelContainerGetConstantOriginalFQN", ptr, size,
+                          ctypes.POINTER(ctypes.c_char_p))
+        outputs = _c_function(lib, "AOTInductorModelContainerGetNumOutputs", ptr, ctypes.POINTER(size))
+        handle = ptr()
+        _c_check(self._create(ctypes.byref(handle), 1, b"cpu", None), "making the program's container")
+        self.handle = handle
+        self._constants: list[int] = []  # the tensor handles the container reads (ours to free)
+        self._finalizer = weakref.finalize(self, _Program._close, self._delete, handle, self._constants)
+        self._finalizer.atexit = False  # at exit the process lets go of everything anyway
+        n, k = size(), size()
+        _c_check(count(handle, ctypes.byref(n)), "reading the program's constants")
+        _c_check(outputs(handle, ctypes.byref(k)), "reading the program's outputs")
+        self.n_outputs = k.value
+        self.names: dict[str, bytes] = {}  # the model's name of each constant (its FQN) -> the program's name
+        for i in range(n.value):
+            internal, original = ctypes.c_char_p(), ctypes.c_char_p()
+            _c_check(name(handle, i, ctypes.byref(internal)), "reading the program's constants")
+            _c_check(fqn(handle, i, ctypes.byref(original)), "reading the program's constants")
+            self.names[(original.value or b"").decode()] = internal.value or b""
+
+    @staticmethod
+    def _close(delete: Any, handle: ctypes.c_void_p, constants: list[int]) -> None:
+        delete(handle)  # the container first: it reads the constants' handles
+        if constants:
+            _tensors_from(constants)  # frees the handles
+
+    def get_constant_fqns(self) -> list[str]:
+        return list(self.names)
+
+    def load_constants(self, constants: dict[str, Tensor], *, check_full_update: bool, user_managed: bool) -> None:
+        """Point the program at ``constants`` (by the model's names): it reads these tensors, not copies."""
+        assert user_managed, "a program reads the model's own tensors"
+        names = list(constants)
+        handles = _pointers([constants[n] for n in names])
+        entries = (_ConstantEntry * len(names))(
+            *(_ConstantEntry(self.names[n], h) for n, h in zip(names, handles, strict=True)))
+        old, self._constants[:] = list(self._constants), handles  # freed with the container from now on
+        _c_check(self._set_constants(self.handle, entries, len(names), False, check_full_update),
+                 "handing the program the model's tensors")
+        if old:
+            _tensors_from(old)
+
+    def __call__(self, tokens_B: Tensor, pos_B: Tensor, keys_S: Tensor, k_layers: Sequence[Tensor],
+                 v_layers: Sequence[Tensor]) -> Tensor:
+        inputs = _pointers([tokens_B, pos_B, keys_S, *k_layers, *v_layers])
+        handles_in = (ctypes.c_void_p * len(inputs))(*inputs)  # the call takes these handles over
+        handles_out = (ctypes.c_void_p * self.n_outputs)()
+        _c_check(self._run(self.handle, handles_in, len(inputs), handles_out, self.n_outputs, None, None),
+                 "running the decode program")
+        return _tensors_from(list(handles_out))[0]
+
+
+class _ConstantEntry(ctypes.Structure):
+    """``AOTInductorConstantMapEntry``: a constant's name in the program and the tensor handle it reads."""
+
+    _fields_ = [("name", ctypes.c_char_p), ("handle", ctypes.c_void_p)]
+
+
+def _pointers(tensors: Sequence[Tensor]) -> list[int]:
+    """New tensor handles (``AtenTensorHandle``) of ``tensors``, as addresses: each is freed by whoever takes
+    it over (a program's run takes its inputs over) or by :func:`_tensors_from`."""
+    return [_CAPSULE_POINTER(c, None) for c in torch._C._aoti.unsafe_alloc_void_ptrs_from_tensors(list(tensors))]
+
+
+def _tensors_from(pointers: Sequence[int]) -> list[Tensor]:
+    """The tensors of handles given as addresses, taking the handles over (they are freed)."""
+    return torch._C._aoti.alloc_tensors_by_stealing_from_void_ptrs([_CAPSULE_NEW(p, None, None) for p in pointers])
+
+
+# torch._C._aoti passes handles as capsules; ctypes passes addresses
+_CAPSULE_POINTER = ctypes.pythonapi.PyCapsule_GetPointer
+_CAPSULE_POINTER.argtypes, _CAPSULE_POINTER.restype = [ctypes.py_object, ctypes.c_char_p], ctypes.c_void_p
+_CAPSULE_NEW = ctypes.pythonapi.PyCapsule_New
+_CAPSULE_NEW.argtypes, _CAPSULE_NEW.restype = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_void_p], ctypes.py_object
+
+
+def _c_function(lib: ctypes.CDLL, name: str, *argtypes: Any) -> Any:
+    """``lib.name`` declared as an AOTInductor interface function: these arguments, an int32 error code."""
+    fn = getattr(lib, name)
+    fn.argtypes, fn.restype = list(argtypes), ctypes.c_int32
+    return fn
+
+
+def _c_check(code: int, what: str) -> None:
+    if code != 0:  # the library has printed the C++ exception's message to stderr
+        raise RuntimeError(f"{what} failed (AOTInductor error {code})")
+
+
+class _LoaderProgram:
+    """A built decode program loaded by torch's own C++ loader (``torch._C._aoti``), called with the step's
     inputs flattened in their traced order (tokens, positions, key slots, each layer's keys, each layer's
-    values) -> logits. ``torch._inductor.aoti_load_package`` returns the same runner behind a wrapper that
-    imports the whole of Inductor (about 70 MB of resident memory, a second of start-up) and re-reads the
-    input layout from JSON on every call; neither is needed to run a program."""
+    values) -> logits; it keeps the interpreter lock during the call (see :class:`_Program`)."""
 
     def __init__(self, path: Path) -> None:
         self.loader = torch._C._aoti.AOTIModelPackageLoader(str(path), "model", False, 1, -1)
@@ -787,10 +924,32 @@ class _Program:
         return self.loader.boxed_run([tokens_B, pos_B, keys_S, *k_layers, *v_layers])[0]
 
 
+def _load_program(path: Path) -> _Program | _LoaderProgram:
+    """The package at ``path``, loaded: through its library's C interface (:class:`_Program`) when it is a CPU
+    program of one library and nothing else to run, else by torch's loader."""
+    try:
+        meta = torch._C._aoti.AOTIModelPackageLoader.load_metadata_from_package(str(path), "model")
+        with zipfile.ZipFile(path) as z:
+            files = [n for n in z.namelist() if "/data/aotinductor/model/" in n]
+            libraries = [n for n in files if n.endswith(".so")]
+            extern = [n for n in files if n.endswith(".json") and not n.endswith("_metadata.json")]
+            if meta.get("AOTI_DEVICE_KEY") != "cpu" or len(libraries) != 1 or extern or os.name != "posix":
+                return _LoaderProgram(path)
+            fd, name = tempfile.mkstemp(prefix="zenlm-step-", suffix=".so")
+            try:
+                with os.fdopen(fd, "wb") as f:
+                    f.write(z.read(libraries[0]))
+                return _Program(Path(name), releases_gil())
+            finally:
+                os.unlink(name)  # the opened library stays mapped
+    except (OSError, AttributeError, zipfile.BadZipFile):
+        return _LoaderProgram(path)
+
+
 def _open(path: Path, weights: dict[str, Tensor], packed: dict[str, Tensor] | None = None) -> object:
     """Load the program at ``path`` so that it reads ``weights`` (the model's own tensors, not copies), those
     named in ``packed`` as their prepacked copies there (a program built to read them so)."""
-    runner = _Program(path)
+    runner = _load_program(path)
     names = runner.get_constant_fqns()
     use = {**weights, **(packed or {})}
     missing = [n for n in names if n.removeprefix("model.") not in use]
