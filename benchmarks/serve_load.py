@@ -10,7 +10,8 @@ weights and a byte-level BPE tokenizer trained here on Shakespeare (vocabulary -
 Its end-of-text embedding is zeroed so that replies run to max_tokens. Everything is loopback (127.0.0.1). The
 server is `zenlm serve RUN` in a process of its own (--server process, the default), as it is deployed, or
 uvicorn on a thread of this process (--server thread), where the clients share its interpreter lock. Each client
-is the official async `openai` client streaming chat completions with `stream_options.include_usage`; all of
+is the official async `openai` client streaming chat completions with `stream_options.include_usage` (or, with
+--client sse, the same requests read as raw server-sent events with httpx, a lighter load generator); all of
 them run in this process.
 
 Engines (--engines): ``compiled``, the default of `zenlm serve` (batched compiled decode programs; here all
@@ -18,14 +19,17 @@ batch sizes are built before the clients start, as a server that has run before 
 time is printed apart; a server process loads them at its start and the clients wait until GET /health counts
 them all ready), and ``eager`` (`zenlm serve --no-compile`). Per level: every client sends --requests
 requests one after another. Reported: requests/s, output tokens/s (from the exact usage counts), p50/p99 time
-to first token (request sent -> first text chunk), p50/p99 inter-token latency (gaps between text chunks), and
-errors. Each engine's single-client row is its baseline; the last column is each row's output tokens/s over it.
+to first token (request sent -> first text chunk), p50/p99 inter-token latency (gaps between text chunks), the
+p99 time the server took to answer GET /health, asked every 20 ms meanwhile (how long anything else waits for
+it), and errors. Each engine's single-client row is its baseline; the last column is each row's output tokens/s
+over it.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import platform
 import signal
@@ -57,6 +61,13 @@ def pct(xs: list[float], q: float) -> float:
     return xs[min(len(xs) - 1, int(round(q / 100 * (len(xs) - 1))))]
 
 
+def text_chunk(stats: dict, t0: float, last: float | None, now: float) -> float:
+    """Count a chunk with text that arrived at ``now``: the time to first token of a request sent at ``t0``, or
+    the gap since the ``last`` one. -> now."""
+    stats["ttft" if last is None else "itl"].append(now - (t0 if last is None else last))
+    return now
+
+
 async def client(url: str, prompt: str, n_req: int, max_tokens: int, stats: dict) -> None:
     async with openai.AsyncOpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=600) as ac:
         for _ in range(n_req):
@@ -71,21 +82,61 @@ async def client(url: str, prompt: str, n_req: int, max_tokens: int, stats: dict
                     if chunk.usage is not None:
                         stats["tokens"] += chunk.usage.completion_tokens
                     if chunk.choices and chunk.choices[0].delta.content:
-                        if last is None:
-                            stats["ttft"].append(now - t0)
-                        else:
-                            stats["itl"].append(now - last)
-                        last = now
+                        last = text_chunk(stats, t0, last, now)
                 stats["done"] += 1
             except openai.OpenAIError:
                 stats["errors"] += 1
 
 
-def run_level(url: str, clients: int, n_req: int, max_tokens: int, prompt: str) -> dict:
-    stats: dict = {"ttft": [], "itl": [], "tokens": 0, "done": 0, "errors": 0}
+async def sse_client(url: str, prompt: str, n_req: int, max_tokens: int, stats: dict) -> None:
+    """The same requests as :func:`client`, read as raw server-sent events (httpx, one ``json.loads`` per
+    event): a load generator that takes less of the CPU it shares with the server than the openai client."""
+    body = {"model": "bench", "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
+            "temperature": 0.8, "stream": True, "stream_options": {"include_usage": True}}
+    async with httpx.AsyncClient(base_url=url, timeout=600) as hc:
+        for _ in range(n_req):
+            t0 = time.perf_counter()
+            last = None
+            try:
+                async with hc.stream("POST", "/v1/chat/completions", json=body) as r:
+                    if r.status_code != 200:
+                        await r.aread()
+                        stats["errors"] += 1
+                        continue
+                    async for line in r.aiter_lines():
+                        if not line.startswith("data: ") or line == "data: [DONE]":
+                            continue
+                        now = time.perf_counter()
+                        chunk = json.loads(line[6:])
+                        if chunk.get("usage"):
+                            stats["tokens"] += chunk["usage"]["completion_tokens"]
+                        choices = chunk.get("choices")
+                        if choices and choices[0]["delta"].get("content"):
+                            last = text_chunk(stats, t0, last, now)
+                stats["done"] += 1
+            except httpx.HTTPError:
+                stats["errors"] += 1
+
+
+def run_level(url: str, clients: int, n_req: int, max_tokens: int, prompt: str, kind: str = "openai") -> dict:
+    stats: dict = {"ttft": [], "itl": [], "tokens": 0, "done": 0, "errors": 0, "health": []}
+    one = client if kind == "openai" else sse_client
+
+    async def probe(done: asyncio.Event) -> None:
+        """GET /health every 20 ms while the clients run: how long the server takes to answer anything."""
+        async with httpx.AsyncClient(base_url=url, timeout=60) as hc:
+            while not done.is_set():
+                t = time.perf_counter()
+                await hc.get("/health")
+                stats["health"].append(time.perf_counter() - t)
+                await asyncio.sleep(0.02)
 
     async def main() -> None:
-        await asyncio.gather(*(client(url, prompt, n_req, max_tokens, stats) for _ in range(clients)))
+        done = asyncio.Event()
+        prober = asyncio.create_task(probe(done))
+        await asyncio.gather(*(one(url, prompt, n_req, max_tokens, stats) for _ in range(clients)))
+        done.set()
+        await prober
 
     t0 = time.perf_counter()
     asyncio.run(main())
@@ -140,6 +191,15 @@ class ServerProcess:
         self.__exit__()
         raise SystemExit(f"zenlm serve was not ready in 600 s; see {self.log}")
 
+    def memory_mb(self) -> dict[str, float]:
+        """The server's resident memory now (VmRSS) and its peak so far (VmHWM), in MB (Linux; else empty)."""
+        try:
+            with open(f"/proc/{self.proc.pid}/status", encoding="ascii") as fh:
+                return {line.split(":")[0]: int(line.split()[1]) / 1024 for line in fh
+                        if line.startswith(("VmRSS", "VmHWM"))}
+        except OSError:
+            return {}
+
     def __exit__(self, *exc: object) -> None:
         self.proc.send_signal(signal.SIGINT)
         try:
@@ -165,6 +225,9 @@ def main() -> None:
                     help="as `zenlm serve --no-batch-invariant`: a lone stream takes the one-sequence program")
     ap.add_argument("--max-prefill-tokens", type=int, default=None,
                     help="as `zenlm serve --max-prefill-tokens` (default: the server's, 256)")
+    ap.add_argument("--client", default="openai", choices=["openai", "sse"],
+                    help="the official openai client (default), or raw server-sent events read with httpx, which "
+                         "takes less of the CPU the clients share with the server")
     ap.add_argument("--server", default="process", choices=["process", "thread"],
                     help="zenlm serve in a process of its own (as deployed), or on a thread of this process")
     args = ap.parse_args()
@@ -210,9 +273,14 @@ def main() -> None:
         else:
             server = ServerThread(app)
         with server as srv:
+            started = srv.memory_mb() if args.server == "process" else {}
             run_level(srv.url, 1, 1, 8, prompt)  # warm-up
             for c in levels:
-                rows.append((engine, c, run_level(srv.url, c, args.requests, args.max_tokens, prompt)))
+                rows.append((engine, c, run_level(srv.url, c, args.requests, args.max_tokens, prompt, args.client)))
+            if started:
+                end = srv.memory_mb()
+                notes.append(f"{engine}: server resident memory {started.get('VmRSS', 0):,.0f} MB when ready, "
+                             f"{end.get('VmRSS', 0):,.0f} MB after the last level, peak {end.get('VmHWM', 0):,.0f} MB")
 
     feats = cpu_features()
     # weights however stored (int8 ones are buffers, not parameters), a tied matrix once, int8 scales left out
@@ -225,19 +293,20 @@ def main() -> None:
     print(f"machine: {feats.name} ({feats.describe()}), {os.cpu_count()} CPUs, {platform.machine()}, torch "
           f"{torch.__version__}, {torch.get_num_threads()} threads; server: "
           f"{'zenlm serve in its own process' if args.server == 'process' else 'a thread of the clients process'}"
+          f"; clients: {'the openai client' if args.client == 'openai' else 'raw server-sent events (httpx)'}"
           + ("" if args.batch_invariant else ", --no-batch-invariant")
           + ("" if args.max_prefill_tokens is None else f", --max-prefill-tokens {args.max_prefill_tokens}")
           + (f", {torch.cuda.get_device_name()}" if args.device.startswith("cuda") else ""))
     print("\n| engine | clients | requests/s | output tokens/s | p50 TTFT (s) | p99 TTFT (s) | p50 ITL (ms) | "
-          "p99 ITL (ms) | errors | tokens/s vs 1 client |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+          "p99 ITL (ms) | p99 /health (ms) | errors | tokens/s vs 1 client |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     base: dict[str, float] = {}
     for engine, c, s in rows:
         tps = s["tokens"] / s["wall"]
         base.setdefault(engine, tps)
         print(f"| {engine} | {c} | {s['done'] / s['wall']:.2f} | {tps:.1f} | {pct(s['ttft'], 50):.3f} | "
               f"{pct(s['ttft'], 99):.3f} | {1000 * pct(s['itl'], 50):.1f} | {1000 * pct(s['itl'], 99):.1f} | "
-              f"{s['errors']} | {tps / base[engine]:.2f}x |")
+              f"{1000 * pct(s['health'], 99):.1f} | {s['errors']} | {tps / base[engine]:.2f}x |")
     for note in notes:
         print(f"<!-- {note} -->")
 
