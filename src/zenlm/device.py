@@ -415,13 +415,13 @@ LAZY_ZEROS_MIN_BYTES = 1 << 16
 def lazy_zeros(shape: tuple[int, ...], *, dtype: torch.dtype, device: torch.device | str | None = None) -> Tensor:
     """``torch.zeros(shape)`` whose memory costs nothing until it is written: the KV caches.
 
-    ``torch.zeros`` writes every byte, so a cache made for a whole context is resident in full from the start:
-    a server's pool of 16 rows of 1,024 positions for a GPT-2-small model is 604 MB in bf16 before its first
-    request. On a CPU a tensor of :data:`LAZY_ZEROS_MIN_BYTES` or more is instead an anonymous memory map: the
+    ``torch.zeros`` writes every byte, so a cache made for a whole context is resident in full from the start
+    (a pool of 16 rows of 1,024 positions for a GPT-2-small model is 604 MB in bf16). On a CPU a tensor of :data:`LAZY_ZEROS_MIN_BYTES` or more is instead an anonymous memory map: the
     OS hands out zeroed pages only when one is first written (reads of a page never written see the system's
     one page of zeros), so a cache costs about what its sequences have filled. Elsewhere, and for smaller
     tensors, plain ``torch.zeros``. The tensor keeps its map alive; the map is returned when the tensor is
-    freed."""
+    freed. Whoever knows which positions will be written reserves them before the hot loop
+    (:meth:`zenlm.models.cache.KVCache.reserve`); the server reserves its whole pool at start."""
     device = torch.device("cpu" if device is None else device)
     nbytes = math.prod(shape) * dtype.itemsize
     if device.type != "cpu" or nbytes < LAZY_ZEROS_MIN_BYTES:

@@ -107,7 +107,7 @@ class KVCache:
         only where no sequence still needs what is there. A CPU cache is allocated lazily
         (:func:`zenlm.device.lazy_zeros`: the OS hands out a page when it is first written); reserving the
         positions a sequence will fill gives them their memory up front, not page by page during its decode
-        steps, which on our 2-core Xeon ran 5-15% slower in a server when they met those first writes."""
+        steps (on our 2-core VM a server's first requests on a pool not reserved decoded up to 20% slower)."""
         for t in self.k + self.v:
             t[rows, :, start:stop].zero_()
 
