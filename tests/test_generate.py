@@ -269,8 +269,9 @@ def test_cache_refill_uses_recent_half_of_context():
     model = ScriptedLM(list(range(200)), tok.vocab_size, block_size=8)
     out = list(generate_ids(model, [0, 1, 2], GenerationConfig(max_new_tokens=12, temperature=0)))
     assert len(out) == 12
-    # prefill 3, then single steps until the cache holds 8, then a refill of the last 4 tokens, ...
-    assert model.calls[:7] == [(0, 3), (3, 1), (4, 1), (5, 1), (6, 1), (7, 1), (0, 4)]
+    # prefill 3, then single steps until the cache holds 8, then a refill of the last 4 tokens (3 as a prompt,
+    # the newest by a step), ...
+    assert model.calls[:8] == [(0, 3), (3, 1), (4, 1), (5, 1), (6, 1), (7, 1), (0, 3), (3, 1)]
     no_cache = ScriptedLM(list(range(200)), tok.vocab_size, block_size=8)
     cfg = GenerationConfig(max_new_tokens=12, temperature=0, use_cache=False)
     list(generate_ids(no_cache, [0, 1, 2], cfg))

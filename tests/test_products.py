@@ -173,3 +173,87 @@ def test_generate_ids_allocates_a_short_cache_with_the_same_tokens(monkeypatch):
     got = list(generate_ids(model, prompt, GenerationConfig(max_new_tokens=20, temperature=0, compile=False)))
     want = list(generate_ids(model, prompt, GenerationConfig(max_new_tokens=20, temperature=0, use_cache=False)))
     assert lengths == [256] and got == want
+
+
+# ------------------------------------------------------------------ a prompt's fc and GELU in one oneDNN call
+@pytest.fixture
+def fused_gelu(monkeypatch):
+    """Counts the fused calls; ``switch(on)`` turns the fusion on or off ($ZENLM_FUSED_GELU)."""
+    calls: list[tuple[int, ...]] = []
+    real = layers.fused_linear_gelu
+
+    def spy(x, lin):
+        calls.append(tuple(x.shape))
+        return real(x, lin)
+
+    def switch(on: bool) -> None:
+        monkeypatch.setenv("ZENLM_FUSED_GELU", "1" if on else "0")
+        layers._fused_gelu_dtypes.cache_clear()
+
+    monkeypatch.setattr(layers, "fused_linear_gelu", spy)
+    yield calls, switch
+    monkeypatch.undo()
+    layers._fused_gelu_dtypes.cache_clear()
+
+
+def test_a_prompt_takes_fc_and_gelu_in_one_call_and_a_step_does_not(fused_gelu):
+    calls, switch = fused_gelu
+    switch(True)
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=64, block_size=32, n_layer=2, n_head=2, n_embd=32)).eval()
+    prompt = torch.randint(0, 64, (3, 7))
+    with torch.inference_mode():
+        cache = model.make_cache(3)
+        fused = model(prompt, cache=cache)
+        assert calls == [(3, 7, 32)] * 2  # one call per layer, over every position of every sequence
+        calls.clear()
+        model.decode_step(torch.tensor([1, 2, 3]), torch.tensor([7, 7, 7]), cache.k, cache.v, row_attention=True)
+        model(prompt[:, :1])  # one position: a step's shape, not a prompt's
+        assert not calls
+    switch(False)
+    with torch.inference_mode():
+        plain = model(prompt)
+    assert not calls
+    torch.testing.assert_close(fused, plain, atol=1e-5, rtol=1e-5)
+    switch(True)
+    trained = model(prompt)  # gradients recorded: ATen's ops, which autograd knows
+    assert not calls
+    trained.sum().backward()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        model(prompt)
+    assert not calls  # autocast picks its own dtype
+
+
+def test_the_fused_gelu_takes_bf16_only_where_the_cpu_computes_it(fused_gelu, monkeypatch):
+    _, switch = fused_gelu
+    import zenlm.device
+
+    for native, expected in ((True, {torch.float32, torch.bfloat16}), (False, {torch.float32})):
+        monkeypatch.setattr(zenlm.device, "cpu_has_bf16", lambda native=native: native)
+        switch(True)
+        assert layers._fused_gelu_dtypes() == expected
+    switch(False)
+    assert not layers._fused_gelu_dtypes()
+
+
+def test_the_prefill_fusion_benchmark_prints_its_table(monkeypatch, capsys):
+    import importlib.util
+    import sys
+
+    path = Path(__file__).parents[1] / "benchmarks" / "prefill_fusion.py"
+    spec = importlib.util.spec_from_file_location("prefill_fusion", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    monkeypatch.setenv("ZENLM_FUSED_GELU", "1")  # the script sets it; restored after the test
+    monkeypatch.setattr(sys, "argv", ["prefill_fusion.py", "--n-layer", "1", "--vocab", "64", "--shapes", "2x17",
+                                      "--repeats", "1", "--threads", "1"])
+    try:
+        bench.main()
+    finally:
+        layers._fused_gelu_dtypes.cache_clear()
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| fp32 | 2 x 17 |")]
+    assert len(rows) == 1 and rows[0].count("|") == 8
+    monkeypatch.setattr(sys, "argv", ["prefill_fusion.py", "--shapes", "4by60"])
+    with pytest.raises(SystemExit) as e:
+        bench.main()
+    assert e.value.code == 2 and "BATCHxTOKENS" in capsys.readouterr().err

@@ -208,9 +208,14 @@ def _generate_ids(
                 return
             if cache is None:
                 logits_V = _last_logits(model, ids[-block_size:], None, device)
-            elif cache.pos >= cache.max_len:  # full: refill from the recent half of the context
+            elif cache.pos >= cache.max_len:
+                # full: refill from the recent half of the context, all but the newest token as a prompt and the
+                # newest by a step, as generate_batch does (a step and a prompt pass may round differently)
                 cache.reset()
-                logits_V = _last_logits(model, ids[-max(1, block_size // 2) :], cache, device)
+                ctx = ids[-max(1, block_size // 2) :]
+                if len(ctx) > 1:
+                    _last_logits(model, ctx[:-1], cache, device)
+                logits_V = _next_logits(step, token, cache)
             else:
                 logits_V = _next_logits(step, token, cache)
     finally:

@@ -393,8 +393,58 @@ def relu_squared(x: Tensor) -> Tensor:
     return F.relu(x).square()
 
 
+# ------------------------------------------------------------- a prompt's first feed-forward product, fused with GELU
+# ATen computes GPT-2's tanh GELU about 5x slower than its erf GELU, and as a pass of its own over the [rows, F]
+# product (read, then write the same size again). oneDNN's product applies an activation to each block of its
+# output while the block is still in cache: ``torch.ops.mkldnn._linear_pointwise(x, w, b, "gelu", [], "tanh")``.
+# On a 2-core Xeon (AVX-512 BF16, AMX) GPT-2-small's prompt passes were 1.06-1.10x faster so in fp32 and
+# 1.03-1.13x in bf16, prompts of 1 x 32 to 16 x 60 tokens (benchmarks/prefill_fusion.py, docs/BENCHMARKS.md). It
+# rounds once where ATen rounds twice (bf16: the product, then GELU's output), so bf16 results differ in the
+# last bit, fp32 ones by ~1e-6. Only passes over two or more positions per sequence take it (prompts, scoring,
+# evaluation), whatever the number of sequences: decode steps (one position) keep their products and so their
+# numbers, eager or compiled, and a prompt comes out the same alone or prefilled with others of its length
+# (oneDNN computes a row the same whatever the number of rows, from 2 up).
+_FUSED_GELU_ENV = "ZENLM_FUSED_GELU"
+
+
+@functools.lru_cache(maxsize=1)
+def _fused_gelu_dtypes() -> frozenset[torch.dtype]:
+    """The dtypes whose prompt-sized GELU products go through oneDNN here: fp32 wherever this PyTorch has oneDNN,
+    bf16 where the CPU computes it natively too (elsewhere oneDNN emulates bf16); none when
+    ``$ZENLM_FUSED_GELU`` is 0 / off / false / no."""
+    from zenlm.device import cpu_has_bf16, env_switch  # imported here, as in _cpu_vendor
+
+    if env_switch(_FUSED_GELU_ENV) is False or not (
+            torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")):
+        return frozenset()
+    return frozenset({torch.float32, torch.bfloat16} if cpu_has_bf16() else {torch.float32})
+
+
+def fused_gelu_applies(x: Tensor, lin: nn.Module) -> bool:
+    """Whether ``gelu_tanh(lin(x))`` may run as one oneDNN call (see above): x [..., T, C] with T >= 2, on a CPU,
+    through a plain ``nn.Linear`` (not an int8, narrow or adapted one) of x's dtype, no gradient wanted, no
+    autocast, and not while torch.compile or torch.export traces the model (their graphs keep the plain ops)."""
+    if type(lin) is not nn.Linear:
+        return False
+    w = lin.weight
+    return (x.device.type == "cpu" and x.dtype == w.dtype and x.dim() >= 3 and x.shape[-2] >= 2
+            and w.is_contiguous()
+            and x.dtype in _fused_gelu_dtypes()
+            and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad
+                                                  or (lin.bias is not None and lin.bias.requires_grad)))
+            and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling())
+
+
+def fused_linear_gelu(x: Tensor, lin: nn.Linear) -> Tensor:
+    """``gelu_tanh(x @ lin.weight^T + lin.bias)`` in one oneDNN call: x [..., C] -> [..., F]. No autograd."""
+    x_MC = x.reshape(-1, x.shape[-1]).contiguous()
+    y_MF = torch.ops.mkldnn._linear_pointwise(x_MC, lin.weight, lin.bias, "gelu", [], "tanh")
+    return y_MF.reshape(*x.shape[:-1], y_MF.shape[-1])
+
+
 class MLP(nn.Module):
-    """Two-layer feed-forward: ``proj(act(fc(x)))``, C -> F -> C."""
+    """Two-layer feed-forward: ``proj(act(fc(x)))``, C -> F -> C. A prompt's ``act(fc(x))`` with GPT-2's GELU
+    is one fused call at inference on a CPU (:func:`fused_gelu_applies`)."""
 
     def __init__(self, n_embd: int, hidden: int, bias: bool, act: Callable[[Tensor], Tensor]) -> None:
         super().__init__()
@@ -404,6 +454,8 @@ class MLP(nn.Module):
 
     def forward(self, x_BTC: Tensor) -> Tensor:
         """[B, T, C] -> [B, T, C]"""
+        if self.act is gelu_tanh and fused_gelu_applies(x_BTC, self.fc):
+            return self.proj(fused_linear_gelu(x_BTC, self.fc))
         return self.proj(self.act(self.fc(x_BTC)))
 
 
@@ -458,4 +510,6 @@ __all__ = [
     "NarrowLinear",
     "narrow_linears",
     "NARROW_MAX_ROWS",
+    "fused_gelu_applies",
+    "fused_linear_gelu",
 ]
