@@ -8,9 +8,13 @@ same run:
   (the programs of each are built in a directory of their own);
 - the thread that calls it: the main thread; a second thread while the main thread keeps the OpenMP workers of
   its own parallel regions (what the server did before ``release_openmp_workers``); a second thread after the
-  main thread released them (the server now).
+  main thread released them (the server now);
+- the pages of the KV-cache pool (a second table): 4 KiB pages, or transparent huge pages (2 MiB), which a pool
+  reserved whole asks for (``KVCache.reserve``, as the server's is). The two pools hold the same values and
+  take turns, ``--rounds`` times; the median of each.
 
     python benchmarks/batched_step.py [--dtypes bf16,fp32] [--rows 16] [--keys 128,256,512] [--threads 2]
+                                      [--rounds 7]
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import statistics
 import tempfile
 import threading
 import time
@@ -69,6 +74,7 @@ def main() -> None:
     ap.add_argument("--keys", default="128,256,512", help="key slots a step reads (multiples of 16)")
     ap.add_argument("--steps", type=int, default=10, help="steps per timing (fastest of 3 timings)")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--rounds", type=int, default=7, help="turns of each pool in the pages table")
     args = ap.parse_args()
     dtypes = [d.strip() for d in args.dtypes.split(",")]
     if not dtypes or any(d not in DTYPES for d in dtypes):
@@ -79,8 +85,8 @@ def main() -> None:
         ap.error(f"--keys: comma-separated whole numbers, got {args.keys!r}")
     if any(k < 16 or k % 16 or k > 1008 for k in keys):
         ap.error(f"--keys: multiples of 16 from 16 to 1008 (the cache holds 1,024 positions), got {args.keys!r}")
-    if args.rows < 1 or args.steps < 1 or args.threads < 1:
-        ap.error("--rows, --steps and --threads must be at least 1")
+    if args.rows < 1 or args.steps < 1 or args.threads < 1 or args.rounds < 1:
+        ap.error("--rows, --steps, --threads and --rounds must be at least 1")
     torch.set_num_threads(args.threads)
     feats = cpu_features()
     print(f"# batched_step -- {time.strftime('%Y-%m-%d %H:%M')} UTC -- {feats.name} ({feats.describe()}), "
@@ -90,6 +96,7 @@ def main() -> None:
     print("|---|---|---|" + "---:|" * len(keys))
     cfg = GPTConfig(vocab_size=8192, block_size=1024, n_layer=12, n_head=12, n_embd=768)
     root = tempfile.mkdtemp(prefix="zenlm-batched-step-")
+    pools = {}
     for name in dtypes:
         torch.manual_seed(0)
         model = GPT(cfg).eval().to(DTYPES[name])
@@ -109,6 +116,41 @@ def main() -> None:
                 release_openmp_workers()
                 row(args, keys, name, label, "second, main released them (the server)", decoder, cache, on_thread)
         attention_module.WRITTEN_DECODE_ATTENTION = True
+        pools[name] = (model, cache)
+    print()
+    print("| weights | KV-cache pages | " + " | ".join(f"{k} keys (ms)" for k in keys) + " |")
+    print("|---|---|" + "---:|" * len(keys))
+    notes = []
+    for name, (model, small) in pools.items():
+        os.environ["ZENLM_CACHE_DIR"] = os.path.join(root, "written")
+        decoder = CompiledDecoder(model)
+        huge = model.make_cache(args.rows, cfg.block_size)
+        huge.reserve(slice(None), 0, cfg.block_size)  # reserved whole: huge pages where the system gives them
+        for t, u in zip([*huge.k, *huge.v], [*small.k, *small.v], strict=True):
+            t.copy_(u)
+        notes.append(f"{name}: {anon_huge_mb():,.0f} MB of this process in huge pages with the pool reserved")
+        times: dict[str, dict[int, list[float]]] = {"small": {k: [] for k in keys}, "huge": {k: [] for k in keys}}
+        for _ in range(args.rounds):
+            for k in keys:
+                for side, cache in (("small", small), ("huge", huge)):
+                    times[side][k].append(step_ms(decoder, cache, args.rows, k, args.steps))
+        med = {side: {k: statistics.median(v) for k, v in ts.items()} for side, ts in times.items()}
+        print(f"| {name} | 4 KiB | " + " | ".join(f"{med['small'][k]:.1f}" for k in keys) + " |")
+        print(f"| {name} | 2 MiB (reserved whole) | "
+              + " | ".join(f"{med['huge'][k]:.1f} ({med['small'][k] / med['huge'][k]:.2f}x)" for k in keys) + " |",
+              flush=True)
+        del huge
+    for note in notes:
+        print(f"\n<!-- {note} -->")
+
+
+def anon_huge_mb() -> float:
+    """MB of this process's memory in transparent huge pages (0 where /proc does not say)."""
+    try:
+        with open("/proc/self/smaps_rollup") as f:
+            return next((int(line.split()[1]) / 1024 for line in f if line.startswith("AnonHugePages:")), 0.0)
+    except OSError:
+        return 0.0
 
 
 if __name__ == "__main__":

@@ -209,3 +209,35 @@ def test_a_kv_cache_costs_memory_only_for_the_positions_written() -> None:
     assert int(big.sum()) == 3
     cache.k[0].fill_(1.0)  # written in full: resident in full (the measure above can see 8 MiB)
     assert _anon_kb() - before > 8000
+
+
+def _vm_flags(address: int) -> set[str]:
+    """The VmFlags of the mapping of this process that holds ``address`` (Linux's /proc/self/smaps)."""
+    inside = False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split()[0]
+            if "-" in head and not head.endswith(":"):
+                lo, hi = (int(a, 16) for a in head.split("-"))
+                inside = lo <= address < hi
+            elif inside and head == "VmFlags:":
+                return set(line.split()[1:])
+    raise AssertionError(f"no mapping holds {address:#x}")
+
+
+@pytest.mark.skipif(not Path("/sys/kernel/mm/transparent_hugepage/enabled").exists(),
+                    reason="a Linux kernel with transparent huge pages")
+def test_a_cache_reserved_whole_asks_for_huge_pages_and_one_reserved_in_part_does_not() -> None:
+    from zenlm.models.cache import KVCache
+
+    pool = KVCache(1, 2, 2, 2048, 256, dtype=torch.float32)  # 8 MiB a buffer
+    part = KVCache(1, 2, 2, 2048, 256, dtype=torch.float32)
+    assert "hg" not in _vm_flags(pool.k[0].data_ptr() + (4 << 20))
+    pool.reserve(slice(None), 0, 2048)  # the server's pool, generate_batch's: every row, every position
+    part.reserve(0, 0, 100)  # generate's: the positions one sequence will fill
+    for t in pool.k + pool.v:
+        assert "hg" in _vm_flags(t.data_ptr() + (4 << 20))  # "hg": advised MADV_HUGEPAGE
+        assert t.abs().sum() == 0
+    assert all("hg" not in _vm_flags(t.data_ptr() + (4 << 20)) for t in part.k + part.v)
+    assert not device_mod.advise_huge_pages(torch.zeros(1000))  # less than one huge page
+    assert not device_mod.advise_huge_pages(pool.k[0].transpose(1, 2))  # not contiguous
