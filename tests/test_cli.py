@@ -265,3 +265,29 @@ def test_truncation_is_reported_once(tmp_path: Path, capsys: pytest.CaptureFixtu
     err = capsys.readouterr().err
     assert err.count("sources are longer than") == 2  # once for the training pairs, once for the validation ones
     assert not [w for w in caught if "truncated" in str(w.message)]
+
+
+def test_log_records_go_to_the_stderr_of_the_moment(monkeypatch):
+    """A server's threads log for as long as it runs; the handler the CLI installs must not keep the stream that
+    was sys.stderr when it was made (a harness may have closed it since: "Logging error ... closed file")."""
+    import io
+    import logging
+
+    from zenlm.cli.common import StderrHandler
+
+    first, second = io.StringIO(), io.StringIO()
+    monkeypatch.setattr(sys, "stderr", first)
+    handler = StderrHandler()
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    log = logging.getLogger("zenlm.test-stderr-handler")
+    log.addHandler(handler)
+    log.propagate = False
+    try:
+        log.warning("one")
+        first.close()
+        monkeypatch.setattr(sys, "stderr", second)
+        monkeypatch.setattr(logging, "raiseExceptions", True)  # a failed emit would print "--- Logging error ---"
+        log.warning("two")
+    finally:
+        log.removeHandler(handler)
+    assert second.getvalue() == "two\n"

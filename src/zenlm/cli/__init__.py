@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from zenlm.cli.common import (
+    StderrHandler,
     TerminalProgress,
     launch_rank,
     lora_config,
@@ -637,7 +638,7 @@ def main(argv: list[str] | None = None) -> int:
     if rank != 0:  # under torchrun rank 0 speaks for the run; the others report only their own errors
         sys.stdout = open(os.devnull, "w", encoding="utf-8")  # noqa: SIM115  # for the life of the process
     logging.basicConfig(level=logging.DEBUG if ns.verbose else logging.WARNING if rank == 0 else logging.ERROR,
-                        format="%(levelname)s %(name)s: %(message)s")
+                        format="%(levelname)s %(name)s: %(message)s", handlers=[StderrHandler()])
     if ns.version:
         from zenlm import __version__
 

@@ -79,6 +79,23 @@ def write_text(text: str) -> None:
         _Text.mid_line = not text.endswith("\n")
 
 
+class StderrHandler(logging.StreamHandler):
+    """A ``logging.StreamHandler`` that writes to whatever ``sys.stderr`` is when a record comes, not to the one
+    there when it was made: a server's threads log for as long as it runs, and a caller (a test harness, a
+    notebook) may have swapped ``sys.stderr`` for a stream it has closed since."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+    @property  # type: ignore[override]
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: Any) -> None:  # StreamHandler's constructor and setStream assign it: ignored
+        pass
+
+
 class _Notes(logging.Handler):
     """Prints a logger's records as one-line notes on stderr (on a new line when streamed text on stdout has
     stopped mid-line: both usually share one terminal)."""

@@ -114,7 +114,7 @@ def serve(
     import os
 
     import zenlm
-    from zenlm.cli.common import show_inference_notes
+    from zenlm.cli.common import StderrHandler, show_inference_notes
     from zenlm.errors import ConfigError
     from zenlm.serve.app import create_app
     from zenlm.serve.chat import model_kind
@@ -135,7 +135,8 @@ def serve(
                          limits=limits, model_kind=model_kind(saved), compile=compile,
                          invariant=batch_invariant, max_prefill_tokens=max_prefill_tokens)
         app.state.engine.prepare()  # every batch size's program made ready now (loaded, or built in the background)
-        logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
+        logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True,
+                            handlers=[StderrHandler()])
         logging.getLogger("zenlm.serve").setLevel(logging.INFO)
         port = sock.getsockname()[1]
         print(f"serving {model_id or name} on http://{host}:{port}/  (OpenAI base_url http://{host}:{port}/v1"
