@@ -270,13 +270,18 @@ def _cpu_vendor() -> str:
     return cpu_vendor()
 
 
+def _has_onednn_products() -> bool:
+    """Whether this PyTorch has oneDNN and its product with fused post-ops (``mkldnn._linear_pointwise``)."""
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
 @functools.lru_cache(maxsize=1)
 def onednn_min_rows() -> int | None:
     """The fewest rows from which fp32 products at inference on CPU go through oneDNN (see above), or None for
     never: 1 when this PyTorch has oneDNN and the CPU is not an Intel one; on an Intel CPU,
     :data:`ONEDNN_MIN_ROWS_INTEL`, for decode steps only; ``$ZENLM_ONEDNN`` decides otherwise (1 / on / true /
     yes: 1 wherever oneDNN exists; 0 / off / false / no: None)."""
-    if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")):
+    if not _has_onednn_products():
         return None
     from zenlm.device import env_switch  # imported here, as in _cpu_vendor
 
@@ -295,11 +300,16 @@ def onednn_products() -> bool:
 def onednn_linear(x: Tensor, w: Tensor, b: Tensor | None = None) -> Tensor:
     """``x @ w^T + b`` by oneDNN: x [..., K], w [N, K], b [N] or None, all fp32 on CPU -> [..., N]. No autograd
     (inference only). One row is computed as two equal rows (see above)."""
+    return _onednn_product(x, w, b, "none", "")
+
+
+def _onednn_product(x: Tensor, w: Tensor, b: Tensor | None, post_op: str, algorithm: str) -> Tensor:
+    """``post_op(x @ w^T + b)`` in one oneDNN call, x [..., K] -> [..., N]; one row computed as two equal rows."""
     x_MK = x.reshape(-1, x.shape[-1])
     one = x_MK.shape[0] == 1
     if one:
         x_MK = x_MK.expand(2, -1)
-    y_MN = torch.ops.mkldnn._linear_pointwise(x_MK.contiguous(), w, b, "none", [], "")
+    y_MN = torch.ops.mkldnn._linear_pointwise(x_MK.contiguous(), w, b, post_op, [], algorithm)
     return (y_MN[:1] if one else y_MN).reshape(*x.shape[:-1], w.shape[0])
 
 
@@ -414,8 +424,7 @@ def _fused_gelu_dtypes() -> frozenset[torch.dtype]:
     ``$ZENLM_FUSED_GELU`` is 0 / off / false / no."""
     from zenlm.device import cpu_has_bf16, env_switch  # imported here, as in _cpu_vendor
 
-    if env_switch(_FUSED_GELU_ENV) is False or not (
-            torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")):
+    if env_switch(_FUSED_GELU_ENV) is False or not _has_onednn_products():
         return frozenset()
     return frozenset({torch.float32, torch.bfloat16} if cpu_has_bf16() else {torch.float32})
 
@@ -437,9 +446,7 @@ def fused_gelu_applies(x: Tensor, lin: nn.Module) -> bool:
 
 def fused_linear_gelu(x: Tensor, lin: nn.Linear) -> Tensor:
     """``gelu_tanh(x @ lin.weight^T + lin.bias)`` in one oneDNN call: x [..., C] -> [..., F]. No autograd."""
-    x_MC = x.reshape(-1, x.shape[-1]).contiguous()
-    y_MF = torch.ops.mkldnn._linear_pointwise(x_MC, lin.weight, lin.bias, "gelu", [], "tanh")
-    return y_MF.reshape(*x.shape[:-1], y_MF.shape[-1])
+    return _onednn_product(x, lin.weight, lin.bias, "gelu", "tanh")
 
 
 class MLP(nn.Module):
