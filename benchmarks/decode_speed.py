@@ -6,6 +6,8 @@ process per row.
     # the same, the GGUF files written by llama.cpp's own converter instead of zenlm convert to-gguf
     python benchmarks/decode_speed.py --threads 2 --llama-cpp-python /work/llamacpp-venv/bin/python \\
         --gguf-converter /work/llamacpp-src/llama_cpp_python-0.3.36/vendor/llama.cpp/convert_hf_to_gguf.py
+    # on a machine whose speed drifts: each row 3 times, the engines taking turns, the fastest kept
+    python benchmarks/decode_speed.py --threads 2 --llama-cpp-python /work/llamacpp-venv/bin/python --rounds 3
     # a quick check that everything runs (tiny settings; the numbers mean nothing)
     python benchmarks/decode_speed.py --n-layer 2 --vocab 4096 --new-tokens 8 --prefill-tokens 32 --repeats 1 \\
         --batches 1 --threads 2 --llama-cpp-python /work/llamacpp-venv/bin/python
@@ -369,6 +371,10 @@ def main() -> None:
     ap.add_argument("--prefill-tokens", type=int, default=512, help="the long prompt of the TTFT column")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--repeats", type=int, default=3, help="timed runs per row; the fastest is reported")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="fresh processes per row, the engines of a group taking turns (every other round in "
+                         "reverse order); the fastest is reported. On a machine whose speed drifts, 3 or more "
+                         "keep one engine's slow minute from deciding a ratio")
     ap.add_argument("--n-layer", type=int, default=None, help="blocks (default: 12)")
     ap.add_argument("--vocab", type=int, default=None, help="vocabulary (default: the layout's)")
     ap.add_argument("--llama-cpp-python", default=None, help="a Python with llama_cpp (llama-cpp-python)")
@@ -396,7 +402,8 @@ def main() -> None:
     print(f"CPU: {feats.describe()} (AVX-512 BF16: {feats.avx512_bf16}, AMX: {feats.amx_tile}, ARM BF16: "
           f"{feats.arm_bf16}); memory bandwidth: copy {copy_bandwidth() / 1e9:.1f} GB/s, read "
           f"{read_bandwidth() / 1e9:.1f} GB/s; a bare `python -c 'import torch'` peaks at {bare_torch_mb():.0f} MB")
-    print(f"{args.prompt_tokens}-token prompt, {args.new_tokens} new tokens, greedy, fastest of {args.repeats}; "
+    print(f"{args.prompt_tokens}-token prompt, {args.new_tokens} new tokens, greedy, fastest of {args.repeats}"
+          f"{f' x {args.rounds} rounds (engines taking turns)' if args.rounds > 1 else ''}; "
           f"TTFT long: a {args.prefill_tokens}-token prompt; random weights; work files in {root}")
     print("\n| layout | batch | weights | engine | tokens/s | TTFT (ms) | TTFT long (ms) | peak MB | load (s) | "
           "step MB | read GB/s | share of read floor | vs llama.cpp | vs transformers |")
@@ -411,7 +418,7 @@ def main() -> None:
             for dtype in args.dtypes.split(","):
                 base = dict(run=str(run), hf=str(hf), dtype=dtype, prompts=prompts, long_prompt=long_prompt,
                             new_tokens=args.new_tokens, repeats=args.repeats, threads=args.threads)
-                results: dict[str, dict[str, Any]] = {}
+                specs: dict[str, dict[str, Any]] = {}
                 for engine in engines:
                     if (engine == "transformers" and dtype == "int8") or (engine == "llama.cpp" and B > 1):
                         continue
@@ -427,21 +434,36 @@ def main() -> None:
                         built = run_row({**spec, "engine": "zenlm-build"}, args)
                         notes.append(f"{layout} batch {B} {dtype}: compiled programs built in "
                                      f"{built.get('build_s', float('nan')):.0f} s {built.get('error', '')}")
-                    read_bw = read_bandwidth()
-                    r = run_row(spec, args)
-                    if "error" in r:
-                        notes.append(f"{layout} batch {B} {dtype} {engine}: failed: {r['error']}")
-                        continue
-                    if engine == "llama.cpp":
-                        r["step_bytes"] = gguf_step_bytes(Path(spec["gguf"]), args.gguf_converter)
-                    r["read_bw"] = read_bw
-                    results[engine] = r
+                    specs[engine] = spec
+                results: dict[str, dict[str, Any]] = {}
+                for rnd in range(args.rounds):  # the engines take turns, every other round in reverse order
+                    for engine in (list(specs) if rnd % 2 == 0 else list(reversed(specs))):
+                        read_bw = read_bandwidth()
+                        r = run_row(specs[engine], args)
+                        if "error" in r:
+                            notes.append(f"{layout} batch {B} {dtype} {engine}: failed: {r['error']}")
+                            continue
+                        if engine == "llama.cpp":
+                            r["step_bytes"] = gguf_step_bytes(Path(specs[engine]["gguf"]), args.gguf_converter)
+                        r["read_bw"] = read_bw
+                        results[engine] = best_of(results.get(engine), r)
                 for engine, r in results.items():  # after the group: every row can be set against the others
                     print(table_row(layout, B, dtype, engine, r, results, args), flush=True)
                 agreement(layout, B, dtype, results, notes)
     print()
     for note in notes:
         print(f"<!-- {note} -->")
+
+
+def best_of(old: dict[str, Any] | None, new: dict[str, Any]) -> dict[str, Any]:
+    """One engine's row over several rounds: the fastest round (its tokens, TTFT and the bandwidth read before
+    it), the shortest long-prompt TTFT and the largest peak memory of all rounds."""
+    if old is None:
+        return new
+    kept = dict(new if new["total"] < old["total"] else old)
+    kept["long_ttft"] = min(old["long_ttft"], new["long_ttft"])
+    kept["peak_mb"] = max(old["peak_mb"], new["peak_mb"])
+    return kept
 
 
 def table_row(layout: str, B: int, dtype: str, engine: str, r: dict[str, Any], results: dict[str, Any],
