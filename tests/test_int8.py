@@ -44,7 +44,9 @@ def test_per_channel_scales_and_rounding_error() -> None:
 pytestmark = pytest.mark.xdist_group("int8")  # one worker: the trained run below is made once
 
 
-@pytest.fixture(scope="module")
+# session-scoped: a worker may run another module's tests between this module's, and pytest then tears a module
+# fixture down and builds it again (it was trained twice per run, 12-15 s each)
+@pytest.fixture(scope="session")
 def trained_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
     root = tmp_path_factory.mktemp("int8")
     text = shakespeare_char_text()[:120_000]
