@@ -44,8 +44,7 @@ def test_per_channel_scales_and_rounding_error() -> None:
 pytestmark = pytest.mark.xdist_group("int8")  # one worker: the trained run below is made once
 
 
-# session-scoped: a worker may run another module's tests between this module's, and pytest then tears a module
-# fixture down and builds it again (it was trained twice per run, 12-15 s each)
+# session-scoped, so that it is trained once per worker whatever order the worker runs the tests in
 @pytest.fixture(scope="session")
 def trained_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
     root = tmp_path_factory.mktemp("int8")
