@@ -384,6 +384,9 @@ def main() -> None:
                     "default: a temporary directory")
     ap.add_argument("--row-timeout", type=int, default=3600)
     args = ap.parse_args()
+    for name in ("repeats", "rounds"):
+        if getattr(args, name) < 1:
+            ap.error(f"--{name} must be at least 1, got {getattr(args, name)}")
     torch.set_num_threads(args.threads)
     engines = [e.strip() for e in args.engines.split(",")]
     if "llama.cpp" in engines and not args.llama_cpp_python:

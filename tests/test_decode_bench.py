@@ -43,3 +43,9 @@ def test_a_tiny_run_with_two_rounds_prints_one_row_per_engine(tmp_path):
     rows = [line for line in res.stdout.splitlines() if line.startswith("| gpt2 |")]
     assert len(rows) == 1 and "| zenlm eager |" in rows[0], res.stdout
     assert "failed" not in res.stdout
+
+
+def test_rounds_below_one_are_refused_with_a_usage_error():
+    res = subprocess.run([sys.executable, str(SCRIPT), "--rounds", "0"], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2 and "--rounds must be at least 1, got 0" in res.stderr
+    assert "Traceback" not in res.stderr and not res.stdout
