@@ -224,7 +224,7 @@ def main() -> None:
     ap.add_argument("--batch-invariant", action=argparse.BooleanOptionalAction, default=True,
                     help="as `zenlm serve --no-batch-invariant`: a lone stream takes the one-sequence program")
     ap.add_argument("--max-prefill-tokens", type=int, default=None,
-                    help="as `zenlm serve --max-prefill-tokens` (default: the server's, 256)")
+                    help="as `zenlm serve --max-prefill-tokens` (default: the server's, 1024)")
     ap.add_argument("--client", default="openai", choices=["openai", "sse"],
                     help="the official openai client (default), or raw server-sent events read with httpx, which "
                          "takes less of the CPU the clients share with the server")

@@ -11,6 +11,7 @@ from zenlm.config import GPTConfig
 from zenlm.generate import GenerationConfig, generate_ids
 from zenlm.models.gpt import GPT
 from zenlm.serve.engine import (
+    PREFILL_CHUNK,
     Engine,
     FinishEvent,
     Overloaded,
@@ -210,22 +211,50 @@ def test_a_long_prompt_is_prefilled_in_chunks_between_the_steps_of_a_running_seq
 def test_a_prompt_that_fits_a_loop_is_never_cut_to_fit_what_is_left_of_one(char_tok):
     """Three 5-token prompts under a budget of 8 per loop: each goes whole, in a loop of its own (the second one
     used to go in pieces of 3 and 2, each a forward pass of a few rows), in the order they came."""
-    cfg = GPTConfig(vocab_size=char_tok.vocab_size, block_size=48, n_layer=1, n_head=2, n_embd=16, init_std=0.5)
-    torch.manual_seed(0)
-    model = GPT(cfg).eval()
-    engine = Engine(model, char_tok, max_concurrency=4, max_prefill_tokens=8)
     prompts = [char_tok.encode(t) for t in ("To be", "or no", "t to ")]
     assert [len(p) for p in prompts] == [5, 5, 5]
-    widths: list[tuple[int, int]] = []  # (rows, tokens) of every prefill forward pass
+    assert _prefill_passes(char_tok, prompts, block_size=48, max_concurrency=4, max_prefill_tokens=8) == [
+        (1, 5), (1, 5), (1, 5)]
+
+
+def _prefill_passes(char_tok, prompts: list[list[int]], **engine_kw) -> list[tuple[int, int]]:
+    """Decode ``prompts`` (6 greedy tokens each) with an engine of ``engine_kw`` over a small GPT -> (rows,
+    tokens) of every prefill forward pass; each prompt must get the tokens it gets alone."""
+    block_size = engine_kw.pop("block_size")
+    cfg = GPTConfig(vocab_size=char_tok.vocab_size, block_size=block_size, n_layer=1, n_head=2, n_embd=16,
+                    init_std=0.5)
+    torch.manual_seed(0)
+    model = GPT(cfg).eval()
+    engine = Engine(model, char_tok, **engine_kw)
+    widths: list[tuple[int, int]] = []
     hook = model.register_forward_pre_hook(lambda _m, args: widths.append(tuple(args[0].shape)))
     try:
         outs = _collect(engine, prompts, SamplingParams(max_tokens=6, temperature=0))
     finally:
         engine.close()
         hook.remove()
-    assert widths == [(1, 5), (1, 5), (1, 5)]
-    for prompt, ids in zip(prompts, outs, strict=True):
-        assert ids == list(generate_ids(model, prompt, GenerationConfig(max_new_tokens=6, temperature=0)))
+    for prompt, ids in zip(prompts, outs, strict=True):  # the same tokens, up to an end-of-text token
+        want = list(generate_ids(model, prompt, GenerationConfig(max_new_tokens=6, temperature=0)))
+        assert ids == want[: len(ids)] and (len(ids) == 6 or ids[-1] == char_tok.eos_id), (ids, want)
+    return widths
+
+
+def test_a_burst_of_sixteen_chat_sized_prompts_goes_in_one_pass_by_default(char_tok, capsys):
+    """The default budget, PREFILL_CHUNK = 1024 prompt tokens per loop: 16 prompts of 60 tokens sent at once
+    (a chat message with its template) go through the model in one pass of 16 rows, so no stream that starts
+    early waits through the prefills of the others (docs/BENCHMARKS.md: p99 inter-token latency at 16 clients
+    62 against 132 ms with 256 a loop, bf16); each gets the tokens it gets alone. `zenlm serve --help` states
+    the default."""
+    text = "To be, or not to be, that is the question: whether 'tis nobler in the mind to suffer"
+    prompts = [char_tok.encode(text[i : i + 60]) for i in range(16)]
+    assert {len(p) for p in prompts} == {60} and PREFILL_CHUNK == 1024
+    assert _prefill_passes(char_tok, prompts, block_size=80, max_concurrency=16) == [(16, 60)]
+
+    from zenlm.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["serve", "--help"])
+    assert f"(default: {PREFILL_CHUNK} for a Transformer" in " ".join(capsys.readouterr().out.split())
 
 
 def test_the_model_computes_on_the_engine_thread_only(char_tok):

@@ -100,10 +100,11 @@ def serve(
         batch_invariant: what a request gets does not depend on which requests share its decode steps (the
             default). --no-batch-invariant: while one stream runs alone it takes the faster program of
             `zenlm generate` (up to 2.3x per token on a CPU), whose last bits differ from a batched step's
-        max_prefill_tokens: prompt tokens prefilled between two decode steps of the running streams. Lower
-            keeps their inter-token latency steadier while a burst of requests comes in; higher gets the new
-            requests their first token sooner. A longer prompt goes in pieces of this many, one per step
-            (default: 256 for a Transformer)
+        max_prefill_tokens: prompt tokens prefilled between two decode steps of the running streams. Each
+            such prefill pauses them: lower makes a long prompt's pauses shorter (it goes in pieces of this many,
+            one per step) but spreads a burst of requests over more pauses; higher gets a burst its first tokens
+            sooner, in fewer pauses (default: 1024 for a Transformer; see docs/BENCHMARKS.md for 256 against
+            1024 under 16 clients)
         public_metrics: leave GET /metrics open without the API key (for a Prometheus scraper)
         max_request_bytes: largest request body; a larger one is answered 413 without being read
         request_timeout: seconds a client has to send a request's headers, and again its body (then 408)
