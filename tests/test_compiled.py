@@ -381,7 +381,9 @@ def test_a_program_lets_go_of_the_interpreter_lock_where_asked(llama_program, mo
     reads requests and sends tokens meanwhile): the program is called through its library's C interface, which
     then releases the interpreter lock; off, the lock is kept, as torch's own loader keeps it. With no forced
     hand-over of the lock (a switch interval of 10 s), the main thread gets to run while the steps are still
-    going only if a step lets go of it. Either way the logits are those of torch's loader."""
+    going only if a step lets go of it (the steps go on until the main thread has run, at most 2,000 of them:
+    the main thread also needs a free core, which two test processes on two cores may take a while to give it).
+    Either way the logits are those of torch's loader."""
     import sys
 
     from zenlm.compiled import KEY_BLOCK, RELEASE_GIL_ENV, _LoaderProgram, _Program
@@ -398,13 +400,15 @@ def test_a_program_lets_go_of_the_interpreter_lock_where_asked(llama_program, mo
     assert isinstance(program, _Program)
     S = min(-(-5 // KEY_BLOCK) * KEY_BLOCK, cache.max_len - 1)
     inputs = (torch.tensor([5]), torch.tensor([4]), torch.arange(S), cache.k, cache.v)
-    ready, done, out = threading.Event(), threading.Event(), []
+    ready, seen, done, out = threading.Event(), threading.Event(), threading.Event(), []
 
     def steps() -> None:
         with torch.inference_mode():
             ready.set()
-            for _ in range(20):
+            for _ in range(2000):
                 out.append(program(*inputs))
+                if seen.is_set():  # the main thread ran
+                    break
         done.set()
 
     interval = sys.getswitchinterval()
@@ -414,6 +418,7 @@ def test_a_program_lets_go_of_the_interpreter_lock_where_asked(llama_program, mo
         worker.start()
         ready.wait()
         ran_meanwhile = not done.is_set()
+        seen.set()
         worker.join()
     finally:
         sys.setswitchinterval(interval)
