@@ -217,10 +217,10 @@ def test_a_prompt_that_fits_a_loop_is_never_cut_to_fit_what_is_left_of_one(char_
         (1, 5), (1, 5), (1, 5)]
 
 
-def _prefill_passes(char_tok, prompts: list[list[int]], **engine_kw) -> list[tuple[int, int]]:
-    """Decode ``prompts`` (6 greedy tokens each) with an engine of ``engine_kw`` over a small GPT -> (rows,
-    tokens) of every prefill forward pass; each prompt must get the tokens it gets alone."""
-    block_size = engine_kw.pop("block_size")
+def _prefill_passes(char_tok, prompts: list[list[int]], *, block_size: int, **engine_kw) -> list[tuple[int, int]]:
+    """Decode ``prompts`` (6 greedy tokens each) with an engine of ``engine_kw`` over a small GPT of context
+    ``block_size`` -> (rows, tokens) of every prefill forward pass; each prompt must get the tokens it gets
+    alone."""
     cfg = GPTConfig(vocab_size=char_tok.vocab_size, block_size=block_size, n_layer=1, n_head=2, n_embd=16,
                     init_std=0.5)
     torch.manual_seed(0)
