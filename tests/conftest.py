@@ -101,6 +101,24 @@ def make_tiny_gpt_run(root: Path, suppress_eos: bool = True, **overrides) -> Pat
     return save_run(root, model, tok)
 
 
+def _load_benchmark(name: str):
+    import importlib.util
+
+    path = Path(__file__).parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="session")
+def bench_module():
+    """``bench_module(name)``: the module of ``benchmarks/<name>.py`` (the benchmarks are scripts, not a package),
+    for tests of their parts."""
+    return _load_benchmark
+
+
 @pytest.fixture(scope="session")
 def run_factory():
     """``make_tiny_gpt_run(root, suppress_eos=True, **GPTConfig overrides)`` for tests that need a run

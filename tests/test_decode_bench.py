@@ -3,7 +3,6 @@ table (one fresh process per row and round)."""
 
 from __future__ import annotations
 
-import importlib.util
 import subprocess
 import sys
 from pathlib import Path
@@ -11,16 +10,8 @@ from pathlib import Path
 SCRIPT = Path(__file__).parents[1] / "benchmarks" / "decode_speed.py"
 
 
-def _module():
-    spec = importlib.util.spec_from_file_location("decode_speed", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_rounds_keep_the_fastest_run_the_shortest_long_prompt_and_the_largest_peak():
-    best_of = _module().best_of
+def test_rounds_keep_the_fastest_run_the_shortest_long_prompt_and_the_largest_peak(bench_module):
+    best_of = bench_module("decode_speed").best_of
     slow = {"total": 2.0, "ttft": 0.05, "long_ttft": 0.30, "peak_mb": 500.0, "read_bw": 20e9, "ids": [[1]]}
     fast = {"total": 1.0, "ttft": 0.07, "long_ttft": 0.40, "peak_mb": 480.0, "read_bw": 30e9, "ids": [[2]]}
     assert best_of(None, slow) is slow

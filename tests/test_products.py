@@ -236,14 +236,10 @@ def test_the_fused_gelu_takes_bf16_only_where_the_cpu_computes_it(fused_gelu, mo
     assert not layers._fused_gelu_dtypes()
 
 
-def test_the_prefill_fusion_benchmark_prints_its_table(monkeypatch, capsys):
-    import importlib.util
+def test_the_prefill_fusion_benchmark_prints_its_table(monkeypatch, capsys, bench_module):
     import sys
 
-    path = Path(__file__).parents[1] / "benchmarks" / "prefill_fusion.py"
-    spec = importlib.util.spec_from_file_location("prefill_fusion", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = bench_module("prefill_fusion")
     monkeypatch.setenv("ZENLM_FUSED_GELU", "1")  # the script sets it; restored after the test
     monkeypatch.setattr(sys, "argv", ["prefill_fusion.py", "--n-layer", "1", "--vocab", "64", "--shapes", "2x17",
                                       "--repeats", "1", "--threads", "1"])
