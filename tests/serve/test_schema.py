@@ -86,3 +86,15 @@ def test_batched_prompts_are_all_texts_or_all_id_lists(prompt):
         kinds = {type(p) for p in req.prompts}
         assert len(req.prompts) >= 1 and len(kinds) == 1
         assert all(p for p in req.prompts if isinstance(p, list))  # no empty id list
+
+
+def test_an_integer_out_of_range_says_the_range_in_words():
+    def message(body):
+        try:
+            parse_completion({"model": "m", "prompt": "hi", **body})
+        except APIError as e:
+            return e.message, e.body()["error"]["param"]
+        raise AssertionError(f"{body} was accepted")
+
+    assert message({"max_tokens": -3}) == ("'max_tokens' must be >= 0, got -3.", "max_tokens")
+    assert message({"n": 17})[0] == "'n' must be in 1..16, got 17."

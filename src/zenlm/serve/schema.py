@@ -134,8 +134,11 @@ def _int(body: dict, name: str, default: int | None, lo: int | None = None, hi: 
     if isinstance(v, bool) or not isinstance(v, int):
         raise _type_error(name, "an integer", v)
     if (lo is not None and v < lo) or (hi is not None and v > hi):
-        rng = f"{lo}..{hi}" if hi is not None else f">= {lo}"
-        raise APIError(400, f"'{name}' must be in {rng}, got {v}.", param=name, code="invalid_value")
+        if lo is None:
+            rng = f"<= {hi}"
+        else:
+            rng = f"in {lo}..{hi}" if hi is not None else f">= {lo}"
+        raise APIError(400, f"'{name}' must be {rng}, got {v}.", param=name, code="invalid_value")
     return v
 
 
