@@ -36,11 +36,25 @@ def test_each_client_counts_the_tokens_the_server_generated(serve_load, bench_se
 
 def test_the_raw_client_counts_refusals_and_lost_servers_as_errors(serve_load, bench_server):
     stats = {"ttft": [], "itl": [], "tokens": 0, "done": 0, "errors": 0}
-    # a 400 (max_tokens below 0) on a kept-alive connection, twice: read whole, counted, the connection reused
-    serve_load.asyncio.run(serve_load.raw_client(bench_server.url, "hi", 2, -3, stats))
+    asyncio = serve_load.asyncio
+    # a 400 (max_tokens below 0), twice: each answer read whole and counted
+    asyncio.run(serve_load.raw_client(bench_server.url, "hi", 2, -3, stats))
     assert (stats["done"], stats["errors"], stats["tokens"]) == (0, 2, 0)
     with socket.socket() as s:  # a port nobody listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    serve_load.asyncio.run(serve_load.raw_client(f"http://127.0.0.1:{port}", "hi", 3, 4, stats))
+    asyncio.run(serve_load.raw_client(f"http://127.0.0.1:{port}", "hi", 3, 4, stats))
     assert (stats["done"], stats["errors"]) == (0, 5)
+
+    async def hang_up(reader, writer):  # reads a request, closes the connection without an answer
+        await reader.readuntil(b"\r\n\r\n")
+        writer.close()
+
+    async def against_a_server_that_hangs_up():
+        server = await asyncio.start_server(hang_up, "127.0.0.1", 0)
+        url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+        async with server:
+            await asyncio.wait_for(serve_load.raw_client(url, "hi", 2, 4, stats), timeout=30)
+
+    asyncio.run(against_a_server_that_hangs_up())
+    assert (stats["done"], stats["errors"]) == (0, 7)
