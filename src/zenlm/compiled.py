@@ -78,7 +78,10 @@ AOTInductor ~20-40 s); loading it from the disk cache in a later process takes a
 default (``compile=None`` in :class:`~zenlm.generate.GenerationConfig`, the server, the CLI) a program that is
 not on disk yet is built in the background by a separate low-priority process while the tokens are decoded
 eagerly, and the step switches to the program when it is ready (:func:`decoder_for`); the build finishes even
-if the process that asked for it ends first, so the next run starts compiled. ``compile=True`` waits for the
+if the process that asked for it ends first, so the next run starts compiled. Programs asked for together (a
+server's batch sizes, :meth:`CompiledDecoder.prepare` with several row counts) are built one after another by
+one such process, which imports PyTorch and its compiler once, and each is loaded as soon as it is on disk: the
+five of a GPT-2-small server took 125-129 s instead of 156-177 s with a process each (2-core Xeon, bf16). ``compile=True`` waits for the
 build instead, ``compile=False`` (``--no-compile``) never compiles, and ``ZENLM_COMPILE=0`` in the environment
 makes eager the default. Compiling needs a C++ compiler on CPU (gcc or clang; without one the default decodes
 eagerly after a one-line notice) and Triton on a GPU (where the default decodes eagerly). Outputs: fp32 logits
@@ -103,11 +106,12 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 import uuid
 import warnings
 import weakref
 import zipfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -581,13 +585,24 @@ class CompiledDecoder:
                 return False
         return not self._pending
 
-    def prepare(self, k_layers: Sequence[Tensor], rows: int = 1, *, batched: bool = False) -> None:
+    def prepare(self, k_layers: Sequence[Tensor], rows: int | Sequence[int] = 1, *, batched: bool = False) -> None:
         """Make ready the program that steps of ``rows`` rows over caches like ``k_layers`` will run before the
         first step asks for it (in the background, or here when not ``background``), so that the one-line note
         of a build comes before a reply's text, not inside it. For the ``"aot"`` backend; the ``"dynamo"`` one
-        compiles on the first step."""
-        if self.backend == "aot":
-            self._program(self._shape(rows, k_layers, batched))
+        compiles on the first step. ``rows`` may list several row counts (a server's batch sizes): in the
+        background, the programs missing on disk are then built one after another by one process, which
+        imports PyTorch and its compiler once (about 5 s on 2 cores) instead of once per program, and each is
+        loaded as soon as it is built."""
+        if self.backend != "aot":
+            return
+        shapes = [self._shape(r, k_layers, batched) for r in ([rows] if isinstance(rows, int) else rows)]
+        if not self.background:
+            for shape in shapes:
+                self._program(shape)
+            return
+        training = self.model.training
+        self._start([k for k in dict.fromkeys((shape, training) for shape in shapes)
+                     if k not in self._programs and k not in self._failed])
 
     @staticmethod
     def _shape(B: int, k_layers: Sequence[Tensor], batched: bool) -> ProgramShape:
@@ -654,7 +669,7 @@ class CompiledDecoder:
         if program is not None or key in self._failed:
             return program
         if self.background:
-            self._start(key)
+            self._start([key])
             return None
         try:
             program = self._programs[key] = self._load(key)
@@ -713,61 +728,98 @@ class CompiledDecoder:
             return _open(path, self._weights, self._packed(key[0]))
 
     # ------------------------------------------------------------------------------------ in the background
-    def _start(self, key: tuple[ProgramShape, bool]) -> None:
-        """Queue ``key``'s program to be made ready on the builder thread (once)."""
-        if key in self._pending:
-            return
-        path = self._path(key)
-        job = _Job(weakref.ref(self), key, path, self._weights, self._weights_key, self._packed(key[0]))
-        self._pending[key] = job
-        if not path.exists():
-            _log.info("compiling the decode step for %s in the background (once; 20-60 s for GPT-2-small, kept in "
-                      "%s); decoding eagerly until it is ready", _which(key[0]), path.parent)
-        _builder().put(job)
+    def _start(self, keys: list[tuple[ProgramShape, bool]]) -> None:
+        """Queue the programs of ``keys`` (those not queued yet) to be made ready on the builder thread, as one
+        group: one build process for those missing on disk (see :meth:`_build_elsewhere`)."""
+        jobs = []
+        for key in keys:
+            if key in self._pending:
+                continue
+            path = self._path(key)
+            job = _Job(weakref.ref(self), key, path, self._weights, self._weights_key, self._packed(key[0]))
+            self._pending[key] = job
+            jobs.append(job)
+            if not path.exists():
+                _log.info("compiling the decode step for %s in the background (once; 20-60 s for GPT-2-small, kept "
+                          "in %s); decoding eagerly until it is ready", _which(key[0]), path.parent)
+        if jobs:
+            _builder().put(jobs)
 
-    def _finish(self, job: _Job) -> None:
-        """On the builder thread: build ``job``'s program in a separate process unless it is on disk, then load
-        it for this decoder (unless the model's tensors were replaced meanwhile)."""
-        built = not job.path.exists()
-        if built:
-            self._build_elsewhere(job)
-            self.programs_built += 1
-        runner = _open(job.path, job.weights, job.packed)
-        current = job.packed is None or (self._packs is not None and self._packs.packed is job.packed)
-        if self._weights_key == job.weights_key and current:
-            self._programs[job.key] = runner
-        if built:
-            _log.info("the compiled decode step for %s is ready", _which(job.key[0]))
+    def _finish(self, jobs: list[_Job], settle: Callable[[_Job, BaseException | None], None]) -> None:
+        """On the builder thread: load the programs of ``jobs`` that are on disk, build the others in a separate
+        process, and load each as soon as it is built, for this decoder (unless the model's tensors were
+        replaced meanwhile); ``settle(job, error)`` is called once per job that is done with, or failed."""
 
-    def _build_elsewhere(self, job: _Job) -> None:
-        """Build ``job``'s program in a child process (``python -m zenlm.compiled SPEC``), which rebuilds the
-        model from its config with empty tensors of the same names, dtypes and shapes, at a lower priority, so
-        that eager decoding here keeps a core and the GIL. A model the child cannot rebuild (a subclass, other
-        modules) is exported here instead."""
+        def ready(job: _Job, built: bool) -> None:
+            try:
+                if built:
+                    self.programs_built += 1
+                runner = _open(job.path, job.weights, job.packed)
+                current = job.packed is None or (self._packs is not None and self._packs.packed is job.packed)
+                if self._weights_key == job.weights_key and current:
+                    self._programs[job.key] = runner
+                if built:
+                    _log.info("the compiled decode step for %s is ready", _which(job.key[0]))
+            except Exception as e:  # noqa: BLE001 - this program only: the others of the group go on
+                settle(job, e)
+            else:
+                settle(job, None)
+
+        missing = [job for job in jobs if not job.path.exists()]
+        for job in jobs:
+            if job not in missing:
+                ready(job, False)
+        if missing:
+            self._build_elsewhere(missing, lambda job: ready(job, True))
+
+    def _build_elsewhere(self, jobs: list[_Job], built: Callable[[_Job], None]) -> None:
+        """Build the programs of ``jobs``, in order, in one child process (``python -m zenlm.compiled SPEC``),
+        which rebuilds the model from its config with empty tensors of the same names, dtypes and shapes, at a
+        lower priority, so that eager decoding here keeps a core and the GIL; ``built(job)`` is called here as
+        each program appears on disk. A model the child cannot rebuild (a subclass, other modules) is exported
+        here instead. RuntimeError when the child fails (the programs it did build are kept)."""
         model = self.model
         if type(model) is not GPT:
-            build_program(model, job.path, job.key[0])
+            for job in jobs:
+                build_program(model, job.path, job.key[0])
+                built(job)
             return
-        spec = {"path": str(job.path), "shape": job.key[0].to_json(), "config": model.config.to_dict(),
+        first = jobs[0].path
+        spec = {"programs": [{"path": str(job.path), "shape": job.key[0].to_json()} for job in jobs],
+                "config": model.config.to_dict(),
                 "int8": any(isinstance(m, Int8Linear) for m in model.modules()),
                 "narrow": any(isinstance(m, NarrowLinear) for m in model.modules()),
                 "signature": _signature(model), "threads": torch.get_num_threads()}
         tag = f"{os.getpid()}.{uuid.uuid4().hex[:8]}"
-        spec_file = job.path.with_name(f"{job.path.stem}.{tag}.spec.json")
-        log_file = job.path.with_name(f"{job.path.stem}.{tag}.log")
+        spec_file = first.with_name(f"{first.stem}.{tag}.spec.json")
+        log_file = first.with_name(f"{first.stem}.{tag}.log")
         spec["log"] = str(log_file)
-        job.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        first.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         spec_file.write_text(json.dumps(spec), encoding="utf-8")
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
         with open(log_file, "wb") as log:
             proc = subprocess.Popen([sys.executable, "-m", "zenlm.compiled", str(spec_file)], stdin=subprocess.DEVNULL,
                                     stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-        rc = proc.wait()
+        waiting = list(jobs)
+
+        def arrived() -> None:
+            for job in [j for j in waiting if j.path.exists()]:  # written whole (os.replace) or not at all
+                waiting.remove(job)
+                built(job)
+
+        while proc.poll() is None:
+            arrived()
+            time.sleep(0.1)
+        arrived()
         spec_file.unlink(missing_ok=True)
+        rc = proc.returncode
         if rc == _CANNOT_REBUILD:
             log_file.unlink(missing_ok=True)
-            build_program(model, job.path, job.key[0])
-        elif rc != 0 or not job.path.exists():
+            for job in list(waiting):
+                build_program(model, job.path, job.key[0])
+                waiting.remove(job)
+                built(job)
+        elif rc != 0 or waiting:
             raise RuntimeError(f"the build process failed (exit status {rc}); its output is in {log_file}")
         else:
             log_file.unlink(missing_ok=True)
@@ -968,8 +1020,9 @@ _JOBS_LOCK = threading.Lock()
 _NOTICE_GIVEN = threading.Event()
 
 
-def _builder() -> queue.Queue[_Job]:
-    """The queue of the one builder thread (started on first use): programs are made ready one at a time."""
+def _builder() -> queue.Queue[list[_Job]]:
+    """The queue of the one builder thread (started on first use): groups of programs, made ready one group
+    at a time (see :meth:`CompiledDecoder._start`)."""
     global _JOBS
     with _JOBS_LOCK:
         if _JOBS is None:
@@ -978,21 +1031,38 @@ def _builder() -> queue.Queue[_Job]:
         return _JOBS
 
 
-def _build_loop(jobs: queue.Queue[_Job]) -> None:
+def _build_loop(groups: queue.Queue[list[_Job]]) -> None:
     while True:
-        job = jobs.get()
-        decoder = job.decoder()
-        try:
-            if decoder is not None:
-                decoder._finish(job)
-        except Exception as e:  # noqa: BLE001 - whatever went wrong: this shape decodes eagerly, say why
-            if decoder is not None:
+        _make_ready(groups.get())
+
+
+def _make_ready(jobs: list[_Job]) -> None:
+    """Make the programs of one group ready (see :meth:`CompiledDecoder._finish`); every job ends done, its
+    program loaded or, when that failed, its shape decoding eagerly with a warning that says why."""
+    decoder = jobs[0].decoder()  # one decoder per group; None when its model is gone
+    settled: set[int] = set()
+
+    def settle(job: _Job, error: BaseException | None) -> None:
+        if id(job) in settled:
+            return
+        settled.add(id(job))
+        if decoder is not None:
+            if error is not None:
                 decoder._failed.add(job.key)
-            _log.warning("the compiled decode step could not be built (%s); decoding eagerly", f"{e!r:.300}")
-        finally:
-            if decoder is not None:
-                decoder._pending.pop(job.key, None)
-            job.done.set()
+            decoder._pending.pop(job.key, None)
+        if error is not None:
+            _log.warning("the compiled decode step could not be built (%s); decoding eagerly", f"{error!r:.300}")
+        job.done.set()
+
+    try:
+        if decoder is not None:
+            decoder._finish(jobs, settle)
+    except Exception as e:  # noqa: BLE001 - whatever went wrong: the shapes not ready decode eagerly
+        for job in jobs:
+            settle(job, e)
+    finally:
+        for job in jobs:
+            settle(job, None)
 
 
 def compiled_decoder(model: GPT, backend: str | None = None, *, background: bool = False) -> CompiledDecoder:
@@ -1059,7 +1129,7 @@ def _rebuild(spec: dict[str, Any]) -> GPT | None:
 
 
 def _build_main(argv: list[str]) -> int:
-    """``python -m zenlm.compiled SPEC.json``: build the program a spec describes (see
+    """``python -m zenlm.compiled SPEC.json``: build the programs a spec describes, in order (see
     :meth:`CompiledDecoder._build_elsewhere`) -> exit status 0, or 3 when the model cannot be rebuilt."""
     spec_file = Path(argv[0])
     spec = json.loads(spec_file.read_text(encoding="utf-8"))
@@ -1072,7 +1142,10 @@ def _build_main(argv: list[str]) -> int:
     model = _rebuild(spec)
     if model is None:
         return _CANNOT_REBUILD
-    build_program(model, Path(spec["path"]), ProgramShape.from_json(spec["shape"]))
+    for program in spec["programs"]:
+        path = Path(program["path"])
+        if not path.exists():  # another process may have built it meanwhile
+            build_program(model, path, ProgramShape.from_json(program["shape"]))
     Path(spec["log"]).unlink(missing_ok=True)  # nothing to report
     return 0
 

@@ -309,6 +309,8 @@ class Engine:
 
         def warm_up() -> None:
             sizes = sorted({bucket_for(rows, self.max_concurrency) for rows in range(1, self.max_concurrency + 1)})
+            # queued together, the programs missing on disk are built by one process, not one process each
+            decoder.prepare(self.pool.k, sizes, batched=True)
             for rows in sizes:
                 ones_B = torch.ones(rows, dtype=torch.long, device=self.device)
                 decoder(ones_B, ones_B, self.pool.k, self.pool.v, batched=True)
