@@ -207,12 +207,16 @@ def test_a_kv_cache_costs_memory_only_for_the_positions_written() -> None:
 
     gc.collect()
     assert int(big.sum()) == 3
-    cache.k[0].fill_(1.0)  # written in full: resident in full (the measure above can see 8 MiB)
-    assert _anon_kb() - before > 8000
+    cache.k[0].fill_(1.0)  # written in full: resident in full (8 MiB) in the buffer's own map ...
+    assert int(_smaps(cache.k[0].data_ptr(), "Anonymous:")[0]) >= 8192
+    # ... and the measure above sees it beyond its bound of 4 MiB (not all 8: memory freed elsewhere in this
+    # process meanwhile lowers its count; a full run once saw 6.4 MiB)
+    assert _anon_kb() - before > 4096
 
 
-def _vm_flags(address: int) -> set[str]:
-    """The VmFlags of the mapping of this process that holds ``address`` (Linux's /proc/self/smaps)."""
+def _smaps(address: int, field: str) -> list[str]:
+    """The values of ``field`` (e.g. "VmFlags:", "Anonymous:") of the mapping of this process that holds
+    ``address`` (Linux's /proc/self/smaps)."""
     inside = False
     with open("/proc/self/smaps") as f:
         for line in f:
@@ -220,9 +224,13 @@ def _vm_flags(address: int) -> set[str]:
             if "-" in head and not head.endswith(":"):
                 lo, hi = (int(a, 16) for a in head.split("-"))
                 inside = lo <= address < hi
-            elif inside and head == "VmFlags:":
-                return set(line.split()[1:])
+            elif inside and head == field:
+                return line.split()[1:]
     raise AssertionError(f"no mapping holds {address:#x}")
+
+
+def _vm_flags(address: int) -> set[str]:
+    return set(_smaps(address, "VmFlags:"))
 
 
 @pytest.mark.skipif(not Path("/sys/kernel/mm/transparent_hugepage/enabled").exists(),
