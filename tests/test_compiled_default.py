@@ -174,20 +174,17 @@ def test_two_processes_building_the_same_program_at_once_both_succeed(compile_de
 class _StandInBuilder:
     """Stands in for the build process (``python -m zenlm.compiled SPEC``): reads the spec, and each time the
     caller polls it, "builds" the next program (writes its file), then exits with ``rc``, leaving the last
-    ``unbuilt`` programs without a file."""
+    ``unbuilt`` programs without a file. ``seen``: how many programs the caller had loaded at each poll."""
 
-    started: list[list[str]] = []
-    loaded: list[str] = []  # the programs the caller has loaded ...
-    seen: list[int] = []  # ... how many of them at each poll
-
-    def __init__(self, argv, *, rc: int = 0, unbuilt: int = 0, **_kw) -> None:
+    def __init__(self, argv: list[str], loaded: list[str], rc: int, unbuilt: int) -> None:
         spec = json.loads(Path(argv[-1]).read_text(encoding="utf-8"))
-        self.paths = [Path(p["path"]) for p in spec["programs"]]
-        _StandInBuilder.started.append([p.name for p in self.paths])
-        self.todo, self.rc, self.returncode = self.paths[: len(self.paths) - unbuilt], rc, None
+        self.names = [Path(p["path"]).name for p in spec["programs"]]
+        paths = [Path(p["path"]) for p in spec["programs"]]
+        self.todo, self.rc, self.returncode = paths[: len(paths) - unbuilt], rc, None
+        self.loaded, self.seen = loaded, []
 
-    def poll(self):
-        _StandInBuilder.seen.append(len(_StandInBuilder.loaded))
+    def poll(self) -> int | None:
+        self.seen.append(len(self.loaded))
         if self.todo:
             self.todo.pop(0).write_bytes(b"a program")
             return None
@@ -202,11 +199,10 @@ def test_programs_queued_together_are_built_by_one_process_and_loaded_as_each_ap
     in order, and each is loaded as soon as its file appears. When the process fails, the programs it built
     are kept and the others decode eagerly, with a warning."""
     loaded: list[str] = []
+    started: list[_StandInBuilder] = []
     monkeypatch.setattr(zenlm.compiled, "_open", lambda path, *a: loaded.append(path.name) or path.name)
-    _StandInBuilder.started, _StandInBuilder.loaded, _StandInBuilder.seen = [], loaded, []
-    monkeypatch.setattr(zenlm.compiled.subprocess, "Popen", lambda argv, **kw: _StandInBuilder(
-        argv, rc=1 if failure else 0, unbuilt=1 if failure else 0))
-    monkeypatch.setattr(zenlm.compiled.time, "sleep", lambda s: None)
+    monkeypatch.setattr(zenlm.compiled.subprocess, "Popen", lambda argv, **kw: started.append(_StandInBuilder(
+        argv, loaded, rc=1 if failure else 0, unbuilt=1 if failure else 0)) or started[-1])
     model = tiny()
     decoder = compiled_decoder(model, background=True)
     cache = model.make_cache(4, 32)
@@ -214,8 +210,8 @@ def test_programs_queued_together_are_built_by_one_process_and_loaded_as_each_ap
     assert decoder.wait(60)
     shapes = [decoder._shape(rows, cache.k, True) for rows in (1, 2, 4)]
     names = [decoder._path((shape, False)).name for shape in shapes]
-    assert _StandInBuilder.started == [names]  # one process, the three programs in order ...
-    assert _StandInBuilder.seen[:3] == [0, 1, 2]  # ... each loaded before the next one was built
+    assert [b.names for b in started] == [names]  # one process, the three programs in order ...
+    assert started[0].seen[:3] == [0, 1, 2]  # ... each loaded before the next one was built
     ready = [decoder.ready(shape) for shape in shapes]
     if failure:
         assert loaded == names[:2] and ready == [True, True, False]
@@ -224,4 +220,4 @@ def test_programs_queued_together_are_built_by_one_process_and_loaded_as_each_ap
         assert loaded == names and all(ready) and decoder.programs_built == 3
     assert decoder.status()["pending"] == 0
     decoder.prepare(cache.k, [1, 2, 4], batched=True)  # nothing left to build: no new process
-    assert decoder.wait(60) and len(_StandInBuilder.started) == 1
+    assert decoder.wait(60) and len(started) == 1

@@ -492,7 +492,7 @@ def _which(shape: ProgramShape) -> str:
     return f"batches of {shape.rows}" if shape.batched else "this model shape"
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(eq=False)  # a job is itself: compared by identity (its fields hold tensors)
 class _Job:
     """One program to make ready in the background for one decoder."""
 
