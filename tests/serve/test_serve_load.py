@@ -30,7 +30,9 @@ def test_each_client_counts_the_tokens_the_server_generated(serve_load, bench_se
     s = serve_load.run_level(bench_server.url, 3, 2, 6, "To be, or not", kind)  # 3 clients x 2 requests
     assert (s["done"], s["errors"]) == (6, 0)
     assert 6 <= s["tokens"] == bench_server.metrics.value("zenlm_completion_tokens_total") - generated <= 36
-    assert len(s["ttft"]) == 6 and s["itl"]  # a first text chunk a request, and the gaps after it
+    # at most one first text chunk a request (none when this random model's reply is special tokens only,
+    # which chat replies leave out of their text), and the gaps after them
+    assert 1 <= len(s["ttft"]) <= 6 and s["itl"]
     assert all(t > 0 for t in s["ttft"] + s["itl"])
 
 
