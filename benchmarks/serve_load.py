@@ -92,11 +92,16 @@ async def client(url: str, prompt: str, n_req: int, max_tokens: int, stats: dict
                 stats["errors"] += 1
 
 
+def _body(prompt: str, max_tokens: int) -> dict:
+    """The JSON body of every request of :func:`sse_client` and :func:`raw_client` (:func:`client`'s own)."""
+    return {"model": "bench", "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
+            "temperature": 0.8, "stream": True, "stream_options": {"include_usage": True}}
+
+
 async def sse_client(url: str, prompt: str, n_req: int, max_tokens: int, stats: dict) -> None:
     """The same requests as :func:`client`, read as raw server-sent events (httpx, one ``json.loads`` per
     event): a load generator that takes less of the CPU it shares with the server than the openai client."""
-    body = {"model": "bench", "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
-            "temperature": 0.8, "stream": True, "stream_options": {"include_usage": True}}
+    body = _body(prompt, max_tokens)
     async with httpx.AsyncClient(base_url=url, timeout=600) as hc:
         for _ in range(n_req):
             t0 = time.perf_counter()
@@ -108,15 +113,7 @@ async def sse_client(url: str, prompt: str, n_req: int, max_tokens: int, stats: 
                         stats["errors"] += 1
                         continue
                     async for line in r.aiter_lines():
-                        if not line.startswith("data: ") or line == "data: [DONE]":
-                            continue
-                        now = time.perf_counter()
-                        chunk = json.loads(line[6:])
-                        if chunk.get("usage"):
-                            stats["tokens"] += chunk["usage"]["completion_tokens"]
-                        choices = chunk.get("choices")
-                        if choices and choices[0]["delta"].get("content"):
-                            last = text_chunk(stats, t0, last, now)
+                        last = _event(line.encode(), stats, t0, last)
                 stats["done"] += 1
             except httpx.HTTPError:
                 stats["errors"] += 1
@@ -152,9 +149,7 @@ async def raw_client(url: str, prompt: str, n_req: int, max_tokens: int, stats: 
     asyncio streams, chunked transfer coding, one ``json.loads`` per event): the load generator that takes the
     least of the CPU it shares with the server, about a third of the openai client's time per streamed token."""
     host, port = url.split("//", 1)[1].rsplit(":", 1)
-    body = json.dumps({"model": "bench", "messages": [{"role": "user", "content": prompt}],
-                       "max_tokens": max_tokens, "temperature": 0.8, "stream": True,
-                       "stream_options": {"include_usage": True}}).encode()
+    body = json.dumps(_body(prompt, max_tokens)).encode()
     request = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n"
                f"Accept: text/event-stream\r\nContent-Length: {len(body)}\r\n\r\n").encode() + body
     conn: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None

@@ -81,9 +81,9 @@ eagerly, and the step switches to the program when it is ready (:func:`decoder_f
 if the process that asked for it ends first, so the next run starts compiled. Programs asked for together (a
 server's batch sizes, :meth:`CompiledDecoder.prepare` with several row counts) are built one after another by
 one such process, which imports PyTorch and its compiler once, and each is loaded as soon as it is on disk: the
-five of a GPT-2-small server took 125-129 s instead of 156-177 s with a process each (2-core Xeon, bf16). ``compile=True`` waits for the
-build instead, ``compile=False`` (``--no-compile``) never compiles, and ``ZENLM_COMPILE=0`` in the environment
-makes eager the default. Compiling needs a C++ compiler on CPU (gcc or clang; without one the default decodes
+five of a GPT-2-small server took 125-129 s instead of 156-177 s with a process each (2-core Xeon, bf16).
+``compile=True`` waits for the build instead, ``compile=False`` (``--no-compile``) never compiles, and
+``ZENLM_COMPILE=0`` in the environment makes eager the default. Compiling needs a C++ compiler on CPU (gcc or clang; without one the default decodes
 eagerly after a one-line notice) and Triton on a GPU (where the default decodes eagerly). Outputs: fp32 logits
 agree with eager decoding to about 1e-5 (the sums run in another order), so greedy tokens are the same except at
 near-ties. The first and the last key slot of a cache (one key; a full cache) are outside the program's range
@@ -765,10 +765,12 @@ class CompiledDecoder:
             else:
                 settle(job, None)
 
-        missing = [job for job in jobs if not job.path.exists()]
+        missing = []
         for job in jobs:
-            if job not in missing:
+            if job.path.exists():
                 ready(job, False)
+            else:
+                missing.append(job)
         if missing:
             self._build_elsewhere(missing, lambda job: ready(job, True))
 
