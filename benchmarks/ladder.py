@@ -44,6 +44,7 @@ tables. The machine must be otherwise idle for the timings to mean anything.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import platform
@@ -69,6 +70,7 @@ from zenlm.train.optim import OptimConfig
 EVAL_SEQ = 128  # validation window (the five-min GPT's context)
 LADDER_CORPORA = ("shakespeare-char", "peoples-daily")  # part 1, as characters
 WORDVEC_CORPORA = ("shakespeare", "peoples-daily")  # part 2, as words
+SMOKE_SENTENCES = 3000  # --smoke: word2vec reads the first 3,000 sentences of a corpus (the whole: 6-7 s)
 PROMPTS = {"shakespeare-char": "ROMEO:\n", "peoples-daily": "中国"}
 # per trained rung: the preset and the `zenlm pretrain` flags on top of its recipe (ladder, or --gpt-recipe)
 RUNGS: dict[str, dict[str, Any]] = {
@@ -171,12 +173,29 @@ LADDER_HEAD = ("| corpus | rung | training | val bits/byte | val nats/token | to
 
 
 # ---------------------------------------------------------------------------------------------- parts 2, 3
+class _First:
+    """The first ``n`` sentences of ``sentences``, re-iterable as gensim needs (a smoke run's word vectors)."""
+
+    def __init__(self, sentences: Any, n: int) -> None:
+        self.sentences, self.n = sentences, n
+
+    def __iter__(self) -> Any:
+        return itertools.islice(iter(self.sentences), self.n)
+
+
+def _sentences(corpus: str, args: argparse.Namespace) -> Any:
+    from zenlm.wordvec import CorpusSentences
+
+    sentences = CorpusSentences(corpus)
+    return _First(sentences, SMOKE_SENTENCES) if args.smoke else sentences
+
+
 def word_vectors(args: argparse.Namespace) -> list[dict[str, Any]]:
-    from zenlm.wordvec import CorpusSentences, Word2VecSettings, evaluate_vectors, train_word2vec
+    from zenlm.wordvec import Word2VecSettings, evaluate_vectors, train_word2vec
 
     rows = []
     for corpus in args.wordvec_corpora:
-        sentences = CorpusSentences(corpus)
+        sentences = _sentences(corpus, args)
         for method in ("skipgram", "cbow"):
             settings = Word2VecSettings(method=method, dim=16 if args.smoke else 100,
                                         epochs=1 if args.smoke else 5, threads=args.threads or 1)
@@ -197,7 +216,7 @@ def _f(v: float | None, fmt: str) -> str:
 
 
 def word_lstm(root: Path, args: argparse.Namespace) -> list[dict[str, Any]]:
-    from zenlm.wordvec import CorpusSentences, Word2VecSettings, save_vectors, train_word2vec
+    from zenlm.wordvec import Word2VecSettings, save_vectors, train_word2vec
 
     data = root / "data-shakespeare-words"
     if not (data / "index.json").is_file():
@@ -206,7 +225,7 @@ def word_lstm(root: Path, args: argparse.Namespace) -> list[dict[str, Any]]:
     overrides = {"n_embd": 16, "n_hidden": 16, "n_layer": 1} if args.smoke else {}
     dim = preset_config("lstm-small", **overrides).n_embd  # the vectors' width = the embeddings'
     t0 = time.perf_counter()
-    kv = train_word2vec(CorpusSentences("shakespeare"), Word2VecSettings(
+    kv = train_word2vec(_sentences("shakespeare", args), Word2VecSettings(
         dim=dim, min_count=2, epochs=1 if args.smoke else 5, threads=args.threads or 1))
     w2v_s = time.perf_counter() - t0
     vectors = save_vectors(kv, root / "vectors-shakespeare", {"dim": dim, "train_s": w2v_s})
