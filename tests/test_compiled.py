@@ -13,6 +13,7 @@ bf16 at batches 2 and 4), which the engine test shares. The tests run in one xdi
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 import torch
@@ -47,21 +48,81 @@ def programs() -> set[str]:
 
 
 @pytest.fixture(scope="session")
-def llama_program() -> str:
+def llama_build() -> tuple[str, list[tuple[list[str], float, float]]]:
     """Build the AOT program of the ``llama_like()`` shape (batch 1, a full-length cache) once per session: the
-    first use of a shape compiles exactly one program and writes it to the disk cache whole. -> its file name."""
+    first use of a shape compiles exactly one program and writes it to the disk cache whole. -> its file name,
+    and the compiler commands the build ran, each with the times it started and ended."""
+    from torch._inductor import cpp_builder
+
+    compiles: list[tuple[list[str], float, float]] = []
+    run = cpp_builder._run_compile_cmd
+
+    def timed(cmd_line: str, cwd: str) -> None:
+        start = time.perf_counter()
+        run(cmd_line, cwd)
+        compiles.append((cmd_line.split(), start, time.perf_counter()))
+
     torch.manual_seed(100)
     model = GPT(llama_like()).eval()
     decoder = compiled_decoder(model, "aot")
     before = programs()
     cache = model.make_cache(1)
-    with torch.inference_mode():
+    with torch.inference_mode(), pytest.MonkeyPatch.context() as mp:
+        mp.setattr(cpp_builder, "_run_compile_cmd", timed)
         model(torch.tensor([[1, 2, 3]]), cache=cache)
         decoder.next_logits(4, cache)
     assert decoder.backend == "aot" and decoder.programs_built == 1
     new = programs() - before
     assert len(new) == 1 and not list(cache_dir().glob("*.tmp.pt2"))
-    return new.pop()
+    return new.pop(), compiles
+
+
+@pytest.fixture(scope="session")
+def llama_program(llama_build) -> str:
+    return llama_build[0]
+
+
+def test_a_programs_wrapper_and_kernels_compile_side_by_side(llama_build):
+    """The program's two C++ files (the wrapper, the kernels) compile at the same time, and the link starts once
+    both are done (``_WrapperBesideKernels``: a third of a GPT-2 build was the wrapper's compile alone)."""
+    _, compiles = llama_build
+
+    def one(suffix: str, linking: bool = False) -> tuple[float, float]:
+        found = [(start, end) for words, start, end in compiles
+                 if any(w.endswith(suffix) for w in words) and ("-c" not in words) == linking]
+        assert len(found) == 1, (suffix, [" ".join(w) for w, _, _ in compiles])
+        return found[0]
+
+    wrapper, kernels, link = one(".wrapper.cpp"), one(".kernel.cpp"), one(".wrapper.so", linking=True)
+    assert wrapper[0] < kernels[1] and kernels[0] < wrapper[1]  # the two overlap
+    assert link[0] >= max(wrapper[1], kernels[1])
+
+
+def test_a_wrapper_compile_that_fails_fails_the_build(tmp_path):
+    """The wrapper's compile runs on a thread of its own, but its failure still reaches the build: at the next
+    build (the kernels'), or when the build ends without one."""
+    from torch._inductor.cpp_builder import CppBuilder
+    from torch._inductor.exc import CppCompileError
+
+    from zenlm.compiled import _WrapperBesideKernels
+
+    class Builder:  # what CppBuilder.build reads of a builder; the "compiler" is `true` or `false`
+        _use_relative_path, _compile_only = False, True
+
+        def __init__(self, name: str, command: str) -> None:
+            self._name, self._output_dir, self.command = name, str(tmp_path), command
+
+        def get_command_line(self) -> str:
+            return self.command
+
+    with pytest.raises(CppCompileError), _WrapperBesideKernels():
+        CppBuilder.build(Builder("p.wrapper", "false"))  # returns at once: the compile runs on its thread
+        CppBuilder.build(Builder("p.kernel", "true"))  # waits for it, and raises its error
+    with pytest.raises(CppCompileError), _WrapperBesideKernels():
+        CppBuilder.build(Builder("q.wrapper", "false"))
+    with _WrapperBesideKernels():  # all well: no error
+        CppBuilder.build(Builder("r.wrapper", "true"))
+        CppBuilder.build(Builder("r.kernel", "true"))
 
 
 @pytest.mark.parametrize("backend", ["aot", "dynamo"])

@@ -72,8 +72,10 @@ build checks that nothing but those products reads them. The one-sequence progra
 the faster multiply-and-sum form and may differ from a batch row in the last bits. A program is specialised to its batch size and to the cache's length and dtype; another
 cache length compiles again.
 
-Costs: building a program takes about 25-45 s for a GPT-2-small model on 2 CPU cores (export ~6 s,
-AOTInductor ~20-40 s); loading it from the disk cache in a later process takes about a second. (The
+Costs: building a program takes about 20-45 s for a GPT-2-small model on 2 CPU cores (export ~6 s, then
+AOTInductor; a one-sequence program 39-43 s on a 2-core Xeon, a batched one 22 s: ``benchmarks/program_build.py``),
+its two C++ files compiled side by side (:class:`_WrapperBesideKernels`, 1.23-1.30x sooner for a one-sequence
+program); loading it from the disk cache in a later process takes about a second. (The
 ``"dynamo"`` backend compiles in 20-30 s, 5-15 s from Inductor's disk cache, in every new process.) So by
 default (``compile=None`` in :class:`~zenlm.generate.GenerationConfig`, the server, the CLI) a program that is
 not on disk yet is built in the background by a separate low-priority process while the tokens are decoded
@@ -81,7 +83,8 @@ eagerly, and the step switches to the program when it is ready (:func:`decoder_f
 if the process that asked for it ends first, so the next run starts compiled. Programs asked for together (a
 server's batch sizes, :meth:`CompiledDecoder.prepare` with several row counts) are built one after another by
 one such process, which imports PyTorch and its compiler once, and each is loaded as soon as it is on disk: the
-five of a GPT-2-small server took 125-129 s instead of 156-177 s with a process each (2-core Xeon, bf16).
+five of a GPT-2-small server took 125-129 s instead of 156-177 s with a process each (2-core Xeon, bf16), and
+about 100 s with the C++ files side by side.
 ``compile=True`` waits for the build instead, ``compile=False`` (``--no-compile``) never compiles, and
 ``ZENLM_COMPILE=0`` in the environment makes eager the default. Compiling needs a C++ compiler on CPU (gcc or clang; without one the default decodes
 eagerly after a one-line notice) and Triton on a GPU (where the default decodes eagerly). Outputs: fp32 logits
@@ -193,6 +196,9 @@ PACKED_ENV = "ZENLM_PACKED_WEIGHTS"
 # Whether a program's call lets go of Python's interpreter lock (see :class:`_Program`): yes unless
 # ``$ZENLM_RELEASE_GIL`` = 0 (off / false / no).
 RELEASE_GIL_ENV = "ZENLM_RELEASE_GIL"
+# Setting this environment variable to 0 compiles a program's two C++ files one after the other (see
+# _WrapperBesideKernels), as Inductor does; benchmarks/program_build.py compares the two.
+PARALLEL_COMPILE_ENV = "ZENLM_PARALLEL_COMPILE"
 
 
 def releases_gil() -> bool:
@@ -427,6 +433,81 @@ def _signature(model: nn.Module) -> list[list[Any]]:
     return [*tensors, *sorted([n, type(m).__qualname__] for n, m in model.named_modules())]
 
 
+class _WrapperBesideKernels:
+    """While active in a thread, a program's two C++ files compile at the same time, not one after the other.
+
+    AOTInductor writes a program as two files: the kernels (the loops, compiled with -O3) and the wrapper (the
+    host code that allocates and calls them, -O1), and compiles the wrapper, then the kernels, then links both.
+    For GPT-2-small's one-sequence step on a 2-core Xeon that is 7.7 s and 12.9 s, a third of the 45 s build;
+    compiled side by side on the two cores, the build took 37-40 s (the same program). Inductor offers no
+    setting for it, so this patches ``CppBuilder.build`` once per process: in a thread where it is active, the
+    wrapper's compile (a builder named ``*.wrapper`` that compiles without linking) starts on a thread of its
+    own, and the next build (the kernels') waits for it before it returns, so the link finds both objects.
+    Where a later PyTorch names things otherwise, nothing matches and the files compile one after the other;
+    ``$ZENLM_PARALLEL_COMPILE=0`` asks for that too."""
+
+    _local = threading.local()
+    _lock = threading.Lock()
+    _installed = False
+
+    def __enter__(self) -> _WrapperBesideKernels:
+        self._install()
+        self._local.active, self._local.pending = env_switch(PARALLEL_COMPILE_ENV) is not False, None
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._local.active = False
+        error = self._wait()
+        if error is not None and exc[0] is None:  # a wrapper compile that failed, and no later build waited
+            raise error
+
+    @classmethod
+    def _wait(cls) -> BaseException | None:
+        """Wait for this thread's wrapper compile, if one runs -> its exception, or None."""
+        pending, cls._local.pending = getattr(cls._local, "pending", None), None
+        if pending is None:
+            return None
+        thread, failed = pending
+        thread.join()
+        return failed[0] if failed else None
+
+    @classmethod
+    def _install(cls) -> None:
+        from torch._inductor.cpp_builder import CppBuilder
+
+        with cls._lock:
+            if cls._installed:
+                return
+            build = CppBuilder.build
+
+            def build_beside(builder: Any) -> None:
+                local = cls._local
+                if (getattr(local, "active", False) and getattr(local, "pending", None) is None
+                        and getattr(builder, "_compile_only", False)
+                        and str(getattr(builder, "_name", "")).endswith(".wrapper")):
+                    failed: list[BaseException] = []
+
+                    def run() -> None:
+                        try:
+                            build(builder)
+                        except BaseException as e:  # noqa: BLE001 - handed to the thread that waits
+                            failed.append(e)
+
+                    thread = threading.Thread(target=run, name="zenlm-compile-wrapper", daemon=True)
+                    thread.start()
+                    local.pending = (thread, failed)
+                    return
+                try:
+                    build(builder)
+                finally:
+                    error = cls._wait()
+                if error is not None:
+                    raise error
+
+            CppBuilder.build = build_beside  # type: ignore[method-assign]
+            cls._installed = True
+
+
 def build_program(model: GPT, path: Path, shape: ProgramShape) -> None:
     """Export the step of ``model`` for ``shape`` (S dynamic in [2, max_len - 1]), compile it with
     AOTInductor, and write the package to ``path`` whole (through a temporary file of this builder's own, so
@@ -450,8 +531,9 @@ def build_program(model: GPT, path: Path, shape: ProgramShape) -> None:
             exported = torch.export.export(_StepModule(model, shape.batched, packed), example, strict=False,
                                            dynamic_shapes=(None, None, {0: S}, [None] * n_layer, [None] * n_layer))
             _check_packed_products(exported, packed)
-            torch._inductor.aoti_compile_and_package(exported, package_path=str(tmp), inductor_configs={
-                **_options(), "aot_inductor.package_constants_in_so": False})
+            with _WrapperBesideKernels():
+                torch._inductor.aoti_compile_and_package(exported, package_path=str(tmp), inductor_configs={
+                    **_options(), "aot_inductor.package_constants_in_so": False})
         _check_reads_its_tensors(exported, tmp)
         os.replace(tmp, path)  # whole or not at all: a half-written package is never loaded
     finally:
