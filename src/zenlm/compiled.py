@@ -438,13 +438,13 @@ class _WrapperBesideKernels:
 
     AOTInductor writes a program as two files: the kernels (the loops, compiled with -O3) and the wrapper (the
     host code that allocates and calls them, -O1), and compiles the wrapper, then the kernels, then links both.
-    For GPT-2-small's one-sequence step on a 2-core Xeon that is 7.7 s and 12.9 s, a third of the 45 s build;
-    compiled side by side on the two cores, the build took 37-40 s (the same program). Inductor offers no
-    setting for it, so this patches ``CppBuilder.build`` once per process: in a thread where it is active, the
-    wrapper's compile (a builder named ``*.wrapper`` that compiles without linking) starts on a thread of its
-    own, and the next build (the kernels') waits for it before it returns, so the link finds both objects.
-    Where a later PyTorch names things otherwise, nothing matches and the files compile one after the other;
-    ``$ZENLM_PARALLEL_COMPILE=0`` asks for that too."""
+    For GPT-2-small's one-sequence step on a 2-core Xeon that is 7.7 s and 12.9 s of a 45 s build; compiled
+    side by side on the two cores, the same program is built 1.23-1.30x sooner (benchmarks/program_build.py).
+    Inductor offers no setting for it, so this patches ``CppBuilder.build`` once per process: in a thread
+    where it is active, the wrapper's compile (a builder named ``*.wrapper`` that compiles without linking)
+    starts on a thread of its own, and the next build (the kernels') waits for it before it returns, so the
+    link finds both objects. Where a later PyTorch names things otherwise, nothing matches and the files
+    compile one after the other; ``$ZENLM_PARALLEL_COMPILE=0`` asks for that too."""
 
     _local = threading.local()
     _lock = threading.Lock()
