@@ -41,6 +41,42 @@ def test_per_channel_scales_and_rounding_error() -> None:
         torch.testing.assert_close(y16.float(), q(rows), rtol=0.05, atol=0.05)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_many_rows_expand_the_int8_matrix_a_block_of_rows_at_a_time(monkeypatch, dtype) -> None:
+    """A product of many input rows (a prompt's pass, scoring) expands a large int8 matrix to the activations'
+    dtype a block of rows at a time (EXPAND_ELEMENTS at most): no float copy of a whole large matrix exists
+    (GPT-2's head would take 77 MB in bf16), and the result is the product with the whole matrix expanded."""
+    from torch.overrides import TorchFunctionMode
+
+    import zenlm.models.int8 as int8
+
+    monkeypatch.setattr(int8, "EXPAND_ELEMENTS", 64 * 48 + 10)  # 64 rows of 48
+    torch.manual_seed(1)
+    q = Int8Linear.from_linear(nn.Linear(48, 200))  # 200 rows: blocks of 64, 64, 64 and 8
+    x = torch.randn(40, 48).to(dtype)  # more rows than the int8 kernel takes
+    expanded: list[tuple[int, ...]] = []
+
+    class Expansions(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func is torch.Tensor.to and args[0].dtype == torch.int8 and out.is_floating_point():
+                expanded.append(tuple(out.shape))
+            return out
+
+    with torch.no_grad(), Expansions():
+        y = q(x)
+    assert sorted(expanded) == [(8, 48), (64, 48), (64, 48), (64, 48)]
+    monkeypatch.setattr(int8, "EXPAND_ELEMENTS", 200 * 48)  # a matrix within the bound: expanded whole
+    expanded.clear()
+    with torch.no_grad(), Expansions():
+        whole = q(x)
+    assert expanded == [(200, 48)]
+    torch.testing.assert_close(y, whole, rtol=1e-2, atol=1e-2)
+    want = F.linear(x, q.weight_int8.to(dtype)) * q.scale.to(dtype) + q.bias.to(dtype)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2  # the same sums; a smaller product may round differently
+    torch.testing.assert_close(y.float(), want.float(), rtol=tol, atol=tol)
+
+
 pytestmark = pytest.mark.xdist_group("int8")  # one worker: the trained run below is made once
 
 

@@ -18,8 +18,9 @@ batch 1 for a 768x2304 matrix here). That kernel is fast for bf16 inputs only (f
 product, which makes eager int8 decoding with fp32 activations slow (a fifth of its bf16 twin's speed); the
 compiled decode steps avoid it (:mod:`zenlm.compiled`, the default): one sequence reads int8 in its fused
 multiply-and-sum loops (fp32 sums), and a batched step passes its rows through the int8 kernel rounded to bf16,
-its sums scaled in fp32. In every other case (prompt prefill, GPUs) the int8 matrix is expanded to the
-activation dtype first (exact in that dtype, no faster). Under ``torch.compile`` with one row (:mod:`zenlm.compiled`)
+its sums scaled in fp32. In every other case (prompt prefill, scoring, GPUs) the int8 matrix is expanded to
+the activation dtype first (exact in that dtype, no faster), a large one (a vocabulary's output head) a block of
+rows at a time (:func:`expanded_product`), so that no float copy of it exists whole. Under ``torch.compile`` with one row (:mod:`zenlm.compiled`)
 the product is written as a multiply-and-sum over the int8 matrix (:func:`~zenlm.models.layers.matvec`): the
 compiler widens q to float inside its loop, so the int8 bytes are all that is read.
 A tied embedding/output head becomes one int8 matrix with a scale per vocabulary row, used for both the
@@ -44,10 +45,34 @@ _PACK_MM = getattr(torch, "_weight_int8pack_mm", None)
 # The int8 kernel is built for matrix-vector work: past a few rows (prompt prefill, large batches) expanding
 # the weight to bf16 and using the dense product is faster.
 PACK_MAX_ROWS = 16
+# The most elements of an int8 matrix expanded at once for a product of many input rows (a prompt's pass,
+# scoring): a larger matrix is expanded a block of rows at a time. The expanded copy is a temporary, so this
+# bounds the memory a pass takes beside the weights and activations: GPT-2's tied output head (50,257 x 768)
+# expanded whole is 77 MB in bf16, 154 MB in fp32; in blocks of at most 4 Mi elements, 8 / 16 MB. Smaller
+# matrices (GPT-2's layers: at most 2.4 M) are expanded whole: cut in two, their products were 15% slower
+# (docs/BENCHMARKS.md, "int8: large matrices expanded a block of rows at a time").
+EXPAND_ELEMENTS = 4 * 1024 * 1024
 
 
 def _tracing() -> bool:
     return torch.compiler.is_compiling() or torch.compiler.is_exporting()
+
+
+def expanded_product(x_MK: Tensor, q_NK: Tensor, s_N: Tensor) -> Tensor:
+    """``(x @ q^T) * s`` with q expanded to x's dtype, at most :data:`EXPAND_ELEMENTS` of it at a time -> [M, N]
+    in x's dtype.
+
+    A block of rows of q is a block of output columns, each the same sum over K as with q expanded whole (bit
+    for bit in most shapes; where the library picks another kernel for the smaller product, within its
+    rounding), and the temporary is one block, not the whole matrix."""
+    N, K = q_NK.shape
+    if N * K <= EXPAND_ELEMENTS:
+        return F.linear(x_MK, q_NK.to(x_MK.dtype)) * s_N.to(x_MK.dtype)
+    rows = max(1, EXPAND_ELEMENTS // K)
+    y_MN = x_MK.new_empty(x_MK.shape[0], N)
+    for n in range(0, N, rows):
+        y_MN[:, n : n + rows] = F.linear(x_MK, q_NK[n : n + rows].to(x_MK.dtype))
+    return y_MN.mul_(s_N.to(x_MK.dtype))
 
 
 class _Int8Matmul(torch.autograd.Function):
@@ -112,7 +137,7 @@ class Int8Linear(nn.Module):
             s16_N = s_N.to(torch.bfloat16)
             y_MN = _PACK_MM(x_MK.to(torch.bfloat16), self.weight_int8, s16_N).float() * (s_N / s16_N.float())
         else:
-            y_MN = F.linear(x_MK, self.weight_int8.to(x.dtype)) * self.scale.to(x.dtype)
+            y_MN = expanded_product(x_MK, self.weight_int8, self.scale)
         if self.bias is not None:
             y_MN = y_MN + self.bias.to(y_MN.dtype)
         return y_MN.reshape(*x.shape[:-1], self.out_features)
@@ -227,4 +252,5 @@ def dequantize_int8(model: nn.Module) -> nn.Module:
     return model
 
 
-__all__ = ["Int8Linear", "Int8Embedding", "quantize_int8", "quantize_rows", "dequantize_int8", "METHOD"]
+__all__ = ["Int8Linear", "Int8Embedding", "quantize_int8", "quantize_rows", "dequantize_int8", "expanded_product",
+           "METHOD", "EXPAND_ELEMENTS"]
