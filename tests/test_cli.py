@@ -31,7 +31,8 @@ def test_help(verb: list[str], capsys: pytest.CaptureFixture) -> None:
             assert flag in out
 
 
-def test_full_pipeline_through_the_cli(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_full_pipeline_through_the_cli(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                      monkeypatch: pytest.MonkeyPatch) -> None:
     corpus = tmp_path / "c.txt"
     corpus.write_text(TEXT, encoding="utf-8")
     tok = tmp_path / "tok"
@@ -61,31 +62,53 @@ def test_full_pipeline_through_the_cli(tmp_path: Path, capsys: pytest.CaptureFix
     lm = zenlm.load(run, device="cpu")
     expected = lm.generate("first", max_new_tokens=5, temperature=0.8, top_k=50, seed=1)
     assert text == "first" + expected + "\n"
-    # --compile decodes through zenlm.compiled: the same greedy text
+    # --compile decodes through zenlm.compiled's decoder (stood in for here: a build takes 10-45 s; the programs
+    # themselves are checked against eager decoding in tests/test_compiled.py): the same greedy text
+    steps = []
+
+    def stand_in(model):
+        def step(*args, **kwargs):
+            steps.append(1)
+            return model.decode_step(*args, **kwargs)
+        return step
+
+    monkeypatch.setattr("zenlm.compiled.compiled_decoder", stand_in)
     assert main(["generate", str(run), "first", "--max-new-tokens", "12", "--temperature", "0", "--compile",
                  "--device", "cpu"]) == 0
+    assert len(steps) == 11  # every step after the prompt's pass
     assert capsys.readouterr().out == "first" + lm.generate("first", max_new_tokens=12, temperature=0) + "\n"
 
 
-def test_bad_input_gives_a_clear_error_not_a_traceback(tmp_path: Path) -> None:
+def test_bad_input_gives_a_clear_error_not_a_traceback(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    # the real entry point once; the other cases run the CLI in this process (a process each took 2 s more)
     r = run_cli("prepare", "--corpus", str(tmp_path / "missing.txt"), "--out", str(tmp_path / "d"))
     assert r.returncode == 2
     assert "zenlm: error:" in r.stderr and "missing.txt" in r.stderr
     assert "Traceback" not in r.stderr
     assert not (tmp_path / "d" / "index.json").exists()
+
+    def here(*args: str) -> subprocess.CompletedProcess:
+        capsys.readouterr()
+        try:
+            rc = main(list(args))
+        except SystemExit as e:  # argparse's usage errors
+            rc = e.code
+        out, err = capsys.readouterr()
+        return subprocess.CompletedProcess(["zenlm", *args], rc, out, err)
+
     empty = tmp_path / "empty.txt"
     empty.write_text("", encoding="utf-8")
-    r = run_cli("tokenizer", "train", "--corpus", str(empty), "--out", str(tmp_path / "t"))
+    r = here("tokenizer", "train", "--corpus", str(empty), "--out", str(tmp_path / "t"))
     assert r.returncode == 2 and "Traceback" not in r.stderr and "empty" in r.stderr.lower()
-    r = run_cli("pretrain", "--out", str(tmp_path / "r"))
+    r = here("pretrain", "--out", str(tmp_path / "r"))
     assert r.returncode == 2 and "--data" in r.stderr
-    r = run_cli("pretrain", "--data", str(tmp_path), "--out", str(tmp_path / "r"))
+    r = here("pretrain", "--data", str(tmp_path), "--out", str(tmp_path / "r"))
     assert r.returncode == 2 and "zenlm prepare" in r.stderr and "Traceback" not in r.stderr
     bad_yaml = tmp_path / "bad.yaml"
     bad_yaml.write_text("max_stepz: 3\n", encoding="utf-8")
-    r = run_cli("pretrain", "--config", str(bad_yaml), "--data", "x", "--out", "y")
+    r = here("pretrain", "--config", str(bad_yaml), "--data", "x", "--out", "y")
     assert r.returncode == 2 and "max_stepz" in r.stderr
-    r = run_cli("generate", str(tmp_path / "nope"), "hi")
+    r = here("generate", str(tmp_path / "nope"), "hi")
     assert r.returncode == 2 and "config.yaml" in r.stderr and "Traceback" not in r.stderr
 
 
