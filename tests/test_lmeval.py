@@ -184,6 +184,45 @@ def test_zenlm_evaluate_tasks_equals_transformers(hf, batch_size, tmp_path, caps
     check_against_transformers(results, hf, rolling_window=BLOCK, context_keep=BLOCK - 10)
 
 
+def test_the_head_scores_a_piece_of_positions_at_a_time(hf, tmp_path, capsys, monkeypatch):
+    """SCORING_LOGITS bounds the logits a scoring batch holds at once (a rolling batch of GPT-2 windows held
+    gigabytes): with room for 3 positions' logits, the head runs on pieces of at most 3 positions, and every
+    answer still equals transformers'."""
+    import yaml
+
+    import zenlm.lmeval
+    from zenlm.models.gpt import GPT
+
+    _, run, _, _ = hf
+    vocab = yaml.safe_load((run / "config.yaml").read_text(encoding="utf-8"))["model"]["vocab_size"]
+    monkeypatch.setattr(zenlm.lmeval, "SCORING_LOGITS", 3 * vocab)
+    pieces: list[int] = []  # positions per head call while scoring
+    scoring = [False]
+    head, score_rows = GPT.head, zenlm.lmeval.ZenlmLM._score_rows
+
+    def counted(self, x_BTC):
+        if scoring[0]:
+            pieces.append(x_BTC.shape[0] * x_BTC.shape[1])
+        return head(self, x_BTC)
+
+    def scored(self, *args, **kwargs):
+        scoring[0] = True
+        try:
+            return score_rows(self, *args, **kwargs)
+        finally:
+            scoring[0] = False
+
+    monkeypatch.setattr(GPT, "head", counted)
+    monkeypatch.setattr(zenlm.lmeval.ZenlmLM, "_score_rows", scored)
+    out = tmp_path / "report.json"
+    assert main(["evaluate", str(run), "--tasks", *TASKS, "--include-path", str(TASK_DIR), "--batch-size", "4",
+                 "--log-samples", "--bootstrap-iters", "0", "--device", "cpu", "--out", str(out)]) == 0
+    capsys.readouterr()
+    assert pieces and max(pieces) == 3 and len(pieces) > 20
+    check_against_transformers(json.loads(out.read_text(encoding="utf-8")), hf, rolling_window=BLOCK,
+                               context_keep=BLOCK - 10)
+
+
 def test_zenlm_evaluate_writes_the_report_into_the_run(hf, capsys):
     _, run, _, _ = hf
     assert main(["evaluate", str(run), "--tasks", "zenlm_mc", "--include-path", str(TASK_DIR), "--limit", "2",

@@ -12,8 +12,9 @@ lm-eval turns every benchmark into three kinds of request, and a model answers e
 
     loglikelihood:  requests sorted longest first; a batch is right-padded to its longest row and run once
                     through the model's blocks (causal attention: padding after a row cannot change it);
-                    the head is applied only at the positions that predict continuation tokens, and the
-                    log-softmax is taken in float32 (:func:`zenlm.scoring.score_tokens`). A stateful model
+                    the head is applied only at the positions that predict continuation tokens, a piece of
+                    at most ``SCORING_LOGITS`` logits at a time, and the log-softmax is taken in float32
+                    (:func:`zenlm.scoring.score_tokens`). A stateful model
                     (n-gram, MLP, LSTM) reads the padded batch from its start state, which padding after a row
                     cannot change either, and has no context limit of its own (``max_length`` 2048 by default)
     rolling:        each text is cut into windows of at most ``max_length`` predicted tokens (lm-eval's
@@ -59,6 +60,11 @@ log = logging.getLogger("zenlm.lmeval")
 # Tokens a stateful model (n-gram, MLP, LSTM) reads at once: it has no context limit, so this bounds the memory
 # of one forward pass ([batch, tokens, vocabulary] logits) and the length of lm-eval's rolling windows.
 STATEFUL_MAX_LENGTH = 2048
+# The head and the log-softmax of a batch run over its scored positions in pieces of at most this many logits
+# (16 Mi floats, 64 MiB): a rolling batch of 16 GPT-2 windows (16 x 1,024 positions x 50,257 tokens) would
+# otherwise hold 3.3 GB of float32 logits and as much again for their log-softmax (docs/BENCHMARKS.md,
+# "lm-eval: the head a piece of positions at a time").
+SCORING_LOGITS = 1 << 24
 
 try:  # the base class comes from lm-eval; without it the module still imports and says what to install
     from lm_eval.api.model import TemplateLM
@@ -163,14 +169,21 @@ class ZenlmLM(TemplateLM):
                 out_BTX = self.model.features(ids_BT.to(device))
             # positions len-n .. len-1 of each row
             picked = [out_BTX[b, len(rows[i][0]) - len(rows[i][1]) : len(rows[i][0])] for b, i in enumerate(batch)]
-            logits_NV = torch.cat(picked) if self.stateful else self.model.head(torch.cat(picked)[None])[0]
             targets_N = torch.tensor([t for i in batch for t in rows[i][1]], device=device)
-            scores = score_tokens(logits_NV, targets_N)
+            if self.stateful:
+                parts = [score_tokens(torch.cat(picked), targets_N)]
+            else:  # the head and the log-softmax a piece of positions at a time (SCORING_LOGITS)
+                h_NC = torch.cat(picked)
+                step = max(1, SCORING_LOGITS // self.model.config.vocab_size)
+                parts = [score_tokens(self.model.head(h_NC[p : p + step][None])[0], targets_N[p : p + step])
+                         for p in range(0, h_NC.shape[0], step)]
+            logprob_N = torch.cat([part.logprob_T for part in parts])
+            greedy_N = torch.cat([part.greedy_T for part in parts])
             at = 0
             for i in batch:
                 n = len(rows[i][1])
                 part = slice(at, at + n)
-                out[i] = (float(scores.logprob_T[part].sum()), bool(scores.greedy_T[part].all()))
+                out[i] = (float(logprob_N[part].sum()), bool(greedy_N[part].all()))
                 at += n
             report(self.progress, task, start + len(batch), len(rows), unit="req")
         return out  # type: ignore[return-value]
