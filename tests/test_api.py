@@ -56,6 +56,23 @@ def test_perplexity_matches_a_hand_computation(run_dir: Path) -> None:
                                                    rel=1e-5)
 
 
+def test_perplexity_scores_a_piece_of_positions_at_a_time(run_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With room for 4 positions' logits (SCORING_LOGITS), the head runs on pieces of at most 4 positions and
+    the perplexity is the one of the whole window's logits."""
+    import zenlm.api
+    from zenlm.models.gpt import GPT
+
+    lm = zenlm.load(run_dir, device="cpu")
+    text = "hello world, hello zenlm. 你好，世界！ hello world."
+    whole = lm.perplexity(text)
+    monkeypatch.setattr(zenlm.api, "SCORING_LOGITS", 4 * lm.model.config.vocab_size)
+    pieces: list[int] = []
+    head = GPT.head
+    monkeypatch.setattr(GPT, "head", lambda self, x: (pieces.append(x.shape[0] * x.shape[1]), head(self, x))[1])
+    assert lm.perplexity(text) == pytest.approx(whole, rel=1e-6)
+    assert max(pieces) == 4 and sum(pieces) == len(lm.tokenizer.encode(text))  # every position, once
+
+
 def test_load_errors(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match="config.yaml"):
         zenlm.load(tmp_path)

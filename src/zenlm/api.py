@@ -22,6 +22,7 @@ from zenlm.evaluate import bits_per_byte, perplexity
 from zenlm.generate import GenerationConfig, generate_text, generate_text_batch
 from zenlm.models.gpt import GPT
 from zenlm.rundir import LoadedRun, load_run
+from zenlm.scoring import SCORING_LOGITS
 from zenlm.seq2seq import Seq2SeqLM
 from zenlm.stateful import is_stateful, sum_nll
 from zenlm.tokenizer import Tokenizer
@@ -92,12 +93,22 @@ class LM:
                 total += sum_nll(self.model, seq)
                 continue
             for i in range(0, len(seq) - 1, T):
-                chunk = torch.tensor(seq[i : i + T + 1], device=self.device)
-                logits = self.model(chunk[None, :-1])[0].float()
-                total += F.cross_entropy(logits, chunk[1:], reduction="sum").item()
+                total += self._window_nll(torch.tensor(seq[i : i + T + 1], device=self.device))
         if n_tok <= 0:
             raise ConfigError("perplexity needs at least one non-empty text.")
         return total, n_tok, n_bytes
+
+    def _window_nll(self, ids_N: torch.Tensor) -> float:
+        """Summed NLL of ``ids_N[1:]``, each token given the ids before it in this window. A GPT applies its head
+        and the log-softmax to a piece of positions at a time (at most :data:`~zenlm.scoring.SCORING_LOGITS`
+        logits), so a window of GPT-2 holds 64 MiB of logits, not 0.2 GB and as much again for the softmax."""
+        if not isinstance(self.model, GPT):
+            logits = self.model(ids_N[None, :-1])[0].float()
+            return F.cross_entropy(logits, ids_N[1:], reduction="sum").item()
+        h_TC = self.model.features(ids_N[None, :-1])[0]
+        step = max(1, SCORING_LOGITS // self.model.config.vocab_size)
+        return sum(F.cross_entropy(self.model.head(h_TC[p : p + step][None])[0], ids_N[1 + p : 1 + p + step],
+                                   reduction="sum").item() for p in range(0, h_TC.shape[0], step))
 
     def perplexity(self, texts: str | Sequence[str]) -> float:
         """exp(mean negative log-likelihood per token) of ``texts``."""

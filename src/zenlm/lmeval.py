@@ -52,7 +52,7 @@ from zenlm.api import LM
 from zenlm.errors import ConfigError
 from zenlm.generate import GenerationConfig, generate_text_batch
 from zenlm.progress import ProgressFn, report
-from zenlm.scoring import score_tokens
+from zenlm.scoring import SCORING_LOGITS, score_tokens
 from zenlm.stateful import is_stateful
 
 log = logging.getLogger("zenlm.lmeval")
@@ -60,11 +60,6 @@ log = logging.getLogger("zenlm.lmeval")
 # Tokens a stateful model (n-gram, MLP, LSTM) reads at once: it has no context limit, so this bounds the memory
 # of one forward pass ([batch, tokens, vocabulary] logits) and the length of lm-eval's rolling windows.
 STATEFUL_MAX_LENGTH = 2048
-# The head and the log-softmax of a batch run over its scored positions in pieces of at most this many logits
-# (16 Mi floats, 64 MiB): a rolling batch of 16 GPT-2 windows (16 x 1,024 positions x 50,257 tokens) would
-# otherwise hold 3.3 GB of float32 logits and as much again for their log-softmax (docs/BENCHMARKS.md,
-# "lm-eval: the head a piece of positions at a time").
-SCORING_LOGITS = 1 << 24
 
 try:  # the base class comes from lm-eval; without it the module still imports and says what to install
     from lm_eval.api.model import TemplateLM

@@ -20,6 +20,13 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+# Scoring many positions (lm-eval's requests, a text's perplexity) applies the output head and the log-softmax to
+# at most this many logits at a time (16 Mi floats, 64 MiB), a piece of positions after another: a rolling
+# lm-eval batch of 16 GPT-2 windows (16 x 1,024 positions x 50,257 tokens) would otherwise hold 3.3 GB of float32
+# logits and as much again for their log-softmax (docs/BENCHMARKS.md, "lm-eval: the head a piece of positions
+# at a time"). Used by zenlm.lmeval and zenlm.api.LM.nll.
+SCORING_LOGITS = 1 << 24
+
 
 class TokenScores(NamedTuple):
     """Per-position scores of T target tokens (see :func:`score_tokens`)."""
@@ -47,4 +54,4 @@ def score_tokens(logits_TV: Tensor, targets_T: Tensor, top_k: int = 0) -> TokenS
     return TokenScores(logprob_T, greedy_T, top_logprob_TK, top_id_TK)
 
 
-__all__ = ["TokenScores", "score_tokens"]
+__all__ = ["SCORING_LOGITS", "TokenScores", "score_tokens"]
