@@ -59,13 +59,13 @@ def test_perplexity_matches_a_hand_computation(run_dir: Path) -> None:
 def test_perplexity_scores_a_piece_of_positions_at_a_time(run_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """With room for 4 positions' logits (SCORING_LOGITS), the head runs on pieces of at most 4 positions and
     the perplexity is the one of the whole window's logits."""
-    import zenlm.api
+    import zenlm.scoring
     from zenlm.models.gpt import GPT
 
     lm = zenlm.load(run_dir, device="cpu")
     text = "hello world, hello zenlm. 你好，世界！ hello world."
     whole = lm.perplexity(text)
-    monkeypatch.setattr(zenlm.api, "SCORING_LOGITS", 4 * lm.model.config.vocab_size)
+    monkeypatch.setattr(zenlm.scoring, "SCORING_LOGITS", 4 * lm.model.config.vocab_size)
     pieces: list[int] = []
     head = GPT.head
     monkeypatch.setattr(GPT, "head", lambda self, x: (pieces.append(x.shape[0] * x.shape[1]), head(self, x))[1])

@@ -191,11 +191,12 @@ def test_the_head_scores_a_piece_of_positions_at_a_time(hf, tmp_path, capsys, mo
     import yaml
 
     import zenlm.lmeval
+    import zenlm.scoring
     from zenlm.models.gpt import GPT
 
     _, run, _, _ = hf
     vocab = yaml.safe_load((run / "config.yaml").read_text(encoding="utf-8"))["model"]["vocab_size"]
-    monkeypatch.setattr(zenlm.lmeval, "SCORING_LOGITS", 3 * vocab)
+    monkeypatch.setattr(zenlm.scoring, "SCORING_LOGITS", 3 * vocab)
     pieces: list[int] = []  # positions per head call while scoring
     scoring = [False]
     head, score_rows = GPT.head, zenlm.lmeval.ZenlmLM._score_rows

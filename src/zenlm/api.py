@@ -22,7 +22,7 @@ from zenlm.evaluate import bits_per_byte, perplexity
 from zenlm.generate import GenerationConfig, generate_text, generate_text_batch
 from zenlm.models.gpt import GPT
 from zenlm.rundir import LoadedRun, load_run
-from zenlm.scoring import SCORING_LOGITS
+from zenlm.scoring import logits_in_pieces
 from zenlm.seq2seq import Seq2SeqLM
 from zenlm.stateful import is_stateful, sum_nll
 from zenlm.tokenizer import Tokenizer
@@ -105,10 +105,10 @@ class LM:
         if not isinstance(self.model, GPT):
             logits = self.model(ids_N[None, :-1])[0].float()
             return F.cross_entropy(logits, ids_N[1:], reduction="sum").item()
-        h_TC = self.model.features(ids_N[None, :-1])[0]
-        step = max(1, SCORING_LOGITS // self.model.config.vocab_size)
-        return sum(F.cross_entropy(self.model.head(h_TC[p : p + step][None])[0], ids_N[1 + p : 1 + p + step],
-                                   reduction="sum").item() for p in range(0, h_TC.shape[0], step))
+        targets_T = ids_N[1:]
+        return sum(F.cross_entropy(logits_nV, targets_T[piece], reduction="sum").item() for piece, logits_nV in
+                   logits_in_pieces(self.model.head, self.model.features(ids_N[None, :-1])[0],
+                                    self.model.config.vocab_size))
 
     def perplexity(self, texts: str | Sequence[str]) -> float:
         """exp(mean negative log-likelihood per token) of ``texts``."""

@@ -15,6 +15,7 @@ float, not two roundings of the same quantity.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from typing import NamedTuple
 
 import torch
@@ -54,4 +55,14 @@ def score_tokens(logits_TV: Tensor, targets_T: Tensor, top_k: int = 0) -> TokenS
     return TokenScores(logprob_T, greedy_T, top_logprob_TK, top_id_TK)
 
 
-__all__ = ["SCORING_LOGITS", "TokenScores", "score_tokens"]
+def logits_in_pieces(head: Callable[[Tensor], Tensor], h_NC: Tensor,
+                     vocab_size: int) -> Iterator[tuple[slice, Tensor]]:
+    """The head's logits of the N positions ``h_NC`` [N, C], a piece of positions at a time (at most
+    :data:`SCORING_LOGITS` logits each) -> (the piece's positions, its logits [n, V]). ``head`` maps [1, n, C]
+    to [1, n, V] (a GPT's :meth:`~zenlm.models.gpt.GPT.head`)."""
+    step = max(1, SCORING_LOGITS // vocab_size)
+    for p in range(0, h_NC.shape[0], step):
+        yield slice(p, p + step), head(h_NC[p : p + step][None])[0]
+
+
+__all__ = ["SCORING_LOGITS", "TokenScores", "logits_in_pieces", "score_tokens"]
