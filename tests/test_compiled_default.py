@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from torch._inductor.runtime.cache_dir_utils import cache_dir as inductor_cache_dir
 
 import zenlm.compiled
 from zenlm.compiled import ProgramShape, compiled_decoder, decoder_for
@@ -56,6 +57,7 @@ def compile_default(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
 
 def test_the_first_build_runs_in_the_background_while_tokens_come(compile_default, caplog):
     caplog.set_level(logging.INFO, logger="zenlm.compiled")
+    started = time.time()
     model = tiny()
     prompt = [1, 2, 3]
     want = list(generate_ids(model, prompt, GenerationConfig(max_new_tokens=20, temperature=0, compile=False)))
@@ -72,8 +74,18 @@ def test_the_first_build_runs_in_the_background_while_tokens_come(compile_defaul
     assert not decoder.ready(shape)
     assert [first, *tokens] == want
     assert sum("in the background" in r.getMessage() for r in caplog.records) == 1  # the one-line note
+    # Inductor writes the program's C++ files into the build process's own folder, not into its shared cache
+    deadline, wrapper = time.monotonic() + 600, None
+    while wrapper is None and not list(compile_default.glob("step-*.pt2")) and time.monotonic() < deadline:
+        wrapper = next(compile_default.glob("inductor-work.*/*/*.wrapper.cpp"), None)
+        time.sleep(0.02)
+    assert wrapper is not None, "no work folder of the build process was seen"
     assert decoder.wait(timeout=600)
     assert decoder.ready(shape) and decoder.programs_built == 1
+    while list(compile_default.glob("inductor-work.*")) and time.monotonic() < deadline:
+        time.sleep(0.05)  # removed as the build process ends, which may be just after the program arrives
+    shared = Path(inductor_cache_dir()) / wrapper.parent.name  # where Inductor would have put them
+    assert not shared.exists() or shared.stat().st_mtime < started  # (or a leftover of an earlier version)
     programs = list(compile_default.glob("step-*.pt2"))
     assert len(programs) == 1 and list(compile_default.iterdir()) == programs  # no temporary, spec or log left
     # now the steps run the program; another model of this shape loads it from disk instead of building
@@ -221,3 +233,28 @@ def test_programs_queued_together_are_built_by_one_process_and_loaded_as_each_ap
     assert decoder.status()["pending"] == 0
     decoder.prepare(cache.k, [1, 2, 4], batched=True)  # nothing left to build: no new process
     assert decoder.wait(60) and len(started) == 1
+
+
+def test_a_build_process_works_in_a_folder_of_its_own_and_sweeps_those_of_dead_builders(tmp_path, monkeypatch):
+    """The work folder of a build process (``_work_folder``): made in the program cache and set as Inductor's
+    cache folder once Inductor has probed the CPU (its probes stay in its shared folder, for every build);
+    folders of build processes that no longer run are removed, those of running ones kept."""
+    import torch._inductor.cpu_vec_isa as isa
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "shared"))
+    probed: list[str] = []
+    monkeypatch.setattr(isa, "valid_vec_isa_list", lambda: probed.append(os.environ["TORCHINDUCTOR_CACHE_DIR"]))
+    finished = subprocess.Popen([sys.executable, "-c", "pass"])
+    finished.wait()
+    programs = tmp_path / "decode-programs"
+    dead = programs / f"inductor-work.{finished.pid}.abc" / "c1"
+    alive = programs / f"inductor-work.{os.getpid()}.def"
+    other = programs / "step-0.pt2"
+    for folder in (dead, alive):
+        folder.mkdir(parents=True)
+    other.write_bytes(b"a program")
+    work = zenlm.compiled._work_folder(programs)
+    assert probed == [str(tmp_path / "shared")]  # the probes ran before the setting changed
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(work) and work.is_dir() and work.parent == programs
+    assert work.name.startswith(f"inductor-work.{os.getpid()}.")
+    assert not dead.parent.exists() and alive.is_dir() and other.read_bytes() == b"a program"

@@ -84,7 +84,10 @@ if the process that asked for it ends first, so the next run starts compiled. Pr
 server's batch sizes, :meth:`CompiledDecoder.prepare` with several row counts) are built one after another by
 one such process, which imports PyTorch and its compiler once, and each is loaded as soon as it is on disk: the
 five of a GPT-2-small server took 125-129 s instead of 156-177 s with a process each (2-core Xeon, bf16), and
-about 100 s with the C++ files side by side.
+about 100 s with the C++ files side by side. Such a process gives Inductor a work folder of its own in the
+program cache and removes it when it ends (:func:`_work_folder`), so that no sources or objects pile up in
+Inductor's shared folder; a build in this process (``compile=True``, a model the process cannot rebuild) leaves
+them there, as Inductor does.
 ``compile=True`` waits for the build instead, ``compile=False`` (``--no-compile``) never compiles, and
 ``ZENLM_COMPILE=0`` in the environment makes eager the default. Compiling needs a C++ compiler on CPU (gcc or clang; without one the default decodes
 eagerly after a one-line notice) and Triton on a GPU (where the default decodes eagerly). Outputs: fp32 logits
@@ -162,6 +165,7 @@ EXAMPLE_KEYS = 256
 # Setting this environment variable to 0 (or off / false / no) makes eager decoding the default (compile=None).
 ENV_SWITCH = "ZENLM_COMPILE"
 _CANNOT_REBUILD = 3  # exit status of a build process that cannot rebuild the model from its description
+_WORK_PREFIX = "inductor-work"  # a build process's folder for Inductor's work files (see _work_folder)
 
 
 class _LinearsAsReductions(TorchFunctionMode):
@@ -1226,12 +1230,45 @@ def _build_main(argv: list[str]) -> int:
     model = _rebuild(spec)
     if model is None:
         return _CANNOT_REBUILD
-    for program in spec["programs"]:
-        path = Path(program["path"])
-        if not path.exists():  # another process may have built it meanwhile
-            build_program(model, path, ProgramShape.from_json(program["shape"]))
+    work = _work_folder(Path(spec["programs"][0]["path"]).parent)
+    try:
+        for program in spec["programs"]:
+            path = Path(program["path"])
+            if not path.exists():  # another process may have built it meanwhile
+                build_program(model, path, ProgramShape.from_json(program["shape"]))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
     Path(spec["log"]).unlink(missing_ok=True)  # nothing to report
     return 0
+
+
+def _work_folder(programs: Path) -> Path:
+    """A build process's own folder for Inductor's work files, made in ``programs`` (the program cache), where
+    it is removed when the process ends -> its path, also set as ``TORCHINDUCTOR_CACHE_DIR`` for this process.
+
+    AOTInductor writes a program's C++ sources, objects and library (27-38 MB for GPT-2-small) into its cache
+    folder, by default ``/tmp/torchinductor_<user>``, and leaves them there; zenlm keeps only the packaged
+    program, so they would pile up with every build. What Inductor reuses from build to build stays in its own
+    folder: its precompiled headers (kept there whatever this setting) and the small programs with which it
+    probes the CPU's instruction sets (10 s to compile afresh; made or found here first, before the setting
+    changes). Folders left by build processes that were killed are removed here too."""
+    try:
+        from torch._inductor.cpu_vec_isa import valid_vec_isa_list
+    except ImportError:  # another torch: its probes, if any, run in the work folder (slower, still correct)
+        pass
+    else:
+        valid_vec_isa_list()  # cached for this process from here on
+    programs.mkdir(mode=0o700, parents=True, exist_ok=True)
+    for old in programs.glob(f"{_WORK_PREFIX}.*"):
+        try:
+            os.kill(int(old.name.split(".")[1]), 0)  # the process that made it is still running
+        except ProcessLookupError:
+            shutil.rmtree(old, ignore_errors=True)
+        except (ValueError, IndexError, OSError):
+            pass
+    work = Path(tempfile.mkdtemp(prefix=f"{_WORK_PREFIX}.{os.getpid()}.", dir=programs))
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(work)
+    return work
 
 
 __all__ = ["CompiledDecoder", "ProgramShape", "KEY_BLOCK", "bucket_for", "build_program", "cache_dir",
