@@ -25,7 +25,7 @@ from torch import Tensor
 # at most this many logits at a time (16 Mi floats, 64 MiB), a piece of positions after another: a rolling
 # lm-eval batch of 16 GPT-2 windows (16 x 1,024 positions x 50,257 tokens) would otherwise hold 3.3 GB of float32
 # logits and as much again for their log-softmax (docs/BENCHMARKS.md, "lm-eval: the head a piece of positions
-# at a time"). Used by zenlm.lmeval and zenlm.api.LM.nll.
+# at a time"). Used by zenlm.lmeval, zenlm.api.LM.nll and the serving engine's prompt scoring.
 SCORING_LOGITS = 1 << 24
 
 

@@ -191,13 +191,15 @@ class GPT(nn.Module):
                 x_BTC = x_BTC[:, -1:]
             return self.head(self.norm_f(x_BTC))
 
-    def features(self, idx_BT: Tensor) -> Tensor:
-        """Final hidden states (after ``norm_f``) without the head: idx_BT [B, T] -> [B, T, C].
+    def features(self, idx_BT: Tensor, *, cache: KVCache | None = None) -> Tensor:
+        """Final hidden states (after ``norm_f``) without the head: idx_BT [B, T] -> [B, T, C]; ``cache`` as
+        in :meth:`forward` (``head(features(x))`` is ``forward(x)``, for a caller that applies the head to a
+        few positions at a time).
 
         Position t has seen tokens 0..t only (causal), so a right-padded batch gives each sequence the same
         features as alone up to its last real token: read sequence b at position ``len_b - 1``."""
         with self._products():
-            return self.norm_f(self._hidden(idx_BT, None))
+            return self.norm_f(self._hidden(idx_BT, cache))
 
     def _products(self, step_rows: int | None = None) -> AbstractContextManager:
         """fp32 inference on a CPU: products through oneDNN (:func:`~zenlm.models.layers.inference_products`;

@@ -13,10 +13,13 @@ Continuous batching, in the simplest form that is still correct:
              and is prefilled in chunks, one per loop, each written into its slot after the ones before
              (chunked prefill): the running sequences take a decode step between the chunks, so a long prompt
              does not stall their tokens
-    score:   a sequence with ``prompt_logprobs`` set keeps the logits of every prompt position from that
-             same prefill and receives each prompt token's log-prob (and the k best) in a
+    score:   a sequence with ``prompt_logprobs`` set keeps the final hidden states of every prompt position
+             from that same prefill and receives each prompt token's log-prob (and the k best) in a
              :class:`PromptEvent` before its first token; with ``max_tokens=0`` it ends right there
-             (this is how ``echo`` + ``logprobs`` score a text, as evaluation harnesses ask)
+             (this is how ``echo`` + ``logprobs`` score a text, as evaluation harnesses ask). The head and
+             the log-softmax run over a piece of positions at a time
+             (:func:`~zenlm.scoring.logits_in_pieces`): a 1,024-token GPT-2 prompt's logits alone would be
+             206 MB of float32, and as much again for their log-softmax
     step:    every running sequence feeds its newest token at its own position in one batched forward
              pass (:meth:`GPT.decode_step <zenlm.models.gpt.GPT.decode_step>`): each row writes its key/value at its own position
              and attends only to its own positions ``0 .. pos_b``, so sequences of different lengths share
@@ -49,7 +52,7 @@ import math
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -62,7 +65,7 @@ from zenlm.generate import split_at_stop
 from zenlm.models.cache import KVCache
 from zenlm.models.gpt import GPT
 from zenlm.sampling import Sampler, SamplingConfig
-from zenlm.scoring import score_tokens
+from zenlm.scoring import logits_in_pieces, score_tokens
 from zenlm.serve.metrics import Metrics
 from zenlm.tokenizer import Tokenizer
 
@@ -76,10 +79,6 @@ log = logging.getLogger("zenlm.serve.engine")
 # against 1.57 s, the same tokens/s. A 1024-token prompt arriving while streams run pauses them for its whole
 # prefill (about 0.25 s in bf16, 0.7 s in fp32 there); --max-prefill-tokens sets it.
 PREFILL_CHUNK = 1024
-
-# Scoring a prompt keeps the logits of all its positions, [rows, T, V] floats: prompts of one length are
-# scored in forward passes of as many rows as keep that under this many floats (256 MiB), at least one row.
-SCORING_LOGITS_BUDGET = 1 << 26
 
 
 class Overloaded(Exception):
@@ -565,20 +564,15 @@ class Engine:
     @torch.inference_mode()
     def _prefill(self, group: list[Sequence]) -> None:
         """Run the prompts of ``group`` (all of one length T, all scored or none) through the model in one
-        batch, copy their keys/values into their slots, and sample each one's first token; scored prompts
-        go in batches that keep their logits under SCORING_LOGITS_BUDGET floats."""
+        batch, copy their keys/values into their slots, and sample each one's first token (scoring the
+        prompts first when asked)."""
         group = [seq for seq in group if self._isolated(seq, self._start, seq)]
         todo = [s for s in group if s.params.max_tokens > 0 or s.params.prompt_logprobs is not None]
         for seq in group:
             if seq not in todo:
                 self._finish(seq, "length")
-        if not todo:
-            return
-        T = len(todo[0].prompt_ids)
-        scored = todo[0].params.prompt_logprobs is not None
-        rows = max(1, SCORING_LOGITS_BUDGET // (T * self.model.config.vocab_size)) if scored else len(todo)
-        for i in range(0, len(todo), rows):
-            self._prefill_rows(todo[i : i + rows], scored)
+        if todo:
+            self._prefill_rows(todo, todo[0].params.prompt_logprobs is not None)
 
     def _start(self, seq: Sequence) -> None:
         """Set up the sampling state of ``seq`` as it leaves the queue: its sampler (seeded generator, counts)
@@ -598,7 +592,10 @@ class Engine:
             else:
                 cache = self.model.make_cache(len(todo), T, device=self.device, dtype=self.pool.dtype)
             ids_BT = torch.tensor([s.prompt_ids for s in todo], device=self.device)
-            logits_BTV = self.model(ids_BT, cache=cache, last_only=not scored)  # [B, T or 1, V]
+            if scored:  # the head runs later, over a piece of positions at a time (_score_prompt)
+                out_BTX = self.model.features(ids_BT, cache=cache)  # [B, T, C]
+            else:
+                out_BTX = self.model(ids_BT, cache=cache, last_only=True)  # [B, 1, V]
         except Exception as e:
             if len(todo) == 1:
                 log.exception("prefill failed")
@@ -608,34 +605,57 @@ class Engine:
                     self._prefill_rows([seq], scored)
             return
         for b, seq in enumerate(todo):
-            self._isolated(seq, self._first_token, seq, b, cache, ids_BT[b], logits_BTV[b], len(todo) > 1)
+            self._isolated(seq, self._first_token, seq, b, cache, ids_BT[b], out_BTX[b], len(todo) > 1)
 
-    def _first_token(self, seq: Sequence, b: int, cache: KVCache, ids_T: Tensor, logits_TV: Tensor,
+    def _first_token(self, seq: Sequence, b: int, cache: KVCache, ids_T: Tensor, out_TX: Tensor,
                      copy: bool) -> None:
-        """After the prefill: score the prompt (when asked), copy row ``b`` of a batch ``cache`` into the
-        slot of ``seq`` (when ``copy``) and sample its first token."""
+        """After the prefill: score the prompt (when asked: ``out_TX`` is then its final hidden states [T, C],
+        else the last position's logits [1, V]), copy row ``b`` of a batch ``cache`` into the slot of ``seq``
+        (when ``copy``) and sample its first token."""
         T = ids_T.shape[0]
         if seq.params.prompt_logprobs is not None:
-            seq.emit(self._score_prompt(seq, ids_T, logits_TV))
+            event, last_V = self._score_prompt(seq, ids_T, out_TX)
+            seq.emit(event)
             if seq.params.max_tokens == 0:
                 self._finish(seq, "length")
                 return
+        else:
+            last_V = out_TX[-1]
         if copy:
             for pool_layer, layer in zip(self.pool.k + self.pool.v, cache.k + cache.v, strict=True):
                 pool_layer[seq.slot, :, :T] = layer[b]
         seq.pos = T
-        self._advance(seq, logits_TV[-1])
+        self._advance(seq, last_V)
+
+    def _score_prompt(self, seq: Sequence, ids_T: Tensor, h_TC: Tensor) -> tuple[PromptEvent, Tensor]:
+        """Score the prompt from its final hidden states ``h_TC``, the head applied to a piece of positions at a
+        time -> (its :class:`PromptEvent`, the last position's logits [V])."""
+        T, last = ids_T.shape[0], []
+
+        def pieces() -> Iterator[tuple[int, Tensor]]:
+            for rows, logits_nV in logits_in_pieces(self.model.head, h_TC, self.model.config.vocab_size):
+                if rows.stop >= T:
+                    last.append(logits_nV[-1].clone())  # not a view that would keep the piece's logits
+                yield rows.start, logits_nV
+
+        return self._prompt_event(seq, ids_T, pieces()), last[0]
 
     @staticmethod
-    def _score_prompt(seq: Sequence, ids_T: Tensor, logits_TV: Tensor) -> PromptEvent:
-        """Each prompt token's log-prob under the logits of the position before it (and the k best there)."""
-        k = seq.params.prompt_logprobs or 0
-        scores = score_tokens(logits_TV[:-1], ids_T[1:], k)
-        # JSON has no -inf: a token the model rules out gets -9999, in both lists alike (they stay equal)
-        lp = torch.nan_to_num(scores.logprob_T, neginf=-9999.0).tolist()
-        top_lp = torch.nan_to_num(scores.top_logprob_TK, neginf=-9999.0).tolist()
-        top_ids = scores.top_id_TK.tolist()
-        top = [list(zip(ids, lps, strict=True)) for ids, lps in zip(top_ids, top_lp, strict=True)]
+    def _prompt_event(seq: Sequence, ids_T: Tensor, pieces: Iterable[tuple[int, Tensor]]) -> PromptEvent:
+        """Each prompt token's log-prob under the logits of the position before it (and the k best there).
+        ``pieces``: the logits of the prompt's positions in order, as (first position, logits [n, V])."""
+        k, T = seq.params.prompt_logprobs or 0, ids_T.shape[0]
+        lp: list[float] = []
+        top: list[list[tuple[int, float]]] = []
+        for start, logits_nV in pieces:
+            scored = logits_nV[: max(0, T - 1 - start)]  # the last position predicts no prompt token
+            if not len(scored):
+                continue
+            scores = score_tokens(scored, ids_T[start + 1 : start + 1 + len(scored)], k)
+            # JSON has no -inf: a token the model rules out gets -9999, in both lists alike (they stay equal)
+            lp += torch.nan_to_num(scores.logprob_T, neginf=-9999.0).tolist()
+            top_lp = torch.nan_to_num(scores.top_logprob_TK, neginf=-9999.0).tolist()
+            top += [list(zip(ids, lps, strict=True)) for ids, lps in zip(scores.top_id_TK.tolist(), top_lp, strict=True)]
         return PromptEvent(list(seq.prompt_ids), [None, *lp], [None, *top])
 
     @torch.inference_mode()

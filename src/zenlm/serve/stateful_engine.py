@@ -151,7 +151,7 @@ class StatefulEngine(Engine):
             kept.append(logits_1TV[0] if p.prompt_logprobs is not None else logits_1TV[0, -1:])
         logits_TV = torch.cat(kept)
         if p.prompt_logprobs is not None:
-            seq.emit(self._score_prompt(seq, ids_T, logits_TV))
+            seq.emit(self._prompt_event(seq, ids_T, [(0, logits_TV)]))
             if p.max_tokens == 0:
                 self._finish(seq, "length")
                 return
