@@ -22,7 +22,7 @@ from zenlm.evaluate import bits_per_byte, perplexity
 from zenlm.generate import GenerationConfig, generate_text, generate_text_batch
 from zenlm.models.gpt import GPT
 from zenlm.rundir import LoadedRun, load_run
-from zenlm.scoring import logits_in_pieces
+from zenlm.scoring import map_logits
 from zenlm.seq2seq import Seq2SeqLM
 from zenlm.stateful import is_stateful, sum_nll
 from zenlm.tokenizer import Tokenizer
@@ -106,9 +106,9 @@ class LM:
             logits = self.model(ids_N[None, :-1])[0].float()
             return F.cross_entropy(logits, ids_N[1:], reduction="sum").item()
         targets_T = ids_N[1:]
-        return sum(F.cross_entropy(logits_nV, targets_T[piece], reduction="sum").item() for piece, logits_nV in
-                   logits_in_pieces(self.model.head, self.model.features(ids_N[None, :-1])[0],
-                                    self.model.config.vocab_size))
+        return sum(map_logits(self.model.head, self.model.features(ids_N[None, :-1])[0], self.model.config.vocab_size,
+                              lambda piece, logits_nV: F.cross_entropy(logits_nV, targets_T[piece],
+                                                                       reduction="sum").item()))
 
     def perplexity(self, texts: str | Sequence[str]) -> float:
         """exp(mean negative log-likelihood per token) of ``texts``."""

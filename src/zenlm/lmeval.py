@@ -52,7 +52,7 @@ from zenlm.api import LM
 from zenlm.errors import ConfigError
 from zenlm.generate import GenerationConfig, generate_text_batch
 from zenlm.progress import ProgressFn, report
-from zenlm.scoring import logits_in_pieces, score_tokens
+from zenlm.scoring import map_logits, score_tokens
 from zenlm.stateful import is_stateful
 
 log = logging.getLogger("zenlm.lmeval")
@@ -168,8 +168,8 @@ class ZenlmLM(TemplateLM):
             if self.stateful:
                 parts = [score_tokens(torch.cat(picked), targets_N)]
             else:  # the head and the log-softmax a piece of positions at a time (SCORING_LOGITS)
-                parts = [score_tokens(logits_nV, targets_N[piece]) for piece, logits_nV in
-                         logits_in_pieces(self.model.head, torch.cat(picked), self.model.config.vocab_size)]
+                parts = map_logits(self.model.head, torch.cat(picked), self.model.config.vocab_size,
+                                   lambda piece, logits_nV, t=targets_N: score_tokens(logits_nV, t[piece]))
             logprob_N = torch.cat([part.logprob_T for part in parts])
             greedy_N = torch.cat([part.greedy_T for part in parts])
             at = 0

@@ -148,26 +148,27 @@ def test_scored_prompts_are_prefilled_between_decode_steps_of_others(char_tok):
 
 
 def test_a_scored_prompt_meets_the_head_a_piece_of_positions_at_a_time(char_tok, monkeypatch):
-    """A scored prompt keeps its final hidden states, not its logits: the head and the log-softmax run over at
-    most zenlm.scoring.SCORING_LOGITS logits at a time (here 3 positions), with the scores and the first
-    token of scoring all positions at once."""
+    """Scored prompts keep their final hidden states, not their logits: the head and the log-softmax run over
+    at most zenlm.scoring.SCORING_LOGITS logits at a time (here 4 positions), across the rows of one prefill,
+    with the scores and the first token of scoring every position of each prompt alone at once."""
     import zenlm.scoring
 
     cfg = GPTConfig(vocab_size=char_tok.vocab_size, block_size=64, n_layer=2, n_head=2, n_embd=32, init_std=0.5)
     torch.manual_seed(0)
     model = GPT(cfg).eval()
-    texts = ["To be, or", "not to."]  # 9 and 7 positions: 3 + 3 pieces of at most 3
+    texts = ["To be, or", "not to.", "Romeo, oh"]  # 9, 7 and 9 positions: the two of 9 are prefilled together
+    ks = [2, 3, 1]
     with torch.no_grad():
         want_lp = [torch.log_softmax(model(torch.tensor([char_tok.encode(t)]))[0, :-1], -1) for t in texts]
     want_gen = list(generate_ids(model, char_tok.encode(texts[0]), GenerationConfig(max_new_tokens=6,
                                                                                    temperature=0)))
-    monkeypatch.setattr(zenlm.scoring, "SCORING_LOGITS", 3 * cfg.vocab_size)
+    monkeypatch.setattr(zenlm.scoring, "SCORING_LOGITS", 4 * cfg.vocab_size)
     rows_seen: list[int] = []
     head = model.head
     monkeypatch.setattr(model, "head", lambda x: rows_seen.append(x.shape[-2]) or head(x) if x.dim() == 3
                         else head(x))
-    engine = Engine(model, char_tok, max_concurrency=2)
-    events: dict[int, list] = {0: [], 1: []}
+    engine = Engine(model, char_tok, max_concurrency=3)
+    events: dict[int, list] = {i: [] for i in range(3)}
     done = threading.Semaphore(0)
 
     def emit_for(i: int):
@@ -178,24 +179,24 @@ def test_a_scored_prompt_meets_the_head_a_piece_of_positions_at_a_time(char_tok,
         return emit
 
     try:
-        engine.submit([Sequence(char_tok.encode(texts[0]), SamplingParams(max_tokens=6, temperature=0,
-                                                                          prompt_logprobs=2), emit_for(0)),
-                       Sequence(char_tok.encode(texts[1]), SamplingParams(max_tokens=0, prompt_logprobs=2),
-                                emit_for(1))])
+        engine.submit([Sequence(char_tok.encode(t), SamplingParams(max_tokens=6 if i == 0 else 0, temperature=0,
+                                                                   prompt_logprobs=ks[i]), emit_for(i))
+                       for i, t in enumerate(texts)])
         for _ in texts:
             assert done.acquire(timeout=60)
     finally:
         engine.close()
-    assert rows_seen and max(rows_seen) == 3 and rows_seen.count(3) >= 4  # pieces, never a whole prompt
+    # the 18 positions of the two prompts of 9 in pieces of 4 (one spans both), the 7 of the other in 4 + 3
+    assert sorted(rows_seen) == [2, 3, 4, 4, 4, 4, 4]
     for i, t in enumerate(texts):
         ids = char_tok.encode(t)
         prompt = events[i][0]
-        assert isinstance(prompt, PromptEvent) and len(prompt.logprobs) == len(ids)
+        assert isinstance(prompt, PromptEvent) and len(prompt.logprobs) == len(ids) and prompt.token_ids == ids
         want = want_lp[i].gather(-1, torch.tensor(ids[1:])[:, None])[:, 0]
         torch.testing.assert_close(torch.tensor(prompt.logprobs[1:]), want)
         assert [top[0][0] for top in prompt.top_logprobs[1:]] == want_lp[i].argmax(-1).tolist()
         torch.testing.assert_close(torch.tensor([[lp for _, lp in top] for top in prompt.top_logprobs[1:]]),
-                                   want_lp[i].topk(2, -1).values)
+                                   want_lp[i].topk(ks[i], -1).values)
     assert [ev.token_id for ev in events[0] if isinstance(ev, TokenEvent)] == want_gen
 
 

@@ -18,7 +18,7 @@ Continuous batching, in the simplest form that is still correct:
              :class:`PromptEvent` before its first token; with ``max_tokens=0`` it ends right there
              (this is how ``echo`` + ``logprobs`` score a text, as evaluation harnesses ask). The head and
              the log-softmax run over a piece of positions at a time
-             (:func:`~zenlm.scoring.logits_in_pieces`): a 1,024-token GPT-2 prompt's logits alone would be
+             (:func:`~zenlm.scoring.map_logits`): a 1,024-token GPT-2 prompt's logits alone would be
              206 MB of float32, and as much again for their log-softmax
     step:    every running sequence feeds its newest token at its own position in one batched forward
              pass (:meth:`GPT.decode_step <zenlm.models.gpt.GPT.decode_step>`): each row writes its key/value at its own position
@@ -52,7 +52,7 @@ import math
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -65,7 +65,7 @@ from zenlm.generate import split_at_stop
 from zenlm.models.cache import KVCache
 from zenlm.models.gpt import GPT
 from zenlm.sampling import Sampler, SamplingConfig
-from zenlm.scoring import logits_in_pieces, score_tokens
+from zenlm.scoring import map_logits, score_tokens
 from zenlm.serve.metrics import Metrics
 from zenlm.tokenizer import Tokenizer
 
@@ -586,16 +586,17 @@ class Engine:
         """One forward pass over the prompts ``todo`` (one length T); see :meth:`_prefill`. When the batched
         pass raises, the prompts are run one at a time, so only a prompt that fails alone fails."""
         T = len(todo[0].prompt_ids)
+        events: list[PromptEvent | None] = [None] * len(todo)
         try:
             if len(todo) == 1:  # write straight into the slot
                 cache = self.pool.row(todo[0].slot)
             else:
                 cache = self.model.make_cache(len(todo), T, device=self.device, dtype=self.pool.dtype)
             ids_BT = torch.tensor([s.prompt_ids for s in todo], device=self.device)
-            if scored:  # the head runs later, over a piece of positions at a time (_score_prompt)
-                out_BTX = self.model.features(ids_BT, cache=cache)  # [B, T, C]
+            if scored:  # the head runs over a piece of positions at a time, here
+                events, last_BV = self._score_prompts(todo, ids_BT, self.model.features(ids_BT, cache=cache))
             else:
-                out_BTX = self.model(ids_BT, cache=cache, last_only=True)  # [B, 1, V]
+                last_BV = self.model(ids_BT, cache=cache, last_only=True)[:, -1]
         except Exception as e:
             if len(todo) == 1:
                 log.exception("prefill failed")
@@ -605,57 +606,56 @@ class Engine:
                     self._prefill_rows([seq], scored)
             return
         for b, seq in enumerate(todo):
-            self._isolated(seq, self._first_token, seq, b, cache, ids_BT[b], out_BTX[b], len(todo) > 1)
+            self._isolated(seq, self._first_token, seq, b, cache, T, last_BV[b], events[b], len(todo) > 1)
 
-    def _first_token(self, seq: Sequence, b: int, cache: KVCache, ids_T: Tensor, out_TX: Tensor,
-                     copy: bool) -> None:
-        """After the prefill: score the prompt (when asked: ``out_TX`` is then its final hidden states [T, C],
-        else the last position's logits [1, V]), copy row ``b`` of a batch ``cache`` into the slot of ``seq``
-        (when ``copy``) and sample its first token."""
-        T = ids_T.shape[0]
-        if seq.params.prompt_logprobs is not None:
-            event, last_V = self._score_prompt(seq, ids_T, out_TX)
+    def _first_token(self, seq: Sequence, b: int, cache: KVCache, T: int, last_V: Tensor,
+                     event: PromptEvent | None, copy: bool) -> None:
+        """After the prefill: send the prompt's scores (``event``, when asked), copy row ``b`` of a batch
+        ``cache`` into the slot of ``seq`` (when ``copy``) and sample its first token from ``last_V``."""
+        if event is not None:
             seq.emit(event)
             if seq.params.max_tokens == 0:
                 self._finish(seq, "length")
                 return
-        else:
-            last_V = out_TX[-1]
         if copy:
             for pool_layer, layer in zip(self.pool.k + self.pool.v, cache.k + cache.v, strict=True):
                 pool_layer[seq.slot, :, :T] = layer[b]
         seq.pos = T
         self._advance(seq, last_V)
 
-    def _score_prompt(self, seq: Sequence, ids_T: Tensor, h_TC: Tensor) -> tuple[PromptEvent, Tensor]:
-        """Score the prompt from its final hidden states ``h_TC``, the head applied to a piece of positions at a
-        time -> (its :class:`PromptEvent`, the last position's logits [V])."""
-        T, last = ids_T.shape[0], []
+    def _score_prompts(self, todo: list[Sequence], ids_BT: Tensor,
+                       h_BTC: Tensor) -> tuple[list[PromptEvent | None], Tensor]:
+        """Score the prompts of one prefill (B rows of T positions) from their final hidden states ``h_BTC``:
+        the head and the log-softmax run over a piece of positions at a time, across the rows (the head's
+        matrix is read once a piece, not once a prompt) -> (each prompt's :class:`PromptEvent`, the last
+        position's logits of each row [B, V])."""
+        B, T, C = h_BTC.shape
+        k = max(seq.params.prompt_logprobs or 0 for seq in todo)
+        targets_N = ids_BT.roll(-1, dims=1).reshape(-1)  # position t predicts token t + 1 (a row's last: unused)
 
-        def pieces() -> Iterator[tuple[int, Tensor]]:
-            for rows, logits_nV in logits_in_pieces(self.model.head, h_TC, self.model.config.vocab_size):
-                if rows.stop >= T:
-                    last.append(logits_nV[-1].clone())  # not a view that would keep the piece's logits
-                yield rows.start, logits_nV
+        def score(rows: slice, logits_nV: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+            scores = score_tokens(logits_nV, targets_N[rows], k)
+            ends = torch.arange(rows.start, rows.start + len(logits_nV), device=logits_nV.device) % T == T - 1
+            return scores.logprob_T, scores.top_logprob_TK, scores.top_id_TK, logits_nV[ends]  # (a copy)
 
-        return self._prompt_event(seq, ids_T, pieces()), last[0]
+        lp, top_lp, top_id, last = zip(*map_logits(self.model.head, h_BTC.reshape(B * T, C),
+                                                   self.model.config.vocab_size, score), strict=True)
+        lp_BT, top_lp_BTK, top_id_BTK = torch.cat(lp).view(B, T), torch.cat(top_lp).view(B, T, -1), \
+            torch.cat(top_id).view(B, T, -1)
+        events: list[PromptEvent | None] = [
+            self._prompt_event(seq, lp_BT[b], top_lp_BTK[b], top_id_BTK[b]) for b, seq in enumerate(todo)]
+        return events, torch.cat(last)
 
     @staticmethod
-    def _prompt_event(seq: Sequence, ids_T: Tensor, pieces: Iterable[tuple[int, Tensor]]) -> PromptEvent:
-        """Each prompt token's log-prob under the logits of the position before it (and the k best there).
-        ``pieces``: the logits of the prompt's positions in order, as (first position, logits [n, V])."""
-        k, T = seq.params.prompt_logprobs or 0, ids_T.shape[0]
-        lp: list[float] = []
-        top: list[list[tuple[int, float]]] = []
-        for start, logits_nV in pieces:
-            scored = logits_nV[: max(0, T - 1 - start)]  # the last position predicts no prompt token
-            if not len(scored):
-                continue
-            scores = score_tokens(scored, ids_T[start + 1 : start + 1 + len(scored)], k)
-            # JSON has no -inf: a token the model rules out gets -9999, in both lists alike (they stay equal)
-            lp += torch.nan_to_num(scores.logprob_T, neginf=-9999.0).tolist()
-            top_lp = torch.nan_to_num(scores.top_logprob_TK, neginf=-9999.0).tolist()
-            top += [list(zip(ids, lps, strict=True)) for ids, lps in zip(scores.top_id_TK.tolist(), top_lp, strict=True)]
+    def _prompt_event(seq: Sequence, lp_T: Tensor, top_lp_TK: Tensor, top_id_TK: Tensor) -> PromptEvent:
+        """The :class:`PromptEvent` of ``seq`` from its positions' scores (:func:`~zenlm.scoring.score_tokens`
+        of position t against prompt token t + 1; a last position's entry, if any, is left out): token t
+        has nothing before it at t = 0, and the k best there as its ``prompt_logprobs`` asks."""
+        T, k = len(seq.prompt_ids), seq.params.prompt_logprobs or 0
+        # JSON has no -inf: a token the model rules out gets -9999, in both lists alike (they stay equal)
+        lp = torch.nan_to_num(lp_T[: T - 1], neginf=-9999.0).tolist()
+        ids, lps = top_id_TK[: T - 1, :k].tolist(), torch.nan_to_num(top_lp_TK[: T - 1, :k], neginf=-9999.0).tolist()
+        top = [list(zip(i, p, strict=True)) for i, p in zip(ids, lps, strict=True)]
         return PromptEvent(list(seq.prompt_ids), [None, *lp], [None, *top])
 
     @torch.inference_mode()

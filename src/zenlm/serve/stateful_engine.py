@@ -32,6 +32,7 @@ from torch import Tensor
 
 from zenlm.device import model_device, release_openmp_workers
 from zenlm.errors import ConfigError
+from zenlm.scoring import score_tokens
 from zenlm.serve.engine import EmbedJob, Engine, ErrorEvent, Sequence
 from zenlm.serve.metrics import Metrics
 from zenlm.stateful import select_rows
@@ -151,7 +152,8 @@ class StatefulEngine(Engine):
             kept.append(logits_1TV[0] if p.prompt_logprobs is not None else logits_1TV[0, -1:])
         logits_TV = torch.cat(kept)
         if p.prompt_logprobs is not None:
-            seq.emit(self._prompt_event(seq, ids_T, [(0, logits_TV)]))
+            scores = score_tokens(logits_TV[:-1], ids_T[1:], p.prompt_logprobs)
+            seq.emit(self._prompt_event(seq, scores.logprob_T, scores.top_logprob_TK, scores.top_id_TK))
             if p.max_tokens == 0:
                 self._finish(seq, "length")
                 return
