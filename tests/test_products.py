@@ -73,6 +73,23 @@ def test_inference_uses_onednn_only_without_gradients_or_autocast(monkeypatch):
     assert not calls  # autocast picks its own dtype
 
 
+def test_the_head_applied_apart_runs_as_in_forward(monkeypatch):
+    """inference_head (the head over features a piece at a time: scoring, the server's echo) multiplies as
+    forward does at inference: through oneDNN where forward's products go, with the same bits."""
+    calls: list[int] = []
+    real = layers.onednn_linear
+    monkeypatch.setattr(layers, "onednn_linear", lambda x, w, b=None: calls.append(w.shape[0]) or real(x, w, b))
+    torch.manual_seed(4)
+    model = GPT(GPTConfig(vocab_size=64, block_size=16, n_layer=1, n_head=2, n_embd=32)).eval()
+    idx = torch.randint(0, 64, (2, 5))
+    with torch.inference_mode():
+        whole = model(idx)
+        calls.clear()
+        apart = model.inference_head(model.features(idx))
+    assert 64 in calls  # the head's product (64 outputs) went through oneDNN
+    assert torch.equal(apart, whole)
+
+
 def test_decode_step_rows_do_not_depend_on_the_batch():
     """Eager decoding: a sequence's logits are bit-equal alone and as row 0 of a batch of three."""
     torch.manual_seed(3)

@@ -106,7 +106,7 @@ class LM:
             logits = self.model(ids_N[None, :-1])[0].float()
             return F.cross_entropy(logits, ids_N[1:], reduction="sum").item()
         targets_T = ids_N[1:]
-        return sum(map_logits(self.model.head, self.model.features(ids_N[None, :-1])[0], self.model.config.vocab_size,
+        return sum(map_logits(self.model.inference_head, self.model.features(ids_N[None, :-1])[0], self.model.config.vocab_size,
                               lambda piece, logits_nV: F.cross_entropy(logits_nV, targets_T[piece],
                                                                        reduction="sum").item()))
 

@@ -168,7 +168,7 @@ class ZenlmLM(TemplateLM):
             if self.stateful:
                 parts = [score_tokens(torch.cat(picked), targets_N)]
             else:  # the head and the log-softmax a piece of positions at a time (SCORING_LOGITS)
-                parts = map_logits(self.model.head, torch.cat(picked), self.model.config.vocab_size,
+                parts = map_logits(self.model.inference_head, torch.cat(picked), self.model.config.vocab_size,
                                    lambda piece, logits_nV, t=targets_N: score_tokens(logits_nV, t[piece]))
             logprob_N = torch.cat([part.logprob_T for part in parts])
             greedy_N = torch.cat([part.greedy_T for part in parts])

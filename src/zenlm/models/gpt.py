@@ -201,6 +201,12 @@ class GPT(nn.Module):
         with self._products():
             return self.norm_f(self._hidden(idx_BT, cache))
 
+    def inference_head(self, x_BTC: Tensor) -> Tensor:
+        """:meth:`head` with its product run as :meth:`forward` runs it at inference (see :meth:`_products`), for
+        a caller that applies the head to :meth:`features` itself, a few positions at a time."""
+        with self._products():
+            return self.head(x_BTC)
+
     def _products(self, step_rows: int | None = None) -> AbstractContextManager:
         """fp32 inference on a CPU: products through oneDNN (:func:`~zenlm.models.layers.inference_products`;
         ``step_rows``: the rows of a decode step). Not while a step is being compiled: :mod:`zenlm.compiled`

@@ -638,7 +638,7 @@ class Engine:
             ends = torch.arange(rows.start, rows.start + len(logits_nV), device=logits_nV.device) % T == T - 1
             return scores.logprob_T, scores.top_logprob_TK, scores.top_id_TK, logits_nV[ends]  # (a copy)
 
-        lp, top_lp, top_id, last = zip(*map_logits(self.model.head, h_BTC.reshape(B * T, C),
+        lp, top_lp, top_id, last = zip(*map_logits(self.model.inference_head, h_BTC.reshape(B * T, C),
                                                    self.model.config.vocab_size, score), strict=True)
         lp_BT, top_lp_BTK, top_id_BTK = torch.cat(lp).view(B, T), torch.cat(top_lp).view(B, T, -1), \
             torch.cat(top_id).view(B, T, -1)
