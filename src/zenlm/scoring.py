@@ -41,8 +41,8 @@ class TokenScores(NamedTuple):
 # score_tokens works through its rows a block of at most this many logits at a time (4 Mi floats, 16 MiB: 83
 # positions of GPT-2's vocabulary). Every row's scores are its own, so the blocks change no bit; but a block's
 # log-softmax is read again by the max, the gather and the top-k while it is still in the cache, and its memory
-# is reused from block to block instead of being mapped afresh: 333 positions of GPT-2 scored in 17.6-18.1 ms
-# against 40.1-41.9 ms in one go on a 2-core Xeon (docs/BENCHMARKS.md).
+# is reused from block to block instead of being mapped afresh: 333 positions of GPT-2 scored in 19.8-19.9 ms
+# against 41.9-42.3 ms in one go on a 2-core Xeon (docs/BENCHMARKS.md).
 SCORE_BLOCK = 1 << 22
 
 R = TypeVar("R")
@@ -79,7 +79,7 @@ def map_logits(head: Callable[[Tensor], Tensor], h_NC: Tensor, vocab_size: int,
                fn: Callable[[slice, Tensor], R]) -> list[R]:
     """``fn(positions, logits [n, V])`` for the head's logits of the N positions ``h_NC`` [N, C], a piece of
     positions at a time (at most :data:`SCORING_LOGITS` logits each) -> the results, in order. ``head`` maps
-    [1, n, C] to [1, n, V] (a GPT's :meth:`~zenlm.models.gpt.GPT.head`). A piece's logits are let go before the
+    [1, n, C] to [1, n, V] (a GPT's :meth:`~zenlm.models.gpt.GPT.inference_head`). A piece's logits are let go before the
     next piece's are made, so one piece is held at a time (a loop over a generator of pieces would hold two)."""
     step = max(1, SCORING_LOGITS // vocab_size)
     out = []
